@@ -1,0 +1,222 @@
+//! Batch format tests: property round-trips, and one test per malformed-input class
+//! asserting the typed error and the offset where decoding failed.
+
+use super::*;
+use proptest::prelude::*;
+
+#[derive(Debug, Clone)]
+struct OwnedRecord {
+    timestamp_ms: i64,
+    key: Option<Vec<u8>>,
+    value: Option<Vec<u8>>,
+    headers: Vec<(String, Option<Vec<u8>>)>,
+}
+
+fn owned_record() -> impl Strategy<Value = OwnedRecord> {
+    (
+        -1_000_000i64..4_000_000_000_000,
+        proptest::option::of(proptest::collection::vec(any::<u8>(), 0..40)),
+        proptest::option::of(proptest::collection::vec(any::<u8>(), 0..300)),
+        proptest::collection::vec(("[a-z-]{0,12}", proptest::option::of(proptest::collection::vec(any::<u8>(), 0..20))), 0..4),
+    )
+        .prop_map(|(timestamp_ms, key, value, headers)| OwnedRecord { timestamp_ms, key, value, headers })
+}
+
+fn build(records: &[OwnedRecord], options: BatchOptions) -> Bytes {
+    let mut builder = BatchBuilder::new(options).unwrap();
+    for r in records {
+        let headers: Vec<(&str, Option<&[u8]>)> = r.headers.iter().map(|(k, v)| (k.as_str(), v.as_deref())).collect();
+        builder
+            .push(NewRecord { timestamp_ms: r.timestamp_ms, key: r.key.as_deref(), value: r.value.as_deref(), headers: &headers })
+            .unwrap();
+    }
+    builder.finish().unwrap()
+}
+
+fn sample_batch() -> Bytes {
+    let records = vec![
+        OwnedRecord { timestamp_ms: 1_000, key: Some(b"k1".to_vec()), value: Some(b"hello".to_vec()), headers: vec![("trace".into(), Some(b"abc".to_vec()))] },
+        OwnedRecord { timestamp_ms: 1_005, key: None, value: Some(b"world".to_vec()), headers: vec![] },
+    ];
+    build(&records, BatchOptions::default())
+}
+
+/// Recomputes the CRC after a test edits a batch, so the edit reaches the record decoder.
+fn reseal(buf: &mut [u8]) {
+    let crc = crc32c::crc32c(&buf[field::CRC_COVERS_FROM..]);
+    buf[field::CRC..field::CRC + 4].copy_from_slice(&crc.to_le_bytes());
+}
+
+proptest! {
+    #[test]
+    fn any_records_round_trip_through_builder_and_validated_view(
+        records in proptest::collection::vec(owned_record(), 1..40),
+        producer_id in any::<i64>(), epoch in any::<i16>(), seq in any::<i32>(), priority in 0u8..PRIORITY_LANES_MAX,
+    ) {
+        let options = BatchOptions { producer_id, producer_epoch: epoch, base_sequence: seq, priority, ..BatchOptions::default() };
+        let bytes = build(&records, options);
+        let view = BatchView::validate(bytes).unwrap();
+        let h = *view.header();
+        prop_assert_eq!(h.record_count as usize, records.len());
+        prop_assert_eq!((h.producer_id, h.producer_epoch, h.base_sequence, h.priority), (producer_id, epoch, seq, priority));
+        prop_assert_eq!(h.first_timestamp_ms, records[0].timestamp_ms);
+        prop_assert_eq!(h.max_timestamp_ms, records.iter().map(|r| r.timestamp_ms).max().unwrap());
+        let decoded: Vec<RecordView<'_>> = view.records().collect::<Result<_, _>>().unwrap();
+        prop_assert_eq!(decoded.len(), records.len());
+        for (i, (got, want)) in decoded.iter().zip(&records).enumerate() {
+            prop_assert_eq!(got.offset_delta as usize, i);
+            prop_assert_eq!(got.timestamp_ms, want.timestamp_ms);
+            prop_assert_eq!(got.key, want.key.as_deref());
+            prop_assert_eq!(got.value, want.value.as_deref());
+            let headers: Vec<(&str, Option<&[u8]>)> = got.headers().collect();
+            let want_headers: Vec<(&str, Option<&[u8]>)> = want.headers.iter().map(|(k, v)| (k.as_str(), v.as_deref())).collect();
+            prop_assert_eq!(headers, want_headers);
+        }
+    }
+
+    #[test]
+    fn every_truncation_of_a_batch_is_rejected_without_panic(cut in 0usize..200) {
+        let bytes = sample_batch();
+        let cut = cut.min(bytes.len() - 1);
+        prop_assert!(BatchView::validate(bytes.slice(..cut)).is_err());
+    }
+
+    #[test]
+    fn flipping_any_bit_outside_the_base_offset_is_detected(byte in 8usize..120, bit in 0u8..8) {
+        let bytes = sample_batch();
+        let byte = byte % bytes.len();
+        prop_assume!(byte >= 8);
+        let mut corrupt = bytes.to_vec();
+        corrupt[byte] ^= 1 << bit;
+        prop_assert!(BatchView::validate(Bytes::from(corrupt)).is_err());
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic_the_decoder(raw in proptest::collection::vec(any::<u8>(), 0..512)) {
+        if let Ok(view) = BatchView::validate(Bytes::from(raw.clone())) {
+            prop_assert_eq!(view.as_bytes().len(), raw.len());
+        }
+    }
+
+    #[test]
+    fn arbitrary_resealed_record_bytes_never_panic_and_errors_stay_in_bounds(tail in proptest::collection::vec(any::<u8>(), 1..256), count in 1u32..5) {
+        let mut buf = sample_batch()[..BATCH_HEADER_LEN].to_vec();
+        buf.extend_from_slice(&tail);
+        let len = (buf.len() - field::LENGTH_COVERS_FROM) as u32;
+        buf[field::BATCH_LENGTH..][..4].copy_from_slice(&len.to_le_bytes());
+        buf[field::RECORD_COUNT..][..4].copy_from_slice(&count.to_le_bytes());
+        reseal(&mut buf);
+        let total = buf.len();
+        if let Err(e) = BatchView::validate(Bytes::from(buf)) {
+            prop_assert!(e.offset() <= total, "offset {} beyond input of {}", e.offset(), total);
+        }
+    }
+}
+
+#[test]
+fn stamping_the_base_offset_keeps_the_batch_valid() {
+    let mut buf = sample_batch().to_vec();
+    stamp_base_offset(&mut buf, 123_456).unwrap();
+    let view = BatchView::validate(Bytes::from(buf)).unwrap();
+    assert_eq!(view.header().base_offset, 123_456);
+}
+
+#[test]
+fn a_bad_crc_is_reported_with_stored_and_computed_values() {
+    let mut buf = sample_batch().to_vec();
+    let last = buf.len() - 1;
+    buf[last] ^= 0xff;
+    match BatchView::parse(Bytes::from(buf)) {
+        Err(DecodeError::BadCrc { offset, stored, computed }) => {
+            assert_eq!(offset, field::CRC_COVERS_FROM);
+            assert_ne!(stored, computed);
+        }
+        other => panic!("expected BadCrc, got {other:?}"),
+    }
+}
+
+#[test]
+fn an_unknown_magic_is_rejected_at_the_magic_byte() {
+    let mut buf = sample_batch().to_vec();
+    buf[field::MAGIC] = 9;
+    assert_eq!(
+        BatchView::parse(Bytes::from(buf)).unwrap_err(),
+        DecodeError::Unknown { offset: field::MAGIC, what: "batch magic", value: 9 }
+    );
+}
+
+#[test]
+fn an_oversize_length_is_rejected_before_anything_is_read() {
+    let mut buf = sample_batch().to_vec();
+    buf[field::BATCH_LENGTH..][..4].copy_from_slice(&u32::MAX.to_le_bytes());
+    assert!(matches!(BatchView::parse(Bytes::from(buf.clone())), Err(DecodeError::TooLarge { offset: field::BATCH_LENGTH, .. })));
+    assert!(matches!(batch_size(&buf), Err(DecodeError::TooLarge { .. })));
+}
+
+#[test]
+fn a_record_count_above_the_records_present_is_a_count_mismatch() {
+    let mut buf = sample_batch().to_vec();
+    buf[field::RECORD_COUNT..][..4].copy_from_slice(&3u32.to_le_bytes());
+    reseal(&mut buf);
+    let end = buf.len();
+    assert_eq!(
+        BatchView::validate(Bytes::from(buf)).unwrap_err(),
+        DecodeError::CountMismatch { offset: end, declared: 3, found: 2 }
+    );
+}
+
+#[test]
+fn a_record_count_below_the_records_present_leaves_trailing_bytes() {
+    let mut buf = sample_batch().to_vec();
+    buf[field::RECORD_COUNT..][..4].copy_from_slice(&1u32.to_le_bytes());
+    reseal(&mut buf);
+    assert!(matches!(BatchView::validate(Bytes::from(buf)), Err(DecodeError::Invalid { what: "batch", .. })));
+}
+
+#[test]
+fn a_bad_varint_inside_a_record_is_reported_at_its_offset() {
+    let mut buf = sample_batch().to_vec();
+    // The first record's length varint sits right after the header.
+    for b in &mut buf[BATCH_HEADER_LEN..BATCH_HEADER_LEN + 10] {
+        *b = 0xff;
+    }
+    reseal(&mut buf);
+    assert_eq!(BatchView::validate(Bytes::from(buf)).unwrap_err(), DecodeError::BadVarint { offset: BATCH_HEADER_LEN });
+}
+
+#[test]
+fn a_zero_record_batch_is_invalid() {
+    let mut buf = sample_batch().to_vec();
+    buf[field::RECORD_COUNT..][..4].copy_from_slice(&0u32.to_le_bytes());
+    reseal(&mut buf);
+    assert!(matches!(BatchView::parse(Bytes::from(buf)), Err(DecodeError::Invalid { offset: field::RECORD_COUNT, .. })));
+}
+
+#[test]
+fn a_priority_outside_the_lanes_is_invalid() {
+    let mut buf = sample_batch().to_vec();
+    buf[field::PRIORITY] = PRIORITY_LANES_MAX;
+    reseal(&mut buf);
+    assert!(matches!(BatchView::parse(Bytes::from(buf)), Err(DecodeError::Invalid { offset: field::PRIORITY, .. })));
+}
+
+#[test]
+fn builder_refuses_a_record_larger_than_the_batch_limit_and_stays_usable() {
+    let mut builder = BatchBuilder::new(BatchOptions { size_max: 200, ..BatchOptions::default() }).unwrap();
+    let big = vec![7u8; 300];
+    let err = builder.push(NewRecord { value: Some(&big), ..NewRecord::default() }).unwrap_err();
+    assert!(matches!(err, BuildError::RecordTooLarge { .. }), "{err:?}");
+    assert!(builder.is_empty());
+    let small = vec![7u8; 100];
+    builder.push(NewRecord { value: Some(&small), ..NewRecord::default() }).unwrap();
+    let err = builder.push(NewRecord { value: Some(&small), ..NewRecord::default() }).unwrap_err();
+    assert!(matches!(err, BuildError::BatchFull { count: 1, .. }), "{err:?}");
+    let batch = builder.finish().unwrap();
+    assert!(batch.len() <= 200);
+    assert_eq!(BatchView::validate(batch).unwrap().header().record_count, 1);
+}
+
+#[test]
+fn builder_refuses_an_empty_batch() {
+    assert_eq!(BatchBuilder::new(BatchOptions::default()).unwrap().finish().unwrap_err(), BuildError::Empty);
+}

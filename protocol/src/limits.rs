@@ -1,0 +1,60 @@
+//! Every protocol limit, in one place.
+//!
+//! Each limit says what the peer sees when it is exceeded. Relationships between the
+//! limits are checked at compile time at the bottom of this file, so a change that
+//! breaks one (say, a batch that could no longer fit in a frame) does not build.
+
+/// One kibibyte, for readable sizes below.
+pub const KIB: usize = 1024;
+/// One mebibyte.
+pub const MIB: usize = 1024 * KIB;
+
+/// Largest frame body (everything after the 4-byte length prefix) a peer may send.
+///
+/// Exceeded: the receiver answers `FrameTooLarge` and closes the connection before
+/// reading the body, so a hostile length prefix never makes it allocate.
+pub const FRAME_BODY_SIZE_MAX: usize = 16 * MIB;
+
+/// Largest record batch, header included.
+///
+/// Exceeded: the client-side `BatchBuilder` refuses the record (`BuildError::BatchFull`);
+/// a broker receiving a larger batch answers `MessageTooLarge`.
+pub const BATCH_SIZE_MAX: usize = 8 * MIB;
+
+/// Most records one batch may hold.
+///
+/// Exceeded: decoding fails with `DecodeError::TooLarge`; the builder refuses the record.
+pub const BATCH_RECORD_COUNT_MAX: u32 = 1 << 20;
+
+/// Most headers one record may carry.
+///
+/// Exceeded: decoding fails with `DecodeError::TooLarge`; the builder refuses the record.
+pub const RECORD_HEADER_COUNT_MAX: u32 = 64;
+
+/// Number of priority lanes a batch may name: priorities are `0..PRIORITY_LANES_MAX`.
+///
+/// Exceeded: decoding fails with `DecodeError::Invalid`.
+pub const PRIORITY_LANES_MAX: u8 = 10;
+
+/// Longest encoding of a varint (a zigzag-encoded `i64` in LEB128 groups of 7 bits).
+///
+/// Exceeded: decoding fails with `DecodeError::BadVarint`.
+pub const VARINT_LEN_MAX: usize = 10;
+
+/// Oldest protocol version this build speaks.
+pub const PROTOCOL_VERSION_MIN: u16 = 1;
+/// Newest protocol version this build speaks.
+pub const PROTOCOL_VERSION_MAX: u16 = 1;
+
+/// Longest error message carried in a response frame, in bytes. Longer messages are
+/// cut (on a UTF-8 boundary) by the encoder, never rejected.
+pub const ERROR_MESSAGE_SIZE_MAX: usize = 1024;
+
+// A full batch, wrapped in a request envelope, must fit in one frame.
+const _: () = assert!(BATCH_SIZE_MAX + 64 * KIB <= FRAME_BODY_SIZE_MAX);
+// A frame length must fit the 4-byte length prefix.
+const _: () = assert!(FRAME_BODY_SIZE_MAX <= u32::MAX as usize);
+// Every record needs at least one byte, so the count bound is reachable within the size bound.
+const _: () = assert!(BATCH_RECORD_COUNT_MAX as usize <= BATCH_SIZE_MAX);
+const _: () = assert!(PROTOCOL_VERSION_MIN <= PROTOCOL_VERSION_MAX);
+const _: () = assert!(PRIORITY_LANES_MAX >= 1 && PRIORITY_LANES_MAX <= 10);
