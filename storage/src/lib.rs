@@ -1,1 +1,39 @@
-//! placeholder
+//! Keel's storage: a partition log as a directory of checksummed segments, with
+//! group commit, a durable watermark, sparse indexes, crash recovery and retention.
+//!
+//! # Layout
+//! - [`log`]: the [`Log`] — append, flush (group commit), read by index / offset /
+//!   time, truncate-suffix, purge-prefix, retention.
+//! - `open`: recovery when a log is opened (torn tails, stale indexes, corruption).
+//! - `segment`: one segment file, its header and the scan recovery shares.
+//! - `entry`: the on-disk entry format and its checksum.
+//! - `index`: sparse offset and time indexes, memory-mapped once a segment is sealed.
+//! - [`watermark`]: how durability is published to waiters.
+//! - [`flusher`]: a thread that flushes logs and completes callbacks in order.
+//! - [`atomic_file`]: small metadata files replaced atomically.
+//! - [`config`], [`limits`], [`error`].
+//!
+//! `DESIGN.md` next to this crate gives the byte layouts, the numbered invariants and
+//! what is assumed of the file system.
+//!
+//! **Architecture invariant:** storage knows nothing of Raft, the network or the wire
+//! format. Terms and indexes are opaque numbers with ordering rules; payloads are bytes.
+
+pub mod atomic_file;
+pub mod config;
+mod entry;
+pub mod error;
+pub mod flusher;
+mod index;
+pub mod limits;
+pub mod log;
+mod open;
+mod segment;
+pub mod watermark;
+
+pub use config::{FsyncPolicy, LogConfig, Retention};
+pub use entry::{Entry, EntryMeta, LogId, ENTRY_HEADER_LEN};
+pub use error::StorageError;
+pub use flusher::Flusher;
+pub use log::{IoStats, Log, LogState};
+pub use segment::SEGMENT_HEADER_LEN;
