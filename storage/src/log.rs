@@ -814,7 +814,7 @@ impl Log {
             let seg_end = seg.written_len;
             let seg_last = seg.last_index.unwrap_or(0);
             while next < range.end && next <= seg_last && pos < seg_end && (out.is_empty() || bytes < max_bytes) {
-                let want = (max_bytes.saturating_sub(bytes) + ENTRY_HEADER_LEN as u64).clamp(64 * 1024, READ_CHUNK_BYTES_MAX).min(seg_end - pos);
+                let want = max_bytes.saturating_sub(bytes).saturating_add(ENTRY_HEADER_LEN as u64).clamp(64 * 1024, READ_CHUNK_BYTES_MAX).min(seg_end - pos);
                 let chunk = read_chunk(&seg.file, &seg.path, pos, want)?;
                 let mut rel = 0usize;
                 let mut progressed = false;

@@ -125,9 +125,9 @@ impl Log {
                 last = Some(m.id);
             }
             seg.index = result.index;
-            let prev_end = segments.last().map(|p| (p.last_index, p.end_offset));
-            if let (Some((_, end_offset)), None) = (prev_end, result.first_base_offset) {
-                seg.end_offset = end_offset;
+            if result.first_base_offset.is_none() {
+                // An empty tail continues where the log left off.
+                seg.end_offset = segments.last().map_or(purge_start_offset, |p| p.end_offset);
             }
             if let Some(first_base) = result.first_base_offset {
                 check_chain(&segments, &seg, first_base)?;
