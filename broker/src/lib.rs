@@ -1,1 +1,15 @@
-//! placeholder
+//! The Keel broker.
+//!
+//! # Layout
+//! - [`replication`]: openraft over the storage crate — the partition log *is* the Raft
+//!   log ([`replication::PartitionLogStore`]), and a light partition state machine
+//!   ([`replication::PartitionStateMachine`]) publishes the high watermark.
+//!
+//! The server, networking, metadata group and the `keel` binary arrive with the
+//! cluster issue; this crate holds only what is built and tested today.
+//!
+//! **Architecture invariant:** the broker depends on `keel-storage` and
+//! `keel-protocol`; neither depends on the broker. Storage errors reach openraft as
+//! `io::Error` and are fatal to the Raft group, never retried.
+
+pub mod replication;

@@ -1,0 +1,300 @@
+//! `RaftLogStorage` over `keel_storage::Log`: the partition log is the Raft log.
+//!
+//! Entry mapping (storage `kind` byte → openraft payload):
+//! - `KIND_BLANK` (0): `Blank`, empty payload, 0 records;
+//! - `KIND_BATCH` (1): `Normal(RecordBatch)`, the batch bytes, the batch's record count;
+//! - `KIND_MEMBERSHIP` (2): `Membership`, postcard-encoded, 0 records.
+//!
+//! A batch's base offset is the log's `next_offset()` when it is appended; it is
+//! stamped into the batch header in place (the batch CRC does not cover it). Log
+//! matching gives every replica the same offsets.
+//!
+//! Blocking file work (flush, truncate, purge, vote) runs on tokio's blocking pool;
+//! `append` only touches memory (and, at a segment roll, creates a file) and hands
+//! durability to the `Flusher`, which calls openraft back in submit order.
+
+use std::fmt::Debug;
+use std::io;
+use std::ops::{Bound, RangeBounds};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use keel_storage::{atomic_file, Entry as StoredEntry, EntryMeta, Flusher, Log, LogId as StoredLogId};
+use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
+use openraft::{EntryPayload, OptionalSend, RaftLogReader};
+
+use super::types::{RaftEntry, RaftLogId, RecordBatch, TypeConfig};
+
+pub const KIND_BLANK: u8 = 0;
+pub const KIND_BATCH: u8 = 1;
+pub const KIND_MEMBERSHIP: u8 = 2;
+
+/// Largest payload total `limited_get_log_entries` returns (at least one entry):
+/// openraft's `max_payload_entries` counts entries, and ours are whole batches.
+pub const REPLICATION_READ_BYTES_MAX: u64 = 1024 * 1024;
+
+/// How often, at most, the committed index is written to disk. Losing the last
+/// interval only means re-applying a few committed entries after a restart.
+pub const COMMITTED_WRITE_INTERVAL: Duration = Duration::from_millis(200);
+
+const VOTE_FILE: &str = "raft.vote";
+const COMMITTED_FILE: &str = "raft.committed";
+
+type Vote = openraft::impls::Vote<openraft::impls::leader_id_std::LeaderId<u64, u64>>;
+
+/// The Raft log storage of one partition.
+pub struct PartitionLogStore {
+    log: Arc<Log>,
+    flusher: Arc<Flusher>,
+    dir: PathBuf,
+    committed: Arc<Mutex<CommittedState>>,
+}
+
+#[derive(Debug, Default)]
+struct CommittedState {
+    value: Option<RaftLogId>,
+    written_at: Option<Instant>,
+    written_value: Option<RaftLogId>,
+}
+
+/// A reader sharing the store's log; sees every entry appended, flushed or not.
+#[derive(Clone)]
+pub struct PartitionLogReader {
+    log: Arc<Log>,
+    dir: PathBuf,
+}
+
+fn to_raft_id(id: StoredLogId) -> RaftLogId {
+    RaftLogId::new_term_index(id.term, id.index)
+}
+
+fn to_stored_id(id: &RaftLogId) -> StoredLogId {
+    StoredLogId { term: id.leader_id.term, index: id.index }
+}
+
+fn invalid(msg: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg)
+}
+
+/// Converts an openraft entry to a storage entry at message offset `base_offset`.
+fn to_stored(entry: RaftEntry, base_offset: u64) -> io::Result<StoredEntry> {
+    let id = to_stored_id(&entry.log_id);
+    let (kind, payload, record_count, max_timestamp_ms) = match entry.payload {
+        EntryPayload::Blank => (KIND_BLANK, Bytes::new(), 0, i64::MIN),
+        EntryPayload::Normal(batch) => {
+            let header = batch.header().ok_or_else(|| invalid(format!("entry {} holds an unparseable record batch", id.index)))?;
+            (KIND_BATCH, stamp(batch.0, base_offset)?, header.record_count, header.max_timestamp_ms)
+        }
+        EntryPayload::Membership(m) => {
+            let bytes = postcard::to_allocvec(&m).map_err(|e| invalid(format!("encoding membership: {e}")))?;
+            (KIND_MEMBERSHIP, Bytes::from(bytes), 0, i64::MIN)
+        }
+    };
+    Ok(StoredEntry { meta: EntryMeta { id, kind, base_offset, record_count, max_timestamp_ms }, payload })
+}
+
+/// Writes the base offset into the batch, in place when this is the only reference
+/// to the bytes (the usual case), otherwise on a copy.
+fn stamp(batch: Bytes, base_offset: u64) -> io::Result<Bytes> {
+    let mut bytes: BytesMut = batch.try_into_mut().unwrap_or_else(|shared| BytesMut::from(&shared[..]));
+    keel_protocol::batch::stamp_base_offset(&mut bytes, base_offset).map_err(|e| invalid(format!("stamping base offset: {e}")))?;
+    Ok(bytes.freeze())
+}
+
+fn to_raft(entry: StoredEntry) -> io::Result<RaftEntry> {
+    let log_id = to_raft_id(entry.meta.id);
+    let payload = match entry.meta.kind {
+        KIND_BLANK => EntryPayload::Blank,
+        KIND_BATCH => EntryPayload::Normal(RecordBatch(entry.payload)),
+        KIND_MEMBERSHIP => EntryPayload::Membership(postcard::from_bytes(&entry.payload).map_err(|e| invalid(format!("decoding membership at {}: {e}", log_id.index)))?),
+        other => return Err(invalid(format!("unknown entry kind {other} at index {}", log_id.index))),
+    };
+    Ok(RaftEntry { log_id, payload })
+}
+
+fn range_to(range: &impl RangeBounds<u64>) -> std::ops::Range<u64> {
+    let start = match range.start_bound() {
+        Bound::Included(&s) => s,
+        Bound::Excluded(&s) => s + 1,
+        Bound::Unbounded => 0,
+    };
+    let end = match range.end_bound() {
+        Bound::Included(&e) => e.saturating_add(1),
+        Bound::Excluded(&e) => e,
+        Bound::Unbounded => u64::MAX,
+    };
+    start..end
+}
+
+/// Runs blocking storage work off the async runtime's worker threads.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> io::Result<T> + Send + 'static) -> io::Result<T> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| io::Error::other(format!("storage task failed: {e}")))?
+}
+
+impl PartitionLogStore {
+    /// A store over `log`, durable through `flusher`; the vote and committed index live
+    /// in the log's directory.
+    pub fn new(log: Arc<Log>, flusher: Arc<Flusher>) -> PartitionLogStore {
+        let dir = log.dir().to_path_buf();
+        PartitionLogStore { log, flusher, dir, committed: Arc::new(Mutex::new(CommittedState::default())) }
+    }
+
+    pub fn log(&self) -> &Arc<Log> {
+        &self.log
+    }
+
+    fn reader(&self) -> PartitionLogReader {
+        PartitionLogReader { log: self.log.clone(), dir: self.dir.clone() }
+    }
+
+    /// The id of the entry at `index`, if present.
+    fn id_at(log: &Log, index: u64) -> io::Result<Option<StoredLogId>> {
+        Ok(log.read(index..index + 1, 0)?.first().map(|e| e.meta.id))
+    }
+}
+
+impl Drop for PartitionLogStore {
+    fn drop(&mut self) {
+        // Persist the latest committed index; an error only costs re-applying entries.
+        let st = self.committed.lock().expect("committed lock poisoned");
+        if st.value != st.written_value {
+            if let Ok(bytes) = postcard::to_allocvec(&st.value) {
+                let _ = atomic_file::write(&self.dir, COMMITTED_FILE, &bytes);
+            }
+        }
+    }
+}
+
+impl RaftLogReader<TypeConfig> for PartitionLogReader {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(&mut self, range: RB) -> io::Result<Vec<RaftEntry>> {
+        let range = range_to(&range);
+        let mut out = Vec::new();
+        let mut next = range.start;
+        while next < range.end {
+            let batch = self.log.read(next..range.end, u64::MAX)?;
+            let Some(last) = batch.last() else { break };
+            next = last.meta.id.index + 1;
+            for e in batch {
+                out.push(to_raft(e)?);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn read_vote(&mut self) -> io::Result<Option<Vote>> {
+        let dir = self.dir.clone();
+        blocking(move || match atomic_file::read(&dir, VOTE_FILE)? {
+            None => Ok(None),
+            Some(bytes) => postcard::from_bytes(&bytes).map(Some).map_err(|e| invalid(format!("decoding the saved vote: {e}"))),
+        })
+        .await
+    }
+
+    async fn limited_get_log_entries(&mut self, start: u64, end: u64) -> io::Result<Vec<RaftEntry>> {
+        self.log.read(start..end, REPLICATION_READ_BYTES_MAX)?.into_iter().map(to_raft).collect()
+    }
+}
+
+impl RaftLogReader<TypeConfig> for PartitionLogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(&mut self, range: RB) -> io::Result<Vec<RaftEntry>> {
+        self.reader().try_get_log_entries(range).await
+    }
+
+    async fn read_vote(&mut self) -> io::Result<Option<Vote>> {
+        self.reader().read_vote().await
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for PartitionLogStore {
+    type LogReader = PartitionLogReader;
+
+    async fn get_log_state(&mut self) -> io::Result<LogState<TypeConfig>> {
+        let st = self.log.state();
+        Ok(LogState { last_purged_log_id: st.purged.map(to_raft_id), last_log_id: st.last.map(to_raft_id) })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.reader()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote) -> io::Result<()> {
+        let bytes = postcard::to_allocvec(vote).map_err(|e| invalid(format!("encoding the vote: {e}")))?;
+        let (log, dir) = (self.log.clone(), self.dir.clone());
+        // Queued appends reach the disk before the vote does (openraft io ordering).
+        blocking(move || {
+            log.flush()?;
+            atomic_file::write(&dir, VOTE_FILE, &bytes)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn save_committed(&mut self, committed: Option<RaftLogId>) -> io::Result<()> {
+        let write = {
+            let mut st = self.committed.lock().expect("committed lock poisoned");
+            st.value = committed;
+            let due = st.written_at.is_none_or(|t| t.elapsed() >= COMMITTED_WRITE_INTERVAL);
+            if due {
+                st.written_at = Some(Instant::now());
+                st.written_value = committed;
+            }
+            due
+        };
+        if write {
+            let bytes = postcard::to_allocvec(&committed).map_err(|e| invalid(format!("encoding committed: {e}")))?;
+            let dir = self.dir.clone();
+            blocking(move || Ok(atomic_file::write(&dir, COMMITTED_FILE, &bytes)?)).await?;
+        }
+        Ok(())
+    }
+
+    async fn read_committed(&mut self) -> io::Result<Option<RaftLogId>> {
+        let dir = self.dir.clone();
+        let saved: Option<RaftLogId> = blocking(move || match atomic_file::read(&dir, COMMITTED_FILE)? {
+            None => Ok(None),
+            Some(bytes) => postcard::from_bytes(&bytes).map_err(|e| invalid(format!("decoding the committed index: {e}"))),
+        })
+        .await?;
+        let Some(saved) = saved else { return Ok(None) };
+        // Never claim more than this node has durably: committed may run ahead of the
+        // local flush, and openraft re-applies (applied, committed] from this log.
+        let st = self.log.state();
+        if saved.index < st.durable_end {
+            return Ok(Some(saved));
+        }
+        let Some(last_durable) = st.durable_end.checked_sub(1) else { return Ok(None) };
+        if st.purged.is_some_and(|p| p.index >= last_durable) {
+            return Ok(st.purged.map(to_raft_id));
+        }
+        Ok(Self::id_at(&self.log, last_durable)?.map(to_raft_id))
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: IOFlushed<TypeConfig>) -> io::Result<()>
+    where
+        I: IntoIterator<Item = RaftEntry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut next_offset = self.log.next_offset();
+        let mut stored = Vec::new();
+        for entry in entries {
+            let e = to_stored(entry, next_offset)?;
+            next_offset = e.meta.end_offset();
+            stored.push(e);
+        }
+        self.log.append(stored)?;
+        self.flusher.submit(self.log.clone(), Box::new(move |result| callback.io_completed(result.map_err(io::Error::from))))?;
+        Ok(())
+    }
+
+    async fn truncate_after(&mut self, last_log_id: Option<RaftLogId>) -> io::Result<()> {
+        let log = self.log.clone();
+        blocking(move || Ok(log.truncate_after(last_log_id.map(|l| l.index))?)).await
+    }
+
+    async fn purge(&mut self, log_id: RaftLogId) -> io::Result<()> {
+        let log = self.log.clone();
+        blocking(move || Ok(log.purge_upto(to_stored_id(&log_id))?)).await
+    }
+}

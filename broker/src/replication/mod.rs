@@ -1,0 +1,21 @@
+//! Replication: openraft `0.10.0-alpha.37` over Keel's storage.
+//!
+//! - [`types`]: the Raft type configuration and the entry payload (a record batch).
+//! - [`log_store`]: `RaftLogStorage` / `RaftLogReader` over `keel_storage::Log`, with
+//!   group commit through a `Flusher` and the vote and committed index in atomic files.
+//! - [`state_machine`]: the partition state machine: applied position, membership,
+//!   high watermark, snapshots of that state.
+//!
+//! The rules of `shared/notes/openraft.md` §2 are implemented here: appends are
+//! readable before they are durable, durability is reported through the flusher in
+//! submit order, the vote is written only after queued appends are flushed, a
+//! truncation leaves no hole and is durable before it returns, purge persists the
+//! purge point before deleting, and `read_committed` never exceeds the durable log.
+
+pub mod log_store;
+pub mod state_machine;
+pub mod types;
+
+pub use log_store::PartitionLogStore;
+pub use state_machine::PartitionStateMachine;
+pub use types::{AppendReply, RecordBatch, TypeConfig};
