@@ -76,6 +76,9 @@ impl Log {
             for ext in ["index", "timeindex"] {
                 let _ = fs::remove_file(dir.join(format!("{first:020}.{ext}")));
             }
+            // What recovery found is what the log now claims durable, so make it so:
+            // after a process crash those bytes may still be only in the page cache.
+            seg.file.sync_data().map_err(|e| StorageError::io("fdatasync", &seg.path, e))?;
             seg.len = result.valid_len;
             seg.written_len = result.valid_len;
             seg.synced_len = result.valid_len;

@@ -12,6 +12,7 @@
 //! truncation leaves no hole and is durable before it returns, purge persists the
 //! purge point before deleting, and `read_committed` never exceeds the durable log.
 
+pub mod config;
 pub mod log_store;
 pub mod state_machine;
 pub mod types;

@@ -1,0 +1,38 @@
+//! openraft settings for partition groups, in one place. Values follow
+//! `shared/notes/openraft.md` §5 ("Loopback / CI (2 cores)" column).
+
+use openraft::{Config, SnapshotPolicy};
+
+/// Leader heartbeat period. Elections start after 5–10 missed heartbeats, far above
+/// the fsync and scheduler stalls of a shared 2-core machine with debug builds.
+pub const HEARTBEAT_INTERVAL_MS: u64 = 100;
+pub const ELECTION_TIMEOUT_MIN_MS: u64 = 500;
+pub const ELECTION_TIMEOUT_MAX_MS: u64 = 1000;
+/// Entries per AppendEntries RPC; our entries are whole batches, and reads are also
+/// capped at `REPLICATION_READ_BYTES_MAX`.
+pub const MAX_PAYLOAD_ENTRIES: u64 = 256;
+/// Client writes merged into one log append (group commit at the Raft layer).
+pub const API_BATCH_CAPACITY: u64 = 256;
+/// Snapshots hold only state-machine state and are cheap; retention, not snapshots,
+/// decides what the log loses, so openraft never purges on its own.
+pub const SNAPSHOT_EVERY_ENTRIES: u64 = 50_000;
+pub const INSTALL_SNAPSHOT_TIMEOUT_MS: u64 = 5_000;
+
+/// The validated openraft configuration for a partition group.
+pub fn partition_raft_config(cluster_name: &str) -> Result<Config, openraft::ConfigError> {
+    Config {
+        cluster_name: cluster_name.to_string(),
+        heartbeat_interval: HEARTBEAT_INTERVAL_MS,
+        election_timeout_min: ELECTION_TIMEOUT_MIN_MS,
+        election_timeout_max: ELECTION_TIMEOUT_MAX_MS,
+        max_payload_entries: MAX_PAYLOAD_ENTRIES,
+        max_append_entries: Some(MAX_PAYLOAD_ENTRIES),
+        api_batch_capacity: API_BATCH_CAPACITY,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(SNAPSHOT_EVERY_ENTRIES),
+        max_in_snapshot_log_to_keep: u64::MAX,
+        install_snapshot_timeout: INSTALL_SNAPSHOT_TIMEOUT_MS,
+        enable_pre_vote: Some(true),
+        ..Config::default()
+    }
+    .validate()
+}
