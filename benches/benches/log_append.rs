@@ -88,7 +88,11 @@ fn interleaved_ratio() {
                 }
             }
             let rate = mb / start.elapsed().as_secs_f64();
-            if is_log { log_rates.push(rate) } else { raw_rates.push(rate) }
+            if is_log {
+                log_rates.push(rate)
+            } else {
+                raw_rates.push(rate)
+            }
         }
     }
     let median = |v: &mut Vec<f64>| {

@@ -30,7 +30,11 @@ impl RaftNetworkFactory<TypeConfig> for NoPeers {
 
 impl RaftNetworkV2<TypeConfig> for NoPeer {
     type SnapshotData = PartitionSnapshot;
-    async fn append_entries(&mut self, _rpc: AppendEntriesRequest<TypeConfig>, _o: RPCOption) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+    async fn append_entries(
+        &mut self,
+        _rpc: AppendEntriesRequest<TypeConfig>,
+        _o: RPCOption,
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
         Err(RPCError::Unreachable(Unreachable::from_string("single-node test has no peers")))
     }
     async fn vote(&mut self, _rpc: VoteRequest<TypeConfig>, _o: RPCOption) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {

@@ -138,7 +138,12 @@ impl BatchHeader {
             return Err(DecodeError::Invalid { offset: field::RECORD_COUNT, what: "record count", reason: "a batch holds at least one record" });
         }
         if h.record_count > BATCH_RECORD_COUNT_MAX {
-            return Err(DecodeError::TooLarge { offset: field::RECORD_COUNT, what: "record count", size: u64::from(h.record_count), max: u64::from(BATCH_RECORD_COUNT_MAX) });
+            return Err(DecodeError::TooLarge {
+                offset: field::RECORD_COUNT,
+                what: "record count",
+                size: u64::from(h.record_count),
+                max: u64::from(BATCH_RECORD_COUNT_MAX),
+            });
         }
         if h.max_timestamp_ms < h.first_timestamp_ms {
             return Err(DecodeError::Invalid { offset: field::MAX_TIMESTAMP, what: "max timestamp", reason: "earlier than the first timestamp" });
@@ -281,7 +286,8 @@ fn decode_header(buf: &[u8], pos: usize) -> Result<((&str, Option<&[u8]>), usize
     let Some(key_bytes) = key else {
         return Err(DecodeError::Invalid { offset: pos, what: "header key", reason: "null header key" });
     };
-    let key_str = std::str::from_utf8(key_bytes).map_err(|_| DecodeError::Invalid { offset: pos - key_bytes.len(), what: "header key", reason: "not UTF-8" })?;
+    let key_str =
+        std::str::from_utf8(key_bytes).map_err(|_| DecodeError::Invalid { offset: pos - key_bytes.len(), what: "header key", reason: "not UTF-8" })?;
     let (value, pos) = length_prefixed(buf, pos, "header value")?;
     Ok(((key_str, value), pos))
 }
@@ -331,11 +337,11 @@ impl<'a> RecordIter<'a> {
             return Err(DecodeError::Invalid { offset: body, what: "record attributes", reason: "reserved bits set" });
         }
         let (ts_delta, pos) = get_varint(rec, body + 1)?;
-        let timestamp_ms = self
-            .header
-            .first_timestamp_ms
-            .checked_add(ts_delta)
-            .ok_or(DecodeError::Invalid { offset: body + 1, what: "timestamp delta", reason: "overflows i64" })?;
+        let timestamp_ms = self.header.first_timestamp_ms.checked_add(ts_delta).ok_or(DecodeError::Invalid {
+            offset: body + 1,
+            what: "timestamp delta",
+            reason: "overflows i64",
+        })?;
         let (offset_delta, pos2) = get_varint(rec, pos)?;
         if offset_delta != i64::from(self.index) {
             return Err(DecodeError::Invalid { offset: pos, what: "offset delta", reason: "records must be numbered 0, 1, 2, … in order" });
@@ -358,14 +364,7 @@ impl<'a> RecordIter<'a> {
             return Err(DecodeError::Invalid { offset: p, what: "record", reason: "record length does not match its fields" });
         }
         self.pos = end;
-        Ok(RecordView {
-            offset_delta: self.index,
-            timestamp_ms,
-            key,
-            value,
-            header_count: count as u32,
-            headers_raw: &self.buf[headers_start..end],
-        })
+        Ok(RecordView { offset_delta: self.index, timestamp_ms, key, value, header_count: count as u32, headers_raw: &self.buf[headers_start..end] })
     }
 }
 
@@ -414,13 +413,7 @@ pub struct BatchOptions {
 
 impl Default for BatchOptions {
     fn default() -> Self {
-        BatchOptions {
-            producer_id: NO_PRODUCER_ID,
-            producer_epoch: NO_PRODUCER_EPOCH,
-            base_sequence: NO_SEQUENCE,
-            priority: 0,
-            size_max: BATCH_SIZE_MAX,
-        }
+        BatchOptions { producer_id: NO_PRODUCER_ID, producer_epoch: NO_PRODUCER_EPOCH, base_sequence: NO_SEQUENCE, priority: 0, size_max: BATCH_SIZE_MAX }
     }
 }
 
@@ -449,6 +442,8 @@ pub enum BuildError {
     InvalidSizeMax { size_max: usize, max: usize },
     #[error("a batch needs at least one record")]
     Empty,
+    #[error("record timestamp {timestamp_ms} is too far from the batch's first timestamp {first_timestamp_ms} to encode; send it in its own batch")]
+    TimestampOutOfRange { timestamp_ms: i64, first_timestamp_ms: i64 },
 }
 
 /// Encodes records into one batch. Used by producers; the broker never re-encodes.
@@ -493,7 +488,8 @@ impl BatchBuilder {
             return Err(BuildError::TooManyHeaders { count: record.headers.len(), max: RECORD_HEADER_COUNT_MAX });
         }
         let first = if self.count == 0 { record.timestamp_ms } else { self.first_timestamp_ms };
-        let ts_delta = record.timestamp_ms.wrapping_sub(first);
+        let ts_delta =
+            record.timestamp_ms.checked_sub(first).ok_or(BuildError::TimestampOutOfRange { timestamp_ms: record.timestamp_ms, first_timestamp_ms: first })?;
         let body_len = self.record_body_len(&record, ts_delta);
         let size = varint_len(body_len as i64) + body_len;
         if BATCH_HEADER_LEN + size > self.options.size_max {

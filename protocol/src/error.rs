@@ -94,11 +94,7 @@ impl ErrorCode {
 
     /// The code for a number received from the wire; unknown numbers map to `Unknown`.
     pub fn from_code(code: u16) -> ErrorCode {
-        ErrorCode::ALL
-            .iter()
-            .copied()
-            .find(|c| c.as_code() == code)
-            .unwrap_or(ErrorCode::Unknown)
+        ErrorCode::ALL.iter().copied().find(|c| c.as_code() == code).unwrap_or(ErrorCode::Unknown)
     }
 
     /// The stable name, as listed in `FORMAT.md`.

@@ -95,9 +95,8 @@ impl Frame {
                     return Err(DecodeError::TooLarge { offset: msg_at, what: "error message", size: msg_len as u64, max: ERROR_MESSAGE_SIZE_MAX as u64 });
                 }
                 let msg = r.bytes(msg_len)?;
-                let message = std::str::from_utf8(msg)
-                    .map_err(|_| DecodeError::Invalid { offset: msg_at + 2, what: "error message", reason: "not UTF-8" })?
-                    .to_owned();
+                let message =
+                    std::str::from_utf8(msg).map_err(|_| DecodeError::Invalid { offset: msg_at + 2, what: "error message", reason: "not UTF-8" })?.to_owned();
                 Frame::Response { correlation_id, error, message, payload: body.slice(r.pos..) }
             }
             other => return Err(DecodeError::Unknown { offset: 0, what: "frame kind", value: u64::from(other) }),

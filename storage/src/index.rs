@@ -227,7 +227,7 @@ fn map_file(path: &Path, magic: &[u8; 8], covered_len: u64) -> Result<Option<(Mm
         Err(e) => return Err(StorageError::io("open index", path, e)),
     };
     let len = file.metadata().map_err(|e| StorageError::io("stat index", path, e))?.len() as usize;
-    if len < FILE_HEADER_LEN || (len - FILE_HEADER_LEN) % ROW_LEN != 0 {
+    if len < FILE_HEADER_LEN || !(len - FILE_HEADER_LEN).is_multiple_of(ROW_LEN) {
         return Ok(None);
     }
     // SAFETY: index files are written once to a temp name and renamed into place; this
@@ -243,7 +243,10 @@ fn map_file(path: &Path, magic: &[u8; 8], covered_len: u64) -> Result<Option<(Mm
     let rows = word(8) as usize;
     let stored_crc = u32::from_le_bytes([map[CRC_AT], map[CRC_AT + 1], map[CRC_AT + 2], map[CRC_AT + 3]]);
     let crc = crc32c::crc32c_append(crc32c::crc32c(&map[..CRC_AT]), &map[FILE_HEADER_LEN..]);
-    let valid = &map[..8] == magic && word(16) == covered_len && rows.checked_mul(ROW_LEN).and_then(|n| n.checked_add(FILE_HEADER_LEN)) == Some(len) && crc == stored_crc;
+    let valid = &map[..8] == magic
+        && word(16) == covered_len
+        && rows.checked_mul(ROW_LEN).and_then(|n| n.checked_add(FILE_HEADER_LEN)) == Some(len)
+        && crc == stored_crc;
     if !valid {
         return Ok(None);
     }

@@ -283,10 +283,10 @@ impl Log {
 
     fn check_append(st: &State, entries: &[Entry]) -> Result<(), StorageError> {
         let fresh = st.last.is_none() && st.purged.is_none();
-        let mut next_index = if fresh { entries[0].meta.id.index } else { st.next_index };
+        let first_index = if fresh { entries[0].meta.id.index } else { st.next_index };
         let mut next_offset = st.next_offset;
         let mut last_term = st.last.map_or(0, |l| l.term);
-        for e in entries {
+        for (next_index, e) in (first_index..).zip(entries) {
             let m = &e.meta;
             if e.payload.len() as u64 > ENTRY_PAYLOAD_SIZE_MAX {
                 return Err(StorageError::EntryTooLarge { size: e.payload.len() as u64, max: ENTRY_PAYLOAD_SIZE_MAX });
@@ -298,9 +298,10 @@ impl Log {
                 return Err(StorageError::InvalidAppend { reason: format!("term goes down from {last_term} to {} at index {}", m.id.term, m.id.index) });
             }
             if m.base_offset != next_offset {
-                return Err(StorageError::InvalidAppend { reason: format!("base offset {} at index {} where {next_offset} was expected", m.base_offset, m.id.index) });
+                return Err(StorageError::InvalidAppend {
+                    reason: format!("base offset {} at index {} where {next_offset} was expected", m.base_offset, m.id.index),
+                });
             }
-            next_index += 1;
             next_offset = m.end_offset();
             last_term = m.id.term;
         }
@@ -415,7 +416,14 @@ impl Log {
                 if !same {
                     let seg = &st.segments[st.segment_for_index(c.entry.meta.id.index).expect("a cached entry belongs to a segment")];
                     debug_assert_eq!(seg.first_index, c.segment_first_index);
-                    groups.push(Group { first_index: seg.first_index, file: seg.file.clone(), path: seg.path.clone(), start: c.position, end: c.position, pieces: Vec::new() });
+                    groups.push(Group {
+                        first_index: seg.first_index,
+                        file: seg.file.clone(),
+                        path: seg.path.clone(),
+                        start: c.position,
+                        end: c.position,
+                        pieces: Vec::new(),
+                    });
                 }
                 let g = groups.last_mut().expect("pushed above");
                 debug_assert_eq!(g.end, c.position, "entries of a segment are contiguous");
@@ -457,6 +465,8 @@ impl Log {
                     if *did_sync {
                         seg.synced_len = seg.synced_len.max(g.end);
                     }
+                    debug_assert!(seg.synced_len <= seg.written_len, "invariant 2: synced within written");
+                    debug_assert!(seg.written_len <= seg.len, "invariant 2: written within assigned");
                 }
             }
             st.written_end = end_index;
@@ -469,11 +479,12 @@ impl Log {
             }
             self.evict_cache(&mut st);
             for seg in st.segments.iter_mut() {
-                if seg.sealed && !seg.index_persisted && seg.synced_len == seg.len && seg.last_index.is_some() {
+                let Some(last_index) = seg.last_index else { continue };
+                if seg.sealed && !seg.index_persisted && seg.synced_len == seg.len {
                     let index = std::mem::replace(&mut seg.index, crate::index::SparseIndex::new());
                     let summary = crate::index::SegmentSummary {
                         covered_len: seg.len,
-                        last_index: seg.last_index.expect("checked above"),
+                        last_index,
                         end_offset: seg.end_offset,
                         max_timestamp_ms: index.max_timestamp_ms(),
                     };
@@ -567,6 +578,7 @@ impl Log {
             st.cache_bytes -= front.entry.stored_len();
             st.cache.pop_front();
         }
+        debug_assert!(st.cache_first() <= st.written_end, "invariant 3: every unwritten entry stays cached");
     }
 
     /// Removes every entry after `keep` (all entries if `None`). Earlier appends are
@@ -666,11 +678,7 @@ impl Log {
             return Ok(());
         }
         let whole_log = st.last.is_none_or(|l| upto.index >= l.index);
-        let start_offset = if whole_log {
-            st.next_offset
-        } else {
-            self.meta_at(&st, upto.index + 1)?.base_offset
-        };
+        let start_offset = if whole_log { st.next_offset } else { self.meta_at(&st, upto.index + 1)?.base_offset };
         let mut meta = Vec::with_capacity(24);
         for w in [upto.term, upto.index, start_offset] {
             meta.extend_from_slice(&w.to_le_bytes());
@@ -815,13 +823,13 @@ impl Log {
             let seg_last = seg.last_index.unwrap_or(0);
             while next < range.end && next <= seg_last && pos < seg_end && (out.is_empty() || bytes < max_bytes) {
                 let want = max_bytes.saturating_sub(bytes).saturating_add(ENTRY_HEADER_LEN as u64).clamp(64 * 1024, READ_CHUNK_BYTES_MAX).min(seg_end - pos);
-                let chunk = read_chunk(&seg.file, &seg.path, pos, want)?;
+                let chunk = read_entry_chunk(seg, pos, want, seg_end)?;
                 let mut rel = 0usize;
-                let mut progressed = false;
                 loop {
                     let d = match decode_at(&chunk, rel) {
                         Ok(d) => d,
-                        Err(crate::entry::DecodeFailure::Incomplete) if rel > 0 || (pos + chunk.len() as u64) < seg_end => break,
+                        // The chunk ends inside a later entry: continue from it.
+                        Err(crate::entry::DecodeFailure::Incomplete) if rel > 0 => break,
                         Err(f) => {
                             return Err(StorageError::Corrupt { path: seg.path.clone(), position: pos + rel as u64, reason: f.describe().to_string() });
                         }
@@ -840,28 +848,9 @@ impl Log {
                     }
                     at_index += 1;
                     rel = d.end();
-                    progressed = true;
                     if next >= range.end || next > seg_last || (bytes >= max_bytes && !out.is_empty()) || rel >= chunk.len() {
                         break;
                     }
-                }
-                if !progressed {
-                    // An entry larger than the chunk: read exactly it.
-                    let mut header = [0u8; ENTRY_HEADER_LEN];
-                    seg.file.read_exact_at(&mut header, pos).map_err(|e| StorageError::io("read segment", &seg.path, e))?;
-                    let len = u64::from(u32::from_le_bytes([header[0], header[1], header[2], header[3]]));
-                    if len > ENTRY_PAYLOAD_SIZE_MAX || pos + ENTRY_HEADER_LEN as u64 + len > seg_end {
-                        return Err(StorageError::Corrupt { path: seg.path.clone(), position: pos, reason: "entry length runs past the written data".into() });
-                    }
-                    let chunk = read_chunk(&seg.file, &seg.path, pos, ENTRY_HEADER_LEN as u64 + len)?;
-                    let d = decode_at(&chunk, 0).map_err(|f| StorageError::Corrupt { path: seg.path.clone(), position: pos, reason: f.describe().to_string() })?;
-                    if at_index >= next {
-                        bytes += d.payload.len() as u64;
-                        out.push(Entry { meta: d.meta, payload: chunk.slice(d.payload.clone()) });
-                        next = at_index + 1;
-                    }
-                    at_index += 1;
-                    rel = d.end();
                 }
                 pos += rel as u64;
             }
@@ -881,7 +870,11 @@ impl Log {
 
     /// Index of the first entry whose newest message is at or after `timestamp_ms`.
     pub fn index_for_timestamp(&self, timestamp_ms: i64) -> Result<Option<u64>, StorageError> {
-        self.find_first(|m| m.max_timestamp_ms >= timestamp_ms && m.record_count > 0, |seg| seg.index.max_timestamp_ms() >= timestamp_ms, |seg| seg.index.floor_by_time(timestamp_ms))
+        self.find_first(
+            |m| m.max_timestamp_ms >= timestamp_ms && m.record_count > 0,
+            |seg| seg.index.max_timestamp_ms() >= timestamp_ms,
+            |seg| seg.index.floor_by_time(timestamp_ms),
+        )
     }
 
     fn find_first(
@@ -913,6 +906,18 @@ impl Log {
         }
         Ok(st.cache.iter().map(|c| &c.entry.meta).filter(|m| m.id.index >= first).find(|m| matches(m)).map(|m| m.id.index))
     }
+}
+
+/// Reads `want` bytes at `pos`, or more if the entry at `pos` is larger than that, so
+/// the chunk always begins with one whole entry. Never reads past `seg_end`.
+fn read_entry_chunk(seg: &Segment, pos: u64, want: u64, seg_end: u64) -> Result<Bytes, StorageError> {
+    let mut header = [0u8; ENTRY_HEADER_LEN];
+    seg.file.read_exact_at(&mut header, pos).map_err(|e| StorageError::io("read segment", &seg.path, e))?;
+    let entry_len = ENTRY_HEADER_LEN as u64 + u64::from(u32::from_le_bytes([header[0], header[1], header[2], header[3]]));
+    if entry_len > ENTRY_HEADER_LEN as u64 + ENTRY_PAYLOAD_SIZE_MAX || pos + entry_len > seg_end {
+        return Err(StorageError::Corrupt { path: seg.path.clone(), position: pos, reason: "entry length runs past the written data".into() });
+    }
+    read_chunk(&seg.file, &seg.path, pos, want.max(entry_len))
 }
 
 fn read_chunk(file: &File, path: &Path, pos: u64, len: u64) -> Result<Bytes, StorageError> {

@@ -102,13 +102,26 @@ impl Log {
                     tracing::info!(path = %seg.path.display(), "rebuilding a missing or stale segment index");
                     let result = scan(&seg.file, &seg.path, file_len, first, config.index_interval_bytes)?;
                     if let Some(stop) = result.stop {
-                        return Err(StorageError::Corrupt { path: seg.path.clone(), position: stop.position, reason: format!("{} in a sealed segment", stop.reason) });
+                        return Err(StorageError::Corrupt {
+                            path: seg.path.clone(),
+                            position: stop.position,
+                            reason: format!("{} in a sealed segment", stop.reason),
+                        });
                     }
                     let Some(last) = result.last else {
-                        return Err(StorageError::Corrupt { path: seg.path.clone(), position: SEGMENT_HEADER_LEN, reason: "sealed segment holds no entry".into() });
+                        return Err(StorageError::Corrupt {
+                            path: seg.path.clone(),
+                            position: SEGMENT_HEADER_LEN,
+                            reason: "sealed segment holds no entry".into(),
+                        });
                     };
                     seg.index = result.index;
-                    let summary = SegmentSummary { covered_len: file_len, last_index: last.id.index, end_offset: last.end_offset(), max_timestamp_ms: seg.index.max_timestamp_ms() };
+                    let summary = SegmentSummary {
+                        covered_len: file_len,
+                        last_index: last.id.index,
+                        end_offset: last.end_offset(),
+                        max_timestamp_ms: seg.index.max_timestamp_ms(),
+                    };
                     seg.index.persist(&dir, first, &summary)?;
                     seg.index_persisted = true;
                     summary
@@ -147,7 +160,11 @@ impl Log {
             let (a, b) = (&pair[0], &pair[1]);
             if let (Some(a_last), true) = (a.last_index, b.last_index.is_some()) {
                 if b.first_index != a_last + 1 {
-                    return Err(StorageError::Corrupt { path: b.path.clone(), position: 0, reason: format!("segment starts at index {} but the previous one ends at {a_last}", b.first_index) });
+                    return Err(StorageError::Corrupt {
+                        path: b.path.clone(),
+                        position: 0,
+                        reason: format!("segment starts at index {} but the previous one ends at {a_last}", b.first_index),
+                    });
                 }
             }
         }
@@ -185,7 +202,10 @@ fn check_chain(sealed: &[Segment], tail: &Segment, tail_first_base: u64) -> Resu
         return Err(StorageError::Corrupt {
             path: tail.path.clone(),
             position: SEGMENT_HEADER_LEN,
-            reason: format!("segment starts at index {} offset {tail_first_base}, previous ends at index {prev_last} offset {}", tail.first_index, prev.end_offset),
+            reason: format!(
+                "segment starts at index {} offset {tail_first_base}, previous ends at index {prev_last} offset {}",
+                tail.first_index, prev.end_offset
+            ),
         });
     }
     Ok(())

@@ -90,14 +90,18 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     model.term += 1;
                 }
                 let mut batch = Vec::new();
-                let mut index = model.next_index();
                 let mut offset = model.next_offset();
-                for (size, count) in specs {
+                for (index, (size, count)) in (model.next_index()..).zip(specs) {
                     model.counter = model.counter.wrapping_add(1);
                     let payload = Bytes::from(vec![model.counter; size]);
-                    let meta = EntryMeta { id: LogId { term: model.term, index }, kind: model.counter % 3, base_offset: offset, record_count: count, max_timestamp_ms: 1_000 + index as i64 };
+                    let meta = EntryMeta {
+                        id: LogId { term: model.term, index },
+                        kind: model.counter % 3,
+                        base_offset: offset,
+                        record_count: count,
+                        max_timestamp_ms: 1_000 + index as i64,
+                    };
                     batch.push(Entry { meta, payload });
-                    index += 1;
                     offset += u64::from(count);
                 }
                 l.append(batch.clone()).map_err(|e| TestCaseError::fail(e.to_string()))?;

@@ -108,7 +108,9 @@ fn to_raft(entry: StoredEntry) -> io::Result<RaftEntry> {
     let payload = match entry.meta.kind {
         KIND_BLANK => EntryPayload::Blank,
         KIND_BATCH => EntryPayload::Normal(RecordBatch(entry.payload)),
-        KIND_MEMBERSHIP => EntryPayload::Membership(postcard::from_bytes(&entry.payload).map_err(|e| invalid(format!("decoding membership at {}: {e}", log_id.index)))?),
+        KIND_MEMBERSHIP => {
+            EntryPayload::Membership(postcard::from_bytes(&entry.payload).map_err(|e| invalid(format!("decoding membership at {}: {e}", log_id.index)))?)
+        }
         other => return Err(invalid(format!("unknown entry kind {other} at index {}", log_id.index))),
     };
     Ok(RaftEntry { log_id, payload })

@@ -11,7 +11,7 @@
 //! purge yet); streaming segment files in snapshots arrives with the cluster issue.
 
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -69,7 +69,7 @@ fn invalid(msg: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg)
 }
 
-fn persist(dir: &PathBuf, snapshot: &StoredSnapshot) -> io::Result<()> {
+fn persist(dir: &Path, snapshot: &StoredSnapshot) -> io::Result<()> {
     let bytes = postcard::to_allocvec(snapshot).map_err(|e| invalid(format!("encoding snapshot: {e}")))?;
     Ok(atomic_file::write(dir, SNAPSHOT_FILE, &bytes)?)
 }

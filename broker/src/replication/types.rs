@@ -21,7 +21,8 @@ openraft::declare_raft_types!(
 /// A Raft log id of this configuration.
 pub type RaftLogId = openraft::LogId<openraft::vote::leader_id_std::CommittedLeaderId<u64>>;
 /// A Raft entry of this configuration.
-pub type RaftEntry = openraft::Entry<openraft::vote::leader_id_std::CommittedLeaderId<u64>, openraft::EntryPayload<RecordBatch, u64, openraft::impls::BasicNode>>;
+pub type RaftEntry =
+    openraft::Entry<openraft::vote::leader_id_std::CommittedLeaderId<u64>, openraft::EntryPayload<RecordBatch, u64, openraft::impls::BasicNode>>;
 
 /// An encoded record batch (`keel_protocol::batch`), exactly as the producer built it
 /// and with the base offset stamped once its log position is known. The same bytes are

@@ -26,9 +26,7 @@ fn build(records: &[OwnedRecord], options: BatchOptions) -> Bytes {
     let mut builder = BatchBuilder::new(options).unwrap();
     for r in records {
         let headers: Vec<(&str, Option<&[u8]>)> = r.headers.iter().map(|(k, v)| (k.as_str(), v.as_deref())).collect();
-        builder
-            .push(NewRecord { timestamp_ms: r.timestamp_ms, key: r.key.as_deref(), value: r.value.as_deref(), headers: &headers })
-            .unwrap();
+        builder.push(NewRecord { timestamp_ms: r.timestamp_ms, key: r.key.as_deref(), value: r.value.as_deref(), headers: &headers }).unwrap();
     }
     builder.finish().unwrap()
 }
@@ -139,10 +137,7 @@ fn a_bad_crc_is_reported_with_stored_and_computed_values() {
 fn an_unknown_magic_is_rejected_at_the_magic_byte() {
     let mut buf = sample_batch().to_vec();
     buf[field::MAGIC] = 9;
-    assert_eq!(
-        BatchView::parse(Bytes::from(buf)).unwrap_err(),
-        DecodeError::Unknown { offset: field::MAGIC, what: "batch magic", value: 9 }
-    );
+    assert_eq!(BatchView::parse(Bytes::from(buf)).unwrap_err(), DecodeError::Unknown { offset: field::MAGIC, what: "batch magic", value: 9 });
 }
 
 #[test]
@@ -159,10 +154,7 @@ fn a_record_count_above_the_records_present_is_a_count_mismatch() {
     buf[field::RECORD_COUNT..][..4].copy_from_slice(&3u32.to_le_bytes());
     reseal(&mut buf);
     let end = buf.len();
-    assert_eq!(
-        BatchView::validate(Bytes::from(buf)).unwrap_err(),
-        DecodeError::CountMismatch { offset: end, declared: 3, found: 2 }
-    );
+    assert_eq!(BatchView::validate(Bytes::from(buf)).unwrap_err(), DecodeError::CountMismatch { offset: end, declared: 3, found: 2 });
 }
 
 #[test]
@@ -219,4 +211,13 @@ fn builder_refuses_a_record_larger_than_the_batch_limit_and_stays_usable() {
 #[test]
 fn builder_refuses_an_empty_batch() {
     assert_eq!(BatchBuilder::new(BatchOptions::default()).unwrap().finish().unwrap_err(), BuildError::Empty);
+}
+
+#[test]
+fn builder_refuses_a_timestamp_whose_delta_would_overflow() {
+    let mut builder = BatchBuilder::new(BatchOptions::default()).unwrap();
+    builder.push(NewRecord { timestamp_ms: i64::MIN + 1, value: Some(b"a"), ..NewRecord::default() }).unwrap();
+    let err = builder.push(NewRecord { timestamp_ms: i64::MAX, value: Some(b"b"), ..NewRecord::default() }).unwrap_err();
+    assert!(matches!(err, BuildError::TimestampOutOfRange { .. }), "{err:?}");
+    assert_eq!(BatchView::validate(builder.finish().unwrap()).unwrap().header().record_count, 1);
 }
