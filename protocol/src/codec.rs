@@ -48,3 +48,35 @@ impl Encoder<Frame> for FrameCodec {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limits::FRAME_BODY_SIZE_MAX;
+    use bytes::{BufMut, Bytes};
+
+    #[test]
+    fn codec_yields_whole_frames_and_waits_for_partial_ones() {
+        let mut codec = FrameCodec;
+        let mut wire = BytesMut::new();
+        let request = Frame::Request { correlation_id: 7, api_key: 1, payload: Bytes::from_static(b"abc") };
+        codec.encode(Frame::Hello { min_version: 1, max_version: 1 }, &mut wire).unwrap();
+        codec.encode(request.clone(), &mut wire).unwrap();
+        let cut = wire.len() - 2;
+        let tail = wire.split_off(cut);
+        assert_eq!(codec.decode(&mut wire).unwrap(), Some(Frame::Hello { min_version: 1, max_version: 1 }));
+        assert_eq!(codec.decode(&mut wire).unwrap(), None, "a partial frame waits");
+        wire.unsplit(tail);
+        assert_eq!(codec.decode(&mut wire).unwrap(), Some(request));
+        assert!(wire.is_empty());
+    }
+
+    #[test]
+    fn codec_rejects_an_oversize_frame_without_buffering_its_body() {
+        let mut wire = BytesMut::new();
+        wire.put_u32_le(FRAME_BODY_SIZE_MAX as u32 + 1);
+        let err = FrameCodec.decode(&mut wire).unwrap_err();
+        assert!(matches!(err, CodecError::Decode(DecodeError::TooLarge { .. })), "{err}");
+        assert!(wire.capacity() < 1024 * 1024, "no buffer was reserved for the refused body");
+    }
+}
