@@ -55,3 +55,40 @@ fn lookups_by_time_find_the_first_entry_at_or_after_the_time_in_sealed_and_activ
         assert_eq!(log.index_for_offset(offset).unwrap(), want, "offset {offset}");
     }
 }
+
+#[test]
+fn readers_running_alongside_appends_and_flushes_see_only_whole_correct_entries() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = LogConfig { segment_bytes: 16 * 1024, index_interval_bytes: 256, tail_cache_bytes: 2048, ..LogConfig::default() };
+    let log = Log::open(dir.path(), config).unwrap();
+    const ENTRIES: u64 = 1500;
+    let expected = |index: u64| entry(index, 2 * (index - 1), 64 + (index as usize * 37) % 900, index as i64);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            for index in 1..=ENTRIES {
+                log.append([expected(index)]).unwrap();
+                if index % 10 == 0 {
+                    log.flush().unwrap();
+                }
+            }
+            log.flush().unwrap();
+        });
+        for reader in 0..2u64 {
+            let log = &log;
+            s.spawn(move || {
+                let mut seen = 0u64;
+                let mut round = 0u64;
+                while seen < ENTRIES {
+                    round += 1;
+                    let end = log.state().next_index;
+                    let start = 1 + (round * 7919 + reader * 104_729) % end.max(1);
+                    for e in log.read(start..end, 4096).unwrap() {
+                        assert_eq!(e, expected(e.meta.id.index), "reader {reader} got a wrong entry");
+                    }
+                    seen = end.saturating_sub(1);
+                }
+            });
+        }
+    });
+    assert_eq!(log.read(1..ENTRIES + 1, u64::MAX).unwrap().len() as u64, ENTRIES);
+}
