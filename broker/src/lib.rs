@@ -12,4 +12,5 @@
 //! `keel-protocol`; neither depends on the broker. Storage errors reach openraft as
 //! `io::Error` and are fatal to the Raft group, never retried.
 
+pub mod peer;
 pub mod replication;

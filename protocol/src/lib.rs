@@ -2,6 +2,7 @@
 //!
 //! # Layout
 //! - [`limits`]: every size and count bound, with what the peer sees past it.
+//! - [`api`]: API keys carried by request frames.
 //! - [`error`]: stable wire [`ErrorCode`]s and the [`DecodeError`] of every decoder.
 //! - [`frame`]: length-delimited frames, the version handshake, request/response envelopes.
 //! - [`batch`]: the record-batch format (`FORMAT.md`), built once by a producer and
@@ -12,6 +13,7 @@
 //! **Architecture invariant:** this crate performs no I/O and, outside the optional
 //! `codec` module, names no tokio type. It knows nothing of storage, Raft or the broker.
 
+pub mod api;
 pub mod batch;
 #[cfg(feature = "codec")]
 pub mod codec;

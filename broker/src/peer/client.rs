@@ -1,0 +1,239 @@
+//! `PeerClient`: one multiplexed connection to one peer node.
+//!
+//! A call registers a oneshot under a fresh correlation id, queues its frame for the
+//! connection's writer task (which coalesces queued frames into one flush) and waits
+//! for the reader task to route the matching response back. Answers may arrive in any
+//! order. When the connection fails, every waiting call fails with `Disconnected`; the
+//! next call reconnects (openraft backs off between attempts on `Unreachable`).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use keel_protocol::api;
+use keel_protocol::codec::FrameCodec;
+use keel_protocol::limits::{PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN};
+use keel_protocol::{ErrorCode, Frame};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::task::JoinHandle;
+use tokio::time::{timeout_at, Instant};
+use tokio_util::codec::{FramedRead, FramedWrite};
+
+use super::limits::{PEER_CONNECT_TIMEOUT, PEER_INFLIGHT_MAX, PEER_SEND_QUEUE_CAPACITY};
+use super::wire::Identify;
+
+/// Why a call to a peer failed.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum PeerError {
+    #[error("cannot reach node {target} at {addr}: {reason}")]
+    Unreachable { target: u64, addr: String, reason: String },
+    #[error("connection to node {target} was lost: {reason}")]
+    Disconnected { target: u64, reason: String },
+    #[error("node {target} did not answer within {timeout:?}")]
+    Timeout { target: u64, timeout: Duration },
+    #[error("node {target} refused the request: {code}: {message}")]
+    Refused { target: u64, code: ErrorCode, message: String },
+    #[error("node {target} sent a malformed answer: {reason}")]
+    Malformed { target: u64, reason: String },
+}
+
+type Answer = Result<(ErrorCode, String, Bytes), PeerError>;
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Answer>>>>;
+
+/// One live connection. Dropping it stops its reader and writer tasks.
+struct Connection {
+    tx: mpsc::Sender<Frame>,
+    pending: Pending,
+    closed: Arc<AtomicBool>,
+    inflight: Arc<Semaphore>,
+    tasks: [JoinHandle<()>; 2],
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+fn fail_all(pending: &Pending, target: u64, reason: &str) {
+    let waiting: Vec<_> = pending.lock().expect("pending lock poisoned").drain().collect();
+    for (_, tx) in waiting {
+        let _ = tx.send(Err(PeerError::Disconnected { target, reason: reason.to_string() }));
+    }
+}
+
+/// A client for calls to one peer node.
+pub struct PeerClient {
+    self_id: u64,
+    target: u64,
+    addr: String,
+    cluster: String,
+    conn: tokio::sync::Mutex<Option<Arc<Connection>>>,
+    next_id: AtomicU64,
+}
+
+impl PeerClient {
+    pub fn new(self_id: u64, target: u64, addr: String, cluster: String) -> PeerClient {
+        PeerClient { self_id, target, addr, cluster, conn: tokio::sync::Mutex::new(None), next_id: AtomicU64::new(1) }
+    }
+
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// Sends request `api_key` with `payload` and waits up to `timeout` for the answer's
+    /// payload. A non-`None` error code in the answer is `PeerError::Refused`.
+    pub async fn call(&self, api_key: u16, payload: Bytes, timeout: Duration) -> Result<Bytes, PeerError> {
+        let deadline = Instant::now() + timeout;
+        let timed_out = || PeerError::Timeout { target: self.target, timeout };
+        let conn = timeout_at(deadline, self.connection()).await.map_err(|_| timed_out())??;
+        let _permit =
+            timeout_at(deadline, conn.inflight.clone().acquire_owned()).await.map_err(|_| timed_out())?.expect("the in-flight semaphore is never closed");
+        let correlation_id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        conn.pending.lock().expect("pending lock poisoned").insert(correlation_id, tx);
+        let frame = Frame::Request { correlation_id, api_key, payload };
+        if timeout_at(deadline, conn.tx.send(frame)).await.map_err(|_| timed_out())?.is_err() {
+            conn.pending.lock().expect("pending lock poisoned").remove(&correlation_id);
+            conn.closed.store(true, Ordering::Release);
+            return Err(PeerError::Disconnected { target: self.target, reason: "writer stopped".into() });
+        }
+        match timeout_at(deadline, rx).await {
+            Err(_) => {
+                conn.pending.lock().expect("pending lock poisoned").remove(&correlation_id);
+                Err(timed_out())
+            }
+            Ok(Err(_)) => Err(PeerError::Disconnected { target: self.target, reason: "connection closed".into() }),
+            Ok(Ok(Err(e))) => Err(e),
+            Ok(Ok(Ok((ErrorCode::None, _, payload)))) => Ok(payload),
+            Ok(Ok(Ok((code, message, _)))) => Err(PeerError::Refused { target: self.target, code, message }),
+        }
+    }
+
+    async fn connection(&self) -> Result<Arc<Connection>, PeerError> {
+        let mut guard = self.conn.lock().await;
+        if let Some(c) = guard.as_ref() {
+            if !c.closed.load(Ordering::Acquire) {
+                return Ok(c.clone());
+            }
+        }
+        *guard = None;
+        let conn = Arc::new(tokio::time::timeout(PEER_CONNECT_TIMEOUT, self.connect()).await.map_err(|_| PeerError::Unreachable {
+            target: self.target,
+            addr: self.addr.clone(),
+            reason: format!("no handshake within {PEER_CONNECT_TIMEOUT:?}"),
+        })??);
+        *guard = Some(conn.clone());
+        Ok(conn)
+    }
+
+    async fn connect(&self) -> Result<Connection, PeerError> {
+        let unreachable = |reason: String| PeerError::Unreachable { target: self.target, addr: self.addr.clone(), reason };
+        let stream = TcpStream::connect(&self.addr).await.map_err(|e| unreachable(e.to_string()))?;
+        stream.set_nodelay(true).map_err(|e| unreachable(e.to_string()))?;
+        let (r, w) = stream.into_split();
+        let mut reader = FramedRead::new(r, FrameCodec);
+        let mut writer = FramedWrite::new(w, FrameCodec);
+        writer.send(Frame::Hello { min_version: PROTOCOL_VERSION_MIN, max_version: PROTOCOL_VERSION_MAX }).await.map_err(|e| unreachable(e.to_string()))?;
+        match reader.next().await {
+            Some(Ok(Frame::HelloAck { .. })) => {}
+            Some(Ok(Frame::Response { error, message, .. })) => return Err(unreachable(format!("handshake refused: {error}: {message}"))),
+            other => return Err(unreachable(format!("bad handshake answer: {other:?}"))),
+        }
+        let identify = Identify { cluster: self.cluster.clone(), from: self.self_id, to: self.target };
+        let payload = Bytes::from(postcard::to_allocvec(&identify).expect("identify encodes"));
+        writer.send(Frame::Request { correlation_id: 0, api_key: api::peer::IDENTIFY, payload }).await.map_err(|e| unreachable(e.to_string()))?;
+        match reader.next().await {
+            Some(Ok(Frame::Response { correlation_id: 0, error: ErrorCode::None, .. })) => {}
+            Some(Ok(Frame::Response { error, message, .. })) => return Err(unreachable(format!("identify refused: {error}: {message}"))),
+            other => return Err(unreachable(format!("bad identify answer: {other:?}"))),
+        }
+
+        let (tx, mut rx) = mpsc::channel::<Frame>(PEER_SEND_QUEUE_CAPACITY);
+        let pending: Pending = Arc::default();
+        let closed = Arc::new(AtomicBool::new(false));
+        let target = self.target;
+        let writer_task = {
+            let (pending, closed) = (pending.clone(), closed.clone());
+            tokio::spawn(async move {
+                let reason = loop {
+                    let Some(frame) = rx.recv().await else { break "client dropped".to_string() };
+                    if let Err(e) = writer.feed(frame).await {
+                        break e.to_string();
+                    }
+                    // Coalesce whatever else is queued into the same flush.
+                    let mut failed = None;
+                    while let Ok(frame) = rx.try_recv() {
+                        if let Err(e) = writer.feed(frame).await {
+                            failed = Some(e.to_string());
+                            break;
+                        }
+                    }
+                    if let Some(e) = failed {
+                        break e;
+                    }
+                    if let Err(e) = writer.flush().await {
+                        break e.to_string();
+                    }
+                };
+                closed.store(true, Ordering::Release);
+                fail_all(&pending, target, &reason);
+            })
+        };
+        let reader_task = {
+            let (pending, closed) = (pending.clone(), closed.clone());
+            tokio::spawn(async move {
+                let reason = loop {
+                    match reader.next().await {
+                        Some(Ok(Frame::Response { correlation_id, error, message, payload })) => {
+                            let waiter = pending.lock().expect("pending lock poisoned").remove(&correlation_id);
+                            // No waiter: the call timed out and gave up; drop the answer.
+                            if let Some(tx) = waiter {
+                                let _ = tx.send(Ok((error, message, payload)));
+                            }
+                        }
+                        Some(Ok(other)) => break format!("unexpected frame from a peer server: {other:?}"),
+                        Some(Err(e)) => break e.to_string(),
+                        None => break "peer closed the connection".to_string(),
+                    }
+                };
+                closed.store(true, Ordering::Release);
+                fail_all(&pending, target, &reason);
+            })
+        };
+        Ok(Connection { tx, pending, closed, inflight: Arc::new(Semaphore::new(PEER_INFLIGHT_MAX)), tasks: [writer_task, reader_task] })
+    }
+}
+
+/// The clients of one node to all its peers, created on first use.
+pub struct PeerPool {
+    self_id: u64,
+    cluster: String,
+    clients: Mutex<HashMap<u64, Arc<PeerClient>>>,
+}
+
+impl PeerPool {
+    pub fn new(self_id: u64, cluster: impl Into<String>) -> Arc<PeerPool> {
+        Arc::new(PeerPool { self_id, cluster: cluster.into(), clients: Mutex::new(HashMap::new()) })
+    }
+
+    /// The client for `target` at `addr`; a changed address replaces the client.
+    pub fn client(&self, target: u64, addr: &str) -> Arc<PeerClient> {
+        let mut clients = self.clients.lock().expect("peer pool lock poisoned");
+        match clients.get(&target) {
+            Some(c) if c.addr() == addr => c.clone(),
+            _ => {
+                let c = Arc::new(PeerClient::new(self.self_id, target, addr.to_string(), self.cluster.clone()));
+                clients.insert(target, c.clone());
+                c
+            }
+        }
+    }
+}

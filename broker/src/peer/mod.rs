@@ -1,0 +1,24 @@
+//! The peer transport: how brokers carry Raft RPCs for every group to each other.
+//!
+//! One TCP connection per ordered node pair (A's requests to B and B's answers) carries
+//! the RPCs of *all* Raft groups, each tagged with its group id and multiplexed by
+//! correlation id: many groups cost one connection, not one each, and a slow snapshot
+//! for one group does not hold up another group's heartbeat behind a round trip.
+//!
+//! - [`wire`]: the messages (postcard) inside `Request`/`Response` frames.
+//! - [`client`]: `PeerClient`, one per target node: connect, handshake, identify,
+//!   multiplexed calls with timeouts, reconnect after failure.
+//! - [`server`]: the peer listener: verifies who connects, dispatches each RPC to the
+//!   group's Raft, answers on the same connection.
+//! - [`network`]: openraft's `RaftNetworkFactory` / `RaftNetworkV2` over `PeerClient`.
+//! - [`limits`]: every bound of the transport.
+
+pub mod client;
+pub mod limits;
+pub mod network;
+pub mod server;
+pub mod wire;
+
+pub use client::{PeerClient, PeerError, PeerPool};
+pub use network::GroupNetworkFactory;
+pub use server::{GroupRegistry, PeerServer};

@@ -1,0 +1,129 @@
+//! openraft's network traits over the peer transport: one factory per group, all
+//! groups of a node sharing one `PeerPool` (one connection per peer).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use keel_protocol::api;
+use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
+use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse};
+use openraft::BasicNode;
+
+use super::client::{PeerClient, PeerError, PeerPool};
+use super::wire::{GroupId, RaftReply, RaftRequest, RaftRpc};
+use crate::replication::state_machine::PartitionSnapshot;
+use crate::replication::TypeConfig;
+
+type Vote = openraft::impls::Vote<openraft::impls::leader_id_std::LeaderId<u64, u64>>;
+type Snapshot = openraft::Snapshot<openraft::vote::leader_id_std::CommittedLeaderId<u64>, u64, BasicNode, PartitionSnapshot>;
+
+/// Creates the network clients of one Raft group.
+#[derive(Clone)]
+pub struct GroupNetworkFactory {
+    group: GroupId,
+    pool: Arc<PeerPool>,
+}
+
+impl GroupNetworkFactory {
+    pub fn new(group: GroupId, pool: Arc<PeerPool>) -> GroupNetworkFactory {
+        GroupNetworkFactory { group, pool }
+    }
+}
+
+/// The network client of one group to one target node.
+pub struct GroupNetwork {
+    group: GroupId,
+    client: Arc<PeerClient>,
+}
+
+impl RaftNetworkFactory<TypeConfig> for GroupNetworkFactory {
+    type Network = GroupNetwork;
+
+    async fn new_client(&mut self, target: u64, node: &BasicNode) -> GroupNetwork {
+        GroupNetwork { group: self.group, client: self.pool.client(target, &node.addr) }
+    }
+}
+
+/// A failure the remote Raft reported (unknown group, shutting down, fatal error).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct RemoteFailure(String);
+
+fn to_rpc_error(e: PeerError) -> RPCError<TypeConfig> {
+    match e {
+        // Not connected: openraft backs off before retrying.
+        PeerError::Unreachable { .. } | PeerError::Disconnected { .. } => RPCError::Unreachable(Unreachable::new(&e)),
+        // Connected but slow or refusing: retry without extra backoff.
+        _ => RPCError::Network(NetworkError::new(&e)),
+    }
+}
+
+impl GroupNetwork {
+    async fn call(&self, rpc: RaftRpc, timeout: Duration) -> Result<RaftReply, RPCError<TypeConfig>> {
+        let request = RaftRequest { group: self.group, rpc };
+        let payload = postcard::to_allocvec(&request).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let answer = self.client.call(api::peer::RAFT, Bytes::from(payload), timeout).await.map_err(to_rpc_error)?;
+        let reply: RaftReply = postcard::from_bytes(&answer).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        match reply {
+            RaftReply::UnknownGroup(g) => Err(RPCError::Network(NetworkError::new(&RemoteFailure(format!("node has no group {g}"))))),
+            RaftReply::Failed(msg) => Err(RPCError::Network(NetworkError::new(&RemoteFailure(msg)))),
+            ok => Ok(ok),
+        }
+    }
+}
+
+fn unexpected(reply: RaftReply) -> RPCError<TypeConfig> {
+    RPCError::Network(NetworkError::new(&RemoteFailure(format!("unexpected reply kind: {reply:?}"))))
+}
+
+impl RaftNetworkV2<TypeConfig> for GroupNetwork {
+    type SnapshotData = PartitionSnapshot;
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        match self.call(RaftRpc::Append(rpc), option.hard_ttl()).await? {
+            RaftReply::Append(r) => Ok(r),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn vote(&mut self, rpc: VoteRequest<TypeConfig>, option: RPCOption) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        match self.call(RaftRpc::Vote(rpc), option.hard_ttl()).await? {
+            RaftReply::Vote(r) => Ok(r),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn pre_vote(&mut self, rpc: VoteRequest<TypeConfig>, option: RPCOption) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        match self.call(RaftRpc::PreVote(rpc), option.hard_ttl()).await? {
+            RaftReply::Vote(r) => Ok(r),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: Snapshot,
+        cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        let rpc = RaftRpc::Snapshot { vote, meta: snapshot.meta, data: snapshot.snapshot };
+        let reply = tokio::select! {
+            closed = cancel => return Err(StreamingError::Closed(closed)),
+            reply = self.call(rpc, option.hard_ttl()) => reply,
+        };
+        match reply {
+            Ok(RaftReply::Snapshot(r)) => Ok(r),
+            Ok(other) => Err(StreamingError::Unreachable(Unreachable::new(&RemoteFailure(format!("unexpected reply kind: {other:?}"))))),
+            Err(RPCError::Unreachable(u)) => Err(StreamingError::Unreachable(u)),
+            Err(e) => Err(StreamingError::Unreachable(Unreachable::new(&e))),
+        }
+    }
+}
