@@ -2,6 +2,24 @@
 //! stays reserved. Client APIs are below 1000; broker-to-broker APIs start at 1000 and
 //! are only accepted on the peer listener.
 
+/// Client API keys (client listener). Bodies are in `message`.
+pub mod client {
+    /// Append one record batch to a partition; answered when it is committed.
+    pub const PRODUCE: u16 = 1;
+    /// Read committed batches of a partition from an offset (long poll).
+    pub const FETCH: u16 = 2;
+    /// Brokers, topics, partitions and their leaders.
+    pub const METADATA: u16 = 3;
+    /// Create a topic.
+    pub const CREATE_TOPIC: u16 = 4;
+    /// Delete a topic.
+    pub const DELETE_TOPIC: u16 = 5;
+    /// Nodes, Raft roles, leaders, lag.
+    pub const CLUSTER_STATUS: u16 = 6;
+    /// The first offset at or after a timestamp.
+    pub const LIST_OFFSETS: u16 = 7;
+}
+
 /// Broker-to-broker API keys (peer listener only).
 pub mod peer {
     /// First request on a peer connection: who is calling whom, in which cluster.

@@ -7,6 +7,7 @@
 //! - [`frame`]: length-delimited frames, the version handshake, request/response envelopes.
 //! - [`batch`]: the record-batch format (`FORMAT.md`), built once by a producer and
 //!   validated, never re-encoded, by the broker.
+//! - [`message`]: bodies of the client APIs; batches travel as slices, never re-encoded.
 //! - [`varint`]: the zigzag varints used inside batches.
 //! - `codec` (feature `codec`): a tokio-util codec over [`frame`].
 //!
@@ -20,6 +21,7 @@ pub mod codec;
 pub mod error;
 pub mod frame;
 pub mod limits;
+pub mod message;
 pub mod varint;
 
 pub use batch::{BatchBuilder, BatchHeader, BatchOptions, BatchView, BuildError, NewRecord, RecordView};
