@@ -6,19 +6,19 @@
 //! for one group does not hold up another group's heartbeat behind a round trip.
 //!
 //! - [`wire`]: the messages (postcard) inside `Request`/`Response` frames.
-//! - [`client`]: `PeerClient`, one per target node: connect, handshake, identify,
-//!   multiplexed calls with timeouts, reconnect after failure.
+//! - [`pool`]: `PeerPool`, one `keel_net::Caller` per target node, each identifying
+//!   itself (cluster, from, to) on every new connection.
 //! - [`server`]: the peer listener: verifies who connects, dispatches each RPC to the
 //!   group's Raft, answers on the same connection.
-//! - [`network`]: openraft's `RaftNetworkFactory` / `RaftNetworkV2` over `PeerClient`.
+//! - [`network`]: openraft's `RaftNetworkFactory` / `RaftNetworkV2` over the `PeerPool`'s callers.
 //! - [`limits`]: every bound of the transport.
 
-pub mod client;
 pub mod limits;
 pub mod network;
+pub mod pool;
 pub mod server;
 pub mod wire;
 
-pub use client::{PeerClient, PeerError, PeerPool};
 pub use network::GroupNetworkFactory;
+pub use pool::{peer_caller, PeerPool};
 pub use server::{GroupRegistry, PeerServer};

@@ -12,7 +12,9 @@ use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
 use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse};
 use openraft::BasicNode;
 
-use super::client::{PeerClient, PeerError, PeerPool};
+use keel_net::{CallError, Caller};
+
+use super::pool::PeerPool;
 use super::wire::{GroupId, RaftReply, RaftRequest, RaftRpc};
 use crate::replication::state_machine::PartitionSnapshot;
 use crate::replication::TypeConfig;
@@ -36,14 +38,14 @@ impl GroupNetworkFactory {
 /// The network client of one group to one target node.
 pub struct GroupNetwork {
     group: GroupId,
-    client: Arc<PeerClient>,
+    caller: Arc<Caller>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for GroupNetworkFactory {
     type Network = GroupNetwork;
 
     async fn new_client(&mut self, target: u64, node: &BasicNode) -> GroupNetwork {
-        GroupNetwork { group: self.group, client: self.pool.client(target, &node.addr) }
+        GroupNetwork { group: self.group, caller: self.pool.caller(target, &node.addr) }
     }
 }
 
@@ -52,10 +54,10 @@ impl RaftNetworkFactory<TypeConfig> for GroupNetworkFactory {
 #[error("{0}")]
 struct RemoteFailure(String);
 
-fn to_rpc_error(e: PeerError) -> RPCError<TypeConfig> {
+fn to_rpc_error(e: CallError) -> RPCError<TypeConfig> {
     match e {
         // Not connected: openraft backs off before retrying.
-        PeerError::Unreachable { .. } | PeerError::Disconnected { .. } => RPCError::Unreachable(Unreachable::new(&e)),
+        CallError::Unreachable { .. } | CallError::Disconnected { .. } => RPCError::Unreachable(Unreachable::new(&e)),
         // Connected but slow or refusing: retry without extra backoff.
         _ => RPCError::Network(NetworkError::new(&e)),
     }
@@ -65,7 +67,7 @@ impl GroupNetwork {
     async fn call(&self, rpc: RaftRpc, timeout: Duration) -> Result<RaftReply, RPCError<TypeConfig>> {
         let request = RaftRequest { group: self.group, rpc };
         let payload = postcard::to_allocvec(&request).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let answer = self.client.call(api::peer::RAFT, Bytes::from(payload), timeout).await.map_err(to_rpc_error)?;
+        let answer = self.caller.call(api::peer::RAFT, Bytes::from(payload), timeout).await.map_err(to_rpc_error)?;
         let reply: RaftReply = postcard::from_bytes(&answer).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         match reply {
             RaftReply::UnknownGroup(g) => Err(RPCError::Network(NetworkError::new(&RemoteFailure(format!("node has no group {g}"))))),

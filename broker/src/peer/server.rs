@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::codec::{FramedRead, FramedWrite};
 
-use super::limits::{PEER_SEND_QUEUE_CAPACITY, PEER_SERVER_CONCURRENCY_MAX};
+use super::limits::{PEER_SERVER_CONCURRENCY_MAX, PEER_SERVER_SEND_QUEUE_CAPACITY};
 use super::wire::{GroupId, Identify, RaftReply, RaftRequest, RaftRpc};
 use crate::replication::{PartitionStateMachine, TypeConfig};
 
@@ -139,7 +139,7 @@ async fn serve(stream: TcpStream, ctx: Arc<Ctx>) -> Result<(), String> {
     }
 
     // Requests: each handled in its own task (bounded), answers through one writer.
-    let (tx, mut rx) = mpsc::channel::<Frame>(PEER_SEND_QUEUE_CAPACITY);
+    let (tx, mut rx) = mpsc::channel::<Frame>(PEER_SERVER_SEND_QUEUE_CAPACITY);
     let writer_task = tokio::spawn(async move {
         while let Some(frame) = rx.recv().await {
             writer.feed(frame).await?;

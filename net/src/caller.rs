@@ -1,4 +1,4 @@
-//! `PeerClient`: one multiplexed connection to one peer node.
+//! `Caller`: one multiplexed connection to one server, re-established on demand.
 //!
 //! A call registers a oneshot under a fresh correlation id, queues its frame for the
 //! connection's writer task (which coalesces queued frames into one flush) and waits
@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
-use keel_protocol::api;
 use keel_protocol::codec::FrameCodec;
 use keel_protocol::limits::{PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN};
 use keel_protocol::{ErrorCode, Frame};
@@ -23,13 +22,12 @@ use tokio::task::JoinHandle;
 use tokio::time::{timeout_at, Instant};
 use tokio_util::codec::{FramedRead, FramedWrite};
 
-use super::limits::{PEER_CONNECT_TIMEOUT, PEER_INFLIGHT_MAX, PEER_SEND_QUEUE_CAPACITY};
-use super::wire::Identify;
+use crate::limits::{CONNECT_TIMEOUT, INFLIGHT_MAX, SEND_QUEUE_CAPACITY};
 
-/// Why a call to a peer failed.
+/// Why a call failed. `target` names the server (a node id, or 0 when unknown).
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
-pub enum PeerError {
+pub enum CallError {
     #[error("cannot reach node {target} at {addr}: {reason}")]
     Unreachable { target: u64, addr: String, reason: String },
     #[error("connection to node {target} was lost: {reason}")]
@@ -42,7 +40,7 @@ pub enum PeerError {
     Malformed { target: u64, reason: String },
 }
 
-type Answer = Result<(ErrorCode, String, Bytes), PeerError>;
+type Answer = Result<(ErrorCode, String, Bytes), CallError>;
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Answer>>>>;
 
 /// One live connection. Dropping it stops its reader and writer tasks.
@@ -65,23 +63,37 @@ impl Drop for Connection {
 fn fail_all(pending: &Pending, target: u64, reason: &str) {
     let waiting: Vec<_> = pending.lock().expect("pending lock poisoned").drain().collect();
     for (_, tx) in waiting {
-        let _ = tx.send(Err(PeerError::Disconnected { target, reason: reason.to_string() }));
+        let _ = tx.send(Err(CallError::Disconnected { target, reason: reason.to_string() }));
     }
 }
 
-/// A client for calls to one peer node.
-pub struct PeerClient {
-    self_id: u64,
+/// A request sent right after the version handshake on every new connection (the
+/// peer transport says who is calling whom); any answer but success refuses the
+/// connection.
+#[derive(Debug, Clone)]
+pub struct Identification {
+    pub api_key: u16,
+    pub payload: Bytes,
+}
+
+/// Calls to one server over one multiplexed connection, reconnecting after failures.
+pub struct Caller {
     target: u64,
     addr: String,
-    cluster: String,
+    identification: Option<Identification>,
     conn: tokio::sync::Mutex<Option<Arc<Connection>>>,
     next_id: AtomicU64,
 }
 
-impl PeerClient {
-    pub fn new(self_id: u64, target: u64, addr: String, cluster: String) -> PeerClient {
-        PeerClient { self_id, target, addr, cluster, conn: tokio::sync::Mutex::new(None), next_id: AtomicU64::new(1) }
+impl Caller {
+    /// A caller for the server `target` (a node id; 0 if unknown) at `addr`. Connects
+    /// on the first call.
+    pub fn new(target: u64, addr: String, identification: Option<Identification>) -> Caller {
+        Caller { target, addr, identification, conn: tokio::sync::Mutex::new(None), next_id: AtomicU64::new(1) }
+    }
+
+    pub fn target(&self) -> u64 {
+        self.target
     }
 
     pub fn addr(&self) -> &str {
@@ -89,10 +101,10 @@ impl PeerClient {
     }
 
     /// Sends request `api_key` with `payload` and waits up to `timeout` for the answer's
-    /// payload. A non-`None` error code in the answer is `PeerError::Refused`.
-    pub async fn call(&self, api_key: u16, payload: Bytes, timeout: Duration) -> Result<Bytes, PeerError> {
+    /// payload. A non-`None` error code in the answer is `CallError::Refused`.
+    pub async fn call(&self, api_key: u16, payload: Bytes, timeout: Duration) -> Result<Bytes, CallError> {
         let deadline = Instant::now() + timeout;
-        let timed_out = || PeerError::Timeout { target: self.target, timeout };
+        let timed_out = || CallError::Timeout { target: self.target, timeout };
         let conn = timeout_at(deadline, self.connection()).await.map_err(|_| timed_out())??;
         let _permit =
             timeout_at(deadline, conn.inflight.clone().acquire_owned()).await.map_err(|_| timed_out())?.expect("the in-flight semaphore is never closed");
@@ -103,21 +115,21 @@ impl PeerClient {
         if timeout_at(deadline, conn.tx.send(frame)).await.map_err(|_| timed_out())?.is_err() {
             conn.pending.lock().expect("pending lock poisoned").remove(&correlation_id);
             conn.closed.store(true, Ordering::Release);
-            return Err(PeerError::Disconnected { target: self.target, reason: "writer stopped".into() });
+            return Err(CallError::Disconnected { target: self.target, reason: "writer stopped".into() });
         }
         match timeout_at(deadline, rx).await {
             Err(_) => {
                 conn.pending.lock().expect("pending lock poisoned").remove(&correlation_id);
                 Err(timed_out())
             }
-            Ok(Err(_)) => Err(PeerError::Disconnected { target: self.target, reason: "connection closed".into() }),
+            Ok(Err(_)) => Err(CallError::Disconnected { target: self.target, reason: "connection closed".into() }),
             Ok(Ok(Err(e))) => Err(e),
             Ok(Ok(Ok((ErrorCode::None, _, payload)))) => Ok(payload),
-            Ok(Ok(Ok((code, message, _)))) => Err(PeerError::Refused { target: self.target, code, message }),
+            Ok(Ok(Ok((code, message, _)))) => Err(CallError::Refused { target: self.target, code, message }),
         }
     }
 
-    async fn connection(&self) -> Result<Arc<Connection>, PeerError> {
+    async fn connection(&self) -> Result<Arc<Connection>, CallError> {
         let mut guard = self.conn.lock().await;
         if let Some(c) = guard.as_ref() {
             if !c.closed.load(Ordering::Acquire) {
@@ -125,17 +137,17 @@ impl PeerClient {
             }
         }
         *guard = None;
-        let conn = Arc::new(tokio::time::timeout(PEER_CONNECT_TIMEOUT, self.connect()).await.map_err(|_| PeerError::Unreachable {
+        let conn = Arc::new(tokio::time::timeout(CONNECT_TIMEOUT, self.connect()).await.map_err(|_| CallError::Unreachable {
             target: self.target,
             addr: self.addr.clone(),
-            reason: format!("no handshake within {PEER_CONNECT_TIMEOUT:?}"),
+            reason: format!("no handshake within {CONNECT_TIMEOUT:?}"),
         })??);
         *guard = Some(conn.clone());
         Ok(conn)
     }
 
-    async fn connect(&self) -> Result<Connection, PeerError> {
-        let unreachable = |reason: String| PeerError::Unreachable { target: self.target, addr: self.addr.clone(), reason };
+    async fn connect(&self) -> Result<Connection, CallError> {
+        let unreachable = |reason: String| CallError::Unreachable { target: self.target, addr: self.addr.clone(), reason };
         let stream = TcpStream::connect(&self.addr).await.map_err(|e| unreachable(e.to_string()))?;
         stream.set_nodelay(true).map_err(|e| unreachable(e.to_string()))?;
         let (r, w) = stream.into_split();
@@ -147,16 +159,19 @@ impl PeerClient {
             Some(Ok(Frame::Response { error, message, .. })) => return Err(unreachable(format!("handshake refused: {error}: {message}"))),
             other => return Err(unreachable(format!("bad handshake answer: {other:?}"))),
         }
-        let identify = Identify { cluster: self.cluster.clone(), from: self.self_id, to: self.target };
-        let payload = Bytes::from(postcard::to_allocvec(&identify).expect("identify encodes"));
-        writer.send(Frame::Request { correlation_id: 0, api_key: api::peer::IDENTIFY, payload }).await.map_err(|e| unreachable(e.to_string()))?;
-        match reader.next().await {
-            Some(Ok(Frame::Response { correlation_id: 0, error: ErrorCode::None, .. })) => {}
-            Some(Ok(Frame::Response { error, message, .. })) => return Err(unreachable(format!("identify refused: {error}: {message}"))),
-            other => return Err(unreachable(format!("bad identify answer: {other:?}"))),
+        if let Some(id) = &self.identification {
+            writer
+                .send(Frame::Request { correlation_id: 0, api_key: id.api_key, payload: id.payload.clone() })
+                .await
+                .map_err(|e| unreachable(e.to_string()))?;
+            match reader.next().await {
+                Some(Ok(Frame::Response { correlation_id: 0, error: ErrorCode::None, .. })) => {}
+                Some(Ok(Frame::Response { error, message, .. })) => return Err(unreachable(format!("identify refused: {error}: {message}"))),
+                other => return Err(unreachable(format!("bad identify answer: {other:?}"))),
+            }
         }
 
-        let (tx, mut rx) = mpsc::channel::<Frame>(PEER_SEND_QUEUE_CAPACITY);
+        let (tx, mut rx) = mpsc::channel::<Frame>(SEND_QUEUE_CAPACITY);
         let pending: Pending = Arc::default();
         let closed = Arc::new(AtomicBool::new(false));
         let target = self.target;
@@ -199,41 +214,15 @@ impl PeerClient {
                                 let _ = tx.send(Ok((error, message, payload)));
                             }
                         }
-                        Some(Ok(other)) => break format!("unexpected frame from a peer server: {other:?}"),
+                        Some(Ok(other)) => break format!("unexpected frame from the server: {other:?}"),
                         Some(Err(e)) => break e.to_string(),
-                        None => break "peer closed the connection".to_string(),
+                        None => break "the server closed the connection".to_string(),
                     }
                 };
                 closed.store(true, Ordering::Release);
                 fail_all(&pending, target, &reason);
             })
         };
-        Ok(Connection { tx, pending, closed, inflight: Arc::new(Semaphore::new(PEER_INFLIGHT_MAX)), tasks: [writer_task, reader_task] })
-    }
-}
-
-/// The clients of one node to all its peers, created on first use.
-pub struct PeerPool {
-    self_id: u64,
-    cluster: String,
-    clients: Mutex<HashMap<u64, Arc<PeerClient>>>,
-}
-
-impl PeerPool {
-    pub fn new(self_id: u64, cluster: impl Into<String>) -> Arc<PeerPool> {
-        Arc::new(PeerPool { self_id, cluster: cluster.into(), clients: Mutex::new(HashMap::new()) })
-    }
-
-    /// The client for `target` at `addr`; a changed address replaces the client.
-    pub fn client(&self, target: u64, addr: &str) -> Arc<PeerClient> {
-        let mut clients = self.clients.lock().expect("peer pool lock poisoned");
-        match clients.get(&target) {
-            Some(c) if c.addr() == addr => c.clone(),
-            _ => {
-                let c = Arc::new(PeerClient::new(self.self_id, target, addr.to_string(), self.cluster.clone()));
-                clients.insert(target, c.clone());
-                c
-            }
-        }
+        Ok(Connection { tx, pending, closed, inflight: Arc::new(Semaphore::new(INFLIGHT_MAX)), tasks: [writer_task, reader_task] })
     }
 }

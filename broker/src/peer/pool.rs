@@ -1,0 +1,44 @@
+//! `PeerPool`: the callers of one node to all its peers, created on first use. Every
+//! connection identifies itself (cluster, from, to) before carrying Raft RPCs.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use keel_net::{Caller, Identification};
+use keel_protocol::api;
+
+use super::wire::Identify;
+
+/// A caller from node `self_id` of `cluster` to node `target` at `addr`.
+pub fn peer_caller(self_id: u64, target: u64, addr: &str, cluster: &str) -> Caller {
+    let identify = Identify { cluster: cluster.to_string(), from: self_id, to: target };
+    let payload = Bytes::from(postcard::to_allocvec(&identify).expect("Identify encodes"));
+    Caller::new(target, addr.to_string(), Some(Identification { api_key: api::peer::IDENTIFY, payload }))
+}
+
+/// The callers of one node to its peers.
+pub struct PeerPool {
+    self_id: u64,
+    cluster: String,
+    callers: Mutex<HashMap<u64, (String, Arc<Caller>)>>,
+}
+
+impl PeerPool {
+    pub fn new(self_id: u64, cluster: impl Into<String>) -> Arc<PeerPool> {
+        Arc::new(PeerPool { self_id, cluster: cluster.into(), callers: Mutex::new(HashMap::new()) })
+    }
+
+    /// The caller for `target` at `addr`; a changed address replaces the caller.
+    pub fn caller(&self, target: u64, addr: &str) -> Arc<Caller> {
+        let mut callers = self.callers.lock().expect("peer pool lock poisoned");
+        match callers.get(&target) {
+            Some((known, c)) if known == addr => c.clone(),
+            _ => {
+                let c = Arc::new(peer_caller(self.self_id, target, addr, &self.cluster));
+                callers.insert(target, (addr.to_string(), c.clone()));
+                c
+            }
+        }
+    }
+}
