@@ -1,6 +1,9 @@
 //! The Keel broker.
 //!
 //! # Layout
+//! - [`config`]: typed configuration (cluster-wide vs per-node), TOML + `KEEL_*`
+//!   overrides, validation; `keel.example.toml` documents every field.
+//! - [`peer`]: the broker-to-broker transport carrying every group's Raft RPCs.
 //! - [`replication`]: openraft over the storage crate — the partition log *is* the Raft
 //!   log ([`replication::PartitionLogStore`]), and a light partition state machine
 //!   ([`replication::PartitionStateMachine`]) publishes the high watermark.
@@ -12,5 +15,6 @@
 //! `keel-protocol`; neither depends on the broker. Storage errors reach openraft as
 //! `io::Error` and are fatal to the Raft group, never retried.
 
+pub mod config;
 pub mod peer;
 pub mod replication;

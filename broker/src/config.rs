@@ -1,0 +1,303 @@
+//! Broker configuration: typed, defaulted, validated, in one place.
+//!
+//! [`ClusterConfig`] holds what every node of a cluster must agree on (members, Raft
+//! timing, topic defaults, durability); [`NodeConfig`] what is this node's own (id,
+//! data directory, listen addresses). Sources, later overriding earlier: built-in
+//! defaults, a TOML file (`keel.example.toml` documents every field), `KEEL_*`
+//! environment variables, command-line flags. `validate` checks values against each
+//! other and against the protocol and storage limits and names the field at fault.
+
+use std::path::PathBuf;
+
+use keel_protocol::limits::{BATCH_SIZE_MAX, MIB};
+use serde::{Deserialize, Serialize};
+
+/// Everything a broker needs to start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub node: NodeConfig,
+    pub cluster: ClusterConfig,
+}
+
+/// This node's own settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeConfig {
+    /// This node's id; must be one of `cluster.members`.
+    pub id: u64,
+    /// Where logs, Raft state and snapshots live.
+    pub data_dir: PathBuf,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig { id: 1, data_dir: PathBuf::from("keel-data/node1") }
+    }
+}
+
+/// One member of the cluster's initial (bootstrap) membership.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemberConfig {
+    pub id: u64,
+    /// Client listener (producers, consumers, admin commands).
+    pub client_addr: String,
+    /// Peer listener (Raft traffic between brokers).
+    pub peer_addr: String,
+    /// Admin HTTP listener (`/health/live`, `/health/ready`, `/metrics`).
+    pub admin_addr: String,
+}
+
+/// Settings every node of the cluster must share.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Cluster name; peers from another cluster are refused.
+    pub name: String,
+    /// Initial members. Bootstrapping an already initialized cluster is a no-op.
+    pub members: Vec<MemberConfig>,
+    pub raft: RaftTiming,
+    pub topic_defaults: TopicDefaults,
+    /// `"always"` (an acknowledged write is fsynced on a majority) or `"interval:<ms>"`
+    /// (acknowledged after write(2); a machine crash can lose the last interval).
+    pub fsync: String,
+}
+
+/// Raft timing, in milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RaftTiming {
+    pub heartbeat_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+}
+
+impl Default for RaftTiming {
+    fn default() -> Self {
+        use crate::replication::config::{ELECTION_TIMEOUT_MAX_MS, ELECTION_TIMEOUT_MIN_MS, HEARTBEAT_INTERVAL_MS};
+        RaftTiming { heartbeat_ms: HEARTBEAT_INTERVAL_MS, election_timeout_min_ms: ELECTION_TIMEOUT_MIN_MS, election_timeout_max_ms: ELECTION_TIMEOUT_MAX_MS }
+    }
+}
+
+/// Defaults for `keel topic create` when a flag is omitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TopicDefaults {
+    pub partitions: u32,
+    pub replicas: u16,
+    /// Largest batch a producer may send to the topic.
+    pub max_message_bytes: u32,
+    /// Keep messages this long; 0 keeps them forever.
+    pub retention_ms: u64,
+}
+
+impl Default for TopicDefaults {
+    fn default() -> Self {
+        TopicDefaults { partitions: 3, replicas: 3, max_message_bytes: MIB as u32, retention_ms: 0 }
+    }
+}
+
+/// The default base port of `keel dev`: node N listens on client `P + N - 1`, peer
+/// `P + 100 + N - 1`, admin `P + 200 + N - 1`.
+pub const DEV_BASE_PORT: u16 = 9092;
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig::dev(3, DEV_BASE_PORT)
+    }
+}
+
+impl ClusterConfig {
+    /// The embedded configuration of `keel dev`: `nodes` nodes on loopback.
+    pub fn dev(nodes: u16, base_port: u16) -> ClusterConfig {
+        let members = (0..nodes)
+            .map(|i| MemberConfig {
+                id: u64::from(i) + 1,
+                client_addr: format!("127.0.0.1:{}", base_port + i),
+                peer_addr: format!("127.0.0.1:{}", base_port + 100 + i),
+                admin_addr: format!("127.0.0.1:{}", base_port + 200 + i),
+            })
+            .collect();
+        ClusterConfig { name: "keel-dev".into(), members, raft: RaftTiming::default(), topic_defaults: TopicDefaults::default(), fsync: "always".into() }
+    }
+}
+
+/// A configuration value that is missing, malformed or inconsistent.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path} is not valid: {reason}")]
+    Parse { path: PathBuf, reason: String },
+    #[error("environment variable {var}={value:?} is not valid: {reason}")]
+    Env { var: &'static str, value: String, reason: String },
+    #[error("invalid configuration: {field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> Result<(), ConfigError> {
+    Err(ConfigError::Invalid { field, reason: reason.into() })
+}
+
+impl Config {
+    /// Parses TOML text (missing fields take their defaults, unknown fields are errors).
+    pub fn from_toml(text: &str, origin: &std::path::Path) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse { path: origin.to_path_buf(), reason: e.to_string() })
+    }
+
+    /// Reads a TOML file.
+    pub fn from_file(path: &std::path::Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        Config::from_toml(&text, path)
+    }
+
+    /// Applies `KEEL_*` overrides from `vars` (pass `std::env::vars()`).
+    pub fn apply_env(&mut self, vars: impl IntoIterator<Item = (String, String)>) -> Result<(), ConfigError> {
+        for (key, value) in vars {
+            match key.as_str() {
+                "KEEL_NODE_ID" => {
+                    self.node.id = value.parse().map_err(|e: std::num::ParseIntError| ConfigError::Env {
+                        var: "KEEL_NODE_ID",
+                        value: value.clone(),
+                        reason: e.to_string(),
+                    })?
+                }
+                "KEEL_DATA_DIR" => self.node.data_dir = PathBuf::from(value),
+                "KEEL_CLUSTER_NAME" => self.cluster.name = value,
+                "KEEL_FSYNC" => self.cluster.fsync = value,
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// This node's member entry.
+    pub fn this_member(&self) -> Option<&MemberConfig> {
+        self.cluster.members.iter().find(|m| m.id == self.node.id)
+    }
+
+    /// The storage fsync policy named by `cluster.fsync`.
+    pub fn fsync_policy(&self) -> Result<keel_storage::FsyncPolicy, ConfigError> {
+        match self.cluster.fsync.as_str() {
+            "always" => Ok(keel_storage::FsyncPolicy::Always),
+            other => match other.strip_prefix("interval:").and_then(|ms| ms.parse::<u64>().ok()) {
+                Some(ms) if ms > 0 => Ok(keel_storage::FsyncPolicy::Interval(std::time::Duration::from_millis(ms))),
+                _ => Err(ConfigError::Invalid { field: "cluster.fsync", reason: format!("{other:?}: use \"always\" or \"interval:<milliseconds>\"") }),
+            },
+        }
+    }
+
+    /// Checks every value against the others and against the limits.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let c = &self.cluster;
+        if c.name.is_empty() {
+            return invalid("cluster.name", "must not be empty");
+        }
+        if c.members.is_empty() {
+            return invalid("cluster.members", "at least one member is needed");
+        }
+        let mut ids: Vec<u64> = c.members.iter().map(|m| m.id).collect();
+        ids.sort_unstable();
+        if ids.windows(2).any(|w| w[0] == w[1]) {
+            return invalid("cluster.members", "member ids must be unique");
+        }
+        if ids.contains(&0) {
+            return invalid("cluster.members", "member id 0 is reserved");
+        }
+        let mut addrs: Vec<&str> = c.members.iter().flat_map(|m| [m.client_addr.as_str(), m.peer_addr.as_str(), m.admin_addr.as_str()]).collect();
+        addrs.sort_unstable();
+        if addrs.windows(2).any(|w| w[0] == w[1]) {
+            return invalid("cluster.members", "every listen address must be distinct");
+        }
+        if self.this_member().is_none() {
+            return invalid("node.id", format!("{} is not among cluster.members ({ids:?})", self.node.id));
+        }
+        let r = c.raft;
+        if r.heartbeat_ms == 0 || r.election_timeout_min_ms < 3 * r.heartbeat_ms {
+            return invalid("cluster.raft", "election_timeout_min_ms must be at least 3 x heartbeat_ms (a few missed heartbeats)");
+        }
+        if r.election_timeout_max_ms <= r.election_timeout_min_ms {
+            return invalid("cluster.raft", "election_timeout_max_ms must exceed election_timeout_min_ms");
+        }
+        let t = c.topic_defaults;
+        if t.partitions == 0 {
+            return invalid("cluster.topic_defaults.partitions", "at least 1");
+        }
+        if t.replicas == 0 || usize::from(t.replicas) > c.members.len() {
+            return invalid("cluster.topic_defaults.replicas", format!("{} must be in 1..={} (the member count)", t.replicas, c.members.len()));
+        }
+        if t.max_message_bytes == 0 || t.max_message_bytes as usize > BATCH_SIZE_MAX {
+            return invalid("cluster.topic_defaults.max_message_bytes", format!("{} must be in 1..={BATCH_SIZE_MAX}", t.max_message_bytes));
+        }
+        self.fsync_policy()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_embedded_dev_config_is_valid_for_every_node() {
+        for id in 1..=3 {
+            let c = Config { node: NodeConfig { id, data_dir: format!("keel-data/node{id}").into() }, cluster: ClusterConfig::dev(3, DEV_BASE_PORT) };
+            c.validate().unwrap();
+        }
+    }
+
+    /// `keel.example.toml` documents every field with its default; parsing it must give
+    /// exactly the defaults, so the file cannot drift from the code.
+    #[test]
+    fn the_annotated_example_config_equals_the_defaults() {
+        let text = include_str!("../keel.example.toml");
+        let parsed = Config::from_toml(text, std::path::Path::new("keel.example.toml")).unwrap();
+        assert_eq!(parsed, Config::default());
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_with_the_file_named() {
+        let err = Config::from_toml("[node]\nid = 1\nbogus = 2\n", std::path::Path::new("x.toml")).unwrap_err();
+        assert!(err.to_string().contains("x.toml") && err.to_string().contains("bogus"), "{err}");
+    }
+
+    #[test]
+    fn environment_overrides_apply_and_bad_values_name_the_variable() {
+        let mut c = Config::default();
+        c.apply_env([("KEEL_NODE_ID".to_string(), "2".to_string()), ("KEEL_DATA_DIR".to_string(), "/tmp/x".to_string())]).unwrap();
+        assert_eq!((c.node.id, c.node.data_dir.to_str()), (2, Some("/tmp/x")));
+        let err = c.apply_env([("KEEL_NODE_ID".to_string(), "two".to_string())]).unwrap_err();
+        assert!(err.to_string().contains("KEEL_NODE_ID"), "{err}");
+    }
+
+    #[test]
+    fn validation_names_the_field_at_fault() {
+        let cases: Vec<(&str, Box<dyn Fn(&mut Config)>)> = vec![
+            ("node.id", Box::new(|c| c.node.id = 9)),
+            ("cluster.members", Box::new(|c| c.cluster.members[1].id = 1)),
+            ("cluster.members", Box::new(|c| c.cluster.members[1].peer_addr = c.cluster.members[0].peer_addr.clone())),
+            ("cluster.raft", Box::new(|c| c.cluster.raft.election_timeout_min_ms = 100)),
+            ("cluster.raft", Box::new(|c| c.cluster.raft.election_timeout_max_ms = 500)),
+            ("cluster.topic_defaults.replicas", Box::new(|c| c.cluster.topic_defaults.replicas = 4)),
+            ("cluster.topic_defaults.max_message_bytes", Box::new(|c| c.cluster.topic_defaults.max_message_bytes = u32::MAX)),
+            ("cluster.fsync", Box::new(|c| c.cluster.fsync = "sometimes".into())),
+        ];
+        for (field, break_it) in cases {
+            let mut c = Config::default();
+            break_it(&mut c);
+            match c.validate() {
+                Err(ConfigError::Invalid { field: f, .. }) => assert_eq!(f, field),
+                other => panic!("expected {field} to be refused, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn fsync_interval_parses_to_the_storage_policy() {
+        let mut c = Config::default();
+        c.cluster.fsync = "interval:250".into();
+        assert_eq!(c.fsync_policy().unwrap(), keel_storage::FsyncPolicy::Interval(std::time::Duration::from_millis(250)));
+    }
+}
