@@ -274,15 +274,16 @@ mod tests {
 
     #[test]
     fn validation_names_the_field_at_fault() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut Config)>)> = vec![
-            ("node.id", Box::new(|c| c.node.id = 9)),
-            ("cluster.members", Box::new(|c| c.cluster.members[1].id = 1)),
-            ("cluster.members", Box::new(|c| c.cluster.members[1].peer_addr = c.cluster.members[0].peer_addr.clone())),
-            ("cluster.raft", Box::new(|c| c.cluster.raft.election_timeout_min_ms = 100)),
-            ("cluster.raft", Box::new(|c| c.cluster.raft.election_timeout_max_ms = 500)),
-            ("cluster.topic_defaults.replicas", Box::new(|c| c.cluster.topic_defaults.replicas = 4)),
-            ("cluster.topic_defaults.max_message_bytes", Box::new(|c| c.cluster.topic_defaults.max_message_bytes = u32::MAX)),
-            ("cluster.fsync", Box::new(|c| c.cluster.fsync = "sometimes".into())),
+        type Breaker = fn(&mut Config);
+        let cases: [(&str, Breaker); 8] = [
+            ("node.id", |c| c.node.id = 9),
+            ("cluster.members", |c| c.cluster.members[1].id = 1),
+            ("cluster.members", |c| c.cluster.members[1].peer_addr = c.cluster.members[0].peer_addr.clone()),
+            ("cluster.raft", |c| c.cluster.raft.election_timeout_min_ms = 100),
+            ("cluster.raft", |c| c.cluster.raft.election_timeout_max_ms = 500),
+            ("cluster.topic_defaults.replicas", |c| c.cluster.topic_defaults.replicas = 4),
+            ("cluster.topic_defaults.max_message_bytes", |c| c.cluster.topic_defaults.max_message_bytes = u32::MAX),
+            ("cluster.fsync", |c| c.cluster.fsync = "sometimes".into()),
         ];
         for (field, break_it) in cases {
             let mut c = Config::default();
