@@ -3,6 +3,7 @@
 //! # Layout
 //! - [`config`]: typed configuration (cluster-wide vs per-node), TOML + `KEEL_*`
 //!   overrides, validation; `keel.example.toml` documents every field.
+//! - [`metadata`]: topics and placement as a deterministic fold of the metadata log.
 //! - [`peer`]: the broker-to-broker transport carrying every group's Raft RPCs.
 //! - [`replication`]: openraft over the storage crate — the partition log *is* the Raft
 //!   log ([`replication::PartitionLogStore`]), and a light partition state machine
@@ -16,5 +17,6 @@
 //! `io::Error` and are fatal to the Raft group, never retried.
 
 pub mod config;
+pub mod metadata;
 pub mod peer;
 pub mod replication;
