@@ -2,7 +2,6 @@
 //! a restart (new Raft, same directory) the entries, offsets and high watermark are back.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -60,7 +59,7 @@ fn batch(i: u32, records: u32) -> RecordBatch {
     RecordBatch(b.finish().unwrap())
 }
 
-async fn start(dir: &std::path::Path) -> (Raft<TypeConfig, PartitionStateMachine>, Arc<Log>, Arc<std::sync::atomic::AtomicU64>) {
+async fn start(dir: &std::path::Path) -> (Raft<TypeConfig, PartitionStateMachine>, Arc<Log>, tokio::sync::watch::Receiver<u64>) {
     let log = Arc::new(Log::open(dir, LogConfig { segment_bytes: 64 * 1024, ..LogConfig::default() }).unwrap());
     let flusher = Arc::new(Flusher::spawn("flusher", 64).unwrap());
     let store = PartitionLogStore::new(log.clone(), flusher);
@@ -88,7 +87,7 @@ async fn single_node_group_commits_batches_and_reads_them_back_after_restart() {
             written.push((reply.log_id.index, records, batch(i, records).0));
             expect_offset += u64::from(records);
         }
-        assert_eq!(hw.load(Ordering::Acquire), expect_offset, "the high watermark covers every committed message");
+        assert_eq!(*hw.borrow(), expect_offset, "the high watermark covers every committed message");
         assert!(log.state().durable_end > written.last().unwrap().0, "committed entries are durable");
         raft.shutdown().await.unwrap();
     }
@@ -98,7 +97,7 @@ async fn single_node_group_commits_batches_and_reads_them_back_after_restart() {
     let last_index = written.last().unwrap().0;
     raft.wait(Some(Duration::from_secs(10))).applied_index_at_least(Some(last_index), "committed entries re-applied").await.unwrap();
     let total: u64 = written.iter().map(|w| u64::from(w.1)).sum();
-    assert_eq!(hw.load(Ordering::Acquire), total, "the high watermark is rebuilt from the log");
+    assert_eq!(*hw.borrow(), total, "the high watermark is rebuilt from the log");
     let mut offset = 0u64;
     for (index, records, original) in &written {
         let entries = log.read(*index..index + 1, u64::MAX).unwrap();

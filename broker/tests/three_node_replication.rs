@@ -6,7 +6,6 @@
 //! lost; the dead node, restarted on its old directory, catches up.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,7 +26,7 @@ struct Node {
     addr: String,
     log: Arc<Log>,
     raft: Raft<TypeConfig, PartitionStateMachine>,
-    hw: Arc<std::sync::atomic::AtomicU64>,
+    hw: tokio::sync::watch::Receiver<u64>,
     _server: PeerServer,
 }
 
@@ -110,7 +109,7 @@ async fn three_nodes_replicate_fail_over_and_catch_up_a_restarted_node() {
         assert_eq!(payloads(&n.log, last), reference, "node {} holds the same bytes at the same offsets", n.id);
     }
     for n in &nodes {
-        assert_eq!(n.hw.load(Ordering::Acquire), 90, "node {}: high watermark after 30 batches of 3", n.id);
+        assert_eq!(*n.hw.borrow(), 90, "node {}: high watermark after 30 batches of 3", n.id);
     }
 
     // 2. Kill the leader: its Raft stops and its peer server closes every connection.
@@ -140,7 +139,7 @@ async fn three_nodes_replicate_fail_over_and_catch_up_a_restarted_node() {
     let restarted = start_node(dead_id, dead_dir, &dead_addr).await;
     wait_applied(&restarted, last).await;
     assert_eq!(payloads(&restarted.log, last), payloads(&leader.log, last), "the restarted node caught up byte for byte");
-    assert_eq!(restarted.hw.load(Ordering::Acquire), 180);
+    assert_eq!(*restarted.hw.borrow(), 180);
 
     for n in nodes.iter().chain([&restarted]) {
         n.raft.shutdown().await.unwrap();

@@ -12,7 +12,6 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
@@ -54,7 +53,7 @@ struct StoredSnapshot {
 pub struct PartitionStateMachine {
     dir: PathBuf,
     state: SmState,
-    high_watermark: Arc<AtomicU64>,
+    high_watermark: tokio::sync::watch::Sender<u64>,
     current: Arc<Mutex<Option<StoredSnapshot>>>,
 }
 
@@ -82,13 +81,15 @@ impl PartitionStateMachine {
             Some(bytes) => Some(postcard::from_bytes(&bytes).map_err(|e| invalid(format!("decoding snapshot: {e}")))?),
         };
         let state = current.as_ref().map(|s| s.state.clone()).unwrap_or_default();
-        let high_watermark = Arc::new(AtomicU64::new(state.next_offset));
+        let (high_watermark, _) = tokio::sync::watch::channel(state.next_offset);
         Ok(PartitionStateMachine { dir, state, high_watermark, current: Arc::new(Mutex::new(current)) })
     }
 
     /// The high watermark: messages below this offset are committed and may be served.
-    pub fn high_watermark(&self) -> Arc<AtomicU64> {
-        self.high_watermark.clone()
+    /// The receiver also wakes waiters (long-poll fetches, the metadata tailer) when it
+    /// moves.
+    pub fn high_watermark(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.high_watermark.subscribe()
     }
 }
 
@@ -135,7 +136,7 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
                 }
             };
             self.state.applied = Some(entry.log_id);
-            self.high_watermark.store(self.state.next_offset, Ordering::Release);
+            self.high_watermark.send_if_modified(|hw| std::mem::replace(hw, self.state.next_offset) != self.state.next_offset);
             if let Some(responder) = responder {
                 responder.send(reply);
             }
@@ -152,7 +153,7 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
         let dir = self.dir.clone();
         let stored = tokio::task::spawn_blocking(move || persist(&dir, &stored).map(|_| stored)).await.map_err(io::Error::other)??;
         self.state = snapshot.state;
-        self.high_watermark.store(self.state.next_offset, Ordering::Release);
+        self.high_watermark.send_replace(self.state.next_offset);
         *self.current.lock().expect("snapshot lock poisoned") = Some(stored);
         Ok(())
     }
