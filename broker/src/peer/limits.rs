@@ -6,3 +6,7 @@ pub const PEER_SERVER_CONCURRENCY_MAX: usize = 256;
 
 /// Answers queued for one server connection's writer. Full: handlers wait.
 pub const PEER_SERVER_SEND_QUEUE_CAPACITY: usize = 1024;
+
+/// Peer connections served at once (a cluster needs one per peer, plus reconnects).
+/// Full: accepting pauses until one closes.
+pub const PEER_CONNECTIONS_MAX: usize = 256;
