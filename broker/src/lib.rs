@@ -18,5 +18,6 @@
 
 pub mod config;
 pub mod metadata;
+pub mod node;
 pub mod peer;
 pub mod replication;

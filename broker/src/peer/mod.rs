@@ -21,4 +21,4 @@ pub mod wire;
 
 pub use network::GroupNetworkFactory;
 pub use pool::{peer_caller, PeerPool};
-pub use server::{GroupRegistry, PeerServer};
+pub use server::{GroupRaft, GroupRegistry, PeerServer};

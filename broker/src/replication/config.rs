@@ -18,13 +18,18 @@ pub const API_BATCH_CAPACITY: u64 = 256;
 pub const SNAPSHOT_EVERY_ENTRIES: u64 = 50_000;
 pub const INSTALL_SNAPSHOT_TIMEOUT_MS: u64 = 5_000;
 
-/// The validated openraft configuration for a partition group.
+/// The validated openraft configuration for a partition group, default timing.
 pub fn partition_raft_config(cluster_name: &str) -> Result<Config, openraft::ConfigError> {
+    raft_config_with_timing(cluster_name, HEARTBEAT_INTERVAL_MS, ELECTION_TIMEOUT_MIN_MS, ELECTION_TIMEOUT_MAX_MS)
+}
+
+/// The validated openraft configuration with the given timing (milliseconds).
+pub fn raft_config_with_timing(cluster_name: &str, heartbeat_ms: u64, election_min_ms: u64, election_max_ms: u64) -> Result<Config, openraft::ConfigError> {
     Config {
         cluster_name: cluster_name.to_string(),
-        heartbeat_interval: HEARTBEAT_INTERVAL_MS,
-        election_timeout_min: ELECTION_TIMEOUT_MIN_MS,
-        election_timeout_max: ELECTION_TIMEOUT_MAX_MS,
+        heartbeat_interval: heartbeat_ms,
+        election_timeout_min: election_min_ms,
+        election_timeout_max: election_max_ms,
         max_payload_entries: MAX_PAYLOAD_ENTRIES,
         max_append_entries: Some(MAX_PAYLOAD_ENTRIES),
         api_batch_capacity: API_BATCH_CAPACITY,

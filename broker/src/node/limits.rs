@@ -1,0 +1,24 @@
+//! Bounds of the node runtime and its client listener.
+
+use std::time::Duration;
+
+/// Client connections served at once. Full: accepting pauses until one closes.
+pub const CLIENT_CONNECTIONS_MAX: usize = 1024;
+/// Requests one client connection processes at once. Full: its reader pauses.
+pub const CLIENT_CONCURRENCY_MAX: usize = 1024;
+/// Answers queued for one client connection's writer.
+pub const CLIENT_SEND_QUEUE_CAPACITY: usize = 1024;
+/// Partitions one topic may have.
+pub const TOPIC_PARTITIONS_MAX: u32 = 1024;
+/// Longest a produce may wait for its commit, whatever the client asks.
+pub const PRODUCE_TIMEOUT_MAX: Duration = Duration::from_secs(60);
+/// Longest a fetch may long-poll, whatever the client asks.
+pub const FETCH_WAIT_MAX: Duration = Duration::from_secs(30);
+/// Largest fetch response body, whatever the client asks (at least one batch is sent).
+pub const FETCH_BYTES_MAX: u32 = 16 * 1024 * 1024 - 64 * 1024;
+/// How long an admin request waits for its metadata command to be folded in locally.
+pub const METADATA_APPLY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bytes of the metadata log read per tailer step.
+pub const METADATA_READ_BYTES: u64 = 1024 * 1024;
+
+const _: () = assert!((FETCH_BYTES_MAX as usize) < keel_protocol::limits::FRAME_BODY_SIZE_MAX);

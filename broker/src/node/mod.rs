@@ -1,0 +1,153 @@
+//! A running broker node: the metadata group, the partition groups the metadata gives
+//! it, the peer listener and the client listener.
+//!
+//! - [`group`]: opening a Raft group over its directory.
+//! - [`tailer`]: folding the committed metadata log into the node's `MetadataState`.
+//! - [`reconcile`]: opening (and as preferred leader, initializing) the partition groups
+//!   this node replicates; stopping and deleting removed ones.
+//! - [`client_service`]: the client API.
+//! - [`limits`]: every bound of the above.
+
+pub mod client_service;
+pub mod group;
+pub mod limits;
+pub mod reconcile;
+pub mod tailer;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use keel_net::{Listener, ServeOptions};
+use keel_storage::{Flusher, LogConfig};
+use openraft::BasicNode;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::Config;
+use crate::metadata::{MetadataState, METADATA_GROUP};
+use crate::peer::{GroupRegistry, PeerPool, PeerServer};
+use crate::replication::config::raft_config_with_timing;
+use group::{initialize_if_new, open_group, GroupContext, GroupHandle};
+use limits::{CLIENT_CONCURRENCY_MAX, CLIENT_CONNECTIONS_MAX, CLIENT_SEND_QUEUE_CAPACITY};
+use reconcile::HostedPartitions;
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NodeError {
+    #[error("invalid configuration: {0}")]
+    Config(#[from] crate::config::ConfigError),
+    #[error("cannot listen on {addr} ({what}): {source}; is another process using it?")]
+    Listen { what: &'static str, addr: String, source: std::io::Error },
+    #[error("cannot start: {0}")]
+    Start(String),
+}
+
+/// A running node. `shutdown` stops it cleanly; dropping it stops its listeners.
+pub struct Node {
+    pub id: u64,
+    config: Config,
+    metadata_group: GroupHandle,
+    metadata: watch::Receiver<Arc<MetadataState>>,
+    hosted: HostedPartitions,
+    registry: GroupRegistry,
+    client_listener: Listener,
+    peer_server: PeerServer,
+    tasks: Vec<JoinHandle<()>>,
+    _flusher: Arc<Flusher>,
+}
+
+impl Node {
+    /// Starts node `config.node.id`: opens its data, binds its listeners, joins (or on
+    /// first start, as the lowest member id, bootstraps) the metadata group.
+    pub async fn start(config: Config) -> Result<Node, NodeError> {
+        config.validate()?;
+        let me = config.this_member().expect("validate checks that node.id is a member").clone();
+        let fsync = config.fsync_policy()?;
+        let raft = &config.cluster.raft;
+        let raft_config = raft_config_with_timing(&config.cluster.name, raft.heartbeat_ms, raft.election_timeout_min_ms, raft.election_timeout_max_ms)
+            .map_err(|e| NodeError::Start(format!("Raft timing rejected: {e}")))?;
+        std::fs::create_dir_all(&config.node.data_dir)
+            .map_err(|e| NodeError::Start(format!("cannot create data dir {}: {e}", config.node.data_dir.display())))?;
+        let registry = GroupRegistry::default();
+        let peer_server = PeerServer::bind(&me.peer_addr, me.id, &config.cluster.name, registry.clone()).await.map_err(|source| NodeError::Listen {
+            what: "peer",
+            addr: me.peer_addr.clone(),
+            source,
+        })?;
+        let flusher = Arc::new(
+            Flusher::spawn(&format!("keel-flusher-{}", me.id), keel_storage::limits::FLUSH_QUEUE_CAPACITY_DEFAULT)
+                .map_err(|e| NodeError::Start(e.to_string()))?,
+        );
+        let ctx = Arc::new(GroupContext {
+            node_id: me.id,
+            data_dir: config.node.data_dir.clone(),
+            pool: PeerPool::new(me.id, config.cluster.name.clone()),
+            registry: registry.clone(),
+            flusher: flusher.clone(),
+            raft_config: Arc::new(raft_config),
+            log_config: LogConfig { fsync, ..LogConfig::default() },
+        });
+        let metadata_group = open_group(&ctx, METADATA_GROUP).await.map_err(NodeError::Start)?;
+        let lowest = config.cluster.members.iter().map(|m| m.id).min().expect("validate checks members is non-empty");
+        if me.id == lowest {
+            let members: BTreeMap<u64, BasicNode> = config.cluster.members.iter().map(|m| (m.id, BasicNode::new(&m.peer_addr))).collect();
+            initialize_if_new(&metadata_group, members).await.map_err(NodeError::Start)?;
+        }
+        let (publish, metadata) = watch::channel(Arc::new(MetadataState::default()));
+        let hosted = HostedPartitions::default();
+        let tasks = vec![
+            tokio::spawn(tailer::run(metadata_group.clone(), publish)),
+            tokio::spawn(reconcile::run(ctx.clone(), config.cluster.clone(), metadata.clone(), hosted.clone())),
+        ];
+        let service = Arc::new(client_service::ClientService {
+            node_id: me.id,
+            cluster: config.cluster.clone(),
+            metadata_group: metadata_group.clone(),
+            metadata: metadata.clone(),
+            hosted: hosted.clone(),
+        });
+        let options =
+            ServeOptions { concurrency_max: CLIENT_CONCURRENCY_MAX, send_queue_capacity: CLIENT_SEND_QUEUE_CAPACITY, connections_max: CLIENT_CONNECTIONS_MAX };
+        let client_listener = keel_net::listen(&me.client_addr, service, options).await.map_err(|source| NodeError::Listen {
+            what: "client",
+            addr: me.client_addr.clone(),
+            source,
+        })?;
+        tracing::info!(node = me.id, client = %me.client_addr, peer = %me.peer_addr, "node started");
+        Ok(Node { id: me.id, config, metadata_group, metadata, hosted, registry, client_listener, peer_server, tasks, _flusher: flusher })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The client listener's address.
+    pub fn client_addr(&self) -> std::net::SocketAddr {
+        self.client_listener.local_addr()
+    }
+
+    pub fn peer_addr(&self) -> std::net::SocketAddr {
+        self.peer_server.local_addr()
+    }
+
+    /// The latest metadata this node has folded in.
+    pub fn metadata(&self) -> Arc<MetadataState> {
+        self.metadata.borrow().clone()
+    }
+
+    /// Stops accepting, stops every Raft group (flushing their logs), then returns.
+    pub async fn shutdown(self) {
+        drop(self.client_listener);
+        for t in &self.tasks {
+            t.abort();
+        }
+        let partitions: Vec<_> = self.hosted.write().expect("hosted lock poisoned").drain().map(|(_, p)| p).collect();
+        for p in partitions {
+            let _ = p.group.raft.shutdown().await;
+        }
+        let _ = self.metadata_group.raft.shutdown().await;
+        self.registry.write().expect("group registry lock poisoned").clear();
+        drop(self.peer_server);
+    }
+}
