@@ -1,0 +1,103 @@
+//! `keel dev` as a user runs it: real processes, PID files, the bootstrap file, a
+//! produce through the client API, SIGTERM stopping every node, and a restart on the
+//! same directory finding the data intact.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use keel_net::{CallError, Caller};
+use keel_protocol::api::client as api;
+use keel_protocol::batch::{BatchBuilder, BatchOptions, NewRecord};
+use keel_protocol::message::{self, *};
+use keel_protocol::ErrorCode;
+
+fn start_dev(dir: &Path, base_port: u16) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args(["dev", "--data-dir"])
+        .arg(dir)
+        .args(["--base-port", &base_port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+fn wait_for_files(dir: &Path) -> Vec<u32> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let pids: Vec<u32> = (1..=3).filter_map(|n| std::fs::read_to_string(dir.join(format!("node{n}/keel.pid"))).ok()?.trim().parse().ok()).collect();
+        if pids.len() == 3 && dir.join("bootstrap").exists() {
+            return pids;
+        }
+        assert!(Instant::now() < deadline, "keel dev wrote no pid/bootstrap files");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists() && !std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default().contains(") Z ")
+}
+
+fn stop(mut dev: Child, pids: &[u32]) {
+    // SAFETY: kill(2) on the keel dev process this test spawned.
+    unsafe { libc::kill(dev.id() as libc::pid_t, libc::SIGTERM) };
+    let status = dev.wait().unwrap();
+    assert!(status.success(), "keel dev exits 0 on SIGTERM: {status}");
+    for pid in pids {
+        assert!(!alive(*pid), "node process {pid} stopped with keel dev");
+    }
+}
+
+async fn call(addrs: &[String], api_key: u16, payload: Bytes) -> Result<Bytes, (ErrorCode, String)> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut i = 0;
+    loop {
+        let caller = Caller::new(0, addrs[i % addrs.len()].clone(), None);
+        match caller.call(api_key, payload.clone(), Duration::from_secs(10)).await {
+            Ok(b) => return Ok(b),
+            Err(CallError::Refused { code, message, .. }) if !code.is_retriable() => return Err((code, message)),
+            Err(e) => assert!(Instant::now() < deadline, "no answer within 30 s: {e}"),
+        }
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keel_dev_runs_three_processes_and_restarts_with_its_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let base_port = 21_000 + (std::process::id() % 2000) as u16;
+    let dev = start_dev(dir.path(), base_port);
+    let pids = wait_for_files(dir.path());
+    assert!(pids.iter().all(|p| alive(*p)), "three live node processes");
+    let addrs: Vec<String> = std::fs::read_to_string(dir.path().join("bootstrap")).unwrap().split(',').map(str::to_string).collect();
+    assert_eq!(addrs.len(), 3);
+
+    let create = CreateTopicRequest { name: "t".into(), partitions: 1, replicas: 3, retention_ms: None, max_message_bytes: None };
+    call(&addrs, api::CREATE_TOPIC, message::encode(&create)).await.unwrap();
+    let mut b = BatchBuilder::new(BatchOptions::default()).unwrap();
+    b.push(NewRecord { timestamp_ms: 1, value: Some(b"survives a restart"), ..NewRecord::default() }).unwrap();
+    let req = ProduceRequest { topic: "t".into(), partition: 0, timeout_ms: 10_000 };
+    call(&addrs, api::PRODUCE, message::encode_with_batches(&req, &[b.finish().unwrap()])).await.unwrap();
+    stop(dev, &pids);
+
+    let dev = start_dev(dir.path(), base_port);
+    let pids = wait_for_files(dir.path());
+    let fetch = FetchRequest { topic: "t".into(), partition: 0, offset: 0, max_bytes: 4096, max_wait_ms: 2000 };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let value = loop {
+        let body = call(&addrs, api::FETCH, message::encode(&fetch)).await;
+        if let Ok(body) = body {
+            let (_, batches): (FetchResponse, Bytes) = message::split_with_batches(&body).unwrap();
+            if let Some(view) = message::split_batches(batches).unwrap().first() {
+                break view.records().next().unwrap().unwrap().value.unwrap().to_vec();
+            }
+        }
+        assert!(Instant::now() < deadline, "the topic's data did not come back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(value, b"survives a restart");
+    stop(dev, &pids);
+}
