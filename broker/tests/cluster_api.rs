@@ -5,30 +5,12 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use keel_broker::config::{ClusterConfig, Config, NodeConfig};
 use keel_broker::node::Node;
 use keel_net::{CallError, Caller};
 use keel_protocol::api::client as api;
 use keel_protocol::batch::{BatchBuilder, BatchOptions, NewRecord};
 use keel_protocol::message::{self, *};
 use keel_protocol::ErrorCode;
-
-fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<std::net::TcpListener> = (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
-    listeners.iter().map(|l| l.local_addr().unwrap().port()).collect()
-}
-
-fn cluster(dir: &std::path::Path) -> Vec<Config> {
-    let ports = free_ports(9);
-    let mut cluster = ClusterConfig::dev(3, 0);
-    for (i, m) in cluster.members.iter_mut().enumerate() {
-        m.client_addr = format!("127.0.0.1:{}", ports[i]);
-        m.peer_addr = format!("127.0.0.1:{}", ports[3 + i]);
-        m.admin_addr = format!("127.0.0.1:{}", ports[6 + i]);
-    }
-    cluster.name = "api-test".into();
-    (1..=3).map(|id| Config { node: NodeConfig { id, data_dir: dir.join(format!("node{id}")) }, cluster: cluster.clone() }).collect()
-}
 
 /// Calls `api_key` on `addr`, following `NotLeader` / `LeaderNotAvailable` answers.
 async fn call_leader(addr: &str, api_key: u16, payload: Bytes) -> Result<Bytes, (ErrorCode, String)> {
@@ -38,10 +20,10 @@ async fn call_leader(addr: &str, api_key: u16, payload: Bytes) -> Result<Bytes, 
         let caller = Caller::new(0, target.clone(), None);
         match caller.call(api_key, payload.clone(), Duration::from_secs(10)).await {
             Ok(body) => return Ok(body),
-            Err(CallError::Refused { code: code @ (ErrorCode::NotLeader | ErrorCode::LeaderNotAvailable), message, .. }) => {
+            Err(CallError::Refused { code: code @ (ErrorCode::NotLeader | ErrorCode::LeaderNotAvailable), message, body, .. }) => {
                 assert!(Instant::now() < deadline, "no leader within 20 s: {code} {message}");
                 tokio::time::sleep(Duration::from_millis(50)).await;
-                if let Some(addr) = leader_hint(&message) {
+                if let Some(addr) = message::decode::<NotLeader>(&body).ok().and_then(|n| n.leader_addr) {
                     target = addr;
                 }
             }
@@ -52,12 +34,6 @@ async fn call_leader(addr: &str, api_key: u16, payload: Bytes) -> Result<Bytes, 
             }
         }
     }
-}
-
-/// The leader address named in a NotLeader message ("... at ADDR does ...").
-fn leader_hint(message: &str) -> Option<String> {
-    let after = message.split(" at ").nth(1)?;
-    Some(after.split_whitespace().next()?.trim_end_matches(',').to_string())
 }
 
 fn batch(values: &[String]) -> Bytes {
@@ -71,7 +47,7 @@ fn batch(values: &[String]) -> Bytes {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn topics_are_created_through_the_metadata_log_and_every_partition_round_trips() {
     let dir = tempfile::tempdir().unwrap();
-    let configs = cluster(dir.path());
+    let configs = keel_broker::config::local_cluster(dir.path(), 3, "api-test");
     let mut nodes = Vec::new();
     for c in configs.clone() {
         nodes.push(Node::start(c).await.unwrap());

@@ -35,7 +35,13 @@ pub enum CallError {
     #[error("node {target} did not answer within {timeout:?}")]
     Timeout { target: u64, timeout: Duration },
     #[error("node {target} refused the request: {code}: {message}")]
-    Refused { target: u64, code: ErrorCode, message: String },
+    Refused {
+        target: u64,
+        code: ErrorCode,
+        message: String,
+        /** Details some refusals carry (e.g. `NotLeader`). */
+        body: Bytes,
+    },
     #[error("node {target} sent a malformed answer: {reason}")]
     Malformed { target: u64, reason: String },
 }
@@ -125,7 +131,7 @@ impl Caller {
             Ok(Err(_)) => Err(CallError::Disconnected { target: self.target, reason: "connection closed".into() }),
             Ok(Ok(Err(e))) => Err(e),
             Ok(Ok(Ok((ErrorCode::None, _, payload)))) => Ok(payload),
-            Ok(Ok(Ok((code, message, _)))) => Err(CallError::Refused { target: self.target, code, message }),
+            Ok(Ok(Ok((code, message, body)))) => Err(CallError::Refused { target: self.target, code, message, body }),
         }
     }
 

@@ -1,0 +1,250 @@
+//! `Cluster`: how the client finds and talks to brokers.
+//!
+//! It keeps one `keel_net::Caller` and one circuit breaker per broker address, a cached
+//! copy of the cluster metadata, and a retry budget. `call_partition` sends a request
+//! to a partition's leader and keeps at it — following `NotLeader` redirects,
+//! refreshing metadata, backing off with full jitter — until the operation's deadline.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use bytes::Bytes;
+use keel_net::{CallError, Caller};
+use keel_protocol::api::client as api;
+use keel_protocol::message::{self, MetadataRequest, MetadataResponse, NotLeader};
+use keel_protocol::ErrorCode;
+
+use crate::config::ClientConfig;
+use crate::error::ClientError;
+use crate::retry::{Backoff, CircuitBreaker, RetryBudget};
+
+/// A handle on the cluster; cheap to clone.
+#[derive(Clone)]
+pub struct Cluster {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: ClientConfig,
+    callers: Mutex<HashMap<String, Arc<Caller>>>,
+    breakers: Mutex<HashMap<String, CircuitBreaker>>,
+    metadata: Mutex<Option<(Instant, Arc<MetadataResponse>)>>,
+    budget: Mutex<RetryBudget>,
+}
+
+/// What one attempt ended with.
+enum Attempt {
+    Done(Bytes),
+    /// Try again, at `redirect` if given.
+    Retry {
+        redirect: Option<String>,
+        error: ClientError,
+    },
+    Fail(ClientError),
+}
+
+impl Cluster {
+    pub fn new(config: ClientConfig) -> Result<Cluster, ClientError> {
+        if config.bootstrap.is_empty() {
+            return Err(ClientError::Invalid("the bootstrap list is empty; pass host:port[,host:port…]".into()));
+        }
+        let budget = RetryBudget::new(config.retry_budget_ratio, config.retry_budget_max);
+        Ok(Cluster {
+            inner: Arc::new(Inner { config, callers: Mutex::default(), breakers: Mutex::default(), metadata: Mutex::default(), budget: Mutex::new(budget) }),
+        })
+    }
+
+    pub fn config(&self) -> &ClientConfig {
+        &self.inner.config
+    }
+
+    fn caller(&self, addr: &str) -> Arc<Caller> {
+        self.inner
+            .callers
+            .lock()
+            .expect("callers lock poisoned")
+            .entry(addr.to_string())
+            .or_insert_with(|| Arc::new(Caller::new(0, addr.to_string(), None)))
+            .clone()
+    }
+
+    /// One attempt at `addr`, through its circuit breaker.
+    async fn attempt(&self, addr: &str, api_key: u16, payload: Bytes, what: &str) -> Attempt {
+        let c = &self.inner.config;
+        {
+            let mut breakers = self.inner.breakers.lock().expect("breakers lock poisoned");
+            let breaker = breakers.entry(addr.to_string()).or_insert_with(|| CircuitBreaker::new(c.breaker_threshold, c.breaker_cool_down));
+            if !breaker.allow(Instant::now()) {
+                return Attempt::Retry {
+                    redirect: None,
+                    error: ClientError::NoBroker { tried: addr.into(), last: "circuit open after repeated failures".into() },
+                };
+            }
+        }
+        let result = self.caller(addr).call(api_key, payload, c.attempt_timeout).await;
+        let healthy = !matches!(result, Err(CallError::Unreachable { .. } | CallError::Disconnected { .. } | CallError::Timeout { .. }));
+        {
+            let mut breakers = self.inner.breakers.lock().expect("breakers lock poisoned");
+            if let Some(b) = breakers.get_mut(addr) {
+                if healthy {
+                    b.on_success();
+                } else {
+                    b.on_failure(Instant::now());
+                }
+            }
+        }
+        match result {
+            Ok(body) => Attempt::Done(body),
+            Err(CallError::Refused { code, message, body, .. }) if code == ErrorCode::NotLeader || code == ErrorCode::LeaderNotAvailable => {
+                let redirect = message::decode::<NotLeader>(&body).ok().and_then(|n| n.leader_addr).filter(|a| a != addr);
+                Attempt::Retry { redirect, error: ClientError::Broker { what: what.to_string(), code, message } }
+            }
+            Err(CallError::Refused { code, message, .. }) if code.is_retriable() => {
+                Attempt::Retry { redirect: None, error: ClientError::Broker { what: what.to_string(), code, message } }
+            }
+            Err(CallError::Refused { code: ErrorCode::UnknownTopic, message, .. }) => {
+                Attempt::Fail(ClientError::Broker { what: what.to_string(), code: ErrorCode::UnknownTopic, message })
+            }
+            Err(CallError::Refused { code, message, .. }) => Attempt::Fail(ClientError::Broker { what: what.to_string(), code, message }),
+            Err(e) => Attempt::Retry { redirect: None, error: ClientError::NoBroker { tried: addr.to_string(), last: e.to_string() } },
+        }
+    }
+
+    /// Sends the request, retrying (backoff with jitter, under the retry budget) on
+    /// retriable failures until `deadline`. `targets` gives the addresses to try, in
+    /// order of preference; it is re-evaluated before each attempt.
+    async fn call_until<F>(&self, what: &str, api_key: u16, payload: Bytes, deadline: Instant, mut targets: F) -> Result<Bytes, ClientError>
+    where
+        F: AsyncTargets,
+    {
+        let c = self.inner.config.clone();
+        let backoff = Backoff { base: c.backoff_base, cap: c.backoff_cap };
+        self.inner.budget.lock().expect("budget lock poisoned").deposit();
+        let mut redirect: Option<String> = None;
+        let mut attempt_no = 0u32;
+        let mut rotate = 0usize;
+        loop {
+            let addr = match redirect.take() {
+                Some(a) => a,
+                None => {
+                    let list = targets.targets(self).await;
+                    list[rotate % list.len()].clone()
+                }
+            };
+            let error = match self.attempt(&addr, api_key, payload.clone(), what).await {
+                Attempt::Done(body) => return Ok(body),
+                Attempt::Fail(e) => return Err(e),
+                Attempt::Retry { redirect: r, error } => {
+                    if r.is_some() {
+                        // A redirect is information, not a failure: follow it at once.
+                        redirect = r;
+                        if Instant::now() < deadline {
+                            continue;
+                        }
+                    }
+                    error
+                }
+            };
+            rotate += 1;
+            targets.invalidate(self);
+            if Instant::now() >= deadline {
+                return Err(ClientError::Timeout { what: what.to_string(), timeout: c.request_timeout, last: error.to_string() });
+            }
+            if !self.inner.budget.lock().expect("budget lock poisoned").withdraw() {
+                return Err(ClientError::RetryBudgetExhausted { what: what.to_string(), last: error.to_string() });
+            }
+            let pause = backoff.delay(attempt_no).min(deadline.saturating_duration_since(Instant::now()));
+            attempt_no = attempt_no.saturating_add(1);
+            tracing::debug!(%what, %error, ?pause, "retrying");
+            tokio::time::sleep(pause).await;
+        }
+    }
+
+    /// Sends an admin or metadata request to any broker (following redirects).
+    pub async fn call_any(&self, what: &str, api_key: u16, payload: Bytes) -> Result<Bytes, ClientError> {
+        let deadline = Instant::now() + self.inner.config.request_timeout;
+        self.call_until(what, api_key, payload, deadline, AnyBroker).await
+    }
+
+    /// Sends a request to the leader of `topic`/`partition`, until `deadline`.
+    pub async fn call_partition(&self, topic: &str, partition: u32, api_key: u16, payload: Bytes, deadline: Instant) -> Result<Bytes, ClientError> {
+        let what = format!("{}/{partition}", topic);
+        self.call_until(&what, api_key, payload, deadline, PartitionLeader { topic: topic.to_string(), partition }).await
+    }
+
+    /// The cluster metadata, from cache unless older than `metadata_max_age` or `refresh`.
+    pub async fn metadata(&self, refresh: bool) -> Result<Arc<MetadataResponse>, ClientError> {
+        if !refresh {
+            if let Some((at, m)) = self.inner.metadata.lock().expect("metadata lock poisoned").as_ref() {
+                if at.elapsed() < self.inner.config.metadata_max_age {
+                    return Ok(m.clone());
+                }
+            }
+        }
+        let body = self.call_any("metadata", api::METADATA, message::encode(&MetadataRequest::default())).await?;
+        let m: MetadataResponse = message::decode(&body).map_err(|e| ClientError::Malformed { addr: "a broker".into(), reason: e.to_string() })?;
+        let m = Arc::new(m);
+        *self.inner.metadata.lock().expect("metadata lock poisoned") = Some((Instant::now(), m.clone()));
+        Ok(m)
+    }
+
+    fn forget_metadata(&self) {
+        *self.inner.metadata.lock().expect("metadata lock poisoned") = None;
+    }
+
+    /// Partition count of `topic`.
+    pub async fn partitions(&self, topic: &str) -> Result<u32, ClientError> {
+        for refresh in [false, true] {
+            let m = self.metadata(refresh).await?;
+            if let Some(t) = m.topics.iter().find(|t| t.name == topic) {
+                return Ok(t.partitions.len() as u32);
+            }
+        }
+        Err(ClientError::UnknownTopic(topic.to_string()))
+    }
+}
+
+/// Where to send the next attempt.
+trait AsyncTargets {
+    fn targets<'a>(&'a mut self, cluster: &'a Cluster) -> std::pin::Pin<Box<dyn std::future::Future<Output = Vec<String>> + Send + 'a>>;
+    fn invalidate(&mut self, _cluster: &Cluster) {}
+}
+
+/// Any broker: the known brokers, else the bootstrap list.
+struct AnyBroker;
+
+impl AsyncTargets for AnyBroker {
+    fn targets<'a>(&'a mut self, cluster: &'a Cluster) -> std::pin::Pin<Box<dyn std::future::Future<Output = Vec<String>> + Send + 'a>> {
+        Box::pin(async move { cluster.inner.config.bootstrap.clone() })
+    }
+}
+
+/// The partition's leader as metadata knows it, then its replicas, then bootstrap.
+struct PartitionLeader {
+    topic: String,
+    partition: u32,
+}
+
+impl AsyncTargets for PartitionLeader {
+    fn targets<'a>(&'a mut self, cluster: &'a Cluster) -> std::pin::Pin<Box<dyn std::future::Future<Output = Vec<String>> + Send + 'a>> {
+        Box::pin(async move {
+            let mut out = Vec::new();
+            if let Ok(m) = cluster.metadata(false).await {
+                let addr_of = |id: u64| m.brokers.iter().find(|b| b.id == id).map(|b| b.addr.clone());
+                if let Some(p) = m.topics.iter().find(|t| t.name == self.topic).and_then(|t| t.partitions.get(self.partition as usize)) {
+                    out.extend(p.leader.and_then(addr_of));
+                    out.extend(p.replicas.iter().filter_map(|r| addr_of(*r)).filter(|a| !out.contains(a)).collect::<Vec<_>>());
+                }
+            }
+            if out.is_empty() {
+                out = cluster.inner.config.bootstrap.clone();
+            }
+            out
+        })
+    }
+
+    fn invalidate(&mut self, cluster: &Cluster) {
+        cluster.forget_metadata();
+    }
+}

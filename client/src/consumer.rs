@@ -1,0 +1,148 @@
+//! `Consumer` (stream mode): reads every partition of a topic in offset order from a
+//! starting position, long-polling for new messages.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use keel_protocol::api::client as api;
+use keel_protocol::message::{self, FetchRequest, FetchResponse, ListOffsetsRequest, ListOffsetsResponse};
+use keel_protocol::ErrorCode;
+
+use crate::cluster::Cluster;
+use crate::error::ClientError;
+
+/// Where a consumer starts in each partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartAt {
+    Earliest,
+    Latest,
+    Offset(u64),
+    /// The first message at or after this time (ms since the epoch).
+    Time(i64),
+}
+
+/// One consumed message. Key, value and headers are slices of the fetched batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub partition: u32,
+    pub offset: u64,
+    pub timestamp_ms: i64,
+    pub key: Option<Bytes>,
+    pub value: Option<Bytes>,
+    pub headers: Vec<(String, Option<Bytes>)>,
+}
+
+/// Reads a topic.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), keel_client::ClientError> {
+/// use keel_client::consumer::{Consumer, StartAt};
+/// use keel_client::{ClientConfig, Cluster};
+/// let mut consumer = Consumer::new(Cluster::new(ClientConfig::default())?, "orders", StartAt::Earliest).await?;
+/// for m in consumer.poll(std::time::Duration::from_secs(1)).await? {
+///     println!("{}@{}: {:?}", m.partition, m.offset, m.value);
+/// }
+/// # Ok(()) }
+/// ```
+pub struct Consumer {
+    cluster: Cluster,
+    topic: String,
+    /// Next offset to read, per partition.
+    positions: Vec<u64>,
+    /// Largest fetch response per partition (bytes).
+    pub max_bytes: u32,
+}
+
+impl Consumer {
+    pub async fn new(cluster: Cluster, topic: &str, start: StartAt) -> Result<Consumer, ClientError> {
+        let partitions = cluster.partitions(topic).await?;
+        let mut positions = Vec::with_capacity(partitions as usize);
+        for p in 0..partitions {
+            let at = match start {
+                StartAt::Earliest => 0,
+                StartAt::Offset(o) => o,
+                StartAt::Latest => list_offset(&cluster, topic, p, i64::MAX).await?,
+                StartAt::Time(ts) => list_offset(&cluster, topic, p, ts).await?,
+            };
+            positions.push(at);
+        }
+        Ok(Consumer { cluster, topic: topic.to_string(), positions, max_bytes: 1024 * 1024 })
+    }
+
+    /// The next offset this consumer will read in each partition.
+    pub fn positions(&self) -> &[u64] {
+        &self.positions
+    }
+
+    /// Messages available now, or after waiting up to `max_wait` for any to arrive.
+    pub async fn poll(&mut self, max_wait: Duration) -> Result<Vec<Message>, ClientError> {
+        let mut tasks = tokio::task::JoinSet::new();
+        for (p, &offset) in self.positions.iter().enumerate() {
+            let (cluster, topic, max_bytes) = (self.cluster.clone(), self.topic.clone(), self.max_bytes);
+            tasks.spawn(async move { (p as u32, fetch(&cluster, &topic, p as u32, offset, max_bytes, max_wait).await) });
+        }
+        let mut out = Vec::new();
+        while let Some(joined) = tasks.join_next().await {
+            let (p, result) = joined.map_err(|e| ClientError::Invalid(format!("fetch task failed: {e}")))?;
+            let (start, messages) = result?;
+            let pos = &mut self.positions[p as usize];
+            if *pos < start {
+                *pos = start; // retention removed the earlier messages
+            }
+            for m in messages {
+                if m.offset >= *pos {
+                    *pos = m.offset + 1;
+                    out.push(m);
+                }
+            }
+        }
+        out.sort_by_key(|m| (m.partition, m.offset));
+        Ok(out)
+    }
+}
+
+async fn list_offset(cluster: &Cluster, topic: &str, partition: u32, timestamp_ms: i64) -> Result<u64, ClientError> {
+    let deadline = Instant::now() + cluster.config().request_timeout;
+    let body = cluster
+        .call_partition(
+            topic,
+            partition,
+            api::LIST_OFFSETS,
+            message::encode(&ListOffsetsRequest { topic: topic.to_string(), partition, timestamp_ms }),
+            deadline,
+        )
+        .await?;
+    let resp: ListOffsetsResponse =
+        message::decode(&body).map_err(|e| ClientError::Malformed { addr: format!("{topic}/{partition} leader"), reason: e.to_string() })?;
+    Ok(resp.offset)
+}
+
+/// One fetch: the partition's log start offset and the messages at or after `offset`.
+async fn fetch(cluster: &Cluster, topic: &str, partition: u32, offset: u64, max_bytes: u32, max_wait: Duration) -> Result<(u64, Vec<Message>), ClientError> {
+    let req = FetchRequest { topic: topic.to_string(), partition, offset, max_bytes, max_wait_ms: max_wait.as_millis().min(u128::from(u32::MAX)) as u32 };
+    let deadline = Instant::now() + max_wait + cluster.config().request_timeout;
+    let body = match cluster.call_partition(topic, partition, api::FETCH, message::encode(&req), deadline).await {
+        Ok(b) => b,
+        Err(e) if e.code() == Some(ErrorCode::OffsetOutOfRange) && offset == 0 => return Ok((0, Vec::new())),
+        Err(e) => return Err(e),
+    };
+    let malformed = |reason: String| ClientError::Malformed { addr: format!("{topic}/{partition} leader"), reason };
+    let (head, batches): (FetchResponse, Bytes) = message::split_with_batches(&body).map_err(|e| malformed(e.to_string()))?;
+    let mut out = Vec::new();
+    for view in message::split_batches(batches).map_err(|e| malformed(e.to_string()))? {
+        let bytes = view.as_bytes().clone();
+        let base = view.header().base_offset;
+        for record in view.records() {
+            let r = record.map_err(|e| malformed(e.to_string()))?;
+            out.push(Message {
+                partition,
+                offset: base + u64::from(r.offset_delta),
+                timestamp_ms: r.timestamp_ms,
+                key: r.key.map(|k| bytes.slice_ref(k)),
+                value: r.value.map(|v| bytes.slice_ref(v)),
+                headers: r.headers().map(|(k, v)| (k.to_string(), v.map(|v| bytes.slice_ref(v)))).collect(),
+            });
+        }
+    }
+    Ok((head.log_start_offset, out))
+}

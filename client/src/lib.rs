@@ -1,0 +1,26 @@
+//! The Keel Rust client.
+//!
+//! # Layout
+//! - [`cluster`]: finding brokers and partition leaders; retries, redirects, breakers.
+//! - [`producer`]: batching, bounded in-flight window, ordered per partition.
+//! - [`consumer`]: stream consumption from an offset or a time, long-poll.
+//! - [`admin`]: create, delete, list and describe topics.
+//! - [`retry`]: backoff with full jitter, retry budget, circuit breaker.
+//! - [`config`]: every client setting and default.
+//! - [`error`]: what can fail, and what to do about it.
+//!
+//! **Architecture invariant:** the client depends on `protocol` and `net` only; it
+//! never imports the broker or storage.
+
+pub mod admin;
+pub mod cluster;
+pub mod config;
+pub mod consumer;
+pub mod error;
+pub mod producer;
+pub mod retry;
+
+pub use admin::Admin;
+pub use cluster::Cluster;
+pub use config::ClientConfig;
+pub use error::ClientError;
