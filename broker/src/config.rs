@@ -236,6 +236,24 @@ impl Config {
     }
 }
 
+/// Configs for a cluster of `nodes` on free loopback ports with data under `dir/nodeN`
+/// (for tests and tools that start nodes in one process). The ports are free when
+/// chosen; another process could take one before the nodes bind.
+pub fn local_cluster(dir: &std::path::Path, nodes: u16, name: &str) -> Vec<Config> {
+    let listeners: Vec<std::net::TcpListener> = (0..3 * nodes).filter_map(|_| std::net::TcpListener::bind("127.0.0.1:0").ok()).collect();
+    let ports: Vec<u16> = listeners.iter().filter_map(|l| l.local_addr().ok()).map(|a| a.port()).collect();
+    assert_eq!(ports.len(), 3 * usize::from(nodes), "could not find free loopback ports");
+    let mut cluster = ClusterConfig::dev(nodes, 0);
+    let n = usize::from(nodes);
+    for (i, m) in cluster.members.iter_mut().enumerate() {
+        m.client_addr = format!("127.0.0.1:{}", ports[i]);
+        m.peer_addr = format!("127.0.0.1:{}", ports[n + i]);
+        m.admin_addr = format!("127.0.0.1:{}", ports[2 * n + i]);
+    }
+    cluster.name = name.to_string();
+    (1..=u64::from(nodes)).map(|id| Config { node: NodeConfig { id, data_dir: dir.join(format!("node{id}")) }, cluster: cluster.clone() }).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -301,22 +319,4 @@ mod tests {
         c.cluster.fsync = "interval:250".into();
         assert_eq!(c.fsync_policy().unwrap(), keel_storage::FsyncPolicy::Interval(std::time::Duration::from_millis(250)));
     }
-}
-
-/// Configs for a cluster of `nodes` on free loopback ports with data under `dir/nodeN`
-/// (for tests and tools that start nodes in one process). The ports are free when
-/// chosen; another process could take one before the nodes bind.
-pub fn local_cluster(dir: &std::path::Path, nodes: u16, name: &str) -> Vec<Config> {
-    let listeners: Vec<std::net::TcpListener> = (0..3 * nodes).filter_map(|_| std::net::TcpListener::bind("127.0.0.1:0").ok()).collect();
-    let ports: Vec<u16> = listeners.iter().filter_map(|l| l.local_addr().ok()).map(|a| a.port()).collect();
-    assert_eq!(ports.len(), 3 * usize::from(nodes), "could not find free loopback ports");
-    let mut cluster = ClusterConfig::dev(nodes, 0);
-    let n = usize::from(nodes);
-    for (i, m) in cluster.members.iter_mut().enumerate() {
-        m.client_addr = format!("127.0.0.1:{}", ports[i]);
-        m.peer_addr = format!("127.0.0.1:{}", ports[n + i]);
-        m.admin_addr = format!("127.0.0.1:{}", ports[2 * n + i]);
-    }
-    cluster.name = name.to_string();
-    (1..=u64::from(nodes)).map(|id| Config { node: NodeConfig { id, data_dir: dir.join(format!("node{id}")) }, cluster: cluster.clone() }).collect()
 }
