@@ -19,6 +19,11 @@ use crate::config::ClientConfig;
 use crate::error::ClientError;
 use crate::retry::{Backoff, CircuitBreaker, RetryBudget};
 
+/// How long a topic missing from metadata is looked for before it is called unknown
+/// (metadata reaches every broker within a heartbeat or two on a healthy cluster).
+pub const METADATA_PROPAGATION_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+const METADATA_PROPAGATION_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// A handle on the cluster; cheap to clone.
 #[derive(Clone)]
 pub struct Cluster {
@@ -69,8 +74,10 @@ impl Cluster {
             .clone()
     }
 
-    /// One attempt at `addr`, through its circuit breaker.
-    async fn attempt(&self, addr: &str, api_key: u16, payload: Bytes, what: &str) -> Attempt {
+    /// One attempt at `addr`, through its circuit breaker. With `lag_tolerant`, an
+    /// unknown topic or partition is retried: the caller knows the topic exists, so the
+    /// broker that answered has not yet applied the metadata that created it.
+    async fn attempt(&self, addr: &str, api_key: u16, payload: Bytes, what: &str, lag_tolerant: bool) -> Attempt {
         let c = &self.inner.config;
         {
             let mut breakers = self.inner.breakers.lock().expect("breakers lock poisoned");
@@ -103,8 +110,8 @@ impl Cluster {
             Err(CallError::Refused { code, message, .. }) if code.is_retriable() => {
                 Attempt::Retry { redirect: None, error: ClientError::Broker { what: what.to_string(), code, message } }
             }
-            Err(CallError::Refused { code: ErrorCode::UnknownTopic, message, .. }) => {
-                Attempt::Fail(ClientError::Broker { what: what.to_string(), code: ErrorCode::UnknownTopic, message })
+            Err(CallError::Refused { code: code @ (ErrorCode::UnknownTopic | ErrorCode::UnknownPartition), message, .. }) if lag_tolerant => {
+                Attempt::Retry { redirect: None, error: ClientError::Broker { what: what.to_string(), code, message } }
             }
             Err(CallError::Refused { code, message, .. }) => Attempt::Fail(ClientError::Broker { what: what.to_string(), code, message }),
             Err(e) => Attempt::Retry { redirect: None, error: ClientError::NoBroker { tried: addr.to_string(), last: e.to_string() } },
@@ -118,6 +125,7 @@ impl Cluster {
     where
         F: AsyncTargets,
     {
+        let lag_tolerant = targets.lag_tolerant();
         let c = self.inner.config.clone();
         let backoff = Backoff { base: c.backoff_base, cap: c.backoff_cap };
         self.inner.budget.lock().expect("budget lock poisoned").deposit();
@@ -132,7 +140,7 @@ impl Cluster {
                     list[rotate % list.len()].clone()
                 }
             };
-            let error = match self.attempt(&addr, api_key, payload.clone(), what).await {
+            let error = match self.attempt(&addr, api_key, payload.clone(), what, lag_tolerant).await {
                 Attempt::Done(body) => return Ok(body),
                 Attempt::Fail(e) => return Err(e),
                 Attempt::Retry { redirect: r, error } => {
@@ -193,15 +201,23 @@ impl Cluster {
         *self.inner.metadata.lock().expect("metadata lock poisoned") = None;
     }
 
-    /// Partition count of `topic`.
+    /// Partition count of `topic`. A topic missing from the metadata is looked for
+    /// again for up to `METADATA_PROPAGATION_WAIT`: a broker that has not yet applied a
+    /// just-created topic answers without it.
     pub async fn partitions(&self, topic: &str) -> Result<u32, ClientError> {
-        for refresh in [false, true] {
+        let deadline = Instant::now() + METADATA_PROPAGATION_WAIT;
+        let mut refresh = false;
+        loop {
             let m = self.metadata(refresh).await?;
             if let Some(t) = m.topics.iter().find(|t| t.name == topic) {
                 return Ok(t.partitions.len() as u32);
             }
+            if Instant::now() >= deadline {
+                return Err(ClientError::UnknownTopic(topic.to_string()));
+            }
+            refresh = true;
+            tokio::time::sleep(METADATA_PROPAGATION_POLL).await;
         }
-        Err(ClientError::UnknownTopic(topic.to_string()))
     }
 }
 
@@ -209,6 +225,10 @@ impl Cluster {
 trait AsyncTargets {
     fn targets<'a>(&'a mut self, cluster: &'a Cluster) -> std::pin::Pin<Box<dyn std::future::Future<Output = Vec<String>> + Send + 'a>>;
     fn invalidate(&mut self, _cluster: &Cluster) {}
+    /// Whether an unknown topic or partition is metadata lag (retry) rather than final.
+    fn lag_tolerant(&self) -> bool {
+        false
+    }
 }
 
 /// Any broker: the known brokers, else the bootstrap list.
@@ -246,5 +266,9 @@ impl AsyncTargets for PartitionLeader {
 
     fn invalidate(&mut self, cluster: &Cluster) {
         cluster.forget_metadata();
+    }
+
+    fn lag_tolerant(&self) -> bool {
+        true
     }
 }

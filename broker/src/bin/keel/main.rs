@@ -1,6 +1,7 @@
 //! `keel`: the broker (`serve`), a local three-node cluster (`dev`), and — as the client
 //! library lands — the admin, produce and consume commands.
 
+mod client_cmds;
 mod dev;
 mod serve;
 
@@ -12,6 +13,8 @@ struct Cli {
     /// Log format for broker processes.
     #[arg(long, global = true, value_enum, default_value = "text")]
     log_format: LogFormat,
+    #[command(flatten)]
+    connect: client_cmds::Connect,
     #[command(subcommand)]
     command: Command,
 }
@@ -28,6 +31,13 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Run a local cluster of broker processes with the embedded default config.
     Dev(dev::DevArgs),
+    /// Create, list, describe and delete topics.
+    #[command(subcommand)]
+    Topic(client_cmds::TopicCommand),
+    /// Send messages: the MESSAGE argument, or one per line of standard input.
+    Produce(client_cmds::ProduceArgs),
+    /// Read a topic (stream mode), one message per line.
+    Consume(client_cmds::ConsumeArgs),
 }
 
 fn init_logs(format: LogFormat) {
@@ -48,6 +58,9 @@ fn main() -> std::process::ExitCode {
             serve::run(args)
         }
         Command::Dev(args) => dev::run(args, cli.log_format),
+        Command::Topic(cmd) => client_cmds::topic(cmd, cli.connect),
+        Command::Produce(args) => client_cmds::produce(args, cli.connect),
+        Command::Consume(args) => client_cmds::consume(args, cli.connect),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,0 +1,263 @@
+//! The client-side commands: `keel topic …`, `keel produce`, `keel consume`. They use the
+//! Rust client library, like any application would.
+
+use std::io::{BufRead, Write};
+use std::time::{Duration, Instant, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use keel_client::consumer::{Consumer, StartAt};
+use keel_client::producer::{Producer, ProducerConfig, Record};
+use keel_client::{Admin, ClientConfig, Cluster};
+use keel_protocol::message::CreateTopicRequest;
+
+/// Where the CLI finds the cluster.
+#[derive(clap::Args, Clone)]
+pub struct Connect {
+    /// Broker client addresses, host:port[,host:port…]. Defaults to the `keel dev` cluster.
+    #[arg(long, global = true, env = "KEEL_BOOTSTRAP", default_value = "127.0.0.1:9092,127.0.0.1:9093,127.0.0.1:9094")]
+    bootstrap: String,
+    /// Print data as JSON (one object per line for streams).
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+impl Connect {
+    fn cluster(&self) -> anyhow::Result<Cluster> {
+        Ok(Cluster::new(ClientConfig::with_bootstrap(&self.bootstrap))?)
+    }
+}
+
+#[derive(clap::Subcommand)]
+pub enum TopicCommand {
+    /// Create a topic.
+    Create {
+        name: String,
+        #[arg(long, default_value_t = 3)]
+        partitions: u32,
+        #[arg(long, default_value_t = 3)]
+        replicas: u16,
+        /// Keep messages this long (e.g. 7d, 12h); forever if omitted.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        retention: Option<Duration>,
+        /// Largest batch a producer may send, in bytes.
+        #[arg(long)]
+        max_message_bytes: Option<u32>,
+    },
+    /// List topics.
+    List,
+    /// Show a topic's partitions, replicas and leaders.
+    Describe { name: String },
+    /// Delete a topic and its data.
+    Delete { name: String },
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("starting the async runtime")
+}
+
+pub fn topic(cmd: TopicCommand, connect: Connect) -> anyhow::Result<()> {
+    runtime()?.block_on(async move {
+        let admin = Admin::new(connect.cluster()?);
+        match cmd {
+            TopicCommand::Create { name, partitions, replicas, retention, max_message_bytes } => {
+                let retention_ms = retention.map(|d| d.as_millis() as u64);
+                admin.create_topic_with(CreateTopicRequest { name: name.clone(), partitions, replicas, retention_ms, max_message_bytes }).await?;
+                println!("created topic {name} ({partitions} partitions, {replicas} replicas)");
+            }
+            TopicCommand::List => {
+                let topics = admin.list_topics().await?;
+                for t in &topics {
+                    if connect.json {
+                        println!("{}", serde_json::json!({"name": t.name, "partitions": t.partitions.len(), "replicas": t.partitions.first().map_or(0, |p| p.replicas.len())}));
+                    } else {
+                        println!("{}\t{} partitions", t.name, t.partitions.len());
+                    }
+                }
+            }
+            TopicCommand::Describe { name } => {
+                let t = admin.describe_topic(&name).await?;
+                if connect.json {
+                    let parts: Vec<_> = t.partitions.iter().map(|p| serde_json::json!({"partition": p.partition, "leader": p.leader, "replicas": p.replicas})).collect();
+                    println!("{}", serde_json::json!({"name": t.name, "max_message_bytes": t.max_message_bytes, "retention_ms": t.retention_ms, "partitions": parts}));
+                } else {
+                    println!("topic {}  max message {} bytes  retention {}", t.name, t.max_message_bytes, t.retention_ms.map_or("forever".to_string(), |ms| humantime::format_duration(Duration::from_millis(ms)).to_string()));
+                    for p in &t.partitions {
+                        let leader = p.leader.map_or("none".to_string(), |l| l.to_string());
+                        println!("  partition {}  leader {leader}  replicas {:?}", p.partition, p.replicas);
+                    }
+                }
+            }
+            TopicCommand::Delete { name } => {
+                admin.delete_topic(&name).await?;
+                println!("deleted topic {name}");
+            }
+        }
+        Ok(())
+    })
+}
+
+#[derive(clap::Args)]
+pub struct ProduceArgs {
+    topic: String,
+    /// Message key (same key, same partition, in order).
+    #[arg(long)]
+    key: Option<String>,
+    /// A header, name=value; repeatable.
+    #[arg(long = "header", value_parser = parse_header)]
+    headers: Vec<(String, String)>,
+    /// The message. Without it, every line of standard input is one message.
+    message: Option<String>,
+}
+
+fn parse_header(s: &str) -> Result<(String, String), String> {
+    s.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).ok_or_else(|| format!("header {s:?} is not name=value"))
+}
+
+pub fn produce(args: ProduceArgs, connect: Connect) -> anyhow::Result<()> {
+    runtime()?.block_on(async move {
+        let cluster = connect.cluster()?;
+        cluster.partitions(&args.topic).await?;
+        let producer = Producer::new(cluster, ProducerConfig::default());
+        let make = |value: String| {
+            let mut r = Record::new(value);
+            if let Some(k) = &args.key {
+                r = r.with_key(k.clone());
+            }
+            for (name, v) in &args.headers {
+                r = r.with_header(name.clone(), v.clone());
+            }
+            r
+        };
+        // Acknowledgements are awaited as they come, so memory stays bounded by the
+        // producer's queue and in-flight window, not by the input size.
+        let (ack_tx, mut ack_rx) = tokio::sync::mpsc::channel::<keel_client::producer::DeliveryFuture>(64 * 1024);
+        let waiter = tokio::spawn(async move {
+            let (mut ok, mut first_error) = (0u64, None);
+            while let Some(ack) = ack_rx.recv().await {
+                match ack.wait().await {
+                    Ok(_) => ok += 1,
+                    Err(e) => {
+                        first_error.get_or_insert(e);
+                    }
+                }
+            }
+            (ok, first_error)
+        });
+        let mut sent = 0u64;
+        match &args.message {
+            Some(m) => {
+                ack_tx.send(producer.send(&args.topic, make(m.clone())).await?).await.ok();
+                sent += 1;
+            }
+            None => {
+                let (line_tx, mut line_rx) = tokio::sync::mpsc::channel::<String>(1024);
+                std::thread::spawn(move || {
+                    for line in std::io::stdin().lock().lines() {
+                        let Ok(line) = line else { break };
+                        if line_tx.blocking_send(line).is_err() {
+                            break;
+                        }
+                    }
+                });
+                while let Some(line) = line_rx.recv().await {
+                    ack_tx.send(producer.send(&args.topic, make(line)).await?).await.ok();
+                    sent += 1;
+                }
+            }
+        }
+        producer.flush().await?;
+        drop(ack_tx);
+        let (ok, first_error) = waiter.await?;
+        producer.close().await;
+        if let Some(e) = first_error {
+            bail!("{ok} of {sent} messages acknowledged; the first failure: {e}");
+        }
+        if connect.json {
+            println!("{}", serde_json::json!({"acknowledged": ok}));
+        } else {
+            println!("{ok} messages acknowledged");
+        }
+        Ok(())
+    })
+}
+
+#[derive(clap::Args)]
+pub struct ConsumeArgs {
+    topic: String,
+    /// earliest, latest, an offset, or an RFC 3339 time (2026-11-01T00:00:00Z).
+    #[arg(long, default_value = "earliest")]
+    from: String,
+    /// Stop after this many messages.
+    #[arg(long)]
+    max: Option<u64>,
+    /// Stop after this long without a new message (e.g. 5s); wait forever if omitted.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    idle_timeout: Option<Duration>,
+    /// value: the message value per line; json: an object per line.
+    #[arg(long, value_enum, default_value = "value")]
+    format: ConsumeFormat,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ConsumeFormat {
+    Value,
+    Json,
+}
+
+fn parse_start(s: &str) -> anyhow::Result<StartAt> {
+    Ok(match s {
+        "earliest" => StartAt::Earliest,
+        "latest" => StartAt::Latest,
+        _ => match s.parse::<u64>() {
+            Ok(o) => StartAt::Offset(o),
+            Err(_) => {
+                let t = humantime::parse_rfc3339_weak(s).with_context(|| format!("--from {s:?} is not earliest, latest, an offset or an RFC 3339 time"))?;
+                StartAt::Time(t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64))
+            }
+        },
+    })
+}
+
+pub fn consume(args: ConsumeArgs, connect: Connect) -> anyhow::Result<()> {
+    let start = parse_start(&args.from)?;
+    let json = connect.json || matches!(args.format, ConsumeFormat::Json);
+    runtime()?.block_on(async move {
+        let mut consumer = Consumer::new(connect.cluster()?, &args.topic, start).await?;
+        let stdout = std::io::stdout();
+        let mut out = std::io::BufWriter::new(stdout.lock());
+        let mut count = 0u64;
+        let mut last_message = Instant::now();
+        'outer: loop {
+            let messages = consumer.poll(Duration::from_millis(500)).await?;
+            if messages.is_empty() {
+                if args.idle_timeout.is_some_and(|t| last_message.elapsed() >= t) {
+                    break;
+                }
+                out.flush()?;
+                continue;
+            }
+            last_message = Instant::now();
+            for m in messages {
+                let value = m.value.as_deref().map(String::from_utf8_lossy).unwrap_or_default();
+                if json {
+                    let headers: serde_json::Map<String, serde_json::Value> = m
+                        .headers
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.as_deref().map(String::from_utf8_lossy).map_or(serde_json::Value::Null, |s| s.into())))
+                        .collect();
+                    let line = serde_json::json!({"partition": m.partition, "offset": m.offset, "timestamp_ms": m.timestamp_ms,
+                        "key": m.key.as_deref().map(String::from_utf8_lossy), "value": value, "headers": headers});
+                    writeln!(out, "{line}")?;
+                } else {
+                    writeln!(out, "{value}")?;
+                }
+                count += 1;
+                if args.max.is_some_and(|max| count >= max) {
+                    break 'outer;
+                }
+            }
+        }
+        out.flush()?;
+        Ok(())
+    })
+}

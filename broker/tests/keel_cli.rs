@@ -1,0 +1,79 @@
+//! The CLI as a user runs it against `keel dev`: `seq 1 N | keel produce t`, then one
+//! node is killed with SIGKILL, then `keel consume t --from earliest --max N` returns all
+//! N values exactly once.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const N: u32 = 20_000;
+
+fn keel(bootstrap: &str) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_keel"));
+    c.env("KEEL_BOOTSTRAP", bootstrap);
+    c
+}
+
+fn start_dev(dir: &Path, base_port: u16) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args(["dev", "--data-dir"])
+        .arg(dir)
+        .args(["--base-port", &base_port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+fn pid_of(dir: &Path, node: u32) -> Option<i32> {
+    std::fs::read_to_string(dir.join(format!("node{node}/keel.pid"))).ok()?.trim().parse().ok()
+}
+
+fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{:?} failed: {}", cmd, String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn produce_kill_a_node_then_consume_returns_every_value_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let base_port = 23_000 + (std::process::id() % 2000) as u16;
+    let mut dev = start_dev(dir.path(), base_port);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !(dir.path().join("bootstrap").exists() && (1..=3).all(|n| pid_of(dir.path(), n).is_some())) {
+        assert!(Instant::now() < deadline, "keel dev did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let bootstrap = std::fs::read_to_string(dir.path().join("bootstrap")).unwrap();
+
+    run_ok(keel(&bootstrap).args(["topic", "create", "t", "--partitions", "3", "--replicas", "3"]));
+    let mut produce = keel(&bootstrap).args(["produce", "t"]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    {
+        let mut stdin = std::io::BufWriter::new(produce.stdin.take().unwrap());
+        for i in 1..=N {
+            writeln!(stdin, "{i}").unwrap();
+        }
+    }
+    let out = produce.wait_with_output().unwrap();
+    assert!(out.status.success(), "produce failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("{N} messages acknowledged"));
+
+    // SIGKILL one node: the others must still serve every acknowledged message.
+    let victim = pid_of(dir.path(), 1).unwrap();
+    // SAFETY: kill(2) on a node process started by this test's keel dev.
+    unsafe { libc::kill(victim, libc::SIGKILL) };
+
+    let consumed = run_ok(keel(&bootstrap).args(["consume", "t", "--from", "earliest", "--max", &N.to_string(), "--idle-timeout", "30s"]));
+    let mut values: Vec<u32> = consumed.lines().map(|l| l.parse().unwrap()).collect();
+    assert_eq!(values.len(), N as usize, "consume returned {} lines", values.len());
+    values.sort_unstable();
+    values.dedup();
+    assert_eq!(values.len(), N as usize, "every value exactly once");
+    assert_eq!((values[0], values[values.len() - 1]), (1, N));
+
+    // SAFETY: kill(2) on the keel dev process this test spawned.
+    unsafe { libc::kill(dev.id() as i32, libc::SIGTERM) };
+    assert!(dev.wait().unwrap().success());
+}
