@@ -65,6 +65,22 @@ fn produce_kill_a_node_then_consume_returns_every_value_once() {
     // SAFETY: kill(2) on a node process started by this test's keel dev.
     unsafe { libc::kill(victim, libc::SIGKILL) };
 
+    // `keel cluster status` sees the dead node and the under-replicated partitions,
+    // each still led by a live node.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let status: serde_json::Value = serde_json::from_str(&run_ok(keel(&bootstrap).args(["cluster", "status", "--json"]))).unwrap();
+        let node1_down = status["nodes"].as_array().unwrap().iter().any(|n| n["id"] == 1 && n["up"] == false);
+        let parts = status["partitions"].as_array().unwrap();
+        let all_led_elsewhere = parts.iter().all(|p| p["leader"].as_u64().is_some_and(|l| l != 1));
+        let all_under = parts.iter().all(|p| p["under_replicated"] == true);
+        if node1_down && all_led_elsewhere && all_under && parts.len() == 3 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "cluster status never showed the failover: {status}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
     let consumed = run_ok(keel(&bootstrap).args(["consume", "t", "--from", "earliest", "--max", &N.to_string(), "--idle-timeout", "30s"]));
     let mut values: Vec<u32> = consumed.lines().map(|l| l.parse().unwrap()).collect();
     assert_eq!(values.len(), N as usize, "consume returned {} lines", values.len());

@@ -1,7 +1,7 @@
 //! `Admin`: create, delete, list and describe topics.
 
 use keel_protocol::api::client as api;
-use keel_protocol::message::{self, CreateTopicRequest, DeleteTopicRequest, TopicInfo};
+use keel_protocol::message::{self, BrokerInfo, ClusterStatusResponse, CreateTopicRequest, DeleteTopicRequest, TopicInfo};
 
 use crate::cluster::Cluster;
 use crate::error::ClientError;
@@ -50,6 +50,21 @@ impl Admin {
     /// Every topic, with partitions, replicas and leaders.
     pub async fn list_topics(&self) -> Result<Vec<TopicInfo>, ClientError> {
         Ok(self.cluster.metadata(true).await?.topics.clone())
+    }
+
+    /// Every broker's report on the groups it hosts; a broker that does not answer
+    /// within `timeout` comes back as an error (it is down or unreachable).
+    pub async fn cluster_status(&self, timeout: std::time::Duration) -> Result<Vec<(BrokerInfo, Result<ClusterStatusResponse, ClientError>)>, ClientError> {
+        let brokers = self.cluster.metadata(true).await?.brokers.clone();
+        let mut out = Vec::new();
+        for b in brokers {
+            let status = match self.cluster.call_once(&b.addr, api::CLUSTER_STATUS, bytes::Bytes::new(), timeout).await {
+                Ok(body) => message::decode(&body).map_err(|e| ClientError::Malformed { addr: b.addr.clone(), reason: e.to_string() }),
+                Err(e) => Err(e),
+            };
+            out.push((b, status));
+        }
+        Ok(out)
     }
 
     pub async fn describe_topic(&self, name: &str) -> Result<TopicInfo, ClientError> {

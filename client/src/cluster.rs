@@ -169,6 +169,15 @@ impl Cluster {
         }
     }
 
+    /// One attempt at one broker, no retries: for per-node questions such as status,
+    /// where "did not answer" is the answer.
+    pub async fn call_once(&self, addr: &str, api_key: u16, payload: Bytes, timeout: std::time::Duration) -> Result<Bytes, ClientError> {
+        self.caller(addr).call(api_key, payload, timeout).await.map_err(|e| match e {
+            CallError::Refused { code, message, .. } => ClientError::Broker { what: format!("request to {addr}"), code, message },
+            other => ClientError::NoBroker { tried: addr.to_string(), last: other.to_string() },
+        })
+    }
+
     /// Sends an admin or metadata request to any broker (following redirects).
     pub async fn call_any(&self, what: &str, api_key: u16, payload: Bytes) -> Result<Bytes, ClientError> {
         let deadline = Instant::now() + self.inner.config.request_timeout;

@@ -193,6 +193,33 @@ pub struct ListOffsetsResponse {
     pub offset: u64,
 }
 
+/// One node's view of the Raft groups it hosts (`api::client::CLUSTER_STATUS`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterStatusResponse {
+    pub node: u64,
+    pub groups: Vec<GroupStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupStatus {
+    pub group: u64,
+    /// `None` for the metadata group.
+    pub topic: Option<String>,
+    pub partition: Option<u32>,
+    /// "leader", "follower", "candidate", "learner" or "shutdown".
+    pub role: String,
+    pub term: u64,
+    pub leader: Option<u64>,
+    pub last_log_index: Option<u64>,
+    pub committed_index: Option<u64>,
+    pub applied_index: Option<u64>,
+    pub high_watermark: u64,
+    /// On the leader: each replica's matched log index.
+    pub matched: Vec<(u64, Option<u64>)>,
+    /// The group's voters.
+    pub replicas: Vec<u64>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -49,6 +49,7 @@ impl Service for ClientService {
                 api::CREATE_TOPIC => self.create_topic(&payload).await,
                 api::DELETE_TOPIC => self.delete_topic(&payload).await,
                 api::LIST_OFFSETS => self.list_offsets(&payload).await,
+                api::CLUSTER_STATUS => Ok(self.cluster_status()),
                 other => Err(Reply::error(ErrorCode::UnsupportedApi, format!("api {other} is not served on the client listener; upgrade the broker"))),
             };
             match outcome {
@@ -251,6 +252,15 @@ impl ClientService {
         Ok(Bytes::new())
     }
 
+    fn cluster_status(&self) -> Bytes {
+        let hosted = self.hosted.read().expect("hosted lock poisoned").clone();
+        let mut groups = vec![group_status(&self.metadata_group, None, None)];
+        let mut partitions: Vec<_> = hosted.values().collect();
+        partitions.sort_by_key(|p| (p.topic.clone(), p.partition));
+        groups.extend(partitions.into_iter().map(|p| group_status(&p.group, Some(p.topic.clone()), Some(p.partition))));
+        message::encode(&ClusterStatusResponse { node: self.node_id, groups })
+    }
+
     async fn list_offsets(&self, payload: &[u8]) -> Outcome {
         let req: ListOffsetsRequest = message::decode(payload).map_err(bad_request)?;
         let part = self.partition(&req.topic, req.partition)?;
@@ -266,5 +276,32 @@ impl ClientService {
         .map_err(|e| Reply::error(ErrorCode::StorageFailed, format!("offset lookup failed: {e}")))?;
         let offset = found.filter(|o| *o < committed).unwrap_or(committed);
         Ok(message::encode(&ListOffsetsResponse { offset }))
+    }
+}
+
+fn group_status(g: &GroupHandle, topic: Option<String>, partition: Option<u32>) -> GroupStatus {
+    use openraft::async_runtime::watch::WatchReceiver;
+    let m = g.raft.metrics().borrow_watched().clone();
+    let role = match m.state {
+        openraft::ServerState::Leader => "leader",
+        openraft::ServerState::Follower => "follower",
+        openraft::ServerState::Candidate => "candidate",
+        openraft::ServerState::Learner => "learner",
+        openraft::ServerState::Shutdown => "shutdown",
+    };
+    let matched = m.replication.as_ref().map(|r| r.iter().map(|(id, log)| (*id, log.map(|l| l.index))).collect()).unwrap_or_default();
+    GroupStatus {
+        group: g.id,
+        topic,
+        partition,
+        role: role.to_string(),
+        term: m.current_term,
+        leader: m.current_leader,
+        last_log_index: m.last_log_index,
+        committed_index: m.local_committed.map(|l| l.index),
+        applied_index: m.last_applied.map(|l| l.index),
+        high_watermark: *g.high_watermark.borrow(),
+        matched,
+        replicas: m.membership_config.membership().voter_ids().collect(),
     }
 }

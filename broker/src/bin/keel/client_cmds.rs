@@ -96,6 +96,109 @@ pub fn topic(cmd: TopicCommand, connect: Connect) -> anyhow::Result<()> {
     })
 }
 
+#[derive(clap::Subcommand)]
+pub enum ClusterCommand {
+    /// Nodes, liveness, and per partition: leader, term, commit index, replica lag,
+    /// under-replicated flag.
+    Status,
+}
+
+/// A replica more than this many log entries behind its leader counts as lagging.
+const UNDER_REPLICATED_LAG_ENTRIES: u64 = 1000;
+
+pub fn cluster(cmd: ClusterCommand, connect: Connect) -> anyhow::Result<()> {
+    let ClusterCommand::Status = cmd;
+    runtime()?.block_on(async move {
+        let cluster = connect.cluster()?;
+        let admin = Admin::new(cluster.clone());
+        let reports = admin.cluster_status(Duration::from_secs(2)).await?;
+        let metadata = cluster.metadata(false).await?;
+        let up: Vec<u64> = reports.iter().filter(|(_, r)| r.is_ok()).map(|(b, _)| b.id).collect();
+        // The leader's report of each group, if any live node leads it.
+        let leader_view = |group_topic: &str, partition: u32| {
+            reports
+                .iter()
+                .filter_map(|(_, r)| r.as_ref().ok())
+                .flat_map(|r| r.groups.iter())
+                .find(|g| g.role == "leader" && g.topic.as_deref() == Some(group_topic) && g.partition == Some(partition))
+                .cloned()
+        };
+        let mut rows = Vec::new();
+        for t in &metadata.topics {
+            for p in &t.partitions {
+                let view = leader_view(&t.name, p.partition);
+                let lags: Vec<(u64, Option<u64>)> = p
+                    .replicas
+                    .iter()
+                    .map(|r| {
+                        let lag = view.as_ref().and_then(|v| {
+                            if Some(*r) == v.leader {
+                                return Some(0);
+                            }
+                            let matched = v.matched.iter().find(|(id, _)| id == r)?.1?;
+                            Some(v.last_log_index.unwrap_or(0).saturating_sub(matched))
+                        });
+                        (*r, lag.filter(|_| up.contains(r)))
+                    })
+                    .collect();
+                let under = view.is_none() || lags.iter().any(|(_, lag)| lag.is_none_or(|l| l > UNDER_REPLICATED_LAG_ENTRIES));
+                rows.push((t.name.clone(), p.partition, view, lags, under));
+            }
+        }
+        if connect.json {
+            let nodes: Vec<_> = reports
+                .iter()
+                .map(|(b, r)| serde_json::json!({"id": b.id, "addr": b.addr, "up": r.is_ok(), "error": r.as_ref().err().map(|e| e.to_string())}))
+                .collect();
+            let parts: Vec<_> = rows
+                .iter()
+                .map(|(t, p, v, lags, under)| {
+                    serde_json::json!({"topic": t, "partition": p, "leader": v.as_ref().and_then(|v| v.leader), "term": v.as_ref().map(|v| v.term),
+                        "commit_index": v.as_ref().and_then(|v| v.committed_index), "high_watermark": v.as_ref().map(|v| v.high_watermark),
+                        "replica_lag": lags.iter().map(|(r, l)| serde_json::json!({"replica": r, "lag": l})).collect::<Vec<_>>(), "under_replicated": under})
+                })
+                .collect();
+            println!("{}", serde_json::json!({"nodes": nodes, "partitions": parts}));
+            return Ok(());
+        }
+        println!("NODE  ADDRESS              STATE  GROUPS LED/HOSTED");
+        for (b, r) in &reports {
+            match r {
+                Ok(s) => println!("{:<5} {:<20} up     {}/{}", b.id, b.addr, s.groups.iter().filter(|g| g.role == "leader").count(), s.groups.len()),
+                Err(keel_client::ClientError::NoBroker { last, .. }) => {
+                    println!("{:<5} {:<20} DOWN   ({})", b.id, b.addr, last.rsplit(": ").next().unwrap_or(last))
+                }
+                Err(e) => println!("{:<5} {:<20} DOWN   ({e})", b.id, b.addr),
+            }
+        }
+        println!();
+        println!("TOPIC/PARTITION       LEADER  TERM  COMMIT  HW        REPLICA LAG (entries)        UNDER-REPLICATED");
+        for (t, p, v, lags, under) in rows {
+            let lag_text: Vec<String> = lags.iter().map(|(r, l)| format!("{r}:{}", l.map_or("?".to_string(), |l| l.to_string()))).collect();
+            let (leader, term, commit, hw) = match &v {
+                Some(v) => (
+                    v.leader.map_or("-".into(), |l| l.to_string()),
+                    v.term.to_string(),
+                    v.committed_index.map_or("-".into(), |c| c.to_string()),
+                    v.high_watermark.to_string(),
+                ),
+                None => ("none".into(), "-".into(), "-".into(), "-".into()),
+            };
+            println!(
+                "{:<21} {:<7} {:<5} {:<7} {:<9} {:<28} {}",
+                format!("{t}/{p}"),
+                leader,
+                term,
+                commit,
+                hw,
+                lag_text.join(" "),
+                if under { "YES" } else { "no" }
+            );
+        }
+        Ok(())
+    })
+}
+
 #[derive(clap::Args)]
 pub struct ProduceArgs {
     topic: String,

@@ -38,6 +38,9 @@ enum Command {
     Produce(client_cmds::ProduceArgs),
     /// Read a topic (stream mode), one message per line.
     Consume(client_cmds::ConsumeArgs),
+    /// Cluster-wide views.
+    #[command(subcommand)]
+    Cluster(client_cmds::ClusterCommand),
 }
 
 fn init_logs(format: LogFormat) {
@@ -61,6 +64,7 @@ fn main() -> std::process::ExitCode {
         Command::Topic(cmd) => client_cmds::topic(cmd, cli.connect),
         Command::Produce(args) => client_cmds::produce(args, cli.connect),
         Command::Consume(args) => client_cmds::consume(args, cli.connect),
+        Command::Cluster(cmd) => client_cmds::cluster(cmd, cli.connect),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
