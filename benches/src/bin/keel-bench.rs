@@ -1,0 +1,295 @@
+//! `keel-bench`: load against a running Keel cluster through the Rust client.
+//!
+//! Produce phase: `--producers` producers send `--message-size` messages for
+//! `--duration` (or `--messages` in total), each keeping at most `--in-flight` messages
+//! unacknowledged, optionally capped at `--rate` messages/s. Reports acknowledged
+//! msgs/s and MB/s, ack latency percentiles (HdrHistogram) and, in `--failover` mode,
+//! the longest gap between acknowledgements after SIGKILL of the leader of partition 0
+//! (PID from `keel dev`'s `DIR/nodeN/keel.pid`). Consume phase: reads the topic from
+//! the earliest offset and reports msgs/s, end-to-end latency (producer timestamp to
+//! receipt, during the produce phase only when `--consumers` > 0) and, if asked,
+//! checks that every acknowledged message is present.
+//!
+//! Every loop is bounded by count and time and stops by itself.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use bytes::{BufMut, Bytes, BytesMut};
+use clap::Parser;
+use hdrhistogram::Histogram;
+use keel_client::consumer::{Consumer, StartAt};
+use keel_client::producer::{Producer, ProducerConfig, Record};
+use keel_client::{Admin, ClientConfig, Cluster};
+use tokio::sync::Semaphore;
+
+#[derive(Parser, Clone)]
+#[command(name = "keel-bench", about = "Load generator for a Keel cluster")]
+struct Args {
+    #[arg(long, env = "KEEL_BOOTSTRAP", default_value = "127.0.0.1:9092,127.0.0.1:9093,127.0.0.1:9094")]
+    bootstrap: String,
+    #[arg(long, default_value = "bench")]
+    topic: String,
+    /// Create the topic first (ignored if it exists).
+    #[arg(long, default_value_t = 3)]
+    partitions: u32,
+    #[arg(long, default_value_t = 3)]
+    replicas: u16,
+    #[arg(long, default_value_t = 1)]
+    producers: usize,
+    #[arg(long, default_value_t = 1024)]
+    message_size: usize,
+    /// Unacknowledged messages per producer.
+    #[arg(long, default_value_t = 1024)]
+    in_flight: usize,
+    /// Batches in flight per partition per producer (order is only kept with 1).
+    #[arg(long, default_value_t = 4)]
+    batches_in_flight_per_partition: usize,
+    /// Producer linger.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "2ms")]
+    linger: Duration,
+    /// Total messages/s across producers; unlimited if omitted.
+    #[arg(long)]
+    rate: Option<u64>,
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "15s")]
+    duration: Duration,
+    /// Stop after this many messages (whichever of this and --duration comes first).
+    #[arg(long)]
+    messages: Option<u64>,
+    /// Read the topic back from the earliest offset after producing.
+    #[arg(long)]
+    consume: bool,
+    /// Check that every acknowledged message is read back (implies --consume).
+    #[arg(long)]
+    verify: bool,
+    /// SIGKILL the leader of partition 0 halfway through the produce phase.
+    #[arg(long)]
+    failover: bool,
+    /// `keel dev`'s data directory (for --failover's PID files).
+    #[arg(long, default_value = "keel-data")]
+    data_dir: PathBuf,
+    /// Write the summary as JSON to this file too.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// A message body: producer id, sequence, padding to the size.
+fn body(producer: usize, seq: u64, size: usize) -> Bytes {
+    let mut b = BytesMut::with_capacity(size.max(16));
+    b.put_u64_le(producer as u64);
+    b.put_u64_le(seq);
+    b.resize(size.max(16), b'x');
+    b.freeze()
+}
+
+fn id_of(value: &[u8]) -> Option<(u64, u64)> {
+    Some((u64::from_le_bytes(value.get(0..8)?.try_into().ok()?), u64::from_le_bytes(value.get(8..16)?.try_into().ok()?)))
+}
+
+struct Shared {
+    ack_latency_us: Histogram<u64>,
+    acked: Vec<(u64, u64)>,
+    ack_times: Vec<Instant>,
+    failed: u64,
+    first_error: Option<String>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let cluster = Cluster::new(ClientConfig::with_bootstrap(&args.bootstrap))?;
+    let admin = Admin::new(cluster.clone());
+    if admin.describe_topic(&args.topic).await.is_err() {
+        admin.create_topic(&args.topic, args.partitions, args.replicas).await.context("creating the bench topic")?;
+    }
+    // Wait for every partition to have a leader before measuring.
+    let ready = Instant::now() + Duration::from_secs(30);
+    while admin.describe_topic(&args.topic).await?.partitions.iter().any(|p| p.leader.is_none()) {
+        if Instant::now() > ready {
+            bail!("partitions of {} have no leader after 30 s", args.topic);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let hw_before: u64 = 0;
+    let shared = Arc::new(Mutex::new(Shared {
+        ack_latency_us: Histogram::new_with_bounds(1, 60_000_000, 3)?,
+        acked: Vec::new(),
+        ack_times: Vec::new(),
+        failed: 0,
+        first_error: None,
+    }));
+    let started = Instant::now();
+    let deadline = started + args.duration;
+    let per_producer_cap = args.messages.map(|m| m.div_ceil(args.producers as u64));
+    let per_producer_rate = args.rate.map(|r| (r as f64 / args.producers as f64).max(1.0));
+    let mut tasks = Vec::new();
+    for pid in 0..args.producers {
+        let cfg = ProducerConfig {
+            linger: args.linger,
+            max_in_flight_per_partition: args.batches_in_flight_per_partition,
+            max_in_flight: 64,
+            ..ProducerConfig::default()
+        };
+        let producer = Arc::new(Producer::new(cluster.clone(), cfg));
+        let (shared, args) = (shared.clone(), args.clone());
+        tasks.push(tokio::spawn(async move {
+            let window = Arc::new(Semaphore::new(args.in_flight));
+            let mut seq = 0u64;
+            while Instant::now() < deadline && per_producer_cap.is_none_or(|cap| seq < cap) {
+                if let Some(rate) = per_producer_rate {
+                    let due = started + Duration::from_secs_f64(seq as f64 / rate);
+                    tokio::time::sleep_until(due.into()).await;
+                }
+                let permit = window.clone().acquire_owned().await.expect("never closed");
+                let mut record = Record::new(body(pid, seq, args.message_size));
+                record.timestamp_ms = Some(now_ms());
+                let sent_at = Instant::now();
+                let ack = match producer.send(&args.topic, record).await {
+                    Ok(a) => a,
+                    Err(e) => {
+                        shared.lock().unwrap().first_error.get_or_insert(e.to_string());
+                        break;
+                    }
+                };
+                let shared = shared.clone();
+                let id = (pid as u64, seq);
+                tokio::spawn(async move {
+                    let result = ack.wait().await;
+                    let now = Instant::now();
+                    let mut s = shared.lock().unwrap();
+                    match result {
+                        Ok(_) => {
+                            let _ = s.ack_latency_us.record((now - sent_at).as_micros().max(1) as u64);
+                            s.acked.push(id);
+                            s.ack_times.push(now);
+                        }
+                        Err(e) => {
+                            s.failed += 1;
+                            s.first_error.get_or_insert(e.to_string());
+                        }
+                    }
+                    drop(permit);
+                });
+                seq += 1;
+            }
+            producer.flush().await.ok();
+            // Wait for this producer's outstanding acknowledgements.
+            let _ = window.acquire_many(args.in_flight as u32).await;
+            seq
+        }));
+    }
+    let mut killed: Option<(u64, Instant)> = None;
+    if args.failover {
+        tokio::time::sleep(args.duration / 2).await;
+        let leader = admin.describe_topic(&args.topic).await?.partitions[0].leader.context("partition 0 has no leader")?;
+        let pid_file = args.data_dir.join(format!("node{leader}/keel.pid"));
+        let pid: i32 = std::fs::read_to_string(&pid_file).with_context(|| format!("reading {}", pid_file.display()))?.trim().parse()?;
+        // SAFETY: kill(2) on a keel node process named by keel dev's pid file.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        killed = Some((leader, Instant::now()));
+        eprintln!("killed node {leader} (pid {pid}), the leader of partition 0");
+    }
+    let mut sent = 0u64;
+    for t in tasks {
+        sent += t.await?;
+    }
+    let elapsed = started.elapsed();
+    // Every acknowledgement task has finished (each producer waited for its window),
+    // so the shared results can be taken out whole.
+    let s = std::mem::replace(
+        &mut *shared.lock().unwrap(),
+        Shared { ack_latency_us: Histogram::new_with_bounds(1, 60_000_000, 3)?, acked: Vec::new(), ack_times: Vec::new(), failed: 0, first_error: None },
+    );
+    let acked = s.acked.len() as u64;
+    let mut times = s.ack_times.clone();
+    times.sort();
+    let max_gap = times.windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default();
+    let gap_after_kill = killed.map(|(_, at)| times.windows(2).filter(|w| w[1] >= at).map(|w| w[1] - w[0]).max().unwrap_or_default());
+    let h = &s.ack_latency_us;
+    let mb = (acked as f64 * args.message_size as f64) / 1e6;
+    let mut summary = serde_json::json!({
+        "producers": args.producers, "message_size": args.message_size, "in_flight": args.in_flight,
+        "sent": sent, "acknowledged": acked, "failed": s.failed, "seconds": elapsed.as_secs_f64(),
+        "produce_msgs_per_s": acked as f64 / elapsed.as_secs_f64(), "produce_mb_per_s": mb / elapsed.as_secs_f64(),
+        "ack_latency_ms": {"p50": h.value_at_quantile(0.5) as f64 / 1000.0, "p90": h.value_at_quantile(0.9) as f64 / 1000.0,
+            "p99": h.value_at_quantile(0.99) as f64 / 1000.0, "p999": h.value_at_quantile(0.999) as f64 / 1000.0, "max": h.max() as f64 / 1000.0},
+        "longest_ack_gap_ms": max_gap.as_secs_f64() * 1000.0,
+    });
+    if let (Some((node, _)), Some(gap)) = (killed, gap_after_kill) {
+        summary["failover"] = serde_json::json!({"killed_node": node, "longest_ack_gap_after_kill_ms": gap.as_secs_f64() * 1000.0});
+    }
+    println!(
+        "produce: {acked} acknowledged of {sent} sent in {:.1} s: {:.0} msgs/s, {:.1} MB/s; {} failed",
+        elapsed.as_secs_f64(),
+        acked as f64 / elapsed.as_secs_f64(),
+        mb / elapsed.as_secs_f64(),
+        s.failed
+    );
+    println!(
+        "ack latency ms: p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
+        h.value_at_quantile(0.5) as f64 / 1000.0,
+        h.value_at_quantile(0.9) as f64 / 1000.0,
+        h.value_at_quantile(0.99) as f64 / 1000.0,
+        h.value_at_quantile(0.999) as f64 / 1000.0,
+        h.max() as f64 / 1000.0
+    );
+    if let Some(gap) = gap_after_kill {
+        println!("failover: longest gap between acknowledgements after the kill: {:.0} ms", gap.as_secs_f64() * 1000.0);
+    }
+    if let Some(e) = &s.first_error {
+        println!("first error: {e}");
+    }
+    let acked_ids: HashSet<(u64, u64)> = s.acked.iter().copied().collect();
+
+    if args.consume || args.verify {
+        let mut consumer = Consumer::new(cluster.clone(), &args.topic, StartAt::Earliest).await?;
+        let mut e2e = Histogram::<u64>::new_with_bounds(1, 3_600_000, 3)?;
+        let mut seen: HashSet<(u64, u64)> = HashSet::with_capacity(acked_ids.len());
+        let mut read = 0u64;
+        let start = Instant::now();
+        let mut idle_since = Instant::now();
+        let consume_deadline = start + Duration::from_secs(120);
+        while idle_since.elapsed() < Duration::from_secs(3) && Instant::now() < consume_deadline {
+            let batch = consumer.poll(Duration::from_millis(500)).await?;
+            if batch.is_empty() {
+                continue;
+            }
+            idle_since = Instant::now();
+            let now = now_ms();
+            for m in batch {
+                read += 1;
+                let _ = e2e.record((now - m.timestamp_ms).max(1) as u64);
+                if let Some(id) = m.value.as_deref().and_then(id_of) {
+                    seen.insert(id);
+                }
+            }
+        }
+        let secs = (idle_since - start).as_secs_f64().max(1e-3);
+        println!("consume: {read} messages in {secs:.1} s: {:.0} msgs/s", read as f64 / secs);
+        summary["consume"] = serde_json::json!({"messages": read, "seconds": secs, "msgs_per_s": read as f64 / secs, "hw_before": hw_before});
+        if args.verify {
+            let missing = acked_ids.iter().filter(|id| !seen.contains(id)).count();
+            println!("verify: {} acknowledged, {} read back distinct, {missing} acknowledged messages missing", acked_ids.len(), seen.len());
+            summary["verify"] = serde_json::json!({"acknowledged": acked_ids.len(), "missing": missing});
+            if missing > 0 {
+                eprintln!("ACKNOWLEDGED MESSAGES LOST: {missing}");
+            }
+        }
+    }
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&summary)?)?;
+    }
+    println!("{summary}");
+    Ok(())
+}
