@@ -298,7 +298,7 @@ mod tests {
             ("cluster.members", |c| c.cluster.members[1].id = 1),
             ("cluster.members", |c| c.cluster.members[1].peer_addr = c.cluster.members[0].peer_addr.clone()),
             ("cluster.raft", |c| c.cluster.raft.election_timeout_min_ms = 100),
-            ("cluster.raft", |c| c.cluster.raft.election_timeout_max_ms = 500),
+            ("cluster.raft", |c| c.cluster.raft.election_timeout_max_ms = c.cluster.raft.election_timeout_min_ms),
             ("cluster.topic_defaults.replicas", |c| c.cluster.topic_defaults.replicas = 4),
             ("cluster.topic_defaults.max_message_bytes", |c| c.cluster.topic_defaults.max_message_bytes = u32::MAX),
             ("cluster.fsync", |c| c.cluster.fsync = "sometimes".into()),

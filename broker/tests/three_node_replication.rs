@@ -70,10 +70,22 @@ async fn wait_for_leader(nodes: &[&Node], not: Option<u64>, within: Duration) ->
     }
 }
 
-/// Writes `batch` through `leader`; returns the committed log index.
-async fn write(leader: &Node, b: RecordBatch) -> u64 {
-    let reply = leader.raft.client_write(b).await.expect("the leader acknowledges the write");
-    reply.log_id.index
+/// Writes `b` through whichever live node leads, retrying when leadership moves
+/// (`ForwardToLeader` means the entry was not accepted, so a retry cannot duplicate);
+/// returns the committed log index.
+async fn write(nodes: &[&Node], b: RecordBatch) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let leader = wait_for_leader(nodes, None, Duration::from_secs(15)).await;
+        let node = nodes.iter().find(|n| n.id == leader).unwrap();
+        match node.raft.client_write(b.clone()).await {
+            Ok(reply) => return reply.log_id.index,
+            Err(openraft::error::RaftError::APIError(openraft::error::ClientWriteError::ForwardToLeader(_))) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("the write was not acknowledged: {e}"),
+        }
+    }
 }
 
 fn payloads(log: &Log, upto: u64) -> Vec<(u64, bytes::Bytes)> {
@@ -97,8 +109,9 @@ async fn three_nodes_replicate_fail_over_and_catch_up_a_restarted_node() {
 
     // 1. Writes acknowledged by the leader reach every node, byte for byte.
     let mut last = 0;
+    let _ = leader_id;
     for i in 0..30 {
-        last = write(&nodes[(leader_id - 1) as usize], batch(i)).await;
+        last = write(&all, batch(i)).await;
     }
     for n in &nodes {
         wait_applied(n, last).await;
@@ -123,9 +136,8 @@ async fn three_nodes_replicate_fail_over_and_catch_up_a_restarted_node() {
     let survivors: Vec<&Node> = nodes.iter().collect();
     let new_leader = wait_for_leader(&survivors, Some(dead_id), Duration::from_secs(15)).await;
     let failover = killed_at.elapsed();
-    let leader = nodes.iter().find(|n| n.id == new_leader).unwrap();
     for i in 30..60 {
-        last = write(leader, batch(i)).await;
+        last = write(&survivors, batch(i)).await;
     }
     for n in &nodes {
         wait_applied(n, last).await;
@@ -138,7 +150,7 @@ async fn three_nodes_replicate_fail_over_and_catch_up_a_restarted_node() {
     // 3. Restart the dead node on its old directory and address: it catches up.
     let restarted = start_node(dead_id, dead_dir, &dead_addr).await;
     wait_applied(&restarted, last).await;
-    assert_eq!(payloads(&restarted.log, last), payloads(&leader.log, last), "the restarted node caught up byte for byte");
+    assert_eq!(payloads(&restarted.log, last), payloads(&survivors[0].log, last), "the restarted node caught up byte for byte");
     assert_eq!(*restarted.hw.borrow(), 180);
 
     for n in nodes.iter().chain([&restarted]) {

@@ -31,7 +31,7 @@ impl Default for ClientConfig {
             request_timeout: Duration::from_secs(30),
             attempt_timeout: Duration::from_secs(10),
             backoff_base: Duration::from_millis(20),
-            backoff_cap: Duration::from_secs(1),
+            backoff_cap: Duration::from_millis(250),
             retry_budget_ratio: 0.2,
             retry_budget_max: 100.0,
             breaker_threshold: 5,
