@@ -144,6 +144,59 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let producer = Arc::new(Producer::new(cluster.clone(), cfg));
         let (shared, args) = (shared.clone(), args.clone());
         tasks.push(tokio::spawn(async move {
+            // One collector per producer awaits acknowledgements as they complete
+            // (FuturesUnordered), recording each at its own completion time: no task
+            // and no shared lock per message.
+            let (ack_tx, mut ack_rx) =
+                tokio::sync::mpsc::channel::<((u64, u64), Instant, keel_client::producer::DeliveryFuture, tokio::sync::OwnedSemaphorePermit)>(args.in_flight);
+            let collector = {
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    use futures::stream::{FuturesUnordered, StreamExt};
+                    let mut pending = FuturesUnordered::new();
+                    let mut local = Shared {
+                        ack_latency_us: Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds"),
+                        acked: Vec::new(),
+                        ack_times: Vec::new(),
+                        failed: 0,
+                        first_error: None,
+                    };
+                    let mut open = true;
+                    while open || !pending.is_empty() {
+                        tokio::select! {
+                            next = ack_rx.recv(), if open => match next {
+                                Some((id, sent_at, ack, permit)) => pending.push(async move {
+                                    let r = ack.wait().await;
+                                    drop(permit);
+                                    (id, sent_at, r, Instant::now())
+                                }),
+                                None => open = false,
+                            },
+                            Some((id, sent_at, result, now)) = pending.next(), if !pending.is_empty() => match result {
+                                Ok(_) => {
+                                    let _ = local.ack_latency_us.record((now - sent_at).as_micros().max(1) as u64);
+                                    local.acked.push(id);
+                                    local.ack_times.push(now);
+                                }
+                                Err(e) => {
+                                    local.failed += 1;
+                                    local.first_error.get_or_insert(e.to_string());
+                                }
+                            },
+                        }
+                    }
+                    let mut s = shared.lock().unwrap();
+                    let _ = s.ack_latency_us.add(&local.ack_latency_us);
+                    s.acked.extend(local.acked);
+                    s.ack_times.extend(local.ack_times);
+                    s.failed += local.failed;
+                    if s.first_error.is_none() {
+                        s.first_error = local.first_error;
+                    }
+                })
+            };
+            // The window bounds unacknowledged messages, so the hand-off to the
+            // collector never holds more than `in_flight` entries.
             let window = Arc::new(Semaphore::new(args.in_flight));
             let mut seq = 0u64;
             while Instant::now() < deadline && per_producer_cap.is_none_or(|cap| seq < cap) {
@@ -162,30 +215,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
                         break;
                     }
                 };
-                let shared = shared.clone();
-                let id = (pid as u64, seq);
-                tokio::spawn(async move {
-                    let result = ack.wait().await;
-                    let now = Instant::now();
-                    let mut s = shared.lock().unwrap();
-                    match result {
-                        Ok(_) => {
-                            let _ = s.ack_latency_us.record((now - sent_at).as_micros().max(1) as u64);
-                            s.acked.push(id);
-                            s.ack_times.push(now);
-                        }
-                        Err(e) => {
-                            s.failed += 1;
-                            s.first_error.get_or_insert(e.to_string());
-                        }
-                    }
-                    drop(permit);
-                });
+                if ack_tx.send(((pid as u64, seq), sent_at, ack, permit)).await.is_err() {
+                    break;
+                }
                 seq += 1;
             }
             producer.flush().await.ok();
-            // Wait for this producer's outstanding acknowledgements.
-            let _ = window.acquire_many(args.in_flight as u32).await;
+            drop(ack_tx);
+            let _ = collector.await;
             seq
         }));
     }
