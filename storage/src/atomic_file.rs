@@ -15,8 +15,19 @@ const FRAME_LEN: usize = 12;
 /// Metadata files are small; refusing anything larger bounds the read.
 pub const META_FILE_SIZE_MAX: usize = 1024 * 1024;
 
-/// Atomically replaces `dir/name` with `contents`.
+/// Atomically replaces `dir/name` with `contents`, durably (fsync file and directory).
 pub fn write(dir: &Path, name: &str, contents: &[u8]) -> Result<(), StorageError> {
+    write_inner(dir, name, contents, true)
+}
+
+/// Atomically replaces `dir/name` with `contents` without fsync: a reader sees the old
+/// or the new contents, but after a machine crash either may be there. For hints whose
+/// loss is harmless (the Raft committed index, which is clipped to the durable log).
+pub fn write_unsynced(dir: &Path, name: &str, contents: &[u8]) -> Result<(), StorageError> {
+    write_inner(dir, name, contents, false)
+}
+
+fn write_inner(dir: &Path, name: &str, contents: &[u8], durable: bool) -> Result<(), StorageError> {
     assert!(contents.len() <= META_FILE_SIZE_MAX, "metadata file {name} of {} bytes is above META_FILE_SIZE_MAX", contents.len());
     let tmp = dir.join(format!("{name}.tmp"));
     let dst = dir.join(name);
@@ -27,10 +38,15 @@ pub fn write(dir: &Path, name: &str, contents: &[u8]) -> Result<(), StorageError
     buf.extend_from_slice(contents);
     let mut f = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp).map_err(|e| StorageError::io("create", &tmp, e))?;
     f.write_all(&buf).map_err(|e| StorageError::io("write", &tmp, e))?;
-    f.sync_all().map_err(|e| StorageError::io("fsync", &tmp, e))?;
+    if durable {
+        f.sync_all().map_err(|e| StorageError::io("fsync", &tmp, e))?;
+    }
     drop(f);
     fs::rename(&tmp, &dst).map_err(|e| StorageError::io("rename", &dst, e))?;
-    sync_dir(dir)
+    if durable {
+        sync_dir(dir)?;
+    }
+    Ok(())
 }
 
 /// Reads `dir/name`: `Ok(None)` if it does not exist, `Err(Corrupt)` if its frame fails.

@@ -86,18 +86,28 @@ fn run(rx: Receiver<Request>, capacity: usize) {
                 Err(_) => break,
             }
         }
-        // One flush per distinct log, in first-seen order.
-        let mut results: Vec<(*const Log, Result<(), String>)> = Vec::new();
+        // One flush per distinct log; distinct logs (separate files) are flushed in
+        // parallel so one partition's fsync does not wait behind another's.
+        let mut distinct: Vec<&Arc<Log>> = Vec::new();
         for req in &batch {
             let ptr = Arc::as_ptr(&req.log);
-            if results.iter().any(|(p, _)| *p == ptr) {
+            if distinct.iter().any(|l| Arc::as_ptr(l) == ptr) {
                 continue;
             }
             if matches!(req.log.config().fsync, crate::config::FsyncPolicy::Interval(_)) && !interval_logs.iter().any(|w| w.as_ptr() == ptr) {
                 interval_logs.push(Arc::downgrade(&req.log));
             }
-            results.push((ptr, req.log.flush().map(|_| ()).map_err(|e| e.to_string())));
+            distinct.push(&req.log);
         }
+        let results: Vec<(*const Log, Result<(), String>)> = if distinct.len() == 1 {
+            vec![(Arc::as_ptr(distinct[0]), distinct[0].flush().map(|_| ()).map_err(|e| e.to_string()))]
+        } else {
+            std::thread::scope(|scope| {
+                let handles: Vec<_> =
+                    distinct.iter().map(|log| (Arc::as_ptr(log), scope.spawn(|| log.flush().map(|_| ()).map_err(|e| e.to_string())))).collect();
+                handles.into_iter().map(|(ptr, h)| (ptr, h.join().unwrap_or_else(|_| Err("flush thread panicked".to_string())))).collect()
+            })
+        };
         for req in batch {
             let ptr = Arc::as_ptr(&req.log);
             let outcome = results.iter().find(|(p, _)| *p == ptr).map(|(_, r)| r.clone()).expect("every log in the batch was flushed above");

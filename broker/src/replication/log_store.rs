@@ -57,6 +57,8 @@ struct CommittedState {
     value: Option<RaftLogId>,
     written_at: Option<Instant>,
     written_value: Option<RaftLogId>,
+    /// A background write is in flight.
+    writing: bool,
 }
 
 /// A reader sharing the store's log; sees every entry appended, flushed or not.
@@ -163,7 +165,7 @@ impl Drop for PartitionLogStore {
         let st = self.committed.lock().expect("committed lock poisoned");
         if st.value != st.written_value {
             if let Ok(bytes) = postcard::to_allocvec(&st.value) {
-                let _ = atomic_file::write(&self.dir, COMMITTED_FILE, &bytes);
+                let _ = atomic_file::write_unsynced(&self.dir, COMMITTED_FILE, &bytes);
             }
         }
     }
@@ -234,20 +236,29 @@ impl RaftLogStorage<TypeConfig> for PartitionLogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<RaftLogId>) -> io::Result<()> {
+        // The committed index is a hint (`read_committed` clips it to the durable log),
+        // so it is written without fsync, off the Raft core, at most every
+        // COMMITTED_WRITE_INTERVAL and never two writes at once.
         let write = {
             let mut st = self.committed.lock().expect("committed lock poisoned");
             st.value = committed;
-            let due = st.written_at.is_none_or(|t| t.elapsed() >= COMMITTED_WRITE_INTERVAL);
+            let due = !st.writing && st.written_at.is_none_or(|t| t.elapsed() >= COMMITTED_WRITE_INTERVAL);
             if due {
                 st.written_at = Some(Instant::now());
                 st.written_value = committed;
+                st.writing = true;
             }
             due
         };
         if write {
             let bytes = postcard::to_allocvec(&committed).map_err(|e| invalid(format!("encoding committed: {e}")))?;
-            let dir = self.dir.clone();
-            blocking(move || Ok(atomic_file::write(&dir, COMMITTED_FILE, &bytes)?)).await?;
+            let (dir, state) = (self.dir.clone(), self.committed.clone());
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = atomic_file::write_unsynced(&dir, COMMITTED_FILE, &bytes) {
+                    tracing::warn!(error = %e, "could not record the committed index; a restart re-applies a few more entries");
+                }
+                state.lock().expect("committed lock poisoned").writing = false;
+            });
         }
         Ok(())
     }
