@@ -3,8 +3,9 @@
 //! N values exactly once.
 
 use std::io::Write;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+mod dev_cluster;
+
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const N: u32 = 20_000;
@@ -13,21 +14,6 @@ fn keel(bootstrap: &str) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_keel"));
     c.env("KEEL_BOOTSTRAP", bootstrap);
     c
-}
-
-fn start_dev(dir: &Path, base_port: u16) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_keel"))
-        .args(["dev", "--data-dir"])
-        .arg(dir)
-        .args(["--base-port", &base_port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
-}
-
-fn pid_of(dir: &Path, node: u32) -> Option<i32> {
-    std::fs::read_to_string(dir.join(format!("node{node}/keel.pid"))).ok()?.trim().parse().ok()
 }
 
 fn run_ok(cmd: &mut Command) -> String {
@@ -39,13 +25,9 @@ fn run_ok(cmd: &mut Command) -> String {
 #[test]
 fn produce_kill_a_node_then_consume_returns_every_value_once() {
     let dir = tempfile::tempdir().unwrap();
-    let base_port = 23_000 + (std::process::id() % 2000) as u16;
-    let mut dev = start_dev(dir.path(), base_port);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !(dir.path().join("bootstrap").exists() && (1..=3).all(|n| pid_of(dir.path(), n).is_some())) {
-        assert!(Instant::now() < deadline, "keel dev did not start");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let base_port = dev_cluster::base_port(23_000);
+    let mut dev = dev_cluster::start_dev(dir.path(), base_port);
+    dev_cluster::wait_for_files(dir.path());
     let bootstrap = std::fs::read_to_string(dir.path().join("bootstrap")).unwrap();
 
     run_ok(keel(&bootstrap).args(["topic", "create", "t", "--partitions", "3", "--replicas", "3"]));
@@ -61,7 +43,7 @@ fn produce_kill_a_node_then_consume_returns_every_value_once() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("{N} messages acknowledged"));
 
     // SIGKILL one node: the others must still serve every acknowledged message.
-    let victim = pid_of(dir.path(), 1).unwrap();
+    let victim = dev_cluster::pid_of(dir.path(), 1).unwrap() as i32;
     // SAFETY: kill(2) on a node process started by this test's keel dev.
     unsafe { libc::kill(victim, libc::SIGKILL) };
 

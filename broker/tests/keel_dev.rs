@@ -2,8 +2,10 @@
 //! produce through the client API, SIGTERM stopping every node, and a restart on the
 //! same directory finding the data intact.
 
+mod dev_cluster;
+
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -12,29 +14,6 @@ use keel_protocol::api::client as api;
 use keel_protocol::batch::{BatchBuilder, BatchOptions, NewRecord};
 use keel_protocol::message::{self, *};
 use keel_protocol::ErrorCode;
-
-fn start_dev(dir: &Path, base_port: u16) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_keel"))
-        .args(["dev", "--data-dir"])
-        .arg(dir)
-        .args(["--base-port", &base_port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
-}
-
-fn wait_for_files(dir: &Path) -> Vec<u32> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let pids: Vec<u32> = (1..=3).filter_map(|n| std::fs::read_to_string(dir.join(format!("node{n}/keel.pid"))).ok()?.trim().parse().ok()).collect();
-        if pids.len() == 3 && dir.join("bootstrap").exists() {
-            return pids;
-        }
-        assert!(Instant::now() < deadline, "keel dev wrote no pid/bootstrap files");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 fn alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists() && !std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default().contains(") Z ")
@@ -68,9 +47,9 @@ async fn call(addrs: &[String], api_key: u16, payload: Bytes) -> Result<Bytes, (
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keel_dev_runs_three_processes_and_restarts_with_its_data() {
     let dir = tempfile::tempdir().unwrap();
-    let base_port = 21_000 + (std::process::id() % 2000) as u16;
-    let dev = start_dev(dir.path(), base_port);
-    let pids = wait_for_files(dir.path());
+    let base_port = dev_cluster::base_port(21_000);
+    let dev = dev_cluster::start_dev(dir.path(), base_port);
+    let pids = dev_cluster::wait_for_files(dir.path());
     assert!(pids.iter().all(|p| alive(*p)), "three live node processes");
     let addrs: Vec<String> = std::fs::read_to_string(dir.path().join("bootstrap")).unwrap().split(',').map(str::to_string).collect();
     assert_eq!(addrs.len(), 3);
@@ -83,8 +62,8 @@ async fn keel_dev_runs_three_processes_and_restarts_with_its_data() {
     call(&addrs, api::PRODUCE, message::encode_with_batches(&req, &[b.finish().unwrap()])).await.unwrap();
     stop(dev, &pids);
 
-    let dev = start_dev(dir.path(), base_port);
-    let pids = wait_for_files(dir.path());
+    let dev = dev_cluster::start_dev(dir.path(), base_port);
+    let pids = dev_cluster::wait_for_files(dir.path());
     let fetch = FetchRequest { topic: "t".into(), partition: 0, offset: 0, max_bytes: 4096, max_wait_ms: 2000 };
     let deadline = Instant::now() + Duration::from_secs(30);
     let value = loop {

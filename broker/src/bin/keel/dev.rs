@@ -40,6 +40,15 @@ struct Running {
 }
 
 pub fn run(args: DevArgs, log_format: LogFormat) -> anyhow::Result<()> {
+    // Signal handlers first: a SIGTERM that arrives while the nodes start must stop
+    // them, not kill this process and orphan them. The streams record signals that
+    // arrive before they are polled.
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let (mut term, mut int) = {
+        let _guard = runtime.enter();
+        use tokio::signal::unix::{signal, SignalKind};
+        (signal(SignalKind::terminate()).context("installing the SIGTERM handler")?, signal(SignalKind::interrupt()).context("installing the SIGINT handler")?)
+    };
     let cluster = ClusterConfig::dev(args.nodes, args.base_port);
     std::fs::create_dir_all(&args.data_dir).with_context(|| format!("creating {}", args.data_dir.display()))?;
     let exe = std::env::current_exe().context("finding the keel executable")?;
@@ -84,14 +93,12 @@ pub fn run(args: DevArgs, log_format: LogFormat) -> anyhow::Result<()> {
     wait_ready(&bootstrap, &mut running);
     println!("bootstrap: {}   (Ctrl-C stops every node)", bootstrap.join(","));
 
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         loop {
             tokio::select! {
                 _ = term.recv() => break,
-                _ = tokio::signal::ctrl_c() => break,
+                _ = int.recv() => break,
                 _ = tick.tick() => {
                     for r in &mut running {
                         if let Ok(Some(status)) = r.child.try_wait() {

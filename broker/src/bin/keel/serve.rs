@@ -49,11 +49,14 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let config = resolve_config(&args)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("keel").build().context("starting the async runtime")?;
     runtime.block_on(async move {
+        // Handlers before startup, so a signal during startup still shuts down cleanly.
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+        let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
         let node = Node::start(config).await?;
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("installing the SIGTERM handler")?;
         tokio::select! {
             _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
         }
         node.shutdown().await;
         tracing::info!("stopped");

@@ -1,0 +1,40 @@
+//! Starting `keel dev` as a child process for tests, and reading its files.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Starts `keel dev` on `dir` with client ports from `base_port`.
+pub fn start_dev(dir: &Path, base_port: u16) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args(["dev", "--data-dir"])
+        .arg(dir)
+        .args(["--base-port", &base_port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("the keel binary starts")
+}
+
+/// The PID `keel dev` wrote for `node`, once the file exists.
+pub fn pid_of(dir: &Path, node: u32) -> Option<u32> {
+    std::fs::read_to_string(dir.join(format!("node{node}/keel.pid"))).ok()?.trim().parse().ok()
+}
+
+/// Waits until all three PID files and the bootstrap file exist; returns the PIDs.
+pub fn wait_for_files(dir: &Path) -> Vec<u32> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let pids: Vec<u32> = (1..=3).filter_map(|n| pid_of(dir, n)).collect();
+        if pids.len() == 3 && dir.join("bootstrap").exists() {
+            return pids;
+        }
+        assert!(Instant::now() < deadline, "keel dev wrote no pid/bootstrap files");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A base port unlikely to collide with other test processes.
+pub fn base_port(offset: u16) -> u16 {
+    offset + (std::process::id() % 2000) as u16
+}
