@@ -54,6 +54,7 @@ pub struct Node {
     client_listener: Listener,
     peer_server: PeerServer,
     tasks: Vec<JoinHandle<()>>,
+    faults: Arc<crate::peer::PeerFaults>,
     _flusher: Arc<Flusher>,
 }
 
@@ -79,10 +80,12 @@ impl Node {
             Flusher::spawn(&format!("keel-flusher-{}", me.id), keel_storage::limits::FLUSH_QUEUE_CAPACITY_DEFAULT)
                 .map_err(|e| NodeError::Start(e.to_string()))?,
         );
+        let pool = PeerPool::new(me.id, config.cluster.name.clone());
+        let faults = pool.faults.clone();
         let ctx = Arc::new(GroupContext {
             node_id: me.id,
             data_dir: config.node.data_dir.clone(),
-            pool: PeerPool::new(me.id, config.cluster.name.clone()),
+            pool,
             registry: registry.clone(),
             flusher: flusher.clone(),
             raft_config: Arc::new(raft_config),
@@ -115,7 +118,7 @@ impl Node {
             source,
         })?;
         tracing::info!(node = me.id, client = %me.client_addr, peer = %me.peer_addr, "node started");
-        Ok(Node { id: me.id, config, metadata_group, metadata, hosted, registry, client_listener, peer_server, tasks, _flusher: flusher })
+        Ok(Node { id: me.id, config, metadata_group, metadata, hosted, registry, client_listener, peer_server, tasks, faults, _flusher: flusher })
     }
 
     pub fn config(&self) -> &Config {
@@ -129,6 +132,11 @@ impl Node {
 
     pub fn peer_addr(&self) -> std::net::SocketAddr {
         self.peer_server.local_addr()
+    }
+
+    /// Fault injection: the peers this node may not exchange Raft traffic with.
+    pub fn peer_faults(&self) -> &Arc<crate::peer::PeerFaults> {
+        &self.faults
     }
 
     /// The latest metadata this node has folded in.

@@ -11,14 +11,17 @@
 //! - [`server`]: the peer listener: verifies who connects, dispatches each RPC to the
 //!   group's Raft, answers on the same connection.
 //! - [`network`]: openraft's `RaftNetworkFactory` / `RaftNetworkV2` over the `PeerPool`'s callers.
+//! - [`faults`]: blocking peers, for partition tests.
 //! - [`limits`]: every bound of the transport.
 
+pub mod faults;
 pub mod limits;
 pub mod network;
 pub mod pool;
 pub mod server;
 pub mod wire;
 
+pub use faults::PeerFaults;
 pub use network::GroupNetworkFactory;
 pub use pool::{peer_caller, PeerPool};
 pub use server::{GroupRaft, GroupRegistry, PeerServer};

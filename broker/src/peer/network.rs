@@ -38,14 +38,16 @@ impl GroupNetworkFactory {
 /// The network client of one group to one target node.
 pub struct GroupNetwork {
     group: GroupId,
+    target: u64,
     caller: Arc<Caller>,
+    faults: Arc<super::faults::PeerFaults>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for GroupNetworkFactory {
     type Network = GroupNetwork;
 
     async fn new_client(&mut self, target: u64, node: &BasicNode) -> GroupNetwork {
-        GroupNetwork { group: self.group, caller: self.pool.caller(target, &node.addr) }
+        GroupNetwork { group: self.group, target, caller: self.pool.caller(target, &node.addr), faults: self.pool.faults.clone() }
     }
 }
 
@@ -65,6 +67,9 @@ fn to_rpc_error(e: CallError) -> RPCError<TypeConfig> {
 
 impl GroupNetwork {
     async fn call(&self, rpc: RaftRpc, timeout: Duration) -> Result<RaftReply, RPCError<TypeConfig>> {
+        if self.faults.is_blocked(self.target) {
+            return Err(RPCError::Unreachable(Unreachable::new(&RemoteFailure(format!("node {} is partitioned away (fault injection)", self.target)))));
+        }
         let request = RaftRequest { group: self.group, rpc };
         let payload = postcard::to_allocvec(&request).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let answer = self.caller.call(api::peer::RAFT, Bytes::from(payload), timeout).await.map_err(to_rpc_error)?;

@@ -8,6 +8,7 @@ use bytes::Bytes;
 use keel_net::{Caller, Identification};
 use keel_protocol::api;
 
+use super::faults::PeerFaults;
 use super::wire::Identify;
 
 /// A caller from node `self_id` of `cluster` to node `target` at `addr`.
@@ -22,11 +23,13 @@ pub struct PeerPool {
     self_id: u64,
     cluster: String,
     callers: Mutex<HashMap<u64, (String, Arc<Caller>)>>,
+    /// Peers this node may not call (fault injection; empty normally).
+    pub faults: Arc<PeerFaults>,
 }
 
 impl PeerPool {
     pub fn new(self_id: u64, cluster: impl Into<String>) -> Arc<PeerPool> {
-        Arc::new(PeerPool { self_id, cluster: cluster.into(), callers: Mutex::new(HashMap::new()) })
+        Arc::new(PeerPool { self_id, cluster: cluster.into(), callers: Mutex::new(HashMap::new()), faults: Arc::default() })
     }
 
     /// The caller for `target` at `addr`; a changed address replaces the caller.
