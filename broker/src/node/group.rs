@@ -38,6 +38,23 @@ impl GroupHandle {
         use openraft::async_runtime::watch::WatchReceiver;
         self.raft.metrics().borrow_watched().current_leader
     }
+
+    /// The leader, if there is one that can make progress: as seen by a follower, or —
+    /// when this node leads — only while a quorum has acknowledged it within the lease
+    /// (a leader cut off from its quorum keeps calling itself leader until it learns of
+    /// a higher term).
+    pub fn working_leader(&self) -> Option<u64> {
+        use openraft::async_runtime::watch::WatchReceiver;
+        let m = self.raft.metrics().borrow_watched().clone();
+        let lease_ms = self.raft.config().election_timeout_max;
+        match m.state {
+            openraft::ServerState::Leader => {
+                use openraft::Instant as _;
+                m.last_quorum_acked.filter(|t| t.elapsed() <= std::time::Duration::from_millis(lease_ms)).map(|_| m.id)
+            }
+            _ => m.current_leader,
+        }
+    }
 }
 
 pub fn group_dir(data_dir: &std::path::Path, group: u64) -> PathBuf {

@@ -6,8 +6,10 @@
 //! - [`reconcile`]: opening (and as preferred leader, initializing) the partition groups
 //!   this node replicates; stopping and deleting removed ones.
 //! - [`client_service`]: the client API.
+//! - [`admin`]: the admin HTTP listener (`/health/live`, `/health/ready`).
 //! - [`limits`]: every bound of the above.
 
+pub mod admin;
 pub mod client_service;
 pub mod group;
 pub mod limits;
@@ -117,6 +119,12 @@ impl Node {
             addr: me.client_addr.clone(),
             source,
         })?;
+        let admin_listener =
+            tokio::net::TcpListener::bind(&me.admin_addr).await.map_err(|source| NodeError::Listen { what: "admin", addr: me.admin_addr.clone(), source })?;
+        let admin_state =
+            Arc::new(admin::AdminState { metadata_group: metadata_group.clone(), hosted: hosted.clone(), data_dir: config.node.data_dir.clone() });
+        let mut tasks = tasks;
+        tasks.push(admin::serve(admin_listener, admin_state));
         tracing::info!(node = me.id, client = %me.client_addr, peer = %me.peer_addr, "node started");
         Ok(Node { id: me.id, config, metadata_group, metadata, hosted, registry, client_listener, peer_server, tasks, faults, _flusher: flusher })
     }
