@@ -25,6 +25,7 @@ fn run_ok(cmd: &mut Command) -> String {
 #[test]
 fn produce_kill_a_node_then_consume_returns_every_value_once() {
     let dir = tempfile::tempdir().unwrap();
+    let _cleanup = dev_cluster::KillNodesOnDrop(dir.path());
     let base_port = dev_cluster::base_port(23_000);
     let mut dev = dev_cluster::start_dev(dir.path(), base_port);
     dev_cluster::wait_for_files(dir.path());

@@ -47,6 +47,7 @@ async fn call(addrs: &[String], api_key: u16, payload: Bytes) -> Result<Bytes, (
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keel_dev_runs_three_processes_and_restarts_with_its_data() {
     let dir = tempfile::tempdir().unwrap();
+    let _cleanup = dev_cluster::KillNodesOnDrop(dir.path());
     let base_port = dev_cluster::base_port(21_000);
     let dev = dev_cluster::start_dev(dir.path(), base_port);
     let pids = dev_cluster::wait_for_files(dir.path());

@@ -38,3 +38,19 @@ pub fn wait_for_files(dir: &Path) -> Vec<u32> {
 pub fn base_port(offset: u16) -> u16 {
     offset + (std::process::id() % 2000) as u16
 }
+
+/// Kills any node still listed in `dir`'s PID files when dropped, so a failing test
+/// leaves no processes behind. (After a clean stop `keel dev` has removed the files, and
+/// this does nothing; `keel dev` itself exits once all its nodes are gone.)
+pub struct KillNodesOnDrop<'a>(pub &'a Path);
+
+impl Drop for KillNodesOnDrop<'_> {
+    fn drop(&mut self) {
+        for node in 1..=3 {
+            if let Some(pid) = pid_of(self.0, node) {
+                // SAFETY: kill(2) on a node process this test's keel dev started.
+                unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            }
+        }
+    }
+}
