@@ -121,7 +121,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let hw_before: u64 = 0;
     let shared = Arc::new(Mutex::new(Shared {
         ack_latency_us: Histogram::new_with_bounds(1, 60_000_000, 3)?,
         acked: Vec::new(),
@@ -185,7 +184,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                             },
                         }
                     }
-                    let mut s = shared.lock().unwrap();
+                    let mut s = shared.lock().expect("the results lock is never held across a panic");
                     let _ = s.ack_latency_us.add(&local.ack_latency_us);
                     s.acked.extend(local.acked);
                     s.ack_times.extend(local.ack_times);
@@ -211,7 +210,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 let ack = match producer.send(&args.topic, record).await {
                     Ok(a) => a,
                     Err(e) => {
-                        shared.lock().unwrap().first_error.get_or_insert(e.to_string());
+                        shared.lock().expect("the results lock is never held across a panic").first_error.get_or_insert(e.to_string());
                         break;
                     }
                 };
@@ -245,7 +244,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // Every acknowledgement task has finished (each producer waited for its window),
     // so the shared results can be taken out whole.
     let s = std::mem::replace(
-        &mut *shared.lock().unwrap(),
+        &mut *shared.lock().expect("the results lock is never held across a panic"),
         Shared { ack_latency_us: Histogram::new_with_bounds(1, 60_000_000, 3)?, acked: Vec::new(), ack_times: Vec::new(), failed: 0, first_error: None },
     );
     let acked = s.acked.len() as u64;
@@ -314,7 +313,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         let secs = (idle_since - start).as_secs_f64().max(1e-3);
         println!("consume: {read} messages in {secs:.1} s: {:.0} msgs/s", read as f64 / secs);
-        summary["consume"] = serde_json::json!({"messages": read, "seconds": secs, "msgs_per_s": read as f64 / secs, "hw_before": hw_before});
+        summary["consume"] = serde_json::json!({"messages": read, "seconds": secs, "msgs_per_s": read as f64 / secs});
         if args.verify {
             let missing = acked_ids.iter().filter(|id| !seen.contains(id)).count();
             println!("verify: {} acknowledged, {} read back distinct, {missing} acknowledged messages missing", acked_ids.len(), seen.len());

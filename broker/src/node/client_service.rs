@@ -75,9 +75,10 @@ impl ClientService {
         Reply::error_with(code, message, message::encode(&NotLeader { leader_id: leader, leader_addr }))
     }
 
-    /// The hosted partition, or the right error: unknown topic or partition, or
-    /// `NotLeader` pointing at the preferred leader when this node holds no replica.
-    fn partition(&self, topic: &str, partition: u32) -> Result<HostedPartition, Reply> {
+    /// The hosted partition and its topic's batch size limit, or the right error: unknown
+    /// topic or partition, or `NotLeader` pointing at the preferred leader when this node
+    /// holds no replica.
+    fn partition(&self, topic: &str, partition: u32) -> Result<(HostedPartition, u32), Reply> {
         let state = self.metadata.borrow().clone();
         let Some(t) = state.topics.get(topic) else {
             return Err(Reply::error(ErrorCode::UnknownTopic, format!("topic {topic:?} does not exist; create it with `keel topic create {topic}`")));
@@ -86,13 +87,12 @@ impl ClientService {
             return Err(Reply::error(ErrorCode::UnknownPartition, format!("topic {topic:?} has partitions 0..{}, not {partition}", t.partitions.len())));
         };
         let hosted = self.hosted.read().expect("hosted lock poisoned").get(&p.group).cloned();
-        hosted.ok_or_else(|| self.not_leader(p.replicas.first().copied(), &format!("{topic}/{partition}")))
+        hosted.map(|h| (h, t.max_message_bytes)).ok_or_else(|| self.not_leader(p.replicas.first().copied(), &format!("{topic}/{partition}")))
     }
 
     async fn produce(&self, payload: Bytes) -> Outcome {
         let (req, batch): (ProduceRequest, Bytes) = message::split_with_batches(&payload).map_err(bad_request)?;
-        let part = self.partition(&req.topic, req.partition)?;
-        let max = self.metadata.borrow().topics.get(&req.topic).map_or(0, |t| t.max_message_bytes);
+        let (part, max) = self.partition(&req.topic, req.partition)?;
         if batch.len() > max as usize {
             return Err(Reply::error(
                 ErrorCode::MessageTooLarge,
@@ -116,7 +116,7 @@ impl ClientService {
 
     async fn fetch(&self, payload: Bytes) -> Outcome {
         let req: FetchRequest = message::decode(&payload).map_err(bad_request)?;
-        let part = self.partition(&req.topic, req.partition)?;
+        let (part, _) = self.partition(&req.topic, req.partition)?;
         let what = format!("{}/{}", req.topic, req.partition);
         if part.group.leader() != Some(self.node_id) {
             return Err(self.not_leader(part.group.leader(), &what));
@@ -263,7 +263,7 @@ impl ClientService {
 
     async fn list_offsets(&self, payload: &[u8]) -> Outcome {
         let req: ListOffsetsRequest = message::decode(payload).map_err(bad_request)?;
-        let part = self.partition(&req.topic, req.partition)?;
+        let (part, _) = self.partition(&req.topic, req.partition)?;
         let committed = *part.group.high_watermark.borrow();
         let log = part.group.log.clone();
         let ts = req.timestamp_ms;

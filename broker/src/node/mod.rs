@@ -101,7 +101,7 @@ impl Node {
         }
         let (publish, metadata) = watch::channel(Arc::new(MetadataState::default()));
         let hosted = HostedPartitions::default();
-        let tasks = vec![
+        let mut tasks = vec![
             tokio::spawn(tailer::run(metadata_group.clone(), publish)),
             tokio::spawn(reconcile::run(ctx.clone(), config.cluster.clone(), metadata.clone(), hosted.clone())),
         ];
@@ -123,7 +123,6 @@ impl Node {
             tokio::net::TcpListener::bind(&me.admin_addr).await.map_err(|source| NodeError::Listen { what: "admin", addr: me.admin_addr.clone(), source })?;
         let admin_state =
             Arc::new(admin::AdminState { metadata_group: metadata_group.clone(), hosted: hosted.clone(), data_dir: config.node.data_dir.clone() });
-        let mut tasks = tasks;
         tasks.push(admin::serve(admin_listener, admin_state));
         tracing::info!(node = me.id, client = %me.client_addr, peer = %me.peer_addr, "node started");
         Ok(Node { id: me.id, config, metadata_group, metadata, hosted, registry, client_listener, peer_server, tasks, faults, _flusher: flusher })
