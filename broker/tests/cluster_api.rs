@@ -48,10 +48,7 @@ fn batch(values: &[String]) -> Bytes {
 async fn topics_are_created_through_the_metadata_log_and_every_partition_round_trips() {
     let dir = tempfile::tempdir().unwrap();
     let configs = keel_broker::config::local_cluster(dir.path(), 3, "api-test");
-    let mut nodes = Vec::new();
-    for c in configs.clone() {
-        nodes.push(Node::start(c).await.unwrap());
-    }
+    let nodes = Node::start_all(configs.clone()).await.unwrap();
     let addr = configs[1].this_member().unwrap().client_addr.clone();
 
     // Create a topic (whichever node we ask, the request reaches the metadata leader).

@@ -35,10 +35,7 @@ async fn ready_follows_the_majority_and_live_always_answers() {
     let dir = tempfile::tempdir().unwrap();
     let configs = local_cluster(dir.path(), 3, "health-test");
     let admin_addrs: Vec<String> = configs[0].cluster.members.iter().map(|m| m.admin_addr.clone()).collect();
-    let mut nodes = Vec::new();
-    for c in configs {
-        nodes.push(Node::start(c).await.unwrap());
-    }
+    let mut nodes = Node::start_all(configs).await.unwrap();
     for addr in &admin_addrs {
         assert_eq!(get(addr, "/health/live").await.0, 200);
         wait_for(addr, "/health/ready", 200).await;

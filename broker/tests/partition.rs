@@ -43,10 +43,7 @@ async fn a_minority_partitioned_leader_cannot_acknowledge_writes_and_nothing_ack
     let dir = tempfile::tempdir().unwrap();
     let configs = local_cluster(dir.path(), 3, "partition-test");
     let addr_of = |id: u64| configs[0].cluster.members.iter().find(|m| m.id == id).unwrap().client_addr.clone();
-    let mut nodes = Vec::new();
-    for c in configs.clone() {
-        nodes.push(Node::start(c).await.unwrap());
-    }
+    let nodes = Node::start_all(configs.clone()).await.unwrap();
     let everyone = Cluster::new(ClientConfig { bootstrap: (1..=3).map(addr_of).collect(), ..ClientConfig::default() }).unwrap();
     let admin = Admin::new(everyone.clone());
     admin.create_topic("p", 1, 3).await.unwrap();

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use keel_broker::peer::{GroupNetworkFactory, GroupRegistry, PeerPool, PeerServer};
+use keel_broker::peer::{GroupNetworkFactory, GroupRegistry, HostedGroup, PeerPool, PeerServer};
 use keel_broker::replication::config::partition_raft_config;
 use keel_broker::replication::{PartitionLogStore, PartitionStateMachine, RecordBatch, TypeConfig};
 use keel_protocol::batch::{BatchBuilder, BatchOptions, NewRecord};
@@ -41,7 +41,7 @@ async fn start_node(id: u64, dir: tempfile::TempDir, bind: &str) -> Node {
     let hw = sm.high_watermark();
     let network = GroupNetworkFactory::new(GROUP, PeerPool::new(id, CLUSTER));
     let raft = Raft::new(id, Arc::new(partition_raft_config(CLUSTER).unwrap()), network, store, sm).await.unwrap();
-    groups.write().unwrap().insert(GROUP, raft.clone());
+    groups.write().unwrap().insert(GROUP, HostedGroup::new(raft.clone(), log.clone()));
     Node { id, dir, addr, log, raft, hw, _server: server }
 }
 

@@ -15,10 +15,7 @@ use keel_client::{Admin, ClientConfig, Cluster};
 async fn start(dir: &std::path::Path) -> (Vec<Node>, Cluster) {
     let configs = local_cluster(dir, 3, "client-test");
     let bootstrap: Vec<String> = configs[0].cluster.members.iter().map(|m| m.client_addr.clone()).collect();
-    let mut nodes = Vec::new();
-    for c in configs {
-        nodes.push(Node::start(c).await.unwrap());
-    }
+    let nodes = Node::start_all(configs).await.unwrap();
     let cluster = Cluster::new(ClientConfig { bootstrap, ..ClientConfig::default() }).unwrap();
     (nodes, cluster)
 }

@@ -44,7 +44,9 @@ impl Reply {
 /// What a listener serves.
 pub trait Service: Send + Sync + 'static {
     /// Answers one request. Runs concurrently with the connection's other requests.
-    fn call(self: Arc<Self>, api_key: u16, payload: Bytes) -> BoxFuture<'static, Reply>;
+    /// `caller` is what [`Service::identify`] returned for this connection (`None` when
+    /// the service does not identify connections).
+    fn call(self: Arc<Self>, caller: Option<u64>, api_key: u16, payload: Bytes) -> BoxFuture<'static, Reply>;
 
     /// If `Some(key)`, the first request on every connection must carry this api key
     /// and pass [`Service::identify`]; otherwise the connection is refused and closed.
@@ -52,9 +54,10 @@ pub trait Service: Send + Sync + 'static {
         None
     }
 
-    /// Checks the identification request (see [`Service::identify_api`]).
-    fn identify(&self, _payload: &Bytes) -> Result<(), Reply> {
-        Ok(())
+    /// Checks the identification request (see [`Service::identify_api`]) and returns
+    /// the caller's id, handed to every [`Service::call`] on the connection.
+    fn identify(&self, _payload: &Bytes) -> Result<u64, Reply> {
+        Err(Reply::error(ErrorCode::UnsupportedApi, "this listener does not identify connections"))
     }
 }
 
@@ -151,10 +154,14 @@ async fn serve(stream: TcpStream, service: Arc<dyn Service>, options: ServeOptio
             return Err(format!("bad first frame: {other:?}"));
         }
     }
+    let mut caller = None;
     if let Some(identify_api) = service.identify_api() {
         match reader.next().await {
             Some(Ok(Frame::Request { correlation_id, api_key, payload })) if api_key == identify_api => match service.identify(&payload) {
-                Ok(()) => writer.send(answer(correlation_id, Reply::ok(Bytes::new()))).await.map_err(|e| e.to_string())?,
+                Ok(id) => {
+                    caller = Some(id);
+                    writer.send(answer(correlation_id, Reply::ok(Bytes::new()))).await.map_err(|e| e.to_string())?
+                }
                 Err(refusal) => {
                     let reason = refusal.message.clone();
                     let _ = writer.send(answer(correlation_id, refusal)).await;
@@ -197,7 +204,7 @@ async fn serve(stream: TcpStream, service: Arc<dyn Service>, options: ServeOptio
         let permit = limit.clone().acquire_owned().await.expect("the limit semaphore is never closed");
         let (service, tx) = (service.clone(), tx.clone());
         handlers.spawn(async move {
-            let reply = service.call(api_key, payload).await;
+            let reply = service.call(caller, api_key, payload).await;
             let _ = tx.send(answer(correlation_id, reply)).await;
             drop(permit);
         });

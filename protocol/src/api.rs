@@ -27,6 +27,9 @@ pub mod peer {
     pub const IDENTIFY: u16 = 1000;
     /// A Raft RPC for one group: AppendEntries, Vote, PreVote or a full snapshot.
     pub const RAFT: u16 = 1001;
+    /// What the receiver knows of one group (vote, log end, leadership), asked by a
+    /// node that found that group's local state empty; see `broker/src/node/rejoin.rs`.
+    pub const GROUP_PROBE: u16 = 1002;
 }
 
 /// Whether `key` belongs to the broker-to-broker range.

@@ -40,7 +40,7 @@ fn bad_request(e: impl std::fmt::Display) -> Reply {
 }
 
 impl Service for ClientService {
-    fn call(self: Arc<Self>, api_key: u16, payload: Bytes) -> BoxFuture<'static, Reply> {
+    fn call(self: Arc<Self>, _caller: Option<u64>, api_key: u16, payload: Bytes) -> BoxFuture<'static, Reply> {
         Box::pin(async move {
             let outcome = match api_key {
                 api::PRODUCE => self.produce(payload).await,

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use keel_storage::{Flusher, Log, LogConfig};
 use tokio::sync::watch;
 
-use crate::peer::{GroupNetworkFactory, GroupRaft, GroupRegistry, PeerPool};
+use super::rejoin::{self, Decision, Recovery};
+use crate::metadata::METADATA_GROUP;
+use crate::peer::{GroupNetworkFactory, GroupRaft, GroupRegistry, HostedGroup, PeerPool};
 use crate::replication::{PartitionLogStore, PartitionStateMachine};
 
 /// What every group of a node shares.
@@ -61,8 +63,25 @@ pub fn group_dir(data_dir: &std::path::Path, group: u64) -> PathBuf {
     data_dir.join("groups").join(format!("{group:020}"))
 }
 
+/// Whether opening a group with no local state asks its other replicas first.
+#[derive(Debug, Clone)]
+pub enum Probe {
+    /// The group cannot have existed here before (created after this node's state was
+    /// last intact): start as is.
+    Never,
+    /// If the group has no local state, probe these replicas (id, peer address) and
+    /// refill it if it existed (see [`super::rejoin`]).
+    IfEmpty(Vec<(u64, String)>),
+}
+
+/// File in a group's directory while it is being refilled: the index its log must
+/// reach before it votes again. Written before the adopted vote, removed once caught up,
+/// so a crash during a refill restarts the gate instead of voting with a partial log.
+const REFILL_MARKER: &str = "refill.target";
+
 /// Opens (creating if new) group `group` and registers it with the peer server.
-pub async fn open_group(ctx: &GroupContext, group: u64) -> Result<GroupHandle, String> {
+/// Returns the recovery it went through, if it found its state lost.
+pub async fn open_group(ctx: &GroupContext, group: u64, probe: Probe) -> Result<(GroupHandle, Option<Recovery>), String> {
     let dir = group_dir(&ctx.data_dir, group);
     let log_config = ctx.log_config.clone();
     let open_dir = dir.clone();
@@ -71,13 +90,51 @@ pub async fn open_group(ctx: &GroupContext, group: u64) -> Result<GroupHandle, S
         .map_err(|e| e.to_string())?
         .map_err(|e| format!("opening the log of group {group}: {e}"))?;
     let log = Arc::new(log);
+    let mut recovery = None;
+    if let Probe::IfEmpty(peers) = probe {
+        if rejoin::is_empty(&log) && !peers.is_empty() {
+            match rejoin::probe_until_decided(&ctx.pool, &peers, group).await {
+                Decision::Recover(r) => {
+                    if group == METADATA_GROUP {
+                        // Before anything else: partition groups created below this
+                        // offset may have lived here too, and are probed when opened.
+                        rejoin::write_horizon(&ctx.data_dir, r.next_offset)?;
+                    }
+                    let bytes = r.target_index.to_le_bytes();
+                    keel_storage::atomic_file::write(&dir, REFILL_MARKER, &bytes).map_err(|e| format!("recording the refill of group {group}: {e}"))?;
+                    rejoin::adopt_vote(&dir, &r.vote).map_err(|e| format!("adopting the leader's vote for group {group}: {e}"))?;
+                    recovery = Some(r);
+                }
+                Decision::Fresh => {}
+                Decision::Wait(_) => unreachable!("probe_until_decided returns only a decision"),
+            }
+        }
+    }
+    let refill_target = match keel_storage::atomic_file::read(&dir, REFILL_MARKER).map_err(|e| format!("reading the refill marker of group {group}: {e}"))? {
+        Some(bytes) => Some(u64::from_le_bytes(bytes.as_slice().try_into().map_err(|_| format!("group {group}: damaged {REFILL_MARKER}"))?)),
+        None => None,
+    };
     let store = PartitionLogStore::new(log.clone(), ctx.flusher.clone());
     let sm = PartitionStateMachine::open(dir.clone()).map_err(|e| format!("opening the state machine of group {group}: {e}"))?;
     let high_watermark = sm.high_watermark();
     let network = GroupNetworkFactory::new(group, ctx.pool.clone());
     let raft = GroupRaft::new(ctx.node_id, ctx.raft_config.clone(), network, store, sm).await.map_err(|e| format!("starting Raft for group {group}: {e}"))?;
-    ctx.registry.write().expect("group registry lock poisoned").insert(group, raft.clone());
-    Ok(GroupHandle { id: group, raft, log, high_watermark, dir })
+    let hosted = HostedGroup::new(raft.clone(), log.clone());
+    if let Some(target) = refill_target {
+        let marker_dir = dir.clone();
+        rejoin::gate_until_caught_up(group, &hosted, target, move || {
+            // Best effort: a marker that survives only gates the next start briefly
+            // (its log already holds the target).
+            if let Err(e) = std::fs::remove_file(marker_dir.join(REFILL_MARKER))
+                .map_err(|e| e.to_string())
+                .and_then(|()| keel_storage::atomic_file::sync_dir(&marker_dir).map_err(|e| e.to_string()))
+            {
+                tracing::warn!(group, error = %e, "could not remove the refill marker");
+            }
+        });
+    }
+    ctx.registry.write().expect("group registry lock poisoned").insert(group, hosted);
+    Ok((GroupHandle { id: group, raft, log, high_watermark, dir }, recovery))
 }
 
 /// Initializes `handle`'s group with `members` unless it already has state. Running

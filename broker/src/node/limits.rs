@@ -22,3 +22,12 @@ pub const METADATA_APPLY_TIMEOUT: Duration = Duration::from_secs(10);
 pub const METADATA_READ_BYTES: u64 = 1024 * 1024;
 
 const _: () = assert!((FETCH_BYTES_MAX as usize) < keel_protocol::limits::FRAME_BODY_SIZE_MAX);
+
+/// How long one probe of a replica waits for its answer (see `rejoin`).
+pub const REJOIN_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Pause between probe rounds while a group with no local state cannot decide.
+pub const REJOIN_PROBE_RETRY: Duration = Duration::from_millis(200);
+/// How often a node still waiting to decide says so in its log.
+pub const REJOIN_PROBE_LOG_EVERY: Duration = Duration::from_secs(5);
+/// How often a refilling group checks whether its log has caught up.
+pub const REJOIN_CATCH_UP_POLL: Duration = Duration::from_millis(50);

@@ -5,6 +5,7 @@
 //! - [`tailer`]: folding the committed metadata log into the node's `MetadataState`.
 //! - [`reconcile`]: opening (and as preferred leader, initializing) the partition groups
 //!   this node replicates; stopping and deleting removed ones.
+//! - [`rejoin`]: starting a group with no local state — new, or lost with a wiped disk.
 //! - [`client_service`]: the client API.
 //! - [`admin`]: the admin HTTP listener (`/health/live`, `/health/ready`).
 //! - [`limits`]: every bound of the above.
@@ -14,6 +15,7 @@ pub mod client_service;
 pub mod group;
 pub mod limits;
 pub mod reconcile;
+pub mod rejoin;
 pub mod tailer;
 
 use std::collections::BTreeMap;
@@ -29,7 +31,7 @@ use crate::config::Config;
 use crate::metadata::{MetadataState, METADATA_GROUP};
 use crate::peer::{GroupRegistry, PeerPool, PeerServer};
 use crate::replication::config::raft_config_with_timing;
-use group::{initialize_if_new, open_group, GroupContext, GroupHandle};
+use group::{initialize_if_new, open_group, GroupContext, GroupHandle, Probe};
 use limits::{CLIENT_CONCURRENCY_MAX, CLIENT_CONNECTIONS_MAX, CLIENT_SEND_QUEUE_CAPACITY};
 use reconcile::HostedPartitions;
 
@@ -93,9 +95,13 @@ impl Node {
             raft_config: Arc::new(raft_config),
             log_config: LogConfig { fsync, ..LogConfig::default() },
         });
-        let metadata_group = open_group(&ctx, METADATA_GROUP).await.map_err(NodeError::Start)?;
+        // A node with no metadata state asks its peers whether the cluster already
+        // exists (its data may have been wiped) before it starts the metadata group.
+        let peers = rejoin::other_peers(&config.cluster.members, None, me.id);
+        let (metadata_group, recovery) = open_group(&ctx, METADATA_GROUP, Probe::IfEmpty(peers)).await.map_err(NodeError::Start)?;
+        let refill_horizon = rejoin::read_horizon(&config.node.data_dir).map_err(NodeError::Start)?;
         let lowest = config.cluster.members.iter().map(|m| m.id).min().expect("validate checks members is non-empty");
-        if me.id == lowest {
+        if me.id == lowest && recovery.is_none() {
             let members: BTreeMap<u64, BasicNode> = config.cluster.members.iter().map(|m| (m.id, BasicNode::new(&m.peer_addr))).collect();
             initialize_if_new(&metadata_group, members).await.map_err(NodeError::Start)?;
         }
@@ -103,7 +109,7 @@ impl Node {
         let hosted = HostedPartitions::default();
         let mut tasks = vec![
             tokio::spawn(tailer::run(metadata_group.clone(), publish)),
-            tokio::spawn(reconcile::run(ctx.clone(), config.cluster.clone(), metadata.clone(), hosted.clone())),
+            tokio::spawn(reconcile::run(ctx.clone(), config.cluster.clone(), refill_horizon, metadata.clone(), hosted.clone())),
         ];
         let service = Arc::new(client_service::ClientService {
             node_id: me.id,
@@ -126,6 +132,13 @@ impl Node {
         tasks.push(admin::serve(admin_listener, admin_state));
         tracing::info!(node = me.id, client = %me.client_addr, peer = %me.peer_addr, "node started");
         Ok(Node { id: me.id, config, metadata_group, metadata, hosted, registry, client_listener, peer_server, tasks, faults, _flusher: flusher })
+    }
+
+    /// Starts several nodes of one cluster in this process, concurrently: a node
+    /// with no state waits until its peers answer (see [`rejoin`]), so starting them
+    /// one after another would wait forever.
+    pub async fn start_all(configs: Vec<Config>) -> Result<Vec<Node>, NodeError> {
+        futures::future::try_join_all(configs.into_iter().map(Node::start)).await
     }
 
     pub fn config(&self) -> &Config {

@@ -2,15 +2,16 @@
 //! the metadata says it replicates — opening (and, as preferred leader, initializing)
 //! new ones and stopping and deleting removed ones.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, RwLock};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex, RwLock};
 
 use openraft::BasicNode;
 use tokio::sync::watch;
 
-use super::group::{initialize_if_new, open_group, GroupContext, GroupHandle};
+use super::group::{initialize_if_new, open_group, GroupContext, GroupHandle, Probe};
+use super::rejoin;
 use crate::config::ClusterConfig;
-use crate::metadata::MetadataState;
+use crate::metadata::{MetadataState, PartitionMeta};
 
 /// A partition hosted on this node.
 #[derive(Clone)]
@@ -24,34 +25,31 @@ pub struct HostedPartition {
 /// Partitions hosted here, by group id.
 pub type HostedPartitions = Arc<RwLock<HashMap<u64, HostedPartition>>>;
 
-/// Runs until the metadata channel closes.
-pub async fn run(ctx: Arc<GroupContext>, cluster: ClusterConfig, mut metadata: watch::Receiver<Arc<MetadataState>>, hosted: HostedPartitions) {
+/// Runs until the metadata channel closes. `refill_horizon`: see [`super::rejoin`];
+/// partition groups of topics created below it are probed before they start empty.
+pub async fn run(
+    ctx: Arc<GroupContext>,
+    cluster: ClusterConfig,
+    refill_horizon: Option<u64>,
+    mut metadata: watch::Receiver<Arc<MetadataState>>,
+    hosted: HostedPartitions,
+) {
+    // Groups being opened by their own task (a probe can wait for a leader).
+    let opening: Arc<Mutex<HashSet<u64>>> = Arc::default();
     loop {
         let state = metadata.borrow_and_update().clone();
         let wanted = state.groups_of(ctx.node_id);
         for (topic, p) in &wanted {
-            if hosted.read().expect("hosted lock poisoned").contains_key(&p.group) {
+            if hosted.read().expect("hosted lock poisoned").contains_key(&p.group) || !opening.lock().expect("opening lock poisoned").insert(p.group) {
                 continue;
             }
-            match open_group(&ctx, p.group).await {
-                Ok(group) => {
-                    if p.replicas.first() == Some(&ctx.node_id) {
-                        let members: BTreeMap<u64, BasicNode> = p
-                            .replicas
-                            .iter()
-                            .filter_map(|id| cluster.members.iter().find(|m| m.id == *id).map(|m| (*id, BasicNode::new(&m.peer_addr))))
-                            .collect();
-                        if let Err(e) = initialize_if_new(&group, members).await {
-                            tracing::error!(group = p.group, error = %e, "could not initialize a partition group");
-                        }
-                    }
-                    hosted
-                        .write()
-                        .expect("hosted lock poisoned")
-                        .insert(p.group, HostedPartition { topic: topic.clone(), partition: p.partition, replicas: p.replicas.clone(), group });
-                }
-                Err(e) => tracing::error!(group = p.group, error = %e, "could not open a partition group"),
-            }
+            let created_at = state.topics.get(topic).map_or(u64::MAX, |t| t.created_at_offset);
+            let probe = match refill_horizon {
+                Some(h) if created_at < h => Probe::IfEmpty(rejoin::other_peers(&cluster.members, Some(&p.replicas), ctx.node_id)),
+                _ => Probe::Never,
+            };
+            let task = open_partition(ctx.clone(), cluster.clone(), topic.clone(), p.clone(), probe, metadata.clone(), hosted.clone(), opening.clone());
+            tokio::spawn(task);
         }
         let wanted_groups: Vec<u64> = wanted.iter().map(|(_, p)| p.group).collect();
         let removed: Vec<HostedPartition> = {
@@ -72,4 +70,41 @@ pub async fn run(ctx: Arc<GroupContext>, cluster: ClusterConfig, mut metadata: w
             return;
         }
     }
+}
+
+/// Opens one partition group (initializing it as preferred leader) and hosts it, unless
+/// its topic was deleted meanwhile.
+#[allow(clippy::too_many_arguments)]
+async fn open_partition(
+    ctx: Arc<GroupContext>,
+    cluster: ClusterConfig,
+    topic: String,
+    p: PartitionMeta,
+    probe: Probe,
+    metadata: watch::Receiver<Arc<MetadataState>>,
+    hosted: HostedPartitions,
+    opening: Arc<Mutex<HashSet<u64>>>,
+) {
+    match open_group(&ctx, p.group, probe).await {
+        Ok((group, recovery)) => {
+            if recovery.is_none() && p.replicas.first() == Some(&ctx.node_id) {
+                let members: BTreeMap<u64, BasicNode> =
+                    p.replicas.iter().filter_map(|id| cluster.members.iter().find(|m| m.id == *id).map(|m| (*id, BasicNode::new(&m.peer_addr)))).collect();
+                if let Err(e) = initialize_if_new(&group, members).await {
+                    tracing::error!(group = p.group, error = %e, "could not initialize a partition group");
+                }
+            }
+            let still_wanted = metadata.borrow().groups_of(ctx.node_id).iter().any(|(_, w)| w.group == p.group);
+            if still_wanted {
+                hosted.write().expect("hosted lock poisoned").insert(p.group, HostedPartition { topic, partition: p.partition, replicas: p.replicas, group });
+            } else {
+                // Deleted while opening: undo (the next reconcile round finds nothing to do).
+                ctx.registry.write().expect("group registry lock poisoned").remove(&p.group);
+                let _ = group.raft.shutdown().await;
+                let _ = std::fs::remove_dir_all(&group.dir);
+            }
+        }
+        Err(e) => tracing::error!(group = p.group, error = %e, "could not open a partition group"),
+    }
+    opening.lock().expect("opening lock poisoned").remove(&p.group);
 }

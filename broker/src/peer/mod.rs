@@ -24,4 +24,4 @@ pub mod wire;
 pub use faults::PeerFaults;
 pub use network::GroupNetworkFactory;
 pub use pool::{peer_caller, PeerPool};
-pub use server::{GroupRaft, GroupRegistry, PeerServer};
+pub use server::{GroupRaft, GroupRegistry, HostedGroup, PeerServer};

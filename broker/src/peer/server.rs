@@ -3,23 +3,42 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use keel_net::{Listener, Reply, ServeOptions, Service};
 use keel_protocol::{api, ErrorCode};
+use keel_storage::Log;
 use openraft::Raft;
 
 use super::limits::{PEER_CONNECTIONS_MAX, PEER_SERVER_CONCURRENCY_MAX, PEER_SERVER_SEND_QUEUE_CAPACITY};
-use super::wire::{GroupId, Identify, RaftReply, RaftRequest, RaftRpc};
+use super::wire::{GroupId, GroupProbe, GroupProbeReply, GroupProbeState, Identify, RaftReply, RaftRequest, RaftRpc};
 use crate::replication::{PartitionStateMachine, TypeConfig};
 
 /// A partition (or metadata) Raft group of this node.
 pub type GroupRaft = Raft<TypeConfig, PartitionStateMachine>;
 
+/// A group as the peer listener sees it.
+#[derive(Clone)]
+pub struct HostedGroup {
+    pub raft: GroupRaft,
+    pub log: Arc<Log>,
+    /// Set while this node refills a group whose local state it lost: it grants no
+    /// vote (its empty log must not help elect a leader that lacks committed entries,
+    /// and it cannot know whom it voted for before). Cleared once its log has caught up.
+    pub recovering: Arc<AtomicBool>,
+}
+
+impl HostedGroup {
+    pub fn new(raft: GroupRaft, log: Arc<Log>) -> HostedGroup {
+        HostedGroup { raft, log, recovering: Arc::default() }
+    }
+}
+
 /// The Raft groups this node hosts, by group id. Shared with whoever creates groups.
-pub type GroupRegistry = Arc<RwLock<HashMap<GroupId, GroupRaft>>>;
+pub type GroupRegistry = Arc<RwLock<HashMap<GroupId, HostedGroup>>>;
 
 /// A running peer listener. Dropping it (or `shutdown`) closes the listener and every
 /// connection it accepted.
@@ -34,10 +53,14 @@ struct PeerService {
 }
 
 impl Service for PeerService {
-    fn call(self: Arc<Self>, api_key: u16, payload: Bytes) -> BoxFuture<'static, Reply> {
+    fn call(self: Arc<Self>, caller: Option<u64>, api_key: u16, payload: Bytes) -> BoxFuture<'static, Reply> {
         Box::pin(async move {
             match api_key {
                 api::peer::RAFT => match handle_raft(&self, &payload).await {
+                    Ok(bytes) => Reply::ok(bytes),
+                    Err(msg) => Reply::error(ErrorCode::MalformedFrame, msg),
+                },
+                api::peer::GROUP_PROBE => match handle_probe(&self, caller, &payload).await {
                     Ok(bytes) => Reply::ok(bytes),
                     Err(msg) => Reply::error(ErrorCode::MalformedFrame, msg),
                 },
@@ -50,13 +73,13 @@ impl Service for PeerService {
         Some(api::peer::IDENTIFY)
     }
 
-    fn identify(&self, payload: &Bytes) -> Result<(), Reply> {
+    fn identify(&self, payload: &Bytes) -> Result<u64, Reply> {
         let who: Identify = postcard::from_bytes(payload).map_err(|e| Reply::error(ErrorCode::MalformedFrame, format!("undecodable identify: {e}")))?;
         if who.to != self.node_id || who.cluster != self.cluster {
             let msg = format!("this is node {} of cluster {:?}, not node {} of {:?}", self.node_id, self.cluster, who.to, who.cluster);
             return Err(Reply::error(ErrorCode::InvalidRequest, msg));
         }
-        Ok(())
+        Ok(who.from)
     }
 }
 
@@ -84,10 +107,13 @@ impl PeerServer {
 
 async fn handle_raft(service: &PeerService, payload: &[u8]) -> Result<Bytes, String> {
     let request: RaftRequest = postcard::from_bytes(payload).map_err(|e| format!("undecodable Raft request: {e}"))?;
-    let raft = service.groups.read().expect("group registry lock poisoned").get(&request.group).cloned();
-    let reply = match raft {
+    let hosted = service.groups.read().expect("group registry lock poisoned").get(&request.group).cloned();
+    let reply = match hosted {
         None => RaftReply::UnknownGroup(request.group),
-        Some(raft) => match request.rpc {
+        Some(HostedGroup { recovering, .. }) if recovering.load(Ordering::Acquire) && matches!(request.rpc, RaftRpc::Vote(_) | RaftRpc::PreVote(_)) => {
+            RaftReply::Failed(format!("node {} is refilling group {} and grants no vote until it has caught up", service.node_id, request.group))
+        }
+        Some(HostedGroup { raft, .. }) => match request.rpc {
             RaftRpc::Append(rpc) => raft.append_entries(rpc).await.map_or_else(|e| RaftReply::Failed(e.to_string()), RaftReply::Append),
             RaftRpc::Vote(rpc) => raft.vote(rpc).await.map_or_else(|e| RaftReply::Failed(e.to_string()), RaftReply::Vote),
             RaftRpc::PreVote(rpc) => raft.pre_vote(rpc).await.map_or_else(|e| RaftReply::Failed(e.to_string()), RaftReply::Vote),
@@ -98,4 +124,32 @@ async fn handle_raft(service: &PeerService, payload: &[u8]) -> Result<Bytes, Str
         },
     };
     postcard::to_allocvec(&reply).map(Bytes::from).map_err(|e| format!("encoding Raft reply: {e}"))
+}
+
+async fn handle_probe(service: &PeerService, caller: Option<u64>, payload: &[u8]) -> Result<Bytes, String> {
+    use openraft::async_runtime::watch::WatchReceiver;
+    let probe: GroupProbe = postcard::from_bytes(payload).map_err(|e| format!("undecodable group probe: {e}"))?;
+    let hosted = service.groups.read().expect("group registry lock poisoned").get(&probe.group).cloned();
+    let reply = match hosted {
+        None => GroupProbeReply::Unknown,
+        Some(HostedGroup { raft, log, .. }) => {
+            let m = raft.metrics().borrow_watched().clone();
+            let leader = m.state == openraft::ServerState::Leader && m.vote.is_committed();
+            if leader && probe.state_lost {
+                if let Some(from) = caller {
+                    // One reversion of `from`'s log is expected now: without this the
+                    // leader keeps its old match index for it and never resends.
+                    match raft.trigger().allow_next_revert(&from, true).await {
+                        Ok(Ok(())) => {
+                            tracing::info!(group = probe.group, node = from, "a replica lost its state; replication to it restarts from the beginning")
+                        }
+                        Ok(Err(e)) => tracing::warn!(group = probe.group, node = from, error = %e, "could not allow the log reversion of a replica"),
+                        Err(e) => return Err(format!("group {} stopped: {e}", probe.group)),
+                    }
+                }
+            }
+            GroupProbeReply::State(GroupProbeState { vote: m.vote, last_log_index: m.last_log_index, leader, next_offset: log.next_offset() })
+        }
+    };
+    postcard::to_allocvec(&reply).map(Bytes::from).map_err(|e| format!("encoding the probe reply: {e}"))
 }

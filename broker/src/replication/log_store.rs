@@ -137,6 +137,19 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> io::Result<T> + Send + 
     tokio::task::spawn_blocking(f).await.map_err(|e| io::Error::other(format!("storage task failed: {e}")))?
 }
 
+/// Writes `vote` durably as the saved vote of the store in `dir`. Only for a store that
+/// is not open (before Raft starts on a group that adopts a leader's vote).
+pub fn persist_vote(dir: &std::path::Path, vote: &Vote) -> io::Result<()> {
+    let bytes = postcard::to_allocvec(vote).map_err(|e| invalid(format!("encoding the vote: {e}")))?;
+    atomic_file::write(dir, VOTE_FILE, &bytes)?;
+    Ok(())
+}
+
+/// Whether the store in `dir` has ever saved a vote.
+pub fn has_vote(dir: &std::path::Path) -> bool {
+    dir.join(VOTE_FILE).exists()
+}
+
 impl PartitionLogStore {
     /// A store over `log`, durable through `flusher`; the vote and committed index live
     /// in the log's directory.

@@ -53,7 +53,13 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         use tokio::signal::unix::{signal, SignalKind};
         let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
         let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-        let node = Node::start(config).await?;
+        // Startup can wait for peers (a node with no state asks them whether the
+        // cluster exists), so a signal must be able to end it.
+        let node = tokio::select! {
+            node = Node::start(config) => node?,
+            _ = term.recv() => { tracing::info!("SIGTERM during startup: exiting"); return Ok(()) }
+            _ = int.recv() => { tracing::info!("SIGINT during startup: exiting"); return Ok(()) }
+        };
         tokio::select! {
             _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
             _ = int.recv() => tracing::info!("SIGINT: shutting down"),
