@@ -210,6 +210,10 @@ pub struct ProduceArgs {
     headers: Vec<(String, String)>,
     /// The message. Without it, every line of standard input is one message.
     message: Option<String>,
+    /// Give up on a message not acknowledged within this long (e.g. 5s); the command
+    /// then fails, saying how many were acknowledged.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
+    timeout: std::time::Duration,
 }
 
 fn parse_header(s: &str) -> Result<(String, String), String> {
@@ -220,7 +224,7 @@ pub fn produce(args: ProduceArgs, connect: Connect) -> anyhow::Result<()> {
     runtime()?.block_on(async move {
         let cluster = connect.cluster()?;
         cluster.partitions(&args.topic).await?;
-        let producer = Producer::new(cluster, ProducerConfig::default());
+        let producer = Producer::new(cluster, ProducerConfig { delivery_timeout: args.timeout, ..ProducerConfig::default() });
         let make = |value: String| {
             let mut r = Record::new(value);
             if let Some(k) = &args.key {
