@@ -28,11 +28,17 @@ pub struct NodeConfig {
     pub id: u64,
     /// Where logs, Raft state and snapshots live.
     pub data_dir: PathBuf,
+    /// Async runtime worker threads; 0 means one per CPU core. `keel dev` gives each
+    /// of its nodes an equal share of the cores, since they share one machine.
+    pub worker_threads: usize,
 }
+
+/// Most async runtime worker threads a node may ask for.
+pub const WORKER_THREADS_MAX: usize = 1024;
 
 impl Default for NodeConfig {
     fn default() -> Self {
-        NodeConfig { id: 1, data_dir: PathBuf::from("keel-data/node1") }
+        NodeConfig { id: 1, data_dir: PathBuf::from("keel-data/node1"), worker_threads: 0 }
     }
 }
 
@@ -191,6 +197,9 @@ impl Config {
 
     /// Checks every value against the others and against the limits.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.node.worker_threads > WORKER_THREADS_MAX {
+            return invalid("node.worker_threads", format!("at most {WORKER_THREADS_MAX} (0 means one per core)"));
+        }
         let c = &self.cluster;
         if c.name.is_empty() {
             return invalid("cluster.name", "must not be empty");
@@ -251,7 +260,9 @@ pub fn local_cluster(dir: &std::path::Path, nodes: u16, name: &str) -> Vec<Confi
         m.admin_addr = format!("127.0.0.1:{}", ports[2 * n + i]);
     }
     cluster.name = name.to_string();
-    (1..=u64::from(nodes)).map(|id| Config { node: NodeConfig { id, data_dir: dir.join(format!("node{id}")) }, cluster: cluster.clone() }).collect()
+    (1..=u64::from(nodes))
+        .map(|id| Config { node: NodeConfig { id, data_dir: dir.join(format!("node{id}")), worker_threads: 0 }, cluster: cluster.clone() })
+        .collect()
 }
 
 #[cfg(test)]
@@ -261,7 +272,10 @@ mod tests {
     #[test]
     fn the_embedded_dev_config_is_valid_for_every_node() {
         for id in 1..=3 {
-            let c = Config { node: NodeConfig { id, data_dir: format!("keel-data/node{id}").into() }, cluster: ClusterConfig::dev(3, DEV_BASE_PORT) };
+            let c = Config {
+                node: NodeConfig { id, data_dir: format!("keel-data/node{id}").into(), worker_threads: 0 },
+                cluster: ClusterConfig::dev(3, DEV_BASE_PORT),
+            };
             c.validate().unwrap();
         }
     }

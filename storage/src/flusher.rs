@@ -1,11 +1,18 @@
-//! A flusher thread: callers submit "tell me when this log is durable" requests; the
-//! thread drains every queued request, flushes each distinct log once (group commit
-//! across callers and across logs on one disk), and completes the callbacks in
-//! submission order.
+//! The flusher: callers submit "tell me when this log is durable" requests; it makes
+//! the log durable and runs the callback.
 //!
-//! The queue is bounded (`FLUSH_QUEUE_CAPACITY_DEFAULT`); when full, `submit` blocks the
-//! submitter — backpressure, never a dropped request. Under `FsyncPolicy::Interval` the
-//! thread also wakes once per interval to sync logs with unsynced writes.
+//! A flusher has a fixed set of *lanes*, each one thread with its own bounded queue.
+//! A log always goes to the same lane (chosen by [`Log::instance`], so logs opened one
+//! after another land on different lanes); a lane drains every queued request, flushes
+//! each distinct log once (group commit across callers), and completes the callbacks in
+//! submission order. So callbacks of one log run in submission order (what openraft
+//! needs per group), and logs on different lanes are flushed in parallel: one
+//! partition's fsync does not wait behind another's. No thread is created per flush.
+//!
+//! Queues are bounded (`FLUSH_QUEUE_CAPACITY_DEFAULT` per lane); when full, `submit`
+//! blocks the submitter — backpressure, never a dropped request. Under
+//! `FsyncPolicy::Interval` a lane also wakes once per interval to sync its logs with
+//! unsynced writes.
 
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Weak};
@@ -23,36 +30,48 @@ struct Request {
     done: FlushCallback,
 }
 
-/// Handle to a flusher thread. Dropping it stops the thread after it has completed
-/// every request already queued.
+/// Handle to a flusher's lanes. Dropping it stops them after they have completed every
+/// request already queued.
 pub struct Flusher {
-    tx: Option<SyncSender<Request>>,
-    thread: Option<JoinHandle<()>>,
+    lanes: Vec<SyncSender<Request>>,
+    threads: Vec<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Flusher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Flusher").finish_non_exhaustive()
+        f.debug_struct("Flusher").field("lanes", &self.lanes.len()).finish_non_exhaustive()
     }
 }
 
-/// How often the thread checks interval-policy logs for a due sync.
+/// How often a lane checks interval-policy logs for a due sync.
 const INTERVAL_TICK: Duration = Duration::from_millis(50);
 
 impl Flusher {
-    /// Starts a flusher thread named `name` with a queue of `capacity` requests.
+    /// Starts a flusher with `FLUSH_LANES_DEFAULT` lanes named `name-<lane>`, each with a
+    /// queue of `capacity` requests.
     pub fn spawn(name: &str, capacity: usize) -> std::io::Result<Flusher> {
+        Flusher::spawn_lanes(name, capacity, crate::limits::FLUSH_LANES_DEFAULT)
+    }
+
+    /// Starts a flusher with `lanes` lanes (threads) of `capacity` queued requests each.
+    pub fn spawn_lanes(name: &str, capacity: usize, lanes: usize) -> std::io::Result<Flusher> {
         assert!(capacity > 0, "a flusher queue needs room for at least one request");
-        let (tx, rx) = sync_channel(capacity);
-        let thread = std::thread::Builder::new().name(name.to_string()).spawn(move || run(rx, capacity))?;
-        Ok(Flusher { tx: Some(tx), thread: Some(thread) })
+        assert!(lanes > 0, "a flusher needs at least one lane");
+        let mut flusher = Flusher { lanes: Vec::with_capacity(lanes), threads: Vec::with_capacity(lanes) };
+        for lane in 0..lanes {
+            let (tx, rx) = sync_channel(capacity);
+            let thread = std::thread::Builder::new().name(format!("{name}-{lane}")).spawn(move || run(rx, capacity))?;
+            flusher.lanes.push(tx);
+            flusher.threads.push(thread);
+        }
+        Ok(flusher)
     }
 
     /// Asks for everything appended to `log` so far to be made durable; `done` runs on
-    /// the flusher thread once it is (or with the error if it cannot be).
+    /// the log's lane thread once it is (or with the error if it cannot be).
     pub fn submit(&self, log: Arc<Log>, done: FlushCallback) -> Result<(), StorageError> {
-        let tx = self.tx.as_ref().ok_or(StorageError::FlusherStopped)?;
-        tx.send(Request { log, done }).map_err(|failed| {
+        let lane = &self.lanes[(log.instance() % self.lanes.len() as u64) as usize];
+        lane.send(Request { log, done }).map_err(|failed| {
             (failed.0.done)(Err(StorageError::FlusherStopped));
             StorageError::FlusherStopped
         })
@@ -61,8 +80,8 @@ impl Flusher {
 
 impl Drop for Flusher {
     fn drop(&mut self) {
-        drop(self.tx.take());
-        if let Some(t) = self.thread.take() {
+        self.lanes.clear();
+        for t in self.threads.drain(..) {
             let _ = t.join();
         }
     }
@@ -86,28 +105,18 @@ fn run(rx: Receiver<Request>, capacity: usize) {
                 Err(_) => break,
             }
         }
-        // One flush per distinct log; distinct logs (separate files) are flushed in
-        // parallel so one partition's fsync does not wait behind another's.
-        let mut distinct: Vec<&Arc<Log>> = Vec::new();
+        // One flush per distinct log.
+        let mut results: Vec<(*const Log, Result<(), String>)> = Vec::new();
         for req in &batch {
             let ptr = Arc::as_ptr(&req.log);
-            if distinct.iter().any(|l| Arc::as_ptr(l) == ptr) {
+            if results.iter().any(|(p, _)| *p == ptr) {
                 continue;
             }
             if matches!(req.log.config().fsync, crate::config::FsyncPolicy::Interval(_)) && !interval_logs.iter().any(|w| w.as_ptr() == ptr) {
                 interval_logs.push(Arc::downgrade(&req.log));
             }
-            distinct.push(&req.log);
+            results.push((ptr, req.log.flush().map(|_| ()).map_err(|e| e.to_string())));
         }
-        let results: Vec<(*const Log, Result<(), String>)> = if distinct.len() == 1 {
-            vec![(Arc::as_ptr(distinct[0]), distinct[0].flush().map(|_| ()).map_err(|e| e.to_string()))]
-        } else {
-            std::thread::scope(|scope| {
-                let handles: Vec<_> =
-                    distinct.iter().map(|log| (Arc::as_ptr(log), scope.spawn(|| log.flush().map(|_| ()).map_err(|e| e.to_string())))).collect();
-                handles.into_iter().map(|(ptr, h)| (ptr, h.join().unwrap_or_else(|_| Err("flush thread panicked".to_string())))).collect()
-            })
-        };
         for req in batch {
             let ptr = Arc::as_ptr(&req.log);
             let outcome = results.iter().find(|(p, _)| *p == ptr).map(|(_, r)| r.clone()).expect("every log in the batch was flushed above");

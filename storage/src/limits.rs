@@ -39,9 +39,13 @@ pub const PENDING_BYTES_MAX: u64 = 64 * MIB;
 /// Largest single read from a segment file when serving a range read.
 pub const READ_CHUNK_BYTES_MAX: u64 = 8 * MIB;
 
-/// Default capacity of a `Flusher`'s request queue. Full: `submit` blocks the caller
-/// (backpressure on the Raft core), it never drops a request.
+/// Default capacity of each `Flusher` lane's request queue. Full: `submit` blocks the
+/// caller (backpressure on the Raft core), it never drops a request.
 pub const FLUSH_QUEUE_CAPACITY_DEFAULT: usize = 4096;
+
+/// Default number of `Flusher` lanes (threads, each flushing its logs in turn): logs on
+/// different lanes are fsynced in parallel.
+pub const FLUSH_LANES_DEFAULT: usize = 4;
 
 const _: () = assert!(SEGMENT_BYTES_MIN < SEGMENT_BYTES_DEFAULT && SEGMENT_BYTES_DEFAULT <= SEGMENT_BYTES_MAX);
 const _: () = assert!(ENTRY_PAYLOAD_SIZE_MAX <= READ_CHUNK_BYTES_MAX * 2);

@@ -129,9 +129,14 @@ pub struct Log {
     /// Exclusive end index of durable entries.
     durable: Watermark,
     stats: IoCounters,
+    /// Distinct per `Log` opened in this process, in opening order (spreads logs over
+    /// a `Flusher`'s lanes).
+    instance: u64,
     #[cfg(any(test, feature = "fault-injection"))]
     fail_next_sync: std::sync::atomic::AtomicBool,
 }
+
+static NEXT_INSTANCE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 pub(crate) fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
@@ -185,9 +190,15 @@ impl Log {
             layout: RwLock::new(()),
             durable,
             stats: IoCounters::default(),
+            instance: NEXT_INSTANCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             #[cfg(any(test, feature = "fault-injection"))]
             fail_next_sync: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// A number distinct for every `Log` opened in this process, in opening order.
+    pub fn instance(&self) -> u64 {
+        self.instance
     }
 
     pub fn dir(&self) -> &Path {

@@ -11,7 +11,7 @@
 //!
 //! Blocking file work (flush, truncate, purge, vote) runs on tokio's blocking pool;
 //! `append` only touches memory (and, at a segment roll, creates a file) and hands
-//! durability to the `Flusher`, which calls openraft back in submit order.
+//! durability to the `Flusher`, which calls openraft back in submit order (per log).
 
 use std::fmt::Debug;
 use std::io;

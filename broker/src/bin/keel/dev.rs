@@ -52,6 +52,10 @@ pub fn run(args: DevArgs, log_format: LogFormat) -> anyhow::Result<()> {
     let cluster = ClusterConfig::dev(args.nodes, args.base_port);
     std::fs::create_dir_all(&args.data_dir).with_context(|| format!("creating {}", args.data_dir.display()))?;
     let exe = std::env::current_exe().context("finding the keel executable")?;
+    // The nodes share this machine: each gets an equal share of the cores as runtime
+    // workers (fewer threads competing for the same cores, fewer cross-thread wakeups).
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let workers = (cores / usize::from(args.nodes.max(1))).max(1);
     let mut running = Vec::new();
     for m in &cluster.members {
         let dir = args.data_dir.join(format!("node{}", m.id));
@@ -64,6 +68,8 @@ pub fn run(args: DevArgs, log_format: LogFormat) -> anyhow::Result<()> {
             .arg(args.base_port.to_string())
             .arg("--node-id")
             .arg(m.id.to_string())
+            .arg("--worker-threads")
+            .arg(workers.to_string())
             .arg("--data-dir")
             .arg(&dir)
             .stdin(Stdio::null())

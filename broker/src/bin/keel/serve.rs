@@ -18,6 +18,9 @@ pub struct ServeArgs {
     /// Data directory (overrides the file and KEEL_DATA_DIR).
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Async runtime worker threads (overrides the file); 0 = one per CPU core.
+    #[arg(long)]
+    worker_threads: Option<usize>,
     /// Use the embedded dev cluster of this many nodes instead of a file's members.
     #[arg(long)]
     dev_nodes: Option<u16>,
@@ -38,6 +41,9 @@ pub fn resolve_config(args: &ServeArgs) -> anyhow::Result<Config> {
     if let Some(id) = args.node_id {
         config.node.id = id;
     }
+    if let Some(n) = args.worker_threads {
+        config.node.worker_threads = n;
+    }
     if let Some(dir) = &args.data_dir {
         config.node.data_dir = dir.clone();
     }
@@ -47,7 +53,11 @@ pub fn resolve_config(args: &ServeArgs) -> anyhow::Result<Config> {
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let config = resolve_config(&args)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("keel").build().context("starting the async runtime")?;
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if config.node.worker_threads > 0 {
+        builder.worker_threads(config.node.worker_threads);
+    }
+    let runtime = builder.enable_all().thread_name("keel").build().context("starting the async runtime")?;
     runtime.block_on(async move {
         // Handlers before startup, so a signal during startup still shuts down cleanly.
         use tokio::signal::unix::{signal, SignalKind};
