@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::{SinkExt, StreamExt};
+use futures::StreamExt;
 use keel_protocol::codec::FrameCodec;
 use keel_protocol::limits::{PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN};
 use keel_protocol::{ErrorCode, Frame};
@@ -20,7 +20,10 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::{timeout_at, Instant};
-use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::codec::FramedRead;
+
+use crate::frame_writer::FrameWriter;
+use crate::limits::WRITE_GATHER_BYTES_MAX;
 
 use crate::limits::{CONNECT_TIMEOUT, INFLIGHT_MAX, SEND_QUEUE_CAPACITY};
 
@@ -158,8 +161,8 @@ impl Caller {
         stream.set_nodelay(true).map_err(|e| unreachable(e.to_string()))?;
         let (r, w) = stream.into_split();
         let mut reader = FramedRead::new(r, FrameCodec);
-        let mut writer = FramedWrite::new(w, FrameCodec);
-        writer.send(Frame::Hello { min_version: PROTOCOL_VERSION_MIN, max_version: PROTOCOL_VERSION_MAX }).await.map_err(|e| unreachable(e.to_string()))?;
+        let mut writer = FrameWriter::new(w);
+        writer.send(&Frame::Hello { min_version: PROTOCOL_VERSION_MIN, max_version: PROTOCOL_VERSION_MAX }).await.map_err(|e| unreachable(e.to_string()))?;
         match reader.next().await {
             Some(Ok(Frame::HelloAck { .. })) => {}
             Some(Ok(Frame::Response { error, message, .. })) => return Err(unreachable(format!("handshake refused: {error}: {message}"))),
@@ -167,7 +170,7 @@ impl Caller {
         }
         if let Some(id) = &self.identification {
             writer
-                .send(Frame::Request { correlation_id: 0, api_key: id.api_key, payload: id.payload.clone() })
+                .send(&Frame::Request { correlation_id: 0, api_key: id.api_key, payload: id.payload.clone() })
                 .await
                 .map_err(|e| unreachable(e.to_string()))?;
             match reader.next().await {
@@ -186,19 +189,11 @@ impl Caller {
             tokio::spawn(async move {
                 let reason = loop {
                     let Some(frame) = rx.recv().await else { break "client dropped".to_string() };
-                    if let Err(e) = writer.feed(frame).await {
-                        break e.to_string();
-                    }
-                    // Coalesce whatever else is queued into the same flush.
-                    let mut failed = None;
-                    while let Ok(frame) = rx.try_recv() {
-                        if let Err(e) = writer.feed(frame).await {
-                            failed = Some(e.to_string());
-                            break;
-                        }
-                    }
-                    if let Some(e) = failed {
-                        break e;
+                    writer.feed(&frame);
+                    // Gather whatever else is queued into the same write, up to a bound.
+                    while writer.queued() < WRITE_GATHER_BYTES_MAX {
+                        let Ok(frame) = rx.try_recv() else { break };
+                        writer.feed(&frame);
                     }
                     if let Err(e) = writer.flush().await {
                         break e.to_string();

@@ -12,6 +12,7 @@
 //! depend on `net`, never the other way.
 
 pub mod caller;
+mod frame_writer;
 pub mod limits;
 pub mod server;
 

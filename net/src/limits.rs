@@ -10,3 +10,14 @@ pub const INFLIGHT_MAX: usize = 4096;
 
 /// Connecting plus handshake must finish within this, or the target counts as unreachable.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Payloads at least this large are written from their own buffer (vectored write);
+/// smaller ones are copied next to their frame header.
+pub const VECTORED_PAYLOAD_MIN: usize = 8 * 1024;
+
+/// Buffers handed to one vectored write (the kernel's IOV_MAX is 1024).
+pub const WRITE_SLICES_MAX: usize = 64;
+
+/// A connection's writer stops gathering queued frames into one write once this many
+/// bytes are gathered, and writes them out.
+pub const WRITE_GATHER_BYTES_MAX: usize = 4 * 1024 * 1024;

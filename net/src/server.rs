@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
-use futures::{SinkExt, StreamExt};
+use futures::StreamExt;
 use keel_protocol::codec::FrameCodec;
 use keel_protocol::frame::negotiate_version;
 use keel_protocol::limits::{PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN};
@@ -15,7 +15,10 @@ use keel_protocol::{ErrorCode, Frame};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
-use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::codec::FramedRead;
+
+use crate::frame_writer::FrameWriter;
+use crate::limits::WRITE_GATHER_BYTES_MAX;
 
 /// An answer to one request.
 #[derive(Debug, Clone)]
@@ -134,23 +137,23 @@ async fn serve(stream: TcpStream, service: Arc<dyn Service>, options: ServeOptio
     stream.set_nodelay(true).map_err(|e| e.to_string())?;
     let (r, w) = stream.into_split();
     let mut reader = FramedRead::new(r, FrameCodec);
-    let mut writer = FramedWrite::new(w, FrameCodec);
+    let mut writer = FrameWriter::new(w);
 
     match reader.next().await {
         Some(Ok(Frame::Hello { min_version, max_version })) => match negotiate_version(min_version, max_version) {
-            Ok(version) => writer.send(Frame::HelloAck { version }).await.map_err(|e| e.to_string())?,
+            Ok(version) => writer.send(&Frame::HelloAck { version }).await.map_err(|e| e.to_string())?,
             Err(code) => {
                 let msg = format!("this server speaks protocol versions {PROTOCOL_VERSION_MIN}..={PROTOCOL_VERSION_MAX}");
-                let _ = writer.send(answer(0, Reply::error(code, msg))).await;
+                let _ = writer.send(&answer(0, Reply::error(code, msg))).await;
                 return Err("no common protocol version".into());
             }
         },
         Some(Err(e)) => {
-            let _ = writer.send(answer(0, Reply::error(ErrorCode::MalformedFrame, e.to_string()))).await;
+            let _ = writer.send(&answer(0, Reply::error(ErrorCode::MalformedFrame, e.to_string()))).await;
             return Err(e.to_string());
         }
         other => {
-            let _ = writer.send(answer(0, Reply::error(ErrorCode::MalformedFrame, "the first frame must be Hello"))).await;
+            let _ = writer.send(&answer(0, Reply::error(ErrorCode::MalformedFrame, "the first frame must be Hello"))).await;
             return Err(format!("bad first frame: {other:?}"));
         }
     }
@@ -160,16 +163,16 @@ async fn serve(stream: TcpStream, service: Arc<dyn Service>, options: ServeOptio
             Some(Ok(Frame::Request { correlation_id, api_key, payload })) if api_key == identify_api => match service.identify(&payload) {
                 Ok(id) => {
                     caller = Some(id);
-                    writer.send(answer(correlation_id, Reply::ok(Bytes::new()))).await.map_err(|e| e.to_string())?
+                    writer.send(&answer(correlation_id, Reply::ok(Bytes::new()))).await.map_err(|e| e.to_string())?
                 }
                 Err(refusal) => {
                     let reason = refusal.message.clone();
-                    let _ = writer.send(answer(correlation_id, refusal)).await;
+                    let _ = writer.send(&answer(correlation_id, refusal)).await;
                     return Err(reason);
                 }
             },
             other => {
-                let _ = writer.send(answer(0, Reply::error(ErrorCode::InvalidRequest, "identify first"))).await;
+                let _ = writer.send(&answer(0, Reply::error(ErrorCode::InvalidRequest, "identify first"))).await;
                 return Err(format!("no identification: {other:?}"));
             }
         }
@@ -178,13 +181,15 @@ async fn serve(stream: TcpStream, service: Arc<dyn Service>, options: ServeOptio
     let (tx, mut rx) = mpsc::channel::<Frame>(options.send_queue_capacity);
     let writer_task = tokio::spawn(async move {
         while let Some(frame) = rx.recv().await {
-            writer.feed(frame).await?;
-            while let Ok(frame) = rx.try_recv() {
-                writer.feed(frame).await?;
+            writer.feed(&frame);
+            // Gather whatever else is queued into the same write, up to a bound.
+            while writer.queued() < WRITE_GATHER_BYTES_MAX {
+                let Ok(frame) = rx.try_recv() else { break };
+                writer.feed(&frame);
             }
             writer.flush().await?;
         }
-        Ok::<(), keel_protocol::codec::CodecError>(())
+        Ok::<(), std::io::Error>(())
     });
     let limit = Arc::new(Semaphore::new(options.concurrency_max));
     let mut handlers = JoinSet::new();

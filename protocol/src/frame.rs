@@ -121,24 +121,34 @@ impl Frame {
     /// Appends the frame, length prefix included, to `dst`. A response message longer
     /// than [`ERROR_MESSAGE_SIZE_MAX`] is cut at a UTF-8 boundary.
     pub fn encode(&self, dst: &mut BytesMut) {
+        let payload = self.encode_head(dst);
+        dst.put_slice(payload);
+    }
+
+    /// Appends everything of the frame but its payload to `dst` (the length prefix
+    /// counts the payload) and returns the payload, which must follow on the wire: a
+    /// writer can send it from where it lies instead of copying it.
+    pub fn encode_head(&self, dst: &mut BytesMut) -> &[u8] {
         let start = dst.len();
         dst.put_u32_le(0);
-        match self {
+        let payload: &[u8] = match self {
             Frame::Hello { min_version, max_version } => {
                 dst.put_u8(KIND_HELLO);
                 dst.put_u32_le(HELLO_MAGIC);
                 dst.put_u16_le(*min_version);
                 dst.put_u16_le(*max_version);
+                &[]
             }
             Frame::HelloAck { version } => {
                 dst.put_u8(KIND_HELLO_ACK);
                 dst.put_u16_le(*version);
+                &[]
             }
             Frame::Request { correlation_id, api_key, payload } => {
                 dst.put_u8(KIND_REQUEST);
                 dst.put_u64_le(*correlation_id);
                 dst.put_u16_le(*api_key);
-                dst.put_slice(payload);
+                payload
             }
             Frame::Response { correlation_id, error, message, payload } => {
                 dst.put_u8(KIND_RESPONSE);
@@ -147,11 +157,12 @@ impl Frame {
                 let msg = truncate_utf8(message, ERROR_MESSAGE_SIZE_MAX);
                 dst.put_u16_le(msg.len() as u16);
                 dst.put_slice(msg.as_bytes());
-                dst.put_slice(payload);
+                payload
             }
-        }
-        let body_len = (dst.len() - start - LENGTH_PREFIX_LEN) as u32;
+        };
+        let body_len = (dst.len() - start - LENGTH_PREFIX_LEN + payload.len()) as u32;
         dst[start..start + LENGTH_PREFIX_LEN].copy_from_slice(&body_len.to_le_bytes());
+        payload
     }
 }
 
