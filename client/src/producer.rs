@@ -1,8 +1,12 @@
 //! `Producer`: batching, a bounded in-flight window, retries, ordered per partition.
 //!
 //! `send` hands a record to a background task (the hand-off queue is bounded: a full
-//! queue makes `send` wait — backpressure, not memory growth). The task groups records
-//! per partition into batches, closes a batch when it reaches `batch_bytes` or has
+//! queue makes `send` wait — backpressure, not memory growth). A keyed record goes to
+//! the partition its key hashes to; a record without key or partition goes to its
+//! topic's *sticky* partition, which moves on to the next partition each time that
+//! partition's batch closes (as Kafka's default partitioner since KIP-480): keyless
+//! records spread over partitions batch by batch, in fewer and fuller batches than
+//! record by record. The task groups records per partition into batches, closes a batch when it reaches `batch_bytes` or has
 //! waited `linger`, and sends it to the partition leader through `Cluster::call_partition`
 //! (retries, redirects, breakers). At most `max_in_flight_per_partition` batches per
 //! partition are outstanding (1 by default, which keeps order across retries) and at
@@ -173,7 +177,8 @@ struct Runner {
     cluster: Cluster,
     config: ProducerConfig,
     open: HashMap<(String, u32), OpenBatch>,
-    round_robin: HashMap<String, u32>,
+    /// Per topic: the partition keyless records go to until its batch closes.
+    sticky: HashMap<String, u32>,
     all: Arc<Semaphore>,
     per_partition: HashMap<(String, u32), Arc<Semaphore>>,
     sends: tokio::task::JoinSet<()>,
@@ -190,7 +195,7 @@ async fn run(cluster: Cluster, config: ProducerConfig, mut rx: mpsc::Receiver<Co
         cluster,
         config,
         open: HashMap::new(),
-        round_robin: HashMap::new(),
+        sticky: HashMap::new(),
         per_partition: HashMap::new(),
         sends: tokio::task::JoinSet::new(),
     };
@@ -227,9 +232,14 @@ impl Runner {
                 Ok(n) => match &record.key {
                     Some(k) => partition_for_key(k, n),
                     None => {
-                        let next = self.round_robin.entry(topic.clone()).or_insert(0);
-                        *next = next.wrapping_add(1);
-                        *next % n
+                        // Kept below `n` here, so `seal` can compare it with the
+                        // partition it closes.
+                        let stored = self.sticky.get(topic.as_str()).copied();
+                        let p = stored.unwrap_or(0) % n;
+                        if stored != Some(p) {
+                            self.sticky.insert(topic.clone(), p);
+                        }
+                        p
                     }
                 },
                 Err(e) => {
@@ -243,13 +253,11 @@ impl Runner {
         let headers: Vec<(&str, Option<&[u8]>)> = record.headers.iter().map(|(k, v)| (k.as_str(), Some(&v[..]))).collect();
         let new_record = NewRecord { timestamp_ms, key: record.key.as_deref(), value: Some(&record.value), headers: &headers };
         for _ in 0..2 {
-            let batch = match self.open.entry(key.clone()) {
-                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                std::collections::hash_map::Entry::Vacant(v) => {
-                    let builder = BatchBuilder::new(BatchOptions::default()).expect("default batch options are valid");
-                    v.insert(OpenBatch { builder, waiters: Vec::new(), opened: Instant::now() })
-                }
-            };
+            if !self.open.contains_key(&key) {
+                let builder = BatchBuilder::new(BatchOptions::default()).expect("default batch options are valid");
+                self.open.insert(key.clone(), OpenBatch { builder, waiters: Vec::new(), opened: Instant::now() });
+            }
+            let batch = self.open.get_mut(&key).expect("inserted above");
             match batch.builder.push(new_record) {
                 Ok(()) => {
                     batch.waiters.push(done);
@@ -278,6 +286,11 @@ impl Runner {
     /// Closes the open batch of `key` and sends it once the in-flight windows allow.
     async fn seal(&mut self, key: &(String, u32)) {
         let Some(batch) = self.open.remove(key) else { return };
+        if let Some(sticky) = self.sticky.get_mut(key.0.as_str()) {
+            if *sticky == key.1 {
+                *sticky = sticky.wrapping_add(1);
+            }
+        }
         if batch.builder.is_empty() {
             return;
         }
