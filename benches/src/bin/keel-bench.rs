@@ -51,6 +51,9 @@ struct Args {
     /// Producer linger.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "2ms")]
     linger: Duration,
+    /// Producer batch size limit in bytes (default: the client's `ProducerConfig`).
+    #[arg(long)]
+    batch_bytes: Option<usize>,
     /// Total messages/s across producers; unlimited if omitted.
     #[arg(long)]
     rate: Option<u64>,
@@ -138,6 +141,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             linger: args.linger,
             max_in_flight_per_partition: args.batches_in_flight_per_partition,
             max_in_flight: 64,
+            batch_bytes: args.batch_bytes.unwrap_or(ProducerConfig::default().batch_bytes),
             ..ProducerConfig::default()
         };
         let producer = Arc::new(Producer::new(cluster.clone(), cfg));
