@@ -214,12 +214,18 @@ impl Cluster {
     /// again for up to `METADATA_PROPAGATION_WAIT`: a broker that has not yet applied a
     /// just-created topic answers without it.
     pub async fn partitions(&self, topic: &str) -> Result<u32, ClientError> {
+        Ok(self.topic_shape(topic).await?.0)
+    }
+
+    /// Partition count and largest accepted batch (bytes) of `topic`, waiting for a
+    /// just-created topic as [`Cluster::partitions`] does.
+    pub async fn topic_shape(&self, topic: &str) -> Result<(u32, u32), ClientError> {
         let deadline = Instant::now() + METADATA_PROPAGATION_WAIT;
         let mut refresh = false;
         loop {
             let m = self.metadata(refresh).await?;
             if let Some(t) = m.topics.iter().find(|t| t.name == topic) {
-                return Ok(t.partitions.len() as u32);
+                return Ok((t.partitions.len() as u32, t.max_message_bytes));
             }
             if Instant::now() >= deadline {
                 return Err(ClientError::UnknownTopic(topic.to_string()));

@@ -32,7 +32,8 @@ use crate::error::ClientError;
 /// Producer settings.
 #[derive(Debug, Clone)]
 pub struct ProducerConfig {
-    /// Close a batch at this size (bytes).
+    /// Close a batch at this size (bytes). A batch never exceeds the topic's
+    /// `max_message_bytes` either: a record that would push it over goes to a new batch.
     pub batch_bytes: usize,
     /// Close a batch after it has waited this long for more records.
     pub linger: Duration,
@@ -49,7 +50,7 @@ pub struct ProducerConfig {
 impl Default for ProducerConfig {
     fn default() -> Self {
         ProducerConfig {
-            batch_bytes: 64 * 1024,
+            batch_bytes: 256 * 1024,
             linger: Duration::from_millis(5),
             max_in_flight: 64,
             max_in_flight_per_partition: 1,
@@ -226,27 +227,26 @@ async fn run(cluster: Cluster, config: ProducerConfig, mut rx: mpsc::Receiver<Co
 
 impl Runner {
     async fn add(&mut self, topic: String, record: Record, done: oneshot::Sender<Result<Delivery, ClientError>>) {
-        let partition = match record.partition {
-            Some(p) => p,
-            None => match self.cluster.partitions(&topic).await {
-                Ok(n) => match &record.key {
-                    Some(k) => partition_for_key(k, n),
-                    None => {
-                        // Kept below `n` here, so `seal` can compare it with the
-                        // partition it closes.
-                        let stored = self.sticky.get(topic.as_str()).copied();
-                        let p = stored.unwrap_or(0) % n;
-                        if stored != Some(p) {
-                            self.sticky.insert(topic.clone(), p);
-                        }
-                        p
-                    }
-                },
-                Err(e) => {
-                    let _ = done.send(Err(e));
-                    return;
+        let (n, max_batch) = match self.cluster.topic_shape(&topic).await {
+            Ok(shape) => shape,
+            Err(e) => {
+                let _ = done.send(Err(e));
+                return;
+            }
+        };
+        let partition = match (record.partition, &record.key) {
+            (Some(p), _) => p,
+            (None, Some(k)) => partition_for_key(k, n),
+            (None, None) => {
+                // Kept below `n` here, so `seal` can compare it with the partition it
+                // closes.
+                let stored = self.sticky.get(topic.as_str()).copied();
+                let p = stored.unwrap_or(0) % n;
+                if stored != Some(p) {
+                    self.sticky.insert(topic.clone(), p);
                 }
-            },
+                p
+            }
         };
         let key = (topic, partition);
         let timestamp_ms = record.timestamp_ms.unwrap_or_else(now_ms);
@@ -254,7 +254,15 @@ impl Runner {
         let new_record = NewRecord { timestamp_ms, key: record.key.as_deref(), value: Some(&record.value), headers: &headers };
         for _ in 0..2 {
             if !self.open.contains_key(&key) {
-                let builder = BatchBuilder::new(BatchOptions::default()).expect("default batch options are valid");
+                // Never build a batch the topic would refuse.
+                let size_max = (max_batch as usize).min(keel_protocol::limits::BATCH_SIZE_MAX);
+                let builder = match BatchBuilder::new(BatchOptions { size_max, ..BatchOptions::default() }) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        let _ = done.send(Err(ClientError::Invalid(format!("topic {}: {e}", key.0))));
+                        return;
+                    }
+                };
                 self.open.insert(key.clone(), OpenBatch { builder, waiters: Vec::new(), opened: Instant::now() });
             }
             let batch = self.open.get_mut(&key).expect("inserted above");

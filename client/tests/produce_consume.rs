@@ -96,6 +96,21 @@ async fn produced_records_are_consumed_in_order_per_key_from_earliest_latest_and
     let values: Vec<&[u8]> = from_time.iter().map(|m| m.value.as_deref().unwrap()).collect();
     assert_eq!(values, vec![&b"t1"[..], &b"t2"[..]]);
 
+    // A topic that accepts only small batches: the producer's batches (256 KiB by
+    // default) are cut at the topic's limit instead of being refused.
+    let small =
+        keel_protocol::message::CreateTopicRequest { name: "small".into(), partitions: 1, replicas: 3, retention_ms: None, max_message_bytes: Some(8 * 1024) };
+    admin.create_topic_with(small).await.unwrap();
+    let limited = Producer::new(cluster.clone(), ProducerConfig::default());
+    let mut acks = Vec::new();
+    for i in 0..200 {
+        acks.push(limited.send("small", Record::new(format!("{i:0>1000}"))).await.unwrap());
+    }
+    for ack in acks {
+        ack.wait().await.expect("every record fits a batch under the topic's limit");
+    }
+    assert_eq!(consume_all(&cluster, "small", StartAt::Earliest, 200).await.len(), 200);
+
     for n in nodes {
         n.shutdown().await;
     }
