@@ -75,7 +75,23 @@ impl Consumer {
     }
 
     /// Messages available now, or after waiting up to `max_wait` for any to arrive.
+    ///
+    /// First every partition is fetched without waiting; if any has messages, they are
+    /// returned at once (so a caught-up partition's long-poll never holds up the others).
+    /// Only when none has any do the fetches long-poll, and the first partition to
+    /// answer with messages ends the wait (the other fetches are dropped; every
+    /// partition is asked again, without waiting, on the next poll).
     pub async fn poll(&mut self, max_wait: Duration) -> Result<Vec<Message>, ClientError> {
+        let out = self.fetch_all(Duration::ZERO).await?;
+        if !out.is_empty() || max_wait.is_zero() {
+            return Ok(out);
+        }
+        self.fetch_all(max_wait).await
+    }
+
+    /// Fetches every partition with `max_wait`; with a non-zero wait, stops at the
+    /// first answer that carries messages.
+    async fn fetch_all(&mut self, max_wait: Duration) -> Result<Vec<Message>, ClientError> {
         let mut tasks = tokio::task::JoinSet::new();
         for (p, &offset) in self.positions.iter().enumerate() {
             let (cluster, topic, max_bytes) = (self.cluster.clone(), self.topic.clone(), self.max_bytes);
@@ -94,6 +110,9 @@ impl Consumer {
                     *pos = m.offset + 1;
                     out.push(m);
                 }
+            }
+            if !max_wait.is_zero() && !out.is_empty() {
+                break; // dropping `tasks` cancels the fetches still long-polling
             }
         }
         out.sort_by_key(|m| (m.partition, m.offset));
