@@ -125,7 +125,10 @@ impl ClusterConfig {
                 admin_addr: format!("127.0.0.1:{}", base_port + 200 + i),
             })
             .collect();
-        ClusterConfig { name: "keel-dev".into(), members, raft: RaftTiming::default(), topic_defaults: TopicDefaults::default(), fsync: "always".into() }
+        // Fewer nodes than the default replica count: default to one replica per node.
+        let defaults = TopicDefaults::default();
+        let topic_defaults = TopicDefaults { replicas: defaults.replicas.min(nodes.max(1)), ..defaults };
+        ClusterConfig { name: "keel-dev".into(), members, raft: RaftTiming::default(), topic_defaults, fsync: "always".into() }
     }
 }
 

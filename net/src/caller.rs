@@ -158,7 +158,7 @@ impl Caller {
     async fn connect(&self) -> Result<Connection, CallError> {
         let unreachable = |reason: String| CallError::Unreachable { target: self.target, addr: self.addr.clone(), reason };
         let stream = TcpStream::connect(&self.addr).await.map_err(|e| unreachable(e.to_string()))?;
-        stream.set_nodelay(true).map_err(|e| unreachable(e.to_string()))?;
+        crate::socket::configure(&stream).map_err(|e| unreachable(e.to_string()))?;
         let (r, w) = stream.into_split();
         let mut reader = FramedRead::new(r, FrameCodec);
         let mut writer = FrameWriter::new(w);

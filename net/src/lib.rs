@@ -15,6 +15,7 @@ pub mod caller;
 mod frame_writer;
 pub mod limits;
 pub mod server;
+mod socket;
 
 pub use caller::{CallError, Caller, Identification};
 pub use server::{listen, Listener, Reply, ServeOptions, Service};

@@ -21,3 +21,10 @@ pub const WRITE_SLICES_MAX: usize = 64;
 /// A connection's writer stops gathering queued frames into one write once this many
 /// bytes are gathered, and writes them out.
 pub const WRITE_GATHER_BYTES_MAX: usize = 4 * 1024 * 1024;
+
+/// Longest sent data may stay unacknowledged by the peer's TCP before the kernel closes
+/// the connection (TCP_USER_TIMEOUT). A blackholed connection (a network partition)
+/// otherwise lingers in retransmission backoff for minutes and, after the network
+/// heals, resumes only at the next retransmission — seconds later; closed, it is
+/// replaced by a fresh connection on the next call.
+pub const TCP_UNACKED_MAX: Duration = Duration::from_secs(3);

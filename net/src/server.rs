@@ -134,7 +134,7 @@ fn answer(correlation_id: u64, reply: Reply) -> Frame {
 }
 
 async fn serve(stream: TcpStream, service: Arc<dyn Service>, options: ServeOptions) -> Result<(), String> {
-    stream.set_nodelay(true).map_err(|e| e.to_string())?;
+    crate::socket::configure(&stream).map_err(|e| e.to_string())?;
     let (r, w) = stream.into_split();
     let mut reader = FramedRead::new(r, FrameCodec);
     let mut writer = FrameWriter::new(w);

@@ -121,6 +121,13 @@ impl ClientService {
         if part.group.leader() != Some(self.node_id) {
             return Err(self.not_leader(part.group.leader(), &what));
         }
+        // A leader cut off from its quorum keeps calling itself leader until it hears
+        // of a newer term, and would serve a stale end of the log: serve only while a
+        // quorum has acknowledged this leadership within the lease.
+        if part.group.working_leader() != Some(self.node_id) {
+            let message = format!("this node's leadership of {what} is not confirmed by a quorum (it may have been replaced); retry shortly");
+            return Err(Reply::error_with(ErrorCode::LeaderNotAvailable, message, message::encode(&NotLeader { leader_id: None, leader_addr: None })));
+        }
         let mut hw = part.group.high_watermark.clone();
         let deadline = tokio::time::Instant::now() + Duration::from_millis(u64::from(req.max_wait_ms)).min(FETCH_WAIT_MAX);
         let committed = loop {
