@@ -5,22 +5,12 @@
 use std::io::Write;
 mod dev_cluster;
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 const N: u32 = 20_000;
 
-fn keel(bootstrap: &str) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_keel"));
-    c.env("KEEL_BOOTSTRAP", bootstrap);
-    c
-}
-
-fn run_ok(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    assert!(out.status.success(), "{:?} failed: {}", cmd, String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap()
-}
+use dev_cluster::{keel, run_ok};
 
 #[test]
 fn produce_kill_a_node_then_consume_returns_every_value_once() {

@@ -15,17 +15,7 @@ use keel_storage::{Log, LogConfig};
 
 const VICTIM: u32 = 3;
 
-fn keel(bootstrap: &str) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_keel"));
-    c.env("KEEL_BOOTSTRAP", bootstrap);
-    c
-}
-
-fn run_ok(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    assert!(out.status.success(), "{:?} failed: {}", cmd, String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap()
-}
+use dev_cluster::{keel, run_ok};
 
 /// Produces the values `from..to` (one per line) and checks every one was acknowledged.
 fn produce(bootstrap: &str, from: u32, to: u32) {

@@ -4,6 +4,22 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// `keel` (the CLI) pointed at `bootstrap`.
+#[allow(dead_code)] // not every test binary that includes this module uses it
+pub fn keel(bootstrap: &str) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_keel"));
+    c.env("KEEL_BOOTSTRAP", bootstrap);
+    c
+}
+
+/// Runs `cmd`, fails the test with its stderr unless it succeeds, returns its stdout.
+#[allow(dead_code)]
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{:?} failed: {}", cmd, String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
 /// Starts `keel dev` on `dir` with client ports from `base_port`.
 pub fn start_dev(dir: &Path, base_port: u16) -> Child {
     Command::new(env!("CARGO_BIN_EXE_keel"))
