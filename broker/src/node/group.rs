@@ -7,7 +7,7 @@ use std::sync::Arc;
 use keel_storage::{Flusher, Log, LogConfig};
 use tokio::sync::watch;
 
-use super::rejoin::{self, Decision, Recovery};
+use super::rejoin::{self, Recovery};
 use crate::metadata::METADATA_GROUP;
 use crate::peer::{GroupNetworkFactory, GroupRaft, GroupRegistry, HostedGroup, PeerPool};
 use crate::replication::{PartitionLogStore, PartitionStateMachine};
@@ -93,20 +93,17 @@ pub async fn open_group(ctx: &GroupContext, group: u64, probe: Probe) -> Result<
     let mut recovery = None;
     if let Probe::IfEmpty(peers) = probe {
         if rejoin::is_empty(&log) && !peers.is_empty() {
-            match rejoin::probe_until_decided(&ctx.pool, &peers, group).await {
-                Decision::Recover(r) => {
-                    if group == METADATA_GROUP {
-                        // Before anything else: partition groups created below this
-                        // offset may have lived here too, and are probed when opened.
-                        rejoin::write_horizon(&ctx.data_dir, r.next_offset)?;
-                    }
-                    let bytes = r.target_index.to_le_bytes();
-                    keel_storage::atomic_file::write(&dir, REFILL_MARKER, &bytes).map_err(|e| format!("recording the refill of group {group}: {e}"))?;
-                    rejoin::adopt_vote(&dir, &r.vote).map_err(|e| format!("adopting the leader's vote for group {group}: {e}"))?;
-                    recovery = Some(r);
+            if let Some(r) = rejoin::probe_until_decided(&ctx.pool, &peers, group).await {
+                if group == METADATA_GROUP {
+                    // Before anything else: partition groups created below this offset
+                    // may have lived here too, and are probed when opened.
+                    rejoin::write_horizon(&ctx.data_dir, r.next_offset)?;
                 }
-                Decision::Fresh => {}
-                Decision::Wait(_) => unreachable!("probe_until_decided returns only a decision"),
+                // The marker before the vote: a crash between them restarts the gate.
+                let bytes = r.target_index.to_le_bytes();
+                keel_storage::atomic_file::write(&dir, REFILL_MARKER, &bytes).map_err(|e| format!("recording the refill of group {group}: {e}"))?;
+                crate::replication::log_store::persist_vote(&dir, &r.vote).map_err(|e| format!("adopting the leader's vote for group {group}: {e}"))?;
+                recovery = Some(r);
             }
         }
     }

@@ -100,8 +100,9 @@ async fn probe(pool: &PeerPool, target: u64, addr: &str, group: GroupId) -> Opti
     }
 }
 
-/// Probes `peers` (id → peer address; not this node) until [`decide`] can decide.
-pub async fn probe_until_decided(pool: &PeerPool, peers: &[(u64, String)], group: GroupId) -> Decision {
+/// Probes `peers` (id → peer address; not this node) until [`decide`] can decide:
+/// `Some` to recover, `None` to start fresh.
+pub async fn probe_until_decided(pool: &PeerPool, peers: &[(u64, String)], group: GroupId) -> Option<Recovery> {
     let mut logged = Instant::now();
     loop {
         let mut answers = BTreeMap::new();
@@ -116,14 +117,10 @@ pub async fn probe_until_decided(pool: &PeerPool, peers: &[(u64, String)], group
                 }
                 tokio::time::sleep(REJOIN_PROBE_RETRY).await;
             }
-            decided => return decided,
+            Decision::Recover(r) => return Some(r),
+            Decision::Fresh => return None,
         }
     }
-}
-
-/// Writes the adopted vote where the group's log store reads it, before Raft starts.
-pub fn adopt_vote(group_dir: &std::path::Path, vote: &Vote) -> std::io::Result<()> {
-    crate::replication::log_store::persist_vote(group_dir, vote)
 }
 
 /// Keeps `group` from voting or campaigning until its log holds `target_index`
