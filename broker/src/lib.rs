@@ -19,5 +19,6 @@
 pub mod config;
 pub mod metadata;
 pub mod node;
+pub mod partition;
 pub mod peer;
 pub mod replication;

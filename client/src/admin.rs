@@ -1,7 +1,8 @@
 //! `Admin`: create, delete, list and describe topics.
 
 use keel_protocol::api::client as api;
-use keel_protocol::message::{self, BrokerInfo, ClusterStatusResponse, CreateTopicRequest, DeleteTopicRequest, TopicInfo};
+use keel_protocol::message::{self, AlterTopicRequest, AlterTopicResponse, BrokerInfo, ClusterStatusResponse, CreateTopicRequest, DeleteTopicRequest, TopicInfo};
+use keel_protocol::{TopicConfig, TopicConfigPatch};
 
 use crate::cluster::Cluster;
 use crate::error::ClientError;
@@ -28,21 +29,35 @@ impl Admin {
         Admin { cluster }
     }
 
-    /// Creates a topic with the cluster's defaults for retention and message size.
+    /// Creates a topic with the cluster's default settings.
     pub async fn create_topic(&self, name: &str, partitions: u32, replicas: u16) -> Result<(), ClientError> {
-        self.create_topic_with(CreateTopicRequest { name: name.to_string(), partitions, replicas, retention_ms: None, max_message_bytes: None }).await
+        self.create_topic_with(CreateTopicRequest { name: name.to_string(), partitions, replicas, config: TopicConfigPatch::default() }).await
     }
 
+    /// Creates a topic; the settings `req.config` leaves out take the cluster's defaults.
     pub async fn create_topic_with(&self, req: CreateTopicRequest) -> Result<(), ClientError> {
         let what = format!("create topic {:?}", req.name);
-        self.cluster.call_any(&what, api::CREATE_TOPIC, message::encode(&req)).await?;
+        self.cluster.call_any(&what, api::CREATE_TOPIC, &|version| req.encode(version)).await?;
         self.cluster.metadata(true).await?;
         Ok(())
     }
 
+    /// Changes the settings `patch` sets; returns the topic's whole config after it.
+    /// Settings that partitions apply (dedupe window, producer expiry) reach them with
+    /// their next write.
+    pub async fn alter_topic(&self, name: &str, patch: TopicConfigPatch) -> Result<TopicConfig, ClientError> {
+        let what = format!("alter topic {name:?}");
+        let body = message::encode(&AlterTopicRequest { name: name.to_string(), config: patch });
+        let (_, answer) = self.cluster.call_any(&what, api::ALTER_TOPIC, &|_| body.clone()).await?;
+        let resp: AlterTopicResponse = message::decode(&answer).map_err(|e| ClientError::Malformed { addr: "a broker".into(), reason: e.to_string() })?;
+        self.cluster.metadata(true).await?;
+        Ok(resp.config)
+    }
+
     pub async fn delete_topic(&self, name: &str) -> Result<(), ClientError> {
         let what = format!("delete topic {name:?}");
-        self.cluster.call_any(&what, api::DELETE_TOPIC, message::encode(&DeleteTopicRequest { name: name.to_string() })).await?;
+        let body = message::encode(&DeleteTopicRequest { name: name.to_string() });
+        self.cluster.call_any(&what, api::DELETE_TOPIC, &|_| body.clone()).await?;
         self.cluster.metadata(true).await?;
         Ok(())
     }

@@ -12,7 +12,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use keel_net::{CallError, Caller};
 use keel_protocol::api::client as api;
-use keel_protocol::message::{self, MetadataRequest, MetadataResponse, NotLeader};
+use keel_protocol::message::{self, MetadataRequest, MetadataResponse, NotLeader, Throttled};
 use keel_protocol::ErrorCode;
 
 use crate::config::ClientConfig;
@@ -40,14 +40,19 @@ struct Inner {
 
 /// What one attempt ended with.
 enum Attempt {
-    Done(Bytes),
-    /// Try again, at `redirect` if given.
+    /// The answer, and the protocol version it is encoded for.
+    Done(u16, Bytes),
+    /// Try again, at `redirect` if given, after `after` if the broker said when.
     Retry {
         redirect: Option<String>,
+        after: Option<std::time::Duration>,
         error: ClientError,
     },
     Fail(ClientError),
 }
+
+/// A request body for each protocol version (most bodies are the same in every one).
+pub type Encode<'a> = &'a (dyn Fn(u16) -> Bytes + Sync);
 
 impl Cluster {
     pub fn new(config: ClientConfig) -> Result<Cluster, ClientError> {
@@ -77,7 +82,7 @@ impl Cluster {
     /// One attempt at `addr`, through its circuit breaker. With `lag_tolerant`, an
     /// unknown topic or partition is retried: the caller knows the topic exists, so the
     /// broker that answered has not yet applied the metadata that created it.
-    async fn attempt(&self, addr: &str, api_key: u16, payload: Bytes, what: &str, lag_tolerant: bool) -> Attempt {
+    async fn attempt(&self, addr: &str, api_key: u16, encode: Encode<'_>, what: &str, lag_tolerant: bool) -> Attempt {
         let c = &self.inner.config;
         {
             let mut breakers = self.inner.breakers.lock().expect("breakers lock poisoned");
@@ -85,11 +90,12 @@ impl Cluster {
             if !breaker.allow(Instant::now()) {
                 return Attempt::Retry {
                     redirect: None,
+                    after: None,
                     error: ClientError::NoBroker { tried: addr.into(), last: "circuit open after repeated failures".into() },
                 };
             }
         }
-        let result = self.caller(addr).call(api_key, payload, c.attempt_timeout).await;
+        let result = self.caller(addr).call_versioned(api_key, encode, c.attempt_timeout).await;
         let healthy = !matches!(result, Err(CallError::Unreachable { .. } | CallError::Disconnected { .. } | CallError::Timeout { .. }));
         {
             let mut breakers = self.inner.breakers.lock().expect("breakers lock poisoned");
@@ -101,27 +107,31 @@ impl Cluster {
                 }
             }
         }
+        let broker = |code, message| ClientError::Broker { what: what.to_string(), code, message };
         match result {
-            Ok(body) => Attempt::Done(body),
+            Ok((version, body)) => Attempt::Done(version, body),
             Err(CallError::Refused { code, message, body, .. }) if code == ErrorCode::NotLeader || code == ErrorCode::LeaderNotAvailable => {
                 let redirect = message::decode::<NotLeader>(&body).ok().and_then(|n| n.leader_addr).filter(|a| a != addr);
-                Attempt::Retry { redirect, error: ClientError::Broker { what: what.to_string(), code, message } }
+                Attempt::Retry { redirect, after: None, error: broker(code, message) }
             }
-            Err(CallError::Refused { code, message, .. }) if code.is_retriable() => {
-                Attempt::Retry { redirect: None, error: ClientError::Broker { what: what.to_string(), code, message } }
+            Err(CallError::Refused { code: ErrorCode::Throttled, message, body, .. }) => {
+                // The broker says how long to wait: honour it instead of the generic backoff.
+                let after = message::decode::<Throttled>(&body).ok().map(|t| std::time::Duration::from_millis(u64::from(t.retry_after_ms)));
+                Attempt::Retry { redirect: None, after: Some(after.unwrap_or(c.backoff_cap)), error: broker(ErrorCode::Throttled, message) }
             }
+            Err(CallError::Refused { code, message, .. }) if code.is_retriable() => Attempt::Retry { redirect: None, after: None, error: broker(code, message) },
             Err(CallError::Refused { code: code @ (ErrorCode::UnknownTopic | ErrorCode::UnknownPartition), message, .. }) if lag_tolerant => {
-                Attempt::Retry { redirect: None, error: ClientError::Broker { what: what.to_string(), code, message } }
+                Attempt::Retry { redirect: None, after: None, error: broker(code, message) }
             }
-            Err(CallError::Refused { code, message, .. }) => Attempt::Fail(ClientError::Broker { what: what.to_string(), code, message }),
-            Err(e) => Attempt::Retry { redirect: None, error: ClientError::NoBroker { tried: addr.to_string(), last: e.to_string() } },
+            Err(CallError::Refused { code, message, body, .. }) => Attempt::Fail(ClientError::Refused { what: what.to_string(), code, message, body }),
+            Err(e) => Attempt::Retry { redirect: None, after: None, error: ClientError::NoBroker { tried: addr.to_string(), last: e.to_string() } },
         }
     }
 
     /// Sends the request, retrying (backoff with jitter, under the retry budget) on
     /// retriable failures until `deadline`. `targets` gives the addresses to try, in
     /// order of preference; it is re-evaluated before each attempt.
-    async fn call_until<F>(&self, what: &str, api_key: u16, payload: Bytes, deadline: Instant, mut targets: F) -> Result<Bytes, ClientError>
+    async fn call_until<F>(&self, what: &str, api_key: u16, encode: Encode<'_>, deadline: Instant, mut targets: F) -> Result<(u16, Bytes), ClientError>
     where
         F: AsyncTargets,
     {
@@ -140,10 +150,10 @@ impl Cluster {
                     list[rotate % list.len()].clone()
                 }
             };
-            let error = match self.attempt(&addr, api_key, payload.clone(), what, lag_tolerant).await {
-                Attempt::Done(body) => return Ok(body),
+            let (error, after) = match self.attempt(&addr, api_key, encode, what, lag_tolerant).await {
+                Attempt::Done(version, body) => return Ok((version, body)),
                 Attempt::Fail(e) => return Err(e),
-                Attempt::Retry { redirect: r, error } => {
+                Attempt::Retry { redirect: r, after, error } => {
                     if r.is_some() {
                         // A redirect is information, not a failure: follow it at once.
                         redirect = r;
@@ -151,14 +161,22 @@ impl Cluster {
                             continue;
                         }
                     }
-                    error
+                    (error, after)
                 }
             };
-            rotate += 1;
-            targets.invalidate(self);
             if Instant::now() >= deadline {
                 return Err(ClientError::Timeout { what: what.to_string(), timeout: c.request_timeout, last: error.to_string() });
             }
+            if let Some(after) = after {
+                // Throttled: the same broker, after the delay it asked for. Not a failure,
+                // so it costs no retry budget.
+                redirect = Some(addr);
+                tracing::debug!(%what, %error, ?after, "throttled");
+                tokio::time::sleep(after.min(deadline.saturating_duration_since(Instant::now()))).await;
+                continue;
+            }
+            rotate += 1;
+            targets.invalidate(self);
             if !self.inner.budget.lock().expect("budget lock poisoned").withdraw() {
                 return Err(ClientError::RetryBudgetExhausted { what: what.to_string(), last: error.to_string() });
             }
@@ -178,16 +196,18 @@ impl Cluster {
         })
     }
 
-    /// Sends an admin or metadata request to any broker (following redirects).
-    pub async fn call_any(&self, what: &str, api_key: u16, payload: Bytes) -> Result<Bytes, ClientError> {
+    /// Sends an admin or metadata request to any broker (following redirects); the
+    /// answer comes with the protocol version it is encoded for.
+    pub async fn call_any(&self, what: &str, api_key: u16, encode: Encode<'_>) -> Result<(u16, Bytes), ClientError> {
         let deadline = Instant::now() + self.inner.config.request_timeout;
-        self.call_until(what, api_key, payload, deadline, AnyBroker).await
+        self.call_until(what, api_key, encode, deadline, AnyBroker).await
     }
 
-    /// Sends a request to the leader of `topic`/`partition`, until `deadline`.
-    pub async fn call_partition(&self, topic: &str, partition: u32, api_key: u16, payload: Bytes, deadline: Instant) -> Result<Bytes, ClientError> {
+    /// Sends a request to the leader of `topic`/`partition`, until `deadline`; the
+    /// answer comes with the protocol version it is encoded for.
+    pub async fn call_partition(&self, topic: &str, partition: u32, api_key: u16, encode: Encode<'_>, deadline: Instant) -> Result<(u16, Bytes), ClientError> {
         let what = format!("{}/{partition}", topic);
-        self.call_until(&what, api_key, payload, deadline, PartitionLeader { topic: topic.to_string(), partition }).await
+        self.call_until(&what, api_key, encode, deadline, PartitionLeader { topic: topic.to_string(), partition }).await
     }
 
     /// The cluster metadata, from cache unless older than `metadata_max_age` or `refresh`.
@@ -199,8 +219,9 @@ impl Cluster {
                 }
             }
         }
-        let body = self.call_any("metadata", api::METADATA, message::encode(&MetadataRequest::default())).await?;
-        let m: MetadataResponse = message::decode(&body).map_err(|e| ClientError::Malformed { addr: "a broker".into(), reason: e.to_string() })?;
+        let request = message::encode(&MetadataRequest::default());
+        let (version, body) = self.call_any("metadata", api::METADATA, &|_| request.clone()).await?;
+        let m = MetadataResponse::decode(&body, version).map_err(|e| ClientError::Malformed { addr: "a broker".into(), reason: e.to_string() })?;
         let m = Arc::new(m);
         *self.inner.metadata.lock().expect("metadata lock poisoned") = Some((Instant::now(), m.clone()));
         Ok(m)
@@ -225,7 +246,7 @@ impl Cluster {
         loop {
             let m = self.metadata(refresh).await?;
             if let Some(t) = m.topics.iter().find(|t| t.name == topic) {
-                return Ok((t.partitions.len() as u32, t.max_message_bytes));
+                return Ok((t.partitions.len() as u32, t.config.max_message_bytes));
             }
             if Instant::now() >= deadline {
                 return Err(ClientError::UnknownTopic(topic.to_string()));

@@ -122,15 +122,8 @@ impl Consumer {
 
 async fn list_offset(cluster: &Cluster, topic: &str, partition: u32, timestamp_ms: i64) -> Result<u64, ClientError> {
     let deadline = Instant::now() + cluster.config().request_timeout;
-    let body = cluster
-        .call_partition(
-            topic,
-            partition,
-            api::LIST_OFFSETS,
-            message::encode(&ListOffsetsRequest { topic: topic.to_string(), partition, timestamp_ms }),
-            deadline,
-        )
-        .await?;
+    let request = message::encode(&ListOffsetsRequest { topic: topic.to_string(), partition, timestamp_ms });
+    let (_, body) = cluster.call_partition(topic, partition, api::LIST_OFFSETS, &|_| request.clone(), deadline).await?;
     let resp: ListOffsetsResponse =
         message::decode(&body).map_err(|e| ClientError::Malformed { addr: format!("{topic}/{partition} leader"), reason: e.to_string() })?;
     Ok(resp.offset)
@@ -140,8 +133,9 @@ async fn list_offset(cluster: &Cluster, topic: &str, partition: u32, timestamp_m
 async fn fetch(cluster: &Cluster, topic: &str, partition: u32, offset: u64, max_bytes: u32, max_wait: Duration) -> Result<(u64, Vec<Message>), ClientError> {
     let req = FetchRequest { topic: topic.to_string(), partition, offset, max_bytes, max_wait_ms: max_wait.as_millis().min(u128::from(u32::MAX)) as u32 };
     let deadline = Instant::now() + max_wait + cluster.config().request_timeout;
-    let body = match cluster.call_partition(topic, partition, api::FETCH, message::encode(&req), deadline).await {
-        Ok(b) => b,
+    let request = message::encode(&req);
+    let body = match cluster.call_partition(topic, partition, api::FETCH, &|_| request.clone(), deadline).await {
+        Ok((_, b)) => b,
         Err(e) if e.code() == Some(ErrorCode::OffsetOutOfRange) && offset == 0 => return Ok((0, Vec::new())),
         Err(e) => return Err(e),
     };

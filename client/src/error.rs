@@ -10,9 +10,13 @@ pub enum ClientError {
     /// No broker answered.
     #[error("no broker reachable (tried {tried}): {last}; check --bootstrap / KEEL_BOOTSTRAP and that the cluster is running")]
     NoBroker { tried: String, last: String },
-    /// A broker refused the request.
+    /// A broker refused the request (a retriable refusal that outlasted the retries).
     #[error("{what}: {code}: {message}")]
     Broker { what: String, code: ErrorCode, message: String },
+    /// A broker refused the request for good; `body` holds the refusal's details
+    /// (e.g. `DuplicateMessageIds`).
+    #[error("{what}: {code}: {message}")]
+    Refused { what: String, code: ErrorCode, message: String, body: bytes::Bytes },
     /// The operation did not finish in time. For a produce, the outcome is unknown.
     #[error("{what} did not complete within {timeout:?} (last error: {last}); the outcome is unknown, retry or raise the timeout")]
     Timeout { what: String, timeout: Duration, last: String },
@@ -37,7 +41,7 @@ impl ClientError {
     /// The broker's error code, if a broker refused the request.
     pub fn code(&self) -> Option<ErrorCode> {
         match self {
-            ClientError::Broker { code, .. } => Some(*code),
+            ClientError::Broker { code, .. } | ClientError::Refused { code, .. } => Some(*code),
             _ => None,
         }
     }

@@ -54,6 +54,8 @@ type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Answer>>>>;
 
 /// One live connection. Dropping it stops its reader and writer tasks.
 struct Connection {
+    /// The protocol version negotiated in the handshake.
+    version: u16,
     tx: mpsc::Sender<Frame>,
     pending: Pending,
     closed: Arc<AtomicBool>,
@@ -112,9 +114,18 @@ impl Caller {
     /// Sends request `api_key` with `payload` and waits up to `timeout` for the answer's
     /// payload. A non-`None` error code in the answer is `CallError::Refused`.
     pub async fn call(&self, api_key: u16, payload: Bytes, timeout: Duration) -> Result<Bytes, CallError> {
+        self.call_versioned(api_key, &|_| payload.clone(), timeout).await.map(|(_, body)| body)
+    }
+
+    /// Like [`Caller::call`], for versioned bodies: `encode` builds the payload for the
+    /// connection's negotiated protocol version, which is returned with the answer so
+    /// the caller decodes it for the same version.
+    pub async fn call_versioned(&self, api_key: u16, encode: &(dyn Fn(u16) -> Bytes + Sync), timeout: Duration) -> Result<(u16, Bytes), CallError> {
         let deadline = Instant::now() + timeout;
         let timed_out = || CallError::Timeout { target: self.target, timeout };
         let conn = timeout_at(deadline, self.connection()).await.map_err(|_| timed_out())??;
+        let version = conn.version;
+        let payload = encode(version);
         let _permit =
             timeout_at(deadline, conn.inflight.clone().acquire_owned()).await.map_err(|_| timed_out())?.expect("the in-flight semaphore is never closed");
         let correlation_id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -133,7 +144,7 @@ impl Caller {
             }
             Ok(Err(_)) => Err(CallError::Disconnected { target: self.target, reason: "connection closed".into() }),
             Ok(Ok(Err(e))) => Err(e),
-            Ok(Ok(Ok((ErrorCode::None, _, payload)))) => Ok(payload),
+            Ok(Ok(Ok((ErrorCode::None, _, payload)))) => Ok((version, payload)),
             Ok(Ok(Ok((code, message, body)))) => Err(CallError::Refused { target: self.target, code, message, body }),
         }
     }
@@ -163,11 +174,12 @@ impl Caller {
         let mut reader = FramedRead::new(r, FrameCodec);
         let mut writer = FrameWriter::new(w);
         writer.send(&Frame::Hello { min_version: PROTOCOL_VERSION_MIN, max_version: PROTOCOL_VERSION_MAX }).await.map_err(|e| unreachable(e.to_string()))?;
-        match reader.next().await {
-            Some(Ok(Frame::HelloAck { .. })) => {}
+        let version = match reader.next().await {
+            Some(Ok(Frame::HelloAck { version })) if (PROTOCOL_VERSION_MIN..=PROTOCOL_VERSION_MAX).contains(&version) => version,
+            Some(Ok(Frame::HelloAck { version })) => return Err(unreachable(format!("the server chose protocol version {version}, which this build does not speak"))),
             Some(Ok(Frame::Response { error, message, .. })) => return Err(unreachable(format!("handshake refused: {error}: {message}"))),
             other => return Err(unreachable(format!("bad handshake answer: {other:?}"))),
-        }
+        };
         if let Some(id) = &self.identification {
             writer
                 .send(&Frame::Request { correlation_id: 0, api_key: id.api_key, payload: id.payload.clone() })
@@ -224,6 +236,6 @@ impl Caller {
                 fail_all(&pending, target, &reason);
             })
         };
-        Ok(Connection { tx, pending, closed, inflight: Arc::new(Semaphore::new(INFLIGHT_MAX)), tasks: [writer_task, reader_task] })
+        Ok(Connection { version, tx, pending, closed, inflight: Arc::new(Semaphore::new(INFLIGHT_MAX)), tasks: [writer_task, reader_task] })
     }
 }

@@ -48,8 +48,9 @@ impl Reply {
 pub trait Service: Send + Sync + 'static {
     /// Answers one request. Runs concurrently with the connection's other requests.
     /// `caller` is what [`Service::identify`] returned for this connection (`None` when
-    /// the service does not identify connections).
-    fn call(self: Arc<Self>, caller: Option<u64>, api_key: u16, payload: Bytes) -> BoxFuture<'static, Reply>;
+    /// the service does not identify connections); `version` is the protocol version
+    /// the connection negotiated, which decides how versioned bodies are read and written.
+    fn call(self: Arc<Self>, caller: Option<u64>, version: u16, api_key: u16, payload: Bytes) -> BoxFuture<'static, Reply>;
 
     /// If `Some(key)`, the first request on every connection must carry this api key
     /// and pass [`Service::identify`]; otherwise the connection is refused and closed.
@@ -139,9 +140,12 @@ async fn serve(stream: TcpStream, service: Arc<dyn Service>, options: ServeOptio
     let mut reader = FramedRead::new(r, FrameCodec);
     let mut writer = FrameWriter::new(w);
 
-    match reader.next().await {
+    let version = match reader.next().await {
         Some(Ok(Frame::Hello { min_version, max_version })) => match negotiate_version(min_version, max_version) {
-            Ok(version) => writer.send(&Frame::HelloAck { version }).await.map_err(|e| e.to_string())?,
+            Ok(version) => {
+                writer.send(&Frame::HelloAck { version }).await.map_err(|e| e.to_string())?;
+                version
+            }
             Err(code) => {
                 let msg = format!("this server speaks protocol versions {PROTOCOL_VERSION_MIN}..={PROTOCOL_VERSION_MAX}");
                 let _ = writer.send(&answer(0, Reply::error(code, msg))).await;
@@ -156,7 +160,7 @@ async fn serve(stream: TcpStream, service: Arc<dyn Service>, options: ServeOptio
             let _ = writer.send(&answer(0, Reply::error(ErrorCode::MalformedFrame, "the first frame must be Hello"))).await;
             return Err(format!("bad first frame: {other:?}"));
         }
-    }
+    };
     let mut caller = None;
     if let Some(identify_api) = service.identify_api() {
         match reader.next().await {
@@ -209,7 +213,7 @@ async fn serve(stream: TcpStream, service: Arc<dyn Service>, options: ServeOptio
         let permit = limit.clone().acquire_owned().await.expect("the limit semaphore is never closed");
         let (service, tx) = (service.clone(), tx.clone());
         handlers.spawn(async move {
-            let reply = service.call(caller, api_key, payload).await;
+            let reply = service.call(caller, version, api_key, payload).await;
             let _ = tx.send(answer(correlation_id, reply)).await;
             drop(permit);
         });

@@ -18,6 +18,19 @@ pub mod client {
     pub const CLUSTER_STATUS: u16 = 6;
     /// The first offset at or after a timestamp.
     pub const LIST_OFFSETS: u16 = 7;
+    /// A producer id (and epoch) for idempotent producing. Version 2.
+    pub const INIT_PRODUCER: u16 = 8;
+    /// Change some of a topic's settings. Version 2.
+    pub const ALTER_TOPIC: u16 = 9;
+
+    /// The protocol version that introduced each key: a connection that negotiated an
+    /// older version is answered `UnsupportedVersion` for it.
+    pub fn since_version(key: u16) -> u16 {
+        match key {
+            INIT_PRODUCER | ALTER_TOPIC => crate::message::VERSION_2,
+            _ => 1,
+        }
+    }
 }
 
 /// Broker-to-broker API keys (peer listener only).

@@ -13,7 +13,7 @@
 use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::error::DecodeError;
-use crate::limits::{BATCH_RECORD_COUNT_MAX, BATCH_SIZE_MAX, PRIORITY_LANES_MAX, RECORD_HEADER_COUNT_MAX};
+use crate::limits::{BATCH_RECORD_COUNT_MAX, BATCH_SIZE_MAX, MESSAGE_ID_LEN_MAX, PRIORITY_LANES_MAX, RECORD_HEADER_COUNT_MAX};
 use crate::varint::{get_varint, put_varint, varint_len};
 
 /// Format version of the batches this build writes and reads.
@@ -49,6 +49,11 @@ pub const NO_PRODUCER_EPOCH: i16 = -1;
 /// `base_sequence` of a batch sent without idempotence.
 pub const NO_SEQUENCE: i32 = -1;
 
+/// The record header that carries a record's message id (see `FORMAT.md`, "Message
+/// ids"). Reserved: a producer cannot use it as an ordinary header, and it is only
+/// allowed in batches whose `MESSAGE_IDS` attribute is set.
+pub const MESSAGE_ID_HEADER: &str = "keel-message-id";
+
 /// Batch attribute bits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Attributes(u16);
@@ -58,11 +63,17 @@ impl Attributes {
     const COMPRESSION_MASK: u16 = 0b0111;
     /// Bit 3: a control batch (written by the broker, not a producer).
     const CONTROL: u16 = 0b1000;
-    /// Bits 4–15 are reserved and must be zero.
-    const RESERVED_MASK: u16 = !0b1111;
+    /// Bit 4: some records carry a message id (the `MESSAGE_ID_HEADER` header), so the
+    /// broker must look at the records to deduplicate; without it, it need not.
+    const MESSAGE_IDS: u16 = 0b1_0000;
+    /// Bits 5–15 are reserved and must be zero.
+    const RESERVED_MASK: u16 = !0b1_1111;
 
     pub fn control(self) -> bool {
         self.0 & Self::CONTROL != 0
+    }
+    pub fn message_ids(self) -> bool {
+        self.0 & Self::MESSAGE_IDS != 0
     }
     pub fn compression(self) -> u16 {
         self.0 & Self::COMPRESSION_MASK
@@ -203,13 +214,57 @@ impl BatchView {
     }
 
     /// [`BatchView::parse`] plus a walk over every record: structure, offset deltas,
-    /// header UTF-8, and that the record count matches the header.
+    /// header UTF-8, that the record count matches the header, and the message-id
+    /// rules (the reserved header only in a batch with the `MESSAGE_IDS` attribute, at
+    /// most once per record, non-null, at most `MESSAGE_ID_LEN_MAX` bytes). A batch
+    /// that passes decodes for every consumer.
     pub fn validate(bytes: Bytes) -> Result<BatchView, DecodeError> {
         let view = BatchView::parse(bytes)?;
-        for record in view.records() {
-            record?;
+        for id in view.message_ids() {
+            id?;
         }
         Ok(view)
+    }
+
+    /// Walks the records and yields `(index, message id)` for each record that carries
+    /// one, checking every record on the way (as [`BatchView::validate`] does). In a
+    /// batch without the `MESSAGE_IDS` attribute it yields no id but still checks that
+    /// no record uses the reserved header.
+    pub fn message_ids(&self) -> MessageIdIter<'_> {
+        MessageIdIter { records: self.records(), enabled: self.header.attributes.message_ids() }
+    }
+
+    /// A new batch holding this batch's records except those at `skip` (indexes), with
+    /// the same producer fields and priority, renumbered from offset delta 0. For a
+    /// producer resending a batch without the records the broker already stored.
+    pub fn rebuild_without(&self, skip: &[u32]) -> Result<Bytes, BuildError> {
+        let h = &self.header;
+        let options = BatchOptions {
+            producer_id: h.producer_id,
+            producer_epoch: h.producer_epoch,
+            base_sequence: h.base_sequence,
+            priority: h.priority,
+            size_max: BATCH_SIZE_MAX,
+        };
+        let mut builder = BatchBuilder::new(options)?;
+        let mut headers: Vec<(&str, Option<&[u8]>)> = Vec::new();
+        for record in self.records() {
+            let record = record.map_err(|e| BuildError::Undecodable(e.to_string()))?;
+            if skip.contains(&record.offset_delta) {
+                continue;
+            }
+            headers.clear();
+            let mut message_id = None;
+            for (k, v) in record.headers() {
+                if k == MESSAGE_ID_HEADER {
+                    message_id = v;
+                } else {
+                    headers.push((k, v));
+                }
+            }
+            builder.push(NewRecord { timestamp_ms: record.timestamp_ms, key: record.key, value: record.value, headers: &headers, message_id })?;
+        }
+        builder.finish()
     }
 
     pub fn header(&self) -> &BatchHeader {
@@ -251,6 +306,65 @@ impl<'a> RecordView<'a> {
 
     pub fn header_count(&self) -> u32 {
         self.header_count
+    }
+
+    /// The record's message id (its `MESSAGE_ID_HEADER` header), if it carries one.
+    pub fn message_id(&self) -> Option<&'a [u8]> {
+        self.headers().find(|(k, _)| *k == MESSAGE_ID_HEADER).and_then(|(_, v)| v)
+    }
+}
+
+/// Iterator of [`BatchView::message_ids`]: `(index, id)` per record carrying an id.
+/// Yields an error at most once (a record that does not decode, or breaks a message-id
+/// rule), then ends.
+#[derive(Debug, Clone)]
+pub struct MessageIdIter<'a> {
+    records: RecordIter<'a>,
+    enabled: bool,
+}
+
+impl<'a> Iterator for MessageIdIter<'a> {
+    type Item = Result<(u32, &'a [u8]), DecodeError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            let at = self.records.pos;
+            let record = match self.records.next()? {
+                Ok(r) => r,
+                Err(e) => return Some(Err(e)),
+            };
+            let mut id = None;
+            let mut broken = None;
+            for (key, value) in record.headers() {
+                if key != MESSAGE_ID_HEADER {
+                    continue;
+                }
+                broken = if !self.enabled {
+                    Some("the keel-message-id header is reserved: set the MESSAGE_IDS batch attribute to send message ids")
+                } else if id.is_some() {
+                    Some("a record carries at most one message id")
+                } else {
+                    match value {
+                        None => Some("a message id is never null"),
+                        Some(v) if v.is_empty() || v.len() > MESSAGE_ID_LEN_MAX => Some("a message id is 1..=MESSAGE_ID_LEN_MAX bytes"),
+                        Some(v) => {
+                            id = Some(v);
+                            None
+                        }
+                    }
+                };
+                if broken.is_some() {
+                    break;
+                }
+            }
+            if let Some(reason) = broken {
+                self.records.failed = true;
+                return Some(Err(DecodeError::Invalid { offset: at, what: "message id", reason }));
+            }
+            if let Some(id) = id {
+                return Some(Ok((record.offset_delta, id)));
+            }
+        }
     }
 }
 
@@ -424,6 +538,9 @@ pub struct NewRecord<'a> {
     pub key: Option<&'a [u8]>,
     pub value: Option<&'a [u8]>,
     pub headers: &'a [(&'a str, Option<&'a [u8]>)],
+    /// The record's message id, for broker-side dedupe within the topic's window
+    /// (1..=`MESSAGE_ID_LEN_MAX` bytes). Written as the `MESSAGE_ID_HEADER` header.
+    pub message_id: Option<&'a [u8]>,
 }
 
 /// Why the builder refused a record or a batch.
@@ -444,6 +561,12 @@ pub enum BuildError {
     Empty,
     #[error("record timestamp {timestamp_ms} is too far from the batch's first timestamp {first_timestamp_ms} to encode; send it in its own batch")]
     TimestampOutOfRange { timestamp_ms: i64, first_timestamp_ms: i64 },
+    #[error("the batch to rebuild does not decode: {0}")]
+    Undecodable(String),
+    #[error("the header name {MESSAGE_ID_HEADER:?} is reserved for message ids; set the record's message id instead")]
+    ReservedHeader,
+    #[error("a message id of {len} bytes is outside 1..={max} bytes")]
+    InvalidMessageId { len: usize, max: usize },
 }
 
 /// Encodes records into one batch. Used by producers; the broker never re-encodes.
@@ -454,6 +577,8 @@ pub struct BatchBuilder {
     count: u32,
     first_timestamp_ms: i64,
     max_timestamp_ms: i64,
+    /// Some record carries a message id: the `MESSAGE_IDS` attribute is set.
+    message_ids: bool,
 }
 
 impl BatchBuilder {
@@ -466,7 +591,15 @@ impl BatchBuilder {
         }
         let mut buf = BytesMut::with_capacity(options.size_max.min(64 * 1024));
         buf.put_bytes(0, BATCH_HEADER_LEN);
-        Ok(BatchBuilder { buf, options, count: 0, first_timestamp_ms: 0, max_timestamp_ms: i64::MIN })
+        Ok(BatchBuilder { buf, options, count: 0, first_timestamp_ms: 0, max_timestamp_ms: i64::MIN, message_ids: false })
+    }
+
+    /// Sets the producer fields written by [`BatchBuilder::finish`] (an idempotent
+    /// producer numbers a batch when it is sent, after its records were added).
+    pub fn set_producer(&mut self, producer_id: i64, producer_epoch: i16, base_sequence: i32) {
+        self.options.producer_id = producer_id;
+        self.options.producer_epoch = producer_epoch;
+        self.options.base_sequence = base_sequence;
     }
 
     /// Bytes the batch would occupy if finished now.
@@ -484,8 +617,17 @@ impl BatchBuilder {
 
     /// Appends a record. On `Err` the builder is unchanged.
     pub fn push(&mut self, record: NewRecord<'_>) -> Result<(), BuildError> {
-        if record.headers.len() > RECORD_HEADER_COUNT_MAX as usize {
-            return Err(BuildError::TooManyHeaders { count: record.headers.len(), max: RECORD_HEADER_COUNT_MAX });
+        let header_count = record.headers.len() + usize::from(record.message_id.is_some());
+        if header_count > RECORD_HEADER_COUNT_MAX as usize {
+            return Err(BuildError::TooManyHeaders { count: header_count, max: RECORD_HEADER_COUNT_MAX });
+        }
+        if record.headers.iter().any(|(k, _)| *k == MESSAGE_ID_HEADER) {
+            return Err(BuildError::ReservedHeader);
+        }
+        if let Some(id) = record.message_id {
+            if id.is_empty() || id.len() > MESSAGE_ID_LEN_MAX {
+                return Err(BuildError::InvalidMessageId { len: id.len(), max: MESSAGE_ID_LEN_MAX });
+            }
         }
         let first = if self.count == 0 { record.timestamp_ms } else { self.first_timestamp_ms };
         let ts_delta =
@@ -505,7 +647,12 @@ impl BatchBuilder {
         put_varint(&mut self.buf, i64::from(self.count));
         put_nullable(&mut self.buf, record.key);
         put_nullable(&mut self.buf, record.value);
-        put_varint(&mut self.buf, record.headers.len() as i64);
+        put_varint(&mut self.buf, header_count as i64);
+        if let Some(id) = record.message_id {
+            put_nullable(&mut self.buf, Some(MESSAGE_ID_HEADER.as_bytes()));
+            put_nullable(&mut self.buf, Some(id));
+            self.message_ids = true;
+        }
         for (key, value) in record.headers {
             put_nullable(&mut self.buf, Some(key.as_bytes()));
             put_nullable(&mut self.buf, *value);
@@ -524,7 +671,10 @@ impl BatchBuilder {
         };
         let mut len = 1 + varint_len(ts_delta) + varint_len(i64::from(self.count));
         len += nullable_len(record.key) + nullable_len(record.value);
-        len += varint_len(record.headers.len() as i64);
+        len += varint_len((record.headers.len() + usize::from(record.message_id.is_some())) as i64);
+        if let Some(id) = record.message_id {
+            len += nullable_len(Some(MESSAGE_ID_HEADER.as_bytes())) + nullable_len(Some(id));
+        }
         for (key, value) in record.headers {
             len += nullable_len(Some(key.as_bytes())) + nullable_len(*value);
         }
@@ -541,7 +691,8 @@ impl BatchBuilder {
         let mut header = [0u8; BATCH_HEADER_LEN];
         header[field::BATCH_LENGTH..][..4].copy_from_slice(&batch_length.to_le_bytes());
         header[field::MAGIC] = BATCH_MAGIC;
-        header[field::ATTRIBUTES..][..2].copy_from_slice(&0u16.to_le_bytes());
+        let attributes = if self.message_ids { Attributes::MESSAGE_IDS } else { 0 };
+        header[field::ATTRIBUTES..][..2].copy_from_slice(&attributes.to_le_bytes());
         header[field::PRIORITY] = o.priority;
         header[field::RECORD_COUNT..][..4].copy_from_slice(&self.count.to_le_bytes());
         header[field::FIRST_TIMESTAMP..][..8].copy_from_slice(&self.first_timestamp_ms.to_le_bytes());
@@ -554,6 +705,19 @@ impl BatchBuilder {
         self.buf[field::CRC..][..4].copy_from_slice(&crc.to_le_bytes());
         Ok(self.buf.freeze())
     }
+}
+
+/// Rewrites a finished batch's producer fields (id, epoch, base sequence) and its CRC.
+/// For an idempotent producer renumbering batches the broker refused, after an epoch
+/// bump; the records are untouched.
+pub fn restamp_producer(batch: &mut [u8], producer_id: i64, producer_epoch: i16, base_sequence: i32) -> Result<(), DecodeError> {
+    BatchHeader::parse(batch)?;
+    batch[field::PRODUCER_ID..][..8].copy_from_slice(&producer_id.to_le_bytes());
+    batch[field::PRODUCER_EPOCH..][..2].copy_from_slice(&producer_epoch.to_le_bytes());
+    batch[field::BASE_SEQUENCE..][..4].copy_from_slice(&base_sequence.to_le_bytes());
+    let crc = crc32c::crc32c(&batch[field::CRC_COVERS_FROM..]);
+    batch[field::CRC..][..4].copy_from_slice(&crc.to_le_bytes());
+    Ok(())
 }
 
 fn put_nullable(buf: &mut BytesMut, value: Option<&[u8]>) {

@@ -58,11 +58,14 @@ pub enum ErrorCode {
     LeaderNotAvailable = 20,
     /// The request names an API this broker does not implement.
     UnsupportedApi = 21,
+    /// Some records of the batch carry message ids already stored within the topic's
+    /// dedupe window; nothing was written. The body lists them with their offsets.
+    DuplicateMessageIds = 22,
 }
 
 impl ErrorCode {
     /// Every code, in discriminant order. Used by `from_code` and by the docs test.
-    pub const ALL: [ErrorCode; 22] = [
+    pub const ALL: [ErrorCode; 23] = [
         ErrorCode::None,
         ErrorCode::Unknown,
         ErrorCode::MalformedFrame,
@@ -85,6 +88,7 @@ impl ErrorCode {
         ErrorCode::StorageFailed,
         ErrorCode::LeaderNotAvailable,
         ErrorCode::UnsupportedApi,
+        ErrorCode::DuplicateMessageIds,
     ];
 
     /// The number sent on the wire.
@@ -122,6 +126,7 @@ impl ErrorCode {
             ErrorCode::StorageFailed => "StorageFailed",
             ErrorCode::LeaderNotAvailable => "LeaderNotAvailable",
             ErrorCode::UnsupportedApi => "UnsupportedApi",
+            ErrorCode::DuplicateMessageIds => "DuplicateMessageIds",
         }
     }
 
@@ -141,7 +146,7 @@ impl ErrorCode {
             ErrorCode::UnknownPartition => "the topic has no such partition; check the partition count",
             ErrorCode::Throttled => "the broker is overloaded; retry after the delay it gave",
             ErrorCode::RequestTimedOut => "the request timed out and its outcome is unknown; retry (idempotent producers make this safe)",
-            ErrorCode::OutOfOrderSequence => "the producer skipped sequence numbers; a batch was lost between client and broker, restart the producer",
+            ErrorCode::OutOfOrderSequence => "the producer's batch sequence has a gap (an earlier batch was not stored); the client resends in order or starts a new epoch",
             ErrorCode::ProducerFenced => "a newer instance of this producer registered; stop this instance",
             ErrorCode::OffsetOutOfRange => "the offset is outside the retained range; seek to the earliest or latest offset",
             ErrorCode::TopicAlreadyExists => "a topic by that name already exists; pick another name or use the existing topic",
@@ -150,6 +155,9 @@ impl ErrorCode {
             ErrorCode::StorageFailed => "the broker's storage failed and it refuses writes; an operator must check the disk and restart the node",
             ErrorCode::LeaderNotAvailable => "the partition has no leader yet (election in progress); retry shortly",
             ErrorCode::UnsupportedApi => "the server does not implement this request; upgrade the server",
+            ErrorCode::DuplicateMessageIds => {
+                "some messages of the batch were already stored under the same message ids; resend the batch without them (the client does this itself)"
+            }
         }
     }
 

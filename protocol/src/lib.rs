@@ -8,6 +8,7 @@
 //! - [`batch`]: the record-batch format (`FORMAT.md`), built once by a producer and
 //!   validated, never re-encoded, by the broker.
 //! - [`message`]: bodies of the client APIs; batches travel as slices, never re-encoded.
+//! - [`topic_config`]: a topic's settings, declared once, carried as JSON inside bodies.
 //! - [`varint`]: the zigzag varints used inside batches.
 //! - `codec` (feature `codec`): a tokio-util codec over [`frame`].
 //!
@@ -22,8 +23,10 @@ pub mod error;
 pub mod frame;
 pub mod limits;
 pub mod message;
+pub mod topic_config;
 pub mod varint;
 
 pub use batch::{BatchBuilder, BatchHeader, BatchOptions, BatchView, BuildError, NewRecord, RecordView};
 pub use error::{DecodeError, ErrorCode};
 pub use frame::Frame;
+pub use topic_config::{TopicConfig, TopicConfigPatch};

@@ -36,6 +36,19 @@ pub const RECORD_HEADER_COUNT_MAX: u32 = 64;
 /// Exceeded: decoding fails with `DecodeError::Invalid`.
 pub const PRIORITY_LANES_MAX: u8 = 10;
 
+/// Longest message id a record may carry (the `keel-message-id` header), in bytes.
+///
+/// Exceeded: the builder refuses the record (`BuildError::InvalidMessageId`); a broker
+/// refuses the batch with `InvalidBatch`.
+pub const MESSAGE_ID_LEN_MAX: usize = 256;
+
+/// Batches an idempotent producer may have outstanding to one partition; the leader
+/// remembers the last this many batches of each producer, so a retry of any of them is
+/// recognised and answered with its original offsets.
+///
+/// Exceeded: the leader answers a further batch `Throttled` until one completes.
+pub const PRODUCER_BATCHES_IN_FLIGHT_MAX: usize = 5;
+
 /// Longest encoding of a varint (a zigzag-encoded `i64` in LEB128 groups of 7 bits).
 ///
 /// Exceeded: decoding fails with `DecodeError::BadVarint`.
@@ -43,8 +56,9 @@ pub const VARINT_LEN_MAX: usize = 10;
 
 /// Oldest protocol version this build speaks.
 pub const PROTOCOL_VERSION_MIN: u16 = 1;
-/// Newest protocol version this build speaks.
-pub const PROTOCOL_VERSION_MAX: u16 = 1;
+/// Newest protocol version this build speaks. Version 2 added topic configurations,
+/// idempotent producers and message-id dedupe (`FORMAT.md`, "Versions").
+pub const PROTOCOL_VERSION_MAX: u16 = 2;
 
 /// Longest error message carried in a response frame, in bytes. Longer messages are
 /// cut (on a UTF-8 boundary) by the encoder, never rejected.

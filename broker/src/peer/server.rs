@@ -53,7 +53,7 @@ struct PeerService {
 }
 
 impl Service for PeerService {
-    fn call(self: Arc<Self>, caller: Option<u64>, api_key: u16, payload: Bytes) -> BoxFuture<'static, Reply> {
+    fn call(self: Arc<Self>, caller: Option<u64>, _version: u16, api_key: u16, payload: Bytes) -> BoxFuture<'static, Reply> {
         Box::pin(async move {
             match api_key {
                 api::peer::RAFT => match handle_raft(&self, &payload).await {

@@ -26,7 +26,7 @@ fn build(records: &[OwnedRecord], options: BatchOptions) -> Bytes {
     let mut builder = BatchBuilder::new(options).unwrap();
     for r in records {
         let headers: Vec<(&str, Option<&[u8]>)> = r.headers.iter().map(|(k, v)| (k.as_str(), v.as_deref())).collect();
-        builder.push(NewRecord { timestamp_ms: r.timestamp_ms, key: r.key.as_deref(), value: r.value.as_deref(), headers: &headers }).unwrap();
+        builder.push(NewRecord { timestamp_ms: r.timestamp_ms, key: r.key.as_deref(), value: r.value.as_deref(), headers: &headers, message_id: None }).unwrap();
     }
     builder.finish().unwrap()
 }
@@ -220,4 +220,72 @@ fn builder_refuses_a_timestamp_whose_delta_would_overflow() {
     let err = builder.push(NewRecord { timestamp_ms: i64::MAX, value: Some(b"b"), ..NewRecord::default() }).unwrap_err();
     assert!(matches!(err, BuildError::TimestampOutOfRange { .. }), "{err:?}");
     assert_eq!(BatchView::validate(builder.finish().unwrap()).unwrap().header().record_count, 1);
+}
+
+fn batch_with_ids(ids: &[Option<&[u8]>]) -> Bytes {
+    let mut b = BatchBuilder::new(BatchOptions::default()).unwrap();
+    for (i, id) in ids.iter().enumerate() {
+        let value = format!("v{i}");
+        b.push(NewRecord { timestamp_ms: 1, value: Some(value.as_bytes()), message_id: *id, headers: &[("h", Some(b"x"))], ..NewRecord::default() }).unwrap();
+    }
+    b.finish().unwrap()
+}
+
+#[test]
+fn message_ids_travel_as_the_reserved_header_and_set_the_attribute() {
+    let bytes = batch_with_ids(&[Some(b"a"), None, Some(b"c")]);
+    let view = BatchView::validate(bytes).unwrap();
+    assert!(view.header().attributes.message_ids());
+    let ids: Vec<(u32, &[u8])> = view.message_ids().collect::<Result<_, _>>().unwrap();
+    assert_eq!(ids, vec![(0, &b"a"[..]), (2, &b"c"[..])]);
+    let first = view.records().next().unwrap().unwrap();
+    assert_eq!(first.message_id(), Some(&b"a"[..]));
+    assert_eq!(first.headers().map(|(k, _)| k).collect::<Vec<_>>(), vec![MESSAGE_ID_HEADER, "h"], "a consumer sees the id as a header");
+    let plain = BatchView::validate(batch_with_ids(&[None, None])).unwrap();
+    assert!(!plain.header().attributes.message_ids(), "no id, no attribute");
+}
+
+#[test]
+fn the_builder_refuses_the_reserved_header_and_bad_ids() {
+    let mut b = BatchBuilder::new(BatchOptions::default()).unwrap();
+    let reserved = [(MESSAGE_ID_HEADER, Some(&b"x"[..]))];
+    assert_eq!(b.push(NewRecord { headers: &reserved, ..NewRecord::default() }), Err(BuildError::ReservedHeader));
+    assert!(matches!(b.push(NewRecord { message_id: Some(b""), ..NewRecord::default() }), Err(BuildError::InvalidMessageId { len: 0, .. })));
+    let long = vec![b'x'; MESSAGE_ID_LEN_MAX + 1];
+    assert!(matches!(b.push(NewRecord { message_id: Some(&long), ..NewRecord::default() }), Err(BuildError::InvalidMessageId { .. })));
+    assert!(b.is_empty(), "refused records leave the builder unchanged");
+}
+
+#[test]
+fn a_reserved_header_without_the_attribute_is_an_invalid_batch_naming_its_record() {
+    let mut buf = batch_with_ids(&[None, Some(b"id")]).to_vec();
+    let attrs = u16::from_le_bytes([buf[field::ATTRIBUTES], buf[field::ATTRIBUTES + 1]]) & !0b1_0000;
+    buf[field::ATTRIBUTES..field::ATTRIBUTES + 2].copy_from_slice(&attrs.to_le_bytes());
+    reseal(&mut buf);
+    let err = BatchView::validate(Bytes::from(buf)).unwrap_err();
+    assert!(matches!(err, DecodeError::Invalid { what: "message id", offset, .. } if offset > BATCH_HEADER_LEN), "{err:?}");
+}
+
+#[test]
+fn restamping_producer_fields_keeps_the_batch_valid() {
+    let mut buf = sample_batch().to_vec();
+    restamp_producer(&mut buf, 42, 3, 17).unwrap();
+    let view = BatchView::validate(Bytes::from(buf)).unwrap();
+    assert_eq!((view.header().producer_id, view.header().producer_epoch, view.header().base_sequence), (42, 3, 17));
+}
+
+#[test]
+fn rebuilding_without_some_records_keeps_the_others_and_their_ids() {
+    let opts = BatchOptions { producer_id: 9, producer_epoch: 1, base_sequence: 4, priority: 2, ..BatchOptions::default() };
+    let mut b = BatchBuilder::new(opts).unwrap();
+    for (i, id) in [b"a", b"b", b"c"].iter().enumerate() {
+        let value = format!("v{i}");
+        b.push(NewRecord { timestamp_ms: 10 + i as i64, value: Some(value.as_bytes()), message_id: Some(&id[..]), ..NewRecord::default() }).unwrap();
+    }
+    let view = BatchView::validate(b.finish().unwrap()).unwrap();
+    let rebuilt = BatchView::validate(view.rebuild_without(&[1]).unwrap()).unwrap();
+    let h = rebuilt.header();
+    assert_eq!((h.producer_id, h.producer_epoch, h.base_sequence, h.priority, h.record_count), (9, 1, 4, 2, 2));
+    let kept: Vec<(Option<&[u8]>, Option<&[u8]>, i64)> = rebuilt.records().map(|r| r.unwrap()).map(|r| (r.value, r.message_id(), r.timestamp_ms)).collect();
+    assert_eq!(kept, vec![(Some(&b"v0"[..]), Some(&b"a"[..]), 10), (Some(&b"v2"[..]), Some(&b"c"[..]), 12)]);
 }

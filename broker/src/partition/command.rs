@@ -1,0 +1,80 @@
+//! What a partition's log holds besides record batches: control entries.
+//!
+//! A control entry is proposed by the partition leader, travels in the same Raft log
+//! as the batches (storage kind `KIND_CONTROL`), is never served to consumers, and
+//! carries the leader's time, so applying it never reads a clock. Its payload is a
+//! postcard [`ControlEntry`]. Variants are only ever appended: an existing variant's
+//! body never changes, so old logs keep decoding.
+
+use keel_protocol::TopicConfig;
+use serde::{Deserialize, Serialize};
+
+use super::producers::ProducerStamp;
+
+/// A control entry as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ControlEntry {
+    /// The proposing leader's wall clock (ms since the epoch), never below the
+    /// partition clock it had applied: the partition clock is the largest such value.
+    pub leader_time_ms: i64,
+    pub command: ControlCommand,
+}
+
+/// A change to the partition's state that is not a record batch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ControlCommand {
+    /// Advances the partition clock (the leader proposes one at least every
+    /// `CLOCK_TICK_INTERVAL` while it takes writes), which expires message ids and idle
+    /// producers deterministically.
+    Tick,
+    /// The settings applying depends on, from the topic's config: proposed by the
+    /// leader whenever its applied settings differ from the topic's.
+    Configure(PartitionConfig),
+    /// A batch whose every record carried a message id already stored: nothing new is
+    /// stored, but its producer sequence is used up, with these `(index, offset)`s as
+    /// the answer to a retry.
+    RecordSequence { stamp: ProducerStamp, offsets: Vec<(u32, u64)> },
+}
+
+/// The settings applying a partition's log depends on. They reach the partition as a
+/// `Configure` entry, never from each node's own view of the metadata, so every replica
+/// applies every entry under the same settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionConfig {
+    pub dedupe_window_ms: u64,
+    pub dedupe_ids_max: u64,
+    pub producer_expiry_ms: u64,
+    /// The topic's secret key for message-id digests (fixed at topic creation).
+    pub id_key: [u8; 16],
+}
+
+impl PartitionConfig {
+    /// The partition settings of a topic config and the topic's id key.
+    pub fn from_topic(config: &TopicConfig, id_key: [u8; 16]) -> PartitionConfig {
+        PartitionConfig {
+            dedupe_window_ms: config.dedupe_window_ms,
+            dedupe_ids_max: config.dedupe_ids_max,
+            producer_expiry_ms: config.producer_expiry_ms,
+            id_key,
+        }
+    }
+}
+
+impl Default for PartitionConfig {
+    /// What applies before the first `Configure` entry: the topic defaults and an
+    /// all-zero key (the leader configures a partition before it stores any batch with
+    /// message ids).
+    fn default() -> Self {
+        PartitionConfig::from_topic(&TopicConfig::default(), [0; 16])
+    }
+}
+
+impl ControlEntry {
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_allocvec(self).expect("control entries always encode")
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<ControlEntry, postcard::Error> {
+        postcard::from_bytes(bytes)
+    }
+}
