@@ -9,8 +9,8 @@
 
 use std::path::PathBuf;
 
-use keel_protocol::limits::{BATCH_SIZE_MAX, MIB};
-use serde::{Deserialize, Serialize};
+use keel_protocol::{TopicConfig, TopicConfigPatch};
+use serde::{Deserialize, Deserializer, Serialize};
 
 /// Everything a broker needs to start.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -86,22 +86,28 @@ impl Default for RaftTiming {
     }
 }
 
-/// Defaults for `keel topic create` when a flag is omitted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// Defaults for `keel topic create` when a flag or setting is omitted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TopicDefaults {
     pub partitions: u32,
     pub replicas: u16,
-    /// Largest batch a producer may send to the topic.
-    pub max_message_bytes: u32,
-    /// Keep messages this long; 0 keeps them forever.
-    pub retention_ms: u64,
+    /// Every topic setting (`keel_protocol::TopicConfig`); a setting the file leaves
+    /// out takes its built-in default, an unknown one is an error.
+    #[serde(deserialize_with = "strict_topic_config")]
+    pub config: TopicConfig,
 }
 
 impl Default for TopicDefaults {
     fn default() -> Self {
-        TopicDefaults { partitions: 3, replicas: 3, max_message_bytes: MIB as u32, retention_ms: 0 }
+        TopicDefaults { partitions: 3, replicas: 3, config: TopicConfig::default() }
     }
+}
+
+/// A topic config from the file, refusing unknown settings (a typo must not be
+/// silently ignored, as the lenient JSON form does for settings of newer builds).
+fn strict_topic_config<'de, D: Deserializer<'de>>(d: D) -> Result<TopicConfig, D::Error> {
+    Ok(TopicConfig::default().patched(&TopicConfigPatch::deserialize(d)?))
 }
 
 /// The default base port of `keel dev`: node N listens on client `P + N - 1`, peer
@@ -233,15 +239,15 @@ impl Config {
         if r.election_timeout_max_ms <= r.election_timeout_min_ms {
             return invalid("cluster.raft", "election_timeout_max_ms must exceed election_timeout_min_ms");
         }
-        let t = c.topic_defaults;
+        let t = &c.topic_defaults;
         if t.partitions == 0 {
             return invalid("cluster.topic_defaults.partitions", "at least 1");
         }
         if t.replicas == 0 || usize::from(t.replicas) > c.members.len() {
             return invalid("cluster.topic_defaults.replicas", format!("{} must be in 1..={} (the member count)", t.replicas, c.members.len()));
         }
-        if t.max_message_bytes == 0 || t.max_message_bytes as usize > BATCH_SIZE_MAX {
-            return invalid("cluster.topic_defaults.max_message_bytes", format!("{} must be in 1..={BATCH_SIZE_MAX}", t.max_message_bytes));
+        if let Err(e) = t.config.validate() {
+            return invalid("cluster.topic_defaults.config", e.to_string());
         }
         self.fsync_policy()?;
         Ok(())
@@ -317,7 +323,7 @@ mod tests {
             ("cluster.raft", |c| c.cluster.raft.election_timeout_min_ms = 100),
             ("cluster.raft", |c| c.cluster.raft.election_timeout_max_ms = c.cluster.raft.election_timeout_min_ms),
             ("cluster.topic_defaults.replicas", |c| c.cluster.topic_defaults.replicas = 4),
-            ("cluster.topic_defaults.max_message_bytes", |c| c.cluster.topic_defaults.max_message_bytes = u32::MAX),
+            ("cluster.topic_defaults.config", |c| c.cluster.topic_defaults.config.max_message_bytes = u32::MAX),
             ("cluster.fsync", |c| c.cluster.fsync = "sometimes".into()),
         ];
         for (field, break_it) in cases {
@@ -328,6 +334,12 @@ mod tests {
                 other => panic!("expected {field} to be refused, got {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn an_unknown_topic_setting_in_the_file_is_refused() {
+        let err = Config::from_toml("[cluster.topic_defaults.config]\ndedupe_windw_ms = 5\n", std::path::Path::new("x.toml")).unwrap_err();
+        assert!(err.to_string().contains("dedupe_windw_ms"), "{err}");
     }
 
     #[test]

@@ -18,6 +18,7 @@
 
 pub mod config;
 pub mod metadata;
+pub mod metrics;
 pub mod node;
 pub mod partition;
 pub mod peer;

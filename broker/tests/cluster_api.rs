@@ -52,16 +52,16 @@ async fn topics_are_created_through_the_metadata_log_and_every_partition_round_t
     let addr = configs[1].this_member().unwrap().client_addr.clone();
 
     // Create a topic (whichever node we ask, the request reaches the metadata leader).
-    let create = CreateTopicRequest { name: "orders".into(), partitions: 3, replicas: 3, retention_ms: None, max_message_bytes: None };
-    call_leader(&addr, api::CREATE_TOPIC, message::encode(&create)).await.unwrap();
-    let again = call_leader(&addr, api::CREATE_TOPIC, message::encode(&create)).await.unwrap_err();
+    let create = CreateTopicRequest { name: "orders".into(), partitions: 3, replicas: 3, config: Default::default() };
+    call_leader(&addr, api::CREATE_TOPIC, create.encode(keel_protocol::limits::PROTOCOL_VERSION_MAX)).await.unwrap();
+    let again = call_leader(&addr, api::CREATE_TOPIC, create.encode(keel_protocol::limits::PROTOCOL_VERSION_MAX)).await.unwrap_err();
     assert_eq!(again.0, ErrorCode::TopicAlreadyExists, "{}", again.1);
 
     // Every node folds the same metadata; wait until every partition has a leader.
     let deadline = Instant::now() + Duration::from_secs(20);
     let meta = loop {
         let body = call_leader(&addr, api::METADATA, message::encode(&MetadataRequest::default())).await.unwrap();
-        let meta: MetadataResponse = message::decode(&body).unwrap();
+        let meta = MetadataResponse::decode(&body, keel_protocol::limits::PROTOCOL_VERSION_MAX).unwrap();
         if meta.topics.len() == 1 && meta.topics[0].partitions.iter().all(|p| p.leader.is_some()) {
             break meta;
         }
@@ -81,7 +81,7 @@ async fn topics_are_created_through_the_metadata_log_and_every_partition_round_t
             let values: Vec<String> = (0..5).map(|r| format!("p{p}-b{b}-r{r}")).collect();
             let req = ProduceRequest { topic: "orders".into(), partition: p, timeout_ms: 10_000 };
             let body = call_leader(&addr, api::PRODUCE, message::encode_with_batches(&req, &[batch(&values)])).await.unwrap();
-            let resp: ProduceResponse = message::decode(&body).unwrap();
+            let resp = ProduceResponse::decode(&body, keel_protocol::limits::PROTOCOL_VERSION_MAX).unwrap();
             assert_eq!((resp.base_offset, resp.record_count), (expect, 5));
             expect += 5;
         }

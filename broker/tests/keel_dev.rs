@@ -55,8 +55,8 @@ async fn keel_dev_runs_three_processes_and_restarts_with_its_data() {
     let addrs: Vec<String> = std::fs::read_to_string(dir.path().join("bootstrap")).unwrap().split(',').map(str::to_string).collect();
     assert_eq!(addrs.len(), 3);
 
-    let create = CreateTopicRequest { name: "t".into(), partitions: 1, replicas: 3, retention_ms: None, max_message_bytes: None };
-    call(&addrs, api::CREATE_TOPIC, message::encode(&create)).await.unwrap();
+    let create = CreateTopicRequest { name: "t".into(), partitions: 1, replicas: 3, config: Default::default() };
+    call(&addrs, api::CREATE_TOPIC, create.encode(keel_protocol::limits::PROTOCOL_VERSION_MAX)).await.unwrap();
     let mut b = BatchBuilder::new(BatchOptions::default()).unwrap();
     b.push(NewRecord { timestamp_ms: 1, value: Some(b"survives a restart"), ..NewRecord::default() }).unwrap();
     let req = ProduceRequest { topic: "t".into(), partition: 0, timeout_ms: 10_000 };

@@ -65,7 +65,7 @@ async fn producing_resumes_after_the_leader_is_killed_and_every_acknowledged_rec
         assert!(Instant::now() < deadline, "the cluster never accepted the topic: {e}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let producer = Producer::new(cluster.clone(), ProducerConfig::default());
+    let producer = Producer::new(cluster.clone(), ProducerConfig::default()).unwrap();
 
     let mut acked = produce(&producer, 0..PER_PHASE).await;
     let old = leader_of_partition_0(&cluster, None).await;

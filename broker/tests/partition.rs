@@ -23,7 +23,7 @@ fn batch(value: &str) -> Bytes {
 }
 
 async fn produce_all(cluster: &Cluster, values: impl Iterator<Item = String>) -> Vec<String> {
-    let producer = Producer::new(cluster.clone(), ProducerConfig::default());
+    let producer = Producer::new(cluster.clone(), ProducerConfig::default()).unwrap();
     let mut acks = Vec::new();
     for v in values {
         acks.push((v.clone(), producer.send("p", Record::new(v)).await.unwrap()));

@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use keel_broker::replication::config::partition_raft_config;
 use keel_broker::replication::state_machine::PartitionSnapshot;
-use keel_broker::replication::{PartitionLogStore, PartitionStateMachine, RecordBatch, TypeConfig};
+use keel_broker::replication::{EntryData, PartitionLogStore, PartitionStateMachine, RecordBatch, TypeConfig};
 use keel_protocol::batch::{BatchBuilder, BatchOptions, BatchView, NewRecord};
 use keel_storage::{Flusher, Log, LogConfig};
 use openraft::error::{RPCError, ReplicationClosed, StreamingError, Unreachable};
@@ -81,9 +81,9 @@ async fn single_node_group_commits_batches_and_reads_them_back_after_restart() {
         let mut expect_offset = 0u64;
         for i in 0..40u32 {
             let records = 1 + i % 5;
-            let reply = raft.client_write(batch(i, records)).await.unwrap();
-            assert_eq!(reply.data.base_offset, expect_offset, "offsets are assigned contiguously");
-            assert_eq!(reply.data.record_count, records);
+            let reply = raft.client_write(EntryData::Batch(batch(i, records))).await.unwrap();
+            assert_eq!(reply.data.stored_at().unwrap(), expect_offset, "offsets are assigned contiguously");
+            assert!(matches!(reply.data, keel_broker::replication::ApplyReply::Batch(keel_broker::partition::BatchOutcome::Stored { record_count, .. }) if record_count == records));
             written.push((reply.log_id.index, records, batch(i, records).0));
             expect_offset += u64::from(records);
         }
@@ -109,7 +109,7 @@ async fn single_node_group_commits_batches_and_reads_them_back_after_restart() {
         offset += u64::from(*records);
     }
     // The log accepts new writes after the restart, continuing the offsets.
-    let reply = raft.client_write(batch(99, 2)).await.unwrap();
-    assert_eq!(reply.data.base_offset, total);
+    let reply = raft.client_write(EntryData::Batch(batch(99, 2))).await.unwrap();
+    assert_eq!(reply.data.stored_at().unwrap(), total);
     raft.shutdown().await.unwrap();
 }

@@ -78,7 +78,7 @@ async fn write(nodes: &[&Node], b: RecordBatch) -> u64 {
     loop {
         let leader = wait_for_leader(nodes, None, Duration::from_secs(15)).await;
         let node = nodes.iter().find(|n| n.id == leader).unwrap();
-        match node.raft.client_write(b.clone()).await {
+        match node.raft.client_write(keel_broker::replication::EntryData::Batch(b.clone())).await {
             Ok(reply) => return reply.log_id.index,
             Err(openraft::error::RaftError::APIError(openraft::error::ClientWriteError::ForwardToLeader(_))) if Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(20)).await;

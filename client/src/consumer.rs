@@ -51,6 +51,9 @@ pub struct Consumer {
     positions: Vec<u64>,
     /// Largest fetch response per partition (bytes).
     pub max_bytes: u32,
+    /// Skip stored batches that do not decode (logging each) instead of failing the
+    /// poll with `ClientError::UndecodableBatch`. Off by default: skipping loses data.
+    pub skip_undecodable: bool,
 }
 
 impl Consumer {
@@ -66,12 +69,20 @@ impl Consumer {
             };
             positions.push(at);
         }
-        Ok(Consumer { cluster, topic: topic.to_string(), positions, max_bytes: 1024 * 1024 })
+        Ok(Consumer { cluster, topic: topic.to_string(), positions, max_bytes: 1024 * 1024, skip_undecodable: false })
     }
 
     /// The next offset this consumer will read in each partition.
     pub fn positions(&self) -> &[u64] {
         &self.positions
+    }
+
+    /// Moves `partition`'s position to `offset` (forward or back), e.g. past a batch
+    /// that does not decode (`ClientError::UndecodableBatch` names where it ends).
+    pub fn skip_to(&mut self, partition: u32, offset: u64) -> Result<(), ClientError> {
+        let pos = self.positions.get_mut(partition as usize).ok_or_else(|| ClientError::Invalid(format!("{} has no partition {partition}", self.topic)))?;
+        *pos = offset;
+        Ok(())
     }
 
     /// Messages available now, or after waiting up to `max_wait` for any to arrive.
@@ -100,15 +111,33 @@ impl Consumer {
         let mut out = Vec::new();
         while let Some(joined) = tasks.join_next().await {
             let (p, result) = joined.map_err(|e| ClientError::Invalid(format!("fetch task failed: {e}")))?;
-            let (start, messages) = result?;
+            let fetched = result?;
             let pos = &mut self.positions[p as usize];
-            if *pos < start {
-                *pos = start; // retention removed the earlier messages
+            if *pos < fetched.log_start_offset {
+                *pos = fetched.log_start_offset; // retention removed the earlier messages
             }
-            for m in messages {
+            let before = out.len();
+            for m in fetched.messages {
                 if m.offset >= *pos {
                     *pos = m.offset + 1;
                     out.push(m);
+                }
+            }
+            // A batch that does not decode is met once everything before it was
+            // returned: then it is the next thing at this position.
+            if let Some(bad) = fetched.undecodable {
+                if out.len() == before && bad.next_offset > *pos {
+                    if !self.skip_undecodable {
+                        return Err(ClientError::UndecodableBatch {
+                            topic: self.topic.clone(),
+                            partition: p,
+                            offset: bad.offset,
+                            next_offset: bad.next_offset,
+                            reason: bad.reason,
+                        });
+                    }
+                    tracing::warn!(topic = %self.topic, partition = p, offset = bad.offset, next = bad.next_offset, reason = %bad.reason, "skipping a stored batch that does not decode");
+                    *pos = bad.next_offset;
                 }
             }
             if !max_wait.is_zero() && !out.is_empty() {
@@ -129,14 +158,29 @@ async fn list_offset(cluster: &Cluster, topic: &str, partition: u32, timestamp_m
     Ok(resp.offset)
 }
 
-/// One fetch: the partition's log start offset and the messages at or after `offset`.
-async fn fetch(cluster: &Cluster, topic: &str, partition: u32, offset: u64, max_bytes: u32, max_wait: Duration) -> Result<(u64, Vec<Message>), ClientError> {
+/// A stored batch whose records do not decode.
+struct Undecodable {
+    offset: u64,
+    next_offset: u64,
+    reason: String,
+}
+
+/// What one fetch returned: the partition's log start offset, the messages, and the
+/// first batch that did not decode (the messages stop before it).
+struct Fetched {
+    log_start_offset: u64,
+    messages: Vec<Message>,
+    undecodable: Option<Undecodable>,
+}
+
+/// One fetch of the messages at or after `offset`.
+async fn fetch(cluster: &Cluster, topic: &str, partition: u32, offset: u64, max_bytes: u32, max_wait: Duration) -> Result<Fetched, ClientError> {
     let req = FetchRequest { topic: topic.to_string(), partition, offset, max_bytes, max_wait_ms: max_wait.as_millis().min(u128::from(u32::MAX)) as u32 };
     let deadline = Instant::now() + max_wait + cluster.config().request_timeout;
     let request = message::encode(&req);
     let body = match cluster.call_partition(topic, partition, api::FETCH, &|_| request.clone(), deadline).await {
         Ok((_, b)) => b,
-        Err(e) if e.code() == Some(ErrorCode::OffsetOutOfRange) && offset == 0 => return Ok((0, Vec::new())),
+        Err(e) if e.code() == Some(ErrorCode::OffsetOutOfRange) && offset == 0 => return Ok(Fetched { log_start_offset: 0, messages: Vec::new(), undecodable: None }),
         Err(e) => return Err(e),
     };
     let malformed = |reason: String| ClientError::Malformed { addr: format!("{topic}/{partition} leader"), reason };
@@ -145,9 +189,16 @@ async fn fetch(cluster: &Cluster, topic: &str, partition: u32, offset: u64, max_
     for view in message::split_batches(batches).map_err(|e| malformed(e.to_string()))? {
         let bytes = view.as_bytes().clone();
         let base = view.header().base_offset;
+        let mut decoded = Vec::with_capacity(view.header().record_count as usize);
         for record in view.records() {
-            let r = record.map_err(|e| malformed(e.to_string()))?;
-            out.push(Message {
+            let r = match record {
+                Ok(r) => r,
+                Err(e) => {
+                    let next_offset = base + u64::from(view.header().record_count);
+                    return Ok(Fetched { log_start_offset: head.log_start_offset, messages: out, undecodable: Some(Undecodable { offset: base, next_offset, reason: e.to_string() }) });
+                }
+            };
+            decoded.push(Message {
                 partition,
                 offset: base + u64::from(r.offset_delta),
                 timestamp_ms: r.timestamp_ms,
@@ -156,6 +207,7 @@ async fn fetch(cluster: &Cluster, topic: &str, partition: u32, offset: u64, max_
                 headers: r.headers().map(|(k, v)| (k.to_string(), v.map(|v| bytes.slice_ref(v)))).collect(),
             });
         }
+        out.extend(decoded);
     }
-    Ok((head.log_start_offset, out))
+    Ok(Fetched { log_start_offset: head.log_start_offset, messages: out, undecodable: None })
 }

@@ -32,6 +32,10 @@ pub enum ClientError {
     /// A response did not decode (a version mismatch or a bug).
     #[error("the response from {addr} did not decode: {reason}; check that client and broker versions match")]
     Malformed { addr: String, reason: String },
+    /// A stored batch does not decode: no consumer can read it. It was stored before
+    /// brokers validated every record, or damaged in a way its checksum missed.
+    #[error("{topic}/{partition}: the stored batch at offsets {offset}..{next_offset} does not decode ({reason}); skip it explicitly to go on (`Consumer::skip_to({partition}, {next_offset})`, or `keel consume --skip-undecodable`)")]
+    UndecodableBatch { topic: String, partition: u32, offset: u64, next_offset: u64, reason: String },
     /// The producer or consumer was closed.
     #[error("the {0} is closed")]
     Closed(&'static str),

@@ -39,7 +39,7 @@ async fn produced_records_are_consumed_in_order_per_key_from_earliest_latest_and
     admin.create_topic("events", 3, 3).await.unwrap();
     assert_eq!(admin.describe_topic("events").await.unwrap().partitions.len(), 3);
 
-    let producer = Producer::new(cluster.clone(), ProducerConfig::default());
+    let producer = Producer::new(cluster.clone(), ProducerConfig::default()).unwrap();
     let mut acks = Vec::new();
     for i in 0..3000u32 {
         let key = format!("k{}", i % 30);
@@ -70,7 +70,7 @@ async fn produced_records_are_consumed_in_order_per_key_from_earliest_latest_and
 
     // From latest: only what is produced afterwards.
     let mut latest = Consumer::new(cluster.clone(), "events", StartAt::Latest).await.unwrap();
-    let later = Producer::new(cluster.clone(), ProducerConfig::default());
+    let later = Producer::new(cluster.clone(), ProducerConfig::default()).unwrap();
     let ack = later.send("events", Record::new("after").with_key("k1")).await.unwrap();
     later.flush().await.unwrap();
     let d = ack.wait().await.unwrap();
@@ -83,7 +83,7 @@ async fn produced_records_are_consumed_in_order_per_key_from_earliest_latest_and
     assert_eq!((seen[0].partition, seen[0].offset, seen[0].value.as_deref()), (d.partition, d.offset, Some(&b"after"[..])));
 
     // From a time: records stamped at or after it.
-    let timed = Producer::new(cluster.clone(), ProducerConfig::default());
+    let timed = Producer::new(cluster.clone(), ProducerConfig::default()).unwrap();
     let missing = timed.send("clock", Record::new("too early")).await.unwrap().wait().await.unwrap_err();
     assert!(matches!(missing, keel_client::ClientError::UnknownTopic(ref t) if t == "clock"), "{missing}");
     admin.create_topic("clock", 1, 3).await.unwrap();
@@ -98,10 +98,10 @@ async fn produced_records_are_consumed_in_order_per_key_from_earliest_latest_and
 
     // A topic that accepts only small batches: the producer's batches (256 KiB by
     // default) are cut at the topic's limit instead of being refused.
-    let small =
-        keel_protocol::message::CreateTopicRequest { name: "small".into(), partitions: 1, replicas: 3, retention_ms: None, max_message_bytes: Some(8 * 1024) };
+    let config = keel_protocol::TopicConfigPatch { max_message_bytes: Some(8 * 1024), ..Default::default() };
+    let small = keel_protocol::message::CreateTopicRequest { name: "small".into(), partitions: 1, replicas: 3, config };
     admin.create_topic_with(small).await.unwrap();
-    let limited = Producer::new(cluster.clone(), ProducerConfig::default());
+    let limited = Producer::new(cluster.clone(), ProducerConfig::default()).unwrap();
     let mut acks = Vec::new();
     for i in 0..200 {
         acks.push(limited.send("small", Record::new(format!("{i:0>1000}"))).await.unwrap());
@@ -122,7 +122,7 @@ async fn when_a_leader_dies_mid_stream_every_acknowledged_record_is_read_back() 
     let (mut nodes, cluster) = start(dir.path()).await;
     let admin = Admin::new(cluster.clone());
     admin.create_topic("orders", 1, 3).await.unwrap();
-    let producer = Producer::new(cluster.clone(), ProducerConfig::default());
+    let producer = Producer::new(cluster.clone(), ProducerConfig::default()).unwrap();
     let mut acked = Vec::new();
     let mut killed = false;
     for i in 0..600u32 {

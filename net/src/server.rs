@@ -27,20 +27,27 @@ pub struct Reply {
     /// What failed and what to do, for a non-`None` error.
     pub message: String,
     pub payload: Bytes,
+    /// Send nothing and close the connection (fault injection: a lost answer).
+    pub close_connection: bool,
 }
 
 impl Reply {
     pub fn ok(payload: Bytes) -> Reply {
-        Reply { error: ErrorCode::None, message: String::new(), payload }
+        Reply { error: ErrorCode::None, message: String::new(), payload, close_connection: false }
     }
 
     pub fn error(error: ErrorCode, message: impl Into<String>) -> Reply {
-        Reply { error, message: message.into(), payload: Bytes::new() }
+        Reply { error, message: message.into(), payload: Bytes::new(), close_connection: false }
     }
 
     /// An error with a body giving details (e.g. `NotLeader`'s leader address).
     pub fn error_with(error: ErrorCode, message: impl Into<String>, payload: Bytes) -> Reply {
-        Reply { error, message: message.into(), payload }
+        Reply { error, message: message.into(), payload, close_connection: false }
+    }
+
+    /// No answer: the connection is closed instead, as if the answer had been lost.
+    pub fn close_connection() -> Reply {
+        Reply { close_connection: true, ..Reply::ok(Bytes::new()) }
     }
 }
 
@@ -197,8 +204,13 @@ async fn serve(stream: TcpStream, service: Arc<dyn Service>, options: ServeOptio
     });
     let limit = Arc::new(Semaphore::new(options.concurrency_max));
     let mut handlers = JoinSet::new();
+    let close = Arc::new(tokio::sync::Notify::new());
     let result = loop {
-        let frame = match reader.next().await {
+        let next = tokio::select! {
+            next = reader.next() => next,
+            _ = close.notified() => break Err("a handler dropped its answer and closed the connection".into()),
+        };
+        let frame = match next {
             Some(Ok(frame)) => frame,
             Some(Err(e)) => {
                 let _ = tx.send(answer(0, Reply::error(ErrorCode::MalformedFrame, e.to_string()))).await;
@@ -211,10 +223,14 @@ async fn serve(stream: TcpStream, service: Arc<dyn Service>, options: ServeOptio
             break Err("a non-request frame after the handshake".into());
         };
         let permit = limit.clone().acquire_owned().await.expect("the limit semaphore is never closed");
-        let (service, tx) = (service.clone(), tx.clone());
+        let (service, tx, close) = (service.clone(), tx.clone(), close.clone());
         handlers.spawn(async move {
             let reply = service.call(caller, version, api_key, payload).await;
-            let _ = tx.send(answer(correlation_id, reply)).await;
+            if reply.close_connection {
+                close.notify_one();
+            } else {
+                let _ = tx.send(answer(correlation_id, reply)).await;
+            }
             drop(permit);
         });
         while handlers.try_join_next().is_some() {}

@@ -27,6 +27,7 @@ pub mod flusher;
 mod index;
 pub mod limits;
 pub mod log;
+pub mod observe;
 mod open;
 mod segment;
 pub mod watermark;

@@ -557,7 +557,12 @@ impl Log {
             return Err(err);
         }
         self.stats.fsyncs.fetch_add(1, Ordering::Relaxed);
-        file.sync_data().map_err(|e| {
+        #[cfg(any(test, feature = "fault-injection"))]
+        crate::observe::injected_fsync_delay();
+        let started = Instant::now();
+        let result = file.sync_data();
+        crate::observe::fsync_done(started.elapsed());
+        result.map_err(|e| {
             let err = StorageError::io("fdatasync", path, e);
             self.poison(&err);
             err

@@ -10,6 +10,13 @@
 //! receipt, during the produce phase only when `--consumers` > 0) and, if asked,
 //! checks that every acknowledged message is present.
 //!
+//! Producers are idempotent by default (`--no-idempotence` turns it off);
+//! `--message-ids` gives every message a distinct message id. `--verify` reports
+//! acknowledged messages missing and messages read back more than once. `--metrics`
+//! scrapes every node's `/metrics` after the produce phase and compares the stored
+//! message counters with what was acknowledged; `--rss` reports each `keel dev` node's
+//! peak resident memory (VmHWM, from the PID files).
+//!
 //! Every loop is bounded by count and time and stops by itself.
 
 use std::collections::HashSet;
@@ -45,9 +52,22 @@ struct Args {
     /// Unacknowledged messages per producer.
     #[arg(long, default_value_t = 1024)]
     in_flight: usize,
-    /// Batches in flight per partition per producer (order is only kept with 1).
-    #[arg(long, default_value_t = 4)]
+    /// Batches in flight per partition per producer (at most 5 with idempotence, which
+    /// keeps order; without it, order is only kept with 1).
+    #[arg(long, default_value_t = 5)]
     batches_in_flight_per_partition: usize,
+    /// Produce without idempotence.
+    #[arg(long)]
+    no_idempotence: bool,
+    /// Give every message a distinct message id (broker-side dedupe window).
+    #[arg(long)]
+    message_ids: bool,
+    /// Scrape every node's /metrics (admin ports 9292..) after producing and compare.
+    #[arg(long)]
+    metrics: bool,
+    /// Report each `keel dev` node's peak resident memory (from --data-dir's PID files).
+    #[arg(long)]
+    rss: bool,
     /// Producer linger.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "2ms")]
     linger: Duration,
@@ -90,6 +110,31 @@ fn body(producer: usize, seq: u64, size: usize) -> Bytes {
     b.put_u64_le(seq);
     b.resize(size.max(16), b'x');
     b.freeze()
+}
+
+/// Sums `keel_produce_messages_total` for the bench topic over every node's `/metrics`
+/// (admin address = client port + 200, as `keel dev` lays them out).
+async fn scrape_stored_messages(cluster: &Cluster) -> anyhow::Result<(u64, Vec<(u64, u64)>)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let brokers = cluster.metadata(true).await?.brokers.clone();
+    let (mut total, mut per_node) = (0u64, Vec::new());
+    for b in brokers {
+        let (host, port) = b.addr.rsplit_once(':').context("a broker address is host:port")?;
+        let admin = format!("{host}:{}", port.parse::<u16>()? + 200);
+        let mut stream = tokio::net::TcpStream::connect(&admin).await.with_context(|| format!("connecting to {admin}"))?;
+        stream.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {admin}\r\n\r\n").as_bytes()).await?;
+        let mut text = String::new();
+        tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut text)).await.context("scraping /metrics timed out")??;
+        let n: u64 = text
+            .lines()
+            .filter(|l| l.starts_with("keel_produce_messages_total{"))
+            .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+            .map(|v| v as u64)
+            .sum();
+        total += n;
+        per_node.push((b.id, n));
+    }
+    Ok((total, per_node))
 }
 
 fn id_of(value: &[u8]) -> Option<(u64, u64)> {
@@ -142,9 +187,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
             max_in_flight_per_partition: args.batches_in_flight_per_partition,
             max_in_flight: 64,
             batch_bytes: args.batch_bytes.unwrap_or(ProducerConfig::default().batch_bytes),
+            idempotence: !args.no_idempotence,
             ..ProducerConfig::default()
         };
-        let producer = Arc::new(Producer::new(cluster.clone(), cfg));
+        let producer = Arc::new(Producer::new(cluster.clone(), cfg)?);
         let (shared, args) = (shared.clone(), args.clone());
         tasks.push(tokio::spawn(async move {
             // One collector per producer awaits acknowledgements as they complete
@@ -210,6 +256,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 let permit = window.clone().acquire_owned().await.expect("never closed");
                 let mut record = Record::new(body(pid, seq, args.message_size));
                 record.timestamp_ms = Some(now_ms());
+                if args.message_ids {
+                    record.message_id = Some(Bytes::from(format!("{pid}-{seq}")));
+                }
                 let sent_at = Instant::now();
                 let ack = match producer.send(&args.topic, record).await {
                     Ok(a) => a,
@@ -291,12 +340,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
         println!("first error: {e}");
     }
     let acked_ids: HashSet<(u64, u64)> = s.acked.iter().copied().collect();
+    if args.metrics {
+        let (stored, per_node) = scrape_stored_messages(&cluster).await?;
+        println!("metrics: keel_produce_messages_total{{topic={:?}}} summed over nodes = {stored} ({per_node:?}); acknowledged {acked}", args.topic);
+        summary["metrics"] = serde_json::json!({"produce_messages_total": stored, "per_node": per_node, "acknowledged": acked});
+    }
 
     if args.consume || args.verify {
         let mut consumer = Consumer::new(cluster.clone(), &args.topic, StartAt::Earliest).await?;
         let mut e2e = Histogram::<u64>::new_with_bounds(1, 3_600_000, 3)?;
         let mut seen: HashSet<(u64, u64)> = HashSet::with_capacity(acked_ids.len());
         let mut read = 0u64;
+        let mut duplicates = 0u64;
         let start = Instant::now();
         let mut idle_since = Instant::now();
         let consume_deadline = start + Duration::from_secs(120);
@@ -311,7 +366,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 read += 1;
                 let _ = e2e.record((now - m.timestamp_ms).max(1) as u64);
                 if let Some(id) = m.value.as_deref().and_then(id_of) {
-                    seen.insert(id);
+                    if !seen.insert(id) {
+                        duplicates += 1;
+                    }
                 }
             }
         }
@@ -320,12 +377,32 @@ async fn run(args: Args) -> anyhow::Result<()> {
         summary["consume"] = serde_json::json!({"messages": read, "seconds": secs, "msgs_per_s": read as f64 / secs});
         if args.verify {
             let missing = acked_ids.iter().filter(|id| !seen.contains(id)).count();
-            println!("verify: {} acknowledged, {} read back distinct, {missing} acknowledged messages missing", acked_ids.len(), seen.len());
-            summary["verify"] = serde_json::json!({"acknowledged": acked_ids.len(), "missing": missing});
+            println!(
+                "verify: {} acknowledged, {} read back distinct, {missing} acknowledged messages missing, {duplicates} messages read back more than once",
+                acked_ids.len(),
+                seen.len()
+            );
+            summary["verify"] = serde_json::json!({"acknowledged": acked_ids.len(), "missing": missing, "duplicates": duplicates});
             if missing > 0 {
                 eprintln!("ACKNOWLEDGED MESSAGES LOST: {missing}");
             }
+            if duplicates > 0 {
+                eprintln!("MESSAGES STORED MORE THAN ONCE: {duplicates}");
+            }
         }
+    }
+    if args.rss {
+        let mut nodes = serde_json::Map::new();
+        for id in 1..=9u64 {
+            let Ok(pid) = std::fs::read_to_string(args.data_dir.join(format!("node{id}/keel.pid"))) else { continue };
+            let status = std::fs::read_to_string(format!("/proc/{}/status", pid.trim())).unwrap_or_default();
+            let kib = |field: &str| status.lines().find(|l| l.starts_with(field)).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse::<u64>().ok());
+            if let (Some(hwm), Some(rss)) = (kib("VmHWM:"), kib("VmRSS:")) {
+                println!("node {id}: peak RSS {:.1} MiB, RSS now {:.1} MiB", hwm as f64 / 1024.0, rss as f64 / 1024.0);
+                nodes.insert(id.to_string(), serde_json::json!({"peak_rss_mib": hwm as f64 / 1024.0, "rss_mib": rss as f64 / 1024.0}));
+            }
+        }
+        summary["rss"] = serde_json::Value::Object(nodes);
     }
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&summary)?)?;

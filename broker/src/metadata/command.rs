@@ -2,15 +2,44 @@
 
 use bytes::Bytes;
 use keel_protocol::batch::{BatchBuilder, BatchOptions, BatchView, NewRecord};
+use keel_protocol::message::ProducerIdentity;
+use keel_protocol::topic_config::{self, TopicConfig, TopicConfigPatch};
 use serde::{Deserialize, Serialize};
 
-/// A change to the cluster's metadata.
+/// A change to the cluster's metadata. Variants are only appended, and an existing
+/// variant's body never changes (postcard is positional): metadata logs written by
+/// earlier builds keep decoding. Topic configs travel as JSON inside, so settings can be
+/// added without a new variant.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MetadataCommand {
-    /// Create a topic; `replicas[p]` lists partition `p`'s replicas, preferred leader first.
+    /// Create a topic (written by builds before topic configs); `replicas[p]` lists
+    /// partition `p`'s replicas, preferred leader first.
     CreateTopic { name: String, replicas: Vec<Vec<u64>>, max_message_bytes: u32, retention_ms: u64 },
     /// Delete a topic and, on every node, its partitions' data.
     DeleteTopic { name: String },
+    /// Create a topic with its whole config and the secret key its partitions digest
+    /// message ids with (chosen at random by the proposing broker).
+    CreateTopicWithConfig {
+        name: String,
+        replicas: Vec<Vec<u64>>,
+        #[serde(with = "topic_config::as_json")]
+        config: TopicConfig,
+        id_key: [u8; 16],
+    },
+    /// Change some settings of a topic; refused by the fold if the result is invalid.
+    AlterTopicConfig {
+        name: String,
+        #[serde(with = "topic_config::patch_as_json")]
+        patch: TopicConfigPatch,
+    },
+    /// Hand node `node` the next `count` producer ids, for the anonymous idempotent
+    /// producers it registers.
+    AllocateProducerIds { node: u64, count: u64 },
+    /// Register (or re-register) the named producer `name`: a new name gets a fresh id
+    /// at epoch 0, a known one its epoch + 1 — fencing the previous instance. With
+    /// `current`, only if that is still the name's identity (a re-registration after a
+    /// failure); otherwise the fold refuses it: a newer instance exists.
+    InitNamedProducer { name: String, current: Option<ProducerIdentity> },
 }
 
 /// Why a command's record could not be read back.

@@ -1,5 +1,6 @@
-//! The admin HTTP listener: `/health/live` and `/health/ready` (metrics and the web
-//! console will join them).
+//! The admin HTTP listener: `/health/live`, `/health/ready` and `/metrics` (Prometheus
+//! text; every metric is listed in `crate::metrics`). With the `fault-injection`
+//! feature only, `POST /test/faults` switches test faults on.
 //!
 //! Ready means: the metadata group has a working leader, every partition hosted here
 //! has one, and the data directory accepts a write. A 503 answer lists what is not
@@ -21,16 +22,63 @@ pub struct AdminState {
     pub metadata_group: GroupHandle,
     pub hosted: HostedPartitions,
     pub data_dir: PathBuf,
+    pub metrics: metrics_exporter_prometheus::PrometheusHandle,
+    /// The switchable faults (`None` unless built with `fault-injection`).
+    pub faults: Option<Arc<super::faults::NodeFaults>>,
 }
+
+/// How often the metrics recorder drains its histogram buffers.
+const METRICS_UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Serves the admin endpoints on `listener` until the returned task is aborted.
 pub fn serve(listener: tokio::net::TcpListener, state: Arc<AdminState>) -> JoinHandle<()> {
-    let app = Router::new().route("/health/live", get(|| async { "live\n" })).route("/health/ready", get(ready)).with_state(state);
+    #[allow(unused_mut)]
+    let mut app = Router::new()
+        .route("/health/live", get(|| async { "live\n" }))
+        .route("/health/ready", get(ready))
+        .route("/metrics", get(|State(state): State<Arc<AdminState>>| async move { state.metrics.render() }));
+    #[cfg(feature = "fault-injection")]
+    if state.faults.is_some() {
+        app = app.route("/test/faults", axum::routing::post(set_faults));
+    }
+    let app = app.with_state(state.clone());
     tokio::spawn(async move {
+        let upkeep = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(METRICS_UPKEEP_INTERVAL);
+            loop {
+                tick.tick().await;
+                state.metrics.run_upkeep();
+            }
+        });
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "admin listener stopped");
         }
+        upkeep.abort();
     })
+}
+
+/// The body of `POST /test/faults`: each field given is set.
+#[cfg(feature = "fault-injection")]
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FaultSettings {
+    /// Drop the answers of the next N successful produces (the connection is closed).
+    drop_produce_answers: Option<u32>,
+    /// Sleep this long before every segment fsync in this process (0: off).
+    fsync_delay_ms: Option<u64>,
+}
+
+#[cfg(feature = "fault-injection")]
+async fn set_faults(State(state): State<Arc<AdminState>>, Json(settings): Json<FaultSettings>) -> (StatusCode, String) {
+    let Some(faults) = &state.faults else { return (StatusCode::NOT_FOUND, "fault injection is not built in\n".into()) };
+    if let Some(n) = settings.drop_produce_answers {
+        faults.drop_produce_answers(n);
+    }
+    if let Some(ms) = settings.fsync_delay_ms {
+        keel_storage::observe::inject_fsync_delay(std::time::Duration::from_millis(ms));
+    }
+    tracing::warn!(?settings, "test faults set");
+    (StatusCode::OK, "faults set\n".into())
 }
 
 /// The reasons this node is not ready (empty: ready).

@@ -10,6 +10,7 @@ use tokio::sync::watch;
 use super::rejoin::{self, Recovery};
 use crate::metadata::METADATA_GROUP;
 use crate::peer::{GroupNetworkFactory, GroupRaft, GroupRegistry, HostedGroup, PeerPool};
+use crate::replication::state_machine::PartitionShared;
 use crate::replication::{PartitionLogStore, PartitionStateMachine};
 
 /// What every group of a node shares.
@@ -31,6 +32,8 @@ pub struct GroupHandle {
     pub log: Arc<Log>,
     /// Committed messages lie below this offset.
     pub high_watermark: watch::Receiver<u64>,
+    /// The state machine's state and what it publishes.
+    pub shared: Arc<PartitionShared>,
     pub dir: PathBuf,
 }
 
@@ -114,6 +117,7 @@ pub async fn open_group(ctx: &GroupContext, group: u64, probe: Probe) -> Result<
     let store = PartitionLogStore::new(log.clone(), ctx.flusher.clone());
     let sm = PartitionStateMachine::open(dir.clone()).map_err(|e| format!("opening the state machine of group {group}: {e}"))?;
     let high_watermark = sm.high_watermark();
+    let shared = sm.shared();
     let network = GroupNetworkFactory::new(group, ctx.pool.clone());
     let raft = GroupRaft::new(ctx.node_id, ctx.raft_config.clone(), network, store, sm).await.map_err(|e| format!("starting Raft for group {group}: {e}"))?;
     let hosted = HostedGroup::new(raft.clone(), log.clone());
@@ -131,7 +135,7 @@ pub async fn open_group(ctx: &GroupContext, group: u64, probe: Probe) -> Result<
         });
     }
     ctx.registry.write().expect("group registry lock poisoned").insert(group, hosted);
-    Ok((GroupHandle { id: group, raft, log, high_watermark, dir }, recovery))
+    Ok((GroupHandle { id: group, raft, log, high_watermark, shared, dir }, recovery))
 }
 
 /// Initializes `handle`'s group with `members` unless it already has state. Running

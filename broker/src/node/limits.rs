@@ -31,3 +31,25 @@ pub const REJOIN_PROBE_RETRY: Duration = Duration::from_millis(200);
 pub const REJOIN_PROBE_LOG_EVERY: Duration = Duration::from_secs(5);
 /// How often a refilling group checks whether its log has caught up.
 pub const REJOIN_CATCH_UP_POLL: Duration = Duration::from_millis(50);
+
+/// Bytes of appends one partition may have proposed but not yet applied. Beyond it a
+/// produce is answered `Throttled` (the producer waits `THROTTLE_RETRY_AFTER_MS`)
+/// instead of queueing: this bounds the memory overload can take, per partition.
+pub const PARTITION_PENDING_BYTES_MAX: u64 = 64 * 1024 * 1024;
+/// Appends one partition may have proposed but not yet applied (see above).
+pub const PARTITION_PENDING_BATCHES_MAX: usize = 1024;
+/// How long a throttled producer is told to wait before retrying, in milliseconds.
+pub const THROTTLE_RETRY_AFTER_MS: u32 = 50;
+/// How long a batch whose sequence is ahead of the next one expected waits for the
+/// missing batch (requests on one connection are served concurrently, so they can
+/// arrive in another order) before it is refused as out of order.
+pub const SEQUENCE_GAP_WAIT: Duration = Duration::from_millis(200);
+/// How long a new leader may take to apply an entry of its own term before a produce
+/// is answered `LeaderNotAvailable` (retried by the client).
+pub const LEADER_GATE_WAIT: Duration = Duration::from_secs(2);
+/// The partition clock advances at least this often while a leader takes writes (a
+/// clock tick entry); message ids and idle producers expire by it.
+pub const CLOCK_TICK_INTERVAL: Duration = Duration::from_secs(1);
+/// Producer ids a node asks the metadata log for at once, for the anonymous producers
+/// it registers.
+pub const PRODUCER_ID_BLOCK: u64 = 1024;

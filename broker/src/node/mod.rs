@@ -6,14 +6,21 @@
 //! - [`reconcile`]: opening (and as preferred leader, initializing) the partition groups
 //!   this node replicates; stopping and deleting removed ones.
 //! - [`rejoin`]: starting a group with no local state — new, or lost with a wiped disk.
-//! - [`client_service`]: the client API.
-//! - [`admin`]: the admin HTTP listener (`/health/live`, `/health/ready`).
+//! - [`partition`]: a hosted partition: append (deciding before proposing), committed
+//!   reads, leader checks.
+//! - [`api`]: the client API, one file per API behind a dispatch table.
+//! - [`admin`]: the admin HTTP listener (`/health/live`, `/health/ready`, `/metrics`).
+//! - [`gauges`]: sampling every hosted group into the metrics.
+//! - [`faults`]: test-only fault switches.
 //! - [`limits`]: every bound of the above.
 
 pub mod admin;
-pub mod client_service;
+pub mod api;
+pub mod faults;
+pub mod gauges;
 pub mod group;
 pub mod limits;
+pub mod partition;
 pub mod reconcile;
 pub mod rejoin;
 pub mod tailer;
@@ -59,6 +66,7 @@ pub struct Node {
     peer_server: PeerServer,
     tasks: Vec<JoinHandle<()>>,
     faults: Arc<crate::peer::PeerFaults>,
+    node_faults: Arc<faults::NodeFaults>,
     _flusher: Arc<Flusher>,
 }
 
@@ -85,7 +93,7 @@ impl Node {
                 .map_err(|e| NodeError::Start(e.to_string()))?,
         );
         let pool = PeerPool::new(me.id, config.cluster.name.clone());
-        let faults = pool.faults.clone();
+        let peer_faults = pool.faults.clone();
         let ctx = Arc::new(GroupContext {
             node_id: me.id,
             data_dir: config.node.data_dir.clone(),
@@ -105,18 +113,23 @@ impl Node {
             let members: BTreeMap<u64, BasicNode> = config.cluster.members.iter().map(|m| (m.id, BasicNode::new(&m.peer_addr))).collect();
             initialize_if_new(&metadata_group, members).await.map_err(NodeError::Start)?;
         }
+        let metrics = crate::metrics::install();
         let (publish, metadata) = watch::channel(Arc::new(MetadataState::default()));
         let hosted = HostedPartitions::default();
+        let faults = Arc::new(faults::NodeFaults::default());
         let mut tasks = vec![
             tokio::spawn(tailer::run(metadata_group.clone(), publish)),
             tokio::spawn(reconcile::run(ctx.clone(), config.cluster.clone(), refill_horizon, metadata.clone(), hosted.clone())),
+            tokio::spawn(gauges::run(metadata_group.clone(), hosted.clone())),
         ];
-        let service = Arc::new(client_service::ClientService {
+        let service = Arc::new(api::ClientService {
             node_id: me.id,
             cluster: config.cluster.clone(),
             metadata_group: metadata_group.clone(),
             metadata: metadata.clone(),
             hosted: hosted.clone(),
+            producer_ids: tokio::sync::Mutex::new((0, 0)),
+            faults: faults.clone(),
         });
         let options =
             ServeOptions { concurrency_max: CLIENT_CONCURRENCY_MAX, send_queue_capacity: CLIENT_SEND_QUEUE_CAPACITY, connections_max: CLIENT_CONNECTIONS_MAX };
@@ -127,11 +140,16 @@ impl Node {
         })?;
         let admin_listener =
             tokio::net::TcpListener::bind(&me.admin_addr).await.map_err(|source| NodeError::Listen { what: "admin", addr: me.admin_addr.clone(), source })?;
-        let admin_state =
-            Arc::new(admin::AdminState { metadata_group: metadata_group.clone(), hosted: hosted.clone(), data_dir: config.node.data_dir.clone() });
+        let admin_state = Arc::new(admin::AdminState {
+            metadata_group: metadata_group.clone(),
+            hosted: hosted.clone(),
+            data_dir: config.node.data_dir.clone(),
+            metrics,
+            faults: node_faults_for_admin(&faults),
+        });
         tasks.push(admin::serve(admin_listener, admin_state));
         tracing::info!(node = me.id, client = %me.client_addr, peer = %me.peer_addr, "node started");
-        Ok(Node { id: me.id, config, metadata_group, metadata, hosted, registry, client_listener, peer_server, tasks, faults, _flusher: flusher })
+        Ok(Node { id: me.id, config, metadata_group, metadata, hosted, registry, client_listener, peer_server, tasks, faults: peer_faults, node_faults: faults, _flusher: flusher })
     }
 
     /// Starts several nodes of one cluster in this process, concurrently: a node
@@ -159,6 +177,16 @@ impl Node {
         &self.faults
     }
 
+    /// Fault injection: this node's test-only faults.
+    pub fn node_faults(&self) -> &Arc<faults::NodeFaults> {
+        &self.node_faults
+    }
+
+    /// The partition hosted here for `group`, if any.
+    pub fn partition(&self, group: u64) -> Option<Arc<partition::Partition>> {
+        self.hosted.read().expect("hosted lock poisoned").get(&group).cloned()
+    }
+
     /// The latest metadata this node has folded in.
     pub fn metadata(&self) -> Arc<MetadataState> {
         self.metadata.borrow().clone()
@@ -170,7 +198,7 @@ impl Node {
         for t in &self.tasks {
             t.abort();
         }
-        let partitions: Vec<_> = self.hosted.write().expect("hosted lock poisoned").drain().map(|(_, p)| p).collect();
+        let partitions: Vec<Arc<partition::Partition>> = self.hosted.write().expect("hosted lock poisoned").drain().map(|(_, p)| p).collect();
         for p in partitions {
             let _ = p.group.raft.shutdown().await;
         }
@@ -178,4 +206,9 @@ impl Node {
         self.registry.write().expect("group registry lock poisoned").clear();
         drop(self.peer_server);
     }
+}
+
+/// The faults the admin listener may switch (only with the `fault-injection` feature).
+fn node_faults_for_admin(faults: &Arc<faults::NodeFaults>) -> Option<Arc<faults::NodeFaults>> {
+    cfg!(feature = "fault-injection").then(|| faults.clone())
 }

@@ -8,22 +8,14 @@ use std::sync::{Arc, Mutex, RwLock};
 use openraft::BasicNode;
 use tokio::sync::watch;
 
-use super::group::{initialize_if_new, open_group, GroupContext, GroupHandle, Probe};
+use super::group::{initialize_if_new, open_group, GroupContext, Probe};
+use super::partition::Partition;
 use super::rejoin;
 use crate::config::ClusterConfig;
 use crate::metadata::{MetadataState, PartitionMeta};
 
-/// A partition hosted on this node.
-#[derive(Clone)]
-pub struct HostedPartition {
-    pub topic: String,
-    pub partition: u32,
-    pub replicas: Vec<u64>,
-    pub group: GroupHandle,
-}
-
 /// Partitions hosted here, by group id.
-pub type HostedPartitions = Arc<RwLock<HashMap<u64, HostedPartition>>>;
+pub type HostedPartitions = Arc<RwLock<HashMap<u64, Arc<Partition>>>>;
 
 /// Runs until the metadata channel closes. `refill_horizon`: see [`super::rejoin`];
 /// partition groups of topics created below it are probed before they start empty.
@@ -52,7 +44,7 @@ pub async fn run(
             tokio::spawn(task);
         }
         let wanted_groups: Vec<u64> = wanted.iter().map(|(_, p)| p.group).collect();
-        let removed: Vec<HostedPartition> = {
+        let removed: Vec<Arc<Partition>> = {
             let mut hosted = hosted.write().expect("hosted lock poisoned");
             let gone: Vec<u64> = hosted.keys().copied().filter(|g| !wanted_groups.contains(g)).collect();
             gone.into_iter().filter_map(|g| hosted.remove(&g)).collect()
@@ -96,7 +88,8 @@ async fn open_partition(
             }
             let still_wanted = metadata.borrow().groups_of(ctx.node_id).iter().any(|(_, w)| w.group == p.group);
             if still_wanted {
-                hosted.write().expect("hosted lock poisoned").insert(p.group, HostedPartition { topic, partition: p.partition, replicas: p.replicas, group });
+                let partition = Partition::new(topic, p.partition, p.replicas, group, ctx.node_id, metadata.clone());
+                hosted.write().expect("hosted lock poisoned").insert(p.group, Arc::new(partition));
             } else {
                 // Deleted while opening: undo (the next reconcile round finds nothing to do).
                 ctx.registry.write().expect("group registry lock poisoned").remove(&p.group);

@@ -2,8 +2,10 @@
 //!
 //! Entry mapping (storage `kind` byte → openraft payload):
 //! - `KIND_BLANK` (0): `Blank`, empty payload, 0 records;
-//! - `KIND_BATCH` (1): `Normal(RecordBatch)`, the batch bytes, the batch's record count;
-//! - `KIND_MEMBERSHIP` (2): `Membership`, postcard-encoded, 0 records.
+//! - `KIND_BATCH` (1): `Normal(EntryData::Batch)`, the batch bytes, the batch's record count;
+//! - `KIND_MEMBERSHIP` (2): `Membership`, postcard-encoded, 0 records;
+//! - `KIND_CONTROL` (3): `Normal(EntryData::Control)`, a postcard `ControlEntry`, 0
+//!   records, the leader's time as the entry's timestamp. Never served to consumers.
 //!
 //! A batch's base offset is the log's `next_offset()` when it is appended; it is
 //! stamped into the batch header in place (the batch CRC does not cover it). Log
@@ -25,11 +27,13 @@ use keel_storage::{atomic_file, Entry as StoredEntry, EntryMeta, Flusher, Log, L
 use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
 use openraft::{EntryPayload, OptionalSend, RaftLogReader};
 
-use super::types::{RaftEntry, RaftLogId, RecordBatch, TypeConfig};
+use super::types::{EntryData, RaftEntry, RaftLogId, RecordBatch, TypeConfig};
+use crate::partition::ControlEntry;
 
 pub const KIND_BLANK: u8 = 0;
 pub const KIND_BATCH: u8 = 1;
 pub const KIND_MEMBERSHIP: u8 = 2;
+pub const KIND_CONTROL: u8 = 3;
 
 /// Largest payload total `limited_get_log_entries` returns (at least one entry):
 /// openraft's `max_payload_entries` counts entries, and ours are whole batches.
@@ -85,9 +89,13 @@ fn to_stored(entry: RaftEntry, base_offset: u64) -> io::Result<StoredEntry> {
     let id = to_stored_id(&entry.log_id);
     let (kind, payload, record_count, max_timestamp_ms) = match entry.payload {
         EntryPayload::Blank => (KIND_BLANK, Bytes::new(), 0, i64::MIN),
-        EntryPayload::Normal(batch) => {
+        EntryPayload::Normal(EntryData::Batch(batch)) => {
             let header = batch.header().ok_or_else(|| invalid(format!("entry {} holds an unparseable record batch", id.index)))?;
             (KIND_BATCH, stamp(batch.0, base_offset)?, header.record_count, header.max_timestamp_ms)
+        }
+        EntryPayload::Normal(EntryData::Control(bytes)) => {
+            let entry = ControlEntry::decode(&bytes).map_err(|e| invalid(format!("entry {} holds an undecodable control entry: {e}", id.index)))?;
+            (KIND_CONTROL, bytes, 0, entry.leader_time_ms)
         }
         EntryPayload::Membership(m) => {
             let bytes = postcard::to_allocvec(&m).map_err(|e| invalid(format!("encoding membership: {e}")))?;
@@ -109,7 +117,8 @@ fn to_raft(entry: StoredEntry) -> io::Result<RaftEntry> {
     let log_id = to_raft_id(entry.meta.id);
     let payload = match entry.meta.kind {
         KIND_BLANK => EntryPayload::Blank,
-        KIND_BATCH => EntryPayload::Normal(RecordBatch(entry.payload)),
+        KIND_BATCH => EntryPayload::Normal(EntryData::Batch(RecordBatch(entry.payload))),
+        KIND_CONTROL => EntryPayload::Normal(EntryData::Control(entry.payload)),
         KIND_MEMBERSHIP => {
             EntryPayload::Membership(postcard::from_bytes(&entry.payload).map_err(|e| invalid(format!("decoding membership at {}: {e}", log_id.index)))?)
         }

@@ -1,10 +1,12 @@
 //! Replication: openraft `0.10.0-alpha.37` over Keel's storage.
 //!
-//! - [`types`]: the Raft type configuration and the entry payload (a record batch).
+//! - [`types`]: the Raft type configuration and the entry payload (a record batch or a
+//!   control entry).
 //! - [`log_store`]: `RaftLogStorage` / `RaftLogReader` over `keel_storage::Log`, with
 //!   group commit through a `Flusher` and the vote and committed index in atomic files.
-//! - [`state_machine`]: the partition state machine: applied position, membership,
-//!   high watermark, snapshots of that state.
+//! - [`state_machine`]: the adapter that feeds committed entries to the partition fold
+//!   (`crate::partition`), publishes the high watermark and the applied position, and
+//!   snapshots the fold's state.
 //!
 //! The rules of `shared/notes/openraft.md` §2 are implemented here: appends are
 //! readable before they are durable, durability is reported through the flusher in
@@ -19,4 +21,4 @@ pub mod types;
 
 pub use log_store::PartitionLogStore;
 pub use state_machine::PartitionStateMachine;
-pub use types::{AppendReply, RecordBatch, TypeConfig};
+pub use types::{ApplyReply, EntryData, RecordBatch, TypeConfig};

@@ -9,6 +9,7 @@ use keel_client::consumer::{Consumer, StartAt};
 use keel_client::producer::{Producer, ProducerConfig, Record};
 use keel_client::{Admin, ClientConfig, Cluster};
 use keel_protocol::message::CreateTopicRequest;
+use keel_protocol::{TopicConfig, TopicConfigPatch};
 
 /// Where the CLI finds the cluster.
 #[derive(clap::Args, Clone)]
@@ -27,6 +28,40 @@ impl Connect {
     }
 }
 
+/// Topic settings a command may set (`TopicConfig`); each omitted one keeps its
+/// default (create) or current value (alter).
+#[derive(clap::Args, Debug, Default)]
+pub struct TopicSettings {
+    /// Keep messages this long (e.g. 7d, 12h); 0s keeps them forever.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    retention: Option<Duration>,
+    /// Largest batch (and message) a producer may send, in bytes.
+    #[arg(long)]
+    max_message_bytes: Option<u32>,
+    /// How long a message id is remembered (e.g. 2m, 1h; at most 24h).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    dedupe_window: Option<Duration>,
+    /// Most message ids one partition remembers; beyond, publishes with ids are throttled.
+    #[arg(long)]
+    dedupe_ids_max: Option<u64>,
+    /// Forget an idempotent producer this long after its last write (e.g. 1d).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    producer_expiry: Option<Duration>,
+}
+
+impl TopicSettings {
+    fn patch(&self) -> TopicConfigPatch {
+        let ms = |d: &Option<Duration>| d.map(|d| d.as_millis().min(u128::from(u64::MAX)) as u64);
+        TopicConfigPatch {
+            retention_ms: ms(&self.retention),
+            max_message_bytes: self.max_message_bytes,
+            dedupe_window_ms: ms(&self.dedupe_window),
+            dedupe_ids_max: self.dedupe_ids_max,
+            producer_expiry_ms: ms(&self.producer_expiry),
+        }
+    }
+}
+
 #[derive(clap::Subcommand)]
 pub enum TopicCommand {
     /// Create a topic.
@@ -36,16 +71,18 @@ pub enum TopicCommand {
         partitions: u32,
         #[arg(long, default_value_t = 3)]
         replicas: u16,
-        /// Keep messages this long (e.g. 7d, 12h); forever if omitted.
-        #[arg(long, value_parser = humantime::parse_duration)]
-        retention: Option<Duration>,
-        /// Largest batch a producer may send, in bytes.
-        #[arg(long)]
-        max_message_bytes: Option<u32>,
+        #[command(flatten)]
+        settings: TopicSettings,
+    },
+    /// Change some of a topic's settings; prints the whole config after the change.
+    Alter {
+        name: String,
+        #[command(flatten)]
+        settings: TopicSettings,
     },
     /// List topics.
     List,
-    /// Show a topic's partitions, replicas and leaders.
+    /// Show a topic's settings, partitions, replicas and leaders.
     Describe { name: String },
     /// Delete a topic and its data.
     Delete { name: String },
@@ -55,14 +92,45 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("starting the async runtime")
 }
 
+/// A duration in milliseconds, for people.
+fn human_ms(ms: u64) -> String {
+    humantime::format_duration(Duration::from_millis(ms)).to_string()
+}
+
+/// A topic config, one setting per line.
+fn print_config(config: &TopicConfig) {
+    let retention = if config.retention_ms == 0 { "forever".to_string() } else { human_ms(config.retention_ms) };
+    println!("  retention          {retention}");
+    println!("  max_message_bytes  {}", config.max_message_bytes);
+    println!("  dedupe_window      {}", human_ms(config.dedupe_window_ms));
+    println!("  dedupe_ids_max     {}", config.dedupe_ids_max);
+    println!("  producer_expiry    {}", human_ms(config.producer_expiry_ms));
+}
+
 pub fn topic(cmd: TopicCommand, connect: Connect) -> anyhow::Result<()> {
     runtime()?.block_on(async move {
         let admin = Admin::new(connect.cluster()?);
         match cmd {
-            TopicCommand::Create { name, partitions, replicas, retention, max_message_bytes } => {
-                let retention_ms = retention.map(|d| d.as_millis() as u64);
-                admin.create_topic_with(CreateTopicRequest { name: name.clone(), partitions, replicas, retention_ms, max_message_bytes }).await?;
-                println!("created topic {name} ({partitions} partitions, {replicas} replicas)");
+            TopicCommand::Create { name, partitions, replicas, settings } => {
+                admin.create_topic_with(CreateTopicRequest { name: name.clone(), partitions, replicas, config: settings.patch() }).await?;
+                if connect.json {
+                    println!("{}", serde_json::json!({"created": name, "partitions": partitions, "replicas": replicas}));
+                } else {
+                    println!("created topic {name} ({partitions} partitions, {replicas} replicas)");
+                }
+            }
+            TopicCommand::Alter { name, settings } => {
+                let patch = settings.patch();
+                if patch.is_empty() {
+                    bail!("name at least one setting to change (see `keel topic alter --help`)");
+                }
+                let config = admin.alter_topic(&name, patch).await?;
+                if connect.json {
+                    println!("{}", serde_json::json!({"topic": name, "config": config}));
+                } else {
+                    println!("altered topic {name}; its settings now:");
+                    print_config(&config);
+                }
             }
             TopicCommand::List => {
                 let topics = admin.list_topics().await?;
@@ -78,9 +146,10 @@ pub fn topic(cmd: TopicCommand, connect: Connect) -> anyhow::Result<()> {
                 let t = admin.describe_topic(&name).await?;
                 if connect.json {
                     let parts: Vec<_> = t.partitions.iter().map(|p| serde_json::json!({"partition": p.partition, "leader": p.leader, "replicas": p.replicas})).collect();
-                    println!("{}", serde_json::json!({"name": t.name, "max_message_bytes": t.max_message_bytes, "retention_ms": t.retention_ms, "partitions": parts}));
+                    println!("{}", serde_json::json!({"name": t.name, "config": t.config, "partitions": parts}));
                 } else {
-                    println!("topic {}  max message {} bytes  retention {}", t.name, t.max_message_bytes, t.retention_ms.map_or("forever".to_string(), |ms| humantime::format_duration(Duration::from_millis(ms)).to_string()));
+                    println!("topic {}", t.name);
+                    print_config(&t.config);
                     for p in &t.partitions {
                         let leader = p.leader.map_or("none".to_string(), |l| l.to_string());
                         println!("  partition {}  leader {leader}  replicas {:?}", p.partition, p.replicas);
@@ -214,6 +283,18 @@ pub struct ProduceArgs {
     /// then fails, saying how many were acknowledged.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
     timeout: std::time::Duration,
+    /// The message's id: within the topic's dedupe window, a message with an id already
+    /// stored (in its partition: give the same key) is not stored again. Only with a
+    /// MESSAGE argument.
+    #[arg(long, requires = "message")]
+    message_id: Option<String>,
+    /// Register as this stable producer name: a newer `keel produce` with the same name
+    /// fences this one.
+    #[arg(long)]
+    producer_name: Option<String>,
+    /// Send without idempotence (a retried batch may then be stored twice).
+    #[arg(long, conflicts_with = "producer_name")]
+    no_idempotence: bool,
 }
 
 fn parse_header(s: &str) -> Result<(String, String), String> {
@@ -224,9 +305,13 @@ pub fn produce(args: ProduceArgs, connect: Connect) -> anyhow::Result<()> {
     runtime()?.block_on(async move {
         let cluster = connect.cluster()?;
         cluster.partitions(&args.topic).await?;
-        let producer = Producer::new(cluster, ProducerConfig { delivery_timeout: args.timeout, ..ProducerConfig::default() });
+        let config = ProducerConfig { delivery_timeout: args.timeout, idempotence: !args.no_idempotence, name: args.producer_name.clone(), ..ProducerConfig::default() };
+        let producer = Producer::new(cluster, config)?;
         let make = |value: String| {
             let mut r = Record::new(value);
+            if let Some(id) = &args.message_id {
+                r = r.with_message_id(id.clone());
+            }
             if let Some(k) = &args.key {
                 r = r.with_key(k.clone());
             }
@@ -239,16 +324,20 @@ pub fn produce(args: ProduceArgs, connect: Connect) -> anyhow::Result<()> {
         // producer's queue and in-flight window, not by the input size.
         let (ack_tx, mut ack_rx) = tokio::sync::mpsc::channel::<keel_client::producer::DeliveryFuture>(64 * 1024);
         let waiter = tokio::spawn(async move {
-            let (mut ok, mut first_error) = (0u64, None);
+            let (mut ok, mut duplicates, mut last, mut first_error) = (0u64, 0u64, None, None);
             while let Some(ack) = ack_rx.recv().await {
                 match ack.wait().await {
-                    Ok(_) => ok += 1,
+                    Ok(d) => {
+                        ok += 1;
+                        duplicates += u64::from(d.duplicate);
+                        last = Some(d);
+                    }
                     Err(e) => {
                         first_error.get_or_insert(e);
                     }
                 }
             }
-            (ok, first_error)
+            (ok, duplicates, last, first_error)
         });
         let mut sent = 0u64;
         match &args.message {
@@ -274,15 +363,31 @@ pub fn produce(args: ProduceArgs, connect: Connect) -> anyhow::Result<()> {
         }
         producer.flush().await?;
         drop(ack_tx);
-        let (ok, first_error) = waiter.await?;
+        let (ok, duplicates, last, first_error) = waiter.await?;
         producer.close().await;
         if let Some(e) = first_error {
             bail!("{ok} of {sent} messages acknowledged; the first failure: {e}");
         }
-        if connect.json {
-            println!("{}", serde_json::json!({"acknowledged": ok}));
-        } else {
-            println!("{ok} messages acknowledged");
+        match (sent, last) {
+            // One message: say where it is.
+            (1, Some(d)) => {
+                if connect.json {
+                    println!("{}", serde_json::json!({"acknowledged": 1, "partition": d.partition, "offset": d.offset, "duplicate": d.duplicate}));
+                } else if d.duplicate {
+                    println!("1 message acknowledged: already stored at partition {} offset {} (not stored again)", d.partition, d.offset);
+                } else {
+                    println!("1 message acknowledged: partition {} offset {}", d.partition, d.offset);
+                }
+            }
+            _ => {
+                if connect.json {
+                    println!("{}", serde_json::json!({"acknowledged": ok, "duplicates": duplicates}));
+                } else if duplicates > 0 {
+                    println!("{ok} messages acknowledged ({duplicates} had been stored before and were not stored again)");
+                } else {
+                    println!("{ok} messages acknowledged");
+                }
+            }
         }
         Ok(())
     })
@@ -303,6 +408,10 @@ pub struct ConsumeArgs {
     /// value: the message value per line; json: an object per line.
     #[arg(long, value_enum, default_value = "value")]
     format: ConsumeFormat,
+    /// Skip stored batches that do not decode (each is reported on stderr) instead of
+    /// stopping at the first. Their messages are lost to this reader.
+    #[arg(long)]
+    skip_undecodable: bool,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -335,7 +444,15 @@ pub fn consume(args: ConsumeArgs, connect: Connect) -> anyhow::Result<()> {
         let mut count = 0u64;
         let mut last_message = Instant::now();
         'outer: loop {
-            let messages = consumer.poll(Duration::from_millis(500)).await?;
+            let messages = match consumer.poll(Duration::from_millis(500)).await {
+                Ok(m) => m,
+                Err(keel_client::ClientError::UndecodableBatch { partition, offset, next_offset, reason, .. }) if args.skip_undecodable => {
+                    eprintln!("skipping {}/{partition} offsets {offset}..{next_offset}: the stored batch does not decode ({reason})", args.topic);
+                    consumer.skip_to(partition, next_offset)?;
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
             if messages.is_empty() {
                 if args.idle_timeout.is_some_and(|t| last_message.elapsed() >= t) {
                     break;

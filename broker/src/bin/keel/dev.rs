@@ -31,6 +31,9 @@ pub struct DevArgs {
     /// Node N listens on client port P+N-1, peer P+100+N-1, admin P+200+N-1.
     #[arg(long, default_value_t = keel_broker::config::DEV_BASE_PORT)]
     base_port: u16,
+    /// Log format of the node processes (their logs go to DIR/nodeN/keel.log).
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
 }
 
 struct Running {
@@ -39,7 +42,8 @@ struct Running {
     pid_file: PathBuf,
 }
 
-pub fn run(args: DevArgs, log_format: LogFormat) -> anyhow::Result<()> {
+pub fn run(args: DevArgs) -> anyhow::Result<()> {
+    let log_format = args.log_format;
     // Signal handlers first: a SIGTERM that arrives while the nodes start must stop
     // them, not kill this process and orphan them. The streams record signals that
     // arrive before they are polled.
@@ -62,7 +66,7 @@ pub fn run(args: DevArgs, log_format: LogFormat) -> anyhow::Result<()> {
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("keel.log")).context("opening the node log")?;
         let child = Command::new(&exe)
-            .args(["--log-format", log_format.as_arg(), "serve", "--dev-nodes"])
+            .args(["serve", "--log-format", log_format.as_arg(), "--dev-nodes"])
             .arg(args.nodes.to_string())
             .arg("--dev-base-port")
             .arg(args.base_port.to_string())

@@ -10,17 +10,13 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(name = "keel", version, about = "Keel: a replicated, durable event bus")]
 struct Cli {
-    /// Log format for broker processes.
-    #[arg(long, global = true, value_enum, default_value = "text")]
-    log_format: LogFormat,
-    #[command(flatten)]
-    connect: client_cmds::Connect,
     #[command(subcommand)]
     command: Command,
 }
 
+/// Log format of broker processes (`serve`, `dev`).
 #[derive(Clone, Copy, clap::ValueEnum)]
-enum LogFormat {
+pub enum LogFormat {
     Text,
     Json,
 }
@@ -31,16 +27,34 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Run a local cluster of broker processes with the embedded default config.
     Dev(dev::DevArgs),
-    /// Create, list, describe and delete topics.
-    #[command(subcommand)]
-    Topic(client_cmds::TopicCommand),
+    /// Create, list, describe, alter and delete topics.
+    Topic {
+        #[command(flatten)]
+        connect: client_cmds::Connect,
+        #[command(subcommand)]
+        command: client_cmds::TopicCommand,
+    },
     /// Send messages: the MESSAGE argument, or one per line of standard input.
-    Produce(client_cmds::ProduceArgs),
+    Produce {
+        #[command(flatten)]
+        connect: client_cmds::Connect,
+        #[command(flatten)]
+        args: client_cmds::ProduceArgs,
+    },
     /// Read a topic (stream mode), one message per line.
-    Consume(client_cmds::ConsumeArgs),
+    Consume {
+        #[command(flatten)]
+        connect: client_cmds::Connect,
+        #[command(flatten)]
+        args: client_cmds::ConsumeArgs,
+    },
     /// Cluster-wide views.
-    #[command(subcommand)]
-    Cluster(client_cmds::ClusterCommand),
+    Cluster {
+        #[command(flatten)]
+        connect: client_cmds::Connect,
+        #[command(subcommand)]
+        command: client_cmds::ClusterCommand,
+    },
 }
 
 fn init_logs(format: LogFormat) {
@@ -53,18 +67,40 @@ fn init_logs(format: LogFormat) {
     }
 }
 
+/// Client commands end quietly when their output pipe closes (`keel consume … | head`):
+/// SIGPIPE's default action, which Rust programs otherwise ignore (a write then fails
+/// and `println!` panics). Brokers keep ignoring it: their sockets report EPIPE.
+fn exit_quietly_on_closed_pipe() {
+    // SAFETY: setting a signal's disposition to the default has no preconditions.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => {
-            init_logs(cli.log_format);
+            init_logs(args.log_format);
             serve::run(args)
         }
-        Command::Dev(args) => dev::run(args, cli.log_format),
-        Command::Topic(cmd) => client_cmds::topic(cmd, cli.connect),
-        Command::Produce(args) => client_cmds::produce(args, cli.connect),
-        Command::Consume(args) => client_cmds::consume(args, cli.connect),
-        Command::Cluster(cmd) => client_cmds::cluster(cmd, cli.connect),
+        Command::Dev(args) => dev::run(args),
+        Command::Topic { connect, command } => {
+            exit_quietly_on_closed_pipe();
+            client_cmds::topic(command, connect)
+        }
+        Command::Produce { connect, args } => {
+            exit_quietly_on_closed_pipe();
+            client_cmds::produce(args, connect)
+        }
+        Command::Consume { connect, args } => {
+            exit_quietly_on_closed_pipe();
+            client_cmds::consume(args, connect)
+        }
+        Command::Cluster { connect, command } => {
+            exit_quietly_on_closed_pipe();
+            client_cmds::cluster(command, connect)
+        }
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

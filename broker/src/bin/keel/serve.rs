@@ -8,6 +8,9 @@ use keel_broker::node::Node;
 
 #[derive(clap::Args)]
 pub struct ServeArgs {
+    /// Log format.
+    #[arg(long, value_enum, default_value = "text")]
+    pub log_format: crate::LogFormat,
     /// TOML config file (see broker/keel.example.toml). Without it, the embedded
     /// `keel dev` cluster config is used.
     #[arg(long)]

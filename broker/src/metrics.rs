@@ -1,0 +1,159 @@
+//! Every metric the broker exports, in one place: names, units, labels, and the
+//! functions that record them. Served as Prometheus text on the admin listener's
+//! `/metrics` (metrics + metrics-exporter-prometheus).
+//!
+//! Naming: `keel_` prefix, base units (`_seconds`, `_bytes`), `_total` for counters.
+//!
+//! **Label cardinality** is bounded by what the cluster holds, never by traffic:
+//! `topic` (one value per topic), `group` (one per Raft group hosted on this node: the
+//! metadata group and its partitions), `reason` and `outcome` (the fixed sets listed
+//! below). There is no per-producer, per-client, per-offset or per-message label.
+//!
+//! | metric | type | labels | what |
+//! |---|---|---|---|
+//! | `keel_produce_messages_total` | counter | topic | records stored by produce requests this node led (duplicates not counted) |
+//! | `keel_produce_bytes_total` | counter | topic | batch bytes stored by those requests |
+//! | `keel_produce_requests_total` | counter | topic, outcome | produce requests answered: `stored`, `duplicate`, `refused`, `throttled`, `not_leader`, `failed` |
+//! | `keel_produce_duplicates_total` | counter | reason | records not stored again: `sequence` (a retried batch), `message_id` (an id in the dedupe window) |
+//! | `keel_produce_throttled_total` | counter | reason | produces answered `Throttled`: `pending` (the partition's append bounds), `message_ids` (the id budget), `producer_window` (a producer's 5 pending batches) |
+//! | `keel_produce_ack_seconds` | histogram | — | from a produce request's arrival to its answer, for stored batches |
+//! | `keel_fsync_seconds` | histogram | — | each segment `fdatasync` |
+//! | `keel_raft_term` | gauge | group | the group's current term on this node |
+//! | `keel_raft_leader_changes_total` | counter | group | leader changes seen by this node (sampled every `SAMPLE_INTERVAL`) |
+//! | `keel_raft_is_leader` | gauge | group | 1 if this node leads the group |
+//! | `keel_under_replicated_partitions` | gauge | — | partitions this node leads with a replica more than `UNDER_REPLICATED_LAG_ENTRIES` behind (or unknown) |
+//! | `keel_message_ids_held` | gauge | group | message ids in the partition's dedupe window |
+//! | `keel_producers_held` | gauge | group | idempotent producers the partition remembers |
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+use crate::node::partition::{Appended, PartitionError};
+
+pub const PRODUCE_MESSAGES: &str = "keel_produce_messages_total";
+pub const PRODUCE_BYTES: &str = "keel_produce_bytes_total";
+pub const PRODUCE_REQUESTS: &str = "keel_produce_requests_total";
+pub const PRODUCE_DUPLICATES: &str = "keel_produce_duplicates_total";
+pub const PRODUCE_THROTTLED: &str = "keel_produce_throttled_total";
+pub const PRODUCE_ACK_SECONDS: &str = "keel_produce_ack_seconds";
+pub const FSYNC_SECONDS: &str = "keel_fsync_seconds";
+pub const RAFT_TERM: &str = "keel_raft_term";
+pub const RAFT_LEADER_CHANGES: &str = "keel_raft_leader_changes_total";
+pub const RAFT_IS_LEADER: &str = "keel_raft_is_leader";
+pub const UNDER_REPLICATED_PARTITIONS: &str = "keel_under_replicated_partitions";
+pub const MESSAGE_IDS_HELD: &str = "keel_message_ids_held";
+pub const PRODUCERS_HELD: &str = "keel_producers_held";
+
+/// How often group gauges (term, leadership, under-replication, dedupe state) are sampled.
+pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
+/// A replica further behind its leader than this many log entries counts as lagging.
+pub const UNDER_REPLICATED_LAG_ENTRIES: u64 = 1000;
+
+/// Latency buckets (seconds) for acknowledgements and fsyncs: 100 µs to 10 s.
+const LATENCY_BUCKETS: &[f64] = &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process's metrics recorder (once; later calls return the same handle)
+/// and describes every metric.
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let handle = PrometheusBuilder::new()
+                .set_buckets(LATENCY_BUCKETS)
+                .expect("the latency buckets are not empty")
+                .install_recorder()
+                .unwrap_or_else(|e| panic!("installing the metrics recorder: {e}"));
+            describe();
+            keel_storage::observe::set_fsync_observer(|took| histogram!(FSYNC_SECONDS).record(took.as_secs_f64()));
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    describe_counter!(PRODUCE_MESSAGES, Unit::Count, "Records stored by produce requests this node led (duplicates not counted).");
+    describe_counter!(PRODUCE_BYTES, Unit::Bytes, "Batch bytes stored by produce requests this node led.");
+    describe_counter!(PRODUCE_REQUESTS, Unit::Count, "Produce requests answered, by outcome.");
+    describe_counter!(PRODUCE_DUPLICATES, Unit::Count, "Records not stored again because they were stored before, by reason.");
+    describe_counter!(PRODUCE_THROTTLED, Unit::Count, "Produce requests answered Throttled, by reason.");
+    describe_histogram!(PRODUCE_ACK_SECONDS, Unit::Seconds, "Time from a produce request's arrival to its answer, for stored batches.");
+    describe_histogram!(FSYNC_SECONDS, Unit::Seconds, "Duration of each segment fdatasync.");
+    describe_gauge!(RAFT_TERM, Unit::Count, "The Raft group's current term on this node.");
+    describe_counter!(RAFT_LEADER_CHANGES, Unit::Count, "Leader changes of the Raft group seen by this node.");
+    describe_gauge!(RAFT_IS_LEADER, Unit::Count, "1 if this node leads the Raft group.");
+    describe_gauge!(UNDER_REPLICATED_PARTITIONS, Unit::Count, "Partitions led here with a lagging or unknown replica.");
+    describe_gauge!(MESSAGE_IDS_HELD, Unit::Count, "Message ids in the partition's dedupe window.");
+    describe_gauge!(PRODUCERS_HELD, Unit::Count, "Idempotent producers the partition remembers.");
+}
+
+/// Records one produce request's outcome.
+pub fn record_produce(topic: &str, result: &Result<Appended, PartitionError>, records: u64, bytes: u64, took: Duration) {
+    use keel_protocol::message::Duplicate;
+    let topic = topic.to_string();
+    let outcome = match result {
+        Ok(Appended { duplicate: Duplicate::None, .. }) => {
+            counter!(PRODUCE_MESSAGES, "topic" => topic.clone()).increment(records);
+            counter!(PRODUCE_BYTES, "topic" => topic.clone()).increment(bytes);
+            histogram!(PRODUCE_ACK_SECONDS).record(took.as_secs_f64());
+            "stored"
+        }
+        Ok(Appended { duplicate: Duplicate::Batch, .. }) => {
+            counter!(PRODUCE_DUPLICATES, "reason" => "sequence").increment(records);
+            "duplicate"
+        }
+        Ok(Appended { duplicate: Duplicate::Records(r), .. }) => {
+            counter!(PRODUCE_DUPLICATES, "reason" => "message_id").increment(r.len() as u64);
+            "duplicate"
+        }
+        Err(PartitionError::Throttled { reason, .. }) => {
+            counter!(PRODUCE_THROTTLED, "reason" => reason.as_str()).increment(1);
+            "throttled"
+        }
+        Err(PartitionError::DuplicateMessageIds(r)) => {
+            counter!(PRODUCE_DUPLICATES, "reason" => "message_id").increment(r.len() as u64);
+            "refused"
+        }
+        Err(PartitionError::OutOfOrderSequence { .. } | PartitionError::ProducerFenced { .. } | PartitionError::InvalidBatch(_)) => "refused",
+        Err(PartitionError::NotLeader { .. } | PartitionError::LeaderNotReady) => "not_leader",
+        Err(_) => "failed",
+    };
+    counter!(PRODUCE_REQUESTS, "topic" => topic, "outcome" => outcome).increment(1);
+}
+
+/// One group's sampled Raft view, for [`record_group`].
+pub struct GroupSample {
+    pub group: u64,
+    pub term: u64,
+    pub leader: Option<u64>,
+    pub is_leader: bool,
+    pub leader_changed: bool,
+    /// For a partition this node leads: whether a replica lags.
+    pub under_replicated: bool,
+    pub message_ids: Option<u64>,
+    pub producers: Option<u64>,
+}
+
+/// Records the group gauges of one sampling round.
+pub fn record_groups(samples: &[GroupSample]) {
+    let mut under = 0u64;
+    for s in samples {
+        let group = s.group.to_string();
+        gauge!(RAFT_TERM, "group" => group.clone()).set(s.term as f64);
+        gauge!(RAFT_IS_LEADER, "group" => group.clone()).set(if s.is_leader { 1.0 } else { 0.0 });
+        if s.leader_changed {
+            counter!(RAFT_LEADER_CHANGES, "group" => group.clone()).increment(1);
+        }
+        if let Some(n) = s.message_ids {
+            gauge!(MESSAGE_IDS_HELD, "group" => group.clone()).set(n as f64);
+        }
+        if let Some(n) = s.producers {
+            gauge!(PRODUCERS_HELD, "group" => group).set(n as f64);
+        }
+        under += u64::from(s.under_replicated);
+    }
+    gauge!(UNDER_REPLICATED_PARTITIONS).set(under as f64);
+}

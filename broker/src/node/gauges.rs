@@ -1,0 +1,47 @@
+//! Samples every hosted Raft group into the metrics every `metrics::SAMPLE_INTERVAL`:
+//! term, leadership, leader changes, under-replication, and the partition fold's
+//! dedupe state.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use openraft::async_runtime::watch::WatchReceiver;
+
+use super::group::GroupHandle;
+use super::reconcile::HostedPartitions;
+use crate::metrics::{self, GroupSample, UNDER_REPLICATED_LAG_ENTRIES};
+
+fn sample(g: &GroupHandle, last_leaders: &mut HashMap<u64, Option<u64>>, is_partition: bool) -> GroupSample {
+    let m = g.raft.metrics();
+    let m = m.borrow_watched();
+    let is_leader = m.state == openraft::ServerState::Leader;
+    let previous = last_leaders.insert(g.id, m.current_leader);
+    let leader_changed = matches!(previous, Some(p) if p != m.current_leader && m.current_leader.is_some());
+    let under_replicated = is_partition
+        && is_leader
+        && m.replication.as_ref().is_some_and(|r| {
+            let last = m.last_log_index.unwrap_or(0);
+            r.values().any(|matched| matched.is_none_or(|l| last.saturating_sub(l.index) > UNDER_REPLICATED_LAG_ENTRIES))
+        });
+    let (message_ids, producers) = if is_partition {
+        let st = g.shared.state();
+        (Some(st.message_ids.len() as u64), Some(st.producers.len() as u64))
+    } else {
+        (None, None)
+    };
+    GroupSample { group: g.id, term: m.current_term, leader: m.current_leader, is_leader, leader_changed, under_replicated, message_ids, producers }
+}
+
+/// Runs until aborted.
+pub async fn run(metadata_group: GroupHandle, hosted: HostedPartitions) {
+    let mut last_leaders = HashMap::new();
+    let mut tick = tokio::time::interval(metrics::SAMPLE_INTERVAL);
+    loop {
+        tick.tick().await;
+        let partitions: Vec<_> = hosted.read().expect("hosted lock poisoned").values().cloned().collect::<Vec<Arc<_>>>();
+        let mut samples = vec![sample(&metadata_group, &mut last_leaders, false)];
+        samples.extend(partitions.iter().map(|p| sample(&p.group, &mut last_leaders, true)));
+        last_leaders.retain(|g, _| samples.iter().any(|s| s.group == *g));
+        metrics::record_groups(&samples);
+    }
+}

@@ -1,0 +1,550 @@
+//! A partition hosted on this node: the one place that appends to it, reads its
+//! committed data, and checks leadership.
+//!
+//! **Appending (leader).** A produced batch is judged *before* it is proposed, over the
+//! applied state (`crate::partition`) plus this leader's own pending proposals (the
+//! *overlay*): a retry of a stored batch is answered with its original offsets and not
+//! appended; a retry of a pending one waits for that one's outcome; a sequence gap waits
+//! briefly for the missing batch (requests on one connection are served concurrently
+//! and may arrive out of order), then is refused; a batch whose message ids are all
+//! stored already is answered with their offsets; one where only some are is refused
+//! (the producer resends the rest). Applying repeats the producer and id checks, so
+//! replicas agree even if a duplicate slips through. Control entries (the partition
+//! clock, the topic's settings) are proposed ahead of the batch that needs them.
+//!
+//! The overlay belongs to one term: a new term starts with an empty one, and the leader
+//! takes writes only once it has applied an entry of its own term, so everything
+//! earlier leaders committed is in the applied state by then. Pending appends are
+//! bounded (bytes and count); beyond the bounds the answer is `Throttled`.
+//!
+//! **Reading.** Only a leader whose quorum acknowledged it within the lease serves
+//! fetches, only committed batches, and never control entries or batches the fold
+//! refused.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use keel_protocol::message::Duplicate;
+use keel_protocol::BatchView;
+use openraft::async_runtime::watch::WatchReceiver;
+use openraft::error::ClientWriteError;
+use openraft::impls::ProgressResponder;
+use tokio::sync::{oneshot, watch, Notify};
+use tokio::time::Instant;
+
+use super::group::GroupHandle;
+use super::limits::{
+    CLOCK_TICK_INTERVAL, LEADER_GATE_WAIT, PARTITION_PENDING_BATCHES_MAX, PARTITION_PENDING_BYTES_MAX, SEQUENCE_GAP_WAIT, THROTTLE_RETRY_AFTER_MS,
+};
+use crate::metadata::{MetadataState, TopicMeta};
+use crate::partition::message_ids::{digest, IdDigest};
+use crate::partition::producers::{self, ProducerStamp, StoredAt, Verdict, BATCHES_REMEMBERED};
+use crate::partition::{BatchOutcome, ControlCommand, ControlEntry, ControlOutcome, PartitionConfig};
+use crate::replication::log_store::KIND_BATCH;
+use crate::replication::{ApplyReply, EntryData};
+
+/// Why an append or a read failed. Converted to a wire code once, in `node/api`.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PartitionError {
+    #[error("this node does not lead the partition")]
+    NotLeader { leader: Option<u64> },
+    #[error("this node's leadership is not ready (no write of its own term applied yet, or no quorum within the lease)")]
+    LeaderNotReady,
+    #[error("{detail}; retry in {retry_after_ms} ms")]
+    Throttled { retry_after_ms: u32, reason: ThrottleReason, detail: String },
+    #[error("batch sequence {got} is out of order: the next expected is {expected}")]
+    OutOfOrderSequence { expected: i32, got: i32 },
+    #[error("producer epoch {epoch} is fenced: epoch {current} has been registered")]
+    ProducerFenced { epoch: i16, current: i16 },
+    #[error("{} records carry message ids already stored", .0.len())]
+    DuplicateMessageIds(Vec<(u32, u64)>),
+    #[error("{0}")]
+    InvalidBatch(String),
+    #[error("the write did not commit in time; its outcome is unknown")]
+    TimedOut,
+    #[error("offset {offset} is outside {start}..={end}")]
+    OffsetOutOfRange { offset: u64, start: u64, end: u64 },
+    #[error("the partition's topic was deleted")]
+    Deleted,
+    #[error("storage failed: {0}")]
+    Storage(String),
+}
+
+/// Which bound a throttled produce hit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ThrottleReason {
+    /// The partition's pending appends (`PARTITION_PENDING_BYTES_MAX`, `…_BATCHES_MAX`).
+    Pending,
+    /// The partition's message-id budget (`dedupe_ids_max`).
+    MessageIds,
+    /// A producer's pending batches (`BATCHES_REMEMBERED`).
+    ProducerWindow,
+}
+
+impl ThrottleReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ThrottleReason::Pending => "pending",
+            ThrottleReason::MessageIds => "message_ids",
+            ThrottleReason::ProducerWindow => "producer_window",
+        }
+    }
+}
+
+/// Where an appended batch is stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Appended {
+    pub base_offset: u64,
+    pub record_count: u32,
+    pub duplicate: Duplicate,
+}
+
+/// Committed batches read from a partition.
+#[derive(Debug, Clone)]
+pub struct Read {
+    pub high_watermark: u64,
+    pub log_start_offset: u64,
+    pub batches: Vec<Bytes>,
+}
+
+/// One pending proposal in the overlay.
+#[derive(Debug)]
+struct Pending {
+    bytes: u64,
+    stamp: Option<ProducerStamp>,
+    ids: Vec<IdDigest>,
+}
+
+/// The leader's overlay: its proposals not yet applied, in this term.
+#[derive(Debug, Default)]
+struct Writer {
+    term: u64,
+    next_id: u64,
+    pending: HashMap<u64, Pending>,
+    /// Per producer, its pending batches' (epoch, sequence, proposal), in order.
+    by_producer: HashMap<i64, VecDeque<(i16, i32, u64)>>,
+    /// Message ids in pending batches.
+    ids: HashMap<IdDigest, u64>,
+    bytes: u64,
+    /// The settings proposed in this term (so they are proposed once).
+    configured: Option<PartitionConfig>,
+    /// When this term's last control entry was proposed, and the time it carried.
+    last_tick: Option<Instant>,
+    last_time_ms: i64,
+}
+
+impl Writer {
+    fn reset(&mut self, term: u64) {
+        let next_id = self.next_id;
+        *self = Writer { term, next_id, ..Writer::default() };
+    }
+
+    fn complete(&mut self, id: u64) {
+        let Some(p) = self.pending.remove(&id) else { return };
+        self.bytes -= p.bytes;
+        if let Some(s) = p.stamp {
+            if let Some(q) = self.by_producer.get_mut(&s.producer_id) {
+                q.retain(|(_, _, pid)| *pid != id);
+                if q.is_empty() {
+                    self.by_producer.remove(&s.producer_id);
+                }
+            }
+        }
+        for d in p.ids {
+            if self.ids.get(&d) == Some(&id) {
+                self.ids.remove(&d);
+            }
+        }
+    }
+}
+
+/// What to do with a batch, judged over the applied state and the overlay.
+enum Decision {
+    Propose,
+    Answer(Appended),
+    /// Every record's id is stored already, and the batch has a sequence number: record
+    /// the sequence (a control entry) so a retry is recognised, then answer these.
+    ProposeSequence(ProducerStamp, Vec<(u32, u64)>),
+    /// Something it depends on is pending: decide again when the overlay changes.
+    Wait,
+    /// A sequence gap that an in-flight batch may fill.
+    WaitGap(i32),
+}
+
+/// A partition hosted on this node.
+pub struct Partition {
+    pub topic: String,
+    pub partition: u32,
+    pub replicas: Vec<u64>,
+    pub group: GroupHandle,
+    node_id: u64,
+    metadata: watch::Receiver<Arc<MetadataState>>,
+    writer: tokio::sync::Mutex<Writer>,
+    /// Notified whenever the overlay changes (a proposal added or completed).
+    progress: Notify,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+impl Partition {
+    pub fn new(topic: String, partition: u32, replicas: Vec<u64>, group: GroupHandle, node_id: u64, metadata: watch::Receiver<Arc<MetadataState>>) -> Partition {
+        Partition { topic, partition, replicas, group, node_id, metadata, writer: tokio::sync::Mutex::new(Writer::default()), progress: Notify::new() }
+    }
+
+    /// `topic/partition`, for messages.
+    pub fn name(&self) -> String {
+        format!("{}/{}", self.topic, self.partition)
+    }
+
+    fn topic_meta(&self) -> Result<TopicMeta, PartitionError> {
+        let state = self.metadata.borrow();
+        match state.topics.get(&self.topic) {
+            Some(t) if t.partitions.get(self.partition as usize).is_some_and(|p| p.group == self.group.id) => Ok(t.clone()),
+            _ => Err(PartitionError::Deleted),
+        }
+    }
+
+    /// The term this node leads in, once it has applied an entry of that term (waiting
+    /// up to `LEADER_GATE_WAIT` for it).
+    async fn ready_term(&self, deadline: Instant) -> Result<u64, PartitionError> {
+        let mut applied = self.group.shared.applied();
+        let gate = deadline.min(Instant::now() + LEADER_GATE_WAIT);
+        loop {
+            let (state, term, leader) = {
+                let m = self.group.raft.metrics();
+                let m = m.borrow_watched();
+                (m.state, m.current_term, m.current_leader)
+            };
+            if state != openraft::ServerState::Leader {
+                return Err(PartitionError::NotLeader { leader: leader.filter(|l| *l != self.node_id) });
+            }
+            if applied.borrow_and_update().is_some_and(|l| l.leader_id.term == term) {
+                return Ok(term);
+            }
+            match tokio::time::timeout_at(gate, applied.changed()).await {
+                Ok(Ok(())) => continue,
+                Ok(Err(_)) => return Err(PartitionError::NotLeader { leader: None }),
+                Err(_) => return Err(PartitionError::LeaderNotReady),
+            }
+        }
+    }
+
+    /// Appends a produced batch (already validated: header, CRC, records, message ids).
+    pub async fn append(self: &Arc<Self>, view: BatchView, timeout: Duration) -> Result<Appended, PartitionError> {
+        let deadline = Instant::now() + timeout;
+        let h = *view.header();
+        let stamp = (h.producer_id >= 0).then_some(ProducerStamp { producer_id: h.producer_id, epoch: h.producer_epoch, sequence: h.base_sequence });
+        let topic = self.topic_meta()?;
+        let ids = message_id_digests(&view, &topic.id_key)?;
+        if let Some(s) = stamp {
+            // A named producer's newer instance may not have written here yet: the
+            // metadata knows its epoch.
+            if let Some(current) = self.metadata.borrow().named_producer_epoch(s.producer_id) {
+                if s.epoch < current {
+                    return Err(PartitionError::ProducerFenced { epoch: s.epoch, current });
+                }
+            }
+        }
+        let len = view.as_bytes().len() as u64;
+        let mut gap_deadline: Option<Instant> = None;
+        loop {
+            let term = self.ready_term(deadline).await?;
+            let mut w = self.writer.lock().await;
+            if w.term != term {
+                w.reset(term);
+            }
+            // Registered before the overlay lock is released: no change is missed.
+            let notified = self.progress.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let decision = self.decide(&w, stamp, &ids, h.record_count)?;
+            let proposal = match decision {
+                Decision::Answer(a) => return Ok(a),
+                Decision::Wait => {
+                    drop(w);
+                    tokio::time::timeout_at(deadline, notified).await.map_err(|_| PartitionError::TimedOut)?;
+                    continue;
+                }
+                Decision::WaitGap(expected) => {
+                    let gap_until = *gap_deadline.get_or_insert_with(|| Instant::now() + SEQUENCE_GAP_WAIT);
+                    if Instant::now() >= gap_until {
+                        return Err(PartitionError::OutOfOrderSequence { expected, got: h.base_sequence });
+                    }
+                    drop(w);
+                    let _ = tokio::time::timeout_at(gap_until.min(deadline), notified).await;
+                    continue;
+                }
+                Decision::ProposeSequence(stamp, offsets) => {
+                    let entry = self.control_entry(&mut w, ControlCommand::RecordSequence { stamp, offsets: offsets.clone() });
+                    let rx = self.propose(&mut w, term, EntryData::control(&entry), Some(stamp), Vec::new(), 0).await?;
+                    drop(w);
+                    return match self.outcome(rx, deadline).await? {
+                        ApplyReply::Control(ControlOutcome::Applied) => {
+                            Ok(Appended { base_offset: offsets[0].1, record_count: h.record_count, duplicate: Duplicate::Records(offsets) })
+                        }
+                        ApplyReply::Control(ControlOutcome::SequenceRefused(outcome)) => batch_result(outcome, Some(stamp)),
+                        other => Err(PartitionError::Storage(format!("a recorded sequence was applied as {other:?}"))),
+                    };
+                }
+                Decision::Propose => EntryData::batch(view.as_bytes().clone()),
+            };
+            if w.pending.len() >= PARTITION_PENDING_BATCHES_MAX || w.bytes + len > PARTITION_PENDING_BYTES_MAX {
+                return Err(PartitionError::Throttled {
+                    retry_after_ms: THROTTLE_RETRY_AFTER_MS,
+                    reason: ThrottleReason::Pending,
+                    detail: format!("{} has {} appends ({} bytes) waiting to commit", self.name(), w.pending.len(), w.bytes),
+                });
+            }
+            self.prepare(&mut w, term, &topic).await?;
+            let digests = ids.iter().map(|(_, d)| *d).collect();
+            let rx = self.propose(&mut w, term, proposal, stamp, digests, len).await?;
+            drop(w);
+            return match self.outcome(rx, deadline).await? {
+                ApplyReply::Batch(outcome) => batch_result(outcome, stamp),
+                other => Err(PartitionError::Storage(format!("a batch was applied as {other:?}"))),
+            };
+        }
+    }
+
+    fn decide(&self, w: &Writer, stamp: Option<ProducerStamp>, ids: &[(u32, IdDigest)], record_count: u32) -> Result<Decision, PartitionError> {
+        let st = self.group.shared.state();
+        if let Some(s) = stamp {
+            let pending = w.by_producer.get(&s.producer_id);
+            if pending.is_some_and(|q| q.iter().any(|(e, q, _)| *e == s.epoch && *q == s.sequence)) {
+                return Ok(Decision::Wait);
+            }
+            let tail = pending.and_then(|q| q.back()).map(|(e, q, _)| (*e, *q));
+            match producers::decide(st.producers.get(s.producer_id), tail, s) {
+                Verdict::Append => {}
+                Verdict::Duplicate(StoredAt::Batch { base_offset, record_count }) => {
+                    return Ok(Decision::Answer(Appended { base_offset, record_count, duplicate: Duplicate::Batch }));
+                }
+                Verdict::Duplicate(StoredAt::Records(offsets)) => {
+                    let base_offset = offsets.first().map_or(0, |(_, o)| *o);
+                    return Ok(Decision::Answer(Appended { base_offset, record_count, duplicate: Duplicate::Records(offsets) }));
+                }
+                Verdict::Gap { expected } => return Ok(Decision::WaitGap(expected)),
+                Verdict::OutOfOrder { expected } => return Err(PartitionError::OutOfOrderSequence { expected, got: s.sequence }),
+                Verdict::Fenced { current_epoch } => return Err(PartitionError::ProducerFenced { epoch: s.epoch, current: current_epoch }),
+            }
+            if pending.is_some_and(|q| q.len() >= BATCHES_REMEMBERED) {
+                return Err(PartitionError::Throttled {
+                    retry_after_ms: THROTTLE_RETRY_AFTER_MS,
+                    reason: ThrottleReason::ProducerWindow,
+                    detail: format!("producer {} already has {BATCHES_REMEMBERED} batches pending on {}", s.producer_id, self.name()),
+                });
+            }
+        }
+        if ids.is_empty() {
+            return Ok(Decision::Propose);
+        }
+        if ids.iter().any(|(_, d)| w.ids.contains_key(d)) {
+            return Ok(Decision::Wait);
+        }
+        let duplicates: Vec<(u32, u64)> = ids.iter().filter_map(|(i, d)| st.message_ids.lookup(*d).map(|o| (*i, o))).collect();
+        if !duplicates.is_empty() {
+            if duplicates.len() < record_count as usize {
+                return Err(PartitionError::DuplicateMessageIds(duplicates));
+            }
+            let base_offset = duplicates[0].1;
+            return Ok(match stamp {
+                Some(s) => Decision::ProposeSequence(s, duplicates),
+                None => Decision::Answer(Appended { base_offset, record_count, duplicate: Duplicate::Records(duplicates) }),
+            });
+        }
+        let budget = st.config.dedupe_ids_max;
+        let held = st.message_ids.len() as u64 + w.ids.len() as u64;
+        if held + ids.len() as u64 > budget {
+            let wait_ms = st.message_ids.oldest_expires_at(st.config.dedupe_window_ms).map_or(1_000, |t| t.saturating_sub(st.clock_ms)).clamp(100, 5_000);
+            return Err(PartitionError::Throttled {
+                retry_after_ms: wait_ms as u32,
+                reason: ThrottleReason::MessageIds,
+                detail: format!("{} holds {held} message ids, its dedupe_ids_max is {budget}; publishes with ids wait for old ids to leave the window", self.name()),
+            });
+        }
+        Ok(Decision::Propose)
+    }
+
+    /// A control entry stamped with this leader's time, never below the partition clock
+    /// or this term's earlier control entries.
+    fn control_entry(&self, w: &mut Writer, command: ControlCommand) -> ControlEntry {
+        let clock = self.group.shared.state().clock_ms;
+        let leader_time_ms = now_ms().max(clock).max(w.last_time_ms);
+        w.last_time_ms = leader_time_ms;
+        w.last_tick = Some(Instant::now());
+        ControlEntry { leader_time_ms, command }
+    }
+
+    /// Proposes what the next batch depends on: the topic's settings if the partition's
+    /// differ, and otherwise a clock tick if the last is older than `CLOCK_TICK_INTERVAL`.
+    async fn prepare(&self, w: &mut Writer, term: u64, topic: &TopicMeta) -> Result<(), PartitionError> {
+        let desired = PartitionConfig::from_topic(&topic.config, topic.id_key);
+        let applied_matches = {
+            let st = self.group.shared.state();
+            st.configured && st.config == desired
+        };
+        let command = if !applied_matches && w.configured.as_ref() != Some(&desired) {
+            w.configured = Some(desired.clone());
+            ControlCommand::Configure(desired)
+        } else if w.last_tick.is_none_or(|t| t.elapsed() >= CLOCK_TICK_INTERVAL) {
+            ControlCommand::Tick
+        } else {
+            return Ok(());
+        };
+        let entry = self.control_entry(w, command);
+        self.group.raft.write(EntryData::control(&entry)).with_leader(term).await.map_err(|e| PartitionError::Storage(e.to_string()))
+    }
+
+    /// Proposes `data` in `term` (refused if the term has moved on) and adds it to the
+    /// overlay; the returned channel yields its outcome. A task completes the overlay
+    /// entry even if the caller gives up waiting.
+    async fn propose(
+        self: &Arc<Self>,
+        w: &mut Writer,
+        term: u64,
+        data: EntryData,
+        stamp: Option<ProducerStamp>,
+        ids: Vec<IdDigest>,
+        len: u64,
+    ) -> Result<oneshot::Receiver<Result<ApplyReply, PartitionError>>, PartitionError> {
+        let (responder, rx) = ProgressResponder::complete_only();
+        self.group.raft.write(data).with_leader(term).responder(responder).await.map_err(|e| PartitionError::Storage(e.to_string()))?;
+        let id = w.next_id;
+        w.next_id += 1;
+        if let Some(s) = stamp {
+            w.by_producer.entry(s.producer_id).or_default().push_back((s.epoch, s.sequence, id));
+        }
+        for d in &ids {
+            w.ids.insert(*d, id);
+        }
+        w.bytes += len;
+        w.pending.insert(id, Pending { bytes: len, stamp, ids });
+        self.progress.notify_waiters();
+        let (tx, out) = oneshot::channel();
+        let me = self.clone();
+        tokio::spawn(async move {
+            let result = match rx.await {
+                Ok(Ok(resp)) => Ok(resp.data),
+                Ok(Err(ClientWriteError::ForwardToLeader(f))) => Err(PartitionError::NotLeader { leader: f.leader_id }),
+                Ok(Err(e)) => Err(PartitionError::Storage(e.to_string())),
+                Err(_) => Err(PartitionError::NotLeader { leader: None }),
+            };
+            me.writer.lock().await.complete(id);
+            me.progress.notify_waiters();
+            let _ = tx.send(result);
+        });
+        Ok(out)
+    }
+
+    async fn outcome(&self, rx: oneshot::Receiver<Result<ApplyReply, PartitionError>>, deadline: Instant) -> Result<ApplyReply, PartitionError> {
+        match tokio::time::timeout_at(deadline, rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(PartitionError::NotLeader { leader: None }),
+            Err(_) => Err(PartitionError::TimedOut),
+        }
+    }
+
+    /// Whether this node leads the partition with a quorum heard within the lease.
+    fn check_serving_leader(&self) -> Result<(), PartitionError> {
+        let leader = self.group.leader();
+        if leader != Some(self.node_id) {
+            return Err(PartitionError::NotLeader { leader });
+        }
+        // A leader cut off from its quorum keeps calling itself leader until it hears
+        // of a newer term, and would serve a stale end of the log.
+        if self.group.working_leader() != Some(self.node_id) {
+            return Err(PartitionError::LeaderNotReady);
+        }
+        Ok(())
+    }
+
+    /// Committed batches from the one holding `offset`, up to about `max_bytes`
+    /// (at least one batch), waiting up to `max_wait` for one if none is there yet.
+    pub async fn read(&self, offset: u64, max_bytes: u64, max_wait: Duration) -> Result<Read, PartitionError> {
+        self.check_serving_leader()?;
+        let mut hw = self.group.high_watermark.clone();
+        let deadline = Instant::now() + max_wait;
+        let committed = loop {
+            let committed = *hw.borrow_and_update();
+            if offset < committed {
+                break committed;
+            }
+            if offset > committed {
+                return Err(PartitionError::OffsetOutOfRange { offset, start: self.group.log.state().start_offset, end: committed });
+            }
+            tokio::select! {
+                changed = hw.changed() => if changed.is_err() { return Err(PartitionError::NotLeader { leader: None }) },
+                _ = tokio::time::sleep_until(deadline) => break committed,
+            }
+        };
+        let start = self.group.log.state().start_offset;
+        if offset < start {
+            return Err(PartitionError::OffsetOutOfRange { offset, start, end: committed });
+        }
+        let log = self.group.log.clone();
+        let entries = tokio::task::spawn_blocking(move || -> Result<Vec<keel_storage::Entry>, keel_storage::StorageError> {
+            let Some(index) = log.index_for_offset(offset)? else { return Ok(Vec::new()) };
+            log.read(index..u64::MAX, max_bytes)
+        })
+        .await
+        .map_err(|e| PartitionError::Storage(format!("read task failed: {e}")))?
+        .map_err(|e| PartitionError::Storage(e.to_string()))?;
+        let batches = {
+            let st = self.group.shared.state();
+            entries.into_iter().filter(|e| e.meta.kind == KIND_BATCH && e.meta.end_offset() <= committed && st.is_served(e.meta.base_offset)).map(|e| e.payload).collect()
+        };
+        Ok(Read { high_watermark: committed, log_start_offset: start, batches })
+    }
+
+    /// The first offset whose batch's newest message is at or after `timestamp_ms`, or
+    /// the high watermark if there is none.
+    pub async fn offset_for_time(&self, timestamp_ms: i64) -> Result<u64, PartitionError> {
+        let committed = *self.group.high_watermark.borrow();
+        let log = self.group.log.clone();
+        let found = tokio::task::spawn_blocking(move || -> Result<Option<u64>, keel_storage::StorageError> {
+            let Some(index) = log.index_for_timestamp(timestamp_ms)? else { return Ok(None) };
+            Ok(log.read(index..index + 1, 0)?.first().map(|e| e.meta.base_offset))
+        })
+        .await
+        .map_err(|e| PartitionError::Storage(format!("offset lookup failed: {e}")))?
+        .map_err(|e| PartitionError::Storage(e.to_string()))?;
+        Ok(found.filter(|o| *o < committed).unwrap_or(committed))
+    }
+}
+
+/// `(index, digest)` of each record's message id; an id repeated within the batch is
+/// refused (the producer client never builds one).
+fn message_id_digests(view: &BatchView, key: &[u8; 16]) -> Result<Vec<(u32, IdDigest)>, PartitionError> {
+    if !view.header().attributes.message_ids() {
+        return Ok(Vec::new());
+    }
+    let mut out = Vec::new();
+    let mut seen = HashSet::new();
+    for id in view.message_ids() {
+        let (i, id) = id.map_err(|e| PartitionError::InvalidBatch(e.to_string()))?;
+        let d = digest(key, id);
+        if !seen.insert(d) {
+            return Err(PartitionError::InvalidBatch(format!("record {i} repeats a message id of an earlier record in the same batch; send it in its own batch")));
+        }
+        out.push((i, d));
+    }
+    Ok(out)
+}
+
+fn batch_result(outcome: BatchOutcome, stamp: Option<ProducerStamp>) -> Result<Appended, PartitionError> {
+    let (epoch, sequence) = stamp.map_or((-1, -1), |s| (s.epoch, s.sequence));
+    match outcome {
+        BatchOutcome::Stored { base_offset, record_count } => Ok(Appended { base_offset, record_count, duplicate: Duplicate::None }),
+        BatchOutcome::Duplicate(StoredAt::Batch { base_offset, record_count }) => Ok(Appended { base_offset, record_count, duplicate: Duplicate::Batch }),
+        BatchOutcome::Duplicate(StoredAt::Records(offsets)) => {
+            Ok(Appended { base_offset: offsets.first().map_or(0, |(_, o)| *o), record_count: offsets.len() as u32, duplicate: Duplicate::Records(offsets) })
+        }
+        BatchOutcome::OutOfOrder { expected } => Err(PartitionError::OutOfOrderSequence { expected, got: sequence }),
+        BatchOutcome::Fenced { current_epoch } => Err(PartitionError::ProducerFenced { epoch, current: current_epoch }),
+        BatchOutcome::DuplicateIds(offsets) => Err(PartitionError::DuplicateMessageIds(offsets)),
+    }
+}
