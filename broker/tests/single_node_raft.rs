@@ -54,7 +54,8 @@ fn batch(i: u32, records: u32) -> RecordBatch {
     let mut b = BatchBuilder::new(BatchOptions::default()).unwrap();
     for r in 0..records {
         let value = format!("batch {i} record {r}");
-        b.push(NewRecord { timestamp_ms: 1_700_000_000_000 + i64::from(i), key: Some(b"k"), value: Some(value.as_bytes()), headers: &[], message_id: None }).unwrap();
+        b.push(NewRecord { timestamp_ms: 1_700_000_000_000 + i64::from(i), key: Some(b"k"), value: Some(value.as_bytes()), headers: &[], message_id: None })
+            .unwrap();
     }
     RecordBatch(b.finish().unwrap())
 }
@@ -83,7 +84,9 @@ async fn single_node_group_commits_batches_and_reads_them_back_after_restart() {
             let records = 1 + i % 5;
             let reply = raft.client_write(EntryData::Batch(batch(i, records))).await.unwrap();
             assert_eq!(reply.data.stored_at().unwrap(), expect_offset, "offsets are assigned contiguously");
-            assert!(matches!(reply.data, keel_broker::replication::ApplyReply::Batch(keel_broker::partition::BatchOutcome::Stored { record_count, .. }) if record_count == records));
+            assert!(
+                matches!(reply.data, keel_broker::replication::ApplyReply::Batch(keel_broker::partition::BatchOutcome::Stored { record_count, .. }) if record_count == records)
+            );
             written.push((reply.log_id.index, records, batch(i, records).0));
             expect_offset += u64::from(records);
         }

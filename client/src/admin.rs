@@ -1,7 +1,9 @@
 //! `Admin`: create, delete, list and describe topics.
 
 use keel_protocol::api::client as api;
-use keel_protocol::message::{self, AlterTopicRequest, AlterTopicResponse, BrokerInfo, ClusterStatusResponse, CreateTopicRequest, DeleteTopicRequest, TopicInfo};
+use keel_protocol::message::{
+    self, AlterTopicRequest, AlterTopicResponse, BrokerInfo, ClusterStatusResponse, CreateTopicRequest, DeleteTopicRequest, TopicInfo,
+};
 use keel_protocol::{TopicConfig, TopicConfigPatch};
 
 use crate::cluster::Cluster;

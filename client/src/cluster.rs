@@ -119,7 +119,9 @@ impl Cluster {
                 let after = message::decode::<Throttled>(&body).ok().map(|t| std::time::Duration::from_millis(u64::from(t.retry_after_ms)));
                 Attempt::Retry { redirect: None, after: Some(after.unwrap_or(c.backoff_cap)), error: broker(ErrorCode::Throttled, message) }
             }
-            Err(CallError::Refused { code, message, .. }) if code.is_retriable() => Attempt::Retry { redirect: None, after: None, error: broker(code, message) },
+            Err(CallError::Refused { code, message, .. }) if code.is_retriable() => {
+                Attempt::Retry { redirect: None, after: None, error: broker(code, message) }
+            }
             Err(CallError::Refused { code: code @ (ErrorCode::UnknownTopic | ErrorCode::UnknownPartition), message, .. }) if lag_tolerant => {
                 Attempt::Retry { redirect: None, after: None, error: broker(code, message) }
             }

@@ -180,7 +180,9 @@ async fn fetch(cluster: &Cluster, topic: &str, partition: u32, offset: u64, max_
     let request = message::encode(&req);
     let body = match cluster.call_partition(topic, partition, api::FETCH, &|_| request.clone(), deadline).await {
         Ok((_, b)) => b,
-        Err(e) if e.code() == Some(ErrorCode::OffsetOutOfRange) && offset == 0 => return Ok(Fetched { log_start_offset: 0, messages: Vec::new(), undecodable: None }),
+        Err(e) if e.code() == Some(ErrorCode::OffsetOutOfRange) && offset == 0 => {
+            return Ok(Fetched { log_start_offset: 0, messages: Vec::new(), undecodable: None })
+        }
         Err(e) => return Err(e),
     };
     let malformed = |reason: String| ClientError::Malformed { addr: format!("{topic}/{partition} leader"), reason };
@@ -195,7 +197,11 @@ async fn fetch(cluster: &Cluster, topic: &str, partition: u32, offset: u64, max_
                 Ok(r) => r,
                 Err(e) => {
                     let next_offset = base + u64::from(view.header().record_count);
-                    return Ok(Fetched { log_start_offset: head.log_start_offset, messages: out, undecodable: Some(Undecodable { offset: base, next_offset, reason: e.to_string() }) });
+                    return Ok(Fetched {
+                        log_start_offset: head.log_start_offset,
+                        messages: out,
+                        undecodable: Some(Undecodable { offset: base, next_offset, reason: e.to_string() }),
+                    });
                 }
             };
             decoded.push(Message {

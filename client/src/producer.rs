@@ -40,7 +40,9 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use keel_protocol::api::client as api;
 use keel_protocol::batch::{restamp_producer, BatchBuilder, BatchOptions, BuildError, NewRecord, NO_PRODUCER_EPOCH, NO_PRODUCER_ID, NO_SEQUENCE};
 use keel_protocol::limits::PRODUCER_BATCHES_IN_FLIGHT_MAX;
-use keel_protocol::message::{self, Duplicate, DuplicateMessageIds, InitProducerRequest, InitProducerResponse, ProduceRequest, ProduceResponse, ProducerIdentity};
+use keel_protocol::message::{
+    self, Duplicate, DuplicateMessageIds, InitProducerRequest, InitProducerResponse, ProduceRequest, ProduceResponse, ProducerIdentity,
+};
 use keel_protocol::{BatchView, ErrorCode};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
@@ -673,7 +675,8 @@ impl PartitionSender {
             let req = ProduceRequest { topic: topic.clone(), partition, timeout_ms };
             let payload = message::encode_with_batches(&req, &[bytes]);
             let result = cluster.call_partition(&topic, partition, api::PRODUCE, &|_| payload.clone(), deadline).await.and_then(|(version, body)| {
-                ProduceResponse::decode(&body, version).map_err(|e| ClientError::Malformed { addr: format!("{topic}/{partition} leader"), reason: e.to_string() })
+                ProduceResponse::decode(&body, version)
+                    .map_err(|e| ClientError::Malformed { addr: format!("{topic}/{partition} leader"), reason: e.to_string() })
             });
             (slot, result)
         })

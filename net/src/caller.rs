@@ -176,7 +176,9 @@ impl Caller {
         writer.send(&Frame::Hello { min_version: PROTOCOL_VERSION_MIN, max_version: PROTOCOL_VERSION_MAX }).await.map_err(|e| unreachable(e.to_string()))?;
         let version = match reader.next().await {
             Some(Ok(Frame::HelloAck { version })) if (PROTOCOL_VERSION_MIN..=PROTOCOL_VERSION_MAX).contains(&version) => version,
-            Some(Ok(Frame::HelloAck { version })) => return Err(unreachable(format!("the server chose protocol version {version}, which this build does not speak"))),
+            Some(Ok(Frame::HelloAck { version })) => {
+                return Err(unreachable(format!("the server chose protocol version {version}, which this build does not speak")))
+            }
             Some(Ok(Frame::Response { error, message, .. })) => return Err(unreachable(format!("handshake refused: {error}: {message}"))),
             other => return Err(unreachable(format!("bad handshake answer: {other:?}"))),
         };

@@ -219,7 +219,11 @@ impl BatchView {
     pub fn trusted(bytes: Bytes) -> Result<BatchView, DecodeError> {
         let header = BatchHeader::parse(&bytes)?;
         if bytes.len() != header.total_len() {
-            return Err(DecodeError::Invalid { offset: header.total_len().min(bytes.len()), what: "batch", reason: "length does not match the declared batch length" });
+            return Err(DecodeError::Invalid {
+                offset: header.total_len().min(bytes.len()),
+                what: "batch",
+                reason: "length does not match the declared batch length",
+            });
         }
         Ok(BatchView { bytes, header })
     }

@@ -146,7 +146,9 @@ impl ErrorCode {
             ErrorCode::UnknownPartition => "the topic has no such partition; check the partition count",
             ErrorCode::Throttled => "the broker is overloaded; retry after the delay it gave",
             ErrorCode::RequestTimedOut => "the request timed out and its outcome is unknown; retry (idempotent producers make this safe)",
-            ErrorCode::OutOfOrderSequence => "the producer's batch sequence has a gap (an earlier batch was not stored); the client resends in order or starts a new epoch",
+            ErrorCode::OutOfOrderSequence => {
+                "the producer's batch sequence has a gap (an earlier batch was not stored); the client resends in order or starts a new epoch"
+            }
             ErrorCode::ProducerFenced => "a newer instance of this producer registered; stop this instance",
             ErrorCode::OffsetOutOfRange => "the offset is outside the retained range; seek to the earliest or latest offset",
             ErrorCode::TopicAlreadyExists => "a topic by that name already exists; pick another name or use the existing topic",

@@ -60,8 +60,11 @@ pub fn decode_with_ext<B: DeserializeOwned, E: DeserializeOwned>(payload: &[u8],
     if !with_ext {
         return Ok((decode(payload)?, None));
     }
-    let (base, rest): (B, &[u8]) =
-        postcard::take_from_bytes(payload).map_err(|_| DecodeError::Invalid { offset: 0, what: "message body", reason: "does not decode as the expected message" })?;
+    let (base, rest): (B, &[u8]) = postcard::take_from_bytes(payload).map_err(|_| DecodeError::Invalid {
+        offset: 0,
+        what: "message body",
+        reason: "does not decode as the expected message",
+    })?;
     let at = payload.len() - rest.len();
     let ext = decode(rest).map_err(|e| e.shifted(at))?;
     Ok((base, Some(ext)))

@@ -229,7 +229,12 @@ mod tests {
     use keel_protocol::TopicConfigPatch;
 
     fn create(name: &str, partitions: u32) -> MetadataCommand {
-        MetadataCommand::CreateTopicWithConfig { name: name.into(), replicas: place(&[1, 2, 3], partitions, 3, 0), config: TopicConfig::default(), id_key: [9; 16] }
+        MetadataCommand::CreateTopicWithConfig {
+            name: name.into(),
+            replicas: place(&[1, 2, 3], partitions, 3, 0),
+            config: TopicConfig::default(),
+            id_key: [9; 16],
+        }
     }
 
     #[test]
@@ -265,7 +270,8 @@ mod tests {
     fn invalid_topic_names_are_rejected() {
         let mut s = MetadataState::default();
         for bad in ["", "has space", "slash/", &"x".repeat(250)] {
-            let cmd = MetadataCommand::CreateTopicWithConfig { name: bad.to_string(), replicas: vec![vec![1]], config: TopicConfig::default(), id_key: [0; 16] };
+            let cmd =
+                MetadataCommand::CreateTopicWithConfig { name: bad.to_string(), replicas: vec![vec![1]], config: TopicConfig::default(), id_key: [0; 16] };
             assert!(matches!(s.apply(s.applied_offset, &cmd), Err(Rejection::Invalid(_))), "{bad:?}");
         }
         assert!(s.topics.is_empty());

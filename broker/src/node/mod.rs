@@ -149,7 +149,20 @@ impl Node {
         });
         tasks.push(admin::serve(admin_listener, admin_state));
         tracing::info!(node = me.id, client = %me.client_addr, peer = %me.peer_addr, "node started");
-        Ok(Node { id: me.id, config, metadata_group, metadata, hosted, registry, client_listener, peer_server, tasks, faults: peer_faults, node_faults: faults, _flusher: flusher })
+        Ok(Node {
+            id: me.id,
+            config,
+            metadata_group,
+            metadata,
+            hosted,
+            registry,
+            client_listener,
+            peer_server,
+            tasks,
+            faults: peer_faults,
+            node_faults: faults,
+            _flusher: flusher,
+        })
     }
 
     /// Starts several nodes of one cluster in this process, concurrently: a node

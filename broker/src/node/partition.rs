@@ -191,7 +191,14 @@ fn now_ms() -> i64 {
 }
 
 impl Partition {
-    pub fn new(topic: String, partition: u32, replicas: Vec<u64>, group: GroupHandle, node_id: u64, metadata: watch::Receiver<Arc<MetadataState>>) -> Partition {
+    pub fn new(
+        topic: String,
+        partition: u32,
+        replicas: Vec<u64>,
+        group: GroupHandle,
+        node_id: u64,
+        metadata: watch::Receiver<Arc<MetadataState>>,
+    ) -> Partition {
         Partition { topic, partition, replicas, group, node_id, metadata, writer: tokio::sync::Mutex::new(Writer::default()), progress: Notify::new() }
     }
 
@@ -363,7 +370,10 @@ impl Partition {
             return Err(PartitionError::Throttled {
                 retry_after_ms: wait_ms as u32,
                 reason: ThrottleReason::MessageIds,
-                detail: format!("{} holds {held} message ids, its dedupe_ids_max is {budget}; publishes with ids wait for old ids to leave the window", self.name()),
+                detail: format!(
+                    "{} holds {held} message ids, its dedupe_ids_max is {budget}; publishes with ids wait for old ids to leave the window",
+                    self.name()
+                ),
             });
         }
         Ok(Decision::Propose)
@@ -495,7 +505,11 @@ impl Partition {
         .map_err(|e| PartitionError::Storage(e.to_string()))?;
         let batches = {
             let st = self.group.shared.state();
-            entries.into_iter().filter(|e| e.meta.kind == KIND_BATCH && e.meta.end_offset() <= committed && st.is_served(e.meta.base_offset)).map(|e| e.payload).collect()
+            entries
+                .into_iter()
+                .filter(|e| e.meta.kind == KIND_BATCH && e.meta.end_offset() <= committed && st.is_served(e.meta.base_offset))
+                .map(|e| e.payload)
+                .collect()
         };
         Ok(Read { high_watermark: committed, log_start_offset: start, batches })
     }
@@ -528,7 +542,9 @@ fn message_id_digests(view: &BatchView, key: &[u8; 16]) -> Result<Vec<(u32, IdDi
         let (i, id) = id.map_err(|e| PartitionError::InvalidBatch(e.to_string()))?;
         let d = digest(key, id);
         if !seen.insert(d) {
-            return Err(PartitionError::InvalidBatch(format!("record {i} repeats a message id of an earlier record in the same batch; send it in its own batch")));
+            return Err(PartitionError::InvalidBatch(format!(
+                "record {i} repeats a message id of an earlier record in the same batch; send it in its own batch"
+            )));
         }
         out.push((i, d));
     }

@@ -214,7 +214,8 @@ impl PartitionState {
         match u16::from_le_bytes(*version) {
             1 => {
                 let s: SnapshotV1 = postcard::from_bytes(body).map_err(|e| SnapshotError::Undecodable(e.to_string()))?;
-                let message_ids = MessageIdWindow::from_parts(s.message_ids).ok_or_else(|| SnapshotError::Undecodable("message-id window parts disagree".into()))?;
+                let message_ids =
+                    MessageIdWindow::from_parts(s.message_ids).ok_or_else(|| SnapshotError::Undecodable("message-id window parts disagree".into()))?;
                 Ok(PartitionState {
                     next_offset: s.next_offset,
                     clock_ms: s.clock_ms,
@@ -298,7 +299,11 @@ mod tests {
         let mut s = PartitionState::default();
         apply(&mut s, 1, stamp(0), &[(0, 42)]);
         assert!(matches!(apply(&mut s, 2, stamp(1), &[(0, 42), (1, 43)]), BatchOutcome::DuplicateIds(_)));
-        assert_eq!(apply(&mut s, 1, stamp(1), &[(0, 43)]), BatchOutcome::Stored { base_offset: 3, record_count: 1 }, "the resend without the duplicate keeps sequence 1");
+        assert_eq!(
+            apply(&mut s, 1, stamp(1), &[(0, 43)]),
+            BatchOutcome::Stored { base_offset: 3, record_count: 1 },
+            "the resend without the duplicate keeps sequence 1"
+        );
     }
 
     #[test]
@@ -336,7 +341,10 @@ mod tests {
     fn the_same_entries_give_the_same_state_and_the_snapshot_round_trips() {
         let run = || {
             let mut s = PartitionState::default();
-            s.apply_control(&ControlEntry { leader_time_ms: 100, command: ControlCommand::Configure(PartitionConfig { id_key: [3; 16], ..PartitionConfig::default() }) });
+            s.apply_control(&ControlEntry {
+                leader_time_ms: 100,
+                command: ControlCommand::Configure(PartitionConfig { id_key: [3; 16], ..PartitionConfig::default() }),
+            });
             for i in 0..50u32 {
                 let id = [(0u32, u128::from(i % 40))];
                 let _ = apply(&mut s, 2, stamp(i as i32), &id);

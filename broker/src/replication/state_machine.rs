@@ -84,7 +84,8 @@ fn invalid(msg: String) -> io::Error {
 }
 
 fn encode_file(s: &StoredSnapshot) -> io::Result<Vec<u8>> {
-    let body = postcard::to_allocvec(&SnapshotFileV1 { meta: s.meta.clone(), state: s.state.clone() }).map_err(|e| invalid(format!("encoding snapshot: {e}")))?;
+    let body =
+        postcard::to_allocvec(&SnapshotFileV1 { meta: s.meta.clone(), state: s.state.clone() }).map_err(|e| invalid(format!("encoding snapshot: {e}")))?;
     let mut out = Vec::with_capacity(10 + body.len());
     out.extend_from_slice(SNAPSHOT_MAGIC);
     out.extend_from_slice(&SNAPSHOT_FORMAT.to_le_bytes());
@@ -176,11 +177,8 @@ impl PartitionStateMachine {
             }
             None => (PartitionState::default(), None, StoredMembership::default()),
         };
-        let shared = Arc::new(PartitionShared {
-            high_watermark: watch::channel(state.next_offset).0,
-            applied: watch::channel(applied).0,
-            state: Mutex::new(state),
-        });
+        let shared =
+            Arc::new(PartitionShared { high_watermark: watch::channel(state.next_offset).0, applied: watch::channel(applied).0, state: Mutex::new(state) });
         Ok(PartitionStateMachine { dir, shared, applied, membership, current: Arc::new(Mutex::new(current)) })
     }
 

@@ -23,8 +23,7 @@ openraft::declare_raft_types!(
 /// A Raft log id of this configuration.
 pub type RaftLogId = openraft::LogId<openraft::vote::leader_id_std::CommittedLeaderId<u64>>;
 /// A Raft entry of this configuration.
-pub type RaftEntry =
-    openraft::Entry<openraft::vote::leader_id_std::CommittedLeaderId<u64>, openraft::EntryPayload<EntryData, u64, openraft::impls::BasicNode>>;
+pub type RaftEntry = openraft::Entry<openraft::vote::leader_id_std::CommittedLeaderId<u64>, openraft::EntryPayload<EntryData, u64, openraft::impls::BasicNode>>;
 
 /// The application data of a Raft entry: a record batch, or a control entry.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -100,7 +99,9 @@ pub enum ApplyReply {
     Batch(BatchOutcome),
     Control(ControlOutcome),
     /// A blank or membership entry; `next_offset` is the high watermark after it.
-    Empty { next_offset: u64 },
+    Empty {
+        next_offset: u64,
+    },
 }
 
 impl ApplyReply {

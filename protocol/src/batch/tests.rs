@@ -26,7 +26,9 @@ fn build(records: &[OwnedRecord], options: BatchOptions) -> Bytes {
     let mut builder = BatchBuilder::new(options).unwrap();
     for r in records {
         let headers: Vec<(&str, Option<&[u8]>)> = r.headers.iter().map(|(k, v)| (k.as_str(), v.as_deref())).collect();
-        builder.push(NewRecord { timestamp_ms: r.timestamp_ms, key: r.key.as_deref(), value: r.value.as_deref(), headers: &headers, message_id: None }).unwrap();
+        builder
+            .push(NewRecord { timestamp_ms: r.timestamp_ms, key: r.key.as_deref(), value: r.value.as_deref(), headers: &headers, message_id: None })
+            .unwrap();
     }
     builder.finish().unwrap()
 }
@@ -286,6 +288,7 @@ fn rebuilding_without_some_records_keeps_the_others_and_their_ids() {
     let rebuilt = BatchView::validate(view.rebuild_without(&[1]).unwrap()).unwrap();
     let h = rebuilt.header();
     assert_eq!((h.producer_id, h.producer_epoch, h.base_sequence, h.priority, h.record_count), (9, 1, 4, 2, 2));
-    let kept: Vec<(Option<&[u8]>, Option<&[u8]>, i64)> = rebuilt.records().map(|r| r.unwrap()).map(|r| (r.value, r.message_id(), r.timestamp_ms)).collect();
+    type Kept<'a> = (Option<&'a [u8]>, Option<&'a [u8]>, i64);
+    let kept: Vec<Kept> = rebuilt.records().map(|r| r.unwrap()).map(|r| (r.value, r.message_id(), r.timestamp_ms)).collect();
     assert_eq!(kept, vec![(Some(&b"v0"[..]), Some(&b"a"[..]), 10), (Some(&b"v2"[..]), Some(&b"c"[..]), 12)]);
 }

@@ -305,7 +305,8 @@ pub fn produce(args: ProduceArgs, connect: Connect) -> anyhow::Result<()> {
     runtime()?.block_on(async move {
         let cluster = connect.cluster()?;
         cluster.partitions(&args.topic).await?;
-        let config = ProducerConfig { delivery_timeout: args.timeout, idempotence: !args.no_idempotence, name: args.producer_name.clone(), ..ProducerConfig::default() };
+        let config =
+            ProducerConfig { delivery_timeout: args.timeout, idempotence: !args.no_idempotence, name: args.producer_name.clone(), ..ProducerConfig::default() };
         let producer = Producer::new(cluster, config)?;
         let make = |value: String| {
             let mut r = Record::new(value);

@@ -87,7 +87,11 @@ impl Service for ClientService {
                 return ApiError::UnsupportedApi(api_key).into_reply(&self.cluster);
             };
             let since = api::since_version(api_key);
-            let outcome = if version < since { Err(ApiError::UnsupportedVersion { api: api_key, since, version }) } else { handler(self.clone(), Request { version, payload }).await };
+            let outcome = if version < since {
+                Err(ApiError::UnsupportedVersion { api: api_key, since, version })
+            } else {
+                handler(self.clone(), Request { version, payload }).await
+            };
             match outcome {
                 Ok(body) => Reply::ok(body),
                 Err(ApiError::DropAnswer) => Reply::close_connection(),
@@ -103,7 +107,11 @@ impl ClientService {
     pub fn partition(&self, topic: &str, partition: u32) -> Result<Arc<Partition>, ApiError> {
         let state = self.metadata.borrow().clone();
         let t = state.topics.get(topic).ok_or_else(|| ApiError::UnknownTopic(topic.to_string()))?;
-        let p = t.partitions.get(partition as usize).ok_or_else(|| ApiError::UnknownPartition { topic: topic.to_string(), partition, count: t.partitions.len() })?;
+        let p = t.partitions.get(partition as usize).ok_or_else(|| ApiError::UnknownPartition {
+            topic: topic.to_string(),
+            partition,
+            count: t.partitions.len(),
+        })?;
         let hosted = self.hosted.read().expect("hosted lock poisoned").get(&p.group).cloned();
         hosted.ok_or_else(|| ApiError::NotHosted { what: format!("{topic}/{partition}"), preferred: p.replicas.first().copied() })
     }
