@@ -43,9 +43,13 @@ enum Attempt {
     /// The answer, and the protocol version it is encoded for.
     Done(u16, Bytes),
     /// Try again, at `redirect` if given, after `after` if the broker said when.
+    /// `free`: the attempt cost the cluster nothing worth budgeting (nothing was sent —
+    /// the broker's circuit is open — or a broker answered that the partition is between
+    /// leaders), so retrying it spends no retry budget; it still backs off.
     Retry {
         redirect: Option<String>,
         after: Option<std::time::Duration>,
+        free: bool,
         error: ClientError,
     },
     Fail(ClientError),
@@ -91,6 +95,7 @@ impl Cluster {
                 return Attempt::Retry {
                     redirect: None,
                     after: None,
+                    free: true,
                     error: ClientError::NoBroker { tried: addr.into(), last: "circuit open after repeated failures".into() },
                 };
             }
@@ -112,21 +117,22 @@ impl Cluster {
             Ok((version, body)) => Attempt::Done(version, body),
             Err(CallError::Refused { code, message, body, .. }) if code == ErrorCode::NotLeader || code == ErrorCode::LeaderNotAvailable => {
                 let redirect = message::decode::<NotLeader>(&body).ok().and_then(|n| n.leader_addr).filter(|a| a != addr);
-                Attempt::Retry { redirect, after: None, error: broker(code, message) }
+                Attempt::Retry { redirect, after: None, free: true, error: broker(code, message) }
             }
             Err(CallError::Refused { code: ErrorCode::Throttled, message, body, .. }) => {
                 // The broker says how long to wait: honour it instead of the generic backoff.
                 let after = message::decode::<Throttled>(&body).ok().map(|t| std::time::Duration::from_millis(u64::from(t.retry_after_ms)));
-                Attempt::Retry { redirect: None, after: Some(after.unwrap_or(c.backoff_cap)), error: broker(ErrorCode::Throttled, message) }
+                Attempt::Retry { redirect: None, after: Some(after.unwrap_or(c.backoff_cap)), free: true, error: broker(ErrorCode::Throttled, message) }
             }
             Err(CallError::Refused { code, message, .. }) if code.is_retriable() => {
-                Attempt::Retry { redirect: None, after: None, error: broker(code, message) }
+                Attempt::Retry { redirect: None, after: None, free: false, error: broker(code, message) }
             }
             Err(CallError::Refused { code: code @ (ErrorCode::UnknownTopic | ErrorCode::UnknownPartition), message, .. }) if lag_tolerant => {
-                Attempt::Retry { redirect: None, after: None, error: broker(code, message) }
+                // The topic exists: this broker has not applied its creation yet.
+                Attempt::Retry { redirect: None, after: None, free: true, error: broker(code, message) }
             }
             Err(CallError::Refused { code, message, body, .. }) => Attempt::Fail(ClientError::Refused { what: what.to_string(), code, message, body }),
-            Err(e) => Attempt::Retry { redirect: None, after: None, error: ClientError::NoBroker { tried: addr.to_string(), last: e.to_string() } },
+            Err(e) => Attempt::Retry { redirect: None, after: None, free: false, error: ClientError::NoBroker { tried: addr.to_string(), last: e.to_string() } },
         }
     }
 
@@ -152,10 +158,10 @@ impl Cluster {
                     list[rotate % list.len()].clone()
                 }
             };
-            let (error, after) = match self.attempt(&addr, api_key, encode, what, lag_tolerant).await {
+            let (error, after, free) = match self.attempt(&addr, api_key, encode, what, lag_tolerant).await {
                 Attempt::Done(version, body) => return Ok((version, body)),
                 Attempt::Fail(e) => return Err(e),
-                Attempt::Retry { redirect: r, after, error } => {
+                Attempt::Retry { redirect: r, after, free, error } => {
                     if r.is_some() {
                         // A redirect is information, not a failure: follow it at once.
                         redirect = r;
@@ -163,7 +169,7 @@ impl Cluster {
                             continue;
                         }
                     }
-                    (error, after)
+                    (error, after, free)
                 }
             };
             if Instant::now() >= deadline {
@@ -179,7 +185,7 @@ impl Cluster {
             }
             rotate += 1;
             targets.invalidate(self);
-            if !self.inner.budget.lock().expect("budget lock poisoned").withdraw() {
+            if !free && !self.inner.budget.lock().expect("budget lock poisoned").withdraw() {
                 return Err(ClientError::RetryBudgetExhausted { what: what.to_string(), last: error.to_string() });
             }
             let pause = backoff.delay(attempt_no).min(deadline.saturating_duration_since(Instant::now()));

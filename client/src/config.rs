@@ -14,7 +14,10 @@ pub struct ClientConfig {
     /// Retry backoff: first delay ceiling and cap (full jitter below the ceiling).
     pub backoff_base: Duration,
     pub backoff_cap: Duration,
-    /// Retries allowed per request (fraction) and saved up at most.
+    /// Retries allowed per request (fraction) and saved up at most. Only retries after a
+    /// failure the cluster paid for (a timeout, a lost connection, a retriable error)
+    /// spend budget; following a redirect, waiting out an election or a throttle, or a
+    /// broker whose circuit is open do not.
     pub retry_budget_ratio: f64,
     pub retry_budget_max: f64,
     /// Consecutive failures that open a broker's circuit, and how long it stays open.
@@ -33,7 +36,7 @@ impl Default for ClientConfig {
             backoff_base: Duration::from_millis(20),
             backoff_cap: Duration::from_millis(250),
             retry_budget_ratio: 0.2,
-            retry_budget_max: 100.0,
+            retry_budget_max: 256.0,
             breaker_threshold: 5,
             breaker_cool_down: Duration::from_secs(1),
             metadata_max_age: Duration::from_secs(30),

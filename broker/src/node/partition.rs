@@ -36,7 +36,8 @@ use tokio::time::Instant;
 
 use super::group::GroupHandle;
 use super::limits::{
-    CLOCK_TICK_INTERVAL, LEADER_GATE_WAIT, PARTITION_PENDING_BATCHES_MAX, PARTITION_PENDING_BYTES_MAX, SEQUENCE_GAP_WAIT, THROTTLE_RETRY_AFTER_MS,
+    CLOCK_STALE_MS, CLOCK_TICK_INTERVAL, LEADER_GATE_WAIT, PARTITION_PENDING_BATCHES_MAX, PARTITION_PENDING_BYTES_MAX, SEQUENCE_GAP_WAIT,
+    THROTTLE_RETRY_AFTER_MS,
 };
 use crate::metadata::{MetadataState, TopicMeta};
 use crate::partition::message_ids::{digest, IdDigest};
@@ -133,6 +134,8 @@ struct Writer {
     /// When this term's last control entry was proposed, and the time it carried.
     last_tick: Option<Instant>,
     last_time_ms: i64,
+    /// A clock tick proposed to refresh a stale partition clock, until it applies.
+    clock_refresh: Option<u64>,
 }
 
 impl Writer {
@@ -142,6 +145,9 @@ impl Writer {
     }
 
     fn complete(&mut self, id: u64) {
+        if self.clock_refresh == Some(id) {
+            self.clock_refresh = None;
+        }
         let Some(p) = self.pending.remove(&id) else { return };
         self.bytes -= p.bytes;
         if let Some(s) = p.stamp {
@@ -268,6 +274,18 @@ impl Partition {
             let notified = self.progress.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
+            if (stamp.is_some() || !ids.is_empty()) && self.clock_is_stale() {
+                // Ids and producers that expired while the partition was idle must be
+                // gone before this batch is judged: advance the clock first.
+                if w.clock_refresh.is_none() {
+                    let entry = self.control_entry(&mut w, ControlCommand::Tick);
+                    let (id, _) = self.propose(&mut w, term, EntryData::control(&entry), None, Vec::new(), 0).await?;
+                    w.clock_refresh = Some(id);
+                }
+                drop(w);
+                tokio::time::timeout_at(deadline, notified).await.map_err(|_| PartitionError::TimedOut)?;
+                continue;
+            }
             let decision = self.decide(&w, stamp, &ids, h.record_count)?;
             let proposal = match decision {
                 Decision::Answer(a) => return Ok(a),
@@ -287,7 +305,7 @@ impl Partition {
                 }
                 Decision::ProposeSequence(stamp, offsets) => {
                     let entry = self.control_entry(&mut w, ControlCommand::RecordSequence { stamp, offsets: offsets.clone() });
-                    let rx = self.propose(&mut w, term, EntryData::control(&entry), Some(stamp), Vec::new(), 0).await?;
+                    let (_, rx) = self.propose(&mut w, term, EntryData::control(&entry), Some(stamp), Vec::new(), 0).await?;
                     drop(w);
                     return match self.outcome(rx, deadline).await? {
                         ApplyReply::Control(ControlOutcome::Applied) => {
@@ -308,7 +326,7 @@ impl Partition {
             }
             self.prepare(&mut w, term, &topic).await?;
             let digests = ids.iter().map(|(_, d)| *d).collect();
-            let rx = self.propose(&mut w, term, proposal, stamp, digests, len).await?;
+            let (_, rx) = self.propose(&mut w, term, proposal, stamp, digests, len).await?;
             drop(w);
             return match self.outcome(rx, deadline).await? {
                 ApplyReply::Batch(outcome) => batch_result(outcome, stamp),
@@ -379,6 +397,12 @@ impl Partition {
         Ok(Decision::Propose)
     }
 
+    /// Whether the applied partition clock lags this leader's clock by more than
+    /// `CLOCK_STALE_MS` (no control entry applied lately: the partition was idle).
+    fn clock_is_stale(&self) -> bool {
+        now_ms().saturating_sub(self.group.shared.state().clock_ms) > CLOCK_STALE_MS
+    }
+
     /// A control entry stamped with this leader's time, never below the partition clock
     /// or this term's earlier control entries.
     fn control_entry(&self, w: &mut Writer, command: ControlCommand) -> ControlEntry {
@@ -410,8 +434,8 @@ impl Partition {
     }
 
     /// Proposes `data` in `term` (refused if the term has moved on) and adds it to the
-    /// overlay; the returned channel yields its outcome. A task completes the overlay
-    /// entry even if the caller gives up waiting.
+    /// overlay; returns its overlay id and a channel that yields its outcome. A task
+    /// completes the overlay entry even if the caller gives up waiting.
     async fn propose(
         self: &Arc<Self>,
         w: &mut Writer,
@@ -420,7 +444,7 @@ impl Partition {
         stamp: Option<ProducerStamp>,
         ids: Vec<IdDigest>,
         len: u64,
-    ) -> Result<oneshot::Receiver<Result<ApplyReply, PartitionError>>, PartitionError> {
+    ) -> Result<(u64, oneshot::Receiver<Result<ApplyReply, PartitionError>>), PartitionError> {
         let (responder, rx) = ProgressResponder::complete_only();
         self.group.raft.write(data).with_leader(term).responder(responder).await.map_err(|e| PartitionError::Storage(e.to_string()))?;
         let id = w.next_id;
@@ -447,7 +471,7 @@ impl Partition {
             me.progress.notify_waiters();
             let _ = tx.send(result);
         });
-        Ok(out)
+        Ok((id, out))
     }
 
     async fn outcome(&self, rx: oneshot::Receiver<Result<ApplyReply, PartitionError>>, deadline: Instant) -> Result<ApplyReply, PartitionError> {

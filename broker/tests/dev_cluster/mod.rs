@@ -70,3 +70,55 @@ impl Drop for KillNodesOnDrop<'_> {
         }
     }
 }
+
+/// The client addresses `keel dev` wrote to its bootstrap file.
+#[allow(dead_code)]
+pub fn bootstrap_addrs(dir: &Path) -> Vec<String> {
+    std::fs::read_to_string(dir.join("bootstrap")).unwrap().trim().split(',').map(str::to_string).collect()
+}
+
+/// The admin address of the node whose client address is `client_addr` (`keel dev`
+/// puts it 200 ports above).
+#[allow(dead_code)]
+pub fn admin_addr(client_addr: &str) -> String {
+    let (host, port) = client_addr.rsplit_once(':').unwrap();
+    format!("{host}:{}", port.parse::<u16>().unwrap() + 200)
+}
+
+/// `POST path` with a JSON body on a node's admin listener; returns the status line.
+#[allow(dead_code)]
+pub fn admin_post(admin: &str, path: &str, json: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(admin).unwrap();
+    write!(s, "POST {path} HTTP/1.0\r\nHost: {admin}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{json}", json.len()).unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    answer.lines().next().unwrap_or_default().to_string()
+}
+
+/// `GET path` on a node's admin listener; returns the body.
+#[allow(dead_code)]
+pub fn admin_get(admin: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(admin).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {admin}\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    answer.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default()
+}
+
+/// SIGKILLs every node listed in `dir`'s PID files and waits until they are gone.
+#[allow(dead_code)]
+pub fn kill_all_nodes(dir: &Path) {
+    let pids: Vec<u32> = (1..=3).filter_map(|n| pid_of(dir, n)).collect();
+    for pid in &pids {
+        // SAFETY: kill(2) on a node process this test's keel dev started.
+        unsafe { libc::kill(*pid as libc::pid_t, libc::SIGKILL) };
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // SAFETY: kill(pid, 0) only checks that the process exists.
+    while pids.iter().any(|p| unsafe { libc::kill(*p as libc::pid_t, 0) } == 0) {
+        assert!(Instant::now() < deadline, "killed nodes did not exit");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
