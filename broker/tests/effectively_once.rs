@@ -100,7 +100,10 @@ async fn read_all(cluster: &Cluster, topic: &str, expected: usize) -> Vec<Messag
     let mut out = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut idle_since = Instant::now();
-    while Instant::now() < deadline && (out.len() < expected || idle_since.elapsed() < Duration::from_millis(500)) && idle_since.elapsed() < Duration::from_secs(3) {
+    while Instant::now() < deadline
+        && (out.len() < expected || idle_since.elapsed() < Duration::from_millis(500))
+        && idle_since.elapsed() < Duration::from_secs(3)
+    {
         let got = consumer.poll(Duration::from_millis(300)).await.unwrap();
         if !got.is_empty() {
             idle_since = Instant::now();
@@ -315,9 +318,8 @@ async fn the_producer_table_and_message_ids_survive_a_full_cluster_kill_and_rest
         assert_eq!(r.duplicate, Duplicate::None);
         stored.push(r.base_offset);
     }
-    let plain_id = produce_raw(&dev.cluster, "durable", 0, stamped_batch(ProducerIdentity { producer_id: -1, epoch: -1 }, -1, "plain", Some("order-42")))
-        .await
-        .unwrap();
+    let plain_id =
+        produce_raw(&dev.cluster, "durable", 0, stamped_batch(ProducerIdentity { producer_id: -1, epoch: -1 }, -1, "plain", Some("order-42"))).await.unwrap();
 
     dev_cluster::kill_all_nodes(dev.dir.path());
     dev.process.wait().unwrap(); // keel dev exits once every node is gone

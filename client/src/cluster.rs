@@ -132,7 +132,9 @@ impl Cluster {
                 Attempt::Retry { redirect: None, after: None, free: true, error: broker(code, message) }
             }
             Err(CallError::Refused { code, message, body, .. }) => Attempt::Fail(ClientError::Refused { what: what.to_string(), code, message, body }),
-            Err(e) => Attempt::Retry { redirect: None, after: None, free: false, error: ClientError::NoBroker { tried: addr.to_string(), last: e.to_string() } },
+            Err(e) => {
+                Attempt::Retry { redirect: None, after: None, free: false, error: ClientError::NoBroker { tried: addr.to_string(), last: e.to_string() } }
+            }
         }
     }
 

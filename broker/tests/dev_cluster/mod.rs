@@ -58,6 +58,7 @@ pub fn base_port(offset: u16) -> u16 {
 /// Kills any node still listed in `dir`'s PID files when dropped, so a failing test
 /// leaves no processes behind. (After a clean stop `keel dev` has removed the files, and
 /// this does nothing; `keel dev` itself exits once all its nodes are gone.)
+#[allow(dead_code)]
 pub struct KillNodesOnDrop<'a>(pub &'a Path);
 
 impl Drop for KillNodesOnDrop<'_> {
