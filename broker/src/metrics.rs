@@ -23,6 +23,7 @@
 //! | `keel_raft_is_leader` | gauge | group | 1 if this node leads the group |
 //! | `keel_under_replicated_partitions` | gauge | — | partitions this node leads with a replica more than `UNDER_REPLICATED_LAG_ENTRIES` behind (or unknown) |
 //! | `keel_message_ids_held` | gauge | group | message ids in the partition's dedupe window |
+//! | `keel_message_id_window_bytes` | gauge | group | memory the partition's dedupe window holds (estimate) |
 //! | `keel_producers_held` | gauge | group | idempotent producers the partition remembers |
 
 use std::sync::OnceLock;
@@ -46,6 +47,7 @@ pub const RAFT_IS_LEADER: &str = "keel_raft_is_leader";
 pub const UNDER_REPLICATED_PARTITIONS: &str = "keel_under_replicated_partitions";
 pub const MESSAGE_IDS_HELD: &str = "keel_message_ids_held";
 pub const PRODUCERS_HELD: &str = "keel_producers_held";
+pub const MESSAGE_ID_WINDOW_BYTES: &str = "keel_message_id_window_bytes";
 
 /// How often group gauges (term, leadership, under-replication, dedupe state) are sampled.
 pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
@@ -88,6 +90,7 @@ fn describe() {
     describe_gauge!(UNDER_REPLICATED_PARTITIONS, Unit::Count, "Partitions led here with a lagging or unknown replica.");
     describe_gauge!(MESSAGE_IDS_HELD, Unit::Count, "Message ids in the partition's dedupe window.");
     describe_gauge!(PRODUCERS_HELD, Unit::Count, "Idempotent producers the partition remembers.");
+    describe_gauge!(MESSAGE_ID_WINDOW_BYTES, Unit::Bytes, "Memory held by the partition's message-id window (estimate).");
 }
 
 /// Records one produce request's outcome.
@@ -134,6 +137,7 @@ pub struct GroupSample {
     /// For a partition this node leads: whether a replica lags.
     pub under_replicated: bool,
     pub message_ids: Option<u64>,
+    pub message_id_bytes: Option<u64>,
     pub producers: Option<u64>,
 }
 
@@ -149,6 +153,9 @@ pub fn record_groups(samples: &[GroupSample]) {
         }
         if let Some(n) = s.message_ids {
             gauge!(MESSAGE_IDS_HELD, "group" => group.clone()).set(n as f64);
+        }
+        if let Some(n) = s.message_id_bytes {
+            gauge!(MESSAGE_ID_WINDOW_BYTES, "group" => group.clone()).set(n as f64);
         }
         if let Some(n) = s.producers {
             gauge!(PRODUCERS_HELD, "group" => group).set(n as f64);

@@ -345,3 +345,38 @@ async fn the_producer_table_and_message_ids_survive_a_full_cluster_kill_and_rest
     assert_eq!(values, vec!["v0", "v1", "v2", "v3", "v4", "plain", "v5"]);
     dev.stop();
 }
+
+/// (f) A batch whose every answer is lost until its delivery timeout fails with an
+/// unknown outcome — and the producer is not stuck behind the gap it may have left: it
+/// starts a new epoch, and the batches after it are stored, once each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_that_times_out_for_good_leaves_no_permanent_gap() {
+    let dev = Dev::start(26_000);
+    dev.create_topic("doubt", 1).await;
+    let admin = dev.admin_of(dev.leader("doubt", 0).await);
+    let config = ProducerConfig { delivery_timeout: Duration::from_secs(2), linger: Duration::from_millis(1), ..ProducerConfig::default() };
+    let producer = Producer::new(dev.cluster.clone(), config).unwrap();
+    producer.send("doubt", Record::new("first")).await.unwrap().wait().await.unwrap();
+
+    // Every answer is lost (the batch is stored, its retries are recognised, but no
+    // answer reaches the client) until the batch's delivery timeout has passed.
+    assert!(dev_cluster::admin_post(&admin, "/test/faults", r#"{"drop_produce_answers": 1000000}"#).contains("200"));
+    let in_doubt = producer.send("doubt", Record::new("in doubt")).await.unwrap();
+    let err = in_doubt.wait().await.unwrap_err();
+    assert!(err.to_string().contains("outcome is unknown"), "reported as unknown, not as failed: {err}");
+    assert!(dev_cluster::admin_post(&admin, "/test/faults", r#"{"drop_produce_answers": 0}"#).contains("200"));
+
+    let mut later = Vec::new();
+    for i in 0..20 {
+        later.push(producer.send("doubt", Record::new(format!("later {i}"))).await.unwrap());
+    }
+    for ack in later {
+        let d = ack.wait().await.expect("batches after the failed one are stored");
+        assert!(!d.duplicate);
+    }
+    producer.close().await;
+    let counts = value_counts(&read_all(&dev.cluster, "doubt", 22).await);
+    assert_eq!(counts.get(&Bytes::from("in doubt")), Some(&1), "the batch in doubt was stored once (its retries were recognised)");
+    assert!((0..20).all(|i| counts.get(&Bytes::from(format!("later {i}"))) == Some(&1)), "{counts:?}");
+    dev.stop();
+}

@@ -1,6 +1,7 @@
-//! The CLI as a user runs it against `keel dev`: `seq 1 N | keel produce t`, then one
-//! node is killed with SIGKILL, then `keel consume t --from earliest --max N` returns all
-//! N values exactly once.
+//! The CLI as a user runs it against `keel dev`: `seq 1 N | keel produce t` (the nodes'
+//! `/metrics` then count N stored messages), then one node is killed with SIGKILL, then
+//! `keel consume t --from earliest --max N` returns all N values exactly once. And the
+//! client commands end quietly when their output pipe closes.
 
 use std::io::Write;
 mod dev_cluster;
@@ -33,6 +34,20 @@ fn produce_kill_a_node_then_consume_returns_every_value_once() {
     assert!(out.status.success(), "produce failed: {}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("{N} messages acknowledged"));
 
+    // Every node's /metrics: the stored-message counters add up to what was sent.
+    let stored: u64 = bootstrap
+        .trim()
+        .split(',')
+        .map(|addr| dev_cluster::admin_get(&dev_cluster::admin_addr(addr), "/metrics"))
+        .flat_map(|text| {
+            text.lines()
+                .filter(|l| l.starts_with("keel_produce_messages_total{topic=\"t\"}"))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+                .collect::<Vec<_>>()
+        })
+        .sum();
+    assert_eq!(stored, u64::from(N), "keel_produce_messages_total over the nodes equals the messages sent");
+
     // SIGKILL one node: the others must still serve every acknowledged message.
     let victim = dev_cluster::pid_of(dir.path(), 1).unwrap() as i32;
     // SAFETY: kill(2) on a node process started by this test's keel dev.
@@ -62,6 +77,41 @@ fn produce_kill_a_node_then_consume_returns_every_value_once() {
     assert_eq!(values.len(), N as usize, "every value exactly once");
     assert_eq!((values[0], values[values.len() - 1]), (1, N));
 
+    // SAFETY: kill(2) on the keel dev process this test spawned.
+    unsafe { libc::kill(dev.id() as i32, libc::SIGTERM) };
+    assert!(dev.wait().unwrap().success());
+}
+
+/// `keel … | head -1` used to end in a panic and a backtrace when head closed the pipe.
+#[test]
+fn a_client_command_whose_output_pipe_closes_exits_without_a_panic() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = tempfile::tempdir().unwrap();
+    let _cleanup = dev_cluster::KillNodesOnDrop(dir.path());
+    let mut dev = dev_cluster::start_dev(dir.path(), dev_cluster::base_port(23_500));
+    dev_cluster::wait_for_files(dir.path());
+    let bootstrap = std::fs::read_to_string(dir.path().join("bootstrap")).unwrap();
+    run_ok(keel(&bootstrap).args(["topic", "create", "p", "--partitions", "1", "--replicas", "3"]));
+    let mut produce = keel(&bootstrap).args(["produce", "p"]).stdin(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
+    {
+        let mut stdin = produce.stdin.take().unwrap();
+        for i in 0..5000 {
+            writeln!(stdin, "line {i}").unwrap();
+        }
+    }
+    assert!(produce.wait().unwrap().success());
+    let mut consume = keel(&bootstrap).args(["consume", "p", "--idle-timeout", "5s"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    {
+        use std::io::BufRead;
+        let mut first = String::new();
+        std::io::BufReader::new(consume.stdout.take().unwrap()).read_line(&mut first).unwrap();
+        assert_eq!(first.trim(), "line 0");
+        // Dropping the reader closes the pipe, as `head -1` does.
+    }
+    let out = consume.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "no panic: {stderr}");
+    assert!(out.status.success() || out.status.signal() == Some(libc::SIGPIPE), "ends quietly: {:?}", out.status);
     // SAFETY: kill(2) on the keel dev process this test spawned.
     unsafe { libc::kill(dev.id() as i32, libc::SIGTERM) };
     assert!(dev.wait().unwrap().success());

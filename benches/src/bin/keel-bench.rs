@@ -62,6 +62,10 @@ struct Args {
     /// Give every message a distinct message id (broker-side dedupe window).
     #[arg(long)]
     message_ids: bool,
+    /// Send this many messages first, unmeasured (with distinct message ids under
+    /// --message-ids, so the measured phase runs with that many ids in the window).
+    #[arg(long, default_value_t = 0)]
+    warmup_messages: u64,
     /// Scrape every node's /metrics (admin ports 9292..) after producing and compare.
     #[arg(long)]
     metrics: bool,
@@ -112,29 +116,58 @@ fn body(producer: usize, seq: u64, size: usize) -> Bytes {
     b.freeze()
 }
 
-/// Sums `keel_produce_messages_total` for the bench topic over every node's `/metrics`
-/// (admin address = client port + 200, as `keel dev` lays them out).
-async fn scrape_stored_messages(cluster: &Cluster) -> anyhow::Result<(u64, Vec<(u64, u64)>)> {
+/// The unmeasured warm-up: `--warmup-messages` messages through one producer with a
+/// 4,096-message window, every one acknowledged.
+async fn warm_up(cluster: &Cluster, args: &Args) -> anyhow::Result<()> {
+    use futures::stream::{FuturesUnordered, StreamExt};
+    let producer = Producer::new(cluster.clone(), ProducerConfig { idempotence: !args.no_idempotence, ..ProducerConfig::default() })?;
+    let mut pending = FuturesUnordered::new();
+    for i in 0..args.warmup_messages {
+        if pending.len() >= 4096 {
+            if let Some(r) = pending.next().await {
+                let _: keel_client::producer::Delivery = r?;
+            }
+        }
+        let mut record = Record::new(body(usize::MAX, i, args.message_size));
+        if args.message_ids {
+            record.message_id = Some(Bytes::from(format!("warm-{i}")));
+        }
+        let ack = producer.send(&args.topic, record).await?;
+        pending.push(ack.wait());
+    }
+    while let Some(r) = pending.next().await {
+        r?;
+    }
+    producer.close().await;
+    Ok(())
+}
+
+/// Every node's `/metrics` (admin address = client port + 200, as `keel dev` lays them
+/// out): per node, each metric line's name (with labels) and value.
+async fn scrape(cluster: &Cluster) -> anyhow::Result<Vec<(u64, Vec<(String, f64)>)>> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let brokers = cluster.metadata(true).await?.brokers.clone();
-    let (mut total, mut per_node) = (0u64, Vec::new());
+    let mut out = Vec::new();
     for b in brokers {
         let (host, port) = b.addr.rsplit_once(':').context("a broker address is host:port")?;
         let admin = format!("{host}:{}", port.parse::<u16>()? + 200);
-        let mut stream = tokio::net::TcpStream::connect(&admin).await.with_context(|| format!("connecting to {admin}"))?;
+        let Ok(mut stream) = tokio::net::TcpStream::connect(&admin).await else { continue };
         stream.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {admin}\r\n\r\n").as_bytes()).await?;
         let mut text = String::new();
         tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut text)).await.context("scraping /metrics timed out")??;
-        let n: u64 = text
+        let lines = text
             .lines()
-            .filter(|l| l.starts_with("keel_produce_messages_total{"))
-            .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
-            .map(|v| v as u64)
-            .sum();
-        total += n;
-        per_node.push((b.id, n));
+            .filter(|l| l.starts_with("keel_"))
+            .filter_map(|l| l.rsplit_once(' ').and_then(|(name, v)| Some((name.to_string(), v.parse::<f64>().ok()?))))
+            .collect();
+        out.push((b.id, lines));
     }
-    Ok((total, per_node))
+    Ok(out)
+}
+
+/// Per node, the sum of every series of `metric` whose labels contain `filter`.
+fn sum_of(scraped: &[(u64, Vec<(String, f64)>)], metric: &str, filter: &str) -> Vec<(u64, f64)> {
+    scraped.iter().map(|(node, lines)| (*node, lines.iter().filter(|(n, _)| n.starts_with(metric) && n.contains(filter)).map(|(_, v)| v).sum())).collect()
 }
 
 fn id_of(value: &[u8]) -> Option<(u64, u64)> {
@@ -168,6 +201,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
             bail!("partitions of {} have no leader after 30 s", args.topic);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if args.warmup_messages > 0 {
+        let warm_started = Instant::now();
+        warm_up(&cluster, &args).await?;
+        eprintln!("warm-up: {} messages in {:.1} s", args.warmup_messages, warm_started.elapsed().as_secs_f64());
     }
     let shared = Arc::new(Mutex::new(Shared {
         ack_latency_us: Histogram::new_with_bounds(1, 60_000_000, 3)?,
@@ -341,9 +379,22 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     let acked_ids: HashSet<(u64, u64)> = s.acked.iter().copied().collect();
     if args.metrics {
-        let (stored, per_node) = scrape_stored_messages(&cluster).await?;
-        println!("metrics: keel_produce_messages_total{{topic={:?}}} summed over nodes = {stored} ({per_node:?}); acknowledged {acked}", args.topic);
-        summary["metrics"] = serde_json::json!({"produce_messages_total": stored, "per_node": per_node, "acknowledged": acked});
+        let scraped = scrape(&cluster).await?;
+        let topic = format!("topic=\"{}\"", args.topic);
+        let stored = sum_of(&scraped, "keel_produce_messages_total{", &topic);
+        let total: f64 = stored.iter().map(|(_, v)| v).sum();
+        let warm = args.warmup_messages as f64;
+        println!(
+            "metrics: keel_produce_messages_total{{{topic}}} per node {stored:?}, sum {total} = acknowledged {acked} + warm-up {warm}: {}",
+            total == acked as f64 + warm
+        );
+        let throttled = sum_of(&scraped, "keel_produce_throttled_total{", "");
+        let duplicates = sum_of(&scraped, "keel_produce_duplicates_total{", "");
+        let ids = sum_of(&scraped, "keel_message_ids_held{", "");
+        let id_bytes = sum_of(&scraped, "keel_message_id_window_bytes{", "");
+        println!("metrics: throttled {throttled:?}, duplicates {duplicates:?}, message ids held per node {ids:?}, window bytes per node {id_bytes:?}");
+        summary["metrics"] = serde_json::json!({"produce_messages_total": total, "per_node": stored, "acknowledged": acked, "warmup": args.warmup_messages,
+            "throttled": throttled, "duplicates": duplicates, "message_ids_held": ids, "message_id_window_bytes": id_bytes});
     }
 
     if args.consume || args.verify {

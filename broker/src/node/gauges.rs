@@ -23,13 +23,23 @@ fn sample(g: &GroupHandle, last_leaders: &mut HashMap<u64, Option<u64>>, is_part
             let last = m.last_log_index.unwrap_or(0);
             r.values().any(|matched| matched.is_none_or(|l| last.saturating_sub(l.index) > UNDER_REPLICATED_LAG_ENTRIES))
         });
-    let (message_ids, producers) = if is_partition {
+    let (message_ids, message_id_bytes, producers) = if is_partition {
         let st = g.shared.state();
-        (Some(st.message_ids.len() as u64), Some(st.producers.len() as u64))
+        (Some(st.message_ids.len() as u64), Some(st.message_ids.memory_bytes()), Some(st.producers.len() as u64))
     } else {
-        (None, None)
+        (None, None, None)
     };
-    GroupSample { group: g.id, term: m.current_term, leader: m.current_leader, is_leader, leader_changed, under_replicated, message_ids, producers }
+    GroupSample {
+        group: g.id,
+        term: m.current_term,
+        leader: m.current_leader,
+        is_leader,
+        leader_changed,
+        under_replicated,
+        message_ids,
+        message_id_bytes,
+        producers,
+    }
 }
 
 /// Runs until aborted.

@@ -21,7 +21,7 @@
 //! fetches, only committed batches, and never control entries or batches the fold
 //! refused.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -40,7 +40,7 @@ use super::limits::{
     THROTTLE_RETRY_AFTER_MS,
 };
 use crate::metadata::{MetadataState, TopicMeta};
-use crate::partition::message_ids::{digest, IdDigest};
+use crate::partition::message_ids::{digest, DigestMap, DigestSet, IdDigest};
 use crate::partition::producers::{self, ProducerStamp, StoredAt, Verdict, BATCHES_REMEMBERED};
 use crate::partition::{BatchOutcome, ControlCommand, ControlEntry, ControlOutcome, PartitionConfig};
 use crate::replication::log_store::KIND_BATCH;
@@ -127,7 +127,7 @@ struct Writer {
     /// Per producer, its pending batches' (epoch, sequence, proposal), in order.
     by_producer: HashMap<i64, VecDeque<(i16, i32, u64)>>,
     /// Message ids in pending batches.
-    ids: HashMap<IdDigest, u64>,
+    ids: DigestMap<u64>,
     bytes: u64,
     /// The settings proposed in this term (so they are proposed once).
     configured: Option<PartitionConfig>,
@@ -190,7 +190,13 @@ pub struct Partition {
     writer: tokio::sync::Mutex<Writer>,
     /// Notified whenever the overlay changes (a proposal added or completed).
     progress: Notify,
+    /// When the message-id budget last throttled a produce here and said so in the log
+    /// (ms since the epoch); the warning repeats at most every `BUDGET_WARNING_EVERY_MS`.
+    budget_warned_at_ms: std::sync::atomic::AtomicI64,
 }
+
+/// How often, at most, a partition logs that its message-id budget throttles produces.
+const BUDGET_WARNING_EVERY_MS: i64 = 10_000;
 
 fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
@@ -205,7 +211,17 @@ impl Partition {
         node_id: u64,
         metadata: watch::Receiver<Arc<MetadataState>>,
     ) -> Partition {
-        Partition { topic, partition, replicas, group, node_id, metadata, writer: tokio::sync::Mutex::new(Writer::default()), progress: Notify::new() }
+        Partition {
+            topic,
+            partition,
+            replicas,
+            group,
+            node_id,
+            metadata,
+            writer: tokio::sync::Mutex::new(Writer::default()),
+            progress: Notify::new(),
+            budget_warned_at_ms: std::sync::atomic::AtomicI64::new(i64::MIN),
+        }
     }
 
     /// `topic/partition`, for messages.
@@ -246,13 +262,35 @@ impl Partition {
         }
     }
 
-    /// Appends a produced batch (already validated: header, CRC, records, message ids).
-    pub async fn append(self: &Arc<Self>, view: BatchView, timeout: Duration) -> Result<Appended, PartitionError> {
+    /// Walks every record of a produced batch — the check that any consumer can decode
+    /// it — and returns the digests of its message ids under the topic's key, `(index,
+    /// digest)` per record carrying one. An id repeated within the batch is refused (the
+    /// producer client never builds one).
+    pub fn check_records(&self, view: &BatchView) -> Result<Vec<(u32, IdDigest)>, PartitionError> {
+        let key = self.topic_meta()?.id_key;
+        let mut out = Vec::new();
+        for id in view.message_ids() {
+            let (i, id) = id.map_err(|e| PartitionError::InvalidBatch(e.to_string()))?;
+            out.push((i, digest(&key, id)));
+        }
+        if out.len() > 1 {
+            let mut seen = DigestSet::with_capacity_and_hasher(out.len(), Default::default());
+            if let Some((i, _)) = out.iter().find(|(_, d)| !seen.insert(*d)) {
+                return Err(PartitionError::InvalidBatch(format!(
+                    "record {i} repeats the message id of an earlier record in the same batch; send it in its own batch"
+                )));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Appends a produced batch whose records [`Partition::check_records`] checked,
+    /// with the message-id digests it returned.
+    pub async fn append(self: &Arc<Self>, view: BatchView, ids: Vec<(u32, IdDigest)>, timeout: Duration) -> Result<Appended, PartitionError> {
         let deadline = Instant::now() + timeout;
         let h = *view.header();
         let stamp = (h.producer_id >= 0).then_some(ProducerStamp { producer_id: h.producer_id, epoch: h.producer_epoch, sequence: h.base_sequence });
         let topic = self.topic_meta()?;
-        let ids = message_id_digests(&view, &topic.id_key)?;
         if let Some(s) = stamp {
             // A named producer's newer instance may not have written here yet: the
             // metadata knows its epoch.
@@ -384,6 +422,19 @@ impl Partition {
         let budget = st.config.dedupe_ids_max;
         let held = st.message_ids.len() as u64 + w.ids.len() as u64;
         if held + ids.len() as u64 > budget {
+            let now = now_ms();
+            let last = self.budget_warned_at_ms.load(std::sync::atomic::Ordering::Relaxed);
+            if now.saturating_sub(last) >= BUDGET_WARNING_EVERY_MS
+                && self.budget_warned_at_ms.compare_exchange(last, now, std::sync::atomic::Ordering::Relaxed, std::sync::atomic::Ordering::Relaxed).is_ok()
+            {
+                tracing::warn!(
+                    partition = %self.name(),
+                    held,
+                    budget,
+                    window_ms = st.config.dedupe_window_ms,
+                    "the message-id window is full: publishes carrying message ids are throttled until old ids expire (raise dedupe_ids_max or shorten dedupe_window_ms)"
+                );
+            }
             let wait_ms = st.message_ids.oldest_expires_at(st.config.dedupe_window_ms).map_or(1_000, |t| t.saturating_sub(st.clock_ms)).clamp(100, 5_000);
             return Err(PartitionError::Throttled {
                 retry_after_ms: wait_ms as u32,
@@ -552,27 +603,6 @@ impl Partition {
         .map_err(|e| PartitionError::Storage(e.to_string()))?;
         Ok(found.filter(|o| *o < committed).unwrap_or(committed))
     }
-}
-
-/// `(index, digest)` of each record's message id; an id repeated within the batch is
-/// refused (the producer client never builds one).
-fn message_id_digests(view: &BatchView, key: &[u8; 16]) -> Result<Vec<(u32, IdDigest)>, PartitionError> {
-    if !view.header().attributes.message_ids() {
-        return Ok(Vec::new());
-    }
-    let mut out = Vec::new();
-    let mut seen = HashSet::new();
-    for id in view.message_ids() {
-        let (i, id) = id.map_err(|e| PartitionError::InvalidBatch(e.to_string()))?;
-        let d = digest(key, id);
-        if !seen.insert(d) {
-            return Err(PartitionError::InvalidBatch(format!(
-                "record {i} repeats a message id of an earlier record in the same batch; send it in its own batch"
-            )));
-        }
-        out.push((i, d));
-    }
-    Ok(out)
 }
 
 fn batch_result(outcome: BatchOutcome, stamp: Option<ProducerStamp>) -> Result<Appended, PartitionError> {

@@ -46,7 +46,10 @@ impl Hasher for DigestHasher {
     }
 }
 
-type DigestMap<V> = HashMap<IdDigest, V, BuildHasherDefault<DigestHasher>>;
+/// A map keyed by digests, hashed by [`DigestHasher`].
+pub type DigestMap<V> = HashMap<IdDigest, V, BuildHasherDefault<DigestHasher>>;
+/// A set of digests, hashed by [`DigestHasher`].
+pub type DigestSet = std::collections::HashSet<IdDigest, BuildHasherDefault<DigestHasher>>;
 
 /// Ids first seen at one partition-clock time, in arrival order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

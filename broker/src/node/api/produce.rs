@@ -1,7 +1,8 @@
 //! `Produce`: validate a record batch completely, then append it through the partition.
 //!
-//! Every record is decoded before anything is proposed, so a batch any consumer would
-//! fail to decode is refused (`InvalidBatch`, naming the byte offset) and never stored.
+//! Every record is decoded before anything is proposed (`Partition::check_records`, in
+//! the same walk that digests the message ids), so a batch any consumer would fail to
+//! decode is refused (`InvalidBatch`, naming the byte offset) and never stored.
 //! A producer cannot write a control batch, and the producer fields must be all unset
 //! (−1) or a valid idempotent stamp (id, epoch and sequence all ≥ 0).
 
@@ -26,15 +27,17 @@ pub async fn handle(service: Arc<ClientService>, req: Request) -> Result<Bytes, 
     if batch.len() > topic_max as usize {
         return Err(ApiError::MessageTooLarge { topic: head.topic, size: batch.len(), max: topic_max });
     }
-    let view = BatchView::validate(batch).map_err(|e| match e {
+    let view = BatchView::parse(batch).map_err(|e| match e {
         DecodeError::BadCrc { .. } => ApiError::CorruptBatch(e),
         other => ApiError::InvalidBatch(other.to_string()),
     })?;
     check_producer_fields(&view)?;
+    // One walk over the records: every one decodes, and the message ids' digests.
+    let ids = partition.check_records(&view).map_err(|error| ApiError::Partition { what: what.clone(), error })?;
     let timeout = bounded(head.timeout_ms, PRODUCE_TIMEOUT_MAX);
     let bytes = view.as_bytes().len() as u64;
     let records = u64::from(view.header().record_count);
-    let result = partition.append(view, timeout).await;
+    let result = partition.append(view, ids, timeout).await;
     metrics::record_produce(&head.topic, &result, records, bytes, started.elapsed());
     let appended = result.map_err(|error| ApiError::Partition { what, error })?;
     if service.faults.take_produce_answer_drop() {
