@@ -557,9 +557,9 @@ impl Log {
             return Err(err);
         }
         self.stats.fsyncs.fetch_add(1, Ordering::Relaxed);
+        let started = Instant::now();
         #[cfg(any(test, feature = "fault-injection"))]
         crate::observe::injected_fsync_delay();
-        let started = Instant::now();
         let result = file.sync_data();
         crate::observe::fsync_done(started.elapsed());
         result.map_err(|e| {
