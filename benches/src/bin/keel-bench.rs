@@ -380,6 +380,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let acked_ids: HashSet<(u64, u64)> = s.acked.iter().copied().collect();
     if args.metrics {
         let scraped = scrape(&cluster).await?;
+        let as_ints = |v: Vec<(u64, f64)>| v.into_iter().map(|(n, x)| (n, x.max(0.0) as u64)).collect::<Vec<_>>();
         let topic = format!("topic=\"{}\"", args.topic);
         let stored = sum_of(&scraped, "keel_produce_messages_total{", &topic);
         let total: f64 = stored.iter().map(|(_, v)| v).sum();
