@@ -382,17 +382,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let scraped = scrape(&cluster).await?;
         let as_ints = |v: Vec<(u64, f64)>| v.into_iter().map(|(n, x)| (n, x.max(0.0) as u64)).collect::<Vec<_>>();
         let topic = format!("topic=\"{}\"", args.topic);
-        let stored = sum_of(&scraped, "keel_produce_messages_total{", &topic);
-        let total: f64 = stored.iter().map(|(_, v)| v).sum();
-        let warm = args.warmup_messages as f64;
+        let stored = as_ints(sum_of(&scraped, "keel_produce_messages_total{", &topic));
+        let total: u64 = stored.iter().map(|(_, v)| v).sum();
+        let warm = args.warmup_messages;
         println!(
             "metrics: keel_produce_messages_total{{{topic}}} per node {stored:?}, sum {total} = acknowledged {acked} + warm-up {warm}: {}",
-            total == acked as f64 + warm
+            total == acked + warm
         );
-        let throttled = sum_of(&scraped, "keel_produce_throttled_total{", "");
-        let duplicates = sum_of(&scraped, "keel_produce_duplicates_total{", "");
-        let ids = sum_of(&scraped, "keel_message_ids_held{", "");
-        let id_bytes = sum_of(&scraped, "keel_message_id_window_bytes{", "");
+        let throttled = as_ints(sum_of(&scraped, "keel_produce_throttled_total{", ""));
+        let duplicates = as_ints(sum_of(&scraped, "keel_produce_duplicates_total{", ""));
+        let ids = as_ints(sum_of(&scraped, "keel_message_ids_held{", ""));
+        let id_bytes = as_ints(sum_of(&scraped, "keel_message_id_window_bytes{", ""));
         println!("metrics: throttled {throttled:?}, duplicates {duplicates:?}, message ids held per node {ids:?}, window bytes per node {id_bytes:?}");
         summary["metrics"] = serde_json::json!({"produce_messages_total": total, "per_node": stored, "acknowledged": acked, "warmup": args.warmup_messages,
             "throttled": throttled, "duplicates": duplicates, "message_ids_held": ids, "message_id_window_bytes": id_bytes});
