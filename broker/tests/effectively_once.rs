@@ -412,15 +412,8 @@ async fn an_overloaded_partition_throttles_producers_and_they_recover() {
     for t in tasks {
         tokio::time::timeout(Duration::from_secs(120), t).await.expect("the producers finish").unwrap();
     }
-    let throttled: u64 = (1..=3)
-        .map(|node| dev_cluster::admin_get(&dev.admin_of(node), "/metrics"))
-        .flat_map(|text| {
-            text.lines()
-                .filter(|l| l.starts_with("keel_produce_throttled_total{"))
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-                .collect::<Vec<_>>()
-        })
-        .sum();
+    let addrs = dev_cluster::bootstrap_addrs(dev.dir.path());
+    let throttled = dev_cluster::metric_sum(addrs.iter().map(String::as_str), "keel_produce_throttled_total{");
     assert!(throttled > 0, "the leader throttled producers instead of queueing");
     for node in 1..=3 {
         dev_cluster::admin_post(&dev.admin_of(node), "/test/faults", r#"{"fsync_delay_ms": 0}"#);

@@ -35,17 +35,7 @@ fn produce_kill_a_node_then_consume_returns_every_value_once() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("{N} messages acknowledged"));
 
     // Every node's /metrics: the stored-message counters add up to what was sent.
-    let stored: u64 = bootstrap
-        .trim()
-        .split(',')
-        .map(|addr| dev_cluster::admin_get(&dev_cluster::admin_addr(addr), "/metrics"))
-        .flat_map(|text| {
-            text.lines()
-                .filter(|l| l.starts_with("keel_produce_messages_total{topic=\"t\"}"))
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-                .collect::<Vec<_>>()
-        })
-        .sum();
+    let stored = dev_cluster::metric_sum(bootstrap.trim().split(','), "keel_produce_messages_total{topic=\"t\"}");
     assert_eq!(stored, u64::from(N), "keel_produce_messages_total over the nodes equals the messages sent");
 
     // SIGKILL one node: the others must still serve every acknowledged message.

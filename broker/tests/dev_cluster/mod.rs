@@ -123,3 +123,14 @@ pub fn kill_all_nodes(dir: &Path) {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// The sum, over the nodes with these client addresses, of every `/metrics` series whose
+/// line starts with `series` (a metric name with `{` or with its labels).
+#[allow(dead_code)]
+pub fn metric_sum<'a>(client_addrs: impl IntoIterator<Item = &'a str>, series: &str) -> u64 {
+    client_addrs
+        .into_iter()
+        .map(|addr| admin_get(&admin_addr(addr), "/metrics"))
+        .flat_map(|text| text.lines().filter(|l| l.starts_with(series)).filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok()).collect::<Vec<_>>())
+        .sum()
+}
