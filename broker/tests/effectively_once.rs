@@ -391,7 +391,7 @@ async fn an_overloaded_partition_throttles_producers_and_they_recover() {
     dev.create_topic("busy", 1).await;
     dev.leader("busy", 0).await;
     for node in 1..=3 {
-        assert!(dev_cluster::admin_post(&dev.admin_of(node), "/test/faults", r#"{"fsync_delay_ms": 100}"#).contains("200"));
+        assert!(dev_cluster::admin_post(&dev.admin_of(node), "/test/faults", r#"{"fsync_delay_ms": 150}"#).contains("200"));
     }
     let mut tasks = Vec::new();
     for p in 0..4 {
