@@ -15,7 +15,7 @@
 //! | `keel_produce_bytes_total` | counter | topic | batch bytes stored by those requests |
 //! | `keel_produce_requests_total` | counter | topic, outcome | produce requests answered: `stored`, `duplicate`, `refused`, `throttled`, `not_leader`, `failed` |
 //! | `keel_produce_duplicates_total` | counter | reason | records not stored again: `sequence` (a retried batch), `message_id` (an id in the dedupe window) |
-//! | `keel_produce_throttled_total` | counter | reason | produces answered `Throttled`: `pending` (the partition's append bounds), `message_ids` (the id budget), `producer_window` (a producer's 5 pending batches) |
+//! | `keel_produce_throttled_total` | counter | reason | produces answered `Throttled`: `pending` (the partition's append bounds), `message_ids` (the id budget), `producer_window` (a producer's 5 pending batches), `producers` (the partition's producer table is full) |
 //! | `keel_produce_ack_seconds` | histogram | — | from a produce request's arrival to its answer, for stored batches |
 //! | `keel_fsync_seconds` | histogram | — | each segment `fdatasync` |
 //! | `keel_raft_term` | gauge | group | the group's current term on this node |

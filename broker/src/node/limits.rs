@@ -60,3 +60,9 @@ pub const CLOCK_STALE_MS: i64 = 2_000;
 /// Producer ids a node asks the metadata log for at once, for the anonymous producers
 /// it registers.
 pub const PRODUCER_ID_BLOCK: u64 = 1024;
+/// Idempotent producers one partition remembers (about 300 bytes each, until they are
+/// idle for the topic's `producer_expiry_ms`). A producer the partition does not know
+/// is answered `Throttled` while the table is full; known ones are never evicted.
+pub const PARTITION_PRODUCERS_MAX: usize = 100_000;
+/// How long a producer refused for a full producer table is told to wait.
+pub const PRODUCERS_FULL_RETRY_AFTER_MS: u32 = 1_000;

@@ -36,8 +36,8 @@ use tokio::time::Instant;
 
 use super::group::GroupHandle;
 use super::limits::{
-    CLOCK_STALE_MS, CLOCK_TICK_INTERVAL, LEADER_GATE_WAIT, PARTITION_PENDING_BATCHES_MAX, PARTITION_PENDING_BYTES_MAX, SEQUENCE_GAP_WAIT,
-    THROTTLE_RETRY_AFTER_MS,
+    CLOCK_STALE_MS, CLOCK_TICK_INTERVAL, LEADER_GATE_WAIT, PARTITION_PENDING_BATCHES_MAX, PARTITION_PENDING_BYTES_MAX, PARTITION_PRODUCERS_MAX,
+    PRODUCERS_FULL_RETRY_AFTER_MS, SEQUENCE_GAP_WAIT, THROTTLE_RETRY_AFTER_MS,
 };
 use crate::metadata::{MetadataState, TopicMeta};
 use crate::partition::message_ids::{digest, DigestMap, DigestSet, IdDigest};
@@ -82,6 +82,9 @@ pub enum ThrottleReason {
     MessageIds,
     /// A producer's pending batches (`BATCHES_REMEMBERED`).
     ProducerWindow,
+    /// The partition's producer table is full (`PARTITION_PRODUCERS_MAX`): a producer it
+    /// does not know waits until idle ones expire.
+    Producers,
 }
 
 impl ThrottleReason {
@@ -90,6 +93,7 @@ impl ThrottleReason {
             ThrottleReason::Pending => "pending",
             ThrottleReason::MessageIds => "message_ids",
             ThrottleReason::ProducerWindow => "producer_window",
+            ThrottleReason::Producers => "producers",
         }
     }
 }
@@ -393,6 +397,16 @@ impl Partition {
                 Verdict::Gap { expected } => return Ok(Decision::WaitGap(expected)),
                 Verdict::OutOfOrder { expected } => return Err(PartitionError::OutOfOrderSequence { expected, got: s.sequence }),
                 Verdict::Fenced { current_epoch } => return Err(PartitionError::ProducerFenced { epoch: s.epoch, current: current_epoch }),
+            }
+            if pending.is_none() && st.producers.get(s.producer_id).is_none() && st.producers.len() >= PARTITION_PRODUCERS_MAX {
+                return Err(PartitionError::Throttled {
+                    retry_after_ms: PRODUCERS_FULL_RETRY_AFTER_MS,
+                    reason: ThrottleReason::Producers,
+                    detail: format!(
+                        "{} already remembers {PARTITION_PRODUCERS_MAX} idempotent producers; a new one waits until idle ones expire (topic setting producer_expiry_ms)",
+                        self.name()
+                    ),
+                });
             }
             if pending.is_some_and(|q| q.len() >= BATCHES_REMEMBERED) {
                 return Err(PartitionError::Throttled {

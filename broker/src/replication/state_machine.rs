@@ -297,6 +297,33 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
 mod tests {
     use super::*;
 
+    /// `sm.snapshot` as builds before the partition fold wrote it: meta, then the
+    /// applied id, membership and high watermark.
+    #[derive(Serialize)]
+    struct OldSnapshot {
+        meta: SnapshotMeta,
+        state: OldState,
+    }
+
+    #[derive(Serialize)]
+    struct OldState {
+        applied: Option<RaftLogId>,
+        membership: StoredMembership,
+        next_offset: u64,
+    }
+
+    #[test]
+    fn a_snapshot_written_by_an_earlier_build_still_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let applied = Some(RaftLogId::new_term_index(3, 40));
+        let meta = SnapshotMeta { last_log_id: applied, last_membership: StoredMembership::default() };
+        let old = OldSnapshot { meta, state: OldState { applied, membership: StoredMembership::default(), next_offset: 1234 } };
+        atomic_file::write(dir.path(), LEGACY_SNAPSHOT_FILE, &postcard::to_allocvec(&old).unwrap()).unwrap();
+        let sm = PartitionStateMachine::open(dir.path().to_path_buf()).unwrap();
+        assert_eq!(*sm.high_watermark().borrow(), 1234);
+        assert_eq!(sm.applied, applied);
+    }
+
     #[test]
     fn a_snapshot_file_round_trips_and_a_flipped_bit_is_refused() {
         let state = PartitionState { next_offset: 42, clock_ms: 7, ..PartitionState::default() };
