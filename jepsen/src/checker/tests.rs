@@ -1,0 +1,266 @@
+//! Checker self-tests: for every anomaly a synthetic history that must be flagged, and
+//! clean histories (including `info` and `fail` edge cases) that must pass.
+
+use super::*;
+use crate::history::{DumpOp, FaultOp, LeaderOp, PollOp, Stamp};
+
+const T: &str = "t";
+
+/// Builds a synthetic history.
+#[derive(Default)]
+struct H {
+    events: Vec<Event>,
+    next_id: u64,
+}
+
+impl H {
+    fn push(&mut self, id: u64, actor: Actor, kind: Kind, op: Op) {
+        let index = self.events.len() as u64;
+        self.events.push(Event { index, time: index * 1000, id, actor, kind, op, error: None });
+    }
+
+    fn id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    fn send_op(partition: u32, msg: &str, idempotent: bool, stamp: Option<Stamp>) -> SendOp {
+        SendOp { topic: T.into(), partition, msg: msg.into(), idempotent, stamp, offset: None, duplicate: false }
+    }
+
+    /// A send by `process` that completes with `kind` (`None`: never completes).
+    fn send_with(&mut self, process: u64, msg: &str, kind: Option<Kind>, offset: Option<u64>, idempotent: bool, stamp: Option<Stamp>) {
+        let id = self.id();
+        let op = H::send_op(0, msg, idempotent, stamp);
+        self.push(id, Actor::Client(process), Kind::Invoke, Op::Send(op.clone()));
+        if let Some(kind) = kind {
+            self.push(id, Actor::Client(process), kind, Op::Send(SendOp { offset, ..op }));
+        }
+    }
+
+    fn ack(&mut self, process: u64, msg: &str, offset: u64) {
+        self.send_with(process, msg, Some(Kind::Ok), Some(offset), true, None);
+    }
+
+    fn poll(&mut self, process: u64, from: u64, records: &[(u64, &str)], hw: u64) {
+        let id = self.id();
+        let op = PollOp { topic: T.into(), partition: 0, from, records: Vec::new(), high_watermark: None, log_start: None };
+        self.push(id, Actor::Client(process), Kind::Invoke, Op::Poll(op.clone()));
+        let records = records.iter().map(|(o, m)| Read { offset: *o, msg: m.to_string() }).collect();
+        self.push(id, Actor::Client(process), Kind::Ok, Op::Poll(PollOp { records, high_watermark: Some(hw), ..op }));
+    }
+
+    fn dump(&mut self, node: u64, records: &[(u64, &str)]) {
+        let id = self.id();
+        let records = records.iter().map(|(o, m)| Read { offset: *o, msg: m.to_string() }).collect();
+        self.push(id, Actor::Runner, Kind::Info, Op::Dump(DumpOp { node, topic: T.into(), partition: 0, records }));
+    }
+
+    fn check(&self) -> Results {
+        check(&self.events, Floors { acked_sends: 1, faults: 0, leader_changes: 0 })
+    }
+}
+
+/// Three acknowledged sends, read back in order, dumped identically on two nodes.
+fn clean() -> H {
+    let mut h = H::default();
+    for (i, m) in ["1-0", "1-1", "1-2"].iter().enumerate() {
+        h.ack(1, m, i as u64);
+    }
+    h.poll(2, 0, &[(0, "1-0"), (1, "1-1")], 2);
+    h.poll(2, 2, &[(2, "1-2")], 3);
+    h.dump(1, &[(0, "1-0"), (1, "1-1"), (2, "1-2")]);
+    h.dump(2, &[(0, "1-0"), (1, "1-1")]);
+    h
+}
+
+fn assert_flags(h: &H, name: &str) -> Results {
+    let r = h.check();
+    let a = r.anomaly(name).unwrap_or_else(|| panic!("no row {name}"));
+    assert!(a.count > 0, "{name} not flagged: {r:#?}");
+    if a.verdict == Verdict::Forbidden {
+        assert!(!r.valid, "a forbidden {name} makes the run invalid");
+    }
+    r
+}
+
+#[test]
+fn a_clean_history_passes_with_every_row_at_zero() {
+    let r = clean().check();
+    assert!(r.valid, "{r:#?}");
+    assert!(r.anomalies.iter().all(|a| a.count == 0), "{r:#?}");
+    assert_eq!((r.stats.acked, r.stats.distinct_read, r.stats.dumps), (3, 3, 2));
+}
+
+#[test]
+fn two_messages_at_one_offset_are_inconsistent_offsets() {
+    let mut h = clean();
+    h.poll(3, 1, &[(1, "1-2")], 3);
+    assert_flags(&h, "inconsistent-offsets");
+}
+
+#[test]
+fn an_acknowledged_message_below_the_offsets_read_and_never_read_is_a_lost_write() {
+    let mut h = H::default();
+    h.ack(1, "1-0", 0);
+    h.ack(1, "1-1", 1);
+    h.ack(1, "1-2", 2);
+    h.poll(2, 0, &[(0, "1-0"), (2, "1-2")], 3);
+    let r = assert_flags(&h, "lost-write");
+    assert_eq!(r.anomaly("lost-write").unwrap().count, 1);
+    assert_eq!(r.anomaly("lost-unseen-middle").unwrap().count, 1, "and it is lost from the middle of its writer's order");
+}
+
+#[test]
+fn unseen_acknowledged_messages_are_split_by_their_writers_order() {
+    let mut h = H::default();
+    for (i, m) in ["1-0", "1-1", "1-2", "1-3", "1-4"].iter().enumerate() {
+        h.ack(1, m, i as u64);
+    }
+    h.poll(2, 1, &[(1, "1-1")], 5);
+    h.poll(3, 3, &[(3, "1-3")], 5);
+    let r = h.check();
+    let count = |n| r.anomaly(n).unwrap().count;
+    assert_eq!((count("lost-unseen-prefix"), count("lost-unseen-middle"), count("lost-unseen-postfix")), (1, 1, 1), "{r:#?}");
+    assert!(!r.valid);
+}
+
+#[test]
+fn a_node_whose_log_skips_an_acknowledged_message_loses_it_on_node() {
+    let mut h = clean();
+    h.dump(3, &[(0, "1-0"), (2, "1-2")]);
+    assert_flags(&h, "lost-on-node");
+}
+
+#[test]
+fn two_nodes_disagreeing_on_an_offset_are_split_brain() {
+    let mut h = clean();
+    h.send_with(4, "4-0", Some(Kind::Info), None, true, None);
+    h.dump(3, &[(0, "1-0"), (1, "4-0")]);
+    assert_flags(&h, "split-brain");
+}
+
+#[test]
+fn a_message_read_but_never_sent_is_unexpected() {
+    let mut h = clean();
+    h.poll(3, 3, &[(3, "ghost")], 4);
+    assert_flags(&h, "unexpected");
+}
+
+#[test]
+fn reading_a_send_that_failed_definitely_is_an_aborted_read() {
+    let mut h = clean();
+    h.send_with(1, "1-3", Some(Kind::Fail), None, true, None);
+    h.poll(3, 3, &[(3, "1-3")], 4);
+    assert_flags(&h, "aborted-read");
+}
+
+#[test]
+fn reading_a_send_of_unknown_outcome_is_allowed_and_counted() {
+    let mut h = clean();
+    h.send_with(1, "1-3", Some(Kind::Info), None, true, None);
+    h.send_with(1, "1-4", None, None, true, None); // never completed: unknown too
+    h.send_with(1, "1-5", Some(Kind::Info), None, true, None); // unknown, never read: not lost
+    h.poll(3, 3, &[(3, "1-3"), (4, "1-4")], 5);
+    let r = h.check();
+    assert!(r.valid, "{r:#?}");
+    assert_eq!(r.anomaly("recovered").unwrap().count, 2);
+    assert_eq!(r.stats.unknown, 3);
+}
+
+#[test]
+fn an_idempotent_message_at_two_offsets_is_a_forbidden_duplicate_and_a_plain_one_is_counted() {
+    let mut h = clean();
+    h.poll(3, 0, &[(0, "1-0"), (1, "1-1"), (2, "1-2"), (3, "1-1")], 4);
+    assert_flags(&h, "duplicate-append");
+    let mut h = clean();
+    h.send_with(5, "5-0", Some(Kind::Ok), Some(3), false, None);
+    h.poll(3, 3, &[(3, "5-0"), (4, "5-0")], 5);
+    let r = h.check();
+    assert_eq!(r.anomaly("duplicate-append-non-idempotent").unwrap().count, 1);
+    assert!(r.valid, "allowed without idempotence: {r:#?}");
+}
+
+fn stamp(sequence: i32) -> Option<Stamp> {
+    Some(Stamp { producer_id: 7, epoch: 0, sequence })
+}
+
+#[test]
+fn one_sequence_at_two_offsets_or_out_of_order_or_with_a_gap_is_a_seq_offset_anomaly() {
+    // Two acknowledgements of sequence 1 (a retry) at different offsets.
+    let mut h = H::default();
+    h.send_with(1, "1-0", Some(Kind::Ok), Some(0), true, stamp(0));
+    h.send_with(1, "1-1", Some(Kind::Ok), Some(1), true, stamp(1));
+    h.send_with(1, "1-1r", Some(Kind::Ok), Some(2), true, stamp(1));
+    assert_flags(&h, "seq-offset");
+    // Sequence order against offset order.
+    let mut h = H::default();
+    h.send_with(1, "1-0", Some(Kind::Ok), Some(1), true, stamp(0));
+    h.send_with(1, "1-1", Some(Kind::Ok), Some(0), true, stamp(1));
+    assert_flags(&h, "seq-offset");
+    // A gap accepted: 2 stored after 0 while 1 never was.
+    let mut h = H::default();
+    h.send_with(1, "1-0", Some(Kind::Ok), Some(0), true, stamp(0));
+    h.send_with(1, "1-1", Some(Kind::Info), None, true, stamp(1));
+    h.send_with(1, "1-2", Some(Kind::Ok), Some(1), true, stamp(2));
+    h.poll(2, 0, &[(0, "1-0"), (1, "1-2")], 2);
+    assert_flags(&h, "seq-offset");
+    // The same with sequence 1 stored (its send timed out, but it is in the log): fine.
+    let mut h = H::default();
+    h.send_with(1, "1-0", Some(Kind::Ok), Some(0), true, stamp(0));
+    h.send_with(1, "1-1", Some(Kind::Info), None, true, stamp(1));
+    h.send_with(1, "1-2", Some(Kind::Ok), Some(2), true, stamp(2));
+    h.poll(2, 0, &[(0, "1-0"), (1, "1-1"), (2, "1-2")], 3);
+    let r = h.check();
+    assert!(r.valid, "{r:#?}");
+}
+
+#[test]
+fn a_producers_later_send_at_a_lower_offset_is_nonmonotonic() {
+    let mut h = H::default();
+    h.ack(1, "1-0", 5);
+    h.ack(1, "1-1", 3);
+    assert_flags(&h, "nonmonotonic-send");
+}
+
+#[test]
+fn a_reader_going_back_is_nonmonotonic_and_one_jumping_over_a_message_skips() {
+    let mut h = clean();
+    h.poll(3, 1, &[(1, "1-1")], 3);
+    h.poll(3, 0, &[(0, "1-0")], 3);
+    assert_flags(&h, "nonmonotonic-poll");
+    let mut h = clean();
+    h.poll(3, 0, &[(0, "1-0"), (2, "1-2")], 3);
+    assert_flags(&h, "poll-skip");
+    // A gap where the log holds no message (a batch that was never served) is no skip.
+    let mut h = H::default();
+    h.ack(1, "1-0", 0);
+    h.ack(1, "1-1", 5);
+    h.poll(2, 0, &[(0, "1-0"), (5, "1-1")], 6);
+    assert!(h.check().valid);
+}
+
+#[test]
+fn a_high_watermark_going_back_for_one_reader_is_a_committed_regression() {
+    let mut h = clean();
+    h.poll(3, 0, &[(0, "1-0")], 3);
+    h.poll(3, 1, &[(1, "1-1")], 2);
+    assert_flags(&h, "committed-regression");
+}
+
+#[test]
+fn a_run_that_exercised_too_little_is_invalid_without_any_anomaly() {
+    let h = clean();
+    let r = check(&h.events, Floors::default());
+    assert!(!r.valid);
+    assert!(r.anomalies.iter().all(|a| a.count == 0));
+    assert_eq!(r.vacuous.len(), 3, "{:?}", r.vacuous);
+    // With a fault and a leader change recorded and enough sends, the floors are met.
+    let mut h = clean();
+    h.push(100, Actor::Nemesis, Kind::Info, Op::Fault(FaultOp { name: "kill".into(), phase: "start".into(), detail: serde_json::Value::Null }));
+    for (leader, term) in [(1, 1), (2, 2)] {
+        h.push(101, Actor::Runner, Kind::Info, Op::Leader(LeaderOp { topic: T.into(), partition: 0, leader: Some(leader), term }));
+    }
+    let r = check(&h.events, Floors { acked_sends: 3, faults: 1, leader_changes: 1 });
+    assert!(r.valid, "{r:#?}");
+}

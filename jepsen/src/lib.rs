@@ -1,0 +1,14 @@
+//! `keel-jepsen`: proves Keel's promise — nothing acknowledged is lost, nothing is stored
+//! twice — against real `keel serve` processes under faults.
+//!
+//! # Layout
+//! - [`history`]: the recorded history (`history.jsonl`): invocations, completions
+//!   (`ok` / `fail` / `info`), faults, observations, each node's final log.
+//! - [`checker`]: every anomaly of `shared/notes/jepsen.md` §3 that applies, with its
+//!   verdict, vacuity floors and self-tests.
+//!
+//! **Architecture invariant:** the harness is a client. It depends on the client and
+//! protocol crates and starts the `keel` binary; it never links the broker or storage.
+
+pub mod checker;
+pub mod history;
