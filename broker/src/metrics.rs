@@ -13,7 +13,7 @@
 //! |---|---|---|---|
 //! | `keel_produce_messages_total` | counter | topic | records stored by produce requests this node led (duplicates not counted) |
 //! | `keel_produce_bytes_total` | counter | topic | batch bytes stored by those requests |
-//! | `keel_produce_requests_total` | counter | topic, outcome | produce requests answered: `stored`, `duplicate`, `refused`, `throttled`, `not_leader`, `failed` |
+//! | `keel_produce_requests_total` | counter | topic, outcome | produce requests answered: `stored`, `duplicate`, `refused`, `throttled`, `not_leader`, `unknown` (outcome unknown: timed out or leadership lost), `failed` |
 //! | `keel_produce_duplicates_total` | counter | reason | records not stored again: `sequence` (a retried batch), `message_id` (an id in the dedupe window) |
 //! | `keel_produce_throttled_total` | counter | reason | produces answered `Throttled`: `pending` (the partition's append bounds), `message_ids` (the id budget), `producer_window` (a producer's 5 pending batches), `producers` (the partition's producer table is full) |
 //! | `keel_produce_ack_seconds` | histogram | — | from a produce request's arrival to its answer, for stored batches |
@@ -122,6 +122,7 @@ pub fn record_produce(topic: &str, result: &Result<Appended, PartitionError>, re
         }
         Err(PartitionError::OutOfOrderSequence { .. } | PartitionError::ProducerFenced { .. } | PartitionError::InvalidBatch(_)) => "refused",
         Err(PartitionError::NotLeader { .. } | PartitionError::LeaderNotReady) => "not_leader",
+        Err(PartitionError::TimedOut | PartitionError::OutcomeUnknown { .. }) => "unknown",
         Err(_) => "failed",
     };
     counter!(PRODUCE_REQUESTS, "topic" => topic, "outcome" => outcome).increment(1);

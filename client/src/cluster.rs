@@ -131,7 +131,9 @@ impl Cluster {
                 // The topic exists: this broker has not applied its creation yet.
                 Attempt::Retry { redirect: None, after: None, free: true, error: broker(code, message) }
             }
-            Err(CallError::Refused { code, message, body, .. }) => Attempt::Fail(ClientError::Refused { what: what.to_string(), code, message, body }),
+            Err(CallError::Refused { code, message, body, .. }) => {
+                Attempt::Fail(ClientError::Refused { what: what.to_string(), code, message, body, after_unknown: false })
+            }
             Err(e) => {
                 Attempt::Retry { redirect: None, after: None, free: false, error: ClientError::NoBroker { tried: addr.to_string(), last: e.to_string() } }
             }
@@ -152,6 +154,8 @@ impl Cluster {
         let mut redirect: Option<String> = None;
         let mut attempt_no = 0u32;
         let mut rotate = 0usize;
+        // Whether an earlier attempt may have taken effect (a lost answer, a timeout).
+        let mut unknown = false;
         loop {
             let addr = match redirect.take() {
                 Some(a) => a,
@@ -162,6 +166,9 @@ impl Cluster {
             };
             let (error, after, free) = match self.attempt(&addr, api_key, encode, what, lag_tolerant).await {
                 Attempt::Done(version, body) => return Ok((version, body)),
+                Attempt::Fail(ClientError::Refused { what, code, message, body, .. }) => {
+                    return Err(ClientError::Refused { what, code, message, body, after_unknown: unknown })
+                }
                 Attempt::Fail(e) => return Err(e),
                 Attempt::Retry { redirect: r, after, free, error } => {
                     if r.is_some() {
@@ -174,6 +181,7 @@ impl Cluster {
                     (error, after, free)
                 }
             };
+            unknown |= error.outcome() == crate::error::Outcome::Indefinite;
             if Instant::now() >= deadline {
                 return Err(ClientError::Timeout { what: what.to_string(), timeout: c.request_timeout, last: error.to_string() });
             }
@@ -218,6 +226,24 @@ impl Cluster {
     pub async fn call_partition(&self, topic: &str, partition: u32, api_key: u16, encode: Encode<'_>, deadline: Instant) -> Result<(u16, Bytes), ClientError> {
         let what = format!("{}/{partition}", topic);
         self.call_until(&what, api_key, encode, deadline, PartitionLeader { topic: topic.to_string(), partition }).await
+    }
+
+    /// One attempt at the partition's leader as the cached metadata knows it (or its
+    /// first replica): no retry, no redirect. A `NotLeader` answer invalidates the
+    /// metadata so the next call goes elsewhere. For callers that classify every attempt
+    /// themselves (the Jepsen harness' single-attempt produce).
+    pub async fn call_partition_once(&self, topic: &str, partition: u32, api_key: u16, encode: Encode<'_>) -> Result<(u16, Bytes), ClientError> {
+        let what = format!("{topic}/{partition}");
+        let mut targets = PartitionLeader { topic: topic.to_string(), partition };
+        let addr = targets.targets(self).await.into_iter().next().expect("targets are never empty");
+        match self.attempt(&addr, api_key, encode, &what, false).await {
+            Attempt::Done(version, body) => Ok((version, body)),
+            Attempt::Fail(e) => Err(e),
+            Attempt::Retry { error, .. } => {
+                targets.invalidate(self);
+                Err(error)
+            }
+        }
     }
 
     /// The cluster metadata, from cache unless older than `metadata_max_age` or `refresh`.

@@ -47,8 +47,10 @@ pub struct Message {
 pub struct Consumer {
     cluster: Cluster,
     topic: String,
-    /// Next offset to read, per partition.
+    /// Next offset to read, per partition (indexed by partition).
     positions: Vec<u64>,
+    /// The partitions this consumer reads (all of them unless assigned).
+    assigned: Vec<u32>,
     /// Largest fetch response per partition (bytes).
     pub max_bytes: u32,
     /// Skip stored batches that do not decode (logging each) instead of failing the
@@ -69,7 +71,35 @@ impl Consumer {
             };
             positions.push(at);
         }
-        Ok(Consumer { cluster, topic: topic.to_string(), positions, max_bytes: 1024 * 1024, skip_undecodable: false })
+        Ok(Consumer { cluster, topic: topic.to_string(), positions, assigned: (0..partitions).collect(), max_bytes: 1024 * 1024, skip_undecodable: false })
+    }
+
+    /// A consumer of only the listed partitions, each from its own offset.
+    pub async fn assign(cluster: Cluster, topic: &str, starts: &[(u32, u64)]) -> Result<Consumer, ClientError> {
+        let partitions = cluster.partitions(topic).await?;
+        let mut positions = vec![0; partitions as usize];
+        let mut assigned = Vec::new();
+        for (p, offset) in starts {
+            let slot = positions.get_mut(*p as usize).ok_or_else(|| ClientError::Invalid(format!("{topic} has partitions 0..{partitions}, not {p}")))?;
+            *slot = *offset;
+            assigned.push(*p);
+        }
+        assigned.sort_unstable();
+        assigned.dedup();
+        Ok(Consumer { cluster, topic: topic.to_string(), positions, assigned, max_bytes: 1024 * 1024, skip_undecodable: false })
+    }
+
+    /// One fetch of `partition` from `offset`, with what the leader reported (its high
+    /// watermark and log start); positions do not move. For tools that track offsets
+    /// themselves (the Jepsen harness records every poll).
+    pub async fn fetch_partition(&self, partition: u32, offset: u64, max_wait: Duration) -> Result<PartitionFetch, ClientError> {
+        let f = fetch(&self.cluster, &self.topic, partition, offset, self.max_bytes, max_wait).await?;
+        Ok(PartitionFetch {
+            messages: f.messages,
+            high_watermark: f.high_watermark,
+            log_start_offset: f.log_start_offset,
+            undecodable_at: f.undecodable.map(|u| (u.offset, u.next_offset)),
+        })
     }
 
     /// The next offset this consumer will read in each partition.
@@ -104,9 +134,10 @@ impl Consumer {
     /// first answer that carries messages.
     async fn fetch_all(&mut self, max_wait: Duration) -> Result<Vec<Message>, ClientError> {
         let mut tasks = tokio::task::JoinSet::new();
-        for (p, &offset) in self.positions.iter().enumerate() {
+        for &p in &self.assigned {
+            let offset = self.positions[p as usize];
             let (cluster, topic, max_bytes) = (self.cluster.clone(), self.topic.clone(), self.max_bytes);
-            tasks.spawn(async move { (p as u32, fetch(&cluster, &topic, p as u32, offset, max_bytes, max_wait).await) });
+            tasks.spawn(async move { (p, fetch(&cluster, &topic, p, offset, max_bytes, max_wait).await) });
         }
         let mut out = Vec::new();
         while let Some(joined) = tasks.join_next().await {
@@ -165,9 +196,23 @@ struct Undecodable {
     reason: String,
 }
 
+/// What one fetch of a partition returned (see [`Consumer::fetch_partition`]).
+#[derive(Debug, Clone)]
+pub struct PartitionFetch {
+    pub messages: Vec<Message>,
+    /// Messages below this offset were committed when the leader answered.
+    pub high_watermark: u64,
+    /// The first offset the partition still holds.
+    pub log_start_offset: u64,
+    /// A stored batch that does not decode, `(offset, next_offset)`: the messages stop
+    /// before it.
+    pub undecodable_at: Option<(u64, u64)>,
+}
+
 /// What one fetch returned: the partition's log start offset, the messages, and the
 /// first batch that did not decode (the messages stop before it).
 struct Fetched {
+    high_watermark: u64,
     log_start_offset: u64,
     messages: Vec<Message>,
     undecodable: Option<Undecodable>,
@@ -181,7 +226,7 @@ async fn fetch(cluster: &Cluster, topic: &str, partition: u32, offset: u64, max_
     let body = match cluster.call_partition(topic, partition, api::FETCH, &|_| request.clone(), deadline).await {
         Ok((_, b)) => b,
         Err(e) if e.code() == Some(ErrorCode::OffsetOutOfRange) && offset == 0 => {
-            return Ok(Fetched { log_start_offset: 0, messages: Vec::new(), undecodable: None })
+            return Ok(Fetched { high_watermark: 0, log_start_offset: 0, messages: Vec::new(), undecodable: None })
         }
         Err(e) => return Err(e),
     };
@@ -198,6 +243,7 @@ async fn fetch(cluster: &Cluster, topic: &str, partition: u32, offset: u64, max_
                 Err(e) => {
                     let next_offset = base + u64::from(view.header().record_count);
                     return Ok(Fetched {
+                        high_watermark: head.high_watermark,
                         log_start_offset: head.log_start_offset,
                         messages: out,
                         undecodable: Some(Undecodable { offset: base, next_offset, reason: e.to_string() }),
@@ -215,5 +261,5 @@ async fn fetch(cluster: &Cluster, topic: &str, partition: u32, offset: u64, max_
         }
         out.extend(decoded);
     }
-    Ok(Fetched { log_start_offset: head.log_start_offset, messages: out, undecodable: None })
+    Ok(Fetched { high_watermark: head.high_watermark, log_start_offset: head.log_start_offset, messages: out, undecodable: None })
 }

@@ -23,4 +23,4 @@ pub mod retry;
 pub use admin::Admin;
 pub use cluster::Cluster;
 pub use config::ClientConfig;
-pub use error::ClientError;
+pub use error::{ClientError, Outcome};

@@ -163,6 +163,12 @@ impl ErrorCode {
         }
     }
 
+    /// Whether a request refused with this code definitely did not take effect (for a
+    /// produce: nothing was appended). `false` means its outcome is unknown.
+    pub fn is_definite(self) -> bool {
+        !matches!(self, ErrorCode::RequestTimedOut | ErrorCode::StorageFailed | ErrorCode::Unknown)
+    }
+
     /// Whether retrying the same request (possibly elsewhere, after a delay) can succeed.
     pub fn is_retriable(self) -> bool {
         matches!(

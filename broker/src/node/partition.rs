@@ -17,9 +17,9 @@
 //! earlier leaders committed is in the applied state by then. Pending appends are
 //! bounded (bytes and count); beyond the bounds the answer is `Throttled`.
 //!
-//! **Reading.** Only a leader whose quorum acknowledged it within the lease serves
-//! fetches, only committed batches, and never control entries or batches the fold
-//! refused.
+//! **Reading.** Only a leader that has applied an entry of its own term and whose quorum
+//! acknowledged it within the lease serves fetches, only committed batches, and never
+//! control entries or batches the fold refused.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -65,6 +65,10 @@ pub enum PartitionError {
     InvalidBatch(String),
     #[error("the write did not commit in time; its outcome is unknown")]
     TimedOut,
+    /// The write was handed to Raft, then this node's leadership ended before it was
+    /// answered: it may still commit under the next leader.
+    #[error("leadership moved before the write was answered; its outcome is unknown")]
+    OutcomeUnknown { leader: Option<u64> },
     #[error("offset {offset} is outside {start}..={end}")]
     OffsetOutOfRange { offset: u64, start: u64, end: u64 },
     #[error("the partition's topic was deleted")]
@@ -528,9 +532,11 @@ impl Partition {
         tokio::spawn(async move {
             let result = match rx.await {
                 Ok(Ok(resp)) => Ok(resp.data),
-                Ok(Err(ClientWriteError::ForwardToLeader(f))) => Err(PartitionError::NotLeader { leader: f.leader_id }),
+                // Refused before the append or lost with the leadership: either way the
+                // entry may be in the next leader's log. Only a retry can tell.
+                Ok(Err(ClientWriteError::ForwardToLeader(f))) => Err(PartitionError::OutcomeUnknown { leader: f.leader_id }),
                 Ok(Err(e)) => Err(PartitionError::Storage(e.to_string())),
-                Err(_) => Err(PartitionError::NotLeader { leader: None }),
+                Err(_) => Err(PartitionError::OutcomeUnknown { leader: None }),
             };
             me.writer.lock().await.complete(id);
             me.progress.notify_waiters();
@@ -542,7 +548,7 @@ impl Partition {
     async fn outcome(&self, rx: oneshot::Receiver<Result<ApplyReply, PartitionError>>, deadline: Instant) -> Result<ApplyReply, PartitionError> {
         match tokio::time::timeout_at(deadline, rx).await {
             Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(PartitionError::NotLeader { leader: None }),
+            Ok(Err(_)) => Err(PartitionError::OutcomeUnknown { leader: None }),
             Err(_) => Err(PartitionError::TimedOut),
         }
     }
@@ -564,6 +570,9 @@ impl Partition {
     /// Committed batches from the one holding `offset`, up to about `max_bytes`
     /// (at least one batch), waiting up to `max_wait` for one if none is there yet.
     pub async fn read(&self, offset: u64, max_bytes: u64, max_wait: Duration) -> Result<Read, PartitionError> {
+        // A new leader serves only once it has applied an entry of its own term: before,
+        // its high watermark can be below what the previous leader already served.
+        self.ready_term(Instant::now() + LEADER_GATE_WAIT).await?;
         self.check_serving_leader()?;
         let mut hw = self.group.high_watermark.clone();
         let deadline = Instant::now() + max_wait;

@@ -96,7 +96,7 @@ impl ApiError {
                 PartitionError::ProducerFenced { .. } => ErrorCode::ProducerFenced,
                 PartitionError::DuplicateMessageIds(_) => ErrorCode::DuplicateMessageIds,
                 PartitionError::InvalidBatch(_) => ErrorCode::InvalidBatch,
-                PartitionError::TimedOut => ErrorCode::RequestTimedOut,
+                PartitionError::TimedOut | PartitionError::OutcomeUnknown { .. } => ErrorCode::RequestTimedOut,
                 PartitionError::OffsetOutOfRange { .. } => ErrorCode::OffsetOutOfRange,
                 PartitionError::Deleted => ErrorCode::UnknownTopic,
                 PartitionError::Storage(_) => ErrorCode::StorageFailed,
@@ -130,6 +130,10 @@ impl ApiError {
                     Reply::error(code, format!("{what}: producer epoch {epoch} is fenced by epoch {current}: a newer instance of this producer exists; stop this one"))
                 }
                 PartitionError::TimedOut => Reply::error(code, format!("{what}: the write did not commit in time; its outcome is unknown, retry (idempotent producers make it safe)")),
+                PartitionError::OutcomeUnknown { leader } => Reply::error(
+                    code,
+                    format!("{what}: this node stopped leading before the write was answered (leader now {leader:?}); its outcome is unknown, retry (idempotent producers make it safe)"),
+                ),
                 PartitionError::Deleted => Reply::error(code, format!("{what}: the topic was deleted")),
                 PartitionError::OffsetOutOfRange { offset, start, .. } if offset < start => {
                     Reply::error(code, format!("offset {offset} of {what} was deleted by retention; the earliest is {start}"))
