@@ -17,6 +17,7 @@
 //! `io::Error` and are fatal to the Raft group, never retried.
 
 pub mod config;
+pub mod inspect;
 pub mod metadata;
 pub mod metrics;
 pub mod node;

@@ -154,6 +154,18 @@ pub fn persist_vote(dir: &std::path::Path, vote: &Vote) -> io::Result<()> {
     Ok(())
 }
 
+/// The committed log index last saved in `dir` (a hint: it may lag the real commit
+/// index by up to `COMMITTED_WRITE_INTERVAL`, and may exceed what the log durably holds).
+pub fn saved_committed(dir: &std::path::Path) -> io::Result<Option<u64>> {
+    match atomic_file::read(dir, COMMITTED_FILE)? {
+        None => Ok(None),
+        Some(bytes) => {
+            let id: Option<RaftLogId> = postcard::from_bytes(&bytes).map_err(|e| invalid(format!("decoding the committed index: {e}")))?;
+            Ok(id.map(|l| l.index))
+        }
+    }
+}
+
 /// Whether the store in `dir` has ever saved a vote.
 pub fn has_vote(dir: &std::path::Path) -> bool {
     dir.join(VOTE_FILE).exists()

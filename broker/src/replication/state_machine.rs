@@ -191,7 +191,9 @@ impl PartitionStateMachine {
         self.shared.high_watermark()
     }
 
-    fn apply_batch(state: &mut PartitionState, index: u64, bytes: &bytes::Bytes) -> io::Result<BatchOutcome> {
+    /// Applies the batch stored at log `index` to `state` (what applying does; public
+    /// for offline replays of a stopped node's log).
+    pub fn apply_batch(state: &mut PartitionState, index: u64, bytes: &bytes::Bytes) -> io::Result<BatchOutcome> {
         // Batches are validated before they are proposed, and the log checksums its
         // entries: a header that does not parse here is corruption; the group stops.
         let view = BatchView::trusted(bytes.clone()).map_err(|e| invalid(format!("entry {index} holds an unparseable batch: {e}")))?;

@@ -48,6 +48,8 @@ enum Command {
         #[command(flatten)]
         args: client_cmds::ConsumeArgs,
     },
+    /// Print a stopped node's committed records, from its data directory.
+    Dump(DumpArgs),
     /// Cluster-wide views.
     Cluster {
         #[command(flatten)]
@@ -85,6 +87,10 @@ fn main() -> std::process::ExitCode {
             serve::run(args)
         }
         Command::Dev(args) => dev::run(args),
+        Command::Dump(args) => {
+            exit_quietly_on_closed_pipe();
+            dump(args)
+        }
         Command::Topic { connect, command } => {
             exit_quietly_on_closed_pipe();
             client_cmds::topic(command, connect)
@@ -118,4 +124,34 @@ impl LogFormat {
             LogFormat::Json => "json",
         }
     }
+}
+
+#[derive(clap::Args)]
+struct DumpArgs {
+    /// The node's data directory (the node must be stopped).
+    #[arg(long)]
+    data_dir: std::path::PathBuf,
+    /// One JSON object per record (topic, partition, offset, key, value).
+    #[arg(long)]
+    json: bool,
+}
+
+/// `keel dump`: every partition's committed, served records on one stopped node.
+fn dump(args: DumpArgs) -> anyhow::Result<()> {
+    use std::io::Write;
+    let partitions = keel_broker::inspect::committed_records(&args.data_dir).map_err(anyhow::Error::msg)?;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    for p in partitions {
+        for r in p.records {
+            let text = |b: &Option<bytes::Bytes>| b.as_deref().map(|v| String::from_utf8_lossy(v).into_owned());
+            if args.json {
+                let line = serde_json::json!({"topic": p.topic, "partition": p.partition, "offset": r.offset, "key": text(&r.key), "value": text(&r.value)});
+                writeln!(out, "{line}")?;
+            } else {
+                writeln!(out, "{}/{}\t{}\t{}", p.topic, p.partition, r.offset, text(&r.value).unwrap_or_default())?;
+            }
+        }
+    }
+    out.flush()?;
+    Ok(())
 }
