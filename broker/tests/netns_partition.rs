@@ -1,5 +1,6 @@
 //! A real network partition between real processes: three `keel serve` processes, each
-//! in its own network namespace, joined by veth pairs to a bridge in a fourth. Unplugging
+//! in its own network namespace, joined by veth pairs to a bridge in a fourth (the
+//! Jepsen harness' topology, `keel_jepsen::topology`). Unplugging
 //! the partition leader's cable (`ip link set vN down` in the bridge namespace) cuts it
 //! off in both directions while it keeps running. Checked: the isolated leader
 //! acknowledges none of the writes sent to it; the majority elects a leader and
@@ -14,77 +15,34 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use keel_jepsen::topology::Topology;
+
 const CLIENT_PORT: u16 = 9092;
 
-/// Namespaces and processes of one run, removed when dropped (also on failure).
-struct Topology {
-    prefix: String,
+/// The namespaces (`keel_jepsen::topology`) and the node processes of one run; the
+/// processes are killed before the namespaces are removed (also on failure).
+struct Run {
     nodes: Vec<Child>,
+    topology: Topology,
 }
 
-impl Topology {
-    fn switch(&self) -> String {
-        format!("{}sw", self.prefix)
-    }
-
-    fn ns(&self, node: u32) -> String {
-        format!("{}n{node}", self.prefix)
-    }
-
-    fn create(prefix: &str) -> Result<Topology, String> {
-        let t = Topology { prefix: prefix.to_string(), nodes: Vec::new() };
-        let sw = t.switch();
-        ip(&["netns", "add", &sw])?;
-        ip(&["-n", &sw, "link", "add", "br0", "type", "bridge"])?;
-        ip(&["-n", &sw, "link", "set", "br0", "up"])?;
-        for i in 1..=3 {
-            let ns = t.ns(i);
-            let v = format!("v{i}");
-            ip(&["netns", "add", &ns])?;
-            ip(&["-n", &sw, "link", "add", &v, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
-            ip(&["-n", &sw, "link", "set", &v, "master", "br0"])?;
-            ip(&["-n", &sw, "link", "set", &v, "up"])?;
-            ip(&["-n", &ns, "link", "set", "lo", "up"])?;
-            ip(&["-n", &ns, "addr", "add", &format!("10.77.0.{i}/24"), "dev", "eth0"])?;
-            ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
-        }
-        Ok(t)
-    }
-
-    /// Plugs node `i`'s cable in or out.
-    fn cable(&self, i: u32, up: bool) {
-        ip(&["-n", &self.switch(), "link", "set", &format!("v{i}"), if up { "up" } else { "down" }]).unwrap();
-    }
-
+impl Run {
     /// `keel ARGS` run inside node `i`'s namespace, its own node first in the
     /// bootstrap list (what a client on that side of a partition can reach).
     fn keel_in(&self, i: u32, args: &[&str]) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.ns(i), env!("CARGO_BIN_EXE_keel")]).args(args);
+        let mut c = self.topology.command(i, std::path::Path::new(env!("CARGO_BIN_EXE_keel")));
+        c.args(args);
         c.env("KEEL_BOOTSTRAP", bootstrap_from(i));
         c
     }
 }
 
-impl Drop for Topology {
+impl Drop for Run {
     fn drop(&mut self) {
         for n in &mut self.nodes {
             let _ = n.kill();
             let _ = n.wait();
         }
-        for i in 1..=3 {
-            let _ = ip(&["netns", "del", &self.ns(i)]);
-        }
-        let _ = ip(&["netns", "del", &self.switch()]);
-    }
-}
-
-fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip").args(args).output().map_err(|e| format!("ip {args:?}: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!("ip {args:?}: {}", String::from_utf8_lossy(&out.stderr).trim()))
     }
 }
 
@@ -110,7 +68,7 @@ fn ok(out: Output, what: &str) -> String {
 }
 
 /// Sends `values` with `keel produce` from inside node `from`'s namespace.
-fn produce(t: &Topology, from: u32, values: &[String], timeout: &str) -> Output {
+fn produce(t: &Run, from: u32, values: &[String], timeout: &str) -> Output {
     let mut p = t.keel_in(from, &["produce", "p", "--timeout", timeout]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     {
         let mut stdin = p.stdin.take().unwrap();
@@ -122,7 +80,7 @@ fn produce(t: &Topology, from: u32, values: &[String], timeout: &str) -> Output 
 }
 
 /// The leader of partition 0 as `keel cluster status` sees it from node `from`.
-fn leader_seen_from(t: &Topology, from: u32, not: Option<u64>, within: Duration) -> u64 {
+fn leader_seen_from(t: &Run, from: u32, not: Option<u64>, within: Duration) -> u64 {
     let deadline = Instant::now() + within;
     loop {
         let out = t.keel_in(from, &["cluster", "status", "--json"]).output().unwrap();
@@ -145,23 +103,23 @@ fn leader_seen_from(t: &Topology, from: u32, not: Option<u64>, within: Duration)
 #[test]
 fn a_leader_cut_off_by_a_real_network_partition_acknowledges_nothing() {
     let prefix = format!("k{}", std::process::id() % 100_000);
-    let topology = match Topology::create(&prefix) {
+    let topology = match Topology::create(&prefix, 3) {
         Ok(t) => t,
         Err(e) => {
-            // Drop what was created before failing.
-            drop(Topology { prefix: prefix.clone(), nodes: Vec::new() });
             assert!(std::env::var_os("KEEL_REQUIRE_NETNS").is_none(), "network namespaces are required here but unavailable: {e}");
             eprintln!("SKIPPED: network namespaces unavailable ({e}); run as root to include this test");
             return;
         }
     };
-    let mut t = topology;
+    let mut t = Run { nodes: Vec::new(), topology };
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path());
     for i in 1..=3u32 {
         let log = std::fs::File::create(dir.path().join(format!("node{i}.log"))).unwrap();
-        let child = Command::new("ip")
-            .args(["netns", "exec", &t.ns(i), env!("CARGO_BIN_EXE_keel"), "serve", "--config"])
+        let child = t
+            .topology
+            .command(i, Path::new(env!("CARGO_BIN_EXE_keel")))
+            .args(["serve", "--config"])
             .arg(&cfg)
             .args(["--node-id", &i.to_string(), "--data-dir"])
             .arg(dir.path().join(format!("node{i}")))
@@ -185,7 +143,7 @@ fn a_leader_cut_off_by_a_real_network_partition_acknowledges_nothing() {
     let majority: Vec<u32> = (1..=3).filter(|i| *i != old).collect();
 
     // Unplug the leader. From its own namespace only it is reachable.
-    t.cable(old, false);
+    t.topology.cable(old, false).unwrap();
     let minority: Vec<String> = (0..5).map(|i| format!("minority-{i}")).collect();
     let out = produce(&t, old, &minority, "4s");
     assert!(!out.status.success(), "the isolated leader acknowledged writes: {}", String::from_utf8_lossy(&out.stdout));
@@ -198,7 +156,7 @@ fn a_leader_cut_off_by_a_real_network_partition_acknowledges_nothing() {
     ok(produce(&t, majority[0], &after, "30s"), "produce on the majority side");
 
     // Heal: everything acknowledged is there, from any side, and nothing else.
-    t.cable(old, true);
+    t.topology.cable(old, true).unwrap();
     let out = ok(t.keel_in(old, &["consume", "p", "--from", "earliest", "--idle-timeout", "5s"]).output().unwrap(), "consume after the heal");
     let mut got: Vec<&str> = out.lines().collect();
     got.sort_unstable();

@@ -4,6 +4,7 @@
 //! # Layout
 //! - [`history`]: the recorded history (`history.jsonl`): invocations, completions
 //!   (`ok` / `fail` / `info`), faults, observations, each node's final log.
+//! - [`topology`]: network namespaces on a bridge, and the network faults they give.
 //! - [`checker`]: every anomaly of `shared/notes/jepsen.md` §3 that applies, with its
 //!   verdict, vacuity floors and self-tests.
 //!
@@ -12,3 +13,4 @@
 
 pub mod checker;
 pub mod history;
+pub mod topology;
