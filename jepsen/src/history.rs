@@ -60,7 +60,9 @@ pub struct SendOp {
     pub stamp: Option<Stamp>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub offset: Option<u64>,
-    /// The broker said it had stored this message before (a recognised retry).
+    /// The broker answered with the offset of another message stored before under the
+    /// same message id (so `offset` does not hold this `msg`). A recognised retry of the
+    /// same batch is not this: its offset is the message's own.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub duplicate: bool,
 }

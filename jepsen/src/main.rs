@@ -1,14 +1,26 @@
-//! `keel-jepsen`: check a recorded history (`keel-jepsen check history.jsonl`).
+//! `keel-jepsen`: run the fault-injection harness against real `keel serve` processes
+//! (`run`, `soak`), or check a recorded history (`check`).
+
+use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::Parser;
+use keel_jepsen::checker::Floors;
+use keel_jepsen::nemesis::Fault;
+use keel_jepsen::nodes::Placement;
+use keel_jepsen::runner::{self, RunConfig};
+use keel_jepsen::topology::Topology;
 
 #[derive(Parser)]
 #[command(name = "keel-jepsen", about = "Keel's fault-injection harness")]
 enum Cli {
+    /// Workloads under rotating faults, then heal, drain, dump and check; `--runs N`
+    /// runs N times with seeds S, S+1, … (each in its own process), stopping at the
+    /// first invalid run (a soak).
+    Run(RunArgs),
     /// Check a recorded history and print the results as JSON.
     Check {
-        history: std::path::PathBuf,
-        /// Acknowledged sends a valid run has at least.
+        history: PathBuf,
         #[arg(long, default_value_t = 100)]
         min_acked: u64,
         #[arg(long, default_value_t = 1)]
@@ -18,14 +30,172 @@ enum Cli {
     },
 }
 
+#[derive(clap::Args, Clone)]
+struct RunArgs {
+    /// The `keel` binary to run.
+    #[arg(long, default_value = "target/release/keel")]
+    keel: PathBuf,
+    /// Where runs keep their histories, results, reports and node logs.
+    #[arg(long, default_value = "store")]
+    store: PathBuf,
+    /// How long the workloads run under faults.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
+    time: Duration,
+    /// Length of each nemesis period.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    interval: Duration,
+    /// Faults to rotate through (comma-separated), or "all".
+    #[arg(long, default_value = "all")]
+    faults: String,
+    #[arg(long, default_value_t = 2)]
+    log_producers: usize,
+    #[arg(long, default_value_t = 3)]
+    readers: usize,
+    #[arg(long, default_value_t = 3)]
+    idem_producers: usize,
+    /// Messages/s per producer.
+    #[arg(long, default_value_t = 100.0)]
+    rate: f64,
+    /// The schedule's seed (random if omitted).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Run the nodes on loopback even where network namespaces work (no network faults).
+    #[arg(long)]
+    no_netns: bool,
+    /// Acknowledged sends a valid run has at least.
+    #[arg(long, default_value_t = 1000)]
+    min_acked: u64,
+    #[arg(long, default_value_t = 1)]
+    min_faults: u64,
+    #[arg(long, default_value_t = 1)]
+    min_leader_changes: u64,
+    /// Keep the nodes' data directories of valid runs too.
+    #[arg(long)]
+    keep_data: bool,
+    /// Runs, one after another (a soak); stops at the first invalid one.
+    #[arg(long, default_value_t = 1)]
+    runs: u32,
+}
+
+fn faults(spec: &str) -> anyhow::Result<Vec<Fault>> {
+    if spec == "all" {
+        return Ok(Fault::ALL.to_vec());
+    }
+    if spec == "none" {
+        return Ok(Vec::new());
+    }
+    spec.split(',').map(|n| Fault::parse(n.trim()).ok_or_else(|| anyhow::anyhow!("unknown fault {n:?}; known: {:?}", Fault::ALL.map(|f| f.name())))).collect()
+}
+
+/// Makes the run's placement: namespaces where possible (entering the client namespace
+/// on this thread, before any runtime thread exists), loopback otherwise.
+fn placement(args: &RunArgs, seed: u64) -> anyhow::Result<Placement> {
+    let prefix = format!("jt{}-", std::process::id() % 100_000);
+    if !args.no_netns {
+        match Topology::probe(&prefix) {
+            Ok(()) => {
+                let t = Topology::create(&prefix, 3).map_err(anyhow::Error::msg)?;
+                t.enter_client_namespace().map_err(anyhow::Error::msg)?;
+                return Ok(Placement::Namespaces(t));
+            }
+            Err(e) => eprintln!("network namespaces are unavailable ({e}): nodes run on loopback and network faults are skipped"),
+        }
+    }
+    Ok(Placement::Loopback { base_port: 20_000 + (seed % 5_000) as u16 })
+}
+
+fn run_one(args: &RunArgs, seed: u64) -> anyhow::Result<runner::RunSummary> {
+    let dir = runner::run_dir(&args.store, seed);
+    let config = RunConfig {
+        keel: std::fs::canonicalize(&args.keel).map_err(|e| anyhow::anyhow!("the keel binary {}: {e}", args.keel.display()))?,
+        dir: dir.clone(),
+        seed,
+        time: args.time,
+        interval: args.interval,
+        faults: faults(&args.faults)?,
+        log_producers: args.log_producers,
+        readers: args.readers,
+        idem_producers: args.idem_producers,
+        rate: args.rate,
+        floors: Floors { acked_sends: args.min_acked, faults: args.min_faults, leader_changes: args.min_leader_changes },
+        keep_data: args.keep_data,
+    };
+    let placement = placement(args, seed)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let summary = runtime.block_on(runner::run(config, placement)).map_err(anyhow::Error::msg)?;
+    let r = &summary.results;
+    eprintln!(
+        "run {} ({}): {} — {} sends acknowledged, {} unknown, {} failed; {} faults; {} leader changes; forbidden anomalies: {:?}; report {}",
+        seed,
+        dir.display(),
+        if r.valid { "VALID" } else { "INVALID" },
+        r.stats.acked,
+        r.stats.unknown,
+        r.stats.failed,
+        r.stats.faults,
+        r.stats.leader_changes,
+        r.forbidden().iter().map(|a| (a.name, a.count)).collect::<Vec<_>>(),
+        dir.join("report.html").display()
+    );
+    if !r.vacuous.is_empty() {
+        eprintln!("  not enough exercised: {}", r.vacuous.join("; "));
+    }
+    Ok(summary)
+}
+
 fn main() -> anyhow::Result<std::process::ExitCode> {
+    tracing_subscriber_init();
     match Cli::parse() {
+        Cli::Run(args) if args.runs <= 1 => {
+            let seed = args.seed.unwrap_or_else(|| fastrand::u64(..));
+            let summary = run_one(&args, seed)?;
+            Ok(if summary.results.valid { std::process::ExitCode::SUCCESS } else { std::process::ExitCode::FAILURE })
+        }
+        Cli::Run(args) => {
+            // Each run in a process of its own (namespaces are entered per process),
+            // with the same arguments but one run and its own seed.
+            let mut passed = Vec::new();
+            let mut skip = false;
+            for a in std::env::args().skip(1) {
+                if skip {
+                    skip = false;
+                    continue;
+                }
+                if a == "--runs" || a == "--seed" {
+                    skip = true;
+                    continue;
+                }
+                if a.starts_with("--runs=") || a.starts_with("--seed=") {
+                    continue;
+                }
+                passed.push(a);
+            }
+            let first = args.seed.unwrap_or_else(|| fastrand::u64(..) >> 1);
+            for i in 0..args.runs {
+                let seed = first.wrapping_add(u64::from(i));
+                let status = std::process::Command::new(std::env::current_exe()?).args(&passed).arg("--seed").arg(seed.to_string()).status()?;
+                if !status.success() {
+                    eprintln!("soak: run {} of {} (seed {seed}) is invalid or failed; stopping", i + 1, args.runs);
+                    return Ok(std::process::ExitCode::FAILURE);
+                }
+            }
+            eprintln!("soak: {} runs valid (seeds {first}..={})", args.runs, first.wrapping_add(u64::from(args.runs) - 1));
+            Ok(std::process::ExitCode::SUCCESS)
+        }
         Cli::Check { history, min_acked, min_faults, min_leader_changes } => {
             let events = keel_jepsen::history::read(&history)?;
-            let floors = keel_jepsen::checker::Floors { acked_sends: min_acked, faults: min_faults, leader_changes: min_leader_changes };
+            let floors = Floors { acked_sends: min_acked, faults: min_faults, leader_changes: min_leader_changes };
             let results = keel_jepsen::checker::check(&events, floors);
             println!("{}", serde_json::to_string_pretty(&results)?);
             Ok(if results.valid { std::process::ExitCode::SUCCESS } else { std::process::ExitCode::FAILURE })
         }
     }
+}
+
+fn tracing_subscriber_init() {
+    // Warnings from the harness go to stderr; quiet otherwise.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .try_init();
 }

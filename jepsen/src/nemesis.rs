@@ -1,0 +1,240 @@
+//! The nemesis: faults injected on a seeded schedule, each start and stop recorded in
+//! the history (`shared/notes/jepsen.md` §4).
+//!
+//! Every `interval` the schedule picks a fault from those enabled (about one period in
+//! four is quiet), applies it to its targets — often the leader of a partition, where it
+//! hurts — holds it for the period, and undoes it. Faults needing network control
+//! (partitions, loss, bandwidth) are only offered when the nodes run in namespaces.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::history::{Actor, FaultOp, Op, Recorder};
+use crate::nodes::Nodes;
+
+/// A fault the nemesis can inject.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// SIGKILL a node, restart it at the end of the period.
+    Kill,
+    /// SIGSTOP a node, SIGCONT it at the end.
+    Pause,
+    /// Pause a node, then kill it half-way (a node that was frozen never wakes).
+    PauseKill,
+    /// Cut one node off from the others, both directions.
+    PartitionOne,
+    /// Cut two nodes apart; the third still reaches both (a bridge).
+    PartitionRing,
+    /// One node's frames to the others are dropped; it still hears them.
+    PartitionOneWay,
+    /// Cut one node off; half-way, kill one of the majority (no quorum for a while).
+    PartitionKill,
+    /// 30% of the packets a node receives are dropped.
+    Loss,
+    /// A node's link capped at 1 Mbit/s.
+    Bandwidth,
+    /// Stop a node, delete its data directory, start it again (it is refilled).
+    WipeRefill,
+}
+
+impl Fault {
+    pub const ALL: [Fault; 10] = [
+        Fault::Kill,
+        Fault::Pause,
+        Fault::PauseKill,
+        Fault::PartitionOne,
+        Fault::PartitionRing,
+        Fault::PartitionOneWay,
+        Fault::PartitionKill,
+        Fault::Loss,
+        Fault::Bandwidth,
+        Fault::WipeRefill,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Fault::Kill => "kill",
+            Fault::Pause => "pause",
+            Fault::PauseKill => "pause-kill",
+            Fault::PartitionOne => "partition-one",
+            Fault::PartitionRing => "partition-ring",
+            Fault::PartitionOneWay => "partition-one-way",
+            Fault::PartitionKill => "partition-kill",
+            Fault::Loss => "loss",
+            Fault::Bandwidth => "bandwidth",
+            Fault::WipeRefill => "wipe-refill",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Fault> {
+        Fault::ALL.iter().copied().find(|f| f.name() == name)
+    }
+
+    /// Whether it needs the nodes in network namespaces.
+    pub fn needs_network(self) -> bool {
+        matches!(self, Fault::PartitionOne | Fault::PartitionRing | Fault::PartitionOneWay | Fault::PartitionKill | Fault::Loss | Fault::Bandwidth)
+    }
+}
+
+/// Who to hit: a preferred node (e.g. a partition leader the runner saw) or any.
+pub type LeaderHint = Arc<Mutex<Option<u32>>>;
+
+/// Runs the schedule until `stop`: every `interval`, quiet or one fault.
+pub async fn run(
+    nodes: Arc<Mutex<Nodes>>,
+    recorder: Arc<Recorder>,
+    faults: Vec<Fault>,
+    interval: Duration,
+    seed: u64,
+    leader: LeaderHint,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let count = nodes.lock().expect("nodes lock poisoned").count();
+    while !stop.load(Ordering::Relaxed) {
+        if faults.is_empty() || rng.u32(0..4) == 0 {
+            sleep_or_stop(interval, &stop).await;
+            continue;
+        }
+        let fault = faults[rng.usize(0..faults.len())];
+        // Half the time the node a partition leader runs on, else any node.
+        let hinted = *leader.lock().expect("leader hint lock poisoned");
+        let target = match hinted {
+            Some(l) if rng.bool() => l,
+            _ => rng.u32(1..=count),
+        };
+        let other = |rng: &mut fastrand::Rng, not: u32| loop {
+            let n = rng.u32(1..=count);
+            if n != not {
+                break n;
+            }
+        };
+        let detail = match fault {
+            Fault::PartitionRing | Fault::PartitionKill => {
+                let b = other(&mut rng, target);
+                json!({"nodes": [target, b]})
+            }
+            _ => json!({"nodes": [target]}),
+        };
+        let second = detail["nodes"].get(1).and_then(|v| v.as_u64()).map(|v| v as u32);
+        recorder.note(Actor::Nemesis, Op::Fault(FaultOp { name: fault.name().into(), phase: "start".into(), detail: detail.clone() }));
+        let started = start(&nodes, fault, target, second, count);
+        if let Err(e) = &started {
+            tracing::warn!(fault = fault.name(), error = %e, "could not inject the fault");
+        }
+        sleep_or_stop(interval / 2, &stop).await;
+        if started.is_ok() {
+            midway(&nodes, fault, target, second);
+        }
+        sleep_or_stop(interval - interval / 2, &stop).await;
+        if let Err(e) = end(&nodes, fault, target, second, count) {
+            tracing::warn!(fault = fault.name(), error = %e, "could not undo the fault");
+        }
+        recorder.note(Actor::Nemesis, Op::Fault(FaultOp { name: fault.name().into(), phase: "stop".into(), detail }));
+    }
+}
+
+async fn sleep_or_stop(d: Duration, stop: &std::sync::atomic::AtomicBool) {
+    let end = tokio::time::Instant::now() + d;
+    while tokio::time::Instant::now() < end && !stop.load(Ordering::Relaxed) {
+        tokio::time::sleep(Duration::from_millis(100).min(end.saturating_duration_since(tokio::time::Instant::now()))).await;
+    }
+}
+
+fn others(count: u32, node: u32) -> impl Iterator<Item = u32> {
+    (1..=count).filter(move |n| *n != node)
+}
+
+fn start(nodes: &Mutex<Nodes>, fault: Fault, target: u32, second: Option<u32>, count: u32) -> Result<(), String> {
+    let mut n = nodes.lock().expect("nodes lock poisoned");
+    match fault {
+        Fault::Kill => n.kill(target),
+        Fault::Pause | Fault::PauseKill => n.pause(target),
+        Fault::WipeRefill => {
+            n.kill(target);
+            n.wipe(target)?;
+            n.spawn(target)?;
+        }
+        Fault::PartitionOne | Fault::PartitionKill => {
+            let t = n.topology().ok_or("partitions need namespaces")?;
+            let links: Vec<(u32, u32)> = others(count, target).flat_map(|o| [(target, o), (o, target)]).collect();
+            t.drop_between(&links)?;
+        }
+        Fault::PartitionRing => {
+            let t = n.topology().ok_or("partitions need namespaces")?;
+            let b = second.ok_or("a ring partition needs two nodes")?;
+            t.drop_between(&[(target, b), (b, target)])?;
+        }
+        Fault::PartitionOneWay => {
+            let t = n.topology().ok_or("partitions need namespaces")?;
+            let links: Vec<(u32, u32)> = others(count, target).map(|o| (target, o)).collect();
+            t.drop_between(&links)?;
+        }
+        Fault::Loss => n.topology().ok_or("loss needs namespaces")?.loss(target, 30)?,
+        Fault::Bandwidth => n.topology().ok_or("bandwidth caps need namespaces")?.bandwidth(target, Some(1024))?,
+    }
+    Ok(())
+}
+
+fn midway(nodes: &Mutex<Nodes>, fault: Fault, target: u32, second: Option<u32>) {
+    let mut n = nodes.lock().expect("nodes lock poisoned");
+    match fault {
+        Fault::PauseKill => n.kill(target),
+        Fault::PartitionKill => {
+            if let Some(b) = second {
+                n.kill(b);
+            }
+        }
+        _ => {}
+    }
+}
+
+fn end(nodes: &Mutex<Nodes>, fault: Fault, target: u32, second: Option<u32>, _count: u32) -> Result<(), String> {
+    let mut n = nodes.lock().expect("nodes lock poisoned");
+    match fault {
+        Fault::Kill | Fault::PauseKill => {
+            if !n.is_running(target) {
+                n.spawn(target)?;
+            }
+        }
+        Fault::Pause => n.resume(target),
+        Fault::WipeRefill => {}
+        Fault::PartitionOne | Fault::PartitionRing | Fault::PartitionOneWay => n.topology().ok_or("no namespaces")?.heal()?,
+        Fault::PartitionKill => {
+            n.topology().ok_or("no namespaces")?.heal()?;
+            if let Some(b) = second {
+                if !n.is_running(b) {
+                    n.spawn(b)?;
+                }
+            }
+        }
+        Fault::Loss => n.topology().ok_or("no namespaces")?.loss(target, 0)?,
+        Fault::Bandwidth => n.topology().ok_or("no namespaces")?.bandwidth(target, None)?,
+    }
+    Ok(())
+}
+
+/// Undoes everything: heal the network, resume paused nodes, start stopped ones.
+pub fn heal_all(nodes: &Mutex<Nodes>) -> Result<(), String> {
+    let mut n = nodes.lock().expect("nodes lock poisoned");
+    let count = n.count();
+    if let Some(t) = n.topology() {
+        t.heal()?;
+        for i in 1..=count {
+            t.loss(i, 0)?;
+            t.bandwidth(i, None)?;
+        }
+    }
+    for i in 1..=count {
+        if n.is_paused(i) {
+            n.resume(i);
+        }
+        if !n.is_running(i) {
+            n.spawn(i)?;
+        }
+    }
+    Ok(())
+}
