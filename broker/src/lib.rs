@@ -24,3 +24,4 @@ pub mod node;
 pub mod partition;
 pub mod peer;
 pub mod replication;
+pub mod sabotage;

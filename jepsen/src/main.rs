@@ -75,6 +75,11 @@ struct RunArgs {
     /// Runs, one after another (a soak); stops at the first invalid one.
     #[arg(long, default_value_t = 1)]
     runs: u32,
+    /// Run the nodes with a deliberate bug (`ack-before-commit`, `ack-before-fsync`,
+    /// `read-beyond-hw`, `skip-dedupe`; the keel binary needs the `sabotage` feature).
+    /// The run should then be invalid, with the matching anomaly.
+    #[arg(long)]
+    sabotage: Option<String>,
 }
 
 fn faults(spec: &str) -> anyhow::Result<Vec<Fault>> {
@@ -119,6 +124,7 @@ fn run_one(args: &RunArgs, seed: u64) -> anyhow::Result<runner::RunSummary> {
         rate: args.rate,
         floors: Floors { acked_sends: args.min_acked, faults: args.min_faults, leader_changes: args.min_leader_changes },
         keep_data: args.keep_data,
+        sabotage: args.sabotage.clone(),
     };
     let placement = placement(args, seed)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;

@@ -20,6 +20,8 @@ use crate::nodes::Nodes;
 pub enum Fault {
     /// SIGKILL a node, restart it at the end of the period.
     Kill,
+    /// SIGKILL two nodes at once (a majority: no quorum), restart them at the end.
+    KillMajority,
     /// SIGSTOP a node, SIGCONT it at the end.
     Pause,
     /// Pause a node, then kill it half-way (a node that was frozen never wakes).
@@ -41,8 +43,9 @@ pub enum Fault {
 }
 
 impl Fault {
-    pub const ALL: [Fault; 10] = [
+    pub const ALL: [Fault; 11] = [
         Fault::Kill,
+        Fault::KillMajority,
         Fault::Pause,
         Fault::PauseKill,
         Fault::PartitionOne,
@@ -57,6 +60,7 @@ impl Fault {
     pub fn name(self) -> &'static str {
         match self {
             Fault::Kill => "kill",
+            Fault::KillMajority => "kill-majority",
             Fault::Pause => "pause",
             Fault::PauseKill => "pause-kill",
             Fault::PartitionOne => "partition-one",
@@ -113,7 +117,7 @@ pub async fn run(
             }
         };
         let detail = match fault {
-            Fault::PartitionRing | Fault::PartitionKill => {
+            Fault::PartitionRing | Fault::PartitionKill | Fault::KillMajority => {
                 let b = other(&mut rng, target);
                 json!({"nodes": [target, b]})
             }
@@ -152,6 +156,10 @@ fn start(nodes: &Mutex<Nodes>, fault: Fault, target: u32, second: Option<u32>, c
     let mut n = nodes.lock().expect("nodes lock poisoned");
     match fault {
         Fault::Kill => n.kill(target),
+        Fault::KillMajority => {
+            n.kill(target);
+            n.kill(second.ok_or("kill-majority needs two nodes")?);
+        }
         Fault::Pause | Fault::PauseKill => n.pause(target),
         Fault::WipeRefill => {
             n.kill(target);
@@ -195,9 +203,11 @@ fn midway(nodes: &Mutex<Nodes>, fault: Fault, target: u32, second: Option<u32>) 
 fn end(nodes: &Mutex<Nodes>, fault: Fault, target: u32, second: Option<u32>, _count: u32) -> Result<(), String> {
     let mut n = nodes.lock().expect("nodes lock poisoned");
     match fault {
-        Fault::Kill | Fault::PauseKill => {
-            if !n.is_running(target) {
-                n.spawn(target)?;
+        Fault::Kill | Fault::PauseKill | Fault::KillMajority => {
+            for node in std::iter::once(target).chain(second.filter(|_| fault == Fault::KillMajority)) {
+                if !n.is_running(node) {
+                    n.spawn(node)?;
+                }
             }
         }
         Fault::Pause => n.resume(target),

@@ -30,6 +30,8 @@ struct Proc {
 /// The nodes of one run.
 pub struct Nodes {
     keel: PathBuf,
+    /// Extra environment of every node (`KEEL_SABOTAGE`).
+    env: Vec<(String, String)>,
     dir: PathBuf,
     config: PathBuf,
     pub placement: Placement,
@@ -38,7 +40,7 @@ pub struct Nodes {
 
 impl Nodes {
     /// Writes the cluster config for `count` nodes and starts them all.
-    pub fn start(keel: &Path, dir: &Path, placement: Placement, count: u32) -> Result<Nodes, String> {
+    pub fn start(keel: &Path, dir: &Path, placement: Placement, count: u32, env: Vec<(String, String)>) -> Result<Nodes, String> {
         let config = dir.join("cluster.toml");
         let mut toml = String::from("[node]\nid = 1\ndata_dir = \"unused\"\n\n[cluster]\nname = \"jepsen\"\n");
         for i in 1..=count {
@@ -46,7 +48,7 @@ impl Nodes {
             toml += &format!("\n[[cluster.members]]\nid = {i}\nclient_addr = \"{client}\"\npeer_addr = \"{peer}\"\nadmin_addr = \"{admin}\"\n");
         }
         std::fs::write(&config, toml).map_err(|e| format!("writing {}: {e}", config.display()))?;
-        let mut nodes = Nodes { keel: keel.to_path_buf(), dir: dir.to_path_buf(), config, placement, procs: Vec::new() };
+        let mut nodes = Nodes { keel: keel.to_path_buf(), env, dir: dir.to_path_buf(), config, placement, procs: Vec::new() };
         for _ in 1..=count {
             nodes.procs.push(Proc { child: None, paused: false });
         }
@@ -112,6 +114,7 @@ impl Nodes {
             .arg(&self.config)
             .args(["--node-id", &node.to_string(), "--data-dir"])
             .arg(self.data_dir(node))
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(|e| e.to_string())?)
             .stderr(log);

@@ -162,6 +162,10 @@ fn html(summary: &RunSummary, events: &[Event]) -> String {
         summary.seed
     );
     let _ = write!(page, "<h1>keel-jepsen run: {verdict}</h1>");
+    if let Some(m) = &summary.sabotage {
+        let _ =
+            write!(page, "<p style=\"color:#cf222e\">Sabotage <b>{}</b>: the nodes ran with this deliberate bug; the checker should find it.</p>", escape(m));
+    }
     let _ = write!(
         page,
         "<p>seed {} · {:.0} s · {} · faults: {}</p>",

@@ -43,6 +43,9 @@ pub struct RunConfig {
     pub floors: Floors,
     /// Keep the data directories even when the run is valid.
     pub keep_data: bool,
+    /// A sabotage mode for the nodes (`KEEL_SABOTAGE`; the keel binary needs the
+    /// `sabotage` feature): the run should then be invalid.
+    pub sabotage: Option<String>,
 }
 
 /// How long the final drain may take.
@@ -56,6 +59,7 @@ const LEADER_SAMPLE_INTERVAL: Duration = Duration::from_millis(500);
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RunSummary {
     pub seed: u64,
+    pub sabotage: Option<String>,
     pub seconds: f64,
     pub netns: bool,
     pub faults_enabled: Vec<&'static str>,
@@ -180,7 +184,8 @@ pub async fn run(config: RunConfig, placement: Placement) -> Result<RunSummary, 
         tracing::warn!("network namespaces are unavailable: partitions, loss and bandwidth faults are skipped");
     }
     let recorder = Arc::new(Recorder::create(Some(&config.dir.join("history.jsonl"))).map_err(|e| e.to_string())?);
-    let nodes = Arc::new(Mutex::new(Nodes::start(&config.keel, &config.dir, placement, 3)?));
+    let env = config.sabotage.iter().map(|m| ("KEEL_SABOTAGE".to_string(), m.clone())).collect();
+    let nodes = Arc::new(Mutex::new(Nodes::start(&config.keel, &config.dir, placement, 3, env)?));
     let cluster = client(nodes.lock().expect("nodes lock poisoned").client_addrs());
 
     // Topics, once the cluster answers.
@@ -220,8 +225,15 @@ pub async fn run(config: RunConfig, placement: Placement) -> Result<RunSummary, 
     tokio::time::sleep(config.time).await;
     stop_nemesis.store(true, Ordering::Relaxed);
     let _ = nemesis.await;
-    nemesis::heal_all(&nodes)?;
-    wait_for("a leader on every partition after healing", CONVERGE_LIMIT, async || every_partition_led(&cluster).await).await?;
+    // From here on a problem does not end the run: it is recorded, the run is invalid,
+    // and the report is still written (a cluster that does not recover is a finding).
+    let mut problems: Vec<String> = Vec::new();
+    if let Err(e) = nemesis::heal_all(&nodes) {
+        problems.push(format!("healing: {e}"));
+    }
+    if let Err(e) = wait_for("a leader on every partition after healing", CONVERGE_LIMIT, async || every_partition_led(&cluster).await).await {
+        problems.push(e);
+    }
     // Writers run on for a moment in the healed cluster, then stop.
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop_clients.store(true, Ordering::Relaxed);
@@ -230,8 +242,12 @@ pub async fn run(config: RunConfig, placement: Placement) -> Result<RunSummary, 
             tracing::warn!(error = %e, "a worker ended with an error");
         }
     }
-    let drained = drain(&ctx).await;
-    let converged = wait_for("every replica applying the same log", CONVERGE_LIMIT, async || replicas_converged(&cluster, 3).await).await;
+    if let Err(e) = drain(&ctx).await {
+        problems.push(format!("the final drain did not finish: {e}"));
+    }
+    if let Err(e) = wait_for("every replica applying the same log", CONVERGE_LIMIT, async || replicas_converged(&cluster, 3).await).await {
+        problems.push(format!("the replicas did not converge: {e}"));
+    }
     stop_sampler.store(true, Ordering::Relaxed);
     let _ = sampler.await;
 
@@ -242,7 +258,13 @@ pub async fn run(config: RunConfig, placement: Placement) -> Result<RunSummary, 
             n.stop(i);
         }
         for i in 1..=3 {
-            let records = n.dump(i)?;
+            let records = match n.dump(i) {
+                Ok(r) => r,
+                Err(e) => {
+                    problems.push(format!("dumping node {i}: {e}"));
+                    continue;
+                }
+            };
             let mut by_partition: std::collections::BTreeMap<(String, u32), Vec<Read>> = std::collections::BTreeMap::new();
             for r in records {
                 let topic = r["topic"].as_str().unwrap_or_default().to_string();
@@ -257,16 +279,18 @@ pub async fn run(config: RunConfig, placement: Placement) -> Result<RunSummary, 
     }
     let events = recorder.finish().map_err(|e| e.to_string())?;
     let mut results = checker::check(&events, config.floors);
-    if let Err(e) = drained {
+    if !problems.is_empty() {
         results.valid = false;
-        results.vacuous.push(format!("the final drain did not finish: {e}"));
+        results.vacuous.extend(problems);
     }
-    if let Err(e) = converged {
-        results.valid = false;
-        results.vacuous.push(format!("the replicas did not converge: {e}"));
-    }
-    let summary =
-        RunSummary { seed: config.seed, seconds: started.elapsed().as_secs_f64(), netns, faults_enabled: faults.iter().map(|f| f.name()).collect(), results };
+    let summary = RunSummary {
+        seed: config.seed,
+        sabotage: config.sabotage.clone(),
+        seconds: started.elapsed().as_secs_f64(),
+        netns,
+        faults_enabled: faults.iter().map(|f| f.name()).collect(),
+        results,
+    };
     report::write(&config.dir, &summary, &events).map_err(|e| format!("writing the report: {e}"))?;
     drop(nodes);
     if summary.results.valid && !config.keep_data {

@@ -204,7 +204,13 @@ fn stamped(identity: ProducerIdentity, sequence: i32, msg: &str) -> Bytes {
 /// One W3 producer, writing to `partition`, at `rate` sends/s until stopped.
 pub async fn idem_producer(ctx: Ctx, partition: u32, rate: f64) -> Result<(), ClientError> {
     let process = ctx.process();
-    let mut identity = init_producer(&ctx.cluster).await?;
+    let mut identity = loop {
+        match init_producer(&ctx.cluster).await {
+            Ok(id) => break id,
+            Err(_) if !ctx.stopped() => tokio::time::sleep(Duration::from_millis(500)).await,
+            Err(e) => return Err(e),
+        }
+    };
     let mut sequence = 0i32;
     let mut sent_with_identity = 0u64;
     let start = tokio::time::Instant::now();
@@ -237,7 +243,15 @@ pub async fn idem_producer(ctx: Ctx, partition: u32, rate: f64) -> Result<(), Cl
                 },
                 Err(e) if e.outcome() == Outcome::Definite => match e.code() {
                     // Not appended, and it may be next time: the same bytes again.
-                    Some(ErrorCode::NotLeader | ErrorCode::LeaderNotAvailable | ErrorCode::Throttled | ErrorCode::StorageFull) => {}
+                    // (An unknown topic is a node behind on the metadata log, e.g. refilled.)
+                    Some(
+                        ErrorCode::NotLeader
+                        | ErrorCode::LeaderNotAvailable
+                        | ErrorCode::Throttled
+                        | ErrorCode::StorageFull
+                        | ErrorCode::UnknownTopic
+                        | ErrorCode::UnknownPartition,
+                    ) => {}
                     _ if unknown.is_none() => break Err((Kind::Fail, e)),
                     // Refused after an earlier attempt of unknown outcome: that attempt
                     // may have been stored, so this send's outcome stays unknown.

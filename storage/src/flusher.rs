@@ -89,7 +89,15 @@ impl Drop for Flusher {
 
 fn run(rx: Receiver<Request>, capacity: usize) {
     let mut interval_logs: Vec<Weak<Log>> = Vec::new();
+    // Sabotage only: logs acknowledged but not yet flushed, and when they were first.
+    let mut sabotaged: Vec<Arc<Log>> = Vec::new();
+    let mut sabotaged_since = std::time::Instant::now();
     loop {
+        if !sabotaged.is_empty() && sabotaged_since.elapsed() >= crate::observe::SABOTAGE_FLUSH_DELAY {
+            for log in sabotaged.drain(..) {
+                let _ = log.flush();
+            }
+        }
         let first = match rx.recv_timeout(INTERVAL_TICK) {
             Ok(r) => r,
             Err(RecvTimeoutError::Timeout) => {
@@ -98,6 +106,17 @@ fn run(rx: Receiver<Request>, capacity: usize) {
             }
             Err(RecvTimeoutError::Disconnected) => return,
         };
+        if crate::observe::ack_before_fsync() {
+            // Sabotage: report durable now, write and sync later.
+            if sabotaged.is_empty() {
+                sabotaged_since = std::time::Instant::now();
+            }
+            if !sabotaged.iter().any(|l| Arc::ptr_eq(l, &first.log)) {
+                sabotaged.push(first.log.clone());
+            }
+            (first.done)(Ok(()));
+            continue;
+        }
         let mut batch = vec![first];
         while batch.len() < capacity {
             match rx.try_recv() {

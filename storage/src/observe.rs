@@ -37,3 +37,28 @@ pub(crate) fn injected_fsync_delay() {
         std::thread::sleep(Duration::from_micros(micros));
     }
 }
+
+#[cfg(feature = "sabotage")]
+static ACK_BEFORE_FSYNC: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Sabotage (the Jepsen harness proves its checker with it): flushers acknowledge every
+/// append at once and write and sync logs only every `SABOTAGE_FLUSH_DELAY`, so a crash
+/// loses appends that were reported durable. Never on unless a test turns it on.
+#[cfg(feature = "sabotage")]
+pub fn set_ack_before_fsync(on: bool) {
+    ACK_BEFORE_FSYNC.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// How long a sabotaged flusher holds writes it already acknowledged.
+pub const SABOTAGE_FLUSH_DELAY: Duration = Duration::from_millis(500);
+
+pub(crate) fn ack_before_fsync() -> bool {
+    #[cfg(feature = "sabotage")]
+    {
+        ACK_BEFORE_FSYNC.load(std::sync::atomic::Ordering::Relaxed)
+    }
+    #[cfg(not(feature = "sabotage"))]
+    {
+        false
+    }
+}

@@ -114,6 +114,8 @@ impl Node {
             initialize_if_new(&metadata_group, members).await.map_err(NodeError::Start)?;
         }
         let metrics = crate::metrics::install();
+        // Sabotage (test builds only, and only if KEEL_SABOTAGE names a mode): applied now.
+        let _ = crate::sabotage::mode();
         let (publish, metadata) = watch::channel(Arc::new(MetadataState::default()));
         let hosted = HostedPartitions::default();
         let faults = Arc::new(faults::NodeFaults::default());

@@ -144,6 +144,8 @@ struct Writer {
     last_time_ms: i64,
     /// A clock tick proposed to refresh a stale partition clock, until it applies.
     clock_refresh: Option<u64>,
+    /// Sabotage `ack-before-commit` only: the offset the next proposed batch will get.
+    predicted_next_offset: Option<u64>,
 }
 
 impl Writer {
@@ -372,8 +374,14 @@ impl Partition {
             }
             self.prepare(&mut w, term, &topic).await?;
             let digests = ids.iter().map(|(_, d)| *d).collect();
+            let predicted = *w.predicted_next_offset.get_or_insert_with(|| self.group.log.next_offset());
             let (_, rx) = self.propose(&mut w, term, proposal, stamp, digests, len).await?;
+            w.predicted_next_offset = Some(predicted + u64::from(h.record_count));
             drop(w);
+            if crate::sabotage::active(crate::sabotage::Sabotage::AckBeforeCommit) {
+                // Sabotage: answered before a quorum has the batch.
+                return Ok(Appended { base_offset: predicted, record_count: h.record_count, duplicate: Duplicate::None });
+            }
             return match self.outcome(rx, deadline).await? {
                 ApplyReply::Batch(outcome) => batch_result(outcome, stamp),
                 other => Err(PartitionError::Storage(format!("a batch was applied as {other:?}"))),
@@ -383,6 +391,7 @@ impl Partition {
 
     fn decide(&self, w: &Writer, stamp: Option<ProducerStamp>, ids: &[(u32, IdDigest)], record_count: u32) -> Result<Decision, PartitionError> {
         let st = self.group.shared.state();
+        let stamp = stamp.filter(|_| !crate::sabotage::active(crate::sabotage::Sabotage::SkipDedupe));
         if let Some(s) = stamp {
             let pending = w.by_producer.get(&s.producer_id);
             if pending.is_some_and(|q| q.iter().any(|(e, q, _)| *e == s.epoch && *q == s.sequence)) {
@@ -570,6 +579,9 @@ impl Partition {
     /// Committed batches from the one holding `offset`, up to about `max_bytes`
     /// (at least one batch), waiting up to `max_wait` for one if none is there yet.
     pub async fn read(&self, offset: u64, max_bytes: u64, max_wait: Duration) -> Result<Read, PartitionError> {
+        if crate::sabotage::active(crate::sabotage::Sabotage::ReadBeyondHighWatermark) {
+            return self.read_uncommitted(offset, max_bytes).await;
+        }
         // A new leader serves only once it has applied an entry of its own term: before,
         // its high watermark can be below what the previous leader already served.
         self.ready_term(Instant::now() + LEADER_GATE_WAIT).await?;
@@ -610,6 +622,25 @@ impl Partition {
                 .collect()
         };
         Ok(Read { high_watermark: committed, log_start_offset: start, batches })
+    }
+
+    /// Sabotage `read-beyond-hw`: whatever this node's log holds, committed or not, and
+    /// whether or not it still leads.
+    async fn read_uncommitted(&self, offset: u64, max_bytes: u64) -> Result<Read, PartitionError> {
+        if self.group.leader() != Some(self.node_id) {
+            return Err(PartitionError::NotLeader { leader: self.group.leader() });
+        }
+        let end = self.group.log.next_offset();
+        let log = self.group.log.clone();
+        let entries = tokio::task::spawn_blocking(move || -> Result<Vec<keel_storage::Entry>, keel_storage::StorageError> {
+            let Some(index) = log.index_for_offset(offset)? else { return Ok(Vec::new()) };
+            log.read(index..u64::MAX, max_bytes)
+        })
+        .await
+        .map_err(|e| PartitionError::Storage(format!("read task failed: {e}")))?
+        .map_err(|e| PartitionError::Storage(e.to_string()))?;
+        let batches = entries.into_iter().filter(|e| e.meta.kind == KIND_BATCH).map(|e| e.payload).collect();
+        Ok(Read { high_watermark: end, log_start_offset: self.group.log.state().start_offset, batches })
     }
 
     /// The first offset whose batch's newest message is at or after `timestamp_ms`, or

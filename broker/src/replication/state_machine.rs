@@ -198,7 +198,9 @@ impl PartitionStateMachine {
         // entries: a header that does not parse here is corruption; the group stops.
         let view = BatchView::trusted(bytes.clone()).map_err(|e| invalid(format!("entry {index} holds an unparseable batch: {e}")))?;
         let h = *view.header();
-        let producer = (h.producer_id >= 0).then_some(ProducerStamp { producer_id: h.producer_id, epoch: h.producer_epoch, sequence: h.base_sequence });
+        let skip_dedupe = crate::sabotage::active(crate::sabotage::Sabotage::SkipDedupe);
+        let producer =
+            (h.producer_id >= 0 && !skip_dedupe).then_some(ProducerStamp { producer_id: h.producer_id, epoch: h.producer_epoch, sequence: h.base_sequence });
         let mut ids: Vec<(u32, IdDigest)> = Vec::new();
         if h.attributes.message_ids() {
             let key = state.config.id_key;
