@@ -191,7 +191,13 @@ impl Nodes {
     /// `keel dump --json` of node `node`'s data directory (the node must be stopped):
     /// one JSON object per committed record.
     pub fn dump(&self, node: u32) -> Result<Vec<serde_json::Value>, String> {
-        let out = Command::new(&self.keel).args(["dump", "--json", "--data-dir"]).arg(self.data_dir(node)).output().map_err(|e| format!("keel dump: {e}"))?;
+        // With the nodes' environment: a sabotaged node's log is replayed as it applied it.
+        let out = Command::new(&self.keel)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .args(["dump", "--json", "--data-dir"])
+            .arg(self.data_dir(node))
+            .output()
+            .map_err(|e| format!("keel dump: {e}"))?;
         if !out.status.success() {
             return Err(format!("keel dump of node {node}: {}", String::from_utf8_lossy(&out.stderr)));
         }
