@@ -40,10 +40,13 @@ pub enum Fault {
     Bandwidth,
     /// Stop a node, delete its data directory, start it again (it is refilled).
     WipeRefill,
+    /// A node drops the answers of the produces it stores (and closes the connection):
+    /// the producers' retries must be recognised. Needs a `fault-injection` build.
+    DropAnswers,
 }
 
 impl Fault {
-    pub const ALL: [Fault; 11] = [
+    pub const ALL: [Fault; 12] = [
         Fault::Kill,
         Fault::KillMajority,
         Fault::Pause,
@@ -55,6 +58,7 @@ impl Fault {
         Fault::Loss,
         Fault::Bandwidth,
         Fault::WipeRefill,
+        Fault::DropAnswers,
     ];
 
     pub fn name(self) -> &'static str {
@@ -70,6 +74,7 @@ impl Fault {
             Fault::Loss => "loss",
             Fault::Bandwidth => "bandwidth",
             Fault::WipeRefill => "wipe-refill",
+            Fault::DropAnswers => "drop-answers",
         }
     }
 
@@ -182,6 +187,7 @@ fn start(nodes: &Mutex<Nodes>, fault: Fault, target: u32, second: Option<u32>, c
             t.drop_between(&links)?;
         }
         Fault::Loss => n.topology().ok_or("loss needs namespaces")?.loss(target, 30)?,
+        Fault::DropAnswers => admin_post(&n.admin_addr(target), "/test/faults", r#"{"drop_produce_answers": 1000000}"#)?,
         Fault::Bandwidth => n.topology().ok_or("bandwidth caps need namespaces")?.bandwidth(target, Some(1024))?,
     }
     Ok(())
@@ -222,9 +228,26 @@ fn end(nodes: &Mutex<Nodes>, fault: Fault, target: u32, second: Option<u32>, _co
             }
         }
         Fault::Loss => n.topology().ok_or("no namespaces")?.loss(target, 0)?,
+        Fault::DropAnswers => admin_post(&n.admin_addr(target), "/test/faults", r#"{"drop_produce_answers": 0}"#)?,
         Fault::Bandwidth => n.topology().ok_or("no namespaces")?.bandwidth(target, None)?,
     }
     Ok(())
+}
+
+/// `POST path` with a JSON body on a node's admin listener (test faults).
+fn admin_post(admin: &str, path: &str, json: &str) -> Result<(), String> {
+    use std::io::{Read, Write};
+    let addr: std::net::SocketAddr = admin.parse().map_err(|e| format!("{admin}: {e}"))?;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|e| format!("{admin}: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).map_err(|e| e.to_string())?;
+    write!(s, "POST {path} HTTP/1.0\r\nHost: {admin}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{json}", json.len())
+        .map_err(|e| e.to_string())?;
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    match answer.lines().next() {
+        Some(status) if status.contains(" 200") => Ok(()),
+        other => Err(format!("{admin}{path}: {other:?} (is the keel binary built with the fault-injection feature?)")),
+    }
 }
 
 /// Undoes everything: heal the network, resume paused nodes, start stopped ones.
@@ -245,6 +268,8 @@ pub fn heal_all(nodes: &Mutex<Nodes>) -> Result<(), String> {
         if !n.is_running(i) {
             n.spawn(i)?;
         }
+        // (Fails harmlessly on a build without fault injection.)
+        let _ = admin_post(&n.admin_addr(i), "/test/faults", r#"{"drop_produce_answers": 0}"#);
     }
     Ok(())
 }
