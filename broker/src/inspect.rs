@@ -40,7 +40,7 @@ pub struct InspectedPartition {
 /// The committed entries of the log in `dir` (up to the node's saved committed index).
 fn committed_entries(dir: &Path) -> Result<Vec<keel_storage::Entry>, String> {
     let log = Arc::new(Log::open(dir, LogConfig::default()).map_err(|e| format!("opening {}: {e}", dir.display()))?);
-    let committed = saved_committed(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let committed = saved_committed(&keel_storage::disk::OsDisk, dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let Some(committed) = committed else { return Ok(Vec::new()) };
     let end = committed.saturating_add(1).min(log.state().next_index);
     let mut out = Vec::new();

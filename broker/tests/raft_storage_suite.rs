@@ -18,7 +18,7 @@ impl StoreBuilder<TypeConfig, PartitionLogStore, PartitionStateMachine, tempfile
         let log = Arc::new(Log::open(dir.path(), config).expect("open log"));
         let flusher = Arc::new(Flusher::spawn("test-flusher", 64).expect("spawn flusher"));
         let store = PartitionLogStore::new(log, flusher);
-        let sm = PartitionStateMachine::open(dir.path().to_path_buf()).expect("open state machine");
+        let sm = PartitionStateMachine::open(keel_storage::disk::os(), dir.path().to_path_buf()).expect("open state machine");
         Ok((dir, store, sm))
     }
 }

@@ -73,7 +73,7 @@ async fn start_with_state(dir: &std::path::Path) -> Started {
     let log = Arc::new(Log::open(dir, LogConfig { segment_bytes: 64 * 1024, ..LogConfig::default() }).unwrap());
     let flusher = Arc::new(Flusher::spawn("flusher", 64).unwrap());
     let store = PartitionLogStore::new(log.clone(), flusher);
-    let sm = PartitionStateMachine::open(dir.to_path_buf()).unwrap();
+    let sm = PartitionStateMachine::open(keel_storage::disk::os(), dir.to_path_buf()).unwrap();
     let hw = sm.high_watermark();
     let shared = sm.shared();
     let config = Arc::new(partition_raft_config("test").unwrap());

@@ -37,7 +37,7 @@ async fn start_node(id: u64, dir: tempfile::TempDir, bind: &str) -> Node {
     let log = Arc::new(Log::open(dir.path(), LogConfig::default()).unwrap());
     let flusher = Arc::new(Flusher::spawn(&format!("flusher-{id}"), 1024).unwrap());
     let store = PartitionLogStore::new(log.clone(), flusher);
-    let sm = PartitionStateMachine::open(dir.path().to_path_buf()).unwrap();
+    let sm = PartitionStateMachine::open(keel_storage::disk::os(), dir.path().to_path_buf()).unwrap();
     let hw = sm.high_watermark();
     let network = GroupNetworkFactory::new(GROUP, PeerPool::new(id, CLUSTER));
     let raft = Raft::new(id, Arc::new(partition_raft_config(CLUSTER).unwrap()), network, store, sm).await.unwrap();

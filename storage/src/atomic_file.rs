@@ -4,10 +4,9 @@
 //! Framing: `magic:u32 "KMF1" | len:u32 | crc32c(contents):u32 | contents`. A file that
 //! fails its frame is reported as corrupt, never silently treated as absent.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
 use std::path::Path;
 
+use crate::disk::{Disk, OpenMode};
 use crate::error::StorageError;
 
 const MAGIC: u32 = u32::from_le_bytes(*b"KMF1");
@@ -16,18 +15,18 @@ const FRAME_LEN: usize = 12;
 pub const META_FILE_SIZE_MAX: usize = 1024 * 1024;
 
 /// Atomically replaces `dir/name` with `contents`, durably (fsync file and directory).
-pub fn write(dir: &Path, name: &str, contents: &[u8]) -> Result<(), StorageError> {
-    write_inner(dir, name, contents, true)
+pub fn write(disk: &dyn Disk, dir: &Path, name: &str, contents: &[u8]) -> Result<(), StorageError> {
+    write_inner(disk, dir, name, contents, true)
 }
 
 /// Atomically replaces `dir/name` with `contents` without fsync: a reader sees the old
 /// or the new contents, but after a machine crash either may be there. For hints whose
 /// loss is harmless (the Raft committed index, which is clipped to the durable log).
-pub fn write_unsynced(dir: &Path, name: &str, contents: &[u8]) -> Result<(), StorageError> {
-    write_inner(dir, name, contents, false)
+pub fn write_unsynced(disk: &dyn Disk, dir: &Path, name: &str, contents: &[u8]) -> Result<(), StorageError> {
+    write_inner(disk, dir, name, contents, false)
 }
 
-fn write_inner(dir: &Path, name: &str, contents: &[u8], durable: bool) -> Result<(), StorageError> {
+fn write_inner(disk: &dyn Disk, dir: &Path, name: &str, contents: &[u8], durable: bool) -> Result<(), StorageError> {
     assert!(contents.len() <= META_FILE_SIZE_MAX, "metadata file {name} of {} bytes is above META_FILE_SIZE_MAX", contents.len());
     let tmp = dir.join(format!("{name}.tmp"));
     let dst = dir.join(name);
@@ -36,23 +35,23 @@ fn write_inner(dir: &Path, name: &str, contents: &[u8], durable: bool) -> Result
     buf.extend_from_slice(&(contents.len() as u32).to_le_bytes());
     buf.extend_from_slice(&crc32c::crc32c(contents).to_le_bytes());
     buf.extend_from_slice(contents);
-    let mut f = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp).map_err(|e| StorageError::io("create", &tmp, e))?;
-    f.write_all(&buf).map_err(|e| StorageError::io("write", &tmp, e))?;
+    let f = disk.open(&tmp, OpenMode::CreateTruncate).map_err(|e| StorageError::io("create", &tmp, e))?;
+    f.write_all_at(0, &[&buf]).map_err(|e| StorageError::io("write", &tmp, e))?;
     if durable {
         f.sync_all().map_err(|e| StorageError::io("fsync", &tmp, e))?;
     }
     drop(f);
-    fs::rename(&tmp, &dst).map_err(|e| StorageError::io("rename", &dst, e))?;
+    disk.rename(&tmp, &dst).map_err(|e| StorageError::io("rename", &dst, e))?;
     if durable {
-        sync_dir(dir)?;
+        sync_dir(disk, dir)?;
     }
     Ok(())
 }
 
 /// Reads `dir/name`: `Ok(None)` if it does not exist, `Err(Corrupt)` if its frame fails.
-pub fn read(dir: &Path, name: &str) -> Result<Option<Vec<u8>>, StorageError> {
+pub fn read(disk: &dyn Disk, dir: &Path, name: &str) -> Result<Option<Vec<u8>>, StorageError> {
     let path = dir.join(name);
-    let buf = match fs::read(&path) {
+    let buf = match disk.read(&path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(StorageError::io("read", &path, e)),
@@ -76,33 +75,34 @@ pub fn read(dir: &Path, name: &str) -> Result<Option<Vec<u8>>, StorageError> {
 }
 
 /// fsyncs a directory so a create, rename or unlink in it is durable.
-pub fn sync_dir(dir: &Path) -> Result<(), StorageError> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| StorageError::io("fsync directory", dir, e))
+pub fn sync_dir(disk: &dyn Disk, dir: &Path) -> Result<(), StorageError> {
+    disk.sync_dir(dir).map_err(|e| StorageError::io("fsync directory", dir, e))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::disk::OsDisk;
 
     #[test]
     fn atomic_write_replaces_contents_and_reads_back() {
         let dir = tempfile::tempdir().unwrap();
-        assert_eq!(read(dir.path(), "vote").unwrap(), None);
-        write(dir.path(), "vote", b"first").unwrap();
-        write(dir.path(), "vote", b"second").unwrap();
-        assert_eq!(read(dir.path(), "vote").unwrap().as_deref(), Some(&b"second"[..]));
+        assert_eq!(read(&OsDisk, dir.path(), "vote").unwrap(), None);
+        write(&OsDisk, dir.path(), "vote", b"first").unwrap();
+        write(&OsDisk, dir.path(), "vote", b"second").unwrap();
+        assert_eq!(read(&OsDisk, dir.path(), "vote").unwrap().as_deref(), Some(&b"second"[..]));
         assert!(!dir.path().join("vote.tmp").exists());
     }
 
     #[test]
     fn a_damaged_metadata_file_is_reported_corrupt_not_absent() {
         let dir = tempfile::tempdir().unwrap();
-        write(dir.path(), "vote", b"payload").unwrap();
+        write(&OsDisk, dir.path(), "vote", b"payload").unwrap();
         let path = dir.path().join("vote");
-        let mut bytes = fs::read(&path).unwrap();
+        let mut bytes = std::fs::read(&path).unwrap();
         let last = bytes.len() - 1;
         bytes[last] ^= 1;
-        fs::write(&path, bytes).unwrap();
-        assert!(matches!(read(dir.path(), "vote"), Err(StorageError::Corrupt { .. })));
+        std::fs::write(&path, bytes).unwrap();
+        assert!(matches!(read(&OsDisk, dir.path(), "vote"), Err(StorageError::Corrupt { .. })));
     }
 }

@@ -18,12 +18,9 @@
 //! the sealed segment so opening a log needs no scan of it. A file whose header, checksum
 //! or `covered_len` does not match is stale and rebuilt by scanning the segment.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
 use std::path::Path;
 
-use memmap2::Mmap;
-
+use crate::disk::{Disk, FileMap, OpenMode};
 use crate::entry::EntryMeta;
 use crate::error::StorageError;
 
@@ -39,7 +36,7 @@ pub(crate) type Row = [u64; 3];
 #[derive(Debug)]
 enum Rows {
     Memory(Vec<Row>),
-    Mapped(Mmap),
+    Mapped(FileMap),
 }
 
 impl Rows {
@@ -160,7 +157,7 @@ impl SparseIndex {
     }
 
     /// Writes both index files for a sealed segment, then maps them.
-    pub fn persist(&mut self, dir: &Path, first_index: u64, summary: &SegmentSummary) -> Result<(), StorageError> {
+    pub fn persist(&mut self, disk: &dyn Disk, dir: &Path, first_index: u64, summary: &SegmentSummary) -> Result<(), StorageError> {
         for (rows, magic, ext) in [(&mut self.offsets, OFFSET_MAGIC, "index"), (&mut self.times, TIME_MAGIC, "timeindex")] {
             let path = dir.join(format!("{first_index:020}.{ext}"));
             let tmp = dir.join(format!("{first_index:020}.{ext}.tmp"));
@@ -177,11 +174,11 @@ impl SparseIndex {
             }
             let crc = crc32c::crc32c_append(crc32c::crc32c(&buf[..CRC_AT]), &buf[FILE_HEADER_LEN..]);
             buf[CRC_AT..CRC_AT + 4].copy_from_slice(&crc.to_le_bytes());
-            let mut f = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp).map_err(|e| StorageError::io("create index", &tmp, e))?;
-            f.write_all(&buf).map_err(|e| StorageError::io("write index", &tmp, e))?;
+            let f = disk.open(&tmp, OpenMode::CreateTruncate).map_err(|e| StorageError::io("create index", &tmp, e))?;
+            f.write_all_at(0, &[&buf]).map_err(|e| StorageError::io("write index", &tmp, e))?;
             f.sync_data().map_err(|e| StorageError::io("fsync index", &tmp, e))?;
-            fs::rename(&tmp, &path).map_err(|e| StorageError::io("rename index", &path, e))?;
-            if let Some((map, _)) = map_file(&path, magic, summary.covered_len)? {
+            disk.rename(&tmp, &path).map_err(|e| StorageError::io("rename index", &path, e))?;
+            if let Some((map, _)) = map_file(disk, &path, magic, summary.covered_len)? {
                 *rows = Rows::Mapped(map);
             }
         }
@@ -190,9 +187,9 @@ impl SparseIndex {
 
     /// Loads a sealed segment's index files if both exist and describe exactly
     /// `covered_len` bytes; `None` means missing or stale (rebuild by scanning).
-    pub fn load(dir: &Path, first_index: u64, covered_len: u64) -> Result<Option<(SparseIndex, SegmentSummary)>, StorageError> {
-        let offsets = map_file(&dir.join(format!("{first_index:020}.index")), OFFSET_MAGIC, covered_len)?;
-        let times = map_file(&dir.join(format!("{first_index:020}.timeindex")), TIME_MAGIC, covered_len)?;
+    pub fn load(disk: &dyn Disk, dir: &Path, first_index: u64, covered_len: u64) -> Result<Option<(SparseIndex, SegmentSummary)>, StorageError> {
+        let offsets = map_file(disk, &dir.join(format!("{first_index:020}.index")), OFFSET_MAGIC, covered_len)?;
+        let times = map_file(disk, &dir.join(format!("{first_index:020}.timeindex")), TIME_MAGIC, covered_len)?;
         let (Some((offsets, summary)), Some((times, summary2))) = (offsets, times) else {
             return Ok(None);
         };
@@ -220,21 +217,19 @@ pub(crate) struct SegmentSummary {
 }
 
 /// Maps an index file if its header and checksum are valid for `covered_len`.
-fn map_file(path: &Path, magic: &[u8; 8], covered_len: u64) -> Result<Option<(Mmap, SegmentSummary)>, StorageError> {
-    let file = match File::open(path) {
+fn map_file(disk: &dyn Disk, path: &Path, magic: &[u8; 8], covered_len: u64) -> Result<Option<(FileMap, SegmentSummary)>, StorageError> {
+    let file = match disk.open(path, OpenMode::Read) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(StorageError::io("open index", path, e)),
     };
-    let len = file.metadata().map_err(|e| StorageError::io("stat index", path, e))?.len() as usize;
+    let len = file.size().map_err(|e| StorageError::io("stat index", path, e))? as usize;
     if len < FILE_HEADER_LEN || !(len - FILE_HEADER_LEN).is_multiple_of(ROW_LEN) {
         return Ok(None);
     }
-    // SAFETY: index files are written once to a temp name and renamed into place; this
-    // process never modifies or truncates a file after renaming it, and deletes only
-    // whole files (a deleted file's mapping stays valid). Another process writing into
-    // the data directory is outside the supported model (storage/DESIGN.md).
-    let map = unsafe { Mmap::map(&file) }.map_err(|e| StorageError::io("mmap index", path, e))?;
+    // Index files are written once to a temp name and renamed into place, and never
+    // modified after: what `map` requires.
+    let map = file.map().map_err(|e| StorageError::io("mmap index", path, e))?;
     let word = |at: usize| {
         let mut a = [0u8; 8];
         a.copy_from_slice(&map[at..at + 8]);

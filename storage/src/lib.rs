@@ -11,6 +11,8 @@
 //! - [`watermark`]: how durability is published to waiters.
 //! - [`flusher`]: a thread that flushes logs and completes callbacks in order.
 //! - [`atomic_file`]: small metadata files replaced atomically.
+//! - [`disk`]: the I/O seam every file operation goes through: the OS, an in-memory
+//!   disk that can lose power, and a lazy OS disk for power-loss tests.
 //! - [`config`], [`limits`], [`error`].
 //!
 //! `DESIGN.md` next to this crate gives the byte layouts, the numbered invariants and
@@ -21,6 +23,7 @@
 
 pub mod atomic_file;
 pub mod config;
+pub mod disk;
 mod entry;
 pub mod error;
 pub mod flusher;
@@ -33,6 +36,7 @@ mod segment;
 pub mod watermark;
 
 pub use config::{FsyncPolicy, LogConfig, Retention};
+pub use disk::{Disk, DiskFile};
 pub use entry::{Entry, EntryMeta, LogId, ENTRY_HEADER_LEN};
 pub use error::StorageError;
 pub use flusher::Flusher;

@@ -19,10 +19,7 @@
 //! return without I/O: one write + one fsync serves them all.
 
 use std::collections::VecDeque;
-use std::fs::{self, File};
-use std::io::{IoSlice, Seek, SeekFrom, Write};
 use std::ops::Range;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
@@ -32,6 +29,7 @@ use bytes::Bytes;
 
 use crate::atomic_file;
 use crate::config::{FsyncPolicy, LogConfig};
+use crate::disk::{Disk, DiskFile};
 use crate::entry::{decode_at, encode_header, Entry, EntryMeta, LogId, ENTRY_HEADER_LEN};
 use crate::error::StorageError;
 use crate::limits::{ENTRY_PAYLOAD_SIZE_MAX, PENDING_BYTES_MAX, READ_CHUNK_BYTES_MAX};
@@ -121,6 +119,7 @@ pub struct IoStats {
 /// A segmented, checksummed, group-committed append-only log in one directory.
 #[derive(Debug)]
 pub struct Log {
+    pub(crate) disk: Arc<dyn Disk>,
     pub(crate) dir: PathBuf,
     pub(crate) config: LogConfig,
     pub(crate) state: Mutex<State>,
@@ -180,9 +179,10 @@ impl State {
 }
 
 impl Log {
-    pub(crate) fn from_parts(dir: PathBuf, config: LogConfig, state: State) -> Log {
+    pub(crate) fn from_parts(disk: Arc<dyn Disk>, dir: PathBuf, config: LogConfig, state: State) -> Log {
         let durable = Watermark::new(state.next_index);
         Log {
+            disk,
             dir,
             config,
             state: Mutex::new(state),
@@ -203,6 +203,11 @@ impl Log {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The disk this log lives on (metadata files next to it belong on the same one).
+    pub fn disk(&self) -> &Arc<dyn Disk> {
+        &self.disk
     }
 
     pub fn config(&self) -> &LogConfig {
@@ -331,7 +336,8 @@ impl Log {
             }
         };
         if roll {
-            let segment = Segment::create(&self.dir, entry.meta.id.index, entry.meta.base_offset, now).inspect_err(|e| st.poisoned = Some(e.to_string()))?;
+            let segment =
+                Segment::create(&*self.disk, &self.dir, entry.meta.id.index, entry.meta.base_offset, now).inspect_err(|e| st.poisoned = Some(e.to_string()))?;
             if let Some(prev) = st.segments.last_mut() {
                 prev.sealed = true;
             }
@@ -383,7 +389,7 @@ impl Log {
             return Ok(());
         };
         let _io = self.lock_io();
-        let files: Vec<(Arc<File>, PathBuf, u64, u64)> = {
+        let files: Vec<(Arc<dyn DiskFile>, PathBuf, u64, u64)> = {
             let st = self.lock_state();
             if !st.unsynced || st.last_sync.elapsed() < interval {
                 return Ok(());
@@ -391,7 +397,7 @@ impl Log {
             st.segments.iter().filter(|s| s.synced_len < s.written_len).map(|s| (s.file.clone(), s.path.clone(), s.first_index, s.written_len)).collect()
         };
         for (file, path, _, _) in &files {
-            self.sync_file(file, path)?;
+            self.sync_file(&**file, path)?;
         }
         let mut st = self.lock_state();
         for (_, _, first, len) in files {
@@ -409,7 +415,7 @@ impl Log {
     fn write_pending(&self, sync: bool) -> Result<u64, StorageError> {
         struct Group {
             first_index: u64,
-            file: Arc<File>,
+            file: Arc<dyn DiskFile>,
             path: PathBuf,
             start: u64,
             end: u64,
@@ -451,18 +457,18 @@ impl Log {
         let group_count = groups.len();
         let mut synced = Vec::with_capacity(group_count);
         for (i, g) in groups.iter().enumerate() {
-            self.write_vectored_at(&g.file, &g.path, g.start, &g.pieces)?;
+            self.write_vectored_at(&*g.file, &g.path, g.start, &g.pieces)?;
             // A later segment's bytes reach the disk only after the earlier segment is
             // synced, so recovery never finds a torn segment followed by a non-empty one.
             let is_last = i + 1 == group_count;
             let do_sync = sync_due || !is_last;
             if do_sync {
-                self.sync_file(&g.file, &g.path)?;
+                self.sync_file(&*g.file, &g.path)?;
             }
             synced.push(do_sync);
         }
         if sync_due && dir_dirty {
-            atomic_file::sync_dir(&self.dir).inspect_err(|e| self.poison(e))?;
+            atomic_file::sync_dir(&*self.disk, &self.dir).inspect_err(|e| self.poison(e))?;
         }
         let mut to_persist = Vec::new();
         {
@@ -512,7 +518,7 @@ impl Log {
         // Sealed, durable segments get their index files. Readers scan from the
         // segment start while the index is out: slower, never wrong.
         for (first_index, mut index, summary) in to_persist {
-            let persisted = index.persist(&self.dir, first_index, &summary);
+            let persisted = index.persist(&*self.disk, &self.dir, first_index, &summary);
             if let Err(e) = &persisted {
                 tracing::warn!(error = %e, first_index, "could not write segment index files; they will be rebuilt at the next open");
             }
@@ -525,21 +531,9 @@ impl Log {
         Ok(self.durable.get())
     }
 
-    fn write_vectored_at(&self, file: &File, path: &Path, start: u64, pieces: &[Bytes]) -> Result<(), StorageError> {
-        let mut f: &File = file;
-        let result = (|| {
-            f.seek(SeekFrom::Start(start))?;
-            let mut slices: Vec<IoSlice<'_>> = pieces.iter().filter(|p| !p.is_empty()).map(|p| IoSlice::new(p)).collect();
-            let mut rest: &mut [IoSlice<'_>] = &mut slices;
-            while !rest.is_empty() {
-                let n = f.write_vectored(rest)?;
-                if n == 0 {
-                    return Err(std::io::Error::new(std::io::ErrorKind::WriteZero, "write returned 0"));
-                }
-                IoSlice::advance_slices(&mut rest, n);
-            }
-            Ok(())
-        })();
+    fn write_vectored_at(&self, file: &dyn DiskFile, path: &Path, start: u64, pieces: &[Bytes]) -> Result<(), StorageError> {
+        let slices: Vec<&[u8]> = pieces.iter().map(|p| &p[..]).collect();
+        let result = file.write_all_at(start, &slices);
         self.stats.writes.fetch_add(1, Ordering::Relaxed);
         self.stats.bytes_written.fetch_add(pieces.iter().map(|p| p.len() as u64).sum(), Ordering::Relaxed);
         result.map_err(|e| {
@@ -549,7 +543,7 @@ impl Log {
         })
     }
 
-    fn sync_file(&self, file: &File, path: &Path) -> Result<(), StorageError> {
+    fn sync_file(&self, file: &dyn DiskFile, path: &Path) -> Result<(), StorageError> {
         #[cfg(any(test, feature = "fault-injection"))]
         if self.fail_next_sync.swap(false, std::sync::atomic::Ordering::SeqCst) {
             let err = StorageError::io("fdatasync", path, std::io::Error::from_raw_os_error(5));
@@ -625,7 +619,7 @@ impl Log {
                 break;
             }
             let seg = st.segments.pop().expect("checked non-empty");
-            remove_segment_files(&self.dir, &seg)?;
+            remove_segment_files(&*self.disk, &self.dir, &seg)?;
             removed_files = true;
         }
         if let Some(seg_pos) = st.segments.len().checked_sub(1) {
@@ -635,7 +629,7 @@ impl Log {
                 seg.file.set_len(cut).map_err(|e| StorageError::io("truncate segment", &seg.path, e))?;
                 let path = seg.path.clone();
                 let file = seg.file.clone();
-                self.sync_file(&file, &path)?;
+                self.sync_file(&*file, &path)?;
                 let seg = &mut st.segments[seg_pos];
                 seg.len = cut;
                 seg.written_len = cut;
@@ -646,7 +640,7 @@ impl Log {
             let seg = &mut st.segments[seg_pos];
             if seg.index_persisted || seg.sealed {
                 for ext in ["index", "timeindex"] {
-                    let _ = fs::remove_file(self.dir.join(format!("{:020}.{ext}", seg.first_index)));
+                    let _ = self.disk.remove_file(&self.dir.join(format!("{:020}.{ext}", seg.first_index)));
                 }
                 seg.index_persisted = false;
                 seg.sealed = false;
@@ -657,7 +651,7 @@ impl Log {
             }
         }
         if removed_files {
-            atomic_file::sync_dir(&self.dir).inspect_err(|e| self.poison(e))?;
+            atomic_file::sync_dir(&*self.disk, &self.dir).inspect_err(|e| self.poison(e))?;
         }
         while st.cache.back().is_some_and(|c| c.entry.meta.id.index >= cut_index) {
             let c = st.cache.pop_back().expect("checked non-empty");
@@ -699,7 +693,7 @@ impl Log {
         for w in [upto.term, upto.index, start_offset] {
             meta.extend_from_slice(&w.to_le_bytes());
         }
-        atomic_file::write(&self.dir, PURGE_FILE, &meta)?;
+        atomic_file::write(&*self.disk, &self.dir, PURGE_FILE, &meta)?;
         st.purged = Some(upto);
         st.start_offset = start_offset;
         let mut removed = false;
@@ -710,7 +704,7 @@ impl Log {
                 break;
             }
             let seg = st.segments.remove(0);
-            remove_segment_files(&self.dir, &seg)?;
+            remove_segment_files(&*self.disk, &self.dir, &seg)?;
             removed = true;
         }
         while st.cache.front().is_some_and(|c| c.entry.meta.id.index <= upto.index) {
@@ -725,7 +719,7 @@ impl Log {
             self.durable.advance(st.next_index);
         }
         if removed {
-            atomic_file::sync_dir(&self.dir)?;
+            atomic_file::sync_dir(&*self.disk, &self.dir)?;
         }
         Ok(())
     }
@@ -903,7 +897,7 @@ impl Log {
 /// What reading one segment needs, copied out of the state so the read can run
 /// without the state lock.
 struct SegmentRead {
-    file: Arc<File>,
+    file: Arc<dyn DiskFile>,
     path: PathBuf,
     first_index: u64,
     /// Entries and bytes at or after this `(index, position)` may be read.
@@ -1004,26 +998,26 @@ fn read_entry_chunk(seg: &SegmentRead, pos: u64, want: u64) -> Result<Bytes, Sto
     if entry_len > ENTRY_HEADER_LEN as u64 + ENTRY_PAYLOAD_SIZE_MAX || pos + entry_len > seg_end {
         return Err(StorageError::Corrupt { path: seg.path.clone(), position: pos, reason: "entry length runs past the written data".into() });
     }
-    read_chunk(&seg.file, &seg.path, pos, want.max(entry_len))
+    read_chunk(&*seg.file, &seg.path, pos, want.max(entry_len))
 }
 
-fn read_chunk(file: &File, path: &Path, pos: u64, len: u64) -> Result<Bytes, StorageError> {
+fn read_chunk(file: &dyn DiskFile, path: &Path, pos: u64, len: u64) -> Result<Bytes, StorageError> {
     let mut buf = vec![0u8; len as usize];
     file.read_exact_at(&mut buf, pos).map_err(|e| StorageError::io("read segment", path, e))?;
     Ok(Bytes::from(buf))
 }
 
-pub(crate) fn remove_segment_files(dir: &Path, seg: &Segment) -> Result<(), StorageError> {
-    fs::remove_file(&seg.path).map_err(|e| StorageError::io("delete segment", &seg.path, e))?;
+pub(crate) fn remove_segment_files(disk: &dyn Disk, dir: &Path, seg: &Segment) -> Result<(), StorageError> {
+    disk.remove_file(&seg.path).map_err(|e| StorageError::io("delete segment", &seg.path, e))?;
     for ext in ["index", "timeindex"] {
         let p = dir.join(format!("{:020}.{ext}", seg.first_index));
-        match fs::remove_file(&p) {
+        match disk.remove_file(&p) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(StorageError::io("delete index", &p, e)),
         }
     }
-    debug_assert!(!segment_path(dir, seg.first_index).exists());
+    debug_assert!(!disk.exists(&segment_path(dir, seg.first_index)));
     Ok(())
 }
 

@@ -10,11 +10,12 @@
 //!    which is corruption: refuse to open, touch nothing.
 //! 5. Check that segments chain: each starts at the index and offset where the previous ended.
 
-use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::atomic_file;
 use crate::config::LogConfig;
+use crate::disk::Disk;
 use crate::entry::LogId;
 use crate::error::StorageError;
 use crate::index::{SegmentSummary, SparseIndex};
@@ -22,13 +23,20 @@ use crate::log::{Log, State, PURGE_FILE};
 use crate::segment::{scan, Segment, SEGMENT_HEADER_LEN};
 
 impl Log {
-    /// Opens (creating if needed) the log in `dir`, recovering from any crash.
+    /// Opens (creating if needed) the log in `dir` on the OS file system, recovering
+    /// from any crash.
     pub fn open(dir: impl AsRef<Path>, config: LogConfig) -> Result<Log, StorageError> {
+        Log::open_on(crate::disk::os(), dir, config)
+    }
+
+    /// Opens (creating if needed) the log in `dir` on `disk`, recovering from any crash.
+    pub fn open_on(disk: Arc<dyn Disk>, dir: impl AsRef<Path>, config: LogConfig) -> Result<Log, StorageError> {
         config.validate()?;
         let dir = dir.as_ref().to_path_buf();
-        fs::create_dir_all(&dir).map_err(|e| StorageError::io("create log directory", &dir, e))?;
-        let (purged, purge_start_offset) = read_purge_point(&dir)?;
-        let mut names = list_segments(&dir)?;
+        let d: &dyn Disk = &*disk;
+        d.create_dir_all(&dir).map_err(|e| StorageError::io("create log directory", &dir, e))?;
+        let (purged, purge_start_offset) = read_purge_point(d, &dir)?;
+        let mut names = list_segments(d, &dir)?;
 
         // 1. Finish an interrupted purge: a segment is wholly purged if the next one
         // starts at or below the purge point + 1.
@@ -36,24 +44,24 @@ impl Log {
             while names.len() >= 2 && names[1].0 <= p.index + 1 {
                 let (first, path) = names.remove(0);
                 tracing::info!(first, "removing segment left behind by an interrupted purge");
-                remove_with_indexes(&dir, first, &path)?;
+                remove_with_indexes(d, &dir, first, &path)?;
             }
         }
 
         // 2 + 4. Find the real tail and scan it.
         let mut tail: Option<(Segment, crate::segment::Scan)> = None;
         while let Some((first, path)) = names.pop() {
-            let Some((mut seg, file_len)) = Segment::open(path.clone(), first)? else {
+            let Some((mut seg, file_len)) = Segment::open(d, path.clone(), first)? else {
                 if names.is_empty() {
                     // The log's only segment was torn at creation: nothing was in it.
-                    remove_with_indexes(&dir, first, &path)?;
+                    remove_with_indexes(d, &dir, first, &path)?;
                     break;
                 }
                 tracing::warn!(path = %path.display(), "removing a segment torn at creation");
-                remove_with_indexes(&dir, first, &path)?;
+                remove_with_indexes(d, &dir, first, &path)?;
                 continue;
             };
-            let result = scan(&seg.file, &seg.path, file_len, first, config.index_interval_bytes)?;
+            let result = scan(&*seg.file, &seg.path, file_len, first, config.index_interval_bytes)?;
             if let Some(stop) = &result.stop {
                 if stop.durable_damage {
                     return Err(StorageError::Corrupt {
@@ -65,7 +73,7 @@ impl Log {
             }
             if result.last.is_none() && !names.is_empty() {
                 tracing::warn!(path = %path.display(), "removing an empty trailing segment");
-                remove_with_indexes(&dir, first, &path)?;
+                remove_with_indexes(d, &dir, first, &path)?;
                 continue;
             }
             if let Some(stop) = &result.stop {
@@ -74,7 +82,7 @@ impl Log {
                 seg.file.sync_all().map_err(|e| StorageError::io("fsync", &seg.path, e))?;
             }
             for ext in ["index", "timeindex"] {
-                let _ = fs::remove_file(dir.join(format!("{first:020}.{ext}")));
+                let _ = d.remove_file(&dir.join(format!("{first:020}.{ext}")));
             }
             // What recovery found is what the log now claims durable, so make it so:
             // after a process crash those bytes may still be only in the page cache.
@@ -89,10 +97,10 @@ impl Log {
         // 3. Sealed segments, oldest first.
         let mut segments: Vec<Segment> = Vec::new();
         for (first, path) in names {
-            let Some((mut seg, file_len)) = Segment::open(path.clone(), first)? else {
+            let Some((mut seg, file_len)) = Segment::open(d, path.clone(), first)? else {
                 return Err(StorageError::Corrupt { path, position: 0, reason: "sealed segment shorter than its header".into() });
             };
-            let summary = match SparseIndex::load(&dir, first, file_len)? {
+            let summary = match SparseIndex::load(d, &dir, first, file_len)? {
                 Some((index, summary)) => {
                     seg.index = index;
                     seg.index_persisted = true;
@@ -100,7 +108,7 @@ impl Log {
                 }
                 None => {
                     tracing::info!(path = %seg.path.display(), "rebuilding a missing or stale segment index");
-                    let result = scan(&seg.file, &seg.path, file_len, first, config.index_interval_bytes)?;
+                    let result = scan(&*seg.file, &seg.path, file_len, first, config.index_interval_bytes)?;
                     if let Some(stop) = result.stop {
                         return Err(StorageError::Corrupt {
                             path: seg.path.clone(),
@@ -122,7 +130,7 @@ impl Log {
                         end_offset: last.end_offset(),
                         max_timestamp_ms: seg.index.max_timestamp_ms(),
                     };
-                    seg.index.persist(&dir, first, &summary)?;
+                    seg.index.persist(d, &dir, first, &summary)?;
                     seg.index_persisted = true;
                     summary
                 }
@@ -172,9 +180,9 @@ impl Log {
         if let (Some(p), Some(l)) = (purged, last) {
             if l.index <= p.index {
                 for seg in segments.drain(..) {
-                    crate::log::remove_segment_files(&dir, &seg)?;
+                    crate::log::remove_segment_files(d, &dir, &seg)?;
                 }
-                atomic_file::sync_dir(&dir)?;
+                atomic_file::sync_dir(d, &dir)?;
                 last = None;
             }
         }
@@ -190,8 +198,8 @@ impl Log {
         let next_offset = segments.last().map_or(start_offset, |s| s.end_offset);
         let last = last.or(purged);
         let state = State::new(segments, next_index, next_offset, last, purged, start_offset);
-        atomic_file::sync_dir(&dir)?;
-        Ok(Log::from_parts(dir, config, state))
+        atomic_file::sync_dir(d, &dir)?;
+        Ok(Log::from_parts(disk, dir, config, state))
     }
 }
 
@@ -213,7 +221,6 @@ fn check_chain(sealed: &[Segment], tail: &Segment, tail_first_base: u64) -> Resu
 
 /// The first entry's base offset of a sealed segment (one header read).
 fn first_base_offset(seg: &Segment) -> Option<u64> {
-    use std::os::unix::fs::FileExt;
     let mut h = [0u8; crate::entry::ENTRY_HEADER_LEN];
     seg.file.read_exact_at(&mut h, SEGMENT_HEADER_LEN).ok()?;
     Some(u64::from_le_bytes(h[24..32].try_into().ok()?))
@@ -222,7 +229,6 @@ fn first_base_offset(seg: &Segment) -> Option<u64> {
 /// The id (with its term) of the last entry, when only its index is known (the tail
 /// segment was empty and the last entry sits in a sealed segment).
 fn read_last_id(segments: &[Segment], index: u64) -> Result<LogId, StorageError> {
-    use std::os::unix::fs::FileExt;
     let seg = segments.iter().rev().find(|s| s.first_index <= index).ok_or_else(|| StorageError::Corrupt {
         path: PathBuf::new(),
         position: 0,
@@ -240,8 +246,8 @@ fn read_last_id(segments: &[Segment], index: u64) -> Result<LogId, StorageError>
     }
 }
 
-fn read_purge_point(dir: &Path) -> Result<(Option<LogId>, u64), StorageError> {
-    let Some(bytes) = atomic_file::read(dir, PURGE_FILE)? else {
+fn read_purge_point(disk: &dyn Disk, dir: &Path) -> Result<(Option<LogId>, u64), StorageError> {
+    let Some(bytes) = atomic_file::read(disk, dir, PURGE_FILE)? else {
         return Ok((None, 0));
     };
     if bytes.len() != 24 {
@@ -252,15 +258,12 @@ fn read_purge_point(dir: &Path) -> Result<(Option<LogId>, u64), StorageError> {
 }
 
 /// Segment files in `dir`, sorted by first index. Leftover temp files are removed.
-fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, StorageError> {
+fn list_segments(disk: &dyn Disk, dir: &Path) -> Result<Vec<(u64, PathBuf)>, StorageError> {
     let mut out = Vec::new();
-    for entry in fs::read_dir(dir).map_err(|e| StorageError::io("list log directory", dir, e))? {
-        let entry = entry.map_err(|e| StorageError::io("list log directory", dir, e))?;
-        let path = entry.path();
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
+    for name in disk.read_dir(dir).map_err(|e| StorageError::io("list log directory", dir, e))? {
+        let path = dir.join(&name);
         if name.ends_with(".tmp") {
-            let _ = fs::remove_file(&path);
+            let _ = disk.remove_file(&path);
             continue;
         }
         if let Some(stem) = name.strip_suffix(".log") {
@@ -275,10 +278,10 @@ fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, StorageError> {
     Ok(out)
 }
 
-fn remove_with_indexes(dir: &Path, first: u64, path: &Path) -> Result<(), StorageError> {
-    fs::remove_file(path).map_err(|e| StorageError::io("delete segment", path, e))?;
+fn remove_with_indexes(disk: &dyn Disk, dir: &Path, first: u64, path: &Path) -> Result<(), StorageError> {
+    disk.remove_file(path).map_err(|e| StorageError::io("delete segment", path, e))?;
     for ext in ["index", "timeindex"] {
-        let _ = fs::remove_file(dir.join(format!("{first:020}.{ext}")));
+        let _ = disk.remove_file(&dir.join(format!("{first:020}.{ext}")));
     }
     Ok(())
 }

@@ -10,11 +10,10 @@
 //! 24 i64     created_ms: wall-clock creation time, for rolling by age
 //! ```
 
-use std::fs::{File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+use crate::disk::{Disk, DiskFile, OpenMode};
 
 use crate::entry::{decode_at, DecodeFailure, EntryMeta, ENTRY_HEADER_LEN};
 use crate::error::StorageError;
@@ -36,7 +35,7 @@ pub(crate) struct Segment {
     /// Index of the first entry; fixed at creation.
     pub first_index: u64,
     pub path: PathBuf,
-    pub file: Arc<File>,
+    pub file: Arc<dyn DiskFile>,
     /// Creation time (ms since the epoch), from the header.
     pub created_ms: i64,
     /// Bytes assigned to entries, written or still pending. Grows on append, shrinks on truncate.
@@ -59,9 +58,9 @@ pub(crate) struct Segment {
 impl Segment {
     /// Creates a new segment file with its header (not yet fsynced: the next flush
     /// syncs the file and the directory).
-    pub fn create(dir: &Path, first_index: u64, first_offset: u64, created_ms: i64) -> Result<Segment, StorageError> {
+    pub fn create(disk: &dyn Disk, dir: &Path, first_index: u64, first_offset: u64, created_ms: i64) -> Result<Segment, StorageError> {
         let path = segment_path(dir, first_index);
-        let mut file = OpenOptions::new().read(true).write(true).create_new(true).open(&path).map_err(|e| StorageError::io("create segment", &path, e))?;
+        let file = disk.open(&path, OpenMode::CreateNew).map_err(|e| StorageError::io("create segment", &path, e))?;
         let mut header = [0u8; SEGMENT_HEADER_LEN as usize];
         header[..8].copy_from_slice(SEGMENT_MAGIC);
         header[8..12].copy_from_slice(&SEGMENT_VERSION.to_le_bytes());
@@ -69,11 +68,11 @@ impl Segment {
         header[24..32].copy_from_slice(&created_ms.to_le_bytes());
         let crc = header_crc(&header);
         header[12..16].copy_from_slice(&crc.to_le_bytes());
-        file.write_all(&header).map_err(|e| StorageError::io("write segment header", &path, e))?;
+        file.write_all_at(0, &[&header]).map_err(|e| StorageError::io("write segment header", &path, e))?;
         Ok(Segment {
             first_index,
             path,
-            file: Arc::new(file),
+            file,
             created_ms,
             len: SEGMENT_HEADER_LEN,
             written_len: SEGMENT_HEADER_LEN,
@@ -88,9 +87,9 @@ impl Segment {
 
     /// Opens an existing segment and checks its header. `Ok(None)`: the file is shorter
     /// than a header (a torn creation), which only the last segment may be.
-    pub fn open(path: PathBuf, expected_first_index: u64) -> Result<Option<(Segment, u64)>, StorageError> {
-        let file = OpenOptions::new().read(true).write(true).open(&path).map_err(|e| StorageError::io("open segment", &path, e))?;
-        let file_len = file.metadata().map_err(|e| StorageError::io("stat segment", &path, e))?.len();
+    pub fn open(disk: &dyn Disk, path: PathBuf, expected_first_index: u64) -> Result<Option<(Segment, u64)>, StorageError> {
+        let file = disk.open(&path, OpenMode::ReadWrite).map_err(|e| StorageError::io("open segment", &path, e))?;
+        let file_len = file.size().map_err(|e| StorageError::io("stat segment", &path, e))?;
         if file_len < SEGMENT_HEADER_LEN {
             return Ok(None);
         }
@@ -115,7 +114,7 @@ impl Segment {
         let segment = Segment {
             first_index,
             path,
-            file: Arc::new(file),
+            file,
             created_ms,
             len: file_len,
             written_len: file_len,
@@ -162,7 +161,7 @@ pub(crate) struct Scan {
 /// Reads every entry of `file` (length `file_len`), verifying checksums, index
 /// contiguity from `first_index`, non-decreasing terms and offset contiguity, and
 /// rebuilding the sparse index. Stops at the first entry that fails.
-pub(crate) fn scan(file: &File, path: &Path, file_len: u64, first_index: u64, interval_bytes: u64) -> Result<Scan, StorageError> {
+pub(crate) fn scan(file: &dyn DiskFile, path: &Path, file_len: u64, first_index: u64, interval_bytes: u64) -> Result<Scan, StorageError> {
     let mut out = Scan { index: SparseIndex::new(), last: None, first_base_offset: None, valid_len: SEGMENT_HEADER_LEN, stop: None };
     let mut pos = SEGMENT_HEADER_LEN;
     let mut buf: Vec<u8> = Vec::new();
@@ -219,7 +218,7 @@ pub(crate) fn scan(file: &File, path: &Path, file_len: u64, first_index: u64, in
 /// After a scan stopped at `stop`, looks for any later valid entry whose
 /// `synced_before` lies beyond `stop`: proof that the damaged bytes had been fsynced,
 /// so they are corruption, not a torn write. Checks cheap header fields before the CRC.
-fn later_entry_proves_durable(file: &File, path: &Path, file_len: u64, stop: u64, last_good_index: u64) -> Result<bool, StorageError> {
+fn later_entry_proves_durable(file: &dyn DiskFile, path: &Path, file_len: u64, stop: u64, last_good_index: u64) -> Result<bool, StorageError> {
     let mut buf = vec![0u8; (file_len - stop) as usize];
     file.read_exact_at(&mut buf, stop).map_err(|e| StorageError::io("read segment", path, e))?;
     let word = |b: &[u8], at: usize| {

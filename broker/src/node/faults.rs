@@ -4,6 +4,26 @@
 //! nothing can turn them on without the feature.
 
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use keel_storage::Disk;
+
+/// The disk a node's data directory is on: the OS file system, or — only in builds with
+/// the `fault-injection` feature, and only when `KEEL_TEST_DISK=lazy` — the lazy disk
+/// that keeps file writes in the process until they are synced, so killing the node is
+/// a power cut for its files (the Jepsen harness' power-loss nemesis).
+pub fn disk_from_env() -> Result<Arc<dyn Disk>, String> {
+    let choice = std::env::var("KEEL_TEST_DISK").ok();
+    match choice.as_deref() {
+        None | Some("" | "os") => Ok(keel_storage::disk::os()),
+        #[cfg(feature = "fault-injection")]
+        Some("lazy") => {
+            tracing::warn!("KEEL_TEST_DISK=lazy: unsynced file writes stay in this process; a kill loses them like a power cut");
+            Ok(Arc::new(keel_storage::disk::LazyDisk))
+        }
+        Some(other) => Err(format!("KEEL_TEST_DISK={other} is not a disk this build offers (\"os\"; \"lazy\" needs the fault-injection feature); unset it")),
+    }
+}
 
 /// The faults a node injects. All off by default.
 #[derive(Debug, Default)]

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use keel_storage::{Flusher, Log, LogConfig};
+use keel_storage::{Disk, Flusher, Log, LogConfig};
 use tokio::sync::watch;
 
 use super::rejoin::{self, Recovery};
@@ -17,6 +17,8 @@ use crate::replication::{PartitionLogStore, PartitionStateMachine};
 pub struct GroupContext {
     pub node_id: u64,
     pub data_dir: PathBuf,
+    /// The disk the data directory is on (`keel_storage::disk::OsDisk` in production).
+    pub disk: Arc<dyn Disk>,
     pub pool: Arc<PeerPool>,
     pub registry: GroupRegistry,
     pub flusher: Arc<Flusher>,
@@ -87,8 +89,8 @@ const REFILL_MARKER: &str = "refill.target";
 pub async fn open_group(ctx: &GroupContext, group: u64, probe: Probe) -> Result<(GroupHandle, Option<Recovery>), String> {
     let dir = group_dir(&ctx.data_dir, group);
     let log_config = ctx.log_config.clone();
-    let open_dir = dir.clone();
-    let log = tokio::task::spawn_blocking(move || Log::open(&open_dir, log_config))
+    let (open_dir, disk) = (dir.clone(), ctx.disk.clone());
+    let log = tokio::task::spawn_blocking(move || Log::open_on(disk, &open_dir, log_config))
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| format!("opening the log of group {group}: {e}"))?;
@@ -100,35 +102,38 @@ pub async fn open_group(ctx: &GroupContext, group: u64, probe: Probe) -> Result<
                 if group == METADATA_GROUP {
                     // Before anything else: partition groups created below this offset
                     // may have lived here too, and are probed when opened.
-                    rejoin::write_horizon(&ctx.data_dir, r.next_offset)?;
+                    rejoin::write_horizon(&*ctx.disk, &ctx.data_dir, r.next_offset)?;
                 }
                 // The marker before the vote: a crash between them restarts the gate.
                 let bytes = r.target_index.to_le_bytes();
-                keel_storage::atomic_file::write(&dir, REFILL_MARKER, &bytes).map_err(|e| format!("recording the refill of group {group}: {e}"))?;
-                crate::replication::log_store::persist_vote(&dir, &r.vote).map_err(|e| format!("adopting the leader's vote for group {group}: {e}"))?;
+                keel_storage::atomic_file::write(&*ctx.disk, &dir, REFILL_MARKER, &bytes).map_err(|e| format!("recording the refill of group {group}: {e}"))?;
+                crate::replication::log_store::persist_vote(&*ctx.disk, &dir, &r.vote)
+                    .map_err(|e| format!("adopting the leader's vote for group {group}: {e}"))?;
                 recovery = Some(r);
             }
         }
     }
-    let refill_target = match keel_storage::atomic_file::read(&dir, REFILL_MARKER).map_err(|e| format!("reading the refill marker of group {group}: {e}"))? {
-        Some(bytes) => Some(u64::from_le_bytes(bytes.as_slice().try_into().map_err(|_| format!("group {group}: damaged {REFILL_MARKER}"))?)),
-        None => None,
-    };
+    let refill_target =
+        match keel_storage::atomic_file::read(&*ctx.disk, &dir, REFILL_MARKER).map_err(|e| format!("reading the refill marker of group {group}: {e}"))? {
+            Some(bytes) => Some(u64::from_le_bytes(bytes.as_slice().try_into().map_err(|_| format!("group {group}: damaged {REFILL_MARKER}"))?)),
+            None => None,
+        };
     let store = PartitionLogStore::new(log.clone(), ctx.flusher.clone());
-    let sm = PartitionStateMachine::open(dir.clone()).map_err(|e| format!("opening the state machine of group {group}: {e}"))?;
+    let sm = PartitionStateMachine::open(ctx.disk.clone(), dir.clone()).map_err(|e| format!("opening the state machine of group {group}: {e}"))?;
     let high_watermark = sm.high_watermark();
     let shared = sm.shared();
     let network = GroupNetworkFactory::new(group, ctx.pool.clone());
     let raft = GroupRaft::new(ctx.node_id, ctx.raft_config.clone(), network, store, sm).await.map_err(|e| format!("starting Raft for group {group}: {e}"))?;
     let hosted = HostedGroup::new(raft.clone(), log.clone());
     if let Some(target) = refill_target {
-        let marker_dir = dir.clone();
+        let (marker_dir, disk) = (dir.clone(), ctx.disk.clone());
         rejoin::gate_until_caught_up(group, &hosted, target, move || {
             // Best effort: a marker that survives only gates the next start briefly
             // (its log already holds the target).
-            if let Err(e) = std::fs::remove_file(marker_dir.join(REFILL_MARKER))
+            if let Err(e) = disk
+                .remove_file(&marker_dir.join(REFILL_MARKER))
                 .map_err(|e| e.to_string())
-                .and_then(|()| keel_storage::atomic_file::sync_dir(&marker_dir).map_err(|e| e.to_string()))
+                .and_then(|()| keel_storage::atomic_file::sync_dir(&*disk, &marker_dir).map_err(|e| e.to_string()))
             {
                 tracing::warn!(group, error = %e, "could not remove the refill marker");
             }

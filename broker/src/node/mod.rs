@@ -80,8 +80,8 @@ impl Node {
         let raft = &config.cluster.raft;
         let raft_config = raft_config_with_timing(&config.cluster.name, raft.heartbeat_ms, raft.election_timeout_min_ms, raft.election_timeout_max_ms)
             .map_err(|e| NodeError::Start(format!("Raft timing rejected: {e}")))?;
-        std::fs::create_dir_all(&config.node.data_dir)
-            .map_err(|e| NodeError::Start(format!("cannot create data dir {}: {e}", config.node.data_dir.display())))?;
+        let disk = faults::disk_from_env().map_err(NodeError::Start)?;
+        disk.create_dir_all(&config.node.data_dir).map_err(|e| NodeError::Start(format!("cannot create data dir {}: {e}", config.node.data_dir.display())))?;
         let registry = GroupRegistry::default();
         let peer_server = PeerServer::bind(&me.peer_addr, me.id, &config.cluster.name, registry.clone()).await.map_err(|source| NodeError::Listen {
             what: "peer",
@@ -97,6 +97,7 @@ impl Node {
         let ctx = Arc::new(GroupContext {
             node_id: me.id,
             data_dir: config.node.data_dir.clone(),
+            disk: disk.clone(),
             pool,
             registry: registry.clone(),
             flusher: flusher.clone(),
@@ -107,7 +108,7 @@ impl Node {
         // exists (its data may have been wiped) before it starts the metadata group.
         let peers = rejoin::other_peers(&config.cluster.members, None, me.id);
         let (metadata_group, recovery) = open_group(&ctx, METADATA_GROUP, Probe::IfEmpty(peers)).await.map_err(NodeError::Start)?;
-        let refill_horizon = rejoin::read_horizon(&config.node.data_dir).map_err(NodeError::Start)?;
+        let refill_horizon = rejoin::read_horizon(&*disk, &config.node.data_dir).map_err(NodeError::Start)?;
         let lowest = config.cluster.members.iter().map(|m| m.id).min().expect("validate checks members is non-empty");
         if me.id == lowest && recovery.is_none() {
             let members: BTreeMap<u64, BasicNode> = config.cluster.members.iter().map(|m| (m.id, BasicNode::new(&m.peer_addr))).collect();

@@ -54,7 +54,7 @@ pub async fn run(
             let _ = p.group.raft.shutdown().await;
             let dir = p.group.dir.clone();
             drop(p);
-            if let Err(e) = std::fs::remove_dir_all(&dir) {
+            if let Err(e) = remove_group_dir(&*ctx.disk, &dir) {
                 tracing::warn!(dir = %dir.display(), error = %e, "could not delete a deleted topic's partition data");
             }
         }
@@ -94,10 +94,19 @@ async fn open_partition(
                 // Deleted while opening: undo (the next reconcile round finds nothing to do).
                 ctx.registry.write().expect("group registry lock poisoned").remove(&p.group);
                 let _ = group.raft.shutdown().await;
-                let _ = std::fs::remove_dir_all(&group.dir);
+                let _ = remove_group_dir(&*ctx.disk, &group.dir);
             }
         }
         Err(e) => tracing::error!(group = p.group, error = %e, "could not open a partition group"),
     }
     opening.lock().expect("opening lock poisoned").remove(&p.group);
+}
+
+/// Deletes a group's directory, durably (a power cut must not bring it back).
+fn remove_group_dir(disk: &dyn keel_storage::Disk, dir: &std::path::Path) -> std::io::Result<()> {
+    disk.remove_dir_all(dir)?;
+    match dir.parent() {
+        Some(parent) => disk.sync_dir(parent),
+        None => Ok(()),
+    }
 }

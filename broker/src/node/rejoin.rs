@@ -160,13 +160,13 @@ pub fn gate_until_caught_up(
 const HORIZON_FILE: &str = "refill.horizon";
 
 /// Records the refill horizon durably (see [`HORIZON_FILE`]).
-pub fn write_horizon(data_dir: &std::path::Path, next_offset: u64) -> Result<(), String> {
-    keel_storage::atomic_file::write(data_dir, HORIZON_FILE, &next_offset.to_le_bytes()).map_err(|e| format!("recording the refill horizon: {e}"))
+pub fn write_horizon(disk: &dyn keel_storage::Disk, data_dir: &std::path::Path, next_offset: u64) -> Result<(), String> {
+    keel_storage::atomic_file::write(disk, data_dir, HORIZON_FILE, &next_offset.to_le_bytes()).map_err(|e| format!("recording the refill horizon: {e}"))
 }
 
 /// The refill horizon, if this node's metadata was ever refilled.
-pub fn read_horizon(data_dir: &std::path::Path) -> Result<Option<u64>, String> {
-    match keel_storage::atomic_file::read(data_dir, HORIZON_FILE).map_err(|e| format!("reading the refill horizon: {e}"))? {
+pub fn read_horizon(disk: &dyn keel_storage::Disk, data_dir: &std::path::Path) -> Result<Option<u64>, String> {
+    match keel_storage::atomic_file::read(disk, data_dir, HORIZON_FILE).map_err(|e| format!("reading the refill horizon: {e}"))? {
         None => Ok(None),
         Some(bytes) => {
             bytes.as_slice().try_into().map(|b| Some(u64::from_le_bytes(b))).map_err(|_| format!("damaged {HORIZON_FILE} in {}", data_dir.display()))
@@ -177,7 +177,7 @@ pub fn read_horizon(data_dir: &std::path::Path) -> Result<Option<u64>, String> {
 /// Whether a group directory holds no state: no log entry, nothing purged, no vote.
 pub fn is_empty(log: &keel_storage::Log) -> bool {
     let st = log.state();
-    st.last.is_none() && st.purged.is_none() && !crate::replication::log_store::has_vote(log.dir())
+    st.last.is_none() && st.purged.is_none() && !crate::replication::log_store::has_vote(&**log.disk(), log.dir())
 }
 
 /// The peers of `members` other than `me`, as (id, peer address).

@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use keel_storage::{atomic_file, Entry as StoredEntry, EntryMeta, Flusher, Log, LogId as StoredLogId};
+use keel_storage::{atomic_file, Disk, Entry as StoredEntry, EntryMeta, Flusher, Log, LogId as StoredLogId};
 use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
 use openraft::{EntryPayload, OptionalSend, RaftLogReader};
 
@@ -148,16 +148,16 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> io::Result<T> + Send + 
 
 /// Writes `vote` durably as the saved vote of the store in `dir`. Only for a store that
 /// is not open (before Raft starts on a group that adopts a leader's vote).
-pub fn persist_vote(dir: &std::path::Path, vote: &Vote) -> io::Result<()> {
+pub fn persist_vote(disk: &dyn Disk, dir: &std::path::Path, vote: &Vote) -> io::Result<()> {
     let bytes = postcard::to_allocvec(vote).map_err(|e| invalid(format!("encoding the vote: {e}")))?;
-    atomic_file::write(dir, VOTE_FILE, &bytes)?;
+    atomic_file::write(disk, dir, VOTE_FILE, &bytes)?;
     Ok(())
 }
 
 /// The committed log index last saved in `dir` (a hint: it may lag the real commit
 /// index by up to `COMMITTED_WRITE_INTERVAL`, and may exceed what the log durably holds).
-pub fn saved_committed(dir: &std::path::Path) -> io::Result<Option<u64>> {
-    match atomic_file::read(dir, COMMITTED_FILE)? {
+pub fn saved_committed(disk: &dyn Disk, dir: &std::path::Path) -> io::Result<Option<u64>> {
+    match atomic_file::read(disk, dir, COMMITTED_FILE)? {
         None => Ok(None),
         Some(bytes) => {
             let id: Option<RaftLogId> = postcard::from_bytes(&bytes).map_err(|e| invalid(format!("decoding the committed index: {e}")))?;
@@ -167,8 +167,8 @@ pub fn saved_committed(dir: &std::path::Path) -> io::Result<Option<u64>> {
 }
 
 /// Whether the store in `dir` has ever saved a vote.
-pub fn has_vote(dir: &std::path::Path) -> bool {
-    dir.join(VOTE_FILE).exists()
+pub fn has_vote(disk: &dyn Disk, dir: &std::path::Path) -> bool {
+    disk.exists(&dir.join(VOTE_FILE))
 }
 
 impl PartitionLogStore {
@@ -199,7 +199,7 @@ impl Drop for PartitionLogStore {
         let st = self.committed.lock().expect("committed lock poisoned");
         if st.value != st.written_value {
             if let Ok(bytes) = postcard::to_allocvec(&st.value) {
-                let _ = atomic_file::write_unsynced(&self.dir, COMMITTED_FILE, &bytes);
+                let _ = atomic_file::write_unsynced(&**self.log.disk(), &self.dir, COMMITTED_FILE, &bytes);
             }
         }
     }
@@ -222,8 +222,8 @@ impl RaftLogReader<TypeConfig> for PartitionLogReader {
     }
 
     async fn read_vote(&mut self) -> io::Result<Option<Vote>> {
-        let dir = self.dir.clone();
-        blocking(move || match atomic_file::read(&dir, VOTE_FILE)? {
+        let (disk, dir) = (self.log.disk().clone(), self.dir.clone());
+        blocking(move || match atomic_file::read(&*disk, &dir, VOTE_FILE)? {
             None => Ok(None),
             Some(bytes) => postcard::from_bytes(&bytes).map(Some).map_err(|e| invalid(format!("decoding the saved vote: {e}"))),
         })
@@ -263,7 +263,7 @@ impl RaftLogStorage<TypeConfig> for PartitionLogStore {
         // Queued appends reach the disk before the vote does (openraft io ordering).
         blocking(move || {
             log.flush()?;
-            atomic_file::write(&dir, VOTE_FILE, &bytes)?;
+            atomic_file::write(&**log.disk(), &dir, VOTE_FILE, &bytes)?;
             Ok(())
         })
         .await
@@ -286,9 +286,9 @@ impl RaftLogStorage<TypeConfig> for PartitionLogStore {
         };
         if write {
             let bytes = postcard::to_allocvec(&committed).map_err(|e| invalid(format!("encoding committed: {e}")))?;
-            let (dir, state) = (self.dir.clone(), self.committed.clone());
+            let (disk, dir, state) = (self.log.disk().clone(), self.dir.clone(), self.committed.clone());
             tokio::task::spawn_blocking(move || {
-                if let Err(e) = atomic_file::write_unsynced(&dir, COMMITTED_FILE, &bytes) {
+                if let Err(e) = atomic_file::write_unsynced(&*disk, &dir, COMMITTED_FILE, &bytes) {
                     tracing::warn!(error = %e, "could not record the committed index; a restart re-applies a few more entries");
                 }
                 state.lock().expect("committed lock poisoned").writing = false;
@@ -298,8 +298,8 @@ impl RaftLogStorage<TypeConfig> for PartitionLogStore {
     }
 
     async fn read_committed(&mut self) -> io::Result<Option<RaftLogId>> {
-        let dir = self.dir.clone();
-        let saved: Option<RaftLogId> = blocking(move || match atomic_file::read(&dir, COMMITTED_FILE)? {
+        let (disk, dir) = (self.log.disk().clone(), self.dir.clone());
+        let saved: Option<RaftLogId> = blocking(move || match atomic_file::read(&*disk, &dir, COMMITTED_FILE)? {
             None => Ok(None),
             Some(bytes) => postcard::from_bytes(&bytes).map_err(|e| invalid(format!("decoding the committed index: {e}"))),
         })

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use futures::StreamExt;
 use keel_protocol::BatchView;
-use keel_storage::atomic_file;
+use keel_storage::{atomic_file, Disk};
 use openraft::storage::{EntryResponder, RaftStateMachine};
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
 use serde::{Deserialize, Serialize};
@@ -111,8 +111,8 @@ fn decode_file(bytes: &[u8]) -> io::Result<StoredSnapshot> {
     Ok(StoredSnapshot { meta: f.meta, state: f.state })
 }
 
-fn persist(dir: &Path, snapshot: &StoredSnapshot) -> io::Result<()> {
-    Ok(atomic_file::write(dir, SNAPSHOT_FILE, &encode_file(snapshot)?)?)
+fn persist(disk: &dyn Disk, dir: &Path, snapshot: &StoredSnapshot) -> io::Result<()> {
+    Ok(atomic_file::write(disk, dir, SNAPSHOT_FILE, &encode_file(snapshot)?)?)
 }
 
 /// What the state machine shares with the partition's leader and readers.
@@ -142,6 +142,7 @@ impl PartitionShared {
 /// The state machine of one partition (or of the metadata log, whose batches carry no
 /// producer fields or message ids, so the fold only counts offsets).
 pub struct PartitionStateMachine {
+    disk: Arc<dyn Disk>,
     dir: PathBuf,
     shared: Arc<PartitionShared>,
     applied: Option<RaftLogId>,
@@ -151,17 +152,18 @@ pub struct PartitionStateMachine {
 
 /// Builds a snapshot from the state encoded when the builder was created.
 pub struct PartitionSnapshotBuilder {
+    disk: Arc<dyn Disk>,
     dir: PathBuf,
     snapshot: StoredSnapshot,
     current: Arc<Mutex<Option<StoredSnapshot>>>,
 }
 
 impl PartitionStateMachine {
-    /// Opens the state machine in `dir`, starting from the last snapshot if any.
-    pub fn open(dir: PathBuf) -> io::Result<PartitionStateMachine> {
-        let current = match atomic_file::read(&dir, SNAPSHOT_FILE)? {
+    /// Opens the state machine in `dir` on `disk`, starting from the last snapshot if any.
+    pub fn open(disk: Arc<dyn Disk>, dir: PathBuf) -> io::Result<PartitionStateMachine> {
+        let current = match atomic_file::read(&*disk, &dir, SNAPSHOT_FILE)? {
             Some(bytes) => Some(decode_file(&bytes)?),
-            None => match atomic_file::read(&dir, LEGACY_SNAPSHOT_FILE)? {
+            None => match atomic_file::read(&*disk, &dir, LEGACY_SNAPSHOT_FILE)? {
                 None => None,
                 Some(bytes) => {
                     let legacy: LegacySnapshot = postcard::from_bytes(&bytes).map_err(|e| invalid(format!("decoding {LEGACY_SNAPSHOT_FILE}: {e}")))?;
@@ -179,7 +181,7 @@ impl PartitionStateMachine {
         };
         let shared =
             Arc::new(PartitionShared { high_watermark: watch::channel(state.next_offset).0, applied: watch::channel(applied).0, state: Mutex::new(state) });
-        Ok(PartitionStateMachine { dir, shared, applied, membership, current: Arc::new(Mutex::new(current)) })
+        Ok(PartitionStateMachine { disk, dir, shared, applied, membership, current: Arc::new(Mutex::new(current)) })
     }
 
     pub fn shared(&self) -> Arc<PartitionShared> {
@@ -221,8 +223,8 @@ impl RaftSnapshotBuilder<TypeConfig> for PartitionSnapshotBuilder {
     type SnapshotData = PartitionSnapshot;
 
     async fn build_snapshot(&mut self) -> io::Result<Snapshot> {
-        let (dir, stored) = (self.dir.clone(), self.snapshot.clone());
-        let stored = tokio::task::spawn_blocking(move || persist(&dir, &stored).map(|_| stored)).await.map_err(io::Error::other)??;
+        let (disk, dir, stored) = (self.disk.clone(), self.dir.clone(), self.snapshot.clone());
+        let stored = tokio::task::spawn_blocking(move || persist(&*disk, &dir, &stored).map(|_| stored)).await.map_err(io::Error::other)??;
         let snapshot = Snapshot { meta: stored.meta.clone(), snapshot: PartitionSnapshot { state: stored.state.clone() } };
         *self.current.lock().expect("snapshot lock poisoned") = Some(stored);
         Ok(snapshot)
@@ -273,14 +275,14 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         let meta = SnapshotMeta { last_log_id: self.applied, last_membership: self.membership.clone() };
         let state = self.shared.state().encode_snapshot();
-        PartitionSnapshotBuilder { dir: self.dir.clone(), snapshot: StoredSnapshot { meta, state }, current: self.current.clone() }
+        PartitionSnapshotBuilder { disk: self.disk.clone(), dir: self.dir.clone(), snapshot: StoredSnapshot { meta, state }, current: self.current.clone() }
     }
 
     async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: PartitionSnapshot) -> io::Result<()> {
         let state = PartitionState::decode_snapshot(&snapshot.state).map_err(|e| invalid(format!("installing a snapshot: {e}")))?;
         let stored = StoredSnapshot { meta: meta.clone(), state: snapshot.state };
-        let dir = self.dir.clone();
-        let stored = tokio::task::spawn_blocking(move || persist(&dir, &stored).map(|_| stored)).await.map_err(io::Error::other)??;
+        let (disk, dir) = (self.disk.clone(), self.dir.clone());
+        let stored = tokio::task::spawn_blocking(move || persist(&*disk, &dir, &stored).map(|_| stored)).await.map_err(io::Error::other)??;
         let next_offset = state.next_offset;
         *self.shared.state() = state;
         self.applied = meta.last_log_id;
@@ -322,8 +324,8 @@ mod tests {
         let applied = Some(RaftLogId::new_term_index(3, 40));
         let meta = SnapshotMeta { last_log_id: applied, last_membership: StoredMembership::default() };
         let old = OldSnapshot { meta, state: OldState { applied, membership: StoredMembership::default(), next_offset: 1234 } };
-        atomic_file::write(dir.path(), LEGACY_SNAPSHOT_FILE, &postcard::to_allocvec(&old).unwrap()).unwrap();
-        let sm = PartitionStateMachine::open(dir.path().to_path_buf()).unwrap();
+        atomic_file::write(&keel_storage::disk::OsDisk, dir.path(), LEGACY_SNAPSHOT_FILE, &postcard::to_allocvec(&old).unwrap()).unwrap();
+        let sm = PartitionStateMachine::open(keel_storage::disk::os(), dir.path().to_path_buf()).unwrap();
         assert_eq!(*sm.high_watermark().borrow(), 1234);
         assert_eq!(sm.applied, applied);
     }
