@@ -25,6 +25,9 @@
 //! | `keel_message_ids_held` | gauge | group | message ids in the partition's dedupe window |
 //! | `keel_message_id_window_bytes` | gauge | group | memory the partition's dedupe window holds (estimate) |
 //! | `keel_producers_held` | gauge | group | idempotent producers the partition remembers |
+//! | `keel_group_damage_detected_total` | counter | — | groups found, when opened, to have lost entries this node acknowledged (ack ledger above the log) |
+//! | `keel_groups_damaged` | gauge | — | such groups still waiting to be refilled (voting only for candidates holding what they lost) |
+//! | `keel_ack_ledger_sync_seconds` | histogram | — | each ack ledger `fdatasync` (one per flush round that recorded something) |
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -48,6 +51,9 @@ pub const UNDER_REPLICATED_PARTITIONS: &str = "keel_under_replicated_partitions"
 pub const MESSAGE_IDS_HELD: &str = "keel_message_ids_held";
 pub const PRODUCERS_HELD: &str = "keel_producers_held";
 pub const MESSAGE_ID_WINDOW_BYTES: &str = "keel_message_id_window_bytes";
+pub const GROUP_DAMAGE_DETECTED: &str = "keel_group_damage_detected_total";
+pub const GROUPS_DAMAGED: &str = "keel_groups_damaged";
+pub const ACK_LEDGER_SYNC_SECONDS: &str = "keel_ack_ledger_sync_seconds";
 
 /// How often group gauges (term, leadership, under-replication, dedupe state) are sampled.
 pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
@@ -71,6 +77,7 @@ pub fn install() -> PrometheusHandle {
                 .unwrap_or_else(|e| panic!("installing the metrics recorder: {e}"));
             describe();
             keel_storage::observe::set_fsync_observer(|took| histogram!(FSYNC_SECONDS).record(took.as_secs_f64()));
+            keel_storage::observe::set_ledger_sync_observer(|took| histogram!(ACK_LEDGER_SYNC_SECONDS).record(took.as_secs_f64()));
             handle
         })
         .clone()
@@ -91,6 +98,9 @@ fn describe() {
     describe_gauge!(MESSAGE_IDS_HELD, Unit::Count, "Message ids in the partition's dedupe window.");
     describe_gauge!(PRODUCERS_HELD, Unit::Count, "Idempotent producers the partition remembers.");
     describe_gauge!(MESSAGE_ID_WINDOW_BYTES, Unit::Bytes, "Memory held by the partition's message-id window (estimate).");
+    describe_counter!(GROUP_DAMAGE_DETECTED, Unit::Count, "Groups found at open to have lost entries this node acknowledged.");
+    describe_gauge!(GROUPS_DAMAGED, Unit::Count, "Damaged groups still waiting to be refilled by their peers.");
+    describe_histogram!(ACK_LEDGER_SYNC_SECONDS, Unit::Seconds, "Duration of each ack ledger fdatasync.");
 }
 
 /// Records one produce request's outcome.
@@ -126,6 +136,17 @@ pub fn record_produce(topic: &str, result: &Result<Appended, PartitionError>, re
         Err(_) => "failed",
     };
     counter!(PRODUCE_REQUESTS, "topic" => topic, "outcome" => outcome).increment(1);
+}
+
+/// A group found damaged (`damaged`), or refilled or stopped (`!damaged`).
+pub fn record_group_damage(group: u64, damaged: bool) {
+    if damaged {
+        counter!(GROUP_DAMAGE_DETECTED).increment(1);
+        gauge!(GROUPS_DAMAGED).increment(1.0);
+    } else {
+        gauge!(GROUPS_DAMAGED).decrement(1.0);
+    }
+    tracing::debug!(group, damaged, "group damage gauge updated");
 }
 
 /// One group's sampled Raft view, for [`record_group`].

@@ -28,8 +28,8 @@ use crate::limits::ENTRY_PAYLOAD_SIZE_MAX;
 pub const ENTRY_HEADER_LEN: usize = 56;
 
 /// A Raft-style log position. Storage only requires index contiguity and terms that
-/// never go down along the log.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+/// never go down along the log. Ordered as Raft orders log ids: by term, then index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct LogId {
     pub term: u64,
     pub index: u64,

@@ -9,6 +9,12 @@
 //! needs per group), and logs on different lanes are flushed in parallel: one
 //! partition's fsync does not wait behind another's. No thread is created per flush.
 //!
+//! With an [`AckLedger`], a round ends by recording, for every flushed log submitted
+//! with a ledger key, its last durable id, and syncing the ledger once, before any
+//! callback runs: nothing is reported durable that the ledger does not vouch for
+//! (`ledger`). Only logs under `FsyncPolicy::Always` are recorded: under `Interval`,
+//! "durable" does not mean on disk, and recording it would claim damage after a crash.
+//!
 //! Queues are bounded (`FLUSH_QUEUE_CAPACITY_DEFAULT` per lane); when full, `submit`
 //! blocks the submitter — backpressure, never a dropped request. Under
 //! `FsyncPolicy::Interval` a lane also wakes once per interval to sync its logs with
@@ -20,6 +26,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::error::StorageError;
+use crate::ledger::AckLedger;
 use crate::log::Log;
 
 /// Called once with the outcome of the flush that covered the request.
@@ -27,6 +34,8 @@ pub type FlushCallback = Box<dyn FnOnce(Result<(), StorageError>) + Send>;
 
 struct Request {
     log: Arc<Log>,
+    /// The log's key in the ack ledger, if its durability is recorded there.
+    ack_key: Option<u64>,
     done: FlushCallback,
 }
 
@@ -55,12 +64,18 @@ impl Flusher {
 
     /// Starts a flusher with `lanes` lanes (threads) of `capacity` queued requests each.
     pub fn spawn_lanes(name: &str, capacity: usize, lanes: usize) -> std::io::Result<Flusher> {
+        Flusher::spawn_with_ledger(name, capacity, lanes, None)
+    }
+
+    /// Starts a flusher whose rounds record durability in `ledger` (see the module docs).
+    pub fn spawn_with_ledger(name: &str, capacity: usize, lanes: usize, ledger: Option<Arc<AckLedger>>) -> std::io::Result<Flusher> {
         assert!(capacity > 0, "a flusher queue needs room for at least one request");
         assert!(lanes > 0, "a flusher needs at least one lane");
         let mut flusher = Flusher { lanes: Vec::with_capacity(lanes), threads: Vec::with_capacity(lanes) };
         for lane in 0..lanes {
             let (tx, rx) = sync_channel(capacity);
-            let thread = std::thread::Builder::new().name(format!("{name}-{lane}")).spawn(move || run(rx, capacity))?;
+            let ledger = ledger.clone();
+            let thread = std::thread::Builder::new().name(format!("{name}-{lane}")).spawn(move || run(rx, capacity, ledger))?;
             flusher.lanes.push(tx);
             flusher.threads.push(thread);
         }
@@ -70,8 +85,18 @@ impl Flusher {
     /// Asks for everything appended to `log` so far to be made durable; `done` runs on
     /// the log's lane thread once it is (or with the error if it cannot be).
     pub fn submit(&self, log: Arc<Log>, done: FlushCallback) -> Result<(), StorageError> {
-        let lane = &self.lanes[(log.instance() % self.lanes.len() as u64) as usize];
-        lane.send(Request { log, done }).map_err(|failed| {
+        self.send(Request { log, ack_key: None, done })
+    }
+
+    /// As [`Flusher::submit`], and before `done` runs, the ack ledger records the log's
+    /// last durable id under `ack_key` (if this flusher has a ledger).
+    pub fn submit_acked(&self, log: Arc<Log>, ack_key: u64, done: FlushCallback) -> Result<(), StorageError> {
+        self.send(Request { log, ack_key: Some(ack_key), done })
+    }
+
+    fn send(&self, request: Request) -> Result<(), StorageError> {
+        let lane = &self.lanes[(request.log.instance() % self.lanes.len() as u64) as usize];
+        lane.send(request).map_err(|failed| {
             (failed.0.done)(Err(StorageError::FlusherStopped));
             StorageError::FlusherStopped
         })
@@ -87,7 +112,7 @@ impl Drop for Flusher {
     }
 }
 
-fn run(rx: Receiver<Request>, capacity: usize) {
+fn run(rx: Receiver<Request>, capacity: usize, ledger: Option<Arc<AckLedger>>) {
     let mut interval_logs: Vec<Weak<Log>> = Vec::new();
     // Sabotage only: logs acknowledged but not yet flushed, and when they were first.
     let mut sabotaged: Vec<Arc<Log>> = Vec::new();
@@ -136,12 +161,58 @@ fn run(rx: Receiver<Request>, capacity: usize) {
             }
             results.push((ptr, req.log.flush().map(|_| ()).map_err(|e| e.to_string())));
         }
+        if let Some(ledger) = &ledger {
+            record_round(ledger, &batch, &mut results);
+        }
         for req in batch {
             let ptr = Arc::as_ptr(&req.log);
             let outcome = results.iter().find(|(p, _)| *p == ptr).map(|(_, r)| r.clone()).expect("every log in the batch was flushed above");
             (req.done)(outcome.map_err(|cause| StorageError::Poisoned { path: req.log.dir().to_path_buf(), cause }));
         }
         sync_interval_logs(&mut interval_logs);
+    }
+}
+
+/// Records the round's flushed logs in the ledger and syncs it once; if that fails,
+/// every recorded log's flush fails with it (its durability is not vouched for).
+fn record_round(ledger: &AckLedger, batch: &[Request], results: &mut [(*const Log, Result<(), String>)]) {
+    let mut recorded: Vec<*const Log> = Vec::new();
+    let mut failure: Option<String> = None;
+    let mut written = false;
+    for req in batch {
+        let Some(key) = req.ack_key else { continue };
+        let ptr = Arc::as_ptr(&req.log);
+        let flushed = results.iter().any(|(p, r)| *p == ptr && r.is_ok());
+        if !flushed || recorded.contains(&ptr) || !matches!(req.log.config().fsync, crate::config::FsyncPolicy::Always) {
+            continue;
+        }
+        recorded.push(ptr);
+        if let Some(id) = req.log.durable_last() {
+            match ledger.record(key, id) {
+                Ok(changed) => written |= changed,
+                Err(e) => {
+                    failure.get_or_insert(e.to_string());
+                }
+            }
+        }
+    }
+    if recorded.is_empty() {
+        return;
+    }
+    // Nothing new to record (a flush that found everything already durable): the
+    // ledger already vouches for it, no sync needed.
+    if failure.is_none() && written {
+        if let Err(e) = ledger.sync() {
+            failure = Some(e.to_string());
+        }
+    }
+    if let Some(cause) = failure {
+        tracing::error!(error = %cause, "the ack ledger could not record a flush; those appends are not reported durable");
+        for (p, r) in results.iter_mut() {
+            if recorded.contains(p) {
+                *r = Err(format!("recording durability in the ack ledger: {cause}"));
+            }
+        }
     }
 }
 

@@ -10,6 +10,8 @@
 //! - `index`: sparse offset and time indexes, memory-mapped once a segment is sealed.
 //! - [`watermark`]: how durability is published to waiters.
 //! - [`flusher`]: a thread that flushes logs and completes callbacks in order.
+//! - [`ledger`]: the ack ledger, a node's record of what each log reported durable,
+//!   kept apart from the segments so a damaged tail is noticed.
 //! - [`atomic_file`]: small metadata files replaced atomically.
 //! - [`disk`]: the I/O seam every file operation goes through: the OS, an in-memory
 //!   disk that can lose power, and a lazy OS disk for power-loss tests.
@@ -28,6 +30,7 @@ mod entry;
 pub mod error;
 pub mod flusher;
 mod index;
+pub mod ledger;
 pub mod limits;
 pub mod log;
 pub mod observe;
@@ -40,5 +43,7 @@ pub use disk::{Disk, DiskFile};
 pub use entry::{Entry, EntryMeta, LogId, ENTRY_HEADER_LEN};
 pub use error::StorageError;
 pub use flusher::Flusher;
+pub use ledger::{AckLedger, Acked};
 pub use log::{IoStats, Log, LogState};
+pub use open::DamageFound;
 pub use segment::SEGMENT_HEADER_LEN;

@@ -62,6 +62,8 @@ pub(crate) struct State {
     pub next_offset: u64,
     /// Last entry present, if any entry is present.
     pub last: Option<LogId>,
+    /// Last entry (or purge point) known durable: what the watermark's end points at.
+    durable_last: Option<LogId>,
     /// Entries below this index are written to their files.
     written_end: u64,
     /// Bytes of entries appended but not yet written.
@@ -131,6 +133,8 @@ pub struct Log {
     /// Distinct per `Log` opened in this process, in opening order (spreads logs over
     /// a `Flusher`'s lanes).
     instance: u64,
+    /// Damage to durable data that opening the log cut off.
+    pub(crate) damage_found: Vec<crate::open::DamageFound>,
     #[cfg(any(test, feature = "fault-injection"))]
     fail_next_sync: std::sync::atomic::AtomicBool,
 }
@@ -150,6 +154,7 @@ impl State {
             next_index,
             next_offset,
             last,
+            durable_last: last,
             written_end: next_index,
             pending_bytes: 0,
             purged,
@@ -191,6 +196,7 @@ impl Log {
             durable,
             stats: IoCounters::default(),
             instance: NEXT_INSTANCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            damage_found: Vec::new(),
             #[cfg(any(test, feature = "fault-injection"))]
             fail_next_sync: std::sync::atomic::AtomicBool::new(false),
         }
@@ -203,6 +209,13 @@ impl Log {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Damage to durable data found and cut off when this log was opened (empty after a
+    /// clean start or a mere crash). Whether it cost anything acknowledged is for the
+    /// ack ledger to say.
+    pub fn damage_found_at_open(&self) -> &[crate::open::DamageFound] {
+        &self.damage_found
     }
 
     /// The disk this log lives on (metadata files next to it belong on the same one).
@@ -253,6 +266,12 @@ impl Log {
             next_offset: st.next_offset,
             durable_end: self.durable.get(),
         }
+    }
+
+    /// The id of the last durable entry (or the purge point, if nothing after it is
+    /// durable yet): what an ack ledger records after a flush.
+    pub fn durable_last(&self) -> Option<LogId> {
+        self.lock_state().durable_last
     }
 
     /// The offset the next appended entry must carry as its `base_offset`.
@@ -452,8 +471,10 @@ impl Log {
                 FsyncPolicy::Always => sync,
                 FsyncPolicy::Interval(d) => sync && st.last_sync.elapsed() >= d,
             };
-            (groups, st.next_index, std::mem::take(&mut st.dir_dirty), sync_due)
+            (groups, (st.next_index, st.last), std::mem::take(&mut st.dir_dirty), sync_due)
         };
+        let (end_index, end_last) = end_index;
+        let durable_now = sync_due || matches!(self.config.fsync, FsyncPolicy::Interval(_)) && sync;
         let group_count = groups.len();
         let mut synced = Vec::with_capacity(group_count);
         for (i, g) in groups.iter().enumerate() {
@@ -488,6 +509,9 @@ impl Log {
             }
             st.written_end = end_index;
             st.pending_bytes = 0;
+            if durable_now {
+                st.durable_last = end_last;
+            }
             if sync_due {
                 st.last_sync = Instant::now();
                 st.unsynced = false;
@@ -511,7 +535,6 @@ impl Log {
         }
         // Publish only after the bookkeeping above: a reader that sees the new
         // watermark also sees the entries' new state (see `watermark`).
-        let durable_now = sync_due || matches!(self.config.fsync, FsyncPolicy::Interval(_)) && sync;
         if durable_now {
             self.durable.advance(end_index);
         }
@@ -671,6 +694,7 @@ impl Log {
             }
         }
         st.written_end = st.next_index;
+        st.durable_last = st.last;
         self.durable.reset(st.next_index);
         Ok(())
     }
@@ -716,6 +740,7 @@ impl Log {
             st.last = Some(st.last.filter(|l| l.index > upto.index).unwrap_or(upto));
             st.written_end = st.next_index;
             st.pending_bytes = 0;
+            st.durable_last = st.last;
             self.durable.advance(st.next_index);
         }
         if removed {

@@ -20,6 +20,20 @@ pub(crate) fn fsync_done(took: Duration) {
     }
 }
 
+static LEDGER_SYNC_OBSERVER: OnceLock<fn(Duration)> = OnceLock::new();
+
+/// Sets the function told how long each ack ledger `fdatasync` took. Only the first
+/// call in a process takes effect.
+pub fn set_ledger_sync_observer(observer: fn(Duration)) {
+    let _ = LEDGER_SYNC_OBSERVER.set(observer);
+}
+
+pub(crate) fn ledger_sync_done(took: Duration) {
+    if let Some(observe) = LEDGER_SYNC_OBSERVER.get() {
+        observe(took);
+    }
+}
+
 #[cfg(any(test, feature = "fault-injection"))]
 static FSYNC_DELAY_MICROS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 

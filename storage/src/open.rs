@@ -5,9 +5,12 @@
 //!    so the previous segment is judged as the tail it really is.
 //! 3. Sealed segments: load their index files, or — if missing or stale — scan them,
 //!    verifying every checksum, and rewrite the index. Any damage here is corruption.
-//! 4. The last segment: scan it. A failing entry is a torn tail (cut it off) unless a
-//!    later valid entry proves the failing bytes had been fsynced (`synced_before`),
-//!    which is corruption: refuse to open, touch nothing.
+//! 4. The last segment: scan it. A failing entry is a torn tail (cut it off). If a later
+//!    valid entry proves the failing bytes had been fsynced (`synced_before`), or the
+//!    segment's header is damaged, it is damage to durable data: the bytes from the
+//!    damage on are copied aside (`<segment>.damaged-<position>`), the log is cut
+//!    there, and [`Log::damage_found_at_open`] reports it. Whether that lost anything
+//!    this node acknowledged is for its ack ledger to say (`ledger`).
 //! 5. Check that segments chain: each starts at the index and offset where the previous ended.
 
 use std::path::{Path, PathBuf};
@@ -50,8 +53,19 @@ impl Log {
 
         // 2 + 4. Find the real tail and scan it.
         let mut tail: Option<(Segment, crate::segment::Scan)> = None;
+        let mut damage_found: Vec<DamageFound> = Vec::new();
         while let Some((first, path)) = names.pop() {
-            let Some((mut seg, file_len)) = Segment::open(d, path.clone(), first)? else {
+            let opened = match Segment::open(d, path.clone(), first) {
+                Err(StorageError::Corrupt { position, reason, .. }) => {
+                    tracing::error!(path = %path.display(), %reason, "the last segment's header is damaged; setting the whole segment aside");
+                    set_aside(d, &dir, &path, position)?;
+                    damage_found.push(DamageFound { path: path.clone(), position, reason });
+                    remove_with_indexes(d, &dir, first, &path)?;
+                    continue;
+                }
+                other => other?,
+            };
+            let Some((mut seg, file_len)) = opened else {
                 if names.is_empty() {
                     // The log's only segment was torn at creation: nothing was in it.
                     remove_with_indexes(d, &dir, first, &path)?;
@@ -62,14 +76,11 @@ impl Log {
                 continue;
             };
             let result = scan(&*seg.file, &seg.path, file_len, first, config.index_interval_bytes)?;
-            if let Some(stop) = &result.stop {
-                if stop.durable_damage {
-                    return Err(StorageError::Corrupt {
-                        path: seg.path.clone(),
-                        position: stop.position,
-                        reason: format!("{}; later entries prove these bytes had been made durable", stop.reason),
-                    });
-                }
+            if let Some(stop) = result.stop.as_ref().filter(|s| s.durable_damage) {
+                let reason = format!("{}; later entries prove these bytes had been made durable", stop.reason);
+                tracing::error!(path = %seg.path.display(), position = stop.position, %reason, "damage in durable data; cutting the log there and setting the rest aside");
+                set_aside(d, &dir, &seg.path, stop.position)?;
+                damage_found.push(DamageFound { path: seg.path.clone(), position: stop.position, reason });
             }
             if result.last.is_none() && !names.is_empty() {
                 tracing::warn!(path = %path.display(), "removing an empty trailing segment");
@@ -199,8 +210,32 @@ impl Log {
         let last = last.or(purged);
         let state = State::new(segments, next_index, next_offset, last, purged, start_offset);
         atomic_file::sync_dir(d, &dir)?;
-        Ok(Log::from_parts(disk, dir, config, state))
+        let mut log = Log::from_parts(disk, dir, config, state);
+        log.damage_found = damage_found;
+        Ok(log)
     }
+}
+
+/// Damage to durable data that recovery cut off when the log was opened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DamageFound {
+    /// The segment file it was in.
+    pub path: PathBuf,
+    /// Where the cut was made (bytes from the start of the file).
+    pub position: u64,
+    pub reason: String,
+}
+
+/// Copies `path`'s bytes from `position` on to `<path>.damaged-<position>`, durably,
+/// before the caller cuts them off: evidence for an operator, never read again.
+fn set_aside(disk: &dyn Disk, dir: &Path, path: &Path, position: u64) -> Result<(), StorageError> {
+    let bytes = disk.read(path).map_err(|e| StorageError::io("read damaged segment", path, e))?;
+    let aside = PathBuf::from(format!("{}.damaged-{position}", path.display()));
+    let tail = bytes.get(position as usize..).unwrap_or_default();
+    let file = disk.open(&aside, crate::disk::OpenMode::CreateTruncate).map_err(|e| StorageError::io("create", &aside, e))?;
+    file.write_all_at(0, &[tail]).map_err(|e| StorageError::io("write", &aside, e))?;
+    file.sync_data().map_err(|e| StorageError::io("fsync", &aside, e))?;
+    atomic_file::sync_dir(disk, dir)
 }
 
 fn check_chain(sealed: &[Segment], tail: &Segment, tail_first_base: u64) -> Result<(), StorageError> {

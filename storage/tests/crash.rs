@@ -145,22 +145,25 @@ fn a_bit_flip_anywhere_never_yields_a_corrupted_entry() {
 }
 
 #[test]
-fn damage_to_an_entry_that_later_entries_prove_durable_refuses_to_open_and_touches_nothing() {
+fn damage_to_an_entry_that_later_entries_prove_durable_is_cut_set_aside_and_reported() {
     let dir = tempfile::tempdir().unwrap();
-    write_log(dir.path(), 6, 100, LogConfig::default());
+    let entries = write_log(dir.path(), 6, 100, LogConfig::default());
     let seg = segment_files(dir.path()).pop().unwrap();
     let mut bytes = fs::read(&seg).unwrap();
     let third = SEGMENT_HEADER_LEN as usize + 2 * entry(1, 100).stored_len() as usize;
     bytes[third + 70] ^= 0x10;
     fs::write(&seg, &bytes).unwrap();
-    match Log::open(dir.path(), LogConfig::default()) {
-        Err(StorageError::Corrupt { position, reason, .. }) => {
-            assert_eq!(position, third as u64);
-            assert!(reason.contains("durable"), "{reason}");
-        }
-        other => panic!("expected Corrupt, got {other:?}"),
-    }
-    assert_eq!(fs::read(&seg).unwrap(), bytes, "a refused open changes nothing on disk");
+    let log = Log::open(dir.path(), LogConfig::default()).unwrap();
+    let found = log.damage_found_at_open();
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].position, third as u64);
+    assert!(found[0].reason.contains("durable"), "{}", found[0].reason);
+    assert_eq!(log.read(0..100, u64::MAX).unwrap(), entries[..2].to_vec(), "the log is cut at the damage");
+    let aside = PathBuf::from(format!("{}.damaged-{third}", seg.display()));
+    assert_eq!(fs::read(&aside).unwrap(), bytes[third..].to_vec(), "the cut bytes are kept aside, as they were");
+    drop(log);
+    let reopened = Log::open(dir.path(), LogConfig::default()).unwrap();
+    assert!(reopened.damage_found_at_open().is_empty(), "the cut is durable: a second open finds nothing");
 }
 
 #[test]

@@ -4,9 +4,10 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use keel_storage::{Disk, Flusher, Log, LogConfig};
+use keel_storage::{AckLedger, Disk, Flusher, Log, LogConfig};
 use tokio::sync::watch;
 
+use super::damage::{self, Verdict};
 use super::rejoin::{self, Recovery};
 use crate::metadata::METADATA_GROUP;
 use crate::peer::{GroupNetworkFactory, GroupRaft, GroupRegistry, HostedGroup, PeerPool};
@@ -22,6 +23,8 @@ pub struct GroupContext {
     pub pool: Arc<PeerPool>,
     pub registry: GroupRegistry,
     pub flusher: Arc<Flusher>,
+    /// What this node acknowledged, per group (`damage`).
+    pub ledger: Arc<AckLedger>,
     pub raft_config: Arc<openraft::Config>,
     pub log_config: LogConfig,
 }
@@ -68,15 +71,15 @@ pub fn group_dir(data_dir: &std::path::Path, group: u64) -> PathBuf {
     data_dir.join("groups").join(format!("{group:020}"))
 }
 
-/// Whether opening a group with no local state asks its other replicas first.
+/// The group's other replicas (id, peer address), and whether to probe them when the
+/// group has no local state.
 #[derive(Debug, Clone)]
-pub enum Probe {
-    /// The group cannot have existed here before (created after this node's state was
-    /// last intact): start as is.
-    Never,
-    /// If the group has no local state, probe these replicas (id, peer address) and
-    /// refill it if it existed (see [`super::rejoin`]).
-    IfEmpty(Vec<(u64, String)>),
+pub struct Peers {
+    pub replicas: Vec<(u64, String)>,
+    /// If the group has no local state, probe the replicas and refill it if it existed
+    /// (see [`super::rejoin`]). False when it cannot have existed here before (created
+    /// after this node's state was last intact).
+    pub probe_if_empty: bool,
 }
 
 /// File in a group's directory while it is being refilled: the index its log must
@@ -86,7 +89,7 @@ const REFILL_MARKER: &str = "refill.target";
 
 /// Opens (creating if new) group `group` and registers it with the peer server.
 /// Returns the recovery it went through, if it found its state lost.
-pub async fn open_group(ctx: &GroupContext, group: u64, probe: Probe) -> Result<(GroupHandle, Option<Recovery>), String> {
+pub async fn open_group(ctx: &GroupContext, group: u64, peers: Peers) -> Result<(GroupHandle, Option<Recovery>), String> {
     let dir = group_dir(&ctx.data_dir, group);
     let log_config = ctx.log_config.clone();
     let (open_dir, disk) = (dir.clone(), ctx.disk.clone());
@@ -95,10 +98,15 @@ pub async fn open_group(ctx: &GroupContext, group: u64, probe: Probe) -> Result<
         .map_err(|e| e.to_string())?
         .map_err(|e| format!("opening the log of group {group}: {e}"))?;
     let log = Arc::new(log);
+    for d in log.damage_found_at_open() {
+        tracing::error!(group, path = %d.path.display(), position = d.position, reason = %d.reason, "damaged segment bytes were cut off and set aside");
+    }
     let mut recovery = None;
-    if let Probe::IfEmpty(peers) = probe {
-        if rejoin::is_empty(&log) && !peers.is_empty() {
-            if let Some(r) = rejoin::probe_until_decided(&ctx.pool, &peers, group).await {
+    let verdict = damage::judge(&ctx.ledger, group, &log);
+    if peers.probe_if_empty || verdict == Verdict::Unknown {
+        let replicas = &peers.replicas;
+        if rejoin::is_empty(&log) && !replicas.is_empty() {
+            if let Some(r) = rejoin::probe_until_decided(&ctx.pool, replicas, group).await {
                 if group == METADATA_GROUP {
                     // Before anything else: partition groups created below this offset
                     // may have lived here too, and are probed when opened.
@@ -111,6 +119,27 @@ pub async fn open_group(ctx: &GroupContext, group: u64, probe: Probe) -> Result<
                     .map_err(|e| format!("adopting the leader's vote for group {group}: {e}"))?;
                 recovery = Some(r);
             }
+        } else if verdict == Verdict::Unknown && !replicas.is_empty() {
+            // The ledger cannot vouch for this log: refill it as if its state were lost,
+            // keeping the log and the vote it has.
+            tracing::error!(group, "the ack ledger holds no readable record for this group; refilling it from the leader before it votes again");
+            if let Some(r) = rejoin::probe_until_decided(&ctx.pool, replicas, group).await {
+                let bytes = r.target_index.to_le_bytes();
+                keel_storage::atomic_file::write(&*ctx.disk, &dir, REFILL_MARKER, &bytes).map_err(|e| format!("recording the refill of group {group}: {e}"))?;
+            }
+        }
+    }
+    let floor = match verdict {
+        Verdict::Damaged(floor) => Some(floor),
+        // Unknown: handled above by the refill marker (or there is no peer to refill from).
+        Verdict::Intact | Verdict::Unknown => None,
+    };
+    if floor.is_some() {
+        let last = log.state().last.map(|l| (l.term, l.index));
+        let snapshot = crate::replication::state_machine::saved_snapshot_last(&*ctx.disk, &dir).map_err(|e| format!("group {group}: {e}"))?;
+        if snapshot.is_some_and(|s| Some((s.leader_id.term, s.index)) > last) {
+            tracing::warn!(group, "the state machine snapshot covers entries the damaged log lost; rebuilding the state machine from the log");
+            crate::replication::state_machine::discard_saved_snapshot(&*ctx.disk, &dir).map_err(|e| format!("group {group}: discarding the snapshot: {e}"))?;
         }
     }
     let refill_target =
@@ -118,13 +147,21 @@ pub async fn open_group(ctx: &GroupContext, group: u64, probe: Probe) -> Result<
             Some(bytes) => Some(u64::from_le_bytes(bytes.as_slice().try_into().map_err(|_| format!("group {group}: damaged {REFILL_MARKER}"))?)),
             None => None,
         };
-    let store = PartitionLogStore::new(log.clone(), ctx.flusher.clone());
+    let store = PartitionLogStore::new(log.clone(), ctx.flusher.clone()).with_ack_key(group);
     let sm = PartitionStateMachine::open(ctx.disk.clone(), dir.clone()).map_err(|e| format!("opening the state machine of group {group}: {e}"))?;
     let high_watermark = sm.high_watermark();
     let shared = sm.shared();
     let network = GroupNetworkFactory::new(group, ctx.pool.clone());
-    let raft = GroupRaft::new(ctx.node_id, ctx.raft_config.clone(), network, store, sm).await.map_err(|e| format!("starting Raft for group {group}: {e}"))?;
+    let raft_config = match floor {
+        // A damaged replica that led before must not resume leading without an election.
+        Some(_) => Arc::new(openraft::Config { enable_leader_restore: Some(false), ..(*ctx.raft_config).clone() }),
+        None => ctx.raft_config.clone(),
+    };
+    let raft = GroupRaft::new(ctx.node_id, raft_config, network, store, sm).await.map_err(|e| format!("starting Raft for group {group}: {e}"))?;
     let hosted = HostedGroup::new(raft.clone(), log.clone());
+    if let Some(floor) = floor {
+        damage::guard(group, &hosted, floor, ctx.pool.clone(), peers.replicas.clone());
+    }
     if let Some(target) = refill_target {
         let (marker_dir, disk) = (dir.clone(), ctx.disk.clone());
         rejoin::gate_until_caught_up(group, &hosted, target, move || {

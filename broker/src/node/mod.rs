@@ -16,6 +16,7 @@
 
 pub mod admin;
 pub mod api;
+pub mod damage;
 pub mod faults;
 pub mod gauges;
 pub mod group;
@@ -38,7 +39,7 @@ use crate::config::Config;
 use crate::metadata::{MetadataState, METADATA_GROUP};
 use crate::peer::{GroupRegistry, PeerPool, PeerServer};
 use crate::replication::config::raft_config_with_timing;
-use group::{initialize_if_new, open_group, GroupContext, GroupHandle, Probe};
+use group::{initialize_if_new, open_group, GroupContext, GroupHandle, Peers};
 use limits::{CLIENT_CONCURRENCY_MAX, CLIENT_CONNECTIONS_MAX, CLIENT_SEND_QUEUE_CAPACITY};
 use reconcile::HostedPartitions;
 
@@ -88,9 +89,18 @@ impl Node {
             addr: me.peer_addr.clone(),
             source,
         })?;
+        let ledger = Arc::new(
+            keel_storage::AckLedger::open(disk.clone(), &config.node.data_dir)
+                .map_err(|e| NodeError::Start(format!("opening the ack ledger in {}: {e}", config.node.data_dir.display())))?,
+        );
         let flusher = Arc::new(
-            Flusher::spawn(&format!("keel-flusher-{}", me.id), keel_storage::limits::FLUSH_QUEUE_CAPACITY_DEFAULT)
-                .map_err(|e| NodeError::Start(e.to_string()))?,
+            Flusher::spawn_with_ledger(
+                &format!("keel-flusher-{}", me.id),
+                keel_storage::limits::FLUSH_QUEUE_CAPACITY_DEFAULT,
+                keel_storage::limits::FLUSH_LANES_DEFAULT,
+                Some(ledger.clone()),
+            )
+            .map_err(|e| NodeError::Start(e.to_string()))?,
         );
         let pool = PeerPool::new(me.id, config.cluster.name.clone());
         let peer_faults = pool.faults.clone();
@@ -101,13 +111,14 @@ impl Node {
             pool,
             registry: registry.clone(),
             flusher: flusher.clone(),
+            ledger,
             raft_config: Arc::new(raft_config),
             log_config: LogConfig { fsync, ..LogConfig::default() },
         });
         // A node with no metadata state asks its peers whether the cluster already
         // exists (its data may have been wiped) before it starts the metadata group.
         let peers = rejoin::other_peers(&config.cluster.members, None, me.id);
-        let (metadata_group, recovery) = open_group(&ctx, METADATA_GROUP, Probe::IfEmpty(peers)).await.map_err(NodeError::Start)?;
+        let (metadata_group, recovery) = open_group(&ctx, METADATA_GROUP, Peers { replicas: peers, probe_if_empty: true }).await.map_err(NodeError::Start)?;
         let refill_horizon = rejoin::read_horizon(&*disk, &config.node.data_dir).map_err(NodeError::Start)?;
         let lowest = config.cluster.members.iter().map(|m| m.id).min().expect("validate checks members is non-empty");
         if me.id == lowest && recovery.is_none() {

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use openraft::BasicNode;
 use tokio::sync::watch;
 
-use super::group::{initialize_if_new, open_group, GroupContext, Probe};
+use super::group::{initialize_if_new, open_group, GroupContext, Peers};
 use super::partition::Partition;
 use super::rejoin;
 use crate::config::ClusterConfig;
@@ -37,9 +37,10 @@ pub async fn run(
             }
             let created_at = state.topics.get(topic).map_or(u64::MAX, |t| t.created_at_offset);
             let probe = match refill_horizon {
-                Some(h) if created_at < h => Probe::IfEmpty(rejoin::other_peers(&cluster.members, Some(&p.replicas), ctx.node_id)),
-                _ => Probe::Never,
+                Some(h) => created_at < h,
+                None => false,
             };
+            let probe = Peers { replicas: rejoin::other_peers(&cluster.members, Some(&p.replicas), ctx.node_id), probe_if_empty: probe };
             let task = open_partition(ctx.clone(), cluster.clone(), topic.clone(), p.clone(), probe, metadata.clone(), hosted.clone(), opening.clone());
             tokio::spawn(task);
         }
@@ -52,10 +53,13 @@ pub async fn run(
         for p in removed {
             ctx.registry.write().expect("group registry lock poisoned").remove(&p.group.id);
             let _ = p.group.raft.shutdown().await;
-            let dir = p.group.dir.clone();
+            let (dir, p_group) = (p.group.dir.clone(), p.group.id);
             drop(p);
             if let Err(e) = remove_group_dir(&*ctx.disk, &dir) {
                 tracing::warn!(dir = %dir.display(), error = %e, "could not delete a deleted topic's partition data");
+            }
+            if let Err(e) = ctx.ledger.forget(p_group) {
+                tracing::warn!(group = p_group, error = %e, "could not drop a deleted group's ack ledger record");
             }
         }
         if metadata.changed().await.is_err() {
@@ -72,7 +76,7 @@ async fn open_partition(
     cluster: ClusterConfig,
     topic: String,
     p: PartitionMeta,
-    probe: Probe,
+    probe: Peers,
     metadata: watch::Receiver<Arc<MetadataState>>,
     hosted: HostedPartitions,
     opening: Arc<Mutex<HashSet<u64>>>,

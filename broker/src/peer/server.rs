@@ -4,13 +4,13 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use keel_net::{Listener, Reply, ServeOptions, Service};
 use keel_protocol::{api, ErrorCode};
-use keel_storage::Log;
+use keel_storage::{Log, LogId};
 use openraft::Raft;
 
 use super::limits::{PEER_CONNECTIONS_MAX, PEER_SERVER_CONCURRENCY_MAX, PEER_SERVER_SEND_QUEUE_CAPACITY};
@@ -29,11 +29,32 @@ pub struct HostedGroup {
     /// vote (its empty log must not help elect a leader that lacks committed entries,
     /// and it cannot know whom it voted for before). Cleared once its log has caught up.
     pub recovering: Arc<AtomicBool>,
+    /// Set while this node's log lacks entries it acknowledged (its ack ledger records
+    /// more than the log holds): it votes only for candidates whose log reaches this id,
+    /// as if the lost entries were still there. Cleared once peers have refilled it.
+    pub vote_floor: Arc<Mutex<Option<LogId>>>,
 }
 
 impl HostedGroup {
     pub fn new(raft: GroupRaft, log: Arc<Log>) -> HostedGroup {
-        HostedGroup { raft, log, recovering: Arc::default() }
+        HostedGroup { raft, log, recovering: Arc::default(), vote_floor: Arc::default() }
+    }
+
+    /// Why this node refuses `request`'s vote, if it does.
+    fn refuses_vote(&self, request: &openraft::raft::VoteRequest<TypeConfig>) -> Option<String> {
+        if self.recovering.load(Ordering::Acquire) {
+            return Some("is refilling the group and grants no vote until it has caught up".into());
+        }
+        let floor = (*self.vote_floor.lock().expect("vote floor lock poisoned"))?;
+        let candidate = request.last_log_id.as_ref().map(|l| LogId { term: l.leader_id.term, index: l.index });
+        (candidate < Some(floor)).then(|| {
+            format!(
+                "lost acknowledged entries up to {}-{} from its log and votes only for a candidate holding them (the candidate's last is {})",
+                floor.term,
+                floor.index,
+                candidate.map_or("none".into(), |c| format!("{}-{}", c.term, c.index))
+            )
+        })
     }
 }
 
@@ -108,22 +129,30 @@ impl PeerServer {
 async fn handle_raft(service: &PeerService, payload: &[u8]) -> Result<Bytes, String> {
     let request: RaftRequest = postcard::from_bytes(payload).map_err(|e| format!("undecodable Raft request: {e}"))?;
     let hosted = service.groups.read().expect("group registry lock poisoned").get(&request.group).cloned();
+    let refusal = |hosted: &HostedGroup| match &request.rpc {
+        RaftRpc::Vote(v) | RaftRpc::PreVote(v) => hosted.refuses_vote(v),
+        _ => None,
+    };
     let reply = match hosted {
         None => RaftReply::UnknownGroup(request.group),
-        Some(HostedGroup { recovering, .. }) if recovering.load(Ordering::Acquire) && matches!(request.rpc, RaftRpc::Vote(_) | RaftRpc::PreVote(_)) => {
-            RaftReply::Failed(format!("node {} is refilling group {} and grants no vote until it has caught up", service.node_id, request.group))
-        }
-        Some(HostedGroup { raft, .. }) => match request.rpc {
-            RaftRpc::Append(rpc) => raft.append_entries(rpc).await.map_or_else(|e| RaftReply::Failed(e.to_string()), RaftReply::Append),
-            RaftRpc::Vote(rpc) => raft.vote(rpc).await.map_or_else(|e| RaftReply::Failed(e.to_string()), RaftReply::Vote),
-            RaftRpc::PreVote(rpc) => raft.pre_vote(rpc).await.map_or_else(|e| RaftReply::Failed(e.to_string()), RaftReply::Vote),
-            RaftRpc::Snapshot { vote, meta, data } => raft
-                .install_full_snapshot(vote, openraft::Snapshot { meta, snapshot: data })
-                .await
-                .map_or_else(|e| RaftReply::Failed(e.to_string()), RaftReply::Snapshot),
+        Some(hosted) => match refusal(&hosted) {
+            Some(why) => RaftReply::Failed(format!("node {} {why} (group {})", service.node_id, request.group)),
+            None => serve_raft(hosted.raft, request.rpc).await,
         },
     };
     postcard::to_allocvec(&reply).map(Bytes::from).map_err(|e| format!("encoding Raft reply: {e}"))
+}
+
+async fn serve_raft(raft: GroupRaft, rpc: RaftRpc) -> RaftReply {
+    match rpc {
+        RaftRpc::Append(rpc) => raft.append_entries(rpc).await.map_or_else(|e| RaftReply::Failed(e.to_string()), RaftReply::Append),
+        RaftRpc::Vote(rpc) => raft.vote(rpc).await.map_or_else(|e| RaftReply::Failed(e.to_string()), RaftReply::Vote),
+        RaftRpc::PreVote(rpc) => raft.pre_vote(rpc).await.map_or_else(|e| RaftReply::Failed(e.to_string()), RaftReply::Vote),
+        RaftRpc::Snapshot { vote, meta, data } => raft
+            .install_full_snapshot(vote, openraft::Snapshot { meta, snapshot: data })
+            .await
+            .map_or_else(|e| RaftReply::Failed(e.to_string()), RaftReply::Snapshot),
+    }
 }
 
 async fn handle_probe(service: &PeerService, caller: Option<u64>, payload: &[u8]) -> Result<Bytes, String> {

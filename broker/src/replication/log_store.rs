@@ -52,6 +52,8 @@ type Vote = openraft::impls::Vote<openraft::impls::leader_id_std::LeaderId<u64, 
 pub struct PartitionLogStore {
     log: Arc<Log>,
     flusher: Arc<Flusher>,
+    /// The log's key in the node's ack ledger (its group id), if durability is recorded.
+    ack_key: Option<u64>,
     dir: PathBuf,
     committed: Arc<Mutex<CommittedState>>,
 }
@@ -176,7 +178,13 @@ impl PartitionLogStore {
     /// in the log's directory.
     pub fn new(log: Arc<Log>, flusher: Arc<Flusher>) -> PartitionLogStore {
         let dir = log.dir().to_path_buf();
-        PartitionLogStore { log, flusher, dir, committed: Arc::new(Mutex::new(CommittedState::default())) }
+        PartitionLogStore { log, flusher, ack_key: None, dir, committed: Arc::new(Mutex::new(CommittedState::default())) }
+    }
+
+    /// Reports durability only once the flusher's ack ledger records it under `key`.
+    pub fn with_ack_key(mut self, key: u64) -> PartitionLogStore {
+        self.ack_key = Some(key);
+        self
     }
 
     pub fn log(&self) -> &Arc<Log> {
@@ -331,7 +339,11 @@ impl RaftLogStorage<TypeConfig> for PartitionLogStore {
             stored.push(e);
         }
         self.log.append(stored)?;
-        self.flusher.submit(self.log.clone(), Box::new(move |result| callback.io_completed(result.map_err(io::Error::from))))?;
+        let done: keel_storage::flusher::FlushCallback = Box::new(move |result| callback.io_completed(result.map_err(io::Error::from)));
+        match self.ack_key {
+            Some(key) => self.flusher.submit_acked(self.log.clone(), key, done)?,
+            None => self.flusher.submit(self.log.clone(), done)?,
+        }
         Ok(())
     }
 

@@ -115,6 +115,34 @@ fn persist(disk: &dyn Disk, dir: &Path, snapshot: &StoredSnapshot) -> io::Result
     Ok(atomic_file::write(disk, dir, SNAPSHOT_FILE, &encode_file(snapshot)?)?)
 }
 
+/// The last log id covered by the snapshot saved in `dir`, if there is one.
+pub fn saved_snapshot_last(disk: &dyn Disk, dir: &Path) -> io::Result<Option<RaftLogId>> {
+    if let Some(bytes) = atomic_file::read(disk, dir, SNAPSHOT_FILE)? {
+        return Ok(decode_file(&bytes)?.meta.last_log_id);
+    }
+    match atomic_file::read(disk, dir, LEGACY_SNAPSHOT_FILE)? {
+        None => Ok(None),
+        Some(bytes) => {
+            let legacy: LegacySnapshot = postcard::from_bytes(&bytes).map_err(|e| invalid(format!("decoding {LEGACY_SNAPSHOT_FILE}: {e}")))?;
+            Ok(legacy.meta.last_log_id)
+        }
+    }
+}
+
+/// Deletes the snapshot saved in `dir`, durably, so the state machine is rebuilt from
+/// the log. For a replica whose log lost entries its snapshot covers: openraft would
+/// otherwise purge the log up to the snapshot, and the offsets of the entries it lost
+/// could not be recomputed.
+pub fn discard_saved_snapshot(disk: &dyn Disk, dir: &Path) -> io::Result<()> {
+    for name in [SNAPSHOT_FILE, LEGACY_SNAPSHOT_FILE] {
+        match disk.remove_file(&dir.join(name)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+    }
+    disk.sync_dir(dir)
+}
+
 /// What the state machine shares with the partition's leader and readers.
 pub struct PartitionShared {
     state: Mutex<PartitionState>,

@@ -41,7 +41,7 @@ enum Node {
     File(u64),
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct Content {
     live: Vec<u8>,
     durable: Vec<u8>,
@@ -67,7 +67,7 @@ impl Content {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct State {
     live: BTreeMap<PathBuf, Node>,
     durable: BTreeMap<PathBuf, Node>,
@@ -133,6 +133,12 @@ impl MemoryDisk {
 
     fn lock(&self) -> MutexGuard<'_, State> {
         self.shared.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// An independent copy of this disk as it is now (files, what is synced, pending
+    /// failures); handles opened on this disk do not reach the copy.
+    pub fn deep_copy(&self) -> MemoryDisk {
+        MemoryDisk { shared: Arc::new(Mutex::new(self.lock().clone())) }
     }
 
     /// Makes the next `count` calls of `kind` fail with EIO.
