@@ -9,6 +9,7 @@
 //! | `ack-before-fsync` | the flusher acknowledges appends at once and writes them only every 500 ms | acknowledged messages lost when a majority crashes |
 //! | `read-beyond-hw` | fetch serves the leader's whole log, committed or not, with no lease | reads of messages that are later truncated: one offset, two messages |
 //! | `skip-dedupe` | neither the leader nor applying checks producer sequences | a retried batch stored twice |
+//! | `ignore-ledger` | a group whose log lost acknowledged entries is treated as intact (the ack ledger is not consulted) | acknowledged messages lost after a minority's disk damage |
 
 /// A deliberate bug.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -17,6 +18,7 @@ pub enum Sabotage {
     AckBeforeFsync,
     ReadBeyondHighWatermark,
     SkipDedupe,
+    IgnoreLedger,
 }
 
 impl Sabotage {
@@ -26,6 +28,7 @@ impl Sabotage {
             "ack-before-fsync" => Some(Sabotage::AckBeforeFsync),
             "read-beyond-hw" => Some(Sabotage::ReadBeyondHighWatermark),
             "skip-dedupe" => Some(Sabotage::SkipDedupe),
+            "ignore-ledger" => Some(Sabotage::IgnoreLedger),
             _ => None,
         }
     }

@@ -18,6 +18,7 @@
 //! protocol crates and starts the `keel` binary; it never links the broker or storage.
 
 pub mod checker;
+pub mod damage;
 pub mod history;
 pub mod nemesis;
 pub mod nodes;

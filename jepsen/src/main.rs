@@ -76,7 +76,7 @@ struct RunArgs {
     #[arg(long, default_value_t = 1)]
     runs: u32,
     /// Run the nodes with a deliberate bug (`ack-before-commit`, `ack-before-fsync`,
-    /// `read-beyond-hw`, `skip-dedupe`; the keel binary needs the `sabotage` feature).
+    /// `read-beyond-hw`, `skip-dedupe`, `ignore-ledger`; the keel binary needs the `sabotage` feature).
     /// The run should then be invalid, with the matching anomaly.
     #[arg(long)]
     sabotage: Option<String>,
