@@ -120,7 +120,18 @@ fn damage_metrics(admin: &str) -> Option<(u64, u64)> {
     Some((value("keel_group_damage_detected_total")? as u64, value("keel_groups_damaged").unwrap_or(0.0) as u64))
 }
 
-async fn scenario(harm: Harm, sabotage: bool, base_port: u16) -> Outcome {
+/// What happens around the damage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Schedule {
+    /// C lags (down) while L and B acknowledge; B is damaged; L dies; B and C run alone;
+    /// L returns.
+    LeaderDies,
+    /// All three acknowledge; B is damaged and restarts while L keeps leading (L finds
+    /// B's log shorter than it was and must resend).
+    LeaderStays,
+}
+
+async fn scenario(schedule: Schedule, harm: Harm, sabotage: bool, base_port: u16) -> Outcome {
     let _serial = SERIAL.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let env = if sabotage { vec![("KEEL_SABOTAGE".to_string(), "ignore-ledger".to_string())] } else { Vec::new() };
@@ -136,8 +147,10 @@ async fn scenario(harm: Harm, sabotage: bool, base_port: u16) -> Outcome {
     let others: Vec<u32> = (1..=3).filter(|n| *n != l).collect();
     let (b, c) = (others[0], others[1]);
 
-    // C lags: from now on every commit needs L and B.
-    nodes.kill(c);
+    if schedule == Schedule::LeaderDies {
+        // C lags: from now on every commit needs L and B.
+        nodes.kill(c);
+    }
     let producer = Producer::new(cluster.clone(), ProducerConfig { linger: Duration::ZERO, ..ProducerConfig::default() }).unwrap();
     let mut acked = Vec::new();
     for i in 0..ACKED {
@@ -158,20 +171,31 @@ async fn scenario(harm: Harm, sabotage: bool, base_port: u16) -> Outcome {
         Harm::Flip(bits) => damage::flip_bits(&segment, 2048, bits, &mut fastrand::Rng::with_seed(7)).unwrap(),
     };
     eprintln!("damage: {done}");
-    nodes.kill(l);
-
-    // Only the damaged B and the lagging C run.
-    nodes.spawn(b).unwrap();
-    nodes.spawn(c).unwrap();
-    let alone_until = Instant::now() + ALONE;
     let mut led_without_the_writes = false;
-    while Instant::now() < alone_until {
-        led_without_the_writes |= leader(&cluster).await.is_some();
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    if schedule == Schedule::LeaderDies {
+        nodes.kill(l);
+        // Only the damaged B and the lagging C run.
+        nodes.spawn(b).unwrap();
+        nodes.spawn(c).unwrap();
+        let alone_until = Instant::now() + ALONE;
+        while Instant::now() < alone_until {
+            led_without_the_writes |= leader(&cluster).await.is_some();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        // L returns: it holds the writes, so B votes for it.
+        nodes.spawn(l).unwrap();
+    } else {
+        nodes.spawn(b).unwrap();
+        // Writes go on meanwhile: L and C acknowledge them, B is resent what it lost.
+        let producer = Producer::new(cluster.clone(), ProducerConfig { linger: Duration::ZERO, ..ProducerConfig::default() }).unwrap();
+        for i in ACKED..ACKED + 20 {
+            let value = format!("m{i}");
+            let record = Record { partition: Some(0), ..Record::new(value.clone()) };
+            producer.send(TOPIC, record).await.unwrap().wait().await.unwrap_or_else(|e| panic!("message {i}: {e}"));
+            acked.push(value);
+        }
+        producer.close().await;
     }
-
-    // L returns: it holds the writes, so B votes for it.
-    nodes.spawn(l).unwrap();
     wait_for_leader(&cluster, CONVERGE).await.expect("a leader once the old leader is back");
     let read = read_all(&cluster).await;
     let mut damaged_metrics = None;
@@ -202,19 +226,25 @@ fn check_nothing_lost(o: &Outcome) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_truncated_follower_tail_loses_no_acknowledged_write() {
     // About a third of the acknowledged batches (each ~100 bytes stored).
-    let o = scenario(Harm::Truncate(4000), false, 23_400).await;
+    let o = scenario(Schedule::LeaderDies, Harm::Truncate(4000), false, 23_400).await;
+    check_nothing_lost(&o);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_damaged_while_the_leader_stays_is_refilled_by_that_leader() {
+    let o = scenario(Schedule::LeaderStays, Harm::Truncate(4000), false, 23_700).await;
     check_nothing_lost(&o);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bit_flips_in_a_follower_tail_lose_no_acknowledged_write() {
-    let o = scenario(Harm::Flip(3), false, 23_500).await;
+    let o = scenario(Schedule::LeaderDies, Harm::Flip(3), false, 23_500).await;
     check_nothing_lost(&o);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_the_ack_ledger_the_same_schedule_loses_acknowledged_writes() {
-    let o = scenario(Harm::Truncate(4000), true, 23_600).await;
+    let o = scenario(Schedule::LeaderDies, Harm::Truncate(4000), true, 23_600).await;
     let read: std::collections::BTreeSet<&str> = o.read.iter().map(String::as_str).collect();
     let lost = o.acked.iter().filter(|v| !read.contains(v.as_str())).count();
     assert!(o.led_without_the_writes, "sabotaged: the damaged and the lagging replica elect a leader");

@@ -12,9 +12,10 @@
 //!   loses what was never reported;
 //! - recovered last id `<` its record `W`: **damaged**. Until its log reaches `W` again
 //!   the node grants a (pre-)vote only to a candidate whose log reaches `W` (it votes as
-//!   if the lost entries were still there), does not campaign, does not resume a
-//!   leadership it held, and tells the leader, once there is one, that its log went
-//!   backwards (so the leader resends instead of stalling). Any quorum that elects a
+//!   if the lost entries were still there), does not campaign, and does not resume a
+//!   leadership it held. A leader that finds its log shorter than it was restarts its
+//!   search for where they agree and resends (`allow_log_reversion`,
+//!   `replication/config.rs`). Any quorum that elects a
 //!   leader then meets every quorum that committed an entry in a voter that either holds
 //!   it or refuses candidates without it, so leader completeness holds however many
 //!   replicas are damaged; with too many, the group waits for a copy rather than lose
@@ -28,10 +29,9 @@ use std::time::Instant;
 use keel_storage::{AckLedger, Acked, Log, LogId};
 use openraft::async_runtime::watch::WatchReceiver;
 
-use super::limits::{REJOIN_CATCH_UP_POLL, REJOIN_PROBE_LOG_EVERY, REJOIN_PROBE_RETRY};
-use super::rejoin;
+use super::limits::REJOIN_CATCH_UP_POLL;
 use crate::peer::wire::GroupId;
-use crate::peer::{HostedGroup, PeerPool};
+use crate::peer::HostedGroup;
 
 /// What the ack ledger says of a group's log as opened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,10 +58,9 @@ pub fn judge(ledger: &AckLedger, group: GroupId, log: &Log) -> Verdict {
     }
 }
 
-/// Keeps a damaged group out of elections until its log durably reaches `floor` again,
-/// and tells the leader its log went backwards (see the module docs). Returns the
-/// task that lifts the guard.
-pub fn guard(group_id: GroupId, group: &HostedGroup, floor: LogId, pool: std::sync::Arc<PeerPool>, peers: Vec<(u64, String)>) -> tokio::task::JoinHandle<()> {
+/// Keeps a damaged group out of elections until its log durably reaches `floor` again
+/// (see the module docs). Returns the task that lifts the guard.
+pub fn guard(group_id: GroupId, group: &HostedGroup, floor: LogId) -> tokio::task::JoinHandle<()> {
     *group.vote_floor.lock().expect("vote floor lock poisoned") = Some(floor);
     group.raft.runtime_config().elect(false);
     crate::metrics::record_group_damage(group_id, true);
@@ -74,19 +73,16 @@ pub fn guard(group_id: GroupId, group: &HostedGroup, floor: LogId, pool: std::sy
             acknowledged = ?floor,
             "this replica's log lost entries it acknowledged (a damaged disk, not a crash); it votes only for candidates holding them and waits to be refilled"
         );
-        let notify = tokio::spawn(tell_the_leader(group_id, pool, peers));
         loop {
             if group.log.durable_last().is_some_and(|l| l >= floor) {
                 break;
             }
             if group.raft.metrics().borrow_watched().running_state.is_err() {
-                notify.abort();
                 crate::metrics::record_group_damage(group_id, false);
                 return;
             }
             tokio::time::sleep(REJOIN_CATCH_UP_POLL).await;
         }
-        notify.abort();
         *group.vote_floor.lock().expect("vote floor lock poisoned") = None;
         group.raft.runtime_config().elect(true);
         crate::metrics::record_group_damage(group_id, false);
@@ -96,26 +92,4 @@ pub fn guard(group_id: GroupId, group: &HostedGroup, floor: LogId, pool: std::sy
             "damaged replica refilled past what it had acknowledged; voting again"
         );
     })
-}
-
-/// Probes the group's other replicas, saying this node's log went backwards, until one
-/// answers as leader (which then allows the reversion and resends). A later leader
-/// starts without assumptions about this replica's log, so one is enough.
-async fn tell_the_leader(group: GroupId, pool: std::sync::Arc<PeerPool>, peers: Vec<(u64, String)>) {
-    let mut logged = Instant::now();
-    loop {
-        for (id, addr) in &peers {
-            if let Some(crate::peer::wire::GroupProbeReply::State(s)) = rejoin::probe(&pool, *id, addr, group).await {
-                if s.leader {
-                    tracing::info!(group, leader = id, "told the leader that this replica's log went backwards");
-                    return;
-                }
-            }
-        }
-        if logged.elapsed() >= REJOIN_PROBE_LOG_EVERY {
-            tracing::warn!(group, "damaged replica: no leader answers yet; still not voting for candidates lacking what it acknowledged");
-            logged = Instant::now();
-        }
-        tokio::time::sleep(REJOIN_PROBE_RETRY).await;
-    }
 }

@@ -160,7 +160,7 @@ pub async fn open_group(ctx: &GroupContext, group: u64, peers: Peers) -> Result<
     let raft = GroupRaft::new(ctx.node_id, raft_config, network, store, sm).await.map_err(|e| format!("starting Raft for group {group}: {e}"))?;
     let hosted = HostedGroup::new(raft.clone(), log.clone());
     if let Some(floor) = floor {
-        damage::guard(group, &hosted, floor, ctx.pool.clone(), peers.replicas.clone());
+        damage::guard(group, &hosted, floor);
     }
     if let Some(target) = refill_target {
         let (marker_dir, disk) = (dir.clone(), ctx.disk.clone());

@@ -80,7 +80,7 @@ pub fn decide(answers: &BTreeMap<u64, Option<GroupProbeReply>>) -> Decision {
 }
 
 /// Asks one replica about `group`.
-pub(crate) async fn probe(pool: &PeerPool, target: u64, addr: &str, group: GroupId) -> Option<GroupProbeReply> {
+async fn probe(pool: &PeerPool, target: u64, addr: &str, group: GroupId) -> Option<GroupProbeReply> {
     if pool.faults.is_blocked(target) {
         return None;
     }

@@ -40,6 +40,11 @@ pub fn raft_config_with_timing(cluster_name: &str, heartbeat_ms: u64, election_m
         max_in_snapshot_log_to_keep: u64::MAX,
         install_snapshot_timeout: INSTALL_SNAPSHOT_TIMEOUT_MS,
         enable_pre_vote: Some(true),
+        // A follower's log can go backwards: a damaged disk (`node/damage.rs`) or a
+        // wiped one (`node/rejoin.rs`), both kept out of elections until refilled. The
+        // leader then restarts its search for where they agree (without lowering any
+        // quorum-accepted value) instead of panicking (debug) or stalling (release).
+        allow_log_reversion: Some(true),
         ..Config::default()
     }
     .validate()
