@@ -133,6 +133,8 @@ struct SendRecord {
 pub fn check(events: &[Event], floors: Floors) -> Results {
     let mut stats = Stats::default();
     let mut rows = Rows(BTreeMap::new());
+    let mut corrupted = false;
+    let mut damage: Vec<(u64, u64)> = Vec::new();
     for (name, verdict) in [
         ("inconsistent-offsets", Verdict::Forbidden),
         ("lost-write", Verdict::Forbidden),
@@ -151,6 +153,10 @@ pub fn check(events: &[Event], floors: Floors) -> Results {
         ("nonmonotonic-poll", Verdict::Forbidden),
         ("poll-skip", Verdict::Forbidden),
         ("committed-regression", Verdict::Forbidden),
+        // A node that finds its log lost acknowledged entries when no disk was damaged:
+        // a false alarm of the ack ledger (or a real loss of synced data).
+        ("false-damage", Verdict::Forbidden),
+        ("damage-detected", Verdict::Allowed),
     ] {
         rows.0.insert(name, (verdict, Row::default()));
     }
@@ -193,7 +199,10 @@ pub fn check(events: &[Event], floors: Floors) -> Results {
                 let p = poll_invokes.get(&e.id).copied().unwrap_or(process);
                 polls.entry((p, (op.topic.clone(), op.partition))).or_default().push((op.from, op.records.clone(), op.high_watermark, kind));
             }
-            (Op::Fault(f), _) if f.phase == "start" => stats.faults += 1,
+            (Op::Fault(f), _) if f.phase == "start" => {
+                stats.faults += 1;
+                corrupted |= f.name == "corrupt";
+            }
             (Op::Fault(_), _) => {}
             (Op::Leader(l), _) => {
                 let key = (l.topic.clone(), l.partition);
@@ -205,6 +214,7 @@ pub fn check(events: &[Event], floors: Floors) -> Results {
                     leaders.insert(key, (l.leader, l.term));
                 }
             }
+            (Op::Damage(d), _) => damage.push((d.node, d.detections)),
             (Op::Dump(d), _) => {
                 stats.dumps += 1;
                 let log: BTreeMap<u64, String> = d.records.iter().map(|r| (r.offset, r.msg.clone())).collect();
@@ -419,6 +429,14 @@ pub fn check(events: &[Event], floors: Floors) -> Results {
                     hw_seen = (*hw).max(hw_seen);
                 }
             }
+        }
+    }
+
+    // Damage detections: expected only where the nemesis damaged a disk.
+    for (node, detections) in damage.iter().filter(|(_, n)| *n > 0) {
+        let name = if corrupted { "damage-detected" } else { "false-damage" };
+        for _ in 0..*detections {
+            rows.row(name).add(|| format!("node {node} found a group's log below what it had acknowledged"));
         }
     }
 

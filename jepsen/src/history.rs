@@ -118,6 +118,14 @@ pub struct DumpOp {
     pub records: Vec<Read>,
 }
 
+/// How often a node found, when opening a group, that its log had lost entries it
+/// acknowledged (counted from its log at the end of the run).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DamageOp {
+    pub node: u64,
+    pub detections: u64,
+}
+
 /// What an event is about.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "f", content = "value", rename_all = "lowercase")]
@@ -127,6 +135,7 @@ pub enum Op {
     Fault(FaultOp),
     Leader(LeaderOp),
     Dump(DumpOp),
+    Damage(DamageOp),
 }
 
 /// One line of `history.jsonl`.

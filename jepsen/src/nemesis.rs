@@ -43,10 +43,23 @@ pub enum Fault {
     /// A node drops the answers of the produces it stores (and closes the connection):
     /// the producers' retries must be recognised. Needs a `fault-injection` build.
     DropAnswers,
+    /// SIGKILL every node at once, restart them at the end. The nodes run on the lazy
+    /// disk (`KEEL_TEST_DISK=lazy`, a `fault-injection` build) whenever this fault is
+    /// enabled, so this — and every other kill — is a power cut: what was not synced is
+    /// gone.
+    PowerLoss,
+    /// SIGKILL the minority node ([`CORRUPT_NODE`], the same one all run, so a majority
+    /// always keeps intact copies), damage the last segment of one of its groups — its
+    /// tail cut by up to 16 KiB, or 1–8 bits flipped in its last 4 KiB — and restart it
+    /// at the end. It must notice it lost what it acknowledged and be refilled.
+    Corrupt,
 }
 
+/// The node the `corrupt` fault damages, in every period of a run: a fixed minority.
+pub const CORRUPT_NODE: u32 = 3;
+
 impl Fault {
-    pub const ALL: [Fault; 12] = [
+    pub const ALL: [Fault; 14] = [
         Fault::Kill,
         Fault::KillMajority,
         Fault::Pause,
@@ -59,6 +72,8 @@ impl Fault {
         Fault::Bandwidth,
         Fault::WipeRefill,
         Fault::DropAnswers,
+        Fault::PowerLoss,
+        Fault::Corrupt,
     ];
 
     pub fn name(self) -> &'static str {
@@ -75,6 +90,8 @@ impl Fault {
             Fault::Bandwidth => "bandwidth",
             Fault::WipeRefill => "wipe-refill",
             Fault::DropAnswers => "drop-answers",
+            Fault::PowerLoss => "power-loss",
+            Fault::Corrupt => "corrupt",
         }
     }
 
@@ -121,16 +138,26 @@ pub async fn run(
                 break n;
             }
         };
-        let detail = match fault {
+        let target = if fault == Fault::Corrupt { CORRUPT_NODE.min(count) } else { target };
+        let mut detail = match fault {
             Fault::PartitionRing | Fault::PartitionKill | Fault::KillMajority => {
                 let b = other(&mut rng, target);
                 json!({"nodes": [target, b]})
             }
+            Fault::PowerLoss => json!({"nodes": (1..=count).collect::<Vec<u32>>()}),
             _ => json!({"nodes": [target]}),
         };
+        // The corrupt fault's damage is chosen (and recorded) before it is done.
+        let harm = (fault == Fault::Corrupt).then(|| Harm::pick(&mut rng));
+        if let Some(h) = &harm {
+            detail["harm"] = json!(h.describe());
+        }
         let second = detail["nodes"].get(1).and_then(|v| v.as_u64()).map(|v| v as u32);
         recorder.note(Actor::Nemesis, Op::Fault(FaultOp { name: fault.name().into(), phase: "start".into(), detail: detail.clone() }));
-        let started = start(&nodes, fault, target, second, count);
+        let started = start(&nodes, fault, target, second, count, harm.as_ref());
+        if let (Ok(Some(done)), Some(_)) = (&started, &harm) {
+            recorder.note(Actor::Nemesis, Op::Fault(FaultOp { name: fault.name().into(), phase: "info".into(), detail: json!({"nodes": [target], "done": done}) }));
+        }
         if let Err(e) = &started {
             tracing::warn!(fault = fault.name(), error = %e, "could not inject the fault");
         }
@@ -157,9 +184,72 @@ fn others(count: u32, node: u32) -> impl Iterator<Item = u32> {
     (1..=count).filter(move |n| *n != node)
 }
 
-fn start(nodes: &Mutex<Nodes>, fault: Fault, target: u32, second: Option<u32>, count: u32) -> Result<(), String> {
+/// The damage a `corrupt` period does.
+#[derive(Debug, Clone)]
+struct Harm {
+    /// Which of the node's groups (an index into its sorted group directories).
+    group_pick: usize,
+    kind: HarmKind,
+}
+
+#[derive(Debug, Clone)]
+enum HarmKind {
+    Truncate(u64),
+    Flip { bits: usize, seed: u64 },
+}
+
+impl Harm {
+    fn pick(rng: &mut fastrand::Rng) -> Harm {
+        let kind = if rng.bool() {
+            // Mostly small cuts (a torn-looking tail), sometimes many entries.
+            let bytes = if rng.u32(0..4) == 0 { rng.u64(4096..16384) } else { rng.u64(1..4096) };
+            HarmKind::Truncate(bytes)
+        } else {
+            HarmKind::Flip { bits: rng.usize(1..=8), seed: rng.u64(..) }
+        };
+        Harm { group_pick: rng.usize(..), kind }
+    }
+
+    fn describe(&self) -> String {
+        match self.kind {
+            HarmKind::Truncate(b) => format!("cut {b} bytes off a segment tail"),
+            HarmKind::Flip { bits, .. } => format!("flip {bits} bits in a segment's last 4 KiB"),
+        }
+    }
+
+    /// Damages the stopped node's data directory; says what was done.
+    fn apply(&self, data_dir: &std::path::Path) -> Result<String, String> {
+        let groups = crate::damage::group_dirs(data_dir);
+        if groups.is_empty() {
+            return Ok("no group to damage".into());
+        }
+        let (_, dir) = &groups[self.group_pick % groups.len()];
+        let Some(segment) = crate::damage::last_segment(dir) else { return Ok(format!("{} holds no segment", dir.display())) };
+        let done = match self.kind {
+            HarmKind::Truncate(bytes) => crate::damage::truncate_tail(&segment, bytes)?,
+            HarmKind::Flip { bits, seed } => crate::damage::flip_bits(&segment, 4096, bits, &mut fastrand::Rng::with_seed(seed))?,
+        };
+        Ok(done.to_string())
+    }
+}
+
+/// Injects `fault`; for `corrupt`, returns what the damage did.
+fn start(nodes: &Mutex<Nodes>, fault: Fault, target: u32, second: Option<u32>, count: u32, harm: Option<&Harm>) -> Result<Option<String>, String> {
     let mut n = nodes.lock().expect("nodes lock poisoned");
     match fault {
+        Fault::Corrupt => {
+            n.kill(target);
+            let harm = harm.ok_or("corrupt needs its harm")?;
+            return harm.apply(&n.data_dir(target)).map(Some);
+        }
+        Fault::PowerLoss => {
+            for i in 1..=count {
+                if n.is_paused(i) {
+                    n.resume(i);
+                }
+                n.kill(i);
+            }
+        }
         Fault::Kill => n.kill(target),
         Fault::KillMajority => {
             n.kill(target);
@@ -190,7 +280,7 @@ fn start(nodes: &Mutex<Nodes>, fault: Fault, target: u32, second: Option<u32>, c
         Fault::DropAnswers => admin_post(&n.admin_addr(target), "/test/faults", r#"{"drop_produce_answers": 1000000}"#)?,
         Fault::Bandwidth => n.topology().ok_or("bandwidth caps need namespaces")?.bandwidth(target, Some(1024))?,
     }
-    Ok(())
+    Ok(None)
 }
 
 fn midway(nodes: &Mutex<Nodes>, fault: Fault, target: u32, second: Option<u32>) {
@@ -206,9 +296,16 @@ fn midway(nodes: &Mutex<Nodes>, fault: Fault, target: u32, second: Option<u32>) 
     }
 }
 
-fn end(nodes: &Mutex<Nodes>, fault: Fault, target: u32, second: Option<u32>, _count: u32) -> Result<(), String> {
+fn end(nodes: &Mutex<Nodes>, fault: Fault, target: u32, second: Option<u32>, count: u32) -> Result<(), String> {
     let mut n = nodes.lock().expect("nodes lock poisoned");
     match fault {
+        Fault::PowerLoss | Fault::Corrupt => {
+            for node in 1..=count {
+                if !n.is_running(node) {
+                    n.spawn(node)?;
+                }
+            }
+        }
         Fault::Kill | Fault::PauseKill | Fault::KillMajority => {
             for node in std::iter::once(target).chain(second.filter(|_| fault == Fault::KillMajority)) {
                 if !n.is_running(node) {

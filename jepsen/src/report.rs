@@ -74,8 +74,10 @@ fn html(summary: &RunSummary, events: &[Event]) -> String {
                 let key = format!("{} {}", f.name, f.detail);
                 if f.phase == "start" {
                     open.insert(key, t);
-                } else if let Some(start) = open.remove(&key) {
-                    faults.push((format!("{} {}", f.name, f.detail["nodes"]), start, t));
+                } else if f.phase == "stop" {
+                    if let Some(start) = open.remove(&key) {
+                        faults.push((format!("{} {}", f.name, f.detail["nodes"]), start, t));
+                    }
                 }
             }
             (Op::Leader(l), _) => {

@@ -15,7 +15,7 @@ use keel_client::consumer::Consumer;
 use keel_client::{Admin, ClientConfig, Cluster};
 
 use crate::checker::{self, Floors, Results};
-use crate::history::{Actor, DumpOp, LeaderOp, Op, Read, Recorder};
+use crate::history::{Actor, DamageOp, DumpOp, LeaderOp, Op, Read, Recorder};
 use crate::nemesis::{self, Fault, LeaderHint};
 use crate::nodes::{Nodes, Placement};
 use crate::report;
@@ -50,6 +50,10 @@ pub struct RunConfig {
 
 /// How long the final drain may take.
 const DRAIN_LIMIT: Duration = Duration::from_secs(90);
+/// What a node logs when it finds a group's log below its ack ledger's record
+/// (`broker/src/node/damage.rs`).
+const DAMAGE_DETECTED_LINE: &str = "lost entries it acknowledged";
+
 /// How long the final phase waits for leaders and for replicas to converge.
 const CONVERGE_LIMIT: Duration = Duration::from_secs(60);
 /// How often the runner samples partition leaders.
@@ -184,7 +188,11 @@ pub async fn run(config: RunConfig, placement: Placement) -> Result<RunSummary, 
         tracing::warn!("network namespaces are unavailable: partitions, loss and bandwidth faults are skipped");
     }
     let recorder = Arc::new(Recorder::create(Some(&config.dir.join("history.jsonl"))).map_err(|e| e.to_string())?);
-    let env = config.sabotage.iter().map(|m| ("KEEL_SABOTAGE".to_string(), m.clone())).collect();
+    let mut env: Vec<(String, String)> = config.sabotage.iter().map(|m| ("KEEL_SABOTAGE".to_string(), m.clone())).collect();
+    if faults.contains(&Fault::PowerLoss) {
+        // Every kill is then a power cut: unsynced file writes die with the process.
+        env.push(("KEEL_TEST_DISK".to_string(), "lazy".to_string()));
+    }
     let nodes = Arc::new(Mutex::new(Nodes::start(&config.keel, &config.dir, placement, 3, env)?));
     let cluster = client(nodes.lock().expect("nodes lock poisoned").client_addrs());
 
@@ -276,6 +284,13 @@ pub async fn run(config: RunConfig, placement: Placement) -> Result<RunSummary, 
                 recorder.note(Actor::Runner, Op::Dump(DumpOp { node: u64::from(i), topic, partition, records }));
             }
         }
+    }
+    // How often each node found a log below what it had acknowledged (its own log file
+    // says so; counted across every restart).
+    for i in 1..=3u64 {
+        let log = std::fs::read_to_string(config.dir.join(format!("node{i}.log"))).unwrap_or_default();
+        let detections = log.lines().filter(|l| l.contains(DAMAGE_DETECTED_LINE)).count() as u64;
+        recorder.note(Actor::Runner, Op::Damage(DamageOp { node: i, detections }));
     }
     let events = recorder.finish().map_err(|e| e.to_string())?;
     let mut results = checker::check(&events, config.floors);

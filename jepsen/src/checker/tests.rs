@@ -264,3 +264,18 @@ fn a_run_that_exercised_too_little_is_invalid_without_any_anomaly() {
     let r = check(&h.events, Floors { acked_sends: 3, faults: 1, leader_changes: 1 });
     assert!(r.valid, "{r:#?}");
 }
+
+#[test]
+fn a_node_finding_damage_without_a_damaged_disk_is_a_false_alarm_and_with_one_is_counted() {
+    let mut h = clean();
+    let id = h.id();
+    h.push(id, Actor::Runner, Kind::Info, Op::Damage(crate::history::DamageOp { node: 2, detections: 1 }));
+    let r = assert_flags(&h, "false-damage");
+    assert_eq!(r.anomaly("damage-detected").unwrap().count, 0);
+    let mut h = clean();
+    h.push(100, Actor::Nemesis, Kind::Info, Op::Fault(FaultOp { name: "corrupt".into(), phase: "start".into(), detail: serde_json::Value::Null }));
+    h.push(101, Actor::Runner, Kind::Info, Op::Damage(crate::history::DamageOp { node: 3, detections: 2 }));
+    let r = h.check();
+    assert!(r.valid, "{r:#?}");
+    assert_eq!((r.anomaly("damage-detected").unwrap().count, r.anomaly("false-damage").unwrap().count), (2, 0));
+}
