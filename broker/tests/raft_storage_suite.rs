@@ -27,3 +27,28 @@ impl StoreBuilder<TypeConfig, PartitionLogStore, PartitionStateMachine, tempfile
 async fn openraft_storage_suite_passes_against_the_segment_log() -> Result<(), StorageError<TypeConfig>> {
     Suite::test_all(KeelStoreBuilder).await
 }
+
+/// Regression (found by the keel-jepsen power-loss nemesis): the committed-index hint is
+/// written without fsync, so a power cut can leave `raft.committed` empty or torn. Every
+/// node then refused to open its groups ("corrupt data in raft.committed") and the whole
+/// cluster stayed down. A lost hint must read as no hint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_committed_hint_torn_by_a_power_cut_reads_as_no_hint() {
+    use keel_broker::replication::log_store::saved_committed;
+    use keel_storage::disk::{Disk, MemoryDisk, OpenMode};
+    use openraft::storage::RaftLogStorage;
+
+    for torn in [&b""[..], &b"KMF1\x08\x00"[..], &b"KMF1\x04\x00\x00\x00\xde\xad\xbe\xef\x01\x02\x03\x04"[..]] {
+        let disk = Arc::new(MemoryDisk::new());
+        let dir = std::path::Path::new("/node/groups/7");
+        disk.create_dir_all(dir).unwrap();
+        let f = disk.open(&dir.join("raft.committed"), OpenMode::CreateNew).unwrap();
+        f.write_all_at(0, &[torn]).unwrap();
+        f.sync_all().unwrap();
+        assert_eq!(saved_committed(&*disk, dir).expect("a torn hint is not an error"), None, "torn hint {torn:?}");
+        let log = Arc::new(Log::open_on(disk.clone(), dir, LogConfig::default()).expect("open log"));
+        let flusher = Arc::new(Flusher::spawn("test-flusher", 64).expect("spawn flusher"));
+        let mut store = PartitionLogStore::new(log, flusher);
+        assert_eq!(store.read_committed().await.expect("a torn hint is not an error"), None, "torn hint {torn:?}");
+    }
+}

@@ -159,11 +159,27 @@ pub fn persist_vote(disk: &dyn Disk, dir: &std::path::Path, vote: &Vote) -> io::
 /// The committed log index last saved in `dir` (a hint: it may lag the real commit
 /// index by up to `COMMITTED_WRITE_INTERVAL`, and may exceed what the log durably holds).
 pub fn saved_committed(disk: &dyn Disk, dir: &std::path::Path) -> io::Result<Option<u64>> {
-    match atomic_file::read(disk, dir, COMMITTED_FILE)? {
-        None => Ok(None),
-        Some(bytes) => {
-            let id: Option<RaftLogId> = postcard::from_bytes(&bytes).map_err(|e| invalid(format!("decoding the committed index: {e}")))?;
-            Ok(id.map(|l| l.index))
+    Ok(committed_hint(disk, dir)?.map(|l| l.index))
+}
+
+/// Reads the committed-index hint. It is written without fsync, so after a power cut
+/// the file may be empty or torn: that is the hint being lost (a restart re-applies a
+/// few more entries), not damage, and reads as no hint. Only an I/O error fails.
+fn committed_hint(disk: &dyn Disk, dir: &std::path::Path) -> io::Result<Option<RaftLogId>> {
+    let bytes = match atomic_file::read(disk, dir, COMMITTED_FILE) {
+        Ok(None) => return Ok(None),
+        Ok(Some(bytes)) => bytes,
+        Err(keel_storage::StorageError::Corrupt { reason, .. }) => {
+            tracing::warn!(dir = %dir.display(), reason, "the committed-index hint did not survive a crash; ignoring it");
+            return Ok(None);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    match postcard::from_bytes(&bytes) {
+        Ok(id) => Ok(id),
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "the committed-index hint does not decode; ignoring it");
+            Ok(None)
         }
     }
 }
@@ -307,11 +323,7 @@ impl RaftLogStorage<TypeConfig> for PartitionLogStore {
 
     async fn read_committed(&mut self) -> io::Result<Option<RaftLogId>> {
         let (disk, dir) = (self.log.disk().clone(), self.dir.clone());
-        let saved: Option<RaftLogId> = blocking(move || match atomic_file::read(&*disk, &dir, COMMITTED_FILE)? {
-            None => Ok(None),
-            Some(bytes) => postcard::from_bytes(&bytes).map_err(|e| invalid(format!("decoding the committed index: {e}"))),
-        })
-        .await?;
+        let saved = blocking(move || committed_hint(&*disk, &dir)).await?;
         let Some(saved) = saved else { return Ok(None) };
         // Never claim more than this node has durably: committed may run ahead of the
         // local flush, and openraft re-applies (applied, committed] from this log.
