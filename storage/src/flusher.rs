@@ -44,6 +44,16 @@ struct Request {
 pub struct Flusher {
     lanes: Vec<SyncSender<Request>>,
     threads: Vec<JoinHandle<()>>,
+    /// Set for an inline flusher ([`Flusher::inline`]): no lanes, rounds run in `submit`.
+    inline: Option<std::sync::Mutex<InlineLane>>,
+}
+
+/// The state of an inline flusher's one lane.
+struct InlineLane {
+    ledger: Option<Arc<AckLedger>>,
+    interval_logs: Vec<Weak<Log>>,
+    /// Sabotage only: logs acknowledged but not flushed, flushed at the next submit.
+    sabotaged: Vec<Arc<Log>>,
 }
 
 impl std::fmt::Debug for Flusher {
@@ -71,7 +81,7 @@ impl Flusher {
     pub fn spawn_with_ledger(name: &str, capacity: usize, lanes: usize, ledger: Option<Arc<AckLedger>>) -> std::io::Result<Flusher> {
         assert!(capacity > 0, "a flusher queue needs room for at least one request");
         assert!(lanes > 0, "a flusher needs at least one lane");
-        let mut flusher = Flusher { lanes: Vec::with_capacity(lanes), threads: Vec::with_capacity(lanes) };
+        let mut flusher = Flusher { lanes: Vec::with_capacity(lanes), threads: Vec::with_capacity(lanes), inline: None };
         for lane in 0..lanes {
             let (tx, rx) = sync_channel(capacity);
             let ledger = ledger.clone();
@@ -80,6 +90,16 @@ impl Flusher {
             flusher.threads.push(thread);
         }
         Ok(flusher)
+    }
+
+    /// A flusher without threads: each `submit` flushes its log and runs its callback
+    /// before returning, on the caller's thread. For a deterministic simulation (one
+    /// thread, logs on an in-memory disk); no group commit across callers. With the
+    /// `ack-before-fsync` sabotage, a submit is acknowledged unflushed and flushed at
+    /// the next submit, so the latest acknowledged append is always at risk.
+    pub fn inline(ledger: Option<Arc<AckLedger>>) -> Flusher {
+        let lane = InlineLane { ledger, interval_logs: Vec::new(), sabotaged: Vec::new() };
+        Flusher { lanes: Vec::new(), threads: Vec::new(), inline: Some(std::sync::Mutex::new(lane)) }
     }
 
     /// Asks for everything appended to `log` so far to be made durable; `done` runs on
@@ -95,6 +115,21 @@ impl Flusher {
     }
 
     fn send(&self, request: Request) -> Result<(), StorageError> {
+        if let Some(lane) = &self.inline {
+            let mut lane = lane.lock().unwrap_or_else(|p| p.into_inner());
+            let lane = &mut *lane;
+            for log in lane.sabotaged.drain(..) {
+                let _ = log.flush();
+            }
+            if crate::observe::ack_before_fsync() {
+                lane.sabotaged.push(request.log.clone());
+                (request.done)(Ok(()));
+                return Ok(());
+            }
+            flush_round(vec![request], lane.ledger.as_deref(), &mut lane.interval_logs);
+            sync_interval_logs(&mut lane.interval_logs);
+            return Ok(());
+        }
         let lane = &self.lanes[(request.log.instance() % self.lanes.len() as u64) as usize];
         lane.send(request).map_err(|failed| {
             (failed.0.done)(Err(StorageError::FlusherStopped));
@@ -149,27 +184,32 @@ fn run(rx: Receiver<Request>, capacity: usize, ledger: Option<Arc<AckLedger>>) {
                 Err(_) => break,
             }
         }
-        // One flush per distinct log.
-        let mut results: Vec<(*const Log, Result<(), String>)> = Vec::new();
-        for req in &batch {
-            let ptr = Arc::as_ptr(&req.log);
-            if results.iter().any(|(p, _)| *p == ptr) {
-                continue;
-            }
-            if matches!(req.log.config().fsync, crate::config::FsyncPolicy::Interval(_)) && !interval_logs.iter().any(|w| w.as_ptr() == ptr) {
-                interval_logs.push(Arc::downgrade(&req.log));
-            }
-            results.push((ptr, req.log.flush().map(|_| ()).map_err(|e| e.to_string())));
-        }
-        if let Some(ledger) = &ledger {
-            record_round(ledger, &batch, &mut results);
-        }
-        for req in batch {
-            let ptr = Arc::as_ptr(&req.log);
-            let outcome = results.iter().find(|(p, _)| *p == ptr).map(|(_, r)| r.clone()).expect("every log in the batch was flushed above");
-            (req.done)(outcome.map_err(|cause| StorageError::Poisoned { path: req.log.dir().to_path_buf(), cause }));
-        }
+        flush_round(batch, ledger.as_deref(), &mut interval_logs);
         sync_interval_logs(&mut interval_logs);
+    }
+}
+
+/// One round: flushes each distinct log of `batch` once, records the round in the
+/// ledger, then completes the callbacks in submission order.
+fn flush_round(batch: Vec<Request>, ledger: Option<&AckLedger>, interval_logs: &mut Vec<Weak<Log>>) {
+    let mut results: Vec<(*const Log, Result<(), String>)> = Vec::new();
+    for req in &batch {
+        let ptr = Arc::as_ptr(&req.log);
+        if results.iter().any(|(p, _)| *p == ptr) {
+            continue;
+        }
+        if matches!(req.log.config().fsync, crate::config::FsyncPolicy::Interval(_)) && !interval_logs.iter().any(|w| w.as_ptr() == ptr) {
+            interval_logs.push(Arc::downgrade(&req.log));
+        }
+        results.push((ptr, req.log.flush().map(|_| ()).map_err(|e| e.to_string())));
+    }
+    if let Some(ledger) = ledger {
+        record_round(ledger, &batch, &mut results);
+    }
+    for req in batch {
+        let ptr = Arc::as_ptr(&req.log);
+        let outcome = results.iter().find(|(p, _)| *p == ptr).map(|(_, r)| r.clone()).expect("every log in the batch was flushed above");
+        (req.done)(outcome.map_err(|cause| StorageError::Poisoned { path: req.log.dir().to_path_buf(), cause }));
     }
 }
 

@@ -88,3 +88,29 @@ fn interval_policy_syncs_written_data_once_the_interval_has_passed() {
     log.sync_if_due().unwrap();
     assert_eq!(log.io_stats().fsyncs, 1, "nothing written since, nothing to sync");
 }
+
+#[test]
+fn an_inline_flusher_makes_the_log_durable_and_completes_before_submit_returns() {
+    let disk = Arc::new(keel_storage::disk::MemoryDisk::new());
+    let log = Arc::new(Log::open_on(disk.clone(), "/inline", LogConfig::default()).unwrap());
+    let flusher = Flusher::inline(None);
+    for index in 1..=20u64 {
+        log.append([entry(index)]).unwrap();
+        let seen: Arc<Mutex<Option<u64>>> = Arc::default();
+        let (seen2, durable_log) = (seen.clone(), log.clone());
+        flusher
+            .submit(
+                log.clone(),
+                Box::new(move |result| {
+                    result.unwrap();
+                    *seen2.lock().unwrap() = Some(durable_log.durable().get());
+                }),
+            )
+            .unwrap();
+        assert_eq!(*seen.lock().unwrap(), Some(index + 1), "entry {index}: the callback ran, in submit, after the entry was durable");
+    }
+    drop(log);
+    disk.power_loss();
+    let reopened = Log::open_on(disk, "/inline", LogConfig::default()).unwrap();
+    assert_eq!(reopened.state().durable_end, 21, "everything an inline flusher reported durable survives a power loss");
+}

@@ -20,13 +20,14 @@ use std::io;
 use std::ops::{Bound, RangeBounds};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use keel_storage::{atomic_file, Disk, Entry as StoredEntry, EntryMeta, Flusher, Log, LogId as StoredLogId};
 use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
 use openraft::{EntryPayload, OptionalSend, RaftLogReader};
 
+use super::storage_io;
 use super::types::{EntryData, RaftEntry, RaftLogId, RecordBatch, TypeConfig};
 use crate::partition::ControlEntry;
 
@@ -61,7 +62,7 @@ pub struct PartitionLogStore {
 #[derive(Debug, Default)]
 struct CommittedState {
     value: Option<RaftLogId>,
-    written_at: Option<Instant>,
+    written_at: Option<tokio::time::Instant>,
     written_value: Option<RaftLogId>,
     /// A background write is in flight.
     writing: bool,
@@ -143,10 +144,6 @@ fn range_to(range: &impl RangeBounds<u64>) -> std::ops::Range<u64> {
     start..end
 }
 
-/// Runs blocking storage work off the async runtime's worker threads.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> io::Result<T> + Send + 'static) -> io::Result<T> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| io::Error::other(format!("storage task failed: {e}")))?
-}
 
 /// Writes `vote` durably as the saved vote of the store in `dir`. Only for a store that
 /// is not open (before Raft starts on a group that adopts a leader's vote).
@@ -247,7 +244,7 @@ impl RaftLogReader<TypeConfig> for PartitionLogReader {
 
     async fn read_vote(&mut self) -> io::Result<Option<Vote>> {
         let (disk, dir) = (self.log.disk().clone(), self.dir.clone());
-        blocking(move || match atomic_file::read(&*disk, &dir, VOTE_FILE)? {
+        storage_io(&*self.log.disk().clone(), move || match atomic_file::read(&*disk, &dir, VOTE_FILE)? {
             None => Ok(None),
             Some(bytes) => postcard::from_bytes(&bytes).map(Some).map_err(|e| invalid(format!("decoding the saved vote: {e}"))),
         })
@@ -285,7 +282,7 @@ impl RaftLogStorage<TypeConfig> for PartitionLogStore {
         let bytes = postcard::to_allocvec(vote).map_err(|e| invalid(format!("encoding the vote: {e}")))?;
         let (log, dir) = (self.log.clone(), self.dir.clone());
         // Queued appends reach the disk before the vote does (openraft io ordering).
-        blocking(move || {
+        storage_io(&**self.log.disk(), move || {
             log.flush()?;
             atomic_file::write(&**log.disk(), &dir, VOTE_FILE, &bytes)?;
             Ok(())
@@ -302,7 +299,7 @@ impl RaftLogStorage<TypeConfig> for PartitionLogStore {
             st.value = committed;
             let due = !st.writing && st.written_at.is_none_or(|t| t.elapsed() >= COMMITTED_WRITE_INTERVAL);
             if due {
-                st.written_at = Some(Instant::now());
+                st.written_at = Some(tokio::time::Instant::now());
                 st.written_value = committed;
                 st.writing = true;
             }
@@ -311,19 +308,25 @@ impl RaftLogStorage<TypeConfig> for PartitionLogStore {
         if write {
             let bytes = postcard::to_allocvec(&committed).map_err(|e| invalid(format!("encoding committed: {e}")))?;
             let (disk, dir, state) = (self.log.disk().clone(), self.dir.clone(), self.committed.clone());
-            tokio::task::spawn_blocking(move || {
+            let inline = disk.runs_inline();
+            let work = move || {
                 if let Err(e) = atomic_file::write_unsynced(&*disk, &dir, COMMITTED_FILE, &bytes) {
                     tracing::warn!(error = %e, "could not record the committed index; a restart re-applies a few more entries");
                 }
                 state.lock().expect("committed lock poisoned").writing = false;
-            });
+            };
+            if inline {
+                work();
+            } else {
+                tokio::task::spawn_blocking(work);
+            }
         }
         Ok(())
     }
 
     async fn read_committed(&mut self) -> io::Result<Option<RaftLogId>> {
         let (disk, dir) = (self.log.disk().clone(), self.dir.clone());
-        let saved = blocking(move || committed_hint(&*disk, &dir)).await?;
+        let saved = storage_io(&**self.log.disk(), move || committed_hint(&*disk, &dir)).await?;
         let Some(saved) = saved else { return Ok(None) };
         // Never claim more than this node has durably: committed may run ahead of the
         // local flush, and openraft re-applies (applied, committed] from this log.
@@ -361,11 +364,11 @@ impl RaftLogStorage<TypeConfig> for PartitionLogStore {
 
     async fn truncate_after(&mut self, last_log_id: Option<RaftLogId>) -> io::Result<()> {
         let log = self.log.clone();
-        blocking(move || Ok(log.truncate_after(last_log_id.map(|l| l.index))?)).await
+        storage_io(&**self.log.disk(), move || Ok(log.truncate_after(last_log_id.map(|l| l.index))?)).await
     }
 
     async fn purge(&mut self, log_id: RaftLogId) -> io::Result<()> {
         let log = self.log.clone();
-        blocking(move || Ok(log.purge_upto(to_stored_id(&log_id))?)).await
+        storage_io(&**self.log.disk(), move || Ok(log.purge_upto(to_stored_id(&log_id))?)).await
     }
 }

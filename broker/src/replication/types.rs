@@ -18,6 +18,7 @@ openraft::declare_raft_types!(
         Node = openraft::impls::BasicNode,
         Term = u64,
         LeaderId = openraft::impls::leader_id_std::LeaderId<u64, u64>,
+        AsyncRuntime = crate::replication::runtime::KeelRuntime,
 );
 
 /// A Raft log id of this configuration.

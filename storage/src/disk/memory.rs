@@ -201,6 +201,10 @@ impl MemoryDisk {
 }
 
 impl Disk for MemoryDisk {
+    fn runs_inline(&self) -> bool {
+        true
+    }
+
     fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
         let mut st = self.lock();
         for p in dir.ancestors().filter(|p| !p.as_os_str().is_empty()) {

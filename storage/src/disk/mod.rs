@@ -66,6 +66,13 @@ pub trait Disk: Send + Sync + fmt::Debug + 'static {
     /// Whether `path` exists (file or directory).
     fn exists(&self, path: &Path) -> bool;
 
+    /// Whether callers should run this disk's operations in place instead of on a
+    /// blocking thread: true for a disk in memory, whose operations never block (and
+    /// which a deterministic simulation drives from its one thread).
+    fn runs_inline(&self) -> bool {
+        false
+    }
+
     /// The whole contents of an existing file.
     fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
         let file = self.open(path, OpenMode::Read)?;
