@@ -156,7 +156,8 @@ pub async fn run(
         recorder.note(Actor::Nemesis, Op::Fault(FaultOp { name: fault.name().into(), phase: "start".into(), detail: detail.clone() }));
         let started = start(&nodes, fault, target, second, count, harm.as_ref());
         if let (Ok(Some(done)), Some(_)) = (&started, &harm) {
-            recorder.note(Actor::Nemesis, Op::Fault(FaultOp { name: fault.name().into(), phase: "info".into(), detail: json!({"nodes": [target], "done": done}) }));
+            recorder
+                .note(Actor::Nemesis, Op::Fault(FaultOp { name: fault.name().into(), phase: "info".into(), detail: json!({"nodes": [target], "done": done}) }));
         }
         if let Err(e) = &started {
             tracing::warn!(fault = fault.name(), error = %e, "could not inject the fault");

@@ -144,7 +144,6 @@ fn range_to(range: &impl RangeBounds<u64>) -> std::ops::Range<u64> {
     start..end
 }
 
-
 /// Writes `vote` durably as the saved vote of the store in `dir`. Only for a store that
 /// is not open (before Raft starts on a group that adopts a leader's vote).
 pub fn persist_vote(disk: &dyn Disk, dir: &std::path::Path, vote: &Vote) -> io::Result<()> {

@@ -27,7 +27,10 @@ pub use types::{ApplyReply, EntryData, RecordBatch, TypeConfig};
 /// Runs blocking storage work on `disk`: on a blocking thread, off the async runtime's
 /// workers; in place for a disk whose operations never block (`Disk::runs_inline`: the
 /// in-memory disk, which the deterministic simulator drives from its one thread).
-pub(crate) async fn storage_io<T: Send + 'static>(disk: &dyn keel_storage::Disk, f: impl FnOnce() -> std::io::Result<T> + Send + 'static) -> std::io::Result<T> {
+pub(crate) async fn storage_io<T: Send + 'static>(
+    disk: &dyn keel_storage::Disk,
+    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> std::io::Result<T> {
     if disk.runs_inline() {
         return f();
     }

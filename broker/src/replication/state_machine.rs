@@ -252,7 +252,7 @@ impl RaftSnapshotBuilder<TypeConfig> for PartitionSnapshotBuilder {
 
     async fn build_snapshot(&mut self) -> io::Result<Snapshot> {
         let (disk, dir, stored) = (self.disk.clone(), self.dir.clone(), self.snapshot.clone());
-        let stored = super::storage_io(&*disk.clone(), move || Ok(persist(&*disk, &dir, &stored).map(|_| stored)?)).await?;
+        let stored = super::storage_io(&*disk.clone(), move || persist(&*disk, &dir, &stored).map(|_| stored)).await?;
         let snapshot = Snapshot { meta: stored.meta.clone(), snapshot: PartitionSnapshot { state: stored.state.clone() } };
         *self.current.lock().expect("snapshot lock poisoned") = Some(stored);
         Ok(snapshot)
@@ -310,7 +310,7 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
         let state = PartitionState::decode_snapshot(&snapshot.state).map_err(|e| invalid(format!("installing a snapshot: {e}")))?;
         let stored = StoredSnapshot { meta: meta.clone(), state: snapshot.state };
         let (disk, dir) = (self.disk.clone(), self.dir.clone());
-        let stored = super::storage_io(&*disk.clone(), move || Ok(persist(&*disk, &dir, &stored).map(|_| stored)?)).await?;
+        let stored = super::storage_io(&*disk.clone(), move || persist(&*disk, &dir, &stored).map(|_| stored)).await?;
         let next_offset = state.next_offset;
         *self.shared.state() = state;
         self.applied = meta.last_log_id;
