@@ -44,15 +44,16 @@ struct Request {
 pub struct Flusher {
     lanes: Vec<SyncSender<Request>>,
     threads: Vec<JoinHandle<()>>,
-    /// Set for an inline flusher ([`Flusher::inline`]): no lanes, rounds run in `submit`.
-    inline: Option<std::sync::Mutex<InlineLane>>,
+    /// Set for a manual flusher ([`Flusher::manual`]): no lanes, rounds run when asked.
+    manual: Option<std::sync::Mutex<ManualLane>>,
 }
 
-/// The state of an inline flusher's one lane.
-struct InlineLane {
+/// The state of a manual flusher's one lane.
+struct ManualLane {
+    capacity: usize,
     ledger: Option<Arc<AckLedger>>,
-    interval_logs: Vec<Weak<Log>>,
-    /// Sabotage only: logs acknowledged but not flushed, flushed at the next submit.
+    queued: Vec<Request>,
+    /// Sabotage only: logs acknowledged but not flushed yet.
     sabotaged: Vec<Arc<Log>>,
 }
 
@@ -81,7 +82,7 @@ impl Flusher {
     pub fn spawn_with_ledger(name: &str, capacity: usize, lanes: usize, ledger: Option<Arc<AckLedger>>) -> std::io::Result<Flusher> {
         assert!(capacity > 0, "a flusher queue needs room for at least one request");
         assert!(lanes > 0, "a flusher needs at least one lane");
-        let mut flusher = Flusher { lanes: Vec::with_capacity(lanes), threads: Vec::with_capacity(lanes), inline: None };
+        let mut flusher = Flusher { lanes: Vec::with_capacity(lanes), threads: Vec::with_capacity(lanes), manual: None };
         for lane in 0..lanes {
             let (tx, rx) = sync_channel(capacity);
             let ledger = ledger.clone();
@@ -92,14 +93,37 @@ impl Flusher {
         Ok(flusher)
     }
 
-    /// A flusher without threads: each `submit` flushes its log and runs its callback
-    /// before returning, on the caller's thread. For a deterministic simulation (one
-    /// thread, logs on an in-memory disk); no group commit across callers. With the
-    /// `ack-before-fsync` sabotage, a submit is acknowledged unflushed and flushed at
-    /// the next submit, so the latest acknowledged append is always at risk.
-    pub fn inline(ledger: Option<Arc<AckLedger>>) -> Flusher {
-        let lane = InlineLane { ledger, interval_logs: Vec::new(), sabotaged: Vec::new() };
-        Flusher { lanes: Vec::new(), threads: Vec::new(), inline: Some(std::sync::Mutex::new(lane)) }
+    /// A flusher without threads: `submit` only queues (up to `capacity` requests; a
+    /// submit to a full queue runs a round first), and [`Flusher::run_queued`] runs a
+    /// round — flush every queued log once, record the ledger, complete the callbacks in
+    /// submit order — on the caller's thread. For a deterministic simulation, which
+    /// decides when rounds happen, so a crash can fall between an append and its fsync.
+    /// With the `ack-before-fsync` sabotage a submit is acknowledged at once and its log
+    /// flushed only at the next round.
+    pub fn manual(capacity: usize, ledger: Option<Arc<AckLedger>>) -> Flusher {
+        assert!(capacity > 0, "a flusher queue needs room for at least one request");
+        let lane = ManualLane { capacity, ledger, queued: Vec::new(), sabotaged: Vec::new() };
+        Flusher { lanes: Vec::new(), threads: Vec::new(), manual: Some(std::sync::Mutex::new(lane)) }
+    }
+
+    /// Runs one round of a manual flusher over everything queued; returns how many
+    /// requests it completed (zero for a flusher with lanes, which runs its own rounds).
+    pub fn run_queued(&self) -> usize {
+        let Some(lane) = &self.manual else { return 0 };
+        let (batch, ledger) = {
+            let mut lane = lane.lock().unwrap_or_else(|p| p.into_inner());
+            for log in lane.sabotaged.drain(..) {
+                let _ = log.flush();
+            }
+            (std::mem::take(&mut lane.queued), lane.ledger.clone())
+        };
+        let n = batch.len();
+        if n > 0 {
+            let mut interval_logs = Vec::new();
+            // Callbacks run outside the lock: they may submit again.
+            flush_round(batch, ledger.as_deref(), &mut interval_logs);
+        }
+        n
     }
 
     /// Asks for everything appended to `log` so far to be made durable; `done` runs on
@@ -115,19 +139,23 @@ impl Flusher {
     }
 
     fn send(&self, request: Request) -> Result<(), StorageError> {
-        if let Some(lane) = &self.inline {
-            let mut lane = lane.lock().unwrap_or_else(|p| p.into_inner());
-            let lane = &mut *lane;
-            for log in lane.sabotaged.drain(..) {
-                let _ = log.flush();
+        if let Some(lane) = &self.manual {
+            let full = {
+                let mut lane = lane.lock().unwrap_or_else(|p| p.into_inner());
+                if crate::observe::ack_before_fsync() {
+                    if !lane.sabotaged.iter().any(|l| Arc::ptr_eq(l, &request.log)) {
+                        lane.sabotaged.push(request.log.clone());
+                    }
+                    drop(lane);
+                    (request.done)(Ok(()));
+                    return Ok(());
+                }
+                lane.queued.push(request);
+                lane.queued.len() >= lane.capacity
+            };
+            if full {
+                self.run_queued();
             }
-            if crate::observe::ack_before_fsync() {
-                lane.sabotaged.push(request.log.clone());
-                (request.done)(Ok(()));
-                return Ok(());
-            }
-            flush_round(vec![request], lane.ledger.as_deref(), &mut lane.interval_logs);
-            sync_interval_logs(&mut lane.interval_logs);
             return Ok(());
         }
         let lane = &self.lanes[(request.log.instance() % self.lanes.len() as u64) as usize];

@@ -90,27 +90,39 @@ fn interval_policy_syncs_written_data_once_the_interval_has_passed() {
 }
 
 #[test]
-fn an_inline_flusher_makes_the_log_durable_and_completes_before_submit_returns() {
+fn a_manual_flusher_completes_only_in_its_rounds_after_durability_in_submit_order() {
     let disk = Arc::new(keel_storage::disk::MemoryDisk::new());
-    let log = Arc::new(Log::open_on(disk.clone(), "/inline", LogConfig::default()).unwrap());
-    let flusher = Flusher::inline(None);
-    for index in 1..=20u64 {
+    let log = Arc::new(Log::open_on(disk.clone(), "/manual", LogConfig::default()).unwrap());
+    let flusher = Flusher::manual(4, None);
+    let completed: Arc<Mutex<Vec<(u64, u64)>>> = Arc::default();
+    let submit = |index: u64| {
         log.append([entry(index)]).unwrap();
-        let seen: Arc<Mutex<Option<u64>>> = Arc::default();
-        let (seen2, durable_log) = (seen.clone(), log.clone());
+        let (done, durable_log) = (completed.clone(), log.clone());
         flusher
             .submit(
                 log.clone(),
                 Box::new(move |result| {
                     result.unwrap();
-                    *seen2.lock().unwrap() = Some(durable_log.durable().get());
+                    done.lock().unwrap().push((index, durable_log.durable().get()));
                 }),
             )
             .unwrap();
-        assert_eq!(*seen.lock().unwrap(), Some(index + 1), "entry {index}: the callback ran, in submit, after the entry was durable");
+    };
+    for index in 1..=3 {
+        submit(index);
     }
+    assert!(completed.lock().unwrap().is_empty(), "nothing completes before a round");
+    assert_eq!(log.state().durable_end, 1, "nothing is synced before a round");
+    // A power cut now loses all three: they were never reported durable.
+    assert_eq!(flusher.run_queued(), 3);
+    assert_eq!(*completed.lock().unwrap(), vec![(1, 4), (2, 4), (3, 4)], "one round: every callback, in submit order, after the sync");
+    for index in 4..=7 {
+        submit(index);
+    }
+    assert_eq!(completed.lock().unwrap().len(), 7, "a submit to a full queue (4) runs a round first");
+    submit(8);
     drop(log);
     disk.power_loss();
-    let reopened = Log::open_on(disk, "/inline", LogConfig::default()).unwrap();
-    assert_eq!(reopened.state().durable_end, 21, "everything an inline flusher reported durable survives a power loss");
+    let reopened = Log::open_on(disk, "/manual", LogConfig::default()).unwrap();
+    assert_eq!(reopened.state().durable_end, 8, "what the rounds reported durable survives a power loss; the unflushed 8th does not");
 }

@@ -152,12 +152,9 @@ pub async fn open_group(ctx: &GroupContext, group: u64, peers: Peers) -> Result<
     let high_watermark = sm.high_watermark();
     let shared = sm.shared();
     let network = GroupNetworkFactory::new(group, ctx.pool.clone());
-    let raft_config = match floor {
-        // A damaged replica that led before must not resume leading without an election.
-        Some(_) => Arc::new(openraft::Config { enable_leader_restore: Some(false), ..(*ctx.raft_config).clone() }),
-        None => ctx.raft_config.clone(),
-    };
-    let raft = GroupRaft::new(ctx.node_id, raft_config, network, store, sm).await.map_err(|e| format!("starting Raft for group {group}: {e}"))?;
+    // No replica resumes leading without an election (`enable_leader_restore` is off in
+    // `replication::config`), a damaged one included.
+    let raft = GroupRaft::new(ctx.node_id, ctx.raft_config.clone(), network, store, sm).await.map_err(|e| format!("starting Raft for group {group}: {e}"))?;
     let hosted = HostedGroup::new(raft.clone(), log.clone());
     if let Some(floor) = floor {
         damage::guard(group, &hosted, floor);

@@ -45,6 +45,13 @@ pub fn raft_config_with_timing(cluster_name: &str, heartbeat_ms: u64, election_m
         // leader then restarts its search for where they agree (without lowering any
         // quorum-accepted value) instead of panicking (debug) or stalling (release).
         allow_log_reversion: Some(true),
+        // A restarted leader must win an election in a new term. Restoring leadership in
+        // its old term is unsafe here: a leader's appends count toward commit once a
+        // quorum of followers has them durable, before its own flush, so a crash can
+        // take entries from the leader's log that followers hold; leading on in the same
+        // term, it would write different entries under the same log ids, which followers
+        // take as matching (found by keel-sim: committed entries diverged).
+        enable_leader_restore: Some(false),
         ..Config::default()
     }
     .validate()
