@@ -45,7 +45,7 @@ pub struct Flusher {
     lanes: Vec<SyncSender<Request>>,
     threads: Vec<JoinHandle<()>>,
     /// Set for a manual flusher ([`Flusher::manual`]): no lanes, rounds run when asked.
-    manual: Option<std::sync::Mutex<ManualLane>>,
+    manual: Option<crate::sync::Mutex<ManualLane>>,
 }
 
 /// The state of a manual flusher's one lane.
@@ -103,7 +103,7 @@ impl Flusher {
     pub fn manual(capacity: usize, ledger: Option<Arc<AckLedger>>) -> Flusher {
         assert!(capacity > 0, "a flusher queue needs room for at least one request");
         let lane = ManualLane { capacity, ledger, queued: Vec::new(), sabotaged: Vec::new() };
-        Flusher { lanes: Vec::new(), threads: Vec::new(), manual: Some(std::sync::Mutex::new(lane)) }
+        Flusher { lanes: Vec::new(), threads: Vec::new(), manual: Some(crate::sync::Mutex::new(lane)) }
     }
 
     /// Runs one round of a manual flusher over everything queued; returns how many

@@ -36,6 +36,7 @@ pub mod log;
 pub mod observe;
 mod open;
 mod segment;
+mod sync;
 pub mod watermark;
 
 pub use config::{FsyncPolicy, LogConfig, Retention};

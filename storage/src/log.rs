@@ -18,11 +18,11 @@
 //! the watermark. Callers that queued on `io` meanwhile find their entries covered and
 //! return without I/O: one write + one fsync serves them all.
 
+use crate::sync::{AtomicU64, Mutex, MutexGuard, Ordering, RwLock};
 use std::collections::VecDeque;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
