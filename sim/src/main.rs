@@ -43,7 +43,7 @@ fn main() -> anyhow::Result<()> {
             println!("{e}");
         }
         println!(
-            "seed {seed}: {} — {} acknowledged, {} unknown, {} refused; {} crashes ({} power cuts of every node), {} partitions; {} entries committed; network {:?}; {} ms simulated; digest {:016x}",
+            "seed {seed}: {} — {} acknowledged, {} unknown, {} refused; {} crashes ({} power cuts of every node), {} partitions, {} disk stalls; {} entries committed; network {:?}; {} ms simulated; digest {:016x}",
             out.violation.as_deref().map_or("ok".to_string(), |v| format!("VIOLATION: {v}")),
             out.acked,
             out.unknown,
@@ -51,6 +51,7 @@ fn main() -> anyhow::Result<()> {
             out.crashes,
             out.power_cuts_all,
             out.partitions,
+            out.disk_stalls,
             out.committed_entries,
             out.net,
             out.sim_ms,
