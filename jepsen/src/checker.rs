@@ -42,11 +42,14 @@ pub struct Floors {
     pub acked_sends: u64,
     pub faults: u64,
     pub leader_changes: u64,
+    /// Nodes whose committed log was dumped at the end (lost-on-node and split-brain
+    /// compare those dumps; without them the run did not check either).
+    pub dumped_nodes: u64,
 }
 
 impl Default for Floors {
     fn default() -> Self {
-        Floors { acked_sends: 100, faults: 1, leader_changes: 1 }
+        Floors { acked_sends: 100, faults: 1, leader_changes: 1, dumped_nodes: 3 }
     }
 }
 
@@ -449,6 +452,11 @@ pub fn check(events: &[Event], floors: Floors) -> Results {
     }
     if stats.leader_changes < floors.leader_changes {
         vacuous.push(format!("{} leader changes observed, the floor is {}", stats.leader_changes, floors.leader_changes));
+    }
+    let dumped_nodes = dumps.values().flatten().map(|(node, _)| *node).collect::<std::collections::BTreeSet<_>>().len() as u64;
+    if dumped_nodes < floors.dumped_nodes {
+        vacuous
+            .push(format!("{dumped_nodes} nodes' committed logs dumped, the floor is {} (lost-on-node and split-brain went unchecked)", floors.dumped_nodes));
     }
     let anomalies: Vec<Anomaly> = rows.0.into_iter().map(|(name, (verdict, r))| Anomaly { name, verdict, count: r.count, examples: r.examples }).collect();
     let valid = vacuous.is_empty() && anomalies.iter().all(|a| a.verdict == Verdict::Allowed || a.count == 0);

@@ -122,13 +122,24 @@ fn run_one(args: &RunArgs, seed: u64) -> anyhow::Result<runner::RunSummary> {
         readers: args.readers,
         idem_producers: args.idem_producers,
         rate: args.rate,
-        floors: Floors { acked_sends: args.min_acked, faults: args.min_faults, leader_changes: args.min_leader_changes },
+        floors: Floors { acked_sends: args.min_acked, faults: args.min_faults, leader_changes: args.min_leader_changes, dumped_nodes: 3 },
         keep_data: args.keep_data,
         sabotage: args.sabotage.clone(),
     };
     let placement = placement(args, seed)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    let summary = runtime.block_on(runner::run(config, placement)).map_err(anyhow::Error::msg)?;
+    // On SIGINT or SIGTERM the run is dropped: its nodes are killed and its namespaces
+    // removed (`Nodes` and `Topology` tear down on drop; tasks holding them end with the
+    // runtime, before this function returns).
+    let summary = runtime
+        .block_on(async {
+            tokio::select! {
+                biased;
+                signal = interrupted() => Err(format!("interrupted by {signal}: the run's nodes were killed and its namespaces removed")),
+                summary = runner::run(config, placement) => summary,
+            }
+        })
+        .map_err(anyhow::Error::msg)?;
     let r = &summary.results;
     eprintln!(
         "run {} ({}): {} — {} sends acknowledged, {} unknown, {} failed; {} faults; {} leader changes; forbidden anomalies: {:?}; report {}",
@@ -149,8 +160,30 @@ fn run_one(args: &RunArgs, seed: u64) -> anyhow::Result<runner::RunSummary> {
     Ok(summary)
 }
 
+/// Resolves at the first SIGINT or SIGTERM, naming it.
+async fn interrupted() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
+    }
+}
+
+/// Set in the environment of a soak's runs: each dies with its parent.
+const SOAK_CHILD_ENV: &str = "KEEL_JEPSEN_SOAK_CHILD";
+
 fn main() -> anyhow::Result<std::process::ExitCode> {
     tracing_subscriber_init();
+    if std::env::var_os(SOAK_CHILD_ENV).is_some() {
+        // If the soak's process goes, this run gets SIGTERM and tears itself down.
+        // SAFETY: prctl(PR_SET_PDEATHSIG) only sets a flag of this process.
+        unsafe {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+        }
+    }
     match Cli::parse() {
         Cli::Run(args) if args.runs <= 1 => {
             let seed = args.seed.unwrap_or_else(|| fastrand::u64(..));
@@ -179,7 +212,8 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
             let first = args.seed.unwrap_or_else(|| fastrand::u64(..) >> 1);
             for i in 0..args.runs {
                 let seed = first.wrapping_add(u64::from(i));
-                let status = std::process::Command::new(std::env::current_exe()?).args(&passed).arg("--seed").arg(seed.to_string()).status()?;
+                let status =
+                    std::process::Command::new(std::env::current_exe()?).args(&passed).arg("--seed").arg(seed.to_string()).env(SOAK_CHILD_ENV, "1").status()?;
                 if !status.success() {
                     eprintln!("soak: run {} of {} (seed {seed}) is invalid or failed; stopping", i + 1, args.runs);
                     return Ok(std::process::ExitCode::FAILURE);
@@ -190,7 +224,7 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
         }
         Cli::Check { history, min_acked, min_faults, min_leader_changes } => {
             let events = keel_jepsen::history::read(&history)?;
-            let floors = Floors { acked_sends: min_acked, faults: min_faults, leader_changes: min_leader_changes };
+            let floors = Floors { acked_sends: min_acked, faults: min_faults, leader_changes: min_leader_changes, dumped_nodes: 0 };
             let results = keel_jepsen::checker::check(&events, floors);
             println!("{}", serde_json::to_string_pretty(&results)?);
             Ok(if results.valid { std::process::ExitCode::SUCCESS } else { std::process::ExitCode::FAILURE })

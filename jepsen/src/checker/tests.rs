@@ -57,7 +57,7 @@ impl H {
     }
 
     fn check(&self) -> Results {
-        check(&self.events, Floors { acked_sends: 1, faults: 0, leader_changes: 0 })
+        check(&self.events, Floors { acked_sends: 1, faults: 0, leader_changes: 0, dumped_nodes: 0 })
     }
 }
 
@@ -254,14 +254,16 @@ fn a_run_that_exercised_too_little_is_invalid_without_any_anomaly() {
     let r = check(&h.events, Floors::default());
     assert!(!r.valid);
     assert!(r.anomalies.iter().all(|a| a.count == 0));
-    assert_eq!(r.vacuous.len(), 3, "{:?}", r.vacuous);
+    // Acks, faults, leader changes, and the clean history dumps only two nodes' logs.
+    assert_eq!(r.vacuous.len(), 4, "{:?}", r.vacuous);
+    assert!(r.vacuous[3].contains("2 nodes' committed logs dumped"), "{:?}", r.vacuous);
     // With a fault and a leader change recorded and enough sends, the floors are met.
     let mut h = clean();
     h.push(100, Actor::Nemesis, Kind::Info, Op::Fault(FaultOp { name: "kill".into(), phase: "start".into(), detail: serde_json::Value::Null }));
     for (leader, term) in [(1, 1), (2, 2)] {
         h.push(101, Actor::Runner, Kind::Info, Op::Leader(LeaderOp { topic: T.into(), partition: 0, leader: Some(leader), term }));
     }
-    let r = check(&h.events, Floors { acked_sends: 3, faults: 1, leader_changes: 1 });
+    let r = check(&h.events, Floors { acked_sends: 3, faults: 1, leader_changes: 1, dumped_nodes: 0 });
     assert!(r.valid, "{r:#?}");
 }
 
