@@ -48,10 +48,15 @@ pub enum Fault {
     /// enabled, so this — and every other kill — is a power cut: what was not synced is
     /// gone.
     PowerLoss,
-    /// SIGKILL the minority node ([`CORRUPT_NODE`], the same one all run, so a majority
-    /// always keeps intact copies), damage the last segment of one of its groups — its
-    /// tail cut by up to 16 KiB, or 1–8 bits flipped in its last 4 KiB — and restart it
-    /// at the end. It must notice it lost what it acknowledged and be refilled.
+    /// The schedule that lost acknowledged writes in NATS 2.12.1, on the minority node
+    /// [`CORRUPT_NODE`] (the same one all run): one other node is paused (it lags) while
+    /// writes are acknowledged by the third and [`CORRUPT_NODE`]; midway that node is
+    /// SIGKILLed and the last segment of one of its groups damaged — its tail cut by up
+    /// to 16 KiB, or 1–8 bits flipped in its last 4 KiB —, the third node (which holds
+    /// the only intact copies) is SIGKILLed, and the lagging node resumed and the
+    /// damaged one restarted. They are a majority: the damaged node must notice it lost
+    /// what it acknowledged and elect no one without it, so the group waits for the
+    /// third node, restarted at the end, instead of losing the writes.
     Corrupt,
 }
 
@@ -144,6 +149,8 @@ pub async fn run(
                 let b = other(&mut rng, target);
                 json!({"nodes": [target, b]})
             }
+            // [damaged, lagging]; the third node is the one killed midway.
+            Fault::Corrupt => json!({"nodes": [target, other(&mut rng, target)]}),
             Fault::PowerLoss => json!({"nodes": (1..=count).collect::<Vec<u32>>()}),
             _ => json!({"nodes": [target]}),
         };
@@ -154,17 +161,20 @@ pub async fn run(
         }
         let second = detail["nodes"].get(1).and_then(|v| v.as_u64()).map(|v| v as u32);
         recorder.note(Actor::Nemesis, Op::Fault(FaultOp { name: fault.name().into(), phase: "start".into(), detail: detail.clone() }));
-        let started = start(&nodes, fault, target, second, count, harm.as_ref());
-        if let (Ok(Some(done)), Some(_)) = (&started, &harm) {
-            recorder
-                .note(Actor::Nemesis, Op::Fault(FaultOp { name: fault.name().into(), phase: "info".into(), detail: json!({"nodes": [target], "done": done}) }));
-        }
+        let started = start(&nodes, fault, target, second, count);
         if let Err(e) = &started {
             tracing::warn!(fault = fault.name(), error = %e, "could not inject the fault");
         }
         sleep_or_stop(interval / 2, &stop).await;
         if started.is_ok() {
-            midway(&nodes, fault, target, second);
+            match midway(&nodes, fault, target, second, count, harm.as_ref()) {
+                Ok(Some(done)) => recorder.note(
+                    Actor::Nemesis,
+                    Op::Fault(FaultOp { name: fault.name().into(), phase: "info".into(), detail: json!({"nodes": [target], "done": done}) }),
+                ),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(fault = fault.name(), error = %e, "the fault's second step failed"),
+            }
         }
         sleep_or_stop(interval - interval / 2, &stop).await;
         if let Err(e) = end(&nodes, fault, target, second, count) {
@@ -234,15 +244,11 @@ impl Harm {
     }
 }
 
-/// Injects `fault`; for `corrupt`, returns what the damage did.
-fn start(nodes: &Mutex<Nodes>, fault: Fault, target: u32, second: Option<u32>, count: u32, harm: Option<&Harm>) -> Result<Option<String>, String> {
+/// Injects `fault`.
+fn start(nodes: &Mutex<Nodes>, fault: Fault, target: u32, second: Option<u32>, count: u32) -> Result<(), String> {
     let mut n = nodes.lock().expect("nodes lock poisoned");
     match fault {
-        Fault::Corrupt => {
-            n.kill(target);
-            let harm = harm.ok_or("corrupt needs its harm")?;
-            return harm.apply(&n.data_dir(target)).map(Some);
-        }
+        Fault::Corrupt => n.pause(second.ok_or("corrupt needs a node to lag")?),
         Fault::PowerLoss => {
             for i in 1..=count {
                 if n.is_paused(i) {
@@ -281,12 +287,25 @@ fn start(nodes: &Mutex<Nodes>, fault: Fault, target: u32, second: Option<u32>, c
         Fault::DropAnswers => admin_post(&n.admin_addr(target), "/test/faults", r#"{"drop_produce_answers": 1000000}"#)?,
         Fault::Bandwidth => n.topology().ok_or("bandwidth caps need namespaces")?.bandwidth(target, Some(1024))?,
     }
-    Ok(None)
+    Ok(())
 }
 
-fn midway(nodes: &Mutex<Nodes>, fault: Fault, target: u32, second: Option<u32>) {
+/// The second step of a fault, halfway through its period; for `corrupt`, returns what
+/// the damage did.
+fn midway(nodes: &Mutex<Nodes>, fault: Fault, target: u32, second: Option<u32>, count: u32, harm: Option<&Harm>) -> Result<Option<String>, String> {
     let mut n = nodes.lock().expect("nodes lock poisoned");
     match fault {
+        Fault::Corrupt => {
+            let lagging = second.ok_or("corrupt needs a node to lag")?;
+            n.kill(target);
+            let done = harm.ok_or("corrupt needs its harm")?.apply(&n.data_dir(target))?;
+            for intact in (1..=count).filter(|x| *x != target && *x != lagging) {
+                n.kill(intact);
+            }
+            n.resume(lagging);
+            n.spawn(target)?;
+            return Ok(Some(done));
+        }
         Fault::PauseKill => n.kill(target),
         Fault::PartitionKill => {
             if let Some(b) = second {
@@ -295,6 +314,7 @@ fn midway(nodes: &Mutex<Nodes>, fault: Fault, target: u32, second: Option<u32>) 
         }
         _ => {}
     }
+    Ok(None)
 }
 
 fn end(nodes: &Mutex<Nodes>, fault: Fault, target: u32, second: Option<u32>, count: u32) -> Result<(), String> {
@@ -302,6 +322,9 @@ fn end(nodes: &Mutex<Nodes>, fault: Fault, target: u32, second: Option<u32>, cou
     match fault {
         Fault::PowerLoss | Fault::Corrupt => {
             for node in 1..=count {
+                if n.is_paused(node) {
+                    n.resume(node);
+                }
                 if !n.is_running(node) {
                     n.spawn(node)?;
                 }
