@@ -66,6 +66,15 @@ pub struct Stats {
     pub faults: u64,
     pub leader_changes: u64,
     pub dumps: u64,
+    /// Acknowledged sends the broker recognised as retries of stored ones (answered
+    /// with the original offsets, stored once).
+    pub retries_deduplicated: u64,
+    /// Messages stored more than once (both duplicate rows): the duplicate rate is this
+    /// over `acked`.
+    pub duplicates_stored: u64,
+    /// The longest time, in milliseconds, between two consecutive acknowledgements of
+    /// any send: the run's longest unavailability for writers.
+    pub longest_ack_gap_ms: u64,
 }
 
 /// The checker's answer.
@@ -172,6 +181,7 @@ pub fn check(events: &[Event], floors: Floors) -> Results {
     let mut poll_invokes: HashMap<u64, u64> = HashMap::new();
     let mut dumps: BTreeMap<Partition, Vec<NodeLog>> = BTreeMap::new();
     let mut leaders: HashMap<Partition, (Option<u64>, u64)> = HashMap::new();
+    let mut ack_times: Vec<u64> = Vec::new();
     for e in events {
         let process = match e.actor {
             Actor::Client(p) => p,
@@ -190,6 +200,8 @@ pub fn check(events: &[Event], floors: Floors) -> Results {
                     if kind == Kind::Ok {
                         s.offset = op.offset;
                         s.duplicate = op.duplicate;
+                        ack_times.push(e.time);
+                        stats.retries_deduplicated += u64::from(op.duplicate);
                     }
                 }
             }
@@ -442,6 +454,10 @@ pub fn check(events: &[Event], floors: Floors) -> Results {
             rows.row(name).add(|| format!("node {node} found a group's log below what it had acknowledged"));
         }
     }
+
+    ack_times.sort_unstable();
+    stats.longest_ack_gap_ms = ack_times.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0) / 1_000_000;
+    stats.duplicates_stored = ["duplicate-append", "duplicate-append-non-idempotent"].iter().map(|n| rows.0.get(n).map_or(0, |(_, r)| r.count)).sum();
 
     let mut vacuous = Vec::new();
     if stats.acked < floors.acked_sends {

@@ -142,7 +142,7 @@ fn run_one(args: &RunArgs, seed: u64) -> anyhow::Result<runner::RunSummary> {
         .map_err(anyhow::Error::msg)?;
     let r = &summary.results;
     eprintln!(
-        "run {} ({}): {} — {} sends acknowledged, {} unknown, {} failed; {} faults; {} leader changes; forbidden anomalies: {:?}; report {}",
+        "run {} ({}): {} — {} sends acknowledged, {} unknown, {} failed; {} faults; {} leader changes; {} retries deduplicated, {} messages stored twice; longest ack gap {} ms; forbidden anomalies: {:?}; report {}",
         seed,
         dir.display(),
         if r.valid { "VALID" } else { "INVALID" },
@@ -151,6 +151,9 @@ fn run_one(args: &RunArgs, seed: u64) -> anyhow::Result<runner::RunSummary> {
         r.stats.failed,
         r.stats.faults,
         r.stats.leader_changes,
+        r.stats.retries_deduplicated,
+        r.stats.duplicates_stored,
+        r.stats.longest_ack_gap_ms,
         r.forbidden().iter().map(|a| (a.name, a.count)).collect::<Vec<_>>(),
         dir.join("report.html").display()
     );

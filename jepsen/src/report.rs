@@ -179,8 +179,20 @@ fn html(summary: &RunSummary, events: &[Event]) -> String {
     let s = &r.stats;
     let _ = write!(
         page,
-        "<p>sends {} (acknowledged {}, failed {}, unknown {}) · polls {} · distinct messages read {} · faults injected {} · leader changes {} · node dumps {}</p>",
-        s.sends, s.acked, s.failed, s.unknown, s.polls, s.distinct_read, s.faults, s.leader_changes, s.dumps
+        "<p>sends {} (acknowledged {}, failed {}, unknown {}) · polls {} · distinct messages read {} · faults injected {} · leader changes {} · node dumps {}</p>\
+         <p>retries recognised as duplicates and stored once {} · messages stored twice {} · longest time without an acknowledgement {} ms</p>",
+        s.sends,
+        s.acked,
+        s.failed,
+        s.unknown,
+        s.polls,
+        s.distinct_read,
+        s.faults,
+        s.leader_changes,
+        s.dumps,
+        s.retries_deduplicated,
+        s.duplicates_stored,
+        s.longest_ack_gap_ms
     );
     if !r.vacuous.is_empty() {
         let _ = write!(page, "<p style=\"color:#cf222e\">Invalid (floors or final phase): {}</p>", escape(&r.vacuous.join("; ")));

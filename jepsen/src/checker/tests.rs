@@ -281,3 +281,25 @@ fn a_node_finding_damage_without_a_damaged_disk_is_a_false_alarm_and_with_one_is
     assert!(r.valid, "{r:#?}");
     assert_eq!((r.anomaly("damage-detected").unwrap().count, r.anomaly("false-damage").unwrap().count), (2, 0));
 }
+
+#[test]
+fn the_longest_gap_between_acknowledgements_and_the_deduplicated_retries_are_counted() {
+    let mut h = clean();
+    // Acks at events 1, 3, 5 (1 µs apart each); pad 3,000 events, then one more ack.
+    for _ in 0..3_000 {
+        let id = h.id();
+        h.push(id, Actor::Runner, Kind::Info, Op::Leader(LeaderOp { topic: T.into(), partition: 0, leader: Some(1), term: 1 }));
+    }
+    let id = h.id();
+    let op = SendOp { topic: T.into(), partition: 0, msg: "1-0".into(), idempotent: true, stamp: None, offset: Some(0), duplicate: true };
+    h.push(id, Actor::Client(1), Kind::Invoke, Op::Send(SendOp { offset: None, duplicate: false, ..op.clone() }));
+    let before = h.events.len() as u64 - 1;
+    h.push(id, Actor::Client(1), Kind::Ok, Op::Send(op));
+    let r = h.check();
+    assert!(r.valid, "a retry answered with the original offset is not a duplicate: {r:#?}");
+    assert_eq!(r.stats.retries_deduplicated, 1);
+    assert_eq!(r.stats.duplicates_stored, 0);
+    // The last ack came (before + 1) * 1000 ns after event 0; the one before at event 5.
+    assert_eq!(r.stats.longest_ack_gap_ms, ((before + 1) * 1000 - 5 * 1000) / 1_000_000);
+    assert!(r.stats.longest_ack_gap_ms >= 2, "{}", r.stats.longest_ack_gap_ms);
+}
