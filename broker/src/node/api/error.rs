@@ -147,3 +147,23 @@ impl ApiError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regression (found by keel-jepsen, W3): a write whose leader lost leadership while
+    /// it was in flight may still commit under the next leader. It was answered
+    /// `NotLeader`, which the client treats as definitely not written, and the checker
+    /// flagged the later-read write as an aborted read. It must be an unknown outcome.
+    #[test]
+    fn a_write_lost_with_the_leadership_is_answered_as_an_unknown_outcome_never_not_leader() {
+        for leader in [None, Some(2)] {
+            let e = ApiError::Partition { what: "produce to t/0".into(), error: PartitionError::OutcomeUnknown { leader } };
+            assert_eq!(e.code(), ErrorCode::RequestTimedOut, "leader hint {leader:?}");
+            assert!(!e.code().is_definite(), "the client must not treat it as definitely not written");
+        }
+        let refused = ApiError::Partition { what: "produce to t/0".into(), error: PartitionError::NotLeader { leader: Some(2) } };
+        assert!(refused.code().is_definite(), "NotLeader before proposing stays a definite refusal");
+    }
+}
