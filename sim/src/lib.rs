@@ -107,10 +107,16 @@ impl Sim {
         if self.violated() {
             return;
         }
-        if let Err(v) = self.checker.lock().unwrap().check(&self.world) {
-            self.event(format!("VIOLATION: {v}"));
-            *self.violation.lock().unwrap() = Some(v);
+        let result = self.checker.lock().unwrap().check(&self.world);
+        if let Err(v) = result {
+            self.violate(v);
         }
+    }
+
+    /// Records a broken invariant (the first one is the seed's verdict).
+    fn violate(&self, v: String) {
+        self.event(format!("VIOLATION: {v}"));
+        self.violation.lock().unwrap().get_or_insert(v);
     }
 
     fn count(&self, f: impl FnOnce(&mut Outcome)) {
@@ -226,9 +232,7 @@ async fn client(sim: Arc<Sim>, mut rng: fastrand::Rng) {
                 sim.count(|o| o.unknown += 1)
             }
             Ok(Err(RaftError::Fatal(f))) if sim.world.is_up(target) && sim.world.incarnation(target) == incarnation => {
-                let v = format!("node {target} group {group}: the Raft core failed: {f}");
-                sim.event(format!("VIOLATION: {v}"));
-                sim.violation.lock().unwrap().get_or_insert(v);
+                sim.violate(format!("node {target} group {group}: the Raft core failed: {f}"));
             }
             other => {
                 let why = match other {
@@ -335,9 +339,7 @@ async fn restart(sim: &Sim, node: NodeId) {
     match sim.world.start(node).await {
         Ok(()) => sim.event(format!("restart node {node}")),
         Err(e) => {
-            let v = format!("node {node} did not restart: {e:#}");
-            sim.event(format!("VIOLATION: {v}"));
-            sim.violation.lock().unwrap().get_or_insert(v);
+            sim.violate(format!("node {node} did not restart: {e:#}"));
         }
     }
 }
@@ -359,9 +361,7 @@ async fn liveness(sim: &Sim) {
     for &group in &world.groups {
         let index = loop {
             if Instant::now() >= deadline {
-                let v = format!("liveness: group {group} committed nothing within {LIVENESS_WITHIN:?} of healing");
-                sim.event(format!("VIOLATION: {v}"));
-                sim.violation.lock().unwrap().get_or_insert(v);
+                sim.violate(format!("liveness: group {group} committed nothing within {LIVENESS_WITHIN:?} of healing"));
                 return;
             }
             let Some(leader) = world.leader(group) else {
@@ -384,17 +384,15 @@ async fn liveness(sim: &Sim) {
             let Some(mut r) = world.replica(n, group) else { continue };
             let caught_up = tokio::time::timeout_at(deadline, r.applied.wait_for(|a| a.is_some_and(|a| a.index >= index))).await;
             if !matches!(caught_up, Ok(Ok(_))) {
-                let v = format!("liveness: node {n} group {group} did not apply index {index} within {LIVENESS_WITHIN:?} of healing");
-                sim.event(format!("VIOLATION: {v}"));
-                sim.violation.lock().unwrap().get_or_insert(v);
+                sim.violate(format!("liveness: node {n} group {group} did not apply index {index} within {LIVENESS_WITHIN:?} of healing"));
                 return;
             }
         }
     }
     sim.check();
-    if let Err(v) = sim.checker.lock().unwrap().check_all_acked_present() {
-        sim.event(format!("VIOLATION: {v}"));
-        sim.violation.lock().unwrap().get_or_insert(v);
+    let all_present = sim.checker.lock().unwrap().check_all_acked_present();
+    if let Err(v) = all_present {
+        sim.violate(v);
     }
     sim.event("liveness: every group committed and every replica converged".to_string());
 }

@@ -605,14 +605,7 @@ impl Partition {
         if offset < start {
             return Err(PartitionError::OffsetOutOfRange { offset, start, end: committed });
         }
-        let log = self.group.log.clone();
-        let entries = tokio::task::spawn_blocking(move || -> Result<Vec<keel_storage::Entry>, keel_storage::StorageError> {
-            let Some(index) = log.index_for_offset(offset)? else { return Ok(Vec::new()) };
-            log.read(index..u64::MAX, max_bytes)
-        })
-        .await
-        .map_err(|e| PartitionError::Storage(format!("read task failed: {e}")))?
-        .map_err(|e| PartitionError::Storage(e.to_string()))?;
+        let entries = self.entries_from(offset, max_bytes).await?;
         let batches = {
             let st = self.group.shared.state();
             entries
@@ -624,6 +617,19 @@ impl Partition {
         Ok(Read { high_watermark: committed, log_start_offset: start, batches })
     }
 
+    /// The log's entries from the one holding `offset`, up to about `max_bytes`
+    /// (committed or not: callers filter), read off the async workers.
+    async fn entries_from(&self, offset: u64, max_bytes: u64) -> Result<Vec<keel_storage::Entry>, PartitionError> {
+        let log = self.group.log.clone();
+        tokio::task::spawn_blocking(move || -> Result<Vec<keel_storage::Entry>, keel_storage::StorageError> {
+            let Some(index) = log.index_for_offset(offset)? else { return Ok(Vec::new()) };
+            log.read(index..u64::MAX, max_bytes)
+        })
+        .await
+        .map_err(|e| PartitionError::Storage(format!("read task failed: {e}")))?
+        .map_err(|e| PartitionError::Storage(e.to_string()))
+    }
+
     /// Sabotage `read-beyond-hw`: whatever this node's log holds, committed or not, and
     /// whether or not it still leads.
     async fn read_uncommitted(&self, offset: u64, max_bytes: u64) -> Result<Read, PartitionError> {
@@ -631,14 +637,7 @@ impl Partition {
             return Err(PartitionError::NotLeader { leader: self.group.leader() });
         }
         let end = self.group.log.next_offset();
-        let log = self.group.log.clone();
-        let entries = tokio::task::spawn_blocking(move || -> Result<Vec<keel_storage::Entry>, keel_storage::StorageError> {
-            let Some(index) = log.index_for_offset(offset)? else { return Ok(Vec::new()) };
-            log.read(index..u64::MAX, max_bytes)
-        })
-        .await
-        .map_err(|e| PartitionError::Storage(format!("read task failed: {e}")))?
-        .map_err(|e| PartitionError::Storage(e.to_string()))?;
+        let entries = self.entries_from(offset, max_bytes).await?;
         let batches = entries.into_iter().filter(|e| e.meta.kind == KIND_BATCH).map(|e| e.payload).collect();
         Ok(Read { high_watermark: end, log_start_offset: self.group.log.state().start_offset, batches })
     }
