@@ -9,6 +9,7 @@
 use keel_protocol::TopicConfig;
 use serde::{Deserialize, Serialize};
 
+use super::consumers::Settle;
 use super::producers::ProducerStamp;
 
 /// A control entry as stored.
@@ -34,6 +35,17 @@ pub enum ControlCommand {
     /// stored, but its producer sequence is used up, with these `(index, offset)`s as
     /// the answer to a retry.
     RecordSequence { stamp: ProducerStamp, offsets: Vec<(u32, u64)> },
+    /// A stream group's position in this partition. `generation` `None` is an
+    /// administrative reset of a group without members.
+    CommitOffset { group: String, generation: Option<u64>, offset: u64 },
+    /// Messages leased to a queue-group member until `deadline_ms`: the due offsets in
+    /// `redeliver`, and the never-delivered ones from `new_from` (the group's cursor; the
+    /// group starts there on its first lease) up to `new_until`.
+    QueueLease { group: String, member: String, deadline_ms: i64, new_from: u64, new_until: u64, redeliver: Vec<u64> },
+    /// A member's answers about leased messages: `(offset, attempt, what)`.
+    QueueSettle { group: String, member: String, settles: Vec<(u64, u32, Settle)> },
+    /// Dead letters committed to the dead-letter topic: their source messages settle.
+    QueueDeadLettered { group: String, offsets: Vec<u64> },
 }
 
 /// The settings applying a partition's log depends on. They reach the partition as a

@@ -7,15 +7,16 @@
 //! - [`producers`]: the idempotent-producer table and the one rule ([`producers::decide`])
 //!   the leader runs before proposing and every replica runs again when applying.
 //! - [`message_ids`]: the sliding window of message ids stored, bounded by a budget.
+//! - [`consumers`]: consumer groups — stream groups' committed offsets, queue groups'
+//!   leases, attempts, retries and dead letters in progress.
 //! - [`state`]: [`PartitionState`] and the fold, with its versioned snapshot encoding.
 //!
 //! **Architecture invariant:** this module knows nothing of openraft, tokio or I/O and
 //! reads no clock; `replication/state_machine.rs` is the adapter that feeds it from the
-//! Raft log, and `node/partition.rs` the leader that decides before proposing. The
-//! groups of later features (consumer groups, leases, dead letters) add their modules
-//! here.
+//! Raft log, and `node/partition.rs` the leader that decides before proposing.
 
 pub mod command;
+pub mod consumers;
 pub mod message_ids;
 pub mod producers;
 pub mod state;

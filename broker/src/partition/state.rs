@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, HashSet};
 use serde::{Deserialize, Serialize};
 
 use super::command::{ControlCommand, ControlEntry, PartitionConfig};
+use super::consumers::{CommitResult, ConsumerGroups, ConsumerParts, SettleResult};
 use super::message_ids::{IdDigest, MessageIdWindow, WindowParts};
 use super::producers::{decide, ProducerStamp, ProducerTable, StoredAt, Verdict};
 
@@ -51,6 +52,14 @@ pub enum ControlOutcome {
     Applied,
     /// A `RecordSequence` that did not fit its producer's sequence (the verdict).
     SequenceRefused(BatchOutcome),
+    /// A `CommitOffset`.
+    Committed(CommitResult),
+    /// A `QueueLease`: `(offset, attempt)` of every message leased.
+    Leased(Vec<(u64, u32)>),
+    /// A `QueueSettle`: one result per request, in order.
+    Settled(Vec<SettleResult>),
+    /// A `QueueDeadLettered`: how many messages it settled.
+    DeadLettered(u32),
 }
 
 /// A partition's state: everything applying later entries and serving reads depends on.
@@ -72,6 +81,8 @@ pub struct PartitionState {
     pub skipped: BTreeMap<u64, u32>,
     /// Partition-clock time of the next scan for idle producers.
     pub next_expiry_scan_ms: i64,
+    /// Consumer groups: stream offsets, queue leases and attempts.
+    pub consumers: ConsumerGroups,
 }
 
 impl PartitionState {
@@ -143,6 +154,18 @@ impl PartitionState {
                 Verdict::Gap { expected } | Verdict::OutOfOrder { expected } => ControlOutcome::SequenceRefused(BatchOutcome::OutOfOrder { expected }),
                 Verdict::Fenced { current_epoch } => ControlOutcome::SequenceRefused(BatchOutcome::Fenced { current_epoch }),
             },
+            ControlCommand::CommitOffset { group, generation, offset } => {
+                ControlOutcome::Committed(self.consumers.commit(self.clock_ms, self.next_offset, group, *generation, *offset))
+            }
+            ControlCommand::QueueLease { group, member, deadline_ms, new_from, new_until, redeliver } => {
+                let skipped = &self.skipped;
+                let served = |offset: u64| offset_served(skipped, offset);
+                let leased =
+                    self.consumers.lease(self.clock_ms, self.next_offset, &served, group, member, *deadline_ms, *new_from, *new_until, redeliver);
+                ControlOutcome::Leased(leased)
+            }
+            ControlCommand::QueueSettle { group, member, settles } => ControlOutcome::Settled(self.consumers.settle(self.clock_ms, group, member, settles)),
+            ControlCommand::QueueDeadLettered { group, offsets } => ControlOutcome::DeadLettered(self.consumers.dead_lettered(group, offsets)),
         }
     }
 
@@ -164,8 +187,13 @@ impl PartitionState {
     }
 }
 
+/// Whether the record at `offset` is served: it is not in a batch the fold refused.
+fn offset_served(skipped: &BTreeMap<u64, u32>, offset: u64) -> bool {
+    skipped.range(..=offset).next_back().is_none_or(|(base, count)| base + u64::from(*count) <= offset)
+}
+
 /// Version of the snapshot encoding written by [`PartitionState::encode_snapshot`].
-pub const SNAPSHOT_VERSION: u16 = 1;
+pub const SNAPSHOT_VERSION: u16 = 2;
 
 /// Why a snapshot could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -190,11 +218,18 @@ struct SnapshotV1 {
     next_expiry_scan_ms: i64,
 }
 
+/// Version 2: version 1 and the consumer groups.
+#[derive(Serialize, Deserialize)]
+struct SnapshotV2 {
+    v1: SnapshotV1,
+    consumers: ConsumerParts,
+}
+
 impl PartitionState {
     /// The state as snapshot bytes: `version:u16le | postcard(body of that version)`.
     /// A later version adds a new body type; old snapshots keep decoding.
     pub fn encode_snapshot(&self) -> Vec<u8> {
-        let body = SnapshotV1 {
+        let v1 = SnapshotV1 {
             next_offset: self.next_offset,
             clock_ms: self.clock_ms,
             config: self.config.clone(),
@@ -204,6 +239,7 @@ impl PartitionState {
             skipped: self.skipped.iter().map(|(o, c)| (*o, *c)).collect(),
             next_expiry_scan_ms: self.next_expiry_scan_ms,
         };
+        let body = SnapshotV2 { v1, consumers: self.consumers.to_parts() };
         let mut out = SNAPSHOT_VERSION.to_le_bytes().to_vec();
         postcard::to_io(&body, &mut out).expect("writing to a Vec cannot fail");
         out
@@ -211,30 +247,34 @@ impl PartitionState {
 
     pub fn decode_snapshot(bytes: &[u8]) -> Result<PartitionState, SnapshotError> {
         let Some((version, body)) = bytes.split_first_chunk::<2>() else { return Err(SnapshotError::Truncated(bytes.len())) };
-        match u16::from_le_bytes(*version) {
-            1 => {
-                let s: SnapshotV1 = postcard::from_bytes(body).map_err(|e| SnapshotError::Undecodable(e.to_string()))?;
-                let message_ids =
-                    MessageIdWindow::from_parts(s.message_ids).ok_or_else(|| SnapshotError::Undecodable("message-id window parts disagree".into()))?;
-                Ok(PartitionState {
-                    next_offset: s.next_offset,
-                    clock_ms: s.clock_ms,
-                    config: s.config,
-                    configured: s.configured,
-                    producers: s.producers,
-                    message_ids,
-                    skipped: s.skipped.into_iter().collect(),
-                    next_expiry_scan_ms: s.next_expiry_scan_ms,
-                })
+        let undecodable = |e: postcard::Error| SnapshotError::Undecodable(e.to_string());
+        let (s, consumers) = match u16::from_le_bytes(*version) {
+            1 => (postcard::from_bytes::<SnapshotV1>(body).map_err(undecodable)?, ConsumerParts::default()),
+            2 => {
+                let v2: SnapshotV2 = postcard::from_bytes(body).map_err(undecodable)?;
+                (v2.v1, v2.consumers)
             }
-            other => Err(SnapshotError::UnknownVersion(other)),
-        }
+            other => return Err(SnapshotError::UnknownVersion(other)),
+        };
+        let message_ids = MessageIdWindow::from_parts(s.message_ids).ok_or_else(|| SnapshotError::Undecodable("message-id window parts disagree".into()))?;
+        Ok(PartitionState {
+            next_offset: s.next_offset,
+            clock_ms: s.clock_ms,
+            config: s.config,
+            configured: s.configured,
+            producers: s.producers,
+            message_ids,
+            skipped: s.skipped.into_iter().collect(),
+            next_expiry_scan_ms: s.next_expiry_scan_ms,
+            consumers: ConsumerGroups::from_parts(consumers),
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::partition::consumers::Settle;
 
     fn stamp(sequence: i32) -> Option<ProducerStamp> {
         Some(ProducerStamp { producer_id: 1, epoch: 0, sequence })
@@ -338,6 +378,25 @@ mod tests {
     }
 
     #[test]
+    fn a_version_1_snapshot_loads_with_no_consumer_groups() {
+        let mut s = PartitionState::default();
+        apply(&mut s, 3, stamp(0), &[]);
+        let v1 = SnapshotV1 {
+            next_offset: s.next_offset,
+            clock_ms: s.clock_ms,
+            config: s.config.clone(),
+            configured: s.configured,
+            producers: s.producers.clone(),
+            message_ids: s.message_ids.to_parts(),
+            skipped: Vec::new(),
+            next_expiry_scan_ms: s.next_expiry_scan_ms,
+        };
+        let mut bytes = 1u16.to_le_bytes().to_vec();
+        bytes.extend(postcard::to_allocvec(&v1).unwrap());
+        assert_eq!(PartitionState::decode_snapshot(&bytes).unwrap(), s);
+    }
+
+    #[test]
     fn the_same_entries_give_the_same_state_and_the_snapshot_round_trips() {
         let run = || {
             let mut s = PartitionState::default();
@@ -350,15 +409,24 @@ mod tests {
                 let _ = apply(&mut s, 2, stamp(i as i32), &id);
                 tick(&mut s, 100 + i64::from(i) * 10);
             }
+            let lease = ControlCommand::QueueLease { group: "q".into(), member: "m".into(), deadline_ms: 9_000, new_from: 0, new_until: 100, redeliver: vec![] };
+            s.apply_control(&ControlEntry { leader_time_ms: 700, command: lease });
+            let settles = vec![(0, 1, Settle::Ack), (1, 1, Settle::Term { reason: "bad".into(), class: "schema".into() })];
+            s.apply_control(&ControlEntry { leader_time_ms: 701, command: ControlCommand::QueueSettle { group: "q".into(), member: "m".into(), settles } });
+            s.apply_control(&ControlEntry { leader_time_ms: 702, command: ControlCommand::CommitOffset { group: "s".into(), generation: Some(1), offset: 40 } });
             s
         };
         let (a, b) = (run(), run());
         assert_eq!(a, b);
         assert!(!a.skipped.is_empty(), "ids 0..10 repeat");
+        let q = &a.consumers.queues["q"];
+        assert_eq!(q.cursor, 100);
+        assert!(!q.slots.keys().any(|o| !offset_served(&a.skipped, *o)), "offsets of refused batches are never leased");
         let back = PartitionState::decode_snapshot(&a.encode_snapshot()).unwrap();
         assert_eq!(back, a);
         let mut newer = a.encode_snapshot();
         newer[0] = 9;
+        newer[1] = 0;
         assert!(matches!(PartitionState::decode_snapshot(&newer), Err(SnapshotError::UnknownVersion(9))));
     }
 }
