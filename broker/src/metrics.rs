@@ -6,8 +6,8 @@
 //!
 //! **Label cardinality** is bounded by what the cluster holds, never by traffic:
 //! `topic` (one value per topic), `group` (one per Raft group hosted on this node: the
-//! metadata group and its partitions), `reason` and `outcome` (the fixed sets listed
-//! below). There is no per-producer, per-client, per-offset or per-message label.
+//! metadata group and its partitions), `consumer_group` (one per consumer group that
+//! consumed here), `reason` and `outcome` (the fixed sets listed below). There is no per-producer, per-client, per-offset or per-message label.
 //!
 //! | metric | type | labels | what |
 //! |---|---|---|---|
@@ -28,6 +28,10 @@
 //! | `keel_group_damage_detected_total` | counter | — | groups found, when opened, to have lost entries this node acknowledged (ack ledger above the log) |
 //! | `keel_groups_damaged` | gauge | — | such groups still waiting to be refilled (voting only for candidates holding what they lost) |
 //! | `keel_ack_ledger_sync_seconds` | histogram | — | each ack ledger `fdatasync` (one per flush round that recorded something) |
+//! | `keel_queue_delivered_total` | counter | topic, consumer_group | messages leased to queue-group members by partitions this node led (redeliveries included) |
+//! | `keel_queue_redelivered_total` | counter | topic, consumer_group | of those, deliveries after the first (attempt ≥ 2) |
+//! | `keel_queue_settled_total` | counter | topic, consumer_group, outcome | settle requests recorded: `acked`, `retrying`, `dead_lettering`, `extended`; and not: `already_settled`, `stale_lease`, `not_delivered`, `already_dead_lettering` |
+//! | `keel_queue_stalls_total` | counter | topic, consumer_group, reason | queue fetches that leased less than the member's credit because of a bound: `max_unacked` (the member holds its group's max-unacked leases here), `window` (the oldest unsettled message holds the delivery window open) |
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -54,6 +58,10 @@ pub const MESSAGE_ID_WINDOW_BYTES: &str = "keel_message_id_window_bytes";
 pub const GROUP_DAMAGE_DETECTED: &str = "keel_group_damage_detected_total";
 pub const GROUPS_DAMAGED: &str = "keel_groups_damaged";
 pub const ACK_LEDGER_SYNC_SECONDS: &str = "keel_ack_ledger_sync_seconds";
+pub const QUEUE_DELIVERED: &str = "keel_queue_delivered_total";
+pub const QUEUE_REDELIVERED: &str = "keel_queue_redelivered_total";
+pub const QUEUE_SETTLED: &str = "keel_queue_settled_total";
+pub const QUEUE_STALLS: &str = "keel_queue_stalls_total";
 
 /// How often group gauges (term, leadership, under-replication, dedupe state) are sampled.
 pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
@@ -101,6 +109,52 @@ fn describe() {
     describe_counter!(GROUP_DAMAGE_DETECTED, Unit::Count, "Groups found at open to have lost entries this node acknowledged.");
     describe_gauge!(GROUPS_DAMAGED, Unit::Count, "Damaged groups still waiting to be refilled by their peers.");
     describe_histogram!(ACK_LEDGER_SYNC_SECONDS, Unit::Seconds, "Duration of each ack ledger fdatasync.");
+    describe_counter!(QUEUE_DELIVERED, Unit::Count, "Messages leased to queue-group members (redeliveries included).");
+    describe_counter!(QUEUE_REDELIVERED, Unit::Count, "Queue deliveries after the first attempt.");
+    describe_counter!(QUEUE_SETTLED, Unit::Count, "Queue settle requests, by outcome.");
+    describe_counter!(QUEUE_STALLS, Unit::Count, "Queue fetches held back by a bound, by reason.");
+}
+
+/// Messages leased to a queue group's member: `delivered` in all, `redelivered` of
+/// them after a first attempt.
+pub fn queue_delivered(topic: &str, consumer_group: &str, delivered: u64, redelivered: u64) {
+    if delivered == 0 {
+        return;
+    }
+    counter!(QUEUE_DELIVERED, "topic" => topic.to_string(), "consumer_group" => consumer_group.to_string()).increment(delivered);
+    if redelivered > 0 {
+        counter!(QUEUE_REDELIVERED, "topic" => topic.to_string(), "consumer_group" => consumer_group.to_string()).increment(redelivered);
+    }
+}
+
+/// A queue fetch held back by a bound (`max_unacked` or `window`).
+pub fn queue_stall(topic: &str, consumer_group: &str, reason: &'static str) {
+    counter!(QUEUE_STALLS, "topic" => topic.to_string(), "consumer_group" => consumer_group.to_string(), "reason" => reason).increment(1);
+}
+
+/// The outcomes of one settle request.
+pub fn queue_settled(topic: &str, consumer_group: &str, outcomes: &[keel_protocol::message::SettleOutcome]) {
+    use keel_protocol::message::SettleOutcome as O;
+    let mut counts = [0u64; 8];
+    for o in outcomes {
+        let i = match o {
+            O::Acked => 0,
+            O::Retrying { .. } => 1,
+            O::DeadLettering => 2,
+            O::Extended { .. } => 3,
+            O::AlreadySettled => 4,
+            O::StaleLease { .. } => 5,
+            O::NotDelivered => 6,
+            O::AlreadyDeadLettering => 7,
+        };
+        counts[i] += 1;
+    }
+    const NAMES: [&str; 8] = ["acked", "retrying", "dead_lettering", "extended", "already_settled", "stale_lease", "not_delivered", "already_dead_lettering"];
+    for (name, n) in NAMES.iter().zip(counts) {
+        if n > 0 {
+            counter!(QUEUE_SETTLED, "topic" => topic.to_string(), "consumer_group" => consumer_group.to_string(), "outcome" => *name).increment(n);
+        }
+    }
 }
 
 /// Records one produce request's outcome.

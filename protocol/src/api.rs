@@ -22,12 +22,21 @@ pub mod client {
     pub const INIT_PRODUCER: u16 = 8;
     /// Change some of a topic's settings. Version 2.
     pub const ALTER_TOPIC: u16 = 9;
+    /// Commit a stream group's offset in a partition. Version 3.
+    pub const COMMIT_OFFSET: u16 = 10;
+    /// A stream group's committed offset in a partition. Version 3.
+    pub const FETCH_OFFSET: u16 = 11;
+    /// Lease messages of a partition to a queue-group member (long poll). Version 3.
+    pub const QUEUE_FETCH: u16 = 12;
+    /// Ack, nack, term or extend leased messages. Version 3.
+    pub const QUEUE_SETTLE: u16 = 13;
 
     /// The protocol version that introduced each key: a connection that negotiated an
     /// older version is answered `UnsupportedVersion` for it.
     pub fn since_version(key: u16) -> u16 {
         match key {
             INIT_PRODUCER | ALTER_TOPIC => crate::message::VERSION_2,
+            COMMIT_OFFSET | FETCH_OFFSET | QUEUE_FETCH | QUEUE_SETTLE => crate::message::VERSION_3,
             _ => 1,
         }
     }

@@ -61,11 +61,14 @@ pub enum ErrorCode {
     /// Some records of the batch carry message ids already stored within the topic's
     /// dedupe window; nothing was written. The body lists them with their offsets.
     DuplicateMessageIds = 22,
+    /// A stream-group member's generation is older than one that already committed:
+    /// a rebalance happened; rejoin the group.
+    StaleGeneration = 23,
 }
 
 impl ErrorCode {
     /// Every code, in discriminant order. Used by `from_code` and by the docs test.
-    pub const ALL: [ErrorCode; 23] = [
+    pub const ALL: [ErrorCode; 24] = [
         ErrorCode::None,
         ErrorCode::Unknown,
         ErrorCode::MalformedFrame,
@@ -89,6 +92,7 @@ impl ErrorCode {
         ErrorCode::LeaderNotAvailable,
         ErrorCode::UnsupportedApi,
         ErrorCode::DuplicateMessageIds,
+        ErrorCode::StaleGeneration,
     ];
 
     /// The number sent on the wire.
@@ -127,6 +131,7 @@ impl ErrorCode {
             ErrorCode::LeaderNotAvailable => "LeaderNotAvailable",
             ErrorCode::UnsupportedApi => "UnsupportedApi",
             ErrorCode::DuplicateMessageIds => "DuplicateMessageIds",
+            ErrorCode::StaleGeneration => "StaleGeneration",
         }
     }
 
@@ -160,6 +165,7 @@ impl ErrorCode {
             ErrorCode::DuplicateMessageIds => {
                 "some messages of the batch were already stored under the same message ids; resend the batch without them (the client does this itself)"
             }
+            ErrorCode::StaleGeneration => "the group rebalanced since this member joined; rejoin the group (the client does this itself) and commit again",
         }
     }
 

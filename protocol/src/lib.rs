@@ -8,7 +8,8 @@
 //! - [`batch`]: the record-batch format (`FORMAT.md`), built once by a producer and
 //!   validated, never re-encoded, by the broker.
 //! - [`message`]: bodies of the client APIs; batches travel as slices, never re-encoded.
-//! - [`topic_config`]: a topic's settings, declared once, carried as JSON inside bodies.
+//! - [`topic_config`]: a topic's and a consumer group's settings, declared once,
+//!   carried as JSON inside bodies.
 //! - [`varint`]: the zigzag varints used inside batches.
 //! - `codec` (feature `codec`): a tokio-util codec over [`frame`].
 //!
@@ -29,4 +30,4 @@ pub mod varint;
 pub use batch::{BatchBuilder, BatchHeader, BatchOptions, BatchView, BuildError, NewRecord, RecordView};
 pub use error::{DecodeError, ErrorCode};
 pub use frame::Frame;
-pub use topic_config::{TopicConfig, TopicConfigPatch};
+pub use topic_config::{GroupConfig, GroupConfigPatch, TopicConfig, TopicConfigPatch};

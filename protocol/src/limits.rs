@@ -57,8 +57,29 @@ pub const VARINT_LEN_MAX: usize = 10;
 /// Oldest protocol version this build speaks.
 pub const PROTOCOL_VERSION_MIN: u16 = 1;
 /// Newest protocol version this build speaks. Version 2 added topic configurations,
-/// idempotent producers and message-id dedupe (`FORMAT.md`, "Versions").
-pub const PROTOCOL_VERSION_MAX: u16 = 2;
+/// idempotent producers and message-id dedupe; version 3 consumer groups (`FORMAT.md`,
+/// "Versions").
+pub const PROTOCOL_VERSION_MAX: u16 = 3;
+
+/// Longest consumer-group name, in bytes (`[A-Za-z0-9._-]`).
+///
+/// Exceeded: the broker answers `InvalidRequest`.
+pub const GROUP_NAME_LEN_MAX: usize = 128;
+
+/// Longest queue-group member name, in bytes.
+///
+/// Exceeded: the broker answers `InvalidRequest`.
+pub const MEMBER_NAME_LEN_MAX: usize = 128;
+
+/// Most messages one queue fetch may lease (a member's credit per request).
+///
+/// Exceeded: the broker leases this many.
+pub const QUEUE_FETCH_MESSAGES_MAX: u32 = 10_000;
+
+/// Most items one queue settle request may carry.
+///
+/// Exceeded: the broker answers `InvalidRequest`; the client splits larger sets.
+pub const SETTLE_ITEMS_MAX: usize = 10_000;
 
 /// Longest error message carried in a response frame, in bytes. Longer messages are
 /// cut (on a UTF-8 boundary) by the encoder, never rejected.

@@ -32,35 +32,39 @@ pub enum TopicConfigError {
     Unparseable(String),
 }
 
-macro_rules! topic_config {
-    ($(
-        $(#[doc = $doc:literal])+
-        $name:ident : $ty:ty = $default:expr, $min:expr, $max:expr;
-    )+) => {
-        /// A topic's settings. Every node folds the same config from the metadata log;
-        /// settings that applying a partition's log depends on reach the partition as a
-        /// log entry of its own (see `broker/src/partition`).
+/// Declares a settings struct (every field with default, bounds and doc), its partial
+/// patch, validation and the documentation table. Used for topic and group settings.
+macro_rules! settings {
+    (
+        $(#[doc = $cdoc:literal])+
+        $config:ident, $patch:ident;
+        $(
+            $(#[doc = $doc:literal])+
+            $name:ident : $ty:ty = $default:expr, $min:expr, $max:expr;
+        )+
+    ) => {
+        $(#[doc = $cdoc])+
         #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
         #[serde(default)]
-        pub struct TopicConfig {
+        pub struct $config {
             $( $(#[doc = $doc])+ pub $name: $ty, )+
         }
 
-        impl Default for TopicConfig {
+        impl Default for $config {
             fn default() -> Self {
-                TopicConfig { $( $name: $default, )+ }
+                $config { $( $name: $default, )+ }
             }
         }
 
-        /// Some settings of a [`TopicConfig`], to set on top of the defaults (create)
-        /// or of the current config (alter). An unknown setting is refused, not ignored.
+        /// Some settings, to set on top of the defaults (create) or of the current
+        /// settings (alter). An unknown setting is refused, not ignored.
         #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
         #[serde(deny_unknown_fields)]
-        pub struct TopicConfigPatch {
+        pub struct $patch {
             $( $(#[doc = $doc])+ #[serde(default, skip_serializing_if = "Option::is_none")] pub $name: Option<$ty>, )+
         }
 
-        impl TopicConfig {
+        impl $config {
             /// Every setting's name, in declaration order.
             pub const FIELD_NAMES: &'static [&'static str] = &[$( stringify!($name), )+];
 
@@ -81,14 +85,14 @@ macro_rules! topic_config {
             }
 
             /// This config with the patch's settings applied (not validated).
-            pub fn patched(&self, patch: &TopicConfigPatch) -> TopicConfig {
+            pub fn patched(&self, patch: &$patch) -> $config {
                 let mut config = self.clone();
                 $( if let Some(v) = patch.$name { config.$name = v; } )+
                 config
             }
         }
 
-        impl TopicConfigPatch {
+        impl $patch {
             /// Whether the patch sets nothing.
             pub fn is_empty(&self) -> bool {
                 true $( && self.$name.is_none() )+
@@ -97,7 +101,11 @@ macro_rules! topic_config {
     };
 }
 
-topic_config! {
+settings! {
+    /// A topic's settings. Every node folds the same config from the metadata log;
+    /// settings that applying a partition's log depends on reach the partition as a
+    /// log entry of its own (see `broker/src/partition`).
+    TopicConfig, TopicConfigPatch;
     /// Largest record batch a producer may send, in bytes (also the largest message).
     max_message_bytes: u32 = 1024 * 1024, 1024, BATCH_SIZE_MAX;
     /// How long messages are kept, in milliseconds; 0 keeps them forever. (Stored; applied
@@ -112,6 +120,73 @@ topic_config! {
     /// How long an idempotent producer's state is kept after its last write, in
     /// milliseconds. A producer idle longer starts a new epoch on its next write.
     producer_expiry_ms: u64 = DAY_MS, MINUTE_MS, 30 * DAY_MS;
+    /// Deliveries of a message to a queue group before it is dead-lettered (a lease
+    /// that expires counts as a delivery).
+    max_deliveries: u32 = 5, 1, 100;
+}
+
+settings! {
+    /// A consumer group's settings (queue mode: leases, retries, in-flight bound), kept
+    /// in the metadata log; a group without settings of its own uses the defaults.
+    GroupConfig, GroupConfigPatch;
+    /// How long a member holds a leased message before it is delivered again, in
+    /// milliseconds (extended by the member's `extend`).
+    lease_timeout_ms: u64 = 30 * SECOND_MS, SECOND_MS, 12 * HOUR_MS;
+    /// First retry delay after a nack, in milliseconds; each further attempt multiplies
+    /// it by `retry_multiplier`, up to `retry_max_ms`. The delay is drawn uniformly from
+    /// zero to that bound (full jitter).
+    retry_base_ms: u64 = SECOND_MS, 10, 10 * MINUTE_MS;
+    /// Growth of the retry delay per attempt.
+    retry_multiplier: u32 = 2, 1, 10;
+    /// Longest retry delay, in milliseconds.
+    retry_max_ms: u64 = 10 * MINUTE_MS, 10, DAY_MS;
+    /// Leased, unsettled messages one member may hold per partition; beyond it the
+    /// member is sent nothing more from that partition until it settles some.
+    max_unacked: u32 = 1_000, 1, 100_000;
+}
+
+impl GroupConfig {
+    fn check_relations(&self) -> Result<(), TopicConfigError> {
+        if self.retry_base_ms > self.retry_max_ms {
+            return Err(TopicConfigError::Conflict(format!(
+                "retry_base_ms ({}) is above retry_max_ms ({})",
+                self.retry_base_ms, self.retry_max_ms
+            )));
+        }
+        Ok(())
+    }
+
+    /// The upper bound of the retry delay after `attempt` deliveries (1 = the first):
+    /// `retry_base_ms × retry_multiplier^(attempt-1)`, at most `retry_max_ms`. The
+    /// delay itself is drawn from `0..=bound` (full jitter).
+    pub fn retry_bound_ms(&self, attempt: u32) -> u64 {
+        let mut bound = self.retry_base_ms;
+        for _ in 1..attempt {
+            bound = bound.saturating_mul(u64::from(self.retry_multiplier));
+            if bound >= self.retry_max_ms {
+                break;
+            }
+        }
+        bound.min(self.retry_max_ms)
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("a group config always encodes as JSON")
+    }
+
+    pub fn from_json(json: &str) -> Result<GroupConfig, TopicConfigError> {
+        serde_json::from_str(json).map_err(|e| TopicConfigError::Unparseable(e.to_string()))
+    }
+}
+
+impl GroupConfigPatch {
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("a group config patch always encodes as JSON")
+    }
+
+    pub fn from_json(json: &str) -> Result<GroupConfigPatch, TopicConfigError> {
+        serde_json::from_str(json).map_err(|e| TopicConfigError::Unparseable(e.to_string()))
+    }
 }
 
 impl TopicConfig {
@@ -232,6 +307,16 @@ mod tests {
         let body = Body { name: "t".into(), config: TopicConfig { producer_expiry_ms: 2 * HOUR_MS, ..TopicConfig::default() } };
         let bytes = postcard::to_allocvec(&body).unwrap();
         assert_eq!(postcard::from_bytes::<Body>(&bytes).unwrap(), body);
+    }
+
+    #[test]
+    fn the_retry_bound_grows_by_the_multiplier_up_to_the_cap() {
+        let g = GroupConfig::default();
+        g.validate().unwrap();
+        assert_eq!((g.retry_bound_ms(1), g.retry_bound_ms(2), g.retry_bound_ms(3)), (1_000, 2_000, 4_000));
+        assert_eq!(g.retry_bound_ms(60), 10 * MINUTE_MS);
+        let c = GroupConfig { retry_base_ms: 5_000, retry_max_ms: 1_000, ..GroupConfig::default() };
+        assert!(matches!(c.validate(), Err(TopicConfigError::Conflict(_))));
     }
 
     #[test]

@@ -4,6 +4,7 @@ use bytes::Bytes;
 use keel_protocol::batch::{BatchBuilder, BatchOptions, BatchView, NewRecord};
 use keel_protocol::message::ProducerIdentity;
 use keel_protocol::topic_config::{self, TopicConfig, TopicConfigPatch};
+use keel_protocol::GroupConfigPatch;
 use serde::{Deserialize, Serialize};
 
 /// A change to the cluster's metadata. Variants are only appended, and an existing
@@ -40,6 +41,28 @@ pub enum MetadataCommand {
     /// `current`, only if that is still the name's identity (a re-registration after a
     /// failure); otherwise the fold refuses it: a newer instance exists.
     InitNamedProducer { name: String, current: Option<ProducerIdentity> },
+    /// Change some settings of consumer group `group` (a group without settings of its
+    /// own uses the defaults); refused by the fold if the result is invalid.
+    ConfigureGroup {
+        group: String,
+        #[serde(with = "group_patch_as_json")]
+        patch: GroupConfigPatch,
+    },
+}
+
+/// Serde adapter: a [`GroupConfigPatch`] as a JSON string (settings can be added later).
+mod group_patch_as_json {
+    use keel_protocol::GroupConfigPatch;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(patch: &GroupConfigPatch, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&patch.to_json())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<GroupConfigPatch, D::Error> {
+        let json = String::deserialize(d)?;
+        GroupConfigPatch::from_json(&json).map_err(serde::de::Error::custom)
+    }
 }
 
 /// Why a command's record could not be read back.

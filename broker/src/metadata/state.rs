@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use keel_protocol::message::ProducerIdentity;
-use keel_protocol::TopicConfig;
+use keel_protocol::{GroupConfig, TopicConfig};
 use serde::{Deserialize, Serialize};
 
 use super::command::MetadataCommand;
@@ -12,6 +12,9 @@ use super::METADATA_GROUP;
 /// Most named producers the cluster registers (names are never forgotten, so this
 /// bounds the metadata state). Beyond it, registering a new name is refused.
 pub const NAMED_PRODUCERS_MAX: usize = 100_000;
+/// Most consumer groups with settings of their own (each a few hundred bytes on every
+/// node); groups on the defaults are not counted.
+pub const CONFIGURED_GROUPS_MAX: usize = 100_000;
 /// Rejected commands remembered (offset and reason), so the node that proposed one can
 /// tell its client why; the oldest is forgotten first.
 pub const RECENT_REJECTIONS_MAX: usize = 256;
@@ -92,6 +95,8 @@ pub struct MetadataState {
     pub producer_names: BTreeMap<i64, String>,
     /// The last `RECENT_REJECTIONS_MAX` commands the fold refused: (offset, why).
     pub recent_rejections: VecDeque<(u64, Rejection)>,
+    /// Consumer groups with settings of their own (the others use the defaults).
+    pub group_configs: BTreeMap<String, GroupConfig>,
 }
 
 /// Longest topic name, in bytes.
@@ -116,6 +121,11 @@ impl MetadataState {
             self.recent_rejections.push_back((offset, rejection.clone()));
         }
         result
+    }
+
+    /// Consumer group `group`'s settings: its own, or the defaults.
+    pub fn group_config(&self, group: &str) -> GroupConfig {
+        self.group_configs.get(group).cloned().unwrap_or_default()
     }
 
     /// Why the command at `offset` was refused, if it was (and is still remembered).
@@ -143,6 +153,15 @@ impl MetadataState {
                 config.validate().map_err(|e| Rejection::Invalid(e.to_string()))?;
                 topic.config = config;
                 topic.config_changed_at = offset;
+                Ok(())
+            }
+            MetadataCommand::ConfigureGroup { group, patch } => {
+                let config = self.group_config(group).patched(patch);
+                config.validate().map_err(|e| Rejection::Invalid(e.to_string()))?;
+                if !self.group_configs.contains_key(group) && self.group_configs.len() >= CONFIGURED_GROUPS_MAX {
+                    return Err(Rejection::LimitReached(format!("the cluster already has {CONFIGURED_GROUPS_MAX} consumer groups with settings of their own")));
+                }
+                self.group_configs.insert(group.clone(), config);
                 Ok(())
             }
             MetadataCommand::AllocateProducerIds { node, count } => {

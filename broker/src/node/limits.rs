@@ -66,3 +66,10 @@ pub const PRODUCER_ID_BLOCK: u64 = 1024;
 pub const PARTITION_PRODUCERS_MAX: usize = 100_000;
 /// How long a producer refused for a full producer table is told to wait.
 pub const PRODUCERS_FULL_RETRY_AFTER_MS: u32 = 1_000;
+/// Longest a consumer-group request (commit, settle) waits for its entry to commit.
+pub const CONSUMER_REQUEST_TIMEOUT_MAX: Duration = Duration::from_secs(30);
+/// How long a queue fetch may take to commit its lease once it has something to lease,
+/// beyond its long-poll wait.
+pub const QUEUE_PROPOSE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Due offsets (retries, expired leases) one queue fetch looks at.
+pub const QUEUE_REDELIVER_SCAN_MAX: usize = 10_000;

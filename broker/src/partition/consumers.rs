@@ -148,7 +148,7 @@ pub enum Settle {
     /// Can never succeed: dead-letter it now.
     Term { reason: String, class: String },
     /// Proposed by the leader for a lease that ran out on the last allowed attempt:
-    /// dead-letter it.
+    /// dead-letter it (whichever member held it).
     Expire { reason: String },
 }
 
@@ -370,10 +370,10 @@ impl QueueGroup {
             self.acked_total += 1;
             return SettleResult::Done;
         }
-        let holds = match &slot.state {
-            SlotState::Leased { member: holder, deadline_ms, .. } => {
-                holder == member && slot.attempts == attempt && (!matches!(settle, Settle::Expire { .. }) || *deadline_ms <= now_ms)
-            }
+        let holds = match (&slot.state, settle) {
+            // The leader expires whoever held the lease, once it ran out.
+            (SlotState::Leased { deadline_ms, .. }, Settle::Expire { .. }) => slot.attempts == attempt && *deadline_ms <= now_ms,
+            (SlotState::Leased { member: holder, .. }, _) => holder == member && slot.attempts == attempt,
             _ => false,
         };
         if !holds {
@@ -381,7 +381,7 @@ impl QueueGroup {
         }
         let mut slot = self.take(offset).expect("looked up above");
         let SlotState::Leased { member: holder, since_ms, deadline_ms } = slot.state.clone() else { unreachable!("checked above") };
-        let mut finish = |slot: &mut Slot, outcome: AttemptOutcome, reason: &str, class: &str| {
+        let finish = |slot: &mut Slot, outcome: AttemptOutcome, reason: &str, class: &str| {
             let record = AttemptRecord {
                 attempt: slot.attempts,
                 member: holder.clone(),

@@ -47,6 +47,9 @@ pub struct TopicSettings {
     /// Forget an idempotent producer this long after its last write (e.g. 1d).
     #[arg(long, value_parser = humantime::parse_duration)]
     producer_expiry: Option<Duration>,
+    /// Deliveries of a message to a queue group before it is dead-lettered (1..=100).
+    #[arg(long)]
+    max_deliveries: Option<u32>,
 }
 
 impl TopicSettings {
@@ -58,6 +61,7 @@ impl TopicSettings {
             dedupe_window_ms: ms(&self.dedupe_window),
             dedupe_ids_max: self.dedupe_ids_max,
             producer_expiry_ms: ms(&self.producer_expiry),
+            max_deliveries: self.max_deliveries,
         }
     }
 }
@@ -105,6 +109,7 @@ fn print_config(config: &TopicConfig) {
     println!("  dedupe_window      {}", human_ms(config.dedupe_window_ms));
     println!("  dedupe_ids_max     {}", config.dedupe_ids_max);
     println!("  producer_expiry    {}", human_ms(config.producer_expiry_ms));
+    println!("  max_deliveries     {}", config.max_deliveries);
 }
 
 pub fn topic(cmd: TopicCommand, connect: Connect) -> anyhow::Result<()> {

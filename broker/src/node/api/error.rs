@@ -99,6 +99,7 @@ impl ApiError {
                 PartitionError::TimedOut | PartitionError::OutcomeUnknown { .. } => ErrorCode::RequestTimedOut,
                 PartitionError::OffsetOutOfRange { .. } => ErrorCode::OffsetOutOfRange,
                 PartitionError::Deleted => ErrorCode::UnknownTopic,
+                PartitionError::StaleGeneration { .. } => ErrorCode::StaleGeneration,
                 PartitionError::Storage(_) => ErrorCode::StorageFailed,
             },
         }

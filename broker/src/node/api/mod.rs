@@ -11,9 +11,11 @@
 //! - [`create_topic`], [`alter_topic`], [`delete_topic`]: topics, through the metadata log.
 //! - [`init_producer`]: producer ids and epochs for idempotent producers.
 //! - [`cluster_status`]: this node's view of every Raft group it hosts.
+//! - [`consumer_groups`]: stream groups' offsets, queue groups' leased fetches and settles.
 
 pub mod alter_topic;
 pub mod cluster_status;
+pub mod consumer_groups;
 pub mod create_topic;
 pub mod delete_topic;
 pub mod error;
@@ -78,6 +80,10 @@ const HANDLERS: &[(u16, &str, Handler)] = &[
     (api::LIST_OFFSETS, "list offsets", |s, r| Box::pin(list_offsets::handle(s, r))),
     (api::INIT_PRODUCER, "init producer", |s, r| Box::pin(init_producer::handle(s, r))),
     (api::ALTER_TOPIC, "alter topic", |s, r| Box::pin(alter_topic::handle(s, r))),
+    (api::COMMIT_OFFSET, "commit offset", |s, r| Box::pin(consumer_groups::commit_offset(s, r))),
+    (api::FETCH_OFFSET, "fetch offset", |s, r| Box::pin(consumer_groups::fetch_offset(s, r))),
+    (api::QUEUE_FETCH, "queue fetch", |s, r| Box::pin(consumer_groups::queue_fetch(s, r))),
+    (api::QUEUE_SETTLE, "queue settle", |s, r| Box::pin(consumer_groups::queue_settle(s, r))),
 ];
 
 impl Service for ClientService {

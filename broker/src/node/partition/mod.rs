@@ -21,6 +21,8 @@
 //! acknowledged it within the lease serves fetches, only committed batches, and never
 //! control entries or batches the fold refused.
 
+pub mod consumers;
+
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
@@ -73,6 +75,8 @@ pub enum PartitionError {
     OffsetOutOfRange { offset: u64, start: u64, end: u64 },
     #[error("the partition's topic was deleted")]
     Deleted,
+    #[error("group {group:?} generation {generation} is stale: generation {current} has committed here; rejoin the group")]
+    StaleGeneration { group: String, generation: u64, current: u64 },
     #[error("storage failed: {0}")]
     Storage(String),
 }
@@ -203,6 +207,11 @@ pub struct Partition {
     /// When the message-id budget last throttled a produce here and said so in the log
     /// (ms since the epoch); the warning repeats at most every `BUDGET_WARNING_EVERY_MS`.
     budget_warned_at_ms: std::sync::atomic::AtomicI64,
+    /// Per queue group, the lock serialising its leases here (`consumers.rs`).
+    lease_locks: consumers::LeaseLocks,
+    /// Notified when a settle may have made a message due sooner than a waiting queue
+    /// fetch planned for.
+    queue_activity: Notify,
 }
 
 /// How often, at most, a partition logs that its message-id budget throttles produces.
@@ -231,6 +240,8 @@ impl Partition {
             writer: tokio::sync::Mutex::new(Writer::default()),
             progress: Notify::new(),
             budget_warned_at_ms: std::sync::atomic::AtomicI64::new(i64::MIN),
+            lease_locks: consumers::LeaseLocks::default(),
+            queue_activity: Notify::new(),
         }
     }
 

@@ -13,6 +13,10 @@
 //! the newest form; `encode(version)` / `decode(payload, version)` speak each version
 //! (`FORMAT.md`, "Versions").
 
+mod consumer;
+
+pub use consumer::*;
+
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};

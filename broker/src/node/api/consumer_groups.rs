@@ -1,0 +1,115 @@
+//! The consumer-group APIs served by a partition's leader (protocol version 3):
+//! `CommitOffset` and `FetchOffset` for stream groups, `QueueFetch` and `QueueSettle`
+//! for queue groups. Names are checked here; the partition (`node/partition/
+//! consumers.rs`) does the rest.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use keel_protocol::limits::{GROUP_NAME_LEN_MAX, MEMBER_NAME_LEN_MAX, QUEUE_FETCH_MESSAGES_MAX, SETTLE_ITEMS_MAX};
+use keel_protocol::message::{
+    self, CommitOffsetRequest, CommitOffsetResponse, FetchOffsetRequest, FetchOffsetResponse, QueueFetchRequest, QueueFetchResponse, QueueSettleRequest,
+    QueueSettleResponse,
+};
+use keel_protocol::GroupConfig;
+
+use super::{bounded, ApiError, ClientService, Request};
+use crate::node::limits::{CONSUMER_REQUEST_TIMEOUT_MAX, FETCH_BYTES_MAX, FETCH_WAIT_MAX};
+use crate::node::partition::consumers::QueueFetch;
+
+/// A group or member name: 1..=max bytes of `[A-Za-z0-9._-]`.
+fn check_name(what: &str, name: &str, max: usize) -> Result<(), ApiError> {
+    let ok = !name.is_empty() && name.len() <= max && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::InvalidArgument(format!("{what} {name:?} must be 1..={max} characters of [A-Za-z0-9._-]")))
+    }
+}
+
+impl ClientService {
+    /// Group `group`'s settings (its own, or the defaults) and `topic`'s max deliveries.
+    fn queue_settings(&self, group: &str, topic: &str) -> Result<(GroupConfig, u32), ApiError> {
+        let state = self.metadata.borrow();
+        let max_deliveries = state.topics.get(topic).ok_or_else(|| ApiError::UnknownTopic(topic.to_string()))?.config.max_deliveries;
+        Ok((state.group_config(group), max_deliveries))
+    }
+}
+
+pub async fn commit_offset(service: Arc<ClientService>, req: Request) -> Result<Bytes, ApiError> {
+    let req: CommitOffsetRequest = message::decode(&req.payload)?;
+    check_name("group", &req.group, GROUP_NAME_LEN_MAX)?;
+    let partition = service.partition(&req.topic, req.partition)?;
+    let what = format!("{}/{} (group {})", req.topic, req.partition, req.group);
+    partition
+        .commit_offset(&req.group, req.generation, req.offset, CONSUMER_REQUEST_TIMEOUT_MAX)
+        .await
+        .map_err(|error| ApiError::Partition { what, error })?;
+    Ok(message::encode(&CommitOffsetResponse { offset: req.offset }))
+}
+
+pub async fn fetch_offset(service: Arc<ClientService>, req: Request) -> Result<Bytes, ApiError> {
+    let req: FetchOffsetRequest = message::decode(&req.payload)?;
+    check_name("group", &req.group, GROUP_NAME_LEN_MAX)?;
+    let partition = service.partition(&req.topic, req.partition)?;
+    let what = format!("{}/{}", req.topic, req.partition);
+    let (committed, high_watermark, log_start_offset) =
+        partition.committed_offset(&req.group, CONSUMER_REQUEST_TIMEOUT_MAX).await.map_err(|error| ApiError::Partition { what, error })?;
+    Ok(message::encode(&FetchOffsetResponse { committed, high_watermark, log_start_offset }))
+}
+
+pub async fn queue_fetch(service: Arc<ClientService>, req: Request) -> Result<Bytes, ApiError> {
+    let req: QueueFetchRequest = message::decode(&req.payload)?;
+    check_name("group", &req.group, GROUP_NAME_LEN_MAX)?;
+    check_name("member", &req.member, MEMBER_NAME_LEN_MAX)?;
+    if req.max_messages == 0 {
+        return Err(ApiError::InvalidArgument("max_messages must be at least 1 (the member's credit)".into()));
+    }
+    let partition = service.partition(&req.topic, req.partition)?;
+    let (config, max_deliveries) = service.queue_settings(&req.group, &req.topic)?;
+    let fetch = QueueFetch {
+        group: req.group.clone(),
+        member: req.member,
+        max_messages: req.max_messages.min(QUEUE_FETCH_MESSAGES_MAX),
+        max_bytes: u64::from(req.max_bytes.min(FETCH_BYTES_MAX)),
+        max_wait: bounded(req.max_wait_ms, FETCH_WAIT_MAX),
+        start: req.start,
+    };
+    let what = format!("{}/{} (group {})", req.topic, req.partition, req.group);
+    let leased = partition.queue_fetch(&fetch, &config, max_deliveries).await.map_err(|error| ApiError::Partition { what, error })?;
+    let head = QueueFetchResponse { leases: leased.leases, lease_deadline_ms: leased.lease_deadline_ms, high_watermark: leased.high_watermark, stall: leased.stall };
+    Ok(message::encode_with_batches(&head, &leased.batches))
+}
+
+pub async fn queue_settle(service: Arc<ClientService>, req: Request) -> Result<Bytes, ApiError> {
+    let req: QueueSettleRequest = message::decode(&req.payload)?;
+    check_name("group", &req.group, GROUP_NAME_LEN_MAX)?;
+    check_name("member", &req.member, MEMBER_NAME_LEN_MAX)?;
+    if req.items.len() > SETTLE_ITEMS_MAX {
+        return Err(ApiError::InvalidArgument(format!("{} settle items in one request; at most {SETTLE_ITEMS_MAX}", req.items.len())));
+    }
+    if req.items.is_empty() {
+        return Ok(message::encode(&QueueSettleResponse { outcomes: Vec::new() }));
+    }
+    let partition = service.partition(&req.topic, req.partition)?;
+    let (config, max_deliveries) = service.queue_settings(&req.group, &req.topic)?;
+    let what = format!("{}/{} (group {})", req.topic, req.partition, req.group);
+    let outcomes = partition
+        .queue_settle(&req.group, &req.member, &req.items, &config, max_deliveries, CONSUMER_REQUEST_TIMEOUT_MAX)
+        .await
+        .map_err(|error| ApiError::Partition { what, error })?;
+    Ok(message::encode(&QueueSettleResponse { outcomes }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn group_and_member_names_are_checked() {
+        assert!(check_name("group", "billing-v2.eu_1", GROUP_NAME_LEN_MAX).is_ok());
+        assert!(check_name("group", "", GROUP_NAME_LEN_MAX).is_err());
+        assert!(check_name("group", "a b", GROUP_NAME_LEN_MAX).is_err());
+        assert!(check_name("member", &"x".repeat(MEMBER_NAME_LEN_MAX + 1), MEMBER_NAME_LEN_MAX).is_err());
+    }
+}

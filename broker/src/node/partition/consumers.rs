@@ -1,0 +1,366 @@
+//! The partition leader's side of consumer groups: stream groups' offset commits, and
+//! queue groups' leased fetches and settle verbs.
+//!
+//! Everything a group's state changes by is a control entry, proposed here with this
+//! leader's clock and answered only once applied (so committed on a majority): a member
+//! is sent a message only after its lease — and the attempt number it carries — is
+//! committed, and an ack is answered only once it is durable. The fold
+//! (`crate::partition::consumers`) judges every entry again, so a lease that raced
+//! another, or a nack from a member whose lease already expired, changes nothing.
+//!
+//! Leasing for one group in one partition is serialised (a lock per group held from the
+//! plan to the applied lease), so two members' fetches never propose the same offsets.
+//! Settling is not: the fold orders settles among themselves and with leases.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use keel_protocol::message::{CommittedOffset, Lease, QueueStart, SettleItem, SettleOutcome, SettleVerb, Stall};
+use keel_protocol::GroupConfig;
+use rand::RngExt;
+use tokio::time::Instant;
+
+use super::{now_ms, Partition, PartitionError};
+use crate::node::limits::QUEUE_REDELIVER_SCAN_MAX;
+use crate::partition::consumers::{CommitResult, Settle, SettleResult, SlotState};
+use crate::partition::{ControlCommand, ControlEntry, ControlOutcome};
+use crate::replication::log_store::KIND_BATCH;
+use crate::replication::{ApplyReply, EntryData};
+
+/// A queue fetch as the leader serves it.
+#[derive(Debug, Clone)]
+pub struct QueueFetch {
+    pub group: String,
+    pub member: String,
+    pub max_messages: u32,
+    pub max_bytes: u64,
+    pub max_wait: Duration,
+    pub start: QueueStart,
+}
+
+/// Messages leased to a member: the leases and the batches holding them.
+#[derive(Debug, Clone)]
+pub struct Leased {
+    pub leases: Vec<Lease>,
+    pub lease_deadline_ms: i64,
+    pub high_watermark: u64,
+    pub stall: Option<Stall>,
+    pub batches: Vec<Bytes>,
+}
+
+/// What one lease round plans to propose.
+struct Plan {
+    /// The group's cursor (or where a new group starts).
+    new_from: u64,
+    new_until: u64,
+    redeliver: Vec<u64>,
+    /// Leases that ran out on the last allowed attempt: `(offset, attempt)`, to expire
+    /// into the dead-letter topic instead of redelivering.
+    exhausted: Vec<(u64, u32)>,
+    stall: Option<Stall>,
+    high_watermark: u64,
+    /// When something becomes due (a retry time or a lease deadline), if anything will.
+    next_due_ms: Option<i64>,
+    /// The group has never leased here: propose even an empty lease, so the group
+    /// exists from where it starts (a `Latest` start must not move with later writes).
+    create: bool,
+}
+
+impl Partition {
+    /// The lock serialising leases of `group` in this partition.
+    fn lease_lock(&self, group: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.lease_locks.lock().expect("lease locks poisoned");
+        locks.entry(group.to_string()).or_default().clone()
+    }
+
+    /// Proposes the control command `make(leader_time_ms)` in this leader's term and
+    /// waits until it is applied; returns how it applied and the leader time it carried.
+    async fn propose_control(self: &Arc<Self>, deadline: Instant, make: impl FnOnce(i64) -> ControlCommand) -> Result<(ControlOutcome, i64), PartitionError> {
+        let term = self.ready_term(deadline).await?;
+        let mut w = self.writer.lock().await;
+        if w.term != term {
+            w.reset(term);
+        }
+        // As `control_entry`, but the command is made knowing the time it carries.
+        let clock = self.group.shared.state().clock_ms;
+        let time = now_ms().max(clock).max(w.last_time_ms);
+        w.last_time_ms = time;
+        w.last_tick = Some(Instant::now());
+        let entry = ControlEntry { leader_time_ms: time, command: make(time) };
+        let (_, rx) = self.propose(&mut w, term, EntryData::control(&entry), None, Vec::new(), 0).await?;
+        drop(w);
+        match self.outcome(rx, deadline).await? {
+            ApplyReply::Control(outcome) => Ok((outcome, entry.leader_time_ms)),
+            other => Err(PartitionError::Storage(format!("a control entry was applied as {other:?}"))),
+        }
+    }
+
+    /// Serving-leader checks for a consumer-group request.
+    async fn consumer_gate(&self, deadline: Instant) -> Result<(), PartitionError> {
+        self.ready_term(deadline).await?;
+        self.check_serving_leader()
+    }
+
+    /// Commits stream group `group`'s position in this partition.
+    pub async fn commit_offset(self: &Arc<Self>, group: &str, generation: Option<u64>, offset: u64, timeout: Duration) -> Result<(), PartitionError> {
+        let deadline = Instant::now() + timeout;
+        self.consumer_gate(deadline).await?;
+        let command = ControlCommand::CommitOffset { group: group.to_string(), generation, offset };
+        match self.propose_control(deadline, |_| command).await?.0 {
+            ControlOutcome::Committed(CommitResult::Committed) => Ok(()),
+            ControlOutcome::Committed(CommitResult::StaleGeneration { current }) => {
+                Err(PartitionError::StaleGeneration { group: group.to_string(), generation: generation.unwrap_or(0), current })
+            }
+            ControlOutcome::Committed(CommitResult::BeyondEnd { end }) => {
+                Err(PartitionError::OffsetOutOfRange { offset, start: self.group.log.state().start_offset, end })
+            }
+            other => Err(PartitionError::Storage(format!("an offset commit was applied as {other:?}"))),
+        }
+    }
+
+    /// Stream group `group`'s committed position here, with the high watermark and
+    /// log start.
+    pub async fn committed_offset(&self, group: &str, timeout: Duration) -> Result<(Option<CommittedOffset>, u64, u64), PartitionError> {
+        self.consumer_gate(Instant::now() + timeout).await?;
+        let st = self.group.shared.state();
+        let committed = st.consumers.streams.get(group).map(|c| CommittedOffset { offset: c.offset, generation: c.generation, committed_at_ms: c.committed_at_ms });
+        Ok((committed, st.next_offset, self.group.log.state().start_offset))
+    }
+
+    /// Leases messages to a queue-group member: due retries and expired leases first,
+    /// then never-delivered messages, up to the member's credit and the group's
+    /// max-unacked; long-polls up to `max_wait` when there is nothing to lease.
+    pub async fn queue_fetch(self: &Arc<Self>, req: &QueueFetch, config: &GroupConfig, max_deliveries: u32) -> Result<Leased, PartitionError> {
+        let deadline = Instant::now() + req.max_wait;
+        let request_deadline = deadline + crate::node::limits::QUEUE_PROPOSE_TIMEOUT;
+        let lock = self.lease_lock(&req.group);
+        let mut hw = self.group.high_watermark.clone();
+        loop {
+            self.consumer_gate(request_deadline).await?;
+            let guard = lock.lock().await;
+            let plan = self.plan_lease(req, config, max_deliveries);
+            if !plan.exhausted.is_empty() {
+                let settles =
+                    plan.exhausted.iter().map(|(o, a)| (*o, *a, Settle::Expire { reason: format!("lease expired on the last allowed delivery ({a} of {max_deliveries})") })).collect();
+                let group = req.group.clone();
+                self.propose_control(request_deadline, |_| ControlCommand::QueueSettle { group, member: String::new(), settles }).await?;
+            }
+            let has_new = plan.new_until > plan.new_from;
+            if plan.redeliver.is_empty() && !has_new && !plan.create {
+                drop(guard);
+                if plan.stall.is_some() || Instant::now() >= deadline {
+                    return Ok(Leased { leases: Vec::new(), lease_deadline_ms: 0, high_watermark: plan.high_watermark, stall: plan.stall, batches: Vec::new() });
+                }
+                // Nothing to lease yet: wait for new messages, a retry coming due, or the end of the poll.
+                let wake = plan.next_due_ms.map(|t| Instant::now() + Duration::from_millis(t.saturating_sub(now_ms()).max(1) as u64)).unwrap_or(deadline).min(deadline);
+                hw.borrow_and_update();
+                tokio::select! {
+                    changed = hw.changed() => if changed.is_err() { return Err(PartitionError::NotLeader { leader: None }) },
+                    _ = tokio::time::sleep_until(wake) => {}
+                    _ = self.queue_activity.notified() => {}
+                }
+                continue;
+            }
+            // Cut the new range to about max_bytes of batches (at least one batch).
+            let mut batches: BTreeMap<u64, Bytes> = BTreeMap::new();
+            let mut new_until = plan.new_until;
+            if has_new {
+                let mut bytes = 0u64;
+                for e in self.entries_from(plan.new_from, req.max_bytes).await? {
+                    if e.meta.kind != KIND_BATCH || e.meta.end_offset() <= plan.new_from {
+                        continue;
+                    }
+                    if e.meta.base_offset >= new_until || (bytes > 0 && bytes + e.payload.len() as u64 > req.max_bytes) {
+                        new_until = new_until.min(e.meta.base_offset.max(plan.new_from + 1));
+                        break;
+                    }
+                    bytes += e.payload.len() as u64;
+                    batches.insert(e.meta.base_offset, e.payload);
+                }
+            }
+            let (group, member, redeliver, new_from, timeout) = (req.group.clone(), req.member.clone(), plan.redeliver.clone(), plan.new_from, config.lease_timeout_ms);
+            let (outcome, time) = self
+                .propose_control(request_deadline, |time| ControlCommand::QueueLease {
+                    group,
+                    member,
+                    deadline_ms: time.saturating_add(timeout as i64),
+                    new_from,
+                    new_until,
+                    redeliver,
+                })
+                .await?;
+            drop(guard);
+            let ControlOutcome::Leased(leased) = outcome else {
+                return Err(PartitionError::Storage(format!("a lease was applied as {outcome:?}")));
+            };
+            crate::metrics::queue_delivered(&self.topic, &req.group, leased.len() as u64, leased.iter().filter(|(_, a)| *a > 1).count() as u64);
+            if leased.is_empty() {
+                continue; // created the group, or raced with another entry: plan again
+            }
+            self.read_leased(&leased, &mut batches).await?;
+            let offsets: Vec<u64> = leased.iter().map(|(o, _)| *o).collect();
+            let served = batches.into_iter().filter(|(base, b)| covers(&offsets, *base, b)).map(|(_, b)| b).collect();
+            return Ok(Leased {
+                leases: leased.into_iter().map(|(offset, attempt)| Lease { offset, attempt }).collect(),
+                lease_deadline_ms: time.saturating_add(timeout as i64),
+                high_watermark: plan.high_watermark,
+                stall: plan.stall,
+                batches: served,
+            });
+        }
+    }
+
+    /// What one lease round would take for `req`, from the applied state.
+    fn plan_lease(&self, req: &QueueFetch, config: &GroupConfig, max_deliveries: u32) -> Plan {
+        let now = now_ms();
+        let st = self.group.shared.state();
+        let hw = st.next_offset;
+        let Some(q) = st.consumers.queues.get(&req.group) else {
+            let start = match req.start {
+                QueueStart::Earliest => self.group.log.state().start_offset,
+                QueueStart::Latest => hw,
+            };
+            let new_until = hw.min(start.saturating_add(u64::from(req.max_messages.min(config.max_unacked))));
+            return Plan {
+                new_from: start,
+                new_until,
+                redeliver: Vec::new(),
+                exhausted: Vec::new(),
+                stall: None,
+                high_watermark: hw,
+                next_due_ms: None,
+                create: true,
+            };
+        };
+        let held = q.leased_by(&req.member);
+        let credit = req.max_messages.min(config.max_unacked.saturating_sub(held));
+        if credit == 0 {
+            crate::metrics::queue_stall(&self.topic, &req.group, "max_unacked");
+            return Plan {
+                new_from: q.cursor,
+                new_until: q.cursor,
+                redeliver: Vec::new(),
+                exhausted: Vec::new(),
+                stall: Some(Stall::MaxUnacked),
+                high_watermark: hw,
+                next_due_ms: None,
+                create: false,
+            };
+        }
+        let mut redeliver = Vec::new();
+        let mut exhausted = Vec::new();
+        for offset in q.due(now, QUEUE_REDELIVER_SCAN_MAX) {
+            let slot = &q.slots[&offset];
+            match &slot.state {
+                SlotState::Leased { .. } if slot.attempts >= max_deliveries => exhausted.push((offset, slot.attempts)),
+                _ if redeliver.len() < credit as usize => redeliver.push(offset),
+                _ => {}
+            }
+        }
+        let room = u64::from(credit) - redeliver.len() as u64;
+        let window_end = q.floor().saturating_add(crate::partition::consumers::QUEUE_WINDOW_MAX);
+        let new_until = hw.min(q.cursor.saturating_add(room)).min(window_end);
+        let stall = (new_until == q.cursor && hw > q.cursor && window_end <= q.cursor && room > 0).then_some(Stall::Window);
+        if stall.is_some() {
+            crate::metrics::queue_stall(&self.topic, &req.group, "window");
+        }
+        Plan { new_from: q.cursor, new_until, redeliver, exhausted, stall, high_watermark: hw, next_due_ms: q.next_due(), create: false }
+    }
+
+    /// Adds to `batches` the stored batch holding each leased offset not yet covered.
+    async fn read_leased(&self, leased: &[(u64, u32)], batches: &mut BTreeMap<u64, Bytes>) -> Result<(), PartitionError> {
+        for (offset, _) in leased {
+            let covered = batches.range(..=*offset).next_back().is_some_and(|(base, b)| batch_end(*base, b) > *offset);
+            if covered {
+                continue;
+            }
+            for e in self.entries_from(*offset, 1).await? {
+                if e.meta.kind == KIND_BATCH && e.meta.base_offset <= *offset && e.meta.end_offset() > *offset {
+                    batches.insert(e.meta.base_offset, e.payload);
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Records a member's answers about leased messages, once committed.
+    pub async fn queue_settle(
+        self: &Arc<Self>,
+        group: &str,
+        member: &str,
+        items: &[SettleItem],
+        config: &GroupConfig,
+        max_deliveries: u32,
+        timeout: Duration,
+    ) -> Result<Vec<SettleOutcome>, PartitionError> {
+        let deadline = Instant::now() + timeout;
+        self.consumer_gate(deadline).await?;
+        // What each verb becomes, judged against the current attempts; the fold checks
+        // again against the state the entry meets.
+        let attempts: Vec<u32> = {
+            let st = self.group.shared.state();
+            let q = st.consumers.queues.get(group);
+            items.iter().map(|i| q.and_then(|q| q.slots.get(&i.offset)).map_or(i.attempt, |s| s.attempts)).collect()
+        };
+        let now = now_ms();
+        let mut planned = Vec::with_capacity(items.len());
+        for (item, attempts) in items.iter().zip(&attempts) {
+            let settle = match &item.verb {
+                SettleVerb::Ack => Settle::Ack,
+                SettleVerb::Nack { delay_ms, reason, class } => {
+                    let delay = match delay_ms {
+                        Some(d) => u64::from(*d).min(config.retry_max_ms),
+                        None => rand::rng().random_range(0..=config.retry_bound_ms(*attempts)),
+                    };
+                    Settle::Nack { not_before_ms: now.saturating_add(delay as i64), reason: reason.clone(), class: class.clone(), dead_letter: *attempts >= max_deliveries }
+                }
+                SettleVerb::Term { reason, class } => Settle::Term { reason: reason.clone(), class: class.clone() },
+                SettleVerb::Extend { ms } => Settle::Extend { deadline_ms: now.saturating_add(ms.map_or(config.lease_timeout_ms, u64::from) as i64) },
+            };
+            planned.push((item.offset, item.attempt, settle));
+        }
+        let command = ControlCommand::QueueSettle { group: group.to_string(), member: member.to_string(), settles: planned.clone() };
+        let (outcome, _) = self.propose_control(deadline, |_| command).await?;
+        let ControlOutcome::Settled(results) = outcome else {
+            return Err(PartitionError::Storage(format!("a settle was applied as {outcome:?}")));
+        };
+        let outcomes: Vec<SettleOutcome> = planned
+            .iter()
+            .zip(results)
+            .zip(&attempts)
+            .map(|(((_, _, settle), result), attempts)| match (result, settle) {
+                (SettleResult::Done, Settle::Ack) => SettleOutcome::Acked,
+                (SettleResult::Done, Settle::Nack { dead_letter: true, .. } | Settle::Term { .. } | Settle::Expire { .. }) => SettleOutcome::DeadLettering,
+                (SettleResult::Done, Settle::Nack { not_before_ms, .. }) => SettleOutcome::Retrying { attempt: attempts + 1, not_before_ms: *not_before_ms },
+                (SettleResult::Done, Settle::Extend { deadline_ms }) => SettleOutcome::Extended { deadline_ms: *deadline_ms },
+                (SettleResult::AlreadySettled, _) => SettleOutcome::AlreadySettled,
+                (SettleResult::NotDelivered, _) => SettleOutcome::NotDelivered,
+                (SettleResult::StaleLease { attempts }, _) => SettleOutcome::StaleLease { attempts },
+                (SettleResult::DeadLettering, _) => SettleOutcome::AlreadyDeadLettering,
+            })
+            .collect();
+        crate::metrics::queue_settled(&self.topic, group, &outcomes);
+        if outcomes.iter().any(|o| matches!(o, SettleOutcome::Retrying { .. } | SettleOutcome::DeadLettering)) {
+            // A retry may be due sooner than a waiting fetch planned for.
+            self.queue_activity.notify_waiters();
+        }
+        Ok(outcomes)
+    }
+}
+
+/// One past the last offset of a stored batch.
+fn batch_end(base: u64, batch: &Bytes) -> u64 {
+    base + u64::from(keel_protocol::BatchHeader::parse(batch).map_or(1, |h| h.record_count))
+}
+
+/// Whether the batch at `base` holds any of `offsets` (sorted or not).
+fn covers(offsets: &[u64], base: u64, batch: &Bytes) -> bool {
+    let end = batch_end(base, batch);
+    offsets.iter().any(|o| (base..end).contains(o))
+}
+
+/// Per group, the lock serialising its leases in one partition.
+pub type LeaseLocks = std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>;
