@@ -5,7 +5,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use keel_protocol::api::client as api;
-use keel_protocol::message::{self, FetchRequest, FetchResponse, ListOffsetsRequest, ListOffsetsResponse};
+use keel_protocol::message::{
+    self, CommitOffsetRequest, FetchOffsetRequest, FetchOffsetResponse, FetchRequest, FetchResponse, ListOffsetsRequest, ListOffsetsResponse,
+};
 use keel_protocol::ErrorCode;
 
 use crate::cluster::Cluster;
@@ -56,6 +58,10 @@ pub struct Consumer {
     /// Skip stored batches that do not decode (logging each) instead of failing the
     /// poll with `ClientError::UndecodableBatch`. Off by default: skipping loses data.
     pub skip_undecodable: bool,
+    /// The stream group whose offsets [`Consumer::commit`] commits, and its generation.
+    group: Option<(String, u64)>,
+    /// Per partition, the position last committed (so an unchanged one is not sent again).
+    committed: Vec<Option<u64>>,
 }
 
 impl Consumer {
@@ -71,7 +77,68 @@ impl Consumer {
             };
             positions.push(at);
         }
-        Ok(Consumer { cluster, topic: topic.to_string(), positions, assigned: (0..partitions).collect(), max_bytes: 1024 * 1024, skip_undecodable: false })
+        Ok(Consumer {
+            cluster,
+            topic: topic.to_string(),
+            positions,
+            assigned: (0..partitions).collect(),
+            max_bytes: 1024 * 1024,
+            skip_undecodable: false,
+            group: None,
+            committed: vec![None; partitions as usize],
+        })
+    }
+
+    /// A consumer of every partition for stream group `group`: each partition starts at
+    /// the group's committed offset, or at `fallback` where the group never committed.
+    /// [`Consumer::commit`] records how far it got. (Generation 0: membership and
+    /// partition assignment are not used.)
+    pub async fn for_group(cluster: Cluster, topic: &str, group: &str, fallback: StartAt) -> Result<Consumer, ClientError> {
+        let mut consumer = Consumer::new(cluster, topic, fallback).await?;
+        for p in 0..consumer.positions.len() as u32 {
+            let resp = fetch_committed(&consumer.cluster, topic, group, p).await?;
+            if let Some(c) = resp.committed {
+                consumer.positions[p as usize] = c.offset.max(resp.log_start_offset);
+                consumer.committed[p as usize] = Some(c.offset);
+            }
+        }
+        consumer.group = Some((group.to_string(), 0));
+        Ok(consumer)
+    }
+
+    /// Commits this consumer's position in every partition whose position moved since
+    /// the last commit (the next offset it would read: everything before it was
+    /// returned by `poll`). Needs a consumer made by [`Consumer::for_group`].
+    pub async fn commit(&mut self) -> Result<(), ClientError> {
+        let Some((group, generation)) = self.group.clone() else {
+            return Err(ClientError::Invalid("this consumer belongs to no group; make it with Consumer::for_group".into()));
+        };
+        let mut tasks = tokio::task::JoinSet::new();
+        for &p in &self.assigned {
+            let offset = self.positions[p as usize];
+            if self.committed[p as usize] == Some(offset) {
+                continue;
+            }
+            let req = CommitOffsetRequest { group: group.clone(), topic: self.topic.clone(), partition: p, generation: Some(generation), offset };
+            let cluster = self.cluster.clone();
+            tasks.spawn(async move {
+                let deadline = Instant::now() + cluster.config().request_timeout;
+                let request = message::encode(&req);
+                let result = cluster.call_partition(&req.topic, p, api::COMMIT_OFFSET, &|_| request.clone(), deadline).await;
+                (p, offset, result)
+            });
+        }
+        let mut first_error = None;
+        while let Some(joined) = tasks.join_next().await {
+            let (p, offset, result) = joined.map_err(|e| ClientError::Invalid(format!("commit task failed: {e}")))?;
+            match result {
+                Ok(_) => self.committed[p as usize] = Some(offset),
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        first_error.map_or(Ok(()), Err)
     }
 
     /// A consumer of only the listed partitions, each from its own offset.
@@ -86,7 +153,8 @@ impl Consumer {
         }
         assigned.sort_unstable();
         assigned.dedup();
-        Ok(Consumer { cluster, topic: topic.to_string(), positions, assigned, max_bytes: 1024 * 1024, skip_undecodable: false })
+        let committed = vec![None; positions.len()];
+        Ok(Consumer { cluster, topic: topic.to_string(), positions, assigned, max_bytes: 1024 * 1024, skip_undecodable: false, group: None, committed })
     }
 
     /// One fetch of `partition` from `offset`, with what the leader reported (its high
@@ -180,6 +248,14 @@ impl Consumer {
     }
 }
 
+/// Stream group `group`'s committed offset in one partition, as its leader knows it.
+pub async fn fetch_committed(cluster: &Cluster, topic: &str, group: &str, partition: u32) -> Result<FetchOffsetResponse, ClientError> {
+    let deadline = Instant::now() + cluster.config().request_timeout;
+    let request = message::encode(&FetchOffsetRequest { group: group.to_string(), topic: topic.to_string(), partition });
+    let (_, body) = cluster.call_partition(topic, partition, api::FETCH_OFFSET, &|_| request.clone(), deadline).await?;
+    message::decode(&body).map_err(|e| ClientError::Malformed { addr: format!("{topic}/{partition} leader"), reason: e.to_string() })
+}
+
 async fn list_offset(cluster: &Cluster, topic: &str, partition: u32, timestamp_ms: i64) -> Result<u64, ClientError> {
     let deadline = Instant::now() + cluster.config().request_timeout;
     let request = message::encode(&ListOffsetsRequest { topic: topic.to_string(), partition, timestamp_ms });
@@ -190,10 +266,10 @@ async fn list_offset(cluster: &Cluster, topic: &str, partition: u32, timestamp_m
 }
 
 /// A stored batch whose records do not decode.
-struct Undecodable {
-    offset: u64,
-    next_offset: u64,
-    reason: String,
+pub(crate) struct Undecodable {
+    pub(crate) offset: u64,
+    pub(crate) next_offset: u64,
+    pub(crate) reason: String,
 }
 
 /// What one fetch of a partition returned (see [`Consumer::fetch_partition`]).
@@ -234,32 +310,32 @@ async fn fetch(cluster: &Cluster, topic: &str, partition: u32, offset: u64, max_
     let (head, batches): (FetchResponse, Bytes) = message::split_with_batches(&body).map_err(|e| malformed(e.to_string()))?;
     let mut out = Vec::new();
     for view in message::split_batches(batches).map_err(|e| malformed(e.to_string()))? {
-        let bytes = view.as_bytes().clone();
-        let base = view.header().base_offset;
-        let mut decoded = Vec::with_capacity(view.header().record_count as usize);
-        for record in view.records() {
-            let r = match record {
-                Ok(r) => r,
-                Err(e) => {
-                    let next_offset = base + u64::from(view.header().record_count);
-                    return Ok(Fetched {
-                        high_watermark: head.high_watermark,
-                        log_start_offset: head.log_start_offset,
-                        messages: out,
-                        undecodable: Some(Undecodable { offset: base, next_offset, reason: e.to_string() }),
-                    });
-                }
-            };
-            decoded.push(Message {
-                partition,
-                offset: base + u64::from(r.offset_delta),
-                timestamp_ms: r.timestamp_ms,
-                key: r.key.map(|k| bytes.slice_ref(k)),
-                value: r.value.map(|v| bytes.slice_ref(v)),
-                headers: r.headers().map(|(k, v)| (k.to_string(), v.map(|v| bytes.slice_ref(v)))).collect(),
-            });
+        match decode_batch(&view, partition) {
+            Ok(decoded) => out.extend(decoded),
+            Err(undecodable) => {
+                return Ok(Fetched { high_watermark: head.high_watermark, log_start_offset: head.log_start_offset, messages: out, undecodable: Some(undecodable) });
+            }
         }
-        out.extend(decoded);
     }
     Ok(Fetched { high_watermark: head.high_watermark, log_start_offset: head.log_start_offset, messages: out, undecodable: None })
+}
+
+/// Every record of a fetched batch as a [`Message`] (key, value and headers are slices
+/// of the batch), or why the batch does not decode.
+pub(crate) fn decode_batch(view: &keel_protocol::BatchView, partition: u32) -> Result<Vec<Message>, Undecodable> {
+    let bytes = view.as_bytes().clone();
+    let base = view.header().base_offset;
+    let mut decoded = Vec::with_capacity(view.header().record_count as usize);
+    for record in view.records() {
+        let r = record.map_err(|e| Undecodable { offset: base, next_offset: base + u64::from(view.header().record_count), reason: e.to_string() })?;
+        decoded.push(Message {
+            partition,
+            offset: base + u64::from(r.offset_delta),
+            timestamp_ms: r.timestamp_ms,
+            key: r.key.map(|k| bytes.slice_ref(k)),
+            value: r.value.map(|v| bytes.slice_ref(v)),
+            headers: r.headers().map(|(k, v)| (k.to_string(), v.map(|v| bytes.slice_ref(v)))).collect(),
+        });
+    }
+    Ok(decoded)
 }

@@ -23,7 +23,7 @@ pub struct Connect {
 }
 
 impl Connect {
-    fn cluster(&self) -> anyhow::Result<Cluster> {
+    pub fn cluster(&self) -> anyhow::Result<Cluster> {
         Ok(Cluster::new(ClientConfig::with_bootstrap(&self.bootstrap))?)
     }
 }
@@ -92,7 +92,7 @@ pub enum TopicCommand {
     Delete { name: String },
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("starting the async runtime")
 }
 
@@ -399,31 +399,68 @@ pub fn produce(args: ProduceArgs, connect: Connect) -> anyhow::Result<()> {
     })
 }
 
+/// `keel consume`: read a topic, alone (stream, from `--from`) or as a member of a
+/// consumer group (`--group`: stream mode commits its offsets; queue mode leases).
 #[derive(clap::Args)]
 pub struct ConsumeArgs {
-    topic: String,
-    /// earliest, latest, an offset, or an RFC 3339 time (2026-11-01T00:00:00Z).
+    pub topic: String,
+    /// earliest, latest, an offset, or an RFC 3339 time (2026-11-01T00:00:00Z). With
+    /// `--group`: where the group starts in partitions it has never consumed.
     #[arg(long, default_value = "earliest")]
     from: String,
     /// Stop after this many messages.
     #[arg(long)]
-    max: Option<u64>,
+    pub max: Option<u64>,
     /// Stop after this long without a new message (e.g. 5s); wait forever if omitted.
     #[arg(long, value_parser = humantime::parse_duration)]
-    idle_timeout: Option<Duration>,
+    pub idle_timeout: Option<Duration>,
     /// value: the message value per line; json: an object per line.
     #[arg(long, value_enum, default_value = "value")]
-    format: ConsumeFormat,
+    pub format: ConsumeFormat,
     /// Skip stored batches that do not decode (each is reported on stderr) instead of
     /// stopping at the first. Their messages are lost to this reader.
     #[arg(long)]
-    skip_undecodable: bool,
+    pub skip_undecodable: bool,
+    /// Consume as a member of this consumer group.
+    #[arg(long)]
+    pub group: Option<String>,
+    /// stream: ordered per partition, the group's offsets committed on exit (what was
+    /// printed), so the next run continues where this one stopped. queue: messages are
+    /// leased to this member and acked (or nacked, termed) one by one.
+    #[arg(long, value_enum, default_value = "stream", requires = "group")]
+    pub mode: ConsumeMode,
+    /// Queue mode: this member's name in the group (default: made up per process).
+    #[arg(long, requires = "group")]
+    pub member: Option<String>,
+    /// Queue mode: unsettled messages this member holds at most (its credit).
+    #[arg(long, default_value_t = 1_000)]
+    pub max_in_flight: u32,
+    /// Queue mode drill: nack every message (it is retried after the group's backoff,
+    /// then dead-lettered after max deliveries) with `--reason`.
+    #[arg(long, conflicts_with_all = ["term_all", "exec"], requires = "reason")]
+    pub nack_all: bool,
+    /// Queue mode drill: term every message (dead-lettered at once) with `--reason`.
+    #[arg(long, conflicts_with = "exec", requires = "reason")]
+    pub term_all: bool,
+    /// The reason given with --nack-all / --term-all.
+    #[arg(long)]
+    pub reason: Option<String>,
+    /// Queue mode: run this shell command per message with its value on stdin; exit 0
+    /// acks it, anything else nacks it with the command's stderr as the reason.
+    #[arg(long)]
+    pub exec: Option<String>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
-enum ConsumeFormat {
+pub enum ConsumeFormat {
     Value,
     Json,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ConsumeMode {
+    Stream,
+    Queue,
 }
 
 fn parse_start(s: &str) -> anyhow::Result<StartAt> {
@@ -443,6 +480,18 @@ fn parse_start(s: &str) -> anyhow::Result<StartAt> {
 pub fn consume(args: ConsumeArgs, connect: Connect) -> anyhow::Result<()> {
     let start = parse_start(&args.from)?;
     let json = connect.json || matches!(args.format, ConsumeFormat::Json);
+    if args.group.is_none() && (args.nack_all || args.term_all || args.exec.is_some()) {
+        bail!("--nack-all, --term-all and --exec settle queue-group deliveries: add --group G --mode queue");
+    }
+    if args.mode == ConsumeMode::Queue {
+        return runtime()?.block_on(crate::consume::queue(args, connect, start, json));
+    }
+    if args.nack_all || args.term_all || args.exec.is_some() {
+        bail!("--nack-all, --term-all and --exec need --mode queue (a stream group commits offsets, it does not settle messages)");
+    }
+    if args.group.is_some() {
+        return runtime()?.block_on(crate::consume::stream_group(args, connect, start, json));
+    }
     runtime()?.block_on(async move {
         let mut consumer = Consumer::new(connect.cluster()?, &args.topic, start).await?;
         let stdout = std::io::stdout();
@@ -468,19 +517,7 @@ pub fn consume(args: ConsumeArgs, connect: Connect) -> anyhow::Result<()> {
             }
             last_message = Instant::now();
             for m in messages {
-                let value = m.value.as_deref().map(String::from_utf8_lossy).unwrap_or_default();
-                if json {
-                    let headers: serde_json::Map<String, serde_json::Value> = m
-                        .headers
-                        .iter()
-                        .map(|(k, v)| (k.clone(), v.as_deref().map(String::from_utf8_lossy).map_or(serde_json::Value::Null, |s| s.into())))
-                        .collect();
-                    let line = serde_json::json!({"partition": m.partition, "offset": m.offset, "timestamp_ms": m.timestamp_ms,
-                        "key": m.key.as_deref().map(String::from_utf8_lossy), "value": value, "headers": headers});
-                    writeln!(out, "{line}")?;
-                } else {
-                    writeln!(out, "{value}")?;
-                }
+                print_message(&mut out, &m, json, serde_json::Map::new())?;
                 count += 1;
                 if args.max.is_some_and(|max| count >= max) {
                     break 'outer;
@@ -490,4 +527,21 @@ pub fn consume(args: ConsumeArgs, connect: Connect) -> anyhow::Result<()> {
         out.flush()?;
         Ok(())
     })
+}
+
+/// Prints one message: its value, or (json) an object with its position, key, headers
+/// and the `extra` fields.
+pub fn print_message(out: &mut impl Write, m: &keel_client::consumer::Message, json: bool, extra: serde_json::Map<String, serde_json::Value>) -> std::io::Result<()> {
+    let value = m.value.as_deref().map(String::from_utf8_lossy).unwrap_or_default();
+    if !json {
+        return writeln!(out, "{value}");
+    }
+    let headers: serde_json::Map<String, serde_json::Value> =
+        m.headers.iter().map(|(k, v)| (k.clone(), v.as_deref().map(String::from_utf8_lossy).map_or(serde_json::Value::Null, |s| s.into()))).collect();
+    let mut line = serde_json::json!({"partition": m.partition, "offset": m.offset, "timestamp_ms": m.timestamp_ms,
+        "key": m.key.as_deref().map(String::from_utf8_lossy), "value": value, "headers": headers});
+    if let Some(obj) = line.as_object_mut() {
+        obj.extend(extra);
+    }
+    writeln!(out, "{line}")
 }

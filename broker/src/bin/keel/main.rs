@@ -2,6 +2,7 @@
 //! library lands — the admin, produce and consume commands.
 
 mod client_cmds;
+mod consume;
 mod dev;
 mod serve;
 
@@ -41,7 +42,8 @@ enum Command {
         #[command(flatten)]
         args: client_cmds::ProduceArgs,
     },
-    /// Read a topic (stream mode), one message per line.
+    /// Read a topic, one message per line: alone, or in a consumer group (--group) in
+    /// stream mode (offsets committed) or queue mode (leased, acked one by one).
     Consume {
         #[command(flatten)]
         connect: client_cmds::Connect,
