@@ -31,6 +31,7 @@
 //! | `keel_queue_delivered_total` | counter | topic, consumer_group | messages leased to queue-group members by partitions this node led (redeliveries included) |
 //! | `keel_queue_redelivered_total` | counter | topic, consumer_group | of those, deliveries after the first (attempt ≥ 2) |
 //! | `keel_queue_settled_total` | counter | topic, consumer_group, outcome | settle requests recorded: `acked`, `retrying`, `dead_lettering`, `extended`; and not: `already_settled`, `stale_lease`, `not_delivered`, `already_dead_lettering` |
+//! | `keel_dead_lettered_total` | counter | topic, consumer_group, reason | messages moved to the dead-letter topic: `max_deliveries` (nacked on the last allowed delivery), `term`, `lease_expired` (its lease ran out on the last allowed delivery) |
 //! | `keel_queue_stalls_total` | counter | topic, consumer_group, reason | queue fetches that leased less than the member's credit because of a bound: `max_unacked` (the member holds its group's max-unacked leases here), `window` (the oldest unsettled message holds the delivery window open) |
 
 use std::sync::OnceLock;
@@ -62,6 +63,7 @@ pub const QUEUE_DELIVERED: &str = "keel_queue_delivered_total";
 pub const QUEUE_REDELIVERED: &str = "keel_queue_redelivered_total";
 pub const QUEUE_SETTLED: &str = "keel_queue_settled_total";
 pub const QUEUE_STALLS: &str = "keel_queue_stalls_total";
+pub const DEAD_LETTERED: &str = "keel_dead_lettered_total";
 
 /// How often group gauges (term, leadership, under-replication, dedupe state) are sampled.
 pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
@@ -113,6 +115,7 @@ fn describe() {
     describe_counter!(QUEUE_REDELIVERED, Unit::Count, "Queue deliveries after the first attempt.");
     describe_counter!(QUEUE_SETTLED, Unit::Count, "Queue settle requests, by outcome.");
     describe_counter!(QUEUE_STALLS, Unit::Count, "Queue fetches held back by a bound, by reason.");
+    describe_counter!(DEAD_LETTERED, Unit::Count, "Messages moved to the dead-letter topic, by reason.");
 }
 
 /// Messages leased to a queue group's member: `delivered` in all, `redelivered` of
@@ -125,6 +128,11 @@ pub fn queue_delivered(topic: &str, consumer_group: &str, delivered: u64, redeli
     if redelivered > 0 {
         counter!(QUEUE_REDELIVERED, "topic" => topic.to_string(), "consumer_group" => consumer_group.to_string()).increment(redelivered);
     }
+}
+
+/// A message moved to its dead-letter topic, for `reason` (`DeadLetterCause::as_str`).
+pub fn dead_lettered(topic: &str, consumer_group: &str, reason: &'static str) {
+    counter!(DEAD_LETTERED, "topic" => topic.to_string(), "consumer_group" => consumer_group.to_string(), "reason" => reason).increment(1);
 }
 
 /// A queue fetch held back by a bound (`max_unacked` or `window`).

@@ -73,3 +73,10 @@ pub const CONSUMER_REQUEST_TIMEOUT_MAX: Duration = Duration::from_secs(30);
 pub const QUEUE_PROPOSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Due offsets (retries, expired leases) one queue fetch looks at.
 pub const QUEUE_REDELIVER_SCAN_MAX: usize = 10_000;
+/// How often the dead-letter task looks for messages decided for a dead-letter topic
+/// (and for leases that ran out on the last allowed delivery).
+pub const DEAD_LETTER_SCAN_INTERVAL: Duration = Duration::from_millis(200);
+/// Messages one partition dead-letters per round.
+pub const DEAD_LETTER_BATCH_MAX: usize = 500;
+/// How long one dead-letter step (create the topic, append, settle) may take.
+pub const DEAD_LETTER_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);

@@ -17,6 +17,7 @@
 pub mod admin;
 pub mod api;
 pub mod damage;
+pub mod dead_letters;
 pub mod faults;
 pub mod gauges;
 pub mod group;
@@ -145,6 +146,7 @@ impl Node {
             producer_ids: tokio::sync::Mutex::new((0, 0)),
             faults: faults.clone(),
         });
+        tasks.push(tokio::spawn(dead_letters::run(service.clone())));
         let options =
             ServeOptions { concurrency_max: CLIENT_CONCURRENCY_MAX, send_queue_capacity: CLIENT_SEND_QUEUE_CAPACITY, connections_max: CLIENT_CONNECTIONS_MAX };
         let client_listener = keel_net::listen(&me.client_addr, service, options).await.map_err(|source| NodeError::Listen {

@@ -120,7 +120,28 @@ pub enum SlotState {
     /// member's in-flight slot.
     Waiting { not_before_ms: i64 },
     /// Decided for the dead-letter topic; settled once the dead letter is committed.
-    DeadLettering { reason: String, class: String, since_ms: i64 },
+    DeadLettering { cause: DeadLetterCause, reason: String, class: String, since_ms: i64 },
+}
+
+/// Why a message is dead-lettered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeadLetterCause {
+    /// Nacked on the last allowed delivery.
+    MaxDeliveries,
+    /// Termed by a member.
+    Term,
+    /// Its lease ran out on the last allowed delivery.
+    LeaseExpired,
+}
+
+impl DeadLetterCause {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeadLetterCause::MaxDeliveries => "max_deliveries",
+            DeadLetterCause::Term => "term",
+            DeadLetterCause::LeaseExpired => "lease_expired",
+        }
+    }
 }
 
 /// An unsettled message of a queue group.
@@ -400,18 +421,23 @@ impl QueueGroup {
                 finish(&mut slot, AttemptOutcome::Nacked, reason, class);
                 if *dead_letter {
                     let reason = format!("max deliveries reached ({} attempts); last: {}", slot.attempts, bounded(reason, REASON_BYTES_MAX));
-                    SlotState::DeadLettering { reason, class: bounded(class, CLASS_BYTES_MAX), since_ms: now_ms }
+                    SlotState::DeadLettering { cause: DeadLetterCause::MaxDeliveries, reason, class: bounded(class, CLASS_BYTES_MAX), since_ms: now_ms }
                 } else {
                     SlotState::Waiting { not_before_ms: (*not_before_ms).max(now_ms) }
                 }
             }
             Settle::Term { reason, class } => {
                 finish(&mut slot, AttemptOutcome::Termed, reason, class);
-                SlotState::DeadLettering { reason: bounded(reason, REASON_BYTES_MAX), class: bounded(class, CLASS_BYTES_MAX), since_ms: now_ms }
+                SlotState::DeadLettering {
+                    cause: DeadLetterCause::Term,
+                    reason: bounded(reason, REASON_BYTES_MAX),
+                    class: bounded(class, CLASS_BYTES_MAX),
+                    since_ms: now_ms,
+                }
             }
             Settle::Expire { reason } => {
                 finish(&mut slot, AttemptOutcome::Expired, "", "");
-                SlotState::DeadLettering { reason: bounded(reason, REASON_BYTES_MAX), class: "lease-expired".into(), since_ms: now_ms }
+                SlotState::DeadLettering { cause: DeadLetterCause::LeaseExpired, reason: bounded(reason, REASON_BYTES_MAX), class: String::new(), since_ms: now_ms }
             }
         };
         self.put(offset, slot);

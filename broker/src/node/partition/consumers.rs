@@ -24,7 +24,7 @@ use tokio::time::Instant;
 
 use super::{now_ms, Partition, PartitionError};
 use crate::node::limits::QUEUE_REDELIVER_SCAN_MAX;
-use crate::partition::consumers::{CommitResult, Settle, SettleResult, SlotState};
+use crate::partition::consumers::{CommitResult, Settle, SettleResult, Slot, SlotState};
 use crate::partition::{ControlCommand, ControlEntry, ControlOutcome};
 use crate::replication::log_store::KIND_BATCH;
 use crate::replication::{ApplyReply, EntryData};
@@ -271,7 +271,14 @@ impl Partition {
 
     /// Adds to `batches` the stored batch holding each leased offset not yet covered.
     async fn read_leased(&self, leased: &[(u64, u32)], batches: &mut BTreeMap<u64, Bytes>) -> Result<(), PartitionError> {
-        for (offset, _) in leased {
+        let offsets: Vec<u64> = leased.iter().map(|(o, _)| *o).collect();
+        self.batches_holding(&offsets, batches).await
+    }
+
+    /// Adds to `batches` (by base offset) the stored batch holding each of `offsets`
+    /// not yet covered.
+    pub async fn batches_holding(&self, offsets: &[u64], batches: &mut BTreeMap<u64, Bytes>) -> Result<(), PartitionError> {
+        for offset in offsets {
             let covered = batches.range(..=*offset).next_back().is_some_and(|(base, b)| batch_end(*base, b) > *offset);
             if covered {
                 continue;
@@ -348,6 +355,88 @@ impl Partition {
             self.queue_activity.notify_waiters();
         }
         Ok(outcomes)
+    }
+}
+
+/// A message decided for the dead-letter topic, with everything its failure record
+/// says.
+#[derive(Debug, Clone)]
+pub struct DeadLetterJob {
+    pub group: String,
+    pub offset: u64,
+    pub slot: Slot,
+}
+
+impl Partition {
+    /// Whether this node is the partition's serving leader (leads, with its own term's
+    /// entry applied and a quorum heard within the lease) right now.
+    pub fn serving_now(&self) -> bool {
+        let applied_own_term = {
+            let term = {
+                use openraft::async_runtime::watch::WatchReceiver;
+                self.group.raft.metrics().borrow_watched().current_term
+            };
+            self.group.shared.applied().borrow().is_some_and(|l| l.leader_id.term == term)
+        };
+        applied_own_term && self.check_serving_leader().is_ok()
+    }
+
+    /// Messages waiting to be dead-lettered, oldest first per group, at most `max`.
+    pub fn dead_letter_jobs(&self, max: usize) -> Vec<DeadLetterJob> {
+        let st = self.group.shared.state();
+        let mut out = Vec::new();
+        for (group, q) in &st.consumers.queues {
+            for offset in q.dead_lettering().take(max.saturating_sub(out.len())) {
+                out.push(DeadLetterJob { group: group.clone(), offset, slot: q.slots[&offset].clone() });
+            }
+        }
+        out
+    }
+
+    /// Expires, into the dead-letter topic, leases that ran out on the last allowed
+    /// delivery (a queue fetch does this too; this catches groups nobody fetches for).
+    pub async fn expire_exhausted(self: &Arc<Self>, max_deliveries: u32, timeout: Duration) -> Result<usize, PartitionError> {
+        let now = now_ms();
+        let work: Vec<(String, Vec<(u64, u32)>)> = {
+            let st = self.group.shared.state();
+            st.consumers
+                .queues
+                .iter()
+                .map(|(g, q)| {
+                    let due = q.due(now, QUEUE_REDELIVER_SCAN_MAX);
+                    let exhausted = due
+                        .into_iter()
+                        .filter_map(|o| {
+                            let slot = &q.slots[&o];
+                            (matches!(slot.state, SlotState::Leased { .. }) && slot.attempts >= max_deliveries).then_some((o, slot.attempts))
+                        })
+                        .collect::<Vec<_>>();
+                    (g.clone(), exhausted)
+                })
+                .filter(|(_, e)| !e.is_empty())
+                .collect()
+        };
+        let mut n = 0;
+        for (group, exhausted) in work {
+            n += exhausted.len();
+            let settles = exhausted
+                .iter()
+                .map(|(o, a)| (*o, *a, Settle::Expire { reason: format!("lease expired on the last allowed delivery ({a} of {max_deliveries})") }))
+                .collect();
+            let deadline = Instant::now() + timeout;
+            self.propose_control(deadline, |_| ControlCommand::QueueSettle { group, member: String::new(), settles }).await?;
+        }
+        Ok(n)
+    }
+
+    /// Settles messages of `group` whose dead letters are committed; returns how many
+    /// it settled (0 for a repeat).
+    pub async fn dead_lettered(self: &Arc<Self>, group: &str, offsets: Vec<u64>, timeout: Duration) -> Result<u32, PartitionError> {
+        let command = ControlCommand::QueueDeadLettered { group: group.to_string(), offsets };
+        match self.propose_control(Instant::now() + timeout, |_| command).await?.0 {
+            ControlOutcome::DeadLettered(n) => Ok(n),
+            other => Err(PartitionError::Storage(format!("a dead-lettered entry was applied as {other:?}"))),
+        }
     }
 }
 

@@ -1,0 +1,292 @@
+//! Dead letters: the node task that moves messages decided for a dead-letter topic
+//! into it, for every partition this node leads.
+//!
+//! A queue group's message is decided for the dead-letter topic by a replicated entry
+//! (a `term`, a nack on the last allowed delivery, a lease that ran out on it); from
+//! then it holds its place in the group's window until its dead letter is committed.
+//! Every `DEAD_LETTER_SCAN_INTERVAL` this task, for each partition it leads:
+//! 1. expires leases that ran out on the last allowed delivery (when no member is
+//!    fetching, nothing else would);
+//! 2. reads the source records of up to `DEAD_LETTER_BATCH_MAX` decided messages;
+//! 3. appends each, whole (key, value, headers), to `<topic>.dlq` partition 0, with its
+//!    failure record as the `keel-dlq` header (JSON: source position, group, attempts,
+//!    first and last delivery, the cause, and every attempt's member, outcome, reason
+//!    and error class) and a message id derived from group, topic, partition and
+//!    offset — so a retry after a failure or a leader change is recognised by the
+//!    dead-letter topic's dedupe window (a day) and stored once;
+//! 4. only then proposes `QueueDeadLettered`, which settles the source messages.
+//!
+//! The dead-letter topic is created on first use, with the source topic's replica
+//! count and one partition. A failure (the dead-letter leader unreachable, an
+//! election) is logged and retried on the next round: at-least-once, never lost.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use keel_net::{CallError, Caller};
+use keel_protocol::api::client as api;
+use keel_protocol::batch::MESSAGE_ID_HEADER;
+use keel_protocol::limits::{BATCH_SIZE_MAX, RECORD_HEADER_COUNT_MAX};
+use keel_protocol::message::{self, CreateTopicRequest, NotLeader, ProduceRequest};
+use keel_protocol::{BatchBuilder, BatchOptions, BatchView, ErrorCode, NewRecord, TopicConfigPatch};
+use siphasher::sip128::{Hasher128, SipHasher13};
+
+use super::api::ClientService;
+use super::limits::{DEAD_LETTER_BATCH_MAX, DEAD_LETTER_REQUEST_TIMEOUT, DEAD_LETTER_SCAN_INTERVAL};
+use super::partition::consumers::DeadLetterJob;
+use super::partition::Partition;
+use crate::partition::consumers::SlotState;
+
+/// The header carrying a dead letter's failure record (JSON).
+pub const FAILURE_HEADER: &str = "keel-dlq";
+/// Suffix of a topic's dead-letter topic.
+pub const DEAD_LETTER_SUFFIX: &str = ".dlq";
+/// How long a dead-letter topic remembers the message ids of dead letters, so a retried
+/// dead letter is stored once (the longest window a topic may have).
+const DEAD_LETTER_DEDUPE_WINDOW_MS: u64 = 24 * 60 * 60 * 1000;
+/// Room a dead letter needs beyond its source message: the failure record.
+const FAILURE_RECORD_ROOM: u32 = 128 * 1024;
+
+/// The dead-letter topic of `topic`.
+pub fn dead_letter_topic(topic: &str) -> String {
+    format!("{topic}{DEAD_LETTER_SUFFIX}")
+}
+
+/// The message id of the dead letter of `topic`/`partition`@`offset` in `group`.
+pub fn dead_letter_id(group: &str, topic: &str, partition: u32, offset: u64) -> String {
+    let mut h = SipHasher13::new_with_keys(0x6b65_656c_646c_7131, 0x6b65_656c_646c_7132);
+    std::hash::Hasher::write(&mut h, group.as_bytes());
+    std::hash::Hasher::write(&mut h, &[0]);
+    std::hash::Hasher::write(&mut h, topic.as_bytes());
+    format!("dlq:{partition}:{offset}:{:032x}", h.finish128().as_u128())
+}
+
+/// Runs the dead-letter task until the node stops.
+pub async fn run(service: Arc<ClientService>) {
+    let writer = Writer { service, callers: Mutex::default() };
+    let mut tick = tokio::time::interval(DEAD_LETTER_SCAN_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        writer.sweep().await;
+    }
+}
+
+struct Writer {
+    service: Arc<ClientService>,
+    /// A caller per node (client listener), for dead-letter topics led elsewhere.
+    callers: Mutex<HashMap<u64, Arc<Caller>>>,
+}
+
+impl Writer {
+    async fn sweep(&self) {
+        let partitions: Vec<Arc<Partition>> = self.service.hosted.read().expect("hosted lock poisoned").values().cloned().collect();
+        for p in partitions {
+            if !p.serving_now() {
+                continue;
+            }
+            let Some(max_deliveries) = self.service.metadata.borrow().topics.get(&p.topic).map(|t| t.config.max_deliveries) else { continue };
+            if let Err(e) = p.expire_exhausted(max_deliveries, DEAD_LETTER_REQUEST_TIMEOUT).await {
+                tracing::debug!(partition = %p.name(), error = %e, "expiring exhausted leases failed; next round retries");
+            }
+            let jobs = p.dead_letter_jobs(DEAD_LETTER_BATCH_MAX);
+            if jobs.is_empty() {
+                continue;
+            }
+            let n = jobs.len();
+            if let Err(e) = self.write(&p, jobs).await {
+                tracing::warn!(partition = %p.name(), messages = n, error = %e, "dead-lettering failed; the next round retries (nothing is settled until its dead letter is stored)");
+            }
+        }
+    }
+
+    /// Appends the jobs' dead letters, then settles their source messages.
+    async fn write(&self, p: &Arc<Partition>, jobs: Vec<DeadLetterJob>) -> Result<(), String> {
+        let dlq = dead_letter_topic(&p.topic);
+        let max_bytes = self.ensure_topic(&p.topic, &dlq).await?;
+        let mut offsets: Vec<u64> = jobs.iter().map(|j| j.offset).collect();
+        offsets.sort_unstable();
+        offsets.dedup();
+        let mut stored = BTreeMap::new();
+        p.batches_holding(&offsets, &mut stored).await.map_err(|e| format!("reading the source messages: {e}"))?;
+        let views: Vec<BatchView> = stored.into_values().filter_map(|b| BatchView::parse(b).ok()).collect();
+        let now = now_ms();
+        let mut builder = new_builder(max_bytes)?;
+        let mut settled: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+        let mut causes: Vec<(String, &'static str)> = Vec::new();
+        for job in &jobs {
+            let record = views.iter().find_map(|v| {
+                let base = v.header().base_offset;
+                v.records().filter_map(Result::ok).find(|r| base + u64::from(r.offset_delta) == job.offset)
+            });
+            let SlotState::DeadLettering { cause, .. } = &job.slot.state else { continue };
+            let failure = failure_record(p, job, record.as_ref(), now);
+            let id = dead_letter_id(&job.group, &p.topic, p.partition, job.offset);
+            let source_headers: Vec<(&str, Option<&[u8]>)> = record.as_ref().map_or(Vec::new(), |r| r.headers().filter(|(k, _)| *k != MESSAGE_ID_HEADER).collect());
+            let keep = source_headers.len().min(RECORD_HEADER_COUNT_MAX as usize - 2);
+            let mut headers = source_headers[..keep].to_vec();
+            headers.push((FAILURE_HEADER, Some(failure.as_bytes())));
+            let new = NewRecord {
+                timestamp_ms: now,
+                key: record.as_ref().and_then(|r| r.key),
+                value: record.as_ref().and_then(|r| r.value),
+                headers: &headers,
+                message_id: Some(id.as_bytes()),
+            };
+            if builder.push(new.clone()).is_err() {
+                let full = std::mem::replace(&mut builder, new_builder(max_bytes)?);
+                if !full.is_empty() {
+                    self.produce(&dlq, full.finish().map_err(|e| e.to_string())?).await?;
+                }
+                builder.push(new).map_err(|e| format!("the dead letter of offset {} does not fit a batch: {e}", job.offset))?;
+            }
+            settled.entry(job.group.clone()).or_default().push(job.offset);
+            causes.push((job.group.clone(), cause.as_str()));
+        }
+        if !builder.is_empty() {
+            self.produce(&dlq, builder.finish().map_err(|e| e.to_string())?).await?;
+        }
+        for (group, offsets) in settled {
+            let n = p.dead_lettered(&group, offsets, DEAD_LETTER_REQUEST_TIMEOUT).await.map_err(|e| format!("settling dead-lettered messages of group {group}: {e}"))?;
+            tracing::info!(partition = %p.name(), group = %group, messages = n, dead_letter_topic = %dlq, "dead-lettered");
+        }
+        for (group, cause) in causes {
+            crate::metrics::dead_lettered(&p.topic, &group, cause);
+        }
+        Ok(())
+    }
+
+    /// Creates the dead-letter topic if it does not exist; returns its largest batch.
+    async fn ensure_topic(&self, source: &str, dlq: &str) -> Result<u32, String> {
+        let (exists, replicas, source_max) = {
+            let state = self.service.metadata.borrow();
+            let src = state.topics.get(source).ok_or_else(|| format!("topic {source} was deleted"))?;
+            let replicas = src.partitions.first().map_or(1, |p| p.replicas.len()) as u16;
+            (state.topics.get(dlq).map(|t| t.config.max_message_bytes), replicas, src.config.max_message_bytes)
+        };
+        if let Some(max) = exists {
+            return Ok(max);
+        }
+        let max_message_bytes = source_max.saturating_add(FAILURE_RECORD_ROOM).min(BATCH_SIZE_MAX as u32);
+        let defaults = &self.service.cluster.topic_defaults.config;
+        let window = if defaults.retention_ms > 0 { DEAD_LETTER_DEDUPE_WINDOW_MS.min(defaults.retention_ms) } else { DEAD_LETTER_DEDUPE_WINDOW_MS };
+        let config = TopicConfigPatch { max_message_bytes: Some(max_message_bytes), dedupe_window_ms: Some(window), ..TopicConfigPatch::default() };
+        let req = CreateTopicRequest { name: dlq.to_string(), partitions: 1, replicas, config };
+        match self.call_leader(self.service.metadata_group.leader(), api::CREATE_TOPIC, &|v| req.encode(v)).await {
+            Ok(_) => {}
+            Err(CallError::Refused { code: ErrorCode::TopicAlreadyExists, .. }) => {}
+            Err(e) => return Err(format!("creating dead-letter topic {dlq}: {e}")),
+        }
+        tracing::info!(topic = %source, dead_letter_topic = %dlq, replicas, "created the dead-letter topic");
+        // Wait for this node's metadata to show it (the create answered once applied on
+        // the metadata leader; here it follows within a heartbeat or two).
+        let mut view = self.service.metadata.clone();
+        let shown = tokio::time::timeout(DEAD_LETTER_REQUEST_TIMEOUT, view.wait_for(|s| s.topics.contains_key(dlq))).await;
+        match shown {
+            Ok(Ok(_)) => Ok(max_message_bytes),
+            _ => Err(format!("dead-letter topic {dlq} was created but is not in this node's metadata yet")),
+        }
+    }
+
+    /// Appends `batch` to the dead-letter topic's partition 0, through its leader.
+    async fn produce(&self, dlq: &str, batch: Bytes) -> Result<(), String> {
+        let req = ProduceRequest { topic: dlq.to_string(), partition: 0, timeout_ms: DEAD_LETTER_REQUEST_TIMEOUT.as_millis() as u32 };
+        let payload = message::encode_with_batches(&req, &[batch]);
+        let leader = match self.service.partition(dlq, 0) {
+            Ok(local) => local.group.leader(),
+            Err(_) => self.service.metadata.borrow().topics.get(dlq).and_then(|t| t.partitions.first()).and_then(|p| p.replicas.first().copied()),
+        };
+        match self.call_leader(leader, api::PRODUCE, &|_| payload.clone()).await {
+            Ok(_) => Ok(()),
+            // Every record's id is stored already: an earlier round stored these.
+            Err(CallError::Refused { code: ErrorCode::DuplicateMessageIds, .. }) => Ok(()),
+            Err(e) => Err(format!("appending to {dlq}: {e}")),
+        }
+    }
+
+    /// Calls `api_key` on `first` (a node id), following `NotLeader` answers a few times.
+    async fn call_leader(&self, first: Option<u64>, api_key: u16, encode: &(dyn Fn(u16) -> Bytes + Sync)) -> Result<Bytes, CallError> {
+        let members = &self.service.cluster.members;
+        let mut target = first.unwrap_or(self.service.node_id);
+        let mut last = None;
+        for _ in 0..members.len() + 1 {
+            let Some(member) = members.iter().find(|m| m.id == target) else { break };
+            let caller = self.callers.lock().expect("callers lock poisoned").entry(target).or_insert_with(|| Arc::new(Caller::new(target, member.client_addr.clone(), None))).clone();
+            match caller.call_versioned(api_key, encode, DEAD_LETTER_REQUEST_TIMEOUT).await {
+                Ok((_, body)) => return Ok(body),
+                Err(CallError::Refused { code: ErrorCode::NotLeader | ErrorCode::LeaderNotAvailable, body, .. }) if !body.is_empty() => {
+                    let hint: Option<NotLeader> = message::decode(&body).ok();
+                    match hint.and_then(|h| h.leader_id) {
+                        Some(l) if l != target => target = l,
+                        _ => {
+                            // No leader known there: try the next member.
+                            target = members.iter().map(|m| m.id).find(|id| *id > target).unwrap_or(members[0].id);
+                        }
+                    }
+                }
+                Err(e) => {
+                    last = Some(e);
+                    target = members.iter().map(|m| m.id).find(|id| *id > target).unwrap_or(members[0].id);
+                }
+            }
+        }
+        Err(last.unwrap_or(CallError::Unreachable { target, addr: String::new(), reason: "no node answered as leader".into() }))
+    }
+}
+
+fn new_builder(max_bytes: u32) -> Result<BatchBuilder, String> {
+    BatchBuilder::new(BatchOptions { size_max: max_bytes as usize, ..BatchOptions::default() }).map_err(|e| e.to_string())
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// The failure record of one dead letter (JSON).
+fn failure_record(p: &Partition, job: &DeadLetterJob, record: Option<&keel_protocol::RecordView<'_>>, now: i64) -> String {
+    let SlotState::DeadLettering { cause, reason, class, since_ms } = &job.slot.state else { return String::new() };
+    let last_delivery = job.slot.history.last().map_or(job.slot.first_delivery_ms, |a| a.delivered_ms);
+    let attempts: Vec<serde_json::Value> = job
+        .slot
+        .history
+        .iter()
+        .map(|a| {
+            serde_json::json!({"attempt": a.attempt, "member": a.member, "delivered_ms": a.delivered_ms, "ended_ms": a.ended_ms,
+                "outcome": a.outcome.as_str(), "reason": a.reason, "class": a.class})
+        })
+        .collect();
+    serde_json::json!({
+        "source": {"topic": p.topic, "partition": p.partition, "offset": job.offset,
+            "timestamp_ms": record.map(|r| r.timestamp_ms),
+            "message_id": record.and_then(|r| r.message_id()).map(String::from_utf8_lossy)},
+        "group": job.group,
+        "cause": cause.as_str(),
+        "reason": reason,
+        "class": class,
+        "attempts": job.slot.attempts,
+        "first_delivery_ms": job.slot.first_delivery_ms,
+        "last_delivery_ms": last_delivery,
+        "decided_ms": since_ms,
+        "dead_lettered_ms": now,
+        "history": attempts,
+        "source_missing": record.is_none(),
+    })
+    .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dead_letter_id_depends_on_group_topic_and_position_and_fits_the_id_limit() {
+        let a = dead_letter_id("billing", "orders", 1, 7);
+        assert_eq!(a, dead_letter_id("billing", "orders", 1, 7));
+        assert_ne!(a, dead_letter_id("billing", "orders", 1, 8));
+        assert_ne!(a, dead_letter_id("audit", "orders", 1, 7));
+        assert_ne!(dead_letter_id("a", "bc", 0, 0), dead_letter_id("ab", "c", 0, 0));
+        let long = dead_letter_id(&"g".repeat(128), &"t".repeat(249), u32::MAX, u64::MAX);
+        assert!(long.len() <= keel_protocol::limits::MESSAGE_ID_LEN_MAX);
+    }
+}
