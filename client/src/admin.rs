@@ -1,10 +1,13 @@
-//! `Admin`: create, delete, list and describe topics.
+//! `Admin`: create, delete, list and describe topics; consumer groups' settings, state
+//! and offset resets.
 
-use keel_protocol::api::client as api;
+use std::time::Instant;
+
 use keel_protocol::message::{
-    self, AlterTopicRequest, AlterTopicResponse, BrokerInfo, ClusterStatusResponse, CreateTopicRequest, DeleteTopicRequest, TopicInfo,
+    self, AlterTopicRequest, AlterTopicResponse, BrokerInfo, ClusterStatusResponse, CommitOffsetRequest, ConfigureGroupRequest, ConfigureGroupResponse,
+    CreateTopicRequest, DeleteTopicRequest, GroupStateRequest, GroupStateResponse, TopicInfo,
 };
-use keel_protocol::{TopicConfig, TopicConfigPatch};
+use keel_protocol::{api::client as api, GroupConfig, GroupConfigPatch, TopicConfig, TopicConfigPatch};
 
 use crate::cluster::Cluster;
 use crate::error::ClientError;
@@ -86,5 +89,46 @@ impl Admin {
 
     pub async fn describe_topic(&self, name: &str) -> Result<TopicInfo, ClientError> {
         self.list_topics().await?.into_iter().find(|t| t.name == name).ok_or_else(|| ClientError::UnknownTopic(name.to_string()))
+    }
+
+    /// Changes the group settings `patch` sets (an empty patch only reads them);
+    /// returns the group's whole settings.
+    pub async fn configure_group(&self, group: &str, patch: GroupConfigPatch) -> Result<GroupConfig, ClientError> {
+        let what = format!("configure group {group:?}");
+        let body = message::encode(&ConfigureGroupRequest { group: group.to_string(), patch });
+        let (_, answer) = self.cluster.call_any(&what, api::CONFIGURE_GROUP, &|_| body.clone()).await?;
+        let resp: ConfigureGroupResponse = message::decode(&answer).map_err(|e| ClientError::Malformed { addr: "a broker".into(), reason: e.to_string() })?;
+        Ok(resp.config)
+    }
+
+    /// Consumer groups' state in each partition of `topic` (`group`, or all), as each
+    /// partition's leader knows it.
+    pub async fn group_state(&self, topic: &str, group: Option<&str>) -> Result<Vec<(u32, GroupStateResponse)>, ClientError> {
+        let partitions = self.cluster.partitions(topic).await?;
+        let mut out = Vec::with_capacity(partitions as usize);
+        for p in 0..partitions {
+            let req = GroupStateRequest { topic: topic.to_string(), partition: p, group: group.map(str::to_string) };
+            let body = message::encode(&req);
+            let deadline = Instant::now() + self.cluster.config().request_timeout;
+            let (_, answer) = self.cluster.call_partition(topic, p, api::GROUP_STATE, &|_| body.clone(), deadline).await?;
+            let resp: GroupStateResponse =
+                message::decode(&answer).map_err(|e| ClientError::Malformed { addr: format!("{topic}/{p} leader"), reason: e.to_string() })?;
+            out.push((p, resp));
+        }
+        Ok(out)
+    }
+
+    /// Sets stream group `group`'s committed offset in `partition` of `topic` (an
+    /// administrative reset: members read it when they next start).
+    pub async fn reset_offset(&self, group: &str, topic: &str, partition: u32, offset: u64) -> Result<(), ClientError> {
+        let req = CommitOffsetRequest { group: group.to_string(), topic: topic.to_string(), partition, generation: None, offset };
+        let body = message::encode(&req);
+        let deadline = Instant::now() + self.cluster.config().request_timeout;
+        self.cluster.call_partition(topic, partition, api::COMMIT_OFFSET, &|_| body.clone(), deadline).await?;
+        Ok(())
+    }
+
+    pub fn cluster(&self) -> &Cluster {
+        &self.cluster
     }
 }

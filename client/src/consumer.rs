@@ -256,7 +256,7 @@ pub async fn fetch_committed(cluster: &Cluster, topic: &str, group: &str, partit
     message::decode(&body).map_err(|e| ClientError::Malformed { addr: format!("{topic}/{partition} leader"), reason: e.to_string() })
 }
 
-async fn list_offset(cluster: &Cluster, topic: &str, partition: u32, timestamp_ms: i64) -> Result<u64, ClientError> {
+pub async fn list_offset(cluster: &Cluster, topic: &str, partition: u32, timestamp_ms: i64) -> Result<u64, ClientError> {
     let deadline = Instant::now() + cluster.config().request_timeout;
     let request = message::encode(&ListOffsetsRequest { topic: topic.to_string(), partition, timestamp_ms });
     let (_, body) = cluster.call_partition(topic, partition, api::LIST_OFFSETS, &|_| request.clone(), deadline).await?;

@@ -30,13 +30,17 @@ pub mod client {
     pub const QUEUE_FETCH: u16 = 12;
     /// Ack, nack, term or extend leased messages. Version 3.
     pub const QUEUE_SETTLE: u16 = 13;
+    /// Read or change a consumer group's settings. Version 3.
+    pub const CONFIGURE_GROUP: u16 = 14;
+    /// Consumer groups' state in one partition (offsets, leases, counts). Version 3.
+    pub const GROUP_STATE: u16 = 15;
 
     /// The protocol version that introduced each key: a connection that negotiated an
     /// older version is answered `UnsupportedVersion` for it.
     pub fn since_version(key: u16) -> u16 {
         match key {
             INIT_PRODUCER | ALTER_TOPIC => crate::message::VERSION_2,
-            COMMIT_OFFSET | FETCH_OFFSET | QUEUE_FETCH | QUEUE_SETTLE => crate::message::VERSION_3,
+            COMMIT_OFFSET | FETCH_OFFSET | QUEUE_FETCH | QUEUE_SETTLE | CONFIGURE_GROUP | GROUP_STATE => crate::message::VERSION_3,
             _ => 1,
         }
     }

@@ -134,7 +134,7 @@ impl Writer {
                 headers: &headers,
                 message_id: Some(id.as_bytes()),
             };
-            if builder.push(new.clone()).is_err() {
+            if builder.push(new).is_err() {
                 let full = std::mem::replace(&mut builder, new_builder(max_bytes)?);
                 if !full.is_empty() {
                     self.produce(&dlq, full.finish().map_err(|e| e.to_string())?).await?;

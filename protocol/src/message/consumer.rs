@@ -7,6 +7,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::topic_config::{GroupConfig, GroupConfigPatch};
+
 /// The protocol version that added consumer groups.
 pub const VERSION_3: u16 = 3;
 
@@ -181,6 +183,96 @@ pub struct QueueSettleResponse {
     pub outcomes: Vec<SettleOutcome>,
 }
 
+/// `ConfigureGroup`: change some of a consumer group's settings (an empty patch only
+/// reads them).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigureGroupRequest {
+    pub group: String,
+    #[serde(with = "group_patch_json")]
+    pub patch: GroupConfigPatch,
+}
+
+/// The group's whole settings after the change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigureGroupResponse {
+    #[serde(with = "group_config_json")]
+    pub config: GroupConfig,
+}
+
+/// `GroupState`: what one partition's leader knows of consumer groups (`group`, or all).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupStateRequest {
+    pub topic: String,
+    pub partition: u32,
+    pub group: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupStateResponse {
+    pub high_watermark: u64,
+    pub log_start_offset: u64,
+    pub streams: Vec<StreamGroupState>,
+    pub queues: Vec<QueueGroupState>,
+}
+
+/// A stream group in one partition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamGroupState {
+    pub group: String,
+    pub committed: CommittedOffset,
+}
+
+/// A queue group in one partition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueGroupState {
+    pub group: String,
+    /// The oldest unsettled offset (everything below is settled).
+    pub floor: u64,
+    /// Offsets at or above were never delivered.
+    pub cursor: u64,
+    pub leased: u64,
+    /// Nacked, waiting for their retry time.
+    pub waiting: u64,
+    /// Decided for the dead-letter topic, not yet stored there.
+    pub dead_lettering: u64,
+    /// Leased messages per member.
+    pub members: Vec<(String, u32)>,
+    /// When the oldest unsettled message was first delivered (ms since the epoch).
+    pub oldest_unsettled_delivery_ms: Option<i64>,
+    pub delivered_total: u64,
+    pub redelivered_total: u64,
+    pub acked_total: u64,
+    pub dead_lettered_total: u64,
+}
+
+mod group_patch_json {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use crate::topic_config::GroupConfigPatch;
+
+    pub fn serialize<S: Serializer>(patch: &GroupConfigPatch, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&patch.to_json())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<GroupConfigPatch, D::Error> {
+        GroupConfigPatch::from_json(&String::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+}
+
+mod group_config_json {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use crate::topic_config::GroupConfig;
+
+    pub fn serialize<S: Serializer>(config: &GroupConfig, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&config.to_json())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<GroupConfig, D::Error> {
+        GroupConfig::from_json(&String::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -204,6 +296,8 @@ mod tests {
         let payload = encode_with_batches(&head, &[]);
         let (back, rest): (QueueFetchResponse, bytes::Bytes) = split_with_batches(&payload).unwrap();
         assert_eq!((back, rest.len()), (head, 0));
+        let req = ConfigureGroupRequest { group: "g".into(), patch: GroupConfigPatch { lease_timeout_ms: Some(5_000), ..GroupConfigPatch::default() } };
+        assert_eq!(decode::<ConfigureGroupRequest>(&encode(&req)).unwrap(), req);
     }
 
     #[test]

@@ -19,7 +19,7 @@ pub struct Connect {
     bootstrap: String,
     /// Print data as JSON (one object per line for streams).
     #[arg(long, global = true)]
-    json: bool,
+    pub json: bool,
 }
 
 impl Connect {

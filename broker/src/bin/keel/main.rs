@@ -3,6 +3,7 @@
 
 mod client_cmds;
 mod consume;
+mod group_cmds;
 mod dev;
 mod serve;
 
@@ -52,6 +53,20 @@ enum Command {
     },
     /// Print a stopped node's committed records, from its data directory.
     Dump(DumpArgs),
+    /// Consumer groups: list, describe (offsets, lag, leases), settings, offset resets.
+    Group {
+        #[command(flatten)]
+        connect: client_cmds::Connect,
+        #[command(subcommand)]
+        command: group_cmds::GroupCommand,
+    },
+    /// Dead letters: grouped by failure reason, or one with its failure record.
+    Dlq {
+        #[command(flatten)]
+        connect: client_cmds::Connect,
+        #[command(subcommand)]
+        command: group_cmds::DlqCommand,
+    },
     /// Cluster-wide views.
     Cluster {
         #[command(flatten)]
@@ -104,6 +119,14 @@ fn main() -> std::process::ExitCode {
         Command::Consume { connect, args } => {
             exit_quietly_on_closed_pipe();
             client_cmds::consume(args, connect)
+        }
+        Command::Group { connect, command } => {
+            exit_quietly_on_closed_pipe();
+            group_cmds::group(command, connect)
+        }
+        Command::Dlq { connect, command } => {
+            exit_quietly_on_closed_pipe();
+            group_cmds::dlq(command, connect)
         }
         Command::Cluster { connect, command } => {
             exit_quietly_on_closed_pipe();

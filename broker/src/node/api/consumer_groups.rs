@@ -8,13 +8,14 @@ use std::sync::Arc;
 use bytes::Bytes;
 use keel_protocol::limits::{GROUP_NAME_LEN_MAX, MEMBER_NAME_LEN_MAX, QUEUE_FETCH_MESSAGES_MAX, SETTLE_ITEMS_MAX};
 use keel_protocol::message::{
-    self, CommitOffsetRequest, CommitOffsetResponse, FetchOffsetRequest, FetchOffsetResponse, QueueFetchRequest, QueueFetchResponse, QueueSettleRequest,
-    QueueSettleResponse,
+    self, CommitOffsetRequest, CommitOffsetResponse, ConfigureGroupRequest, ConfigureGroupResponse, FetchOffsetRequest, FetchOffsetResponse,
+    GroupStateRequest, GroupStateResponse, QueueFetchRequest, QueueFetchResponse, QueueSettleRequest, QueueSettleResponse,
 };
 use keel_protocol::GroupConfig;
 
 use super::{bounded, ApiError, ClientService, Request};
 use crate::node::limits::{CONSUMER_REQUEST_TIMEOUT_MAX, FETCH_BYTES_MAX, FETCH_WAIT_MAX};
+use crate::metadata::MetadataCommand;
 use crate::node::partition::consumers::QueueFetch;
 
 /// A group or member name: 1..=max bytes of `[A-Za-z0-9._-]`.
@@ -99,6 +100,34 @@ pub async fn queue_settle(service: Arc<ClientService>, req: Request) -> Result<B
         .await
         .map_err(|error| ApiError::Partition { what, error })?;
     Ok(message::encode(&QueueSettleResponse { outcomes }))
+}
+
+/// `ConfigureGroup`: through the metadata log; an empty patch reads the settings.
+pub async fn configure_group(service: Arc<ClientService>, req: Request) -> Result<Bytes, ApiError> {
+    let req: ConfigureGroupRequest = message::decode(&req.payload)?;
+    check_name("group", &req.group, GROUP_NAME_LEN_MAX)?;
+    let current = service.metadata.borrow().group_config(&req.group);
+    if req.patch.is_empty() {
+        return Ok(message::encode(&ConfigureGroupResponse { config: current }));
+    }
+    current.patched(&req.patch).validate().map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+    let (offset, state) = service.propose(MetadataCommand::ConfigureGroup { group: req.group.clone(), patch: req.patch }).await?;
+    if let Some(rejection) = state.rejection_at(offset) {
+        return Err(ApiError::InvalidArgument(format!("the change was refused ({rejection}); read the settings and retry")));
+    }
+    Ok(message::encode(&ConfigureGroupResponse { config: state.group_config(&req.group) }))
+}
+
+/// `GroupState`: the groups this partition's leader knows, or one of them.
+pub async fn group_state(service: Arc<ClientService>, req: Request) -> Result<Bytes, ApiError> {
+    let req: GroupStateRequest = message::decode(&req.payload)?;
+    if let Some(g) = &req.group {
+        check_name("group", g, GROUP_NAME_LEN_MAX)?;
+    }
+    let partition = service.partition(&req.topic, req.partition)?;
+    let what = format!("{}/{}", req.topic, req.partition);
+    let state = partition.group_state(req.group.as_deref(), CONSUMER_REQUEST_TIMEOUT_MAX).await.map_err(|error| ApiError::Partition { what, error })?;
+    Ok(message::encode::<GroupStateResponse>(&state))
 }
 
 #[cfg(test)]

@@ -84,6 +84,8 @@ const HANDLERS: &[(u16, &str, Handler)] = &[
     (api::FETCH_OFFSET, "fetch offset", |s, r| Box::pin(consumer_groups::fetch_offset(s, r))),
     (api::QUEUE_FETCH, "queue fetch", |s, r| Box::pin(consumer_groups::queue_fetch(s, r))),
     (api::QUEUE_SETTLE, "queue settle", |s, r| Box::pin(consumer_groups::queue_settle(s, r))),
+    (api::CONFIGURE_GROUP, "configure group", |s, r| Box::pin(consumer_groups::configure_group(s, r))),
+    (api::GROUP_STATE, "group state", |s, r| Box::pin(consumer_groups::group_state(s, r))),
 ];
 
 impl Service for ClientService {

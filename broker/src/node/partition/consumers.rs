@@ -17,7 +17,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use keel_protocol::message::{CommittedOffset, Lease, QueueStart, SettleItem, SettleOutcome, SettleVerb, Stall};
+use keel_protocol::message::{
+    CommittedOffset, GroupStateResponse, Lease, QueueGroupState, QueueStart, SettleItem, SettleOutcome, SettleVerb, Stall, StreamGroupState,
+};
 use keel_protocol::GroupConfig;
 use rand::RngExt;
 use tokio::time::Instant;
@@ -127,6 +129,47 @@ impl Partition {
         let st = self.group.shared.state();
         let committed = st.consumers.streams.get(group).map(|c| CommittedOffset { offset: c.offset, generation: c.generation, committed_at_ms: c.committed_at_ms });
         Ok((committed, st.next_offset, self.group.log.state().start_offset))
+    }
+
+    /// What this leader knows of consumer groups (`only`, or all).
+    pub async fn group_state(&self, only: Option<&str>, timeout: Duration) -> Result<GroupStateResponse, PartitionError> {
+        self.consumer_gate(Instant::now() + timeout).await?;
+        let st = self.group.shared.state();
+        let wanted = |g: &String| only.is_none_or(|o| o == g);
+        let streams = st
+            .consumers
+            .streams
+            .iter()
+            .filter(|(g, _)| wanted(g))
+            .map(|(g, c)| StreamGroupState {
+                group: g.clone(),
+                committed: CommittedOffset { offset: c.offset, generation: c.generation, committed_at_ms: c.committed_at_ms },
+            })
+            .collect();
+        let queues = st
+            .consumers
+            .queues
+            .iter()
+            .filter(|(g, _)| wanted(g))
+            .map(|(g, q)| {
+                let (leased, waiting, dead_lettering) = q.counts();
+                QueueGroupState {
+                    group: g.clone(),
+                    floor: q.floor(),
+                    cursor: q.cursor,
+                    leased,
+                    waiting,
+                    dead_lettering,
+                    members: q.members().map(|(m, n)| (m.to_string(), n)).collect(),
+                    oldest_unsettled_delivery_ms: q.slots.values().next().map(|s| s.first_delivery_ms),
+                    delivered_total: q.delivered_total,
+                    redelivered_total: q.redelivered_total,
+                    acked_total: q.acked_total,
+                    dead_lettered_total: q.dead_lettered_total,
+                }
+            })
+            .collect();
+        Ok(GroupStateResponse { high_watermark: st.next_offset, log_start_offset: self.group.log.state().start_offset, streams, queues })
     }
 
     /// Leases messages to a queue-group member: due retries and expired leases first,
