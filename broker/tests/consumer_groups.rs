@@ -1,0 +1,334 @@
+//! Consumer groups against real processes (`keel dev`, the `keel` CLI as a member):
+//! each test fails if the semantics are wrong, and the first two hold across a SIGKILL
+//! of the partition's leader.
+//!
+//! - a stream group resumes at its committed offset after its member restarts;
+//! - a message nacked forever is dead-lettered after exactly max-deliveries attempts,
+//!   whole, with every attempt's reason;
+//! - a member killed holding leases: its messages go to another member once the
+//!   leases run out, none lost;
+//! - a slow member never holds more than its credit while a fast one drains the rest.
+//!
+//! The tests share two cores: they run one at a time (`SERIAL`).
+
+mod dev_cluster;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use keel_client::consumer::{Consumer, StartAt};
+use keel_client::producer::{Producer, ProducerConfig, Record};
+use keel_client::queue::{Delivery, QueueConfig, QueueConsumer};
+use keel_client::{Admin, ClientConfig, Cluster};
+use keel_protocol::message::{CreateTopicRequest, SettleOutcome};
+use keel_protocol::{GroupConfigPatch, TopicConfigPatch};
+
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+struct Dev {
+    dir: tempfile::TempDir,
+    process: Child,
+    cluster: Cluster,
+    bootstrap: String,
+}
+
+impl Dev {
+    fn start(port_offset: u16) -> Dev {
+        let dir = tempfile::tempdir().unwrap();
+        let process = dev_cluster::start_dev(dir.path(), dev_cluster::base_port(port_offset));
+        dev_cluster::wait_for_files(dir.path());
+        let addrs = dev_cluster::bootstrap_addrs(dir.path());
+        let cluster = Cluster::new(ClientConfig { bootstrap: addrs.clone(), ..ClientConfig::default() }).unwrap();
+        Dev { dir, process, cluster, bootstrap: addrs.join(",") }
+    }
+
+    async fn create_topic(&self, name: &str, partitions: u32, config: TopicConfigPatch) {
+        let admin = Admin::new(self.cluster.clone());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let req = CreateTopicRequest { name: name.into(), partitions, replicas: 3, config };
+        while let Err(e) = admin.create_topic_with(req.clone()).await {
+            assert!(Instant::now() < deadline, "the cluster never accepted topic {name}: {e}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    async fn produce(&self, topic: &str, records: Vec<Record>) {
+        let producer = Producer::new(self.cluster.clone(), ProducerConfig::default()).unwrap();
+        let mut acks = Vec::new();
+        for r in records {
+            acks.push(producer.send(topic, r).await.unwrap());
+        }
+        for a in acks {
+            a.wait().await.expect("every record is acknowledged");
+        }
+        producer.close().await;
+    }
+
+    /// The leader of `topic`/`partition`, once there is one.
+    async fn leader(&self, topic: &str, partition: u32) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(m) = self.cluster.metadata(true).await {
+                let leader = m.topics.iter().find(|t| t.name == topic).and_then(|t| t.partitions.get(partition as usize)).and_then(|p| p.leader);
+                if let Some(l) = leader {
+                    return l;
+                }
+            }
+            assert!(Instant::now() < deadline, "{topic}/{partition} has no leader");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// SIGKILLs the node leading `topic`/`partition`; returns its id.
+    async fn kill_leader(&self, topic: &str, partition: u32) -> u64 {
+        let leader = self.leader(topic, partition).await;
+        let pid = dev_cluster::pid_of(self.dir.path(), leader as u32).expect("the leader's pid file");
+        // SAFETY: kill(2) on a node process this test's keel dev started.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        eprintln!("killed node {leader}, the leader of {topic}/{partition}");
+        leader
+    }
+
+    fn keel(&self) -> Command {
+        dev_cluster::keel(&self.bootstrap)
+    }
+
+    fn stop(mut self) {
+        // SAFETY: kill(2) on the keel dev process this test spawned.
+        unsafe { libc::kill(self.process.id() as i32, libc::SIGTERM) };
+        let _ = self.process.wait();
+        dev_cluster::kill_all_nodes(self.dir.path());
+    }
+}
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        for node in 1..=3 {
+            if let Some(pid) = dev_cluster::pid_of(self.dir.path(), node) {
+                // SAFETY: kill(2) on a node process this test's keel dev started.
+                unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            }
+        }
+        let _ = self.process.kill();
+    }
+}
+
+fn lines(out: &str) -> Vec<String> {
+    out.lines().map(str::to_string).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_group_resumes_at_its_committed_offset_after_its_member_restarts_even_across_a_leader_kill() {
+    let _serial = SERIAL.lock().await;
+    let dev = Dev::start(31_000);
+    dev.create_topic("events", 1, TopicConfigPatch::default()).await;
+    let values: Vec<String> = (0..100).map(|i| format!("event-{i:03}")).collect();
+    dev.produce("events", values.iter().map(|v| Record::new(v.clone())).collect()).await;
+
+    let first = dev_cluster::run_ok(dev.keel().args(["consume", "events", "--group", "audit", "--max", "40"]));
+    assert_eq!(lines(&first), values[..40], "the first member reads from the start and stops after 40");
+
+    dev.kill_leader("events", 0).await;
+    let second = dev_cluster::run_ok(dev.keel().args(["consume", "events", "--group", "audit", "--idle-timeout", "3s"]));
+    assert_eq!(lines(&second), values[40..], "the restarted member continues exactly after what the first printed, under a new leader");
+
+    let third = dev_cluster::run_ok(dev.keel().args(["consume", "events", "--group", "audit", "--idle-timeout", "2s"]));
+    assert!(third.is_empty(), "everything was committed: {third:?}");
+    let other = dev_cluster::run_ok(dev.keel().args(["consume", "events", "--group", "billing", "--idle-timeout", "2s"]));
+    assert_eq!(lines(&other).len(), 100, "another group has its own offsets");
+    dev.stop();
+}
+
+/// Dead letters of `topic` (its `.dlq` topic) as `(message, failure record)`.
+async fn dead_letters(cluster: &Cluster, topic: &str) -> Vec<(keel_client::consumer::Message, serde_json::Value)> {
+    let dlq = format!("{topic}.dlq");
+    if !cluster.metadata(true).await.unwrap().topics.iter().any(|t| t.name == dlq) {
+        return Vec::new();
+    }
+    let Ok(consumer) = Consumer::new(cluster.clone(), &dlq, StartAt::Earliest).await else { return Vec::new() };
+    let Ok(f) = consumer.fetch_partition(0, 0, Duration::ZERO).await else { return Vec::new() };
+    f.messages
+        .into_iter()
+        .map(|m| {
+            let failure = m.headers.iter().find(|(k, _)| k == "keel-dlq").and_then(|(_, v)| serde_json::from_slice(v.as_deref()?).ok()).expect("a failure record");
+            (m, failure)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_nacked_forever_is_dead_lettered_after_exactly_max_deliveries_with_every_reason_even_across_a_leader_kill() {
+    let _serial = SERIAL.lock().await;
+    let dev = Dev::start(33_000);
+    dev.create_topic("payments", 1, TopicConfigPatch { max_deliveries: Some(4), ..TopicConfigPatch::default() }).await;
+    let admin = Admin::new(dev.cluster.clone());
+    let fast = GroupConfigPatch { retry_base_ms: Some(50), retry_max_ms: Some(200), lease_timeout_ms: Some(3_000), ..GroupConfigPatch::default() };
+    admin.configure_group("settle", fast).await.unwrap();
+    dev.produce("payments", vec![Record::new("poison-payload").with_key("acct-7").with_header("trace", "abc")]).await;
+
+    let mut consumer = QueueConsumer::new(dev.cluster.clone(), "payments", "settle", QueueConfig::default()).await.unwrap();
+    let mut attempts_seen = Vec::new();
+    let mut killed = false;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let letters = loop {
+        assert!(Instant::now() < deadline, "no dead letter within 60 s; attempts seen {attempts_seen:?}");
+        for d in consumer.poll(Duration::from_millis(300)).await.unwrap() {
+            assert_eq!(d.message.value.as_deref(), Some(&b"poison-payload"[..]));
+            attempts_seen.push(d.attempt);
+            // The answer may be lost when the leader dies: the outcome then shows in
+            // the next delivery's attempt number, or the dead letter.
+            let _ = d.nack(None, &format!("failure {}", d.attempt), "test").await;
+        }
+        if !killed && attempts_seen.len() >= 2 {
+            dev.kill_leader("payments", 0).await;
+            killed = true;
+        }
+        let letters = dead_letters(&dev.cluster, "payments").await;
+        if !letters.is_empty() {
+            break letters;
+        }
+    };
+    // Nothing more is delivered once the message is dead-lettered.
+    assert!(consumer.poll(Duration::from_secs(2)).await.unwrap().is_empty(), "a dead-lettered message is never delivered again");
+    consumer.close().await;
+
+    assert!(attempts_seen.windows(2).all(|w| w[0] < w[1]), "attempt numbers only grow, across the leader change: {attempts_seen:?}");
+    assert!(attempts_seen.iter().all(|a| (1..=4).contains(a)), "never a fifth delivery: {attempts_seen:?}");
+    assert_eq!(letters.len(), 1, "dead-lettered once");
+    let (m, f) = &letters[0];
+    assert_eq!(m.value.as_deref(), Some(&b"poison-payload"[..]), "the whole payload");
+    assert_eq!(m.key.as_deref(), Some(&b"acct-7"[..]));
+    assert!(m.headers.iter().any(|(k, v)| k == "trace" && v.as_deref() == Some(&b"abc"[..])), "the source headers are kept");
+    assert_eq!(f["attempts"], 4, "{f}");
+    assert_eq!(f["group"], "settle");
+    assert_eq!((f["source"]["topic"].as_str(), f["source"]["partition"].as_u64(), f["source"]["offset"].as_u64()), (Some("payments"), Some(0), Some(0)));
+    let history = f["history"].as_array().unwrap();
+    assert_eq!(history.iter().map(|a| a["attempt"].as_u64().unwrap()).collect::<Vec<_>>(), vec![1, 2, 3, 4], "every attempt is recorded: {f}");
+    for a in history {
+        let n = a["attempt"].as_u64().unwrap();
+        match a["outcome"].as_str().unwrap() {
+            "nacked" => assert_eq!(a["reason"], format!("failure {n}"), "attempt {n}'s reason"),
+            // A delivery whose answer died with the old leader runs out its lease.
+            "expired" => assert!(!attempts_seen.contains(&(n as u32)) || killed),
+            other => panic!("attempt {n} ended {other}"),
+        }
+    }
+    let cause = f["cause"].as_str().unwrap();
+    assert!(cause == "max_deliveries" || cause == "lease_expired", "{f}");
+    assert!(attempts_seen.iter().filter(|a| history.iter().any(|h| h["attempt"] == **a && h["outcome"] == "nacked")).count() >= 2);
+    dev.stop();
+}
+
+/// Starts `keel consume … --mode queue --exec 'sleep 600'` in its own process group: it
+/// leases messages and never settles them.
+fn stuck_member(dev: &Dev, topic: &str, group: &str) -> Child {
+    use std::os::unix::process::CommandExt;
+    dev.keel()
+        .args(["consume", topic, "--group", group, "--mode", "queue", "--member", "stuck", "--max-in-flight", "10", "--exec", "sleep 600"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .unwrap()
+}
+
+/// Acks everything `consumer` gets until `want` distinct offsets were acked; returns
+/// offset → attempt of each ack.
+async fn drain(consumer: &mut QueueConsumer, want: usize, within: Duration) -> BTreeMap<u64, u32> {
+    let deadline = Instant::now() + within;
+    let mut acked = BTreeMap::new();
+    while acked.len() < want {
+        assert!(Instant::now() < deadline, "only {} of {want} messages acked in time", acked.len());
+        let batch: Vec<Delivery> = consumer.poll(Duration::from_millis(500)).await.unwrap();
+        let outcomes = futures::future::join_all(batch.iter().map(Delivery::ack)).await;
+        for (d, o) in batch.iter().zip(outcomes) {
+            match o.unwrap() {
+                SettleOutcome::Acked | SettleOutcome::AlreadySettled => {
+                    acked.insert(d.message.offset, d.attempt);
+                }
+                other => panic!("ack of offset {} answered {other:?}", d.message.offset),
+            }
+        }
+    }
+    acked
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_member_s_leases_go_to_another_member_after_the_lease_timeout_and_none_is_lost() {
+    let _serial = SERIAL.lock().await;
+    let dev = Dev::start(35_000);
+    dev.create_topic("jobs", 1, TopicConfigPatch::default()).await;
+    let admin = Admin::new(dev.cluster.clone());
+    admin.configure_group("workers", GroupConfigPatch { lease_timeout_ms: Some(3_000), ..GroupConfigPatch::default() }).await.unwrap();
+    dev.produce("jobs", (0..50).map(|i| Record::new(format!("job-{i}"))).collect()).await;
+
+    let mut stuck = stuck_member(&dev, "jobs", "workers");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let held = loop {
+        assert!(Instant::now() < deadline, "the stuck member never took its leases");
+        if let Ok(states) = admin.group_state("jobs", Some("workers")).await {
+            let held: u32 = states.iter().flat_map(|(_, s)| s.queues.iter()).flat_map(|q| q.members.iter()).filter(|(m, _)| m == "stuck").map(|(_, n)| *n).sum();
+            if held == 10 {
+                break held;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // SAFETY: kill(2) on the process group of the member this test started.
+    unsafe { libc::kill(-(stuck.id() as libc::pid_t), libc::SIGKILL) };
+    let _ = stuck.wait();
+    let killed_at = Instant::now();
+
+    let config = QueueConfig { member: Some("rescuer".into()), ..QueueConfig::default() };
+    let mut rescuer = QueueConsumer::new(dev.cluster.clone(), "jobs", "workers", config).await.unwrap();
+    let acked = drain(&mut rescuer, 50, Duration::from_secs(30)).await;
+    rescuer.close().await;
+    assert_eq!(acked.keys().copied().collect::<Vec<_>>(), (0..50).collect::<Vec<_>>(), "every message is acked, none lost");
+    let redelivered: Vec<u64> = acked.iter().filter(|(_, a)| **a == 2).map(|(o, _)| *o).collect();
+    assert_eq!(redelivered.len(), held as usize, "the killed member's leases come back as attempt 2: {acked:?}");
+    assert!(acked.values().all(|a| *a <= 2));
+    eprintln!("{} leases of the killed member redelivered within {:?} of the kill", redelivered.len(), killed_at.elapsed());
+    let states = admin.group_state("jobs", Some("workers")).await.unwrap();
+    let q = &states[0].1.queues[0];
+    assert_eq!((q.floor, q.leased, q.waiting), (50, 0, 0), "everything is settled");
+    dev.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_member_never_holds_more_than_its_credit_while_a_fast_member_drains_the_rest() {
+    let _serial = SERIAL.lock().await;
+    let dev = Dev::start(37_000);
+    dev.create_topic("work", 3, TopicConfigPatch::default()).await;
+    dev.produce("work", (0..600).map(|i| Record::new(format!("w-{i}")).with_key(format!("k{i}"))).collect()).await;
+
+    let slow_config = QueueConfig { member: Some("slow".into()), max_in_flight: 6, ..QueueConfig::default() };
+    let mut slow = QueueConsumer::new(dev.cluster.clone(), "work", "pool", slow_config).await.unwrap();
+    let fast_config = QueueConfig { member: Some("fast".into()), max_in_flight: 100, ..QueueConfig::default() };
+    let mut fast = QueueConsumer::new(dev.cluster.clone(), "work", "pool", fast_config).await.unwrap();
+
+    // The slow member takes what it can and never settles it.
+    let mut held: Vec<Delivery> = Vec::new();
+    let mut fast_acked: BTreeSet<(u32, u64)> = BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while held.len() + fast_acked.len() < 600 {
+        assert!(Instant::now() < deadline, "fast acked {} and slow holds {}: not all 600 delivered", fast_acked.len(), held.len());
+        held.extend(slow.poll(Duration::from_millis(50)).await.unwrap());
+        assert!(held.len() <= 6, "the slow member was sent {} messages with a credit of 6", held.len());
+        let batch = fast.poll(Duration::from_millis(200)).await.unwrap();
+        let outcomes = futures::future::join_all(batch.iter().map(Delivery::ack)).await;
+        for (d, o) in batch.iter().zip(outcomes) {
+            assert_eq!(o.unwrap(), SettleOutcome::Acked);
+            fast_acked.insert((d.message.partition, d.message.offset));
+        }
+    }
+    let states = Admin::new(dev.cluster.clone()).group_state("work", Some("pool")).await.unwrap();
+    let slow_leased: u32 = states.iter().flat_map(|(_, s)| s.queues.iter()).flat_map(|q| q.members.iter()).filter(|(m, _)| m == "slow").map(|(_, n)| *n).sum();
+    assert!(slow_leased <= 6, "the broker leased {slow_leased} to the slow member");
+    assert_eq!(slow_leased as usize, held.len());
+    assert_eq!(fast_acked.len(), 600 - held.len(), "the fast member got everything the slow one did not hold");
+    fast.close().await;
+    drop(held);
+    drop(slow);
+    dev.stop();
+}
