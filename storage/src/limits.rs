@@ -39,6 +39,10 @@ pub const PENDING_BYTES_MAX: u64 = 64 * MIB;
 /// Largest single read from a segment file when serving a range read.
 pub const READ_CHUNK_BYTES_MAX: u64 = 8 * MIB;
 
+/// First read of a lookup by offset or time (`Log::index_for_offset`, …) from the
+/// sparse index's floor; each further read doubles, up to `READ_CHUNK_BYTES_MAX`.
+pub const FIND_CHUNK_BYTES_MIN: u64 = 64 * KIB;
+
 /// Default capacity of each `Flusher` lane's request queue. Full: `submit` blocks the
 /// caller (backpressure on the Raft core), it never drops a request.
 pub const FLUSH_QUEUE_CAPACITY_DEFAULT: usize = 4096;

@@ -32,7 +32,7 @@ use crate::config::{FsyncPolicy, LogConfig};
 use crate::disk::{Disk, DiskFile};
 use crate::entry::{decode_at, encode_header, Entry, EntryMeta, LogId, ENTRY_HEADER_LEN};
 use crate::error::StorageError;
-use crate::limits::{ENTRY_PAYLOAD_SIZE_MAX, PENDING_BYTES_MAX, READ_CHUNK_BYTES_MAX};
+use crate::limits::{ENTRY_PAYLOAD_SIZE_MAX, FIND_CHUNK_BYTES_MIN, PENDING_BYTES_MAX, READ_CHUNK_BYTES_MAX};
 use crate::segment::{segment_path, Segment};
 use crate::watermark::Watermark;
 
@@ -906,8 +906,12 @@ impl Log {
         };
         for (plans, range) in candidates {
             let mut next = range.start;
+            // The entry sought is normally within one index interval of the floor:
+            // read small first, and more only while it is not found.
+            let mut chunk = FIND_CHUNK_BYTES_MIN;
             while next < range.end {
-                let batch = read_planned(&plans, next..range.end, READ_CHUNK_BYTES_MAX)?;
+                let batch = read_planned(&plans, next..range.end, chunk)?;
+                chunk = (chunk * 2).min(READ_CHUNK_BYTES_MAX);
                 let Some(tail) = batch.last() else { break };
                 next = tail.meta.id.index + 1;
                 if let Some(e) = batch.iter().find(|e| matches(&e.meta)) {

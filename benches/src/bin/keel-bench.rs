@@ -92,6 +92,13 @@ struct Args {
     /// Check that every acknowledged message is read back (implies --consume).
     #[arg(long)]
     verify: bool,
+    /// After producing (and the stream consume, if asked), consume the topic with a
+    /// queue group of this many members, each acking every message; reports msgs/s.
+    #[arg(long, default_value_t = 0)]
+    queue_members: usize,
+    /// Unsettled deliveries per queue member (its credit).
+    #[arg(long, default_value_t = 1000)]
+    queue_in_flight: u32,
     /// SIGKILL the leader of partition 0 halfway through the produce phase.
     #[arg(long)]
     failover: bool,
@@ -443,6 +450,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }
         }
     }
+    if args.queue_members > 0 {
+        let (acked, secs, redelivered) = queue_consume(&cluster, &args).await?;
+        println!("queue consume ({} members, each message acked): {acked} messages in {secs:.1} s: {:.0} msgs/s, {redelivered} redeliveries", args.queue_members, acked as f64 / secs);
+        summary["queue_consume"] =
+            serde_json::json!({"members": args.queue_members, "messages": acked, "seconds": secs, "msgs_per_s": acked as f64 / secs, "redelivered": redelivered});
+    }
     if args.rss {
         let mut nodes = serde_json::Map::new();
         for id in 1..=9u64 {
@@ -461,4 +474,54 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     println!("{summary}");
     Ok(())
+}
+
+/// The queue-group consume phase: `--queue-members` members of a fresh group, each
+/// acking every message it gets, until the group is idle for 3 s (or 120 s pass).
+/// Returns messages acked, seconds from the first delivery to the last ack, and
+/// deliveries after the first attempt.
+async fn queue_consume(cluster: &Cluster, args: &Args) -> anyhow::Result<(u64, f64, u64)> {
+    use keel_client::queue::{QueueConfig, QueueConsumer};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let group = format!("bench-{}", now_ms());
+    let acked = Arc::new(AtomicU64::new(0));
+    let redelivered = Arc::new(AtomicU64::new(0));
+    let first = Arc::new(Mutex::new(None::<Instant>));
+    let last = Arc::new(Mutex::new(Instant::now()));
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..args.queue_members {
+        let config = QueueConfig { member: Some(format!("bench-{i}")), max_in_flight: args.queue_in_flight, ..QueueConfig::default() };
+        let mut consumer = QueueConsumer::new(cluster.clone(), &args.topic, &group, config).await?;
+        let (acked, redelivered, first, last) = (acked.clone(), redelivered.clone(), first.clone(), last.clone());
+        tasks.spawn(async move {
+            let deadline = Instant::now() + Duration::from_secs(120);
+            let mut idle_since = Instant::now();
+            while idle_since.elapsed() < Duration::from_secs(3) && Instant::now() < deadline {
+                let batch = consumer.poll(Duration::from_millis(500)).await?;
+                if batch.is_empty() {
+                    continue;
+                }
+                first.lock().expect("first lock").get_or_insert_with(Instant::now);
+                idle_since = Instant::now();
+                let outcomes = futures::future::join_all(batch.iter().map(|d| d.ack())).await;
+                for (d, o) in batch.iter().zip(outcomes) {
+                    if matches!(o?, keel_protocol::message::SettleOutcome::Acked) {
+                        acked.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if d.attempt > 1 {
+                        redelivered.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                *last.lock().expect("last lock") = Instant::now();
+            }
+            consumer.close().await;
+            anyhow::Ok(())
+        });
+    }
+    while let Some(joined) = tasks.join_next().await {
+        joined.context("a queue member task failed")??;
+    }
+    let first = first.lock().expect("first lock").unwrap_or_else(Instant::now);
+    let secs = last.lock().expect("last lock").saturating_duration_since(first).as_secs_f64().max(1e-3);
+    Ok((acked.load(Ordering::Relaxed), secs, redelivered.load(Ordering::Relaxed)))
 }

@@ -80,3 +80,5 @@ pub const DEAD_LETTER_SCAN_INTERVAL: Duration = Duration::from_millis(200);
 pub const DEAD_LETTER_BATCH_MAX: usize = 500;
 /// How long one dead-letter step (create the topic, append, settle) may take.
 pub const DEAD_LETTER_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bytes of log a queue fetch reads at a time while it covers the range it leases.
+pub const QUEUE_READ_CHUNK_BYTES: u64 = 128 * 1024;

@@ -12,7 +12,7 @@
 //! plan to the applied lease), so two members' fetches never propose the same offsets.
 //! Settling is not: the fold orders settles among themselves and with leases.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,10 +22,11 @@ use keel_protocol::message::{
 };
 use keel_protocol::GroupConfig;
 use rand::RngExt;
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::{now_ms, Partition, PartitionError};
-use crate::node::limits::QUEUE_REDELIVER_SCAN_MAX;
+use crate::node::limits::{QUEUE_READ_CHUNK_BYTES, QUEUE_REDELIVER_SCAN_MAX};
 use crate::partition::consumers::{CommitResult, Settle, SettleResult, Slot, SlotState};
 use crate::partition::{ControlCommand, ControlEntry, ControlOutcome};
 use crate::replication::log_store::KIND_BATCH;
@@ -71,8 +72,9 @@ struct Plan {
 }
 
 impl Partition {
-    /// The lock serialising leases of `group` in this partition.
-    fn lease_lock(&self, group: &str) -> Arc<tokio::sync::Mutex<()>> {
+    /// The lock serialising lease proposals of `group` in this partition, over the
+    /// leases proposed and not yet applied.
+    fn lease_lock(&self, group: &str) -> Arc<tokio::sync::Mutex<LeaseOverlay>> {
         let mut locks = self.lease_locks.lock().expect("lease locks poisoned");
         locks.entry(group.to_string()).or_default().clone()
     }
@@ -80,6 +82,17 @@ impl Partition {
     /// Proposes the control command `make(leader_time_ms)` in this leader's term and
     /// waits until it is applied; returns how it applied and the leader time it carried.
     async fn propose_control(self: &Arc<Self>, deadline: Instant, make: impl FnOnce(i64) -> ControlCommand) -> Result<(ControlOutcome, i64), PartitionError> {
+        let (rx, time) = self.start_control(deadline, make).await?;
+        Ok((self.finish_control(rx, deadline).await?, time))
+    }
+
+    /// Proposes the control command `make(leader_time_ms)` in this leader's term;
+    /// returns the channel its outcome comes on and the leader time it carried.
+    async fn start_control(
+        self: &Arc<Self>,
+        deadline: Instant,
+        make: impl FnOnce(i64) -> ControlCommand,
+    ) -> Result<(oneshot::Receiver<Result<ApplyReply, PartitionError>>, i64), PartitionError> {
         let term = self.ready_term(deadline).await?;
         let mut w = self.writer.lock().await;
         if w.term != term {
@@ -92,9 +105,13 @@ impl Partition {
         w.last_tick = Some(Instant::now());
         let entry = ControlEntry { leader_time_ms: time, command: make(time) };
         let (_, rx) = self.propose(&mut w, term, EntryData::control(&entry), None, Vec::new(), 0).await?;
-        drop(w);
+        Ok((rx, time))
+    }
+
+    /// How a proposed control entry applied.
+    async fn finish_control(&self, rx: oneshot::Receiver<Result<ApplyReply, PartitionError>>, deadline: Instant) -> Result<ControlOutcome, PartitionError> {
         match self.outcome(rx, deadline).await? {
-            ApplyReply::Control(outcome) => Ok((outcome, entry.leader_time_ms)),
+            ApplyReply::Control(outcome) => Ok(outcome),
             other => Err(PartitionError::Storage(format!("a control entry was applied as {other:?}"))),
         }
     }
@@ -181,9 +198,13 @@ impl Partition {
         let lock = self.lease_lock(&req.group);
         let mut hw = self.group.high_watermark.clone();
         loop {
-            self.consumer_gate(request_deadline).await?;
-            let guard = lock.lock().await;
-            let plan = self.plan_lease(req, config, max_deliveries);
+            let term = self.ready_term(request_deadline).await?;
+            self.check_serving_leader()?;
+            let mut overlay = lock.lock().await;
+            if overlay.term != term {
+                *overlay = LeaseOverlay { term, ..LeaseOverlay::default() };
+            }
+            let plan = self.plan_lease(req, config, max_deliveries, &overlay);
             if !plan.exhausted.is_empty() {
                 let settles =
                     plan.exhausted.iter().map(|(o, a)| (*o, *a, Settle::Expire { reason: format!("lease expired on the last allowed delivery ({a} of {max_deliveries})") })).collect();
@@ -192,11 +213,12 @@ impl Partition {
             }
             let has_new = plan.new_until > plan.new_from;
             if plan.redeliver.is_empty() && !has_new && !plan.create {
-                drop(guard);
+                drop(overlay);
                 if plan.stall.is_some() || Instant::now() >= deadline {
                     return Ok(Leased { leases: Vec::new(), lease_deadline_ms: 0, high_watermark: plan.high_watermark, stall: plan.stall, batches: Vec::new() });
                 }
-                // Nothing to lease yet: wait for new messages, a retry coming due, or the end of the poll.
+                // Nothing to lease yet: wait for new messages, a retry coming due, a
+                // pending lease applying, or the end of the poll.
                 let wake = plan.next_due_ms.map(|t| Instant::now() + Duration::from_millis(t.saturating_sub(now_ms()).max(1) as u64)).unwrap_or(deadline).min(deadline);
                 hw.borrow_and_update();
                 tokio::select! {
@@ -210,22 +232,39 @@ impl Partition {
             let mut batches: BTreeMap<u64, Bytes> = BTreeMap::new();
             let mut new_until = plan.new_until;
             if has_new {
+                // Read in chunks until the range is covered or max_bytes is reached, so a
+                // small lease does not read a whole max_bytes of log.
                 let mut bytes = 0u64;
-                for e in self.entries_from(plan.new_from, req.max_bytes).await? {
-                    if e.meta.kind != KIND_BATCH || e.meta.end_offset() <= plan.new_from {
-                        continue;
-                    }
-                    if e.meta.base_offset >= new_until || (bytes > 0 && bytes + e.payload.len() as u64 > req.max_bytes) {
-                        new_until = new_until.min(e.meta.base_offset.max(plan.new_from + 1));
+                let mut next = plan.new_from;
+                'read: while next < new_until {
+                    let entries = self.entries_from(next, QUEUE_READ_CHUNK_BYTES.min(req.max_bytes)).await?;
+                    if entries.is_empty() {
+                        new_until = next.max(plan.new_from + 1).min(new_until);
                         break;
                     }
-                    bytes += e.payload.len() as u64;
-                    batches.insert(e.meta.base_offset, e.payload);
+                    for e in entries {
+                        if e.meta.end_offset() <= next {
+                            continue;
+                        }
+                        next = e.meta.end_offset();
+                        if e.meta.kind != KIND_BATCH {
+                            continue;
+                        }
+                        if e.meta.base_offset >= new_until || (bytes > 0 && bytes + e.payload.len() as u64 > req.max_bytes) {
+                            new_until = new_until.min(e.meta.base_offset.max(plan.new_from + 1));
+                            break 'read;
+                        }
+                        bytes += e.payload.len() as u64;
+                        batches.insert(e.meta.base_offset, e.payload);
+                        if next >= new_until {
+                            break 'read;
+                        }
+                    }
                 }
             }
             let (group, member, redeliver, new_from, timeout) = (req.group.clone(), req.member.clone(), plan.redeliver.clone(), plan.new_from, config.lease_timeout_ms);
-            let (outcome, time) = self
-                .propose_control(request_deadline, |time| ControlCommand::QueueLease {
+            let (rx, time) = self
+                .start_control(request_deadline, |time| ControlCommand::QueueLease {
                     group,
                     member,
                     deadline_ms: time.saturating_add(timeout as i64),
@@ -234,7 +273,20 @@ impl Partition {
                     redeliver,
                 })
                 .await?;
-            drop(guard);
+            let count = (new_until - new_from) as u32 + plan.redeliver.len() as u32;
+            let outcome = if plan.create {
+                // The group's first lease creates it: the next plan needs it applied.
+                let outcome = self.finish_control(rx, request_deadline).await;
+                drop(overlay);
+                outcome?
+            } else {
+                overlay.add(&req.member, has_new.then_some(new_until), &plan.redeliver, count);
+                drop(overlay);
+                let outcome = self.finish_control(rx, request_deadline).await;
+                lock.lock().await.remove(term, &req.member, &plan.redeliver, count);
+                self.queue_activity.notify_waiters();
+                outcome?
+            };
             let ControlOutcome::Leased(leased) = outcome else {
                 return Err(PartitionError::Storage(format!("a lease was applied as {outcome:?}")));
             };
@@ -256,7 +308,7 @@ impl Partition {
     }
 
     /// What one lease round would take for `req`, from the applied state.
-    fn plan_lease(&self, req: &QueueFetch, config: &GroupConfig, max_deliveries: u32) -> Plan {
+    fn plan_lease(&self, req: &QueueFetch, config: &GroupConfig, max_deliveries: u32, overlay: &LeaseOverlay) -> Plan {
         let now = now_ms();
         let st = self.group.shared.state();
         let hw = st.next_offset;
@@ -277,13 +329,14 @@ impl Partition {
                 create: true,
             };
         };
-        let held = q.leased_by(&req.member);
+        let held = q.leased_by(&req.member) + overlay.by_member.get(&req.member).copied().unwrap_or(0);
         let credit = req.max_messages.min(config.max_unacked.saturating_sub(held));
+        let cursor = overlay.cursor.filter(|_| overlay.pending > 0).unwrap_or(q.cursor).max(q.cursor);
         if credit == 0 {
             crate::metrics::queue_stall(&self.topic, &req.group, "max_unacked");
             return Plan {
-                new_from: q.cursor,
-                new_until: q.cursor,
+                new_from: cursor,
+                new_until: cursor,
                 redeliver: Vec::new(),
                 exhausted: Vec::new(),
                 stall: Some(Stall::MaxUnacked),
@@ -295,6 +348,9 @@ impl Partition {
         let mut redeliver = Vec::new();
         let mut exhausted = Vec::new();
         for offset in q.due(now, QUEUE_REDELIVER_SCAN_MAX) {
+            if overlay.redelivering.contains(&offset) {
+                continue;
+            }
             let slot = &q.slots[&offset];
             match &slot.state {
                 SlotState::Leased { .. } if slot.attempts >= max_deliveries => exhausted.push((offset, slot.attempts)),
@@ -304,12 +360,12 @@ impl Partition {
         }
         let room = u64::from(credit) - redeliver.len() as u64;
         let window_end = q.floor().saturating_add(crate::partition::consumers::QUEUE_WINDOW_MAX);
-        let new_until = hw.min(q.cursor.saturating_add(room)).min(window_end);
-        let stall = (new_until == q.cursor && hw > q.cursor && window_end <= q.cursor && room > 0).then_some(Stall::Window);
+        let new_until = hw.min(cursor.saturating_add(room)).min(window_end).max(cursor);
+        let stall = (new_until == cursor && hw > cursor && window_end <= cursor && room > 0).then_some(Stall::Window);
         if stall.is_some() {
             crate::metrics::queue_stall(&self.topic, &req.group, "window");
         }
-        Plan { new_from: q.cursor, new_until, redeliver, exhausted, stall, high_watermark: hw, next_due_ms: q.next_due(), create: false }
+        Plan { new_from: cursor, new_until, redeliver, exhausted, stall, high_watermark: hw, next_due_ms: q.next_due(), create: false }
     }
 
     /// Adds to `batches` the stored batch holding each leased offset not yet covered.
@@ -494,5 +550,52 @@ fn covers(offsets: &[u64], base: u64, batch: &Bytes) -> bool {
     offsets.iter().any(|o| (base..end).contains(o))
 }
 
-/// Per group, the lock serialising its leases in one partition.
-pub type LeaseLocks = std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>;
+/// Per group, the lock serialising its lease proposals in one partition.
+pub type LeaseLocks = std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<LeaseOverlay>>>>;
+
+/// A queue group's leases proposed by this leader and not yet applied (one term's):
+/// the next lease is planned on top of them, so members' fetches pipeline instead of
+/// each waiting for the previous lease to commit. The fold applies leases in log order,
+/// so a lease planned from the overlay's cursor meets exactly that cursor.
+#[derive(Debug, Default)]
+pub struct LeaseOverlay {
+    term: u64,
+    /// Lease proposals not yet applied.
+    pending: usize,
+    /// The cursor after them, while any is pending.
+    cursor: Option<u64>,
+    /// Offsets they redeliver.
+    redelivering: HashSet<u64>,
+    /// Messages they lease, per member (new ranges counted whole).
+    by_member: HashMap<String, u32>,
+}
+
+impl LeaseOverlay {
+    fn add(&mut self, member: &str, new_until: Option<u64>, redeliver: &[u64], count: u32) {
+        self.pending += 1;
+        if let Some(c) = new_until {
+            self.cursor = Some(c);
+        }
+        self.redelivering.extend(redeliver.iter().copied());
+        *self.by_member.entry(member.to_string()).or_default() += count;
+    }
+
+    fn remove(&mut self, term: u64, member: &str, redeliver: &[u64], count: u32) {
+        if self.term != term {
+            return; // a newer term reset the overlay
+        }
+        self.pending -= 1;
+        for o in redeliver {
+            self.redelivering.remove(o);
+        }
+        if let Some(n) = self.by_member.get_mut(member) {
+            *n = n.saturating_sub(count);
+            if *n == 0 {
+                self.by_member.remove(member);
+            }
+        }
+        if self.pending == 0 {
+            self.cursor = None;
+        }
+    }
+}
