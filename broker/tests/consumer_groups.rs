@@ -18,6 +18,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use keel_client::consumer::{Consumer, StartAt};
+use keel_client::group::{GroupConsumer, StreamGroupConfig};
 use keel_client::producer::{Producer, ProducerConfig, Record};
 use keel_client::queue::{Delivery, QueueConfig, QueueConsumer};
 use keel_client::{Admin, ClientConfig, Cluster};
@@ -330,5 +331,60 @@ async fn a_slow_member_never_holds_more_than_its_credit_while_a_fast_member_drai
     fast.close().await;
     drop(held);
     drop(slow);
+    dev.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_a_stream_member_dies_the_survivor_owns_its_partitions_within_the_session_timeout_and_reads_them() {
+    let _serial = SERIAL.lock().await;
+    let dev = Dev::start(39_000);
+    dev.create_topic("ledger", 4, TopicConfigPatch::default()).await;
+    let session = Duration::from_secs(3);
+
+    // Member A: a `keel consume` process; member B: this test.
+    use std::os::unix::process::CommandExt;
+    let mut a = dev
+        .keel()
+        .args(["consume", "ledger", "--group", "books", "--session-timeout", "3s"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let config = StreamGroupConfig { session_timeout: session, ..StreamGroupConfig::default() };
+    let mut b = GroupConsumer::join(dev.cluster.clone(), "ledger", "books", config).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while b.assignment().len() != 2 {
+        assert!(Instant::now() < deadline, "the two members never split the 4 partitions: B has {:?}", b.assignment());
+        b.poll(Duration::from_millis(100)).await.unwrap();
+    }
+    let before: Vec<u32> = b.assignment().to_vec();
+
+    // SAFETY: kill(2) on the process group of the member this test started.
+    unsafe { libc::kill(-(a.id() as libc::pid_t), libc::SIGKILL) };
+    let _ = a.wait();
+    let killed = Instant::now();
+    while b.assignment().len() != 4 {
+        assert!(killed.elapsed() < Duration::from_secs(15), "B never took the dead member's partitions: it has {:?}", b.assignment());
+        b.poll(Duration::from_millis(50)).await.unwrap();
+    }
+    let took_over = killed.elapsed();
+    eprintln!("the dead member's partitions were reassigned {took_over:?} after the kill (session timeout {session:?}; B had {before:?})");
+    // Detection is the session timeout; the survivor learns of it from its next heartbeat.
+    let bound = session + session / 5 + Duration::from_secs(1);
+    assert!(took_over <= bound, "partitions unowned for {took_over:?}, more than the session timeout and a heartbeat ({bound:?})");
+
+    // The survivor reads what is produced to every partition from now on.
+    let values: Vec<String> = (0..40).map(|i| format!("entry-{i}")).collect();
+    dev.produce("ledger", values.iter().map(|v| Record::new(v.clone()).with_key(v.clone())).collect()).await;
+    let mut got = BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !values.iter().all(|v| got.contains(v)) {
+        assert!(Instant::now() < deadline, "the survivor read {} of the 40 new messages", values.iter().filter(|v| got.contains(*v)).count());
+        for m in b.poll(Duration::from_millis(200)).await.unwrap() {
+            got.insert(String::from_utf8(m.value.unwrap().to_vec()).unwrap());
+        }
+    }
+    b.close().await.unwrap();
     dev.stop();
 }

@@ -89,29 +89,31 @@ impl Consumer {
         })
     }
 
-    /// A consumer of every partition for stream group `group`: each partition starts at
-    /// the group's committed offset, or at `fallback` where the group never committed.
-    /// [`Consumer::commit`] records how far it got. (Generation 0: membership and
-    /// partition assignment are not used.)
-    pub async fn for_group(cluster: Cluster, topic: &str, group: &str, fallback: StartAt) -> Result<Consumer, ClientError> {
-        let mut consumer = Consumer::new(cluster, topic, fallback).await?;
-        for p in 0..consumer.positions.len() as u32 {
-            let resp = fetch_committed(&consumer.cluster, topic, group, p).await?;
-            if let Some(c) = resp.committed {
-                consumer.positions[p as usize] = c.offset.max(resp.log_start_offset);
-                consumer.committed[p as usize] = Some(c.offset);
+    /// This consumer commits as a member of stream group `group` in `generation`
+    /// (`GroupConsumer` builds it so), each partition's position last committed being
+    /// `committed`.
+    pub(crate) fn in_group(mut self, group: &str, generation: u64, committed: &[(u32, u64)]) -> Consumer {
+        self.group = Some((group.to_string(), generation));
+        for (p, o) in committed {
+            if let Some(slot) = self.committed.get_mut(*p as usize) {
+                *slot = Some(*o);
             }
         }
-        consumer.group = Some((group.to_string(), 0));
-        Ok(consumer)
+        self
+    }
+
+    /// The partitions this consumer reads.
+    pub fn assigned(&self) -> &[u32] {
+        &self.assigned
     }
 
     /// Commits this consumer's position in every partition whose position moved since
     /// the last commit (the next offset it would read: everything before it was
-    /// returned by `poll`). Needs a consumer made by [`Consumer::for_group`].
+    /// returned by `poll`). Needs a consumer that belongs to a group
+    /// (`GroupConsumer`).
     pub async fn commit(&mut self) -> Result<(), ClientError> {
         let Some((group, generation)) = self.group.clone() else {
-            return Err(ClientError::Invalid("this consumer belongs to no group; make it with Consumer::for_group".into()));
+            return Err(ClientError::Invalid("this consumer belongs to no group; use a GroupConsumer".into()));
         };
         let mut tasks = tokio::task::JoinSet::new();
         for &p in &self.assigned {

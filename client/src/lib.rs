@@ -4,6 +4,7 @@
 //! - [`cluster`]: finding brokers and partition leaders; retries, redirects, breakers.
 //! - [`producer`]: batching, bounded in-flight window, ordered per partition.
 //! - [`consumer`]: stream consumption from an offset or a time, long-poll.
+//! - [`group`]: a stream-group member: assigned partitions, heartbeats, rebalances, commits.
 //! - [`queue`]: a queue-group member: leased deliveries, ack / nack / term / extend, credit.
 //! - [`admin`]: create, delete, list and describe topics.
 //! - [`retry`]: backoff with full jitter, retry budget, circuit breaker.
@@ -18,6 +19,7 @@ pub mod cluster;
 pub mod config;
 pub mod consumer;
 pub mod error;
+pub mod group;
 pub mod producer;
 pub mod queue;
 pub mod retry;

@@ -34,13 +34,22 @@ pub mod client {
     pub const CONFIGURE_GROUP: u16 = 14;
     /// Consumer groups' state in one partition (offsets, leases, counts). Version 3.
     pub const GROUP_STATE: u16 = 15;
+    /// Join a stream group (its coordinator assigns partitions). Version 3.
+    pub const JOIN_GROUP: u16 = 16;
+    /// A stream-group member is alive; says whether the group rebalanced. Version 3.
+    pub const HEARTBEAT: u16 = 17;
+    /// Leave a stream group. Version 3.
+    pub const LEAVE_GROUP: u16 = 18;
+    /// A stream group's members and their partitions. Version 3.
+    pub const DESCRIBE_MEMBERS: u16 = 19;
 
     /// The protocol version that introduced each key: a connection that negotiated an
     /// older version is answered `UnsupportedVersion` for it.
     pub fn since_version(key: u16) -> u16 {
         match key {
             INIT_PRODUCER | ALTER_TOPIC => crate::message::VERSION_2,
-            COMMIT_OFFSET | FETCH_OFFSET | QUEUE_FETCH | QUEUE_SETTLE | CONFIGURE_GROUP | GROUP_STATE => crate::message::VERSION_3,
+            COMMIT_OFFSET | FETCH_OFFSET | QUEUE_FETCH | QUEUE_SETTLE | CONFIGURE_GROUP | GROUP_STATE | JOIN_GROUP | HEARTBEAT | LEAVE_GROUP
+            | DESCRIBE_MEMBERS => crate::message::VERSION_3,
             _ => 1,
         }
     }

@@ -64,11 +64,14 @@ pub enum ErrorCode {
     /// A stream-group member's generation is older than one that already committed:
     /// a rebalance happened; rejoin the group.
     StaleGeneration = 23,
+    /// The group's coordinator does not know this member (it timed out, or the
+    /// coordinator moved): join the group again.
+    UnknownMember = 24,
 }
 
 impl ErrorCode {
     /// Every code, in discriminant order. Used by `from_code` and by the docs test.
-    pub const ALL: [ErrorCode; 24] = [
+    pub const ALL: [ErrorCode; 25] = [
         ErrorCode::None,
         ErrorCode::Unknown,
         ErrorCode::MalformedFrame,
@@ -93,6 +96,7 @@ impl ErrorCode {
         ErrorCode::UnsupportedApi,
         ErrorCode::DuplicateMessageIds,
         ErrorCode::StaleGeneration,
+        ErrorCode::UnknownMember,
     ];
 
     /// The number sent on the wire.
@@ -132,6 +136,7 @@ impl ErrorCode {
             ErrorCode::UnsupportedApi => "UnsupportedApi",
             ErrorCode::DuplicateMessageIds => "DuplicateMessageIds",
             ErrorCode::StaleGeneration => "StaleGeneration",
+            ErrorCode::UnknownMember => "UnknownMember",
         }
     }
 
@@ -165,6 +170,7 @@ impl ErrorCode {
             ErrorCode::DuplicateMessageIds => {
                 "some messages of the batch were already stored under the same message ids; resend the batch without them (the client does this itself)"
             }
+            ErrorCode::UnknownMember => "the group's coordinator does not know this member (its session timed out or the coordinator moved); join the group again (the client does this itself)",
             ErrorCode::StaleGeneration => "the group rebalanced since this member joined; rejoin the group (the client does this itself) and commit again",
         }
     }

@@ -82,3 +82,13 @@ pub const DEAD_LETTER_BATCH_MAX: usize = 500;
 pub const DEAD_LETTER_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bytes of log a queue fetch reads at a time while it covers the range it leases.
 pub const QUEUE_READ_CHUNK_BYTES: u64 = 128 * 1024;
+/// Stream groups with live members the coordinator tracks at most (beyond, a join of a
+/// new group is refused).
+pub const COORDINATOR_GROUPS_MAX: usize = 10_000;
+/// Members one stream group may have.
+pub const GROUP_MEMBERS_MAX: usize = 1_000;
+/// Bounds of a member's session timeout.
+pub const SESSION_TIMEOUT_MIN: Duration = Duration::from_millis(500);
+pub const SESSION_TIMEOUT_MAX: Duration = Duration::from_secs(300);
+/// How often the coordinator removes members whose session ran out.
+pub const SESSION_EXPIRY_SCAN: Duration = Duration::from_millis(100);

@@ -16,6 +16,7 @@
 
 pub mod admin;
 pub mod api;
+pub mod coordinator;
 pub mod damage;
 pub mod dead_letters;
 pub mod faults;
@@ -145,7 +146,9 @@ impl Node {
             hosted: hosted.clone(),
             producer_ids: tokio::sync::Mutex::new((0, 0)),
             faults: faults.clone(),
+            coordinator: Arc::new(coordinator::Coordinator::default()),
         });
+        tasks.push(tokio::spawn(api::consumer_groups::expire_sessions(service.clone())));
         tasks.push(tokio::spawn(dead_letters::run(service.clone())));
         let options =
             ServeOptions { concurrency_max: CLIENT_CONCURRENCY_MAX, send_queue_capacity: CLIENT_SEND_QUEUE_CAPACITY, connections_max: CLIENT_CONNECTIONS_MAX };

@@ -245,6 +245,66 @@ pub struct QueueGroupState {
     pub dead_lettered_total: u64,
 }
 
+/// `JoinGroup`: become (or stay) a member of stream group `group`, consuming `topics`;
+/// answered by the group coordinator (the metadata leader) with this member's
+/// partitions under the group's current generation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinGroupRequest {
+    pub group: String,
+    pub topics: Vec<String>,
+    /// The member id from an earlier join, to rejoin as the same member.
+    pub member: Option<String>,
+    /// A member not heard from for this long is removed and its partitions reassigned.
+    pub session_timeout_ms: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinGroupResponse {
+    pub member: String,
+    pub generation: u64,
+    /// This member's partitions, per topic.
+    pub assignment: Vec<(String, Vec<u32>)>,
+    /// Members of the group in this generation.
+    pub members: u32,
+    /// How often the member should send `Heartbeat`.
+    pub heartbeat_interval_ms: u32,
+}
+
+/// `Heartbeat`: the member is alive; the answer says whether the group rebalanced
+/// (the member then commits what it processed and joins again).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatRequest {
+    pub group: String,
+    pub member: String,
+    pub generation: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatResponse {
+    pub rebalance: bool,
+    pub generation: u64,
+}
+
+/// `LeaveGroup`: the member stops; its partitions are reassigned at once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaveGroupRequest {
+    pub group: String,
+    pub member: String,
+}
+
+/// `DescribeMembers`: a stream group's members and assignment, from its coordinator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DescribeMembersRequest {
+    pub group: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DescribeMembersResponse {
+    pub generation: u64,
+    /// `(member, ms since last heard, assignment)`.
+    pub members: Vec<(String, u64, Vec<(String, Vec<u32>)>)>,
+}
+
 mod group_patch_json {
     use serde::{Deserialize, Deserializer, Serializer};
 

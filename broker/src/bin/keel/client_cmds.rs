@@ -429,6 +429,10 @@ pub struct ConsumeArgs {
     /// leased to this member and acked (or nacked, termed) one by one.
     #[arg(long, value_enum, default_value = "stream", requires = "group")]
     pub mode: ConsumeMode,
+    /// Stream mode: the coordinator gives this member's partitions to the others after
+    /// this long without a heartbeat (e.g. 10s).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    pub session_timeout: Duration,
     /// Queue mode: this member's name in the group (default: made up per process).
     #[arg(long, requires = "group")]
     pub member: Option<String>,

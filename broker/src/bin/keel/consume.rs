@@ -6,7 +6,8 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use keel_client::consumer::{Consumer, StartAt};
+use keel_client::consumer::StartAt;
+use keel_client::group::{GroupConsumer, StreamGroupConfig};
 use keel_client::queue::{Delivery, QueueConfig, QueueConsumer};
 use keel_protocol::message::{QueueStart, SettleOutcome};
 use tokio::io::AsyncWriteExt;
@@ -22,7 +23,8 @@ const EXEC_REASON_BYTES: usize = 400;
 /// commit the position after the last message printed in each partition.
 pub async fn stream_group(args: ConsumeArgs, connect: Connect, start: StartAt, json: bool) -> anyhow::Result<()> {
     let group = args.group.clone().expect("checked by the caller");
-    let mut consumer = Consumer::for_group(connect.cluster()?, &args.topic, &group, start).await?;
+    let config = StreamGroupConfig { start, session_timeout: args.session_timeout, ..StreamGroupConfig::default() };
+    let mut consumer = GroupConsumer::join(connect.cluster()?, &args.topic, &group, config).await?;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     let mut count = 0u64;
@@ -50,7 +52,7 @@ pub async fn stream_group(args: ConsumeArgs, connect: Connect, start: StartAt, j
                 for rest in &messages[i + 1..] {
                     let pos = consumer.positions()[rest.partition as usize];
                     if rest.offset < pos {
-                        consumer.skip_to(rest.partition, rest.offset)?;
+                        consumer.seek(rest.partition, rest.offset)?;
                     }
                 }
                 break 'outer;
@@ -58,8 +60,9 @@ pub async fn stream_group(args: ConsumeArgs, connect: Connect, start: StartAt, j
         }
     }
     out.flush()?;
-    consumer.commit().await.with_context(|| format!("committing group {group}'s offsets in {}", args.topic))?;
-    eprintln!("committed group {group} in {}: next offsets {:?}", args.topic, consumer.positions());
+    let positions: Vec<(u32, u64)> = consumer.assignment().iter().map(|p| (*p, consumer.positions()[*p as usize])).collect();
+    consumer.close().await.with_context(|| format!("committing group {group}'s offsets in {}", args.topic))?;
+    eprintln!("committed group {group} in {}: next offsets {positions:?}", args.topic);
     Ok(())
 }
 

@@ -8,8 +8,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 use keel_protocol::limits::{GROUP_NAME_LEN_MAX, MEMBER_NAME_LEN_MAX, QUEUE_FETCH_MESSAGES_MAX, SETTLE_ITEMS_MAX};
 use keel_protocol::message::{
-    self, CommitOffsetRequest, CommitOffsetResponse, ConfigureGroupRequest, ConfigureGroupResponse, FetchOffsetRequest, FetchOffsetResponse,
-    GroupStateRequest, GroupStateResponse, QueueFetchRequest, QueueFetchResponse, QueueSettleRequest, QueueSettleResponse,
+    self, CommitOffsetRequest, CommitOffsetResponse, ConfigureGroupRequest, ConfigureGroupResponse, DescribeMembersRequest, DescribeMembersResponse,
+    FetchOffsetRequest, FetchOffsetResponse, GroupStateRequest, GroupStateResponse, HeartbeatRequest, HeartbeatResponse, JoinGroupRequest,
+    JoinGroupResponse, LeaveGroupRequest, QueueFetchRequest, QueueFetchResponse, QueueSettleRequest, QueueSettleResponse,
 };
 use keel_protocol::GroupConfig;
 
@@ -128,6 +129,85 @@ pub async fn group_state(service: Arc<ClientService>, req: Request) -> Result<By
     let what = format!("{}/{}", req.topic, req.partition);
     let state = partition.group_state(req.group.as_deref(), CONSUMER_REQUEST_TIMEOUT_MAX).await.map_err(|error| ApiError::Partition { what, error })?;
     Ok(message::encode::<GroupStateResponse>(&state))
+}
+
+impl ClientService {
+    /// The metadata term, if this node is the working metadata leader (and so the
+    /// stream-group coordinator); otherwise `NotLeader` pointing at the leader.
+    fn coordinator_term(&self) -> Result<u64, ApiError> {
+        use openraft::async_runtime::watch::WatchReceiver;
+        let leader = self.metadata_group.working_leader();
+        if leader != Some(self.node_id) {
+            return Err(ApiError::MetadataNotLeader { leader: self.metadata_group.leader().filter(|l| *l != self.node_id) });
+        }
+        Ok(self.metadata_group.raft.metrics().borrow_watched().current_term)
+    }
+
+    /// A topic's partition count (0 if it does not exist), from this node's metadata.
+    fn partition_count(&self, topic: &str) -> u32 {
+        self.metadata.borrow().topics.get(topic).map_or(0, |t| t.partitions.len() as u32)
+    }
+}
+
+/// `JoinGroup`, on the coordinator.
+pub async fn join_group(service: Arc<ClientService>, req: Request) -> Result<Bytes, ApiError> {
+    let req: JoinGroupRequest = message::decode(&req.payload)?;
+    check_name("group", &req.group, GROUP_NAME_LEN_MAX)?;
+    if let Some(m) = &req.member {
+        check_name("member", m, MEMBER_NAME_LEN_MAX)?;
+    }
+    let term = service.coordinator_term()?;
+    let session = std::time::Duration::from_millis(u64::from(req.session_timeout_ms));
+    let partitions_of = |t: &str| service.partition_count(t);
+    let joined = service.coordinator.join(std::time::Instant::now(), term, &req.group, req.member.as_deref(), &req.topics, session, &partitions_of)?;
+    tracing::info!(group = %req.group, member = %joined.member, generation = joined.generation, members = joined.members, "stream group member joined");
+    Ok(message::encode(&JoinGroupResponse {
+        member: joined.member,
+        generation: joined.generation,
+        assignment: joined.assignment,
+        members: joined.members,
+        heartbeat_interval_ms: joined.heartbeat_interval.as_millis() as u32,
+    }))
+}
+
+/// `Heartbeat`, on the coordinator.
+pub async fn heartbeat(service: Arc<ClientService>, req: Request) -> Result<Bytes, ApiError> {
+    let req: HeartbeatRequest = message::decode(&req.payload)?;
+    let term = service.coordinator_term()?;
+    let (rebalance, generation) = service.coordinator.heartbeat(std::time::Instant::now(), term, &req.group, &req.member, req.generation)?;
+    Ok(message::encode(&HeartbeatResponse { rebalance, generation }))
+}
+
+/// `LeaveGroup`, on the coordinator.
+pub async fn leave_group(service: Arc<ClientService>, req: Request) -> Result<Bytes, ApiError> {
+    let req: LeaveGroupRequest = message::decode(&req.payload)?;
+    service.coordinator_term()?;
+    let partitions_of = |t: &str| service.partition_count(t);
+    service.coordinator.leave(&req.group, &req.member, &partitions_of);
+    tracing::info!(group = %req.group, member = %req.member, "stream group member left");
+    Ok(Bytes::new())
+}
+
+/// `DescribeMembers`, on the coordinator.
+pub async fn describe_members(service: Arc<ClientService>, req: Request) -> Result<Bytes, ApiError> {
+    let req: DescribeMembersRequest = message::decode(&req.payload)?;
+    service.coordinator_term()?;
+    let (generation, members) = service.coordinator.describe(std::time::Instant::now(), &req.group).unwrap_or((0, Vec::new()));
+    let members = members.into_iter().map(|(m, since, a)| (m, since.as_millis() as u64, a)).collect();
+    Ok(message::encode(&DescribeMembersResponse { generation, members }))
+}
+
+/// Removes stream-group members whose session ran out, while this node coordinates.
+pub async fn expire_sessions(service: Arc<ClientService>) {
+    let mut tick = tokio::time::interval(crate::node::limits::SESSION_EXPIRY_SCAN);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let partitions_of = |t: &str| service.partition_count(t);
+        for (group, member) in service.coordinator.expire(std::time::Instant::now(), &partitions_of) {
+            tracing::warn!(group = %group, member = %member, "stream group member's session timed out; its partitions are reassigned");
+        }
+    }
 }
 
 #[cfg(test)]

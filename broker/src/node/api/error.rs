@@ -46,6 +46,8 @@ pub enum ApiError {
     UnsupportedVersion { api: u16, since: u16, version: u16 },
     #[error("api {0} is not served on the client listener; upgrade the broker")]
     UnsupportedApi(u16),
+    #[error("{0}")]
+    Coordinator(#[from] crate::node::coordinator::CoordinatorError),
     /// Fault injection (tests): answer nothing and close the connection, as if the
     /// answer were lost on the way.
     #[error("the answer was dropped on purpose (fault injection)")]
@@ -88,6 +90,10 @@ impl ApiError {
             ApiError::UnsupportedVersion { .. } => ErrorCode::UnsupportedVersion,
             ApiError::UnsupportedApi(_) => ErrorCode::UnsupportedApi,
             ApiError::DropAnswer => ErrorCode::Unknown,
+            ApiError::Coordinator(e) => match e {
+                crate::node::coordinator::CoordinatorError::UnknownMember { .. } => ErrorCode::UnknownMember,
+                crate::node::coordinator::CoordinatorError::Invalid(_) | crate::node::coordinator::CoordinatorError::Full(_) => ErrorCode::InvalidRequest,
+            },
             ApiError::Partition { error, .. } => match error {
                 PartitionError::NotLeader { .. } => ErrorCode::NotLeader,
                 PartitionError::LeaderNotReady => ErrorCode::LeaderNotAvailable,

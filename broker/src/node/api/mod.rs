@@ -57,6 +57,8 @@ pub struct ClientService {
     /// current block from the metadata log.
     pub producer_ids: tokio::sync::Mutex<(i64, i64)>,
     pub faults: Arc<NodeFaults>,
+    /// Stream-group membership (served while this node leads the metadata group).
+    pub coordinator: Arc<super::coordinator::Coordinator>,
 }
 
 /// A request as a handler sees it.
@@ -86,6 +88,10 @@ const HANDLERS: &[(u16, &str, Handler)] = &[
     (api::QUEUE_SETTLE, "queue settle", |s, r| Box::pin(consumer_groups::queue_settle(s, r))),
     (api::CONFIGURE_GROUP, "configure group", |s, r| Box::pin(consumer_groups::configure_group(s, r))),
     (api::GROUP_STATE, "group state", |s, r| Box::pin(consumer_groups::group_state(s, r))),
+    (api::JOIN_GROUP, "join group", |s, r| Box::pin(consumer_groups::join_group(s, r))),
+    (api::HEARTBEAT, "heartbeat", |s, r| Box::pin(consumer_groups::heartbeat(s, r))),
+    (api::LEAVE_GROUP, "leave group", |s, r| Box::pin(consumer_groups::leave_group(s, r))),
+    (api::DESCRIBE_MEMBERS, "describe members", |s, r| Box::pin(consumer_groups::describe_members(s, r))),
 ];
 
 impl Service for ClientService {
