@@ -152,7 +152,8 @@ async fn dead_letters(cluster: &Cluster, topic: &str) -> Vec<(keel_client::consu
     f.messages
         .into_iter()
         .map(|m| {
-            let failure = m.headers.iter().find(|(k, _)| k == "keel-dlq").and_then(|(_, v)| serde_json::from_slice(v.as_deref()?).ok()).expect("a failure record");
+            let failure =
+                m.headers.iter().find(|(k, _)| k == "keel-dlq").and_then(|(_, v)| serde_json::from_slice(v.as_deref()?).ok()).expect("a failure record");
             (m, failure)
         })
         .collect()
@@ -269,7 +270,8 @@ async fn a_killed_member_s_leases_go_to_another_member_after_the_lease_timeout_a
     let held = loop {
         assert!(Instant::now() < deadline, "the stuck member never took its leases");
         if let Ok(states) = admin.group_state("jobs", Some("workers")).await {
-            let held: u32 = states.iter().flat_map(|(_, s)| s.queues.iter()).flat_map(|q| q.members.iter()).filter(|(m, _)| m == "stuck").map(|(_, n)| *n).sum();
+            let held: u32 =
+                states.iter().flat_map(|(_, s)| s.queues.iter()).flat_map(|q| q.members.iter()).filter(|(m, _)| m == "stuck").map(|(_, n)| *n).sum();
             if held == 10 {
                 break held;
             }

@@ -315,7 +315,12 @@ async fn fetch(cluster: &Cluster, topic: &str, partition: u32, offset: u64, max_
         match decode_batch(&view, partition) {
             Ok(decoded) => out.extend(decoded),
             Err(undecodable) => {
-                return Ok(Fetched { high_watermark: head.high_watermark, log_start_offset: head.log_start_offset, messages: out, undecodable: Some(undecodable) });
+                return Ok(Fetched {
+                    high_watermark: head.high_watermark,
+                    log_start_offset: head.log_start_offset,
+                    messages: out,
+                    undecodable: Some(undecodable),
+                });
             }
         }
     }

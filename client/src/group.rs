@@ -178,7 +178,8 @@ async fn join_once(
     };
     let body = message::encode(&req);
     let (_, answer) = cluster.call_any(&format!("join group {group}"), api::JOIN_GROUP, &|_| body.clone()).await?;
-    let joined: JoinGroupResponse = message::decode(&answer).map_err(|e| ClientError::Malformed { addr: "the group coordinator".into(), reason: e.to_string() })?;
+    let joined: JoinGroupResponse =
+        message::decode(&answer).map_err(|e| ClientError::Malformed { addr: "the group coordinator".into(), reason: e.to_string() })?;
     let partitions: Vec<u32> = joined.assignment.iter().filter(|(t, _)| t == topic).flat_map(|(_, p)| p.iter().copied()).collect();
     let mut starts = Vec::with_capacity(partitions.len());
     let mut committed = Vec::new();

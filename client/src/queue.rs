@@ -25,7 +25,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use keel_protocol::api::client as api;
-use keel_protocol::message::{self, QueueFetchRequest, QueueFetchResponse, QueueSettleRequest, QueueSettleResponse, QueueStart, SettleItem, SettleOutcome, SettleVerb};
+use keel_protocol::message::{
+    self, QueueFetchRequest, QueueFetchResponse, QueueSettleRequest, QueueSettleResponse, QueueStart, SettleItem, SettleOutcome, SettleVerb,
+};
 use keel_protocol::ErrorCode;
 use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 
@@ -356,7 +358,10 @@ fn is_fatal(e: &ClientError) -> bool {
     match e {
         ClientError::UnknownTopic(_) | ClientError::Invalid(_) | ClientError::Malformed { .. } => true,
         ClientError::Refused { code, .. } | ClientError::Broker { code, .. } => {
-            matches!(code, ErrorCode::UnknownTopic | ErrorCode::UnknownPartition | ErrorCode::InvalidRequest | ErrorCode::UnsupportedApi | ErrorCode::UnsupportedVersion)
+            matches!(
+                code,
+                ErrorCode::UnknownTopic | ErrorCode::UnknownPartition | ErrorCode::InvalidRequest | ErrorCode::UnsupportedApi | ErrorCode::UnsupportedVersion
+            )
         }
         _ => false,
     }
@@ -404,7 +409,14 @@ async fn settler(cluster: Cluster, topic: String, group: String, member: String,
     while tasks.join_next().await.is_some() {}
 }
 
-async fn settle_once(cluster: &Cluster, topic: &str, group: &str, member: &str, partition: u32, batch: &[SettleJob]) -> Result<Vec<SettleOutcome>, ClientError> {
+async fn settle_once(
+    cluster: &Cluster,
+    topic: &str,
+    group: &str,
+    member: &str,
+    partition: u32,
+    batch: &[SettleJob],
+) -> Result<Vec<SettleOutcome>, ClientError> {
     let req = QueueSettleRequest {
         group: group.to_string(),
         topic: topic.to_string(),

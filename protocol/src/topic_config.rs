@@ -148,10 +148,7 @@ settings! {
 impl GroupConfig {
     fn check_relations(&self) -> Result<(), TopicConfigError> {
         if self.retry_base_ms > self.retry_max_ms {
-            return Err(TopicConfigError::Conflict(format!(
-                "retry_base_ms ({}) is above retry_max_ms ({})",
-                self.retry_base_ms, self.retry_max_ms
-            )));
+            return Err(TopicConfigError::Conflict(format!("retry_base_ms ({}) is above retry_max_ms ({})", self.retry_base_ms, self.retry_max_ms)));
         }
         Ok(())
     }

@@ -452,9 +452,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     if args.queue_members > 0 {
         let (acked, secs, redelivered) = queue_consume(&cluster, &args).await?;
-        println!("queue consume ({} members, each message acked): {acked} messages in {secs:.1} s: {:.0} msgs/s, {redelivered} redeliveries", args.queue_members, acked as f64 / secs);
-        summary["queue_consume"] =
-            serde_json::json!({"members": args.queue_members, "messages": acked, "seconds": secs, "msgs_per_s": acked as f64 / secs, "redelivered": redelivered});
+        println!(
+            "queue consume ({} members, each message acked): {acked} messages in {secs:.1} s: {:.0} msgs/s, {redelivered} redeliveries",
+            args.queue_members,
+            acked as f64 / secs
+        );
+        summary["queue_consume"] = serde_json::json!({"members": args.queue_members, "messages": acked, "seconds": secs, "msgs_per_s": acked as f64 / secs, "redelivered": redelivered});
     }
     if args.rss {
         let mut nodes = serde_json::Map::new();

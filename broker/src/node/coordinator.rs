@@ -20,6 +20,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use keel_protocol::message::Assignment;
+
 use super::limits::{COORDINATOR_GROUPS_MAX, GROUP_MEMBERS_MAX, SESSION_TIMEOUT_MAX, SESSION_TIMEOUT_MIN};
 
 /// Why a coordinator request failed.
@@ -71,11 +73,7 @@ impl Group {
                 assignment.entry(owner.to_string()).or_default().entry(topic.to_string()).or_default().push(p);
             }
         }
-        self.assignment = self
-            .members
-            .keys()
-            .map(|id| (id.clone(), assignment.remove(id).map(|t| t.into_iter().collect()).unwrap_or_default()))
-            .collect();
+        self.assignment = self.members.keys().map(|id| (id.clone(), assignment.remove(id).map(|t| t.into_iter().collect()).unwrap_or_default())).collect();
     }
 }
 
@@ -88,6 +86,9 @@ pub struct Joined {
     pub members: u32,
     pub heartbeat_interval: Duration,
 }
+
+/// A member as `describe` shows it: id, time since last heard, assignment.
+pub type MemberView = (String, Duration, Assignment);
 
 /// The coordinator's state: every stream group with live members.
 #[derive(Debug, Default)]
@@ -198,7 +199,8 @@ impl Coordinator {
         let mut groups = self.groups.lock().expect("coordinator lock poisoned");
         let mut removed = Vec::new();
         for (name, g) in groups.iter_mut() {
-            let dead: Vec<String> = g.members.iter().filter(|(_, m)| now.saturating_duration_since(m.last_seen) > m.session_timeout).map(|(id, _)| id.clone()).collect();
+            let dead: Vec<String> =
+                g.members.iter().filter(|(_, m)| now.saturating_duration_since(m.last_seen) > m.session_timeout).map(|(id, _)| id.clone()).collect();
             if dead.is_empty() {
                 continue;
             }
@@ -213,7 +215,7 @@ impl Coordinator {
     }
 
     /// A group's generation and members: `(member, since last heard, assignment)`.
-    pub fn describe(&self, now: Instant, group: &str) -> Option<(u64, Vec<(String, Duration, Vec<(String, Vec<u32>)>)>)> {
+    pub fn describe(&self, now: Instant, group: &str) -> Option<(u64, Vec<MemberView>)> {
         let groups = self.groups.lock().expect("coordinator lock poisoned");
         let g = groups.get(group)?;
         let members = g

@@ -123,7 +123,8 @@ impl Writer {
             let SlotState::DeadLettering { cause, .. } = &job.slot.state else { continue };
             let failure = failure_record(p, job, record.as_ref(), now);
             let id = dead_letter_id(&job.group, &p.topic, p.partition, job.offset);
-            let source_headers: Vec<(&str, Option<&[u8]>)> = record.as_ref().map_or(Vec::new(), |r| r.headers().filter(|(k, _)| *k != MESSAGE_ID_HEADER).collect());
+            let source_headers: Vec<(&str, Option<&[u8]>)> =
+                record.as_ref().map_or(Vec::new(), |r| r.headers().filter(|(k, _)| *k != MESSAGE_ID_HEADER).collect());
             let keep = source_headers.len().min(RECORD_HEADER_COUNT_MAX as usize - 2);
             let mut headers = source_headers[..keep].to_vec();
             headers.push((FAILURE_HEADER, Some(failure.as_bytes())));
@@ -148,7 +149,10 @@ impl Writer {
             self.produce(&dlq, builder.finish().map_err(|e| e.to_string())?).await?;
         }
         for (group, offsets) in settled {
-            let n = p.dead_lettered(&group, offsets, DEAD_LETTER_REQUEST_TIMEOUT).await.map_err(|e| format!("settling dead-lettered messages of group {group}: {e}"))?;
+            let n = p
+                .dead_lettered(&group, offsets, DEAD_LETTER_REQUEST_TIMEOUT)
+                .await
+                .map_err(|e| format!("settling dead-lettered messages of group {group}: {e}"))?;
             tracing::info!(partition = %p.name(), group = %group, messages = n, dead_letter_topic = %dlq, "dead-lettered");
         }
         for (group, cause) in causes {
@@ -212,7 +216,13 @@ impl Writer {
         let mut last = None;
         for _ in 0..members.len() + 1 {
             let Some(member) = members.iter().find(|m| m.id == target) else { break };
-            let caller = self.callers.lock().expect("callers lock poisoned").entry(target).or_insert_with(|| Arc::new(Caller::new(target, member.client_addr.clone(), None))).clone();
+            let caller = self
+                .callers
+                .lock()
+                .expect("callers lock poisoned")
+                .entry(target)
+                .or_insert_with(|| Arc::new(Caller::new(target, member.client_addr.clone(), None)))
+                .clone();
             match caller.call_versioned(api_key, encode, DEAD_LETTER_REQUEST_TIMEOUT).await {
                 Ok((_, body)) => return Ok(body),
                 Err(CallError::Refused { code: ErrorCode::NotLeader | ErrorCode::LeaderNotAvailable, body, .. }) if !body.is_empty() => {

@@ -69,9 +69,13 @@ pub struct StreamCursor {
 pub enum CommitResult {
     Committed,
     /// The committing member's generation is older than one that committed here.
-    StaleGeneration { current: u64 },
+    StaleGeneration {
+        current: u64,
+    },
     /// The offset is beyond the partition's end.
-    BeyondEnd { end: u64 },
+    BeyondEnd {
+        end: u64,
+    },
 }
 
 /// How one attempt at a message ended without settling it.
@@ -437,7 +441,12 @@ impl QueueGroup {
             }
             Settle::Expire { reason } => {
                 finish(&mut slot, AttemptOutcome::Expired, "", "");
-                SlotState::DeadLettering { cause: DeadLetterCause::LeaseExpired, reason: bounded(reason, REASON_BYTES_MAX), class: String::new(), since_ms: now_ms }
+                SlotState::DeadLettering {
+                    cause: DeadLetterCause::LeaseExpired,
+                    reason: bounded(reason, REASON_BYTES_MAX),
+                    class: String::new(),
+                    since_ms: now_ms,
+                }
             }
         };
         self.put(offset, slot);

@@ -160,8 +160,7 @@ impl PartitionState {
             ControlCommand::QueueLease { group, member, deadline_ms, new_from, new_until, redeliver } => {
                 let skipped = &self.skipped;
                 let served = |offset: u64| offset_served(skipped, offset);
-                let leased =
-                    self.consumers.lease(self.clock_ms, self.next_offset, &served, group, member, *deadline_ms, *new_from, *new_until, redeliver);
+                let leased = self.consumers.lease(self.clock_ms, self.next_offset, &served, group, member, *deadline_ms, *new_from, *new_until, redeliver);
                 ControlOutcome::Leased(leased)
             }
             ControlCommand::QueueSettle { group, member, settles } => ControlOutcome::Settled(self.consumers.settle(self.clock_ms, group, member, settles)),
@@ -409,11 +408,15 @@ mod tests {
                 let _ = apply(&mut s, 2, stamp(i as i32), &id);
                 tick(&mut s, 100 + i64::from(i) * 10);
             }
-            let lease = ControlCommand::QueueLease { group: "q".into(), member: "m".into(), deadline_ms: 9_000, new_from: 0, new_until: 100, redeliver: vec![] };
+            let lease =
+                ControlCommand::QueueLease { group: "q".into(), member: "m".into(), deadline_ms: 9_000, new_from: 0, new_until: 100, redeliver: vec![] };
             s.apply_control(&ControlEntry { leader_time_ms: 700, command: lease });
             let settles = vec![(0, 1, Settle::Ack), (1, 1, Settle::Term { reason: "bad".into(), class: "schema".into() })];
             s.apply_control(&ControlEntry { leader_time_ms: 701, command: ControlCommand::QueueSettle { group: "q".into(), member: "m".into(), settles } });
-            s.apply_control(&ControlEntry { leader_time_ms: 702, command: ControlCommand::CommitOffset { group: "s".into(), generation: Some(1), offset: 40 } });
+            s.apply_control(&ControlEntry {
+                leader_time_ms: 702,
+                command: ControlCommand::CommitOffset { group: "s".into(), generation: Some(1), offset: 40 },
+            });
             s
         };
         let (a, b) = (run(), run());

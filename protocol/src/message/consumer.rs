@@ -172,7 +172,11 @@ impl SettleOutcome {
     pub fn is_recorded(self) -> bool {
         matches!(
             self,
-            SettleOutcome::Acked | SettleOutcome::Retrying { .. } | SettleOutcome::DeadLettering | SettleOutcome::Extended { .. } | SettleOutcome::AlreadySettled
+            SettleOutcome::Acked
+                | SettleOutcome::Retrying { .. }
+                | SettleOutcome::DeadLettering
+                | SettleOutcome::Extended { .. }
+                | SettleOutcome::AlreadySettled
         )
     }
 }
@@ -298,11 +302,14 @@ pub struct DescribeMembersRequest {
     pub group: String,
 }
 
+/// A member's partitions: `(topic, partitions)`.
+pub type Assignment = Vec<(String, Vec<u32>)>;
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DescribeMembersResponse {
     pub generation: u64,
     /// `(member, ms since last heard, assignment)`.
-    pub members: Vec<(String, u64, Vec<(String, Vec<u32>)>)>,
+    pub members: Vec<(String, u64, Assignment)>,
 }
 
 mod group_patch_json {

@@ -535,7 +535,12 @@ pub fn consume(args: ConsumeArgs, connect: Connect) -> anyhow::Result<()> {
 
 /// Prints one message: its value, or (json) an object with its position, key, headers
 /// and the `extra` fields.
-pub fn print_message(out: &mut impl Write, m: &keel_client::consumer::Message, json: bool, extra: serde_json::Map<String, serde_json::Value>) -> std::io::Result<()> {
+pub fn print_message(
+    out: &mut impl Write,
+    m: &keel_client::consumer::Message,
+    json: bool,
+    extra: serde_json::Map<String, serde_json::Value>,
+) -> std::io::Result<()> {
     let value = m.value.as_deref().map(String::from_utf8_lossy).unwrap_or_default();
     if !json {
         return writeln!(out, "{value}");

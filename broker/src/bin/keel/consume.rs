@@ -12,7 +12,7 @@ use keel_client::queue::{Delivery, QueueConfig, QueueConsumer};
 use keel_protocol::message::{QueueStart, SettleOutcome};
 use tokio::io::AsyncWriteExt;
 
-use crate::client_cmds::{print_message, ConsumeArgs, Connect};
+use crate::client_cmds::{print_message, Connect, ConsumeArgs};
 
 /// How long one poll waits before the idle and signal checks run again.
 const POLL_WAIT: Duration = Duration::from_millis(500);

@@ -3,8 +3,8 @@
 
 mod client_cmds;
 mod consume;
-mod group_cmds;
 mod dev;
+mod group_cmds;
 mod serve;
 
 use clap::{Parser, Subcommand};

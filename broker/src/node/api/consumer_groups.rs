@@ -9,14 +9,14 @@ use bytes::Bytes;
 use keel_protocol::limits::{GROUP_NAME_LEN_MAX, MEMBER_NAME_LEN_MAX, QUEUE_FETCH_MESSAGES_MAX, SETTLE_ITEMS_MAX};
 use keel_protocol::message::{
     self, CommitOffsetRequest, CommitOffsetResponse, ConfigureGroupRequest, ConfigureGroupResponse, DescribeMembersRequest, DescribeMembersResponse,
-    FetchOffsetRequest, FetchOffsetResponse, GroupStateRequest, GroupStateResponse, HeartbeatRequest, HeartbeatResponse, JoinGroupRequest,
-    JoinGroupResponse, LeaveGroupRequest, QueueFetchRequest, QueueFetchResponse, QueueSettleRequest, QueueSettleResponse,
+    FetchOffsetRequest, FetchOffsetResponse, GroupStateRequest, GroupStateResponse, HeartbeatRequest, HeartbeatResponse, JoinGroupRequest, JoinGroupResponse,
+    LeaveGroupRequest, QueueFetchRequest, QueueFetchResponse, QueueSettleRequest, QueueSettleResponse,
 };
 use keel_protocol::GroupConfig;
 
 use super::{bounded, ApiError, ClientService, Request};
-use crate::node::limits::{CONSUMER_REQUEST_TIMEOUT_MAX, FETCH_BYTES_MAX, FETCH_WAIT_MAX};
 use crate::metadata::MetadataCommand;
+use crate::node::limits::{CONSUMER_REQUEST_TIMEOUT_MAX, FETCH_BYTES_MAX, FETCH_WAIT_MAX};
 use crate::node::partition::consumers::QueueFetch;
 
 /// A group or member name: 1..=max bytes of `[A-Za-z0-9._-]`.
@@ -43,10 +43,7 @@ pub async fn commit_offset(service: Arc<ClientService>, req: Request) -> Result<
     check_name("group", &req.group, GROUP_NAME_LEN_MAX)?;
     let partition = service.partition(&req.topic, req.partition)?;
     let what = format!("{}/{} (group {})", req.topic, req.partition, req.group);
-    partition
-        .commit_offset(&req.group, req.generation, req.offset, CONSUMER_REQUEST_TIMEOUT_MAX)
-        .await
-        .map_err(|error| ApiError::Partition { what, error })?;
+    partition.commit_offset(&req.group, req.generation, req.offset, CONSUMER_REQUEST_TIMEOUT_MAX).await.map_err(|error| ApiError::Partition { what, error })?;
     Ok(message::encode(&CommitOffsetResponse { offset: req.offset }))
 }
 
@@ -79,7 +76,8 @@ pub async fn queue_fetch(service: Arc<ClientService>, req: Request) -> Result<By
     };
     let what = format!("{}/{} (group {})", req.topic, req.partition, req.group);
     let leased = partition.queue_fetch(&fetch, &config, max_deliveries).await.map_err(|error| ApiError::Partition { what, error })?;
-    let head = QueueFetchResponse { leases: leased.leases, lease_deadline_ms: leased.lease_deadline_ms, high_watermark: leased.high_watermark, stall: leased.stall };
+    let head =
+        QueueFetchResponse { leases: leased.leases, lease_deadline_ms: leased.lease_deadline_ms, high_watermark: leased.high_watermark, stall: leased.stall };
     Ok(message::encode_with_batches(&head, &leased.batches))
 }
 

@@ -144,7 +144,8 @@ impl Partition {
     pub async fn committed_offset(&self, group: &str, timeout: Duration) -> Result<(Option<CommittedOffset>, u64, u64), PartitionError> {
         self.consumer_gate(Instant::now() + timeout).await?;
         let st = self.group.shared.state();
-        let committed = st.consumers.streams.get(group).map(|c| CommittedOffset { offset: c.offset, generation: c.generation, committed_at_ms: c.committed_at_ms });
+        let committed =
+            st.consumers.streams.get(group).map(|c| CommittedOffset { offset: c.offset, generation: c.generation, committed_at_ms: c.committed_at_ms });
         Ok((committed, st.next_offset, self.group.log.state().start_offset))
     }
 
@@ -206,8 +207,11 @@ impl Partition {
             }
             let plan = self.plan_lease(req, config, max_deliveries, &overlay);
             if !plan.exhausted.is_empty() {
-                let settles =
-                    plan.exhausted.iter().map(|(o, a)| (*o, *a, Settle::Expire { reason: format!("lease expired on the last allowed delivery ({a} of {max_deliveries})") })).collect();
+                let settles = plan
+                    .exhausted
+                    .iter()
+                    .map(|(o, a)| (*o, *a, Settle::Expire { reason: format!("lease expired on the last allowed delivery ({a} of {max_deliveries})") }))
+                    .collect();
                 let group = req.group.clone();
                 self.propose_control(request_deadline, |_| ControlCommand::QueueSettle { group, member: String::new(), settles }).await?;
             }
@@ -215,11 +219,21 @@ impl Partition {
             if plan.redeliver.is_empty() && !has_new && !plan.create {
                 drop(overlay);
                 if plan.stall.is_some() || Instant::now() >= deadline {
-                    return Ok(Leased { leases: Vec::new(), lease_deadline_ms: 0, high_watermark: plan.high_watermark, stall: plan.stall, batches: Vec::new() });
+                    return Ok(Leased {
+                        leases: Vec::new(),
+                        lease_deadline_ms: 0,
+                        high_watermark: plan.high_watermark,
+                        stall: plan.stall,
+                        batches: Vec::new(),
+                    });
                 }
                 // Nothing to lease yet: wait for new messages, a retry coming due, a
                 // pending lease applying, or the end of the poll.
-                let wake = plan.next_due_ms.map(|t| Instant::now() + Duration::from_millis(t.saturating_sub(now_ms()).max(1) as u64)).unwrap_or(deadline).min(deadline);
+                let wake = plan
+                    .next_due_ms
+                    .map(|t| Instant::now() + Duration::from_millis(t.saturating_sub(now_ms()).max(1) as u64))
+                    .unwrap_or(deadline)
+                    .min(deadline);
                 hw.borrow_and_update();
                 tokio::select! {
                     changed = hw.changed() => if changed.is_err() { return Err(PartitionError::NotLeader { leader: None }) },
@@ -262,7 +276,8 @@ impl Partition {
                     }
                 }
             }
-            let (group, member, redeliver, new_from, timeout) = (req.group.clone(), req.member.clone(), plan.redeliver.clone(), plan.new_from, config.lease_timeout_ms);
+            let (group, member, redeliver, new_from, timeout) =
+                (req.group.clone(), req.member.clone(), plan.redeliver.clone(), plan.new_from, config.lease_timeout_ms);
             let (rx, time) = self
                 .start_control(request_deadline, |time| ControlCommand::QueueLease {
                     group,
@@ -421,7 +436,12 @@ impl Partition {
                         Some(d) => u64::from(*d).min(config.retry_max_ms),
                         None => rand::rng().random_range(0..=config.retry_bound_ms(*attempts)),
                     };
-                    Settle::Nack { not_before_ms: now.saturating_add(delay as i64), reason: reason.clone(), class: class.clone(), dead_letter: *attempts >= max_deliveries }
+                    Settle::Nack {
+                        not_before_ms: now.saturating_add(delay as i64),
+                        reason: reason.clone(),
+                        class: class.clone(),
+                        dead_letter: *attempts >= max_deliveries,
+                    }
                 }
                 SettleVerb::Term { reason, class } => Settle::Term { reason: reason.clone(), class: class.clone() },
                 SettleVerb::Extend { ms } => Settle::Extend { deadline_ms: now.saturating_add(ms.map_or(config.lease_timeout_ms, u64::from) as i64) },
