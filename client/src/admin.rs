@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use keel_protocol::message::{
     self, AlterTopicRequest, AlterTopicResponse, BrokerInfo, ClusterStatusResponse, CommitOffsetRequest, ConfigureGroupRequest, ConfigureGroupResponse,
-    CreateTopicRequest, DeleteTopicRequest, GroupStateRequest, GroupStateResponse, TopicInfo,
+    CreateTopicRequest, DeleteTopicRequest, DescribeMembersRequest, DescribeMembersResponse, GroupStateRequest, GroupStateResponse, TopicInfo,
 };
 use keel_protocol::{api::client as api, GroupConfig, GroupConfigPatch, TopicConfig, TopicConfigPatch};
 
@@ -126,6 +126,13 @@ impl Admin {
         let deadline = Instant::now() + self.cluster.config().request_timeout;
         self.cluster.call_partition(topic, partition, api::COMMIT_OFFSET, &|_| body.clone(), deadline).await?;
         Ok(())
+    }
+
+    /// A stream group's live members and their partitions, from its coordinator.
+    pub async fn describe_members(&self, group: &str) -> Result<DescribeMembersResponse, ClientError> {
+        let body = message::encode(&DescribeMembersRequest { group: group.to_string() });
+        let (_, answer) = self.cluster.call_any(&format!("describe group {group:?}"), api::DESCRIBE_MEMBERS, &|_| body.clone()).await?;
+        message::decode(&answer).map_err(|e| ClientError::Malformed { addr: "the group coordinator".into(), reason: e.to_string() })
     }
 
     pub fn cluster(&self) -> &Cluster {

@@ -217,6 +217,25 @@ pub fn group(cmd: GroupCommand, connect: Connect) -> anyhow::Result<()> {
 async fn describe(admin: &Admin, group: &str, json: bool) -> anyhow::Result<()> {
     let mut found = false;
     let now = now_ms();
+    match admin.describe_members(group).await {
+        Ok(m) if !m.members.is_empty() => {
+            found = true;
+            for (member, since_ms, assignment) in &m.members {
+                let parts: Vec<String> =
+                    assignment.iter().map(|(t, ps)| format!("{t}:{}", ps.iter().map(u32::to_string).collect::<Vec<_>>().join(","))).collect();
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::json!({"group": group, "mode": "stream", "generation": m.generation, "member": member, "last_heard_ms": since_ms, "assignment": assignment})
+                    );
+                } else {
+                    println!("member {member}	generation {}	partitions {}	last heard {} ago", m.generation, parts.join(" "), human_ms(*since_ms));
+                }
+            }
+        }
+        Ok(_) => {}
+        Err(e) => eprintln!("warning: the group coordinator did not answer: {e}"),
+    }
     for (topic, parts) in states(admin, Some(group)).await? {
         for (p, s) in parts {
             for g in &s.streams {
