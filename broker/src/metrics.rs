@@ -32,6 +32,11 @@
 //! | `keel_queue_redelivered_total` | counter | topic, consumer_group | of those, deliveries after the first (attempt ≥ 2) |
 //! | `keel_queue_settled_total` | counter | topic, consumer_group, outcome | settle requests recorded: `acked`, `retrying`, `dead_lettering`, `extended`; and not: `already_settled`, `stale_lease`, `not_delivered`, `already_dead_lettering` |
 //! | `keel_dead_lettered_total` | counter | topic, consumer_group, reason | messages moved to the dead-letter topic: `max_deliveries` (nacked on the last allowed delivery), `term`, `lease_expired` (its lease ran out on the last allowed delivery) |
+//! | `keel_consumer_lag_messages` | gauge | group, consumer_group | on the partition's leader: messages of the partition the consumer group has not settled (stream: high watermark − committed offset; queue: high watermark − oldest unsettled offset) |
+//! | `keel_queue_unacked` | gauge | group, consumer_group | on the leader: messages leased to the queue group's members, not yet settled |
+//! | `keel_queue_waiting_retry` | gauge | group, consumer_group | on the leader: nacked messages waiting for their retry time |
+//! | `keel_queue_oldest_unsettled_age_seconds` | gauge | group, consumer_group | on the leader: since the first delivery of the queue group's oldest unsettled message (0 when none) |
+//! | `keel_dead_letter_depth_messages` | gauge | topic | on the leader of a dead-letter topic (`*.dlq`): messages it holds |
 //! | `keel_queue_stalls_total` | counter | topic, consumer_group, reason | queue fetches that leased less than the member's credit because of a bound: `max_unacked` (the member holds its group's max-unacked leases here), `window` (the oldest unsettled message holds the delivery window open) |
 
 use std::sync::OnceLock;
@@ -64,6 +69,11 @@ pub const QUEUE_REDELIVERED: &str = "keel_queue_redelivered_total";
 pub const QUEUE_SETTLED: &str = "keel_queue_settled_total";
 pub const QUEUE_STALLS: &str = "keel_queue_stalls_total";
 pub const DEAD_LETTERED: &str = "keel_dead_lettered_total";
+pub const CONSUMER_LAG: &str = "keel_consumer_lag_messages";
+pub const QUEUE_UNACKED: &str = "keel_queue_unacked";
+pub const QUEUE_WAITING_RETRY: &str = "keel_queue_waiting_retry";
+pub const QUEUE_OLDEST_UNSETTLED_AGE: &str = "keel_queue_oldest_unsettled_age_seconds";
+pub const DEAD_LETTER_DEPTH: &str = "keel_dead_letter_depth_messages";
 
 /// How often group gauges (term, leadership, under-replication, dedupe state) are sampled.
 pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
@@ -116,6 +126,11 @@ fn describe() {
     describe_counter!(QUEUE_SETTLED, Unit::Count, "Queue settle requests, by outcome.");
     describe_counter!(QUEUE_STALLS, Unit::Count, "Queue fetches held back by a bound, by reason.");
     describe_counter!(DEAD_LETTERED, Unit::Count, "Messages moved to the dead-letter topic, by reason.");
+    describe_gauge!(CONSUMER_LAG, Unit::Count, "Messages of the partition the consumer group has not settled (on the partition's leader).");
+    describe_gauge!(QUEUE_UNACKED, Unit::Count, "Messages leased to the queue group's members, not yet settled.");
+    describe_gauge!(QUEUE_WAITING_RETRY, Unit::Count, "Nacked messages waiting for their retry time.");
+    describe_gauge!(QUEUE_OLDEST_UNSETTLED_AGE, Unit::Seconds, "Time since the first delivery of the queue group's oldest unsettled message.");
+    describe_gauge!(DEAD_LETTER_DEPTH, Unit::Count, "Messages held by a dead-letter topic (on its leader).");
 }
 
 /// Messages leased to a queue group's member: `delivered` in all, `redelivered` of
@@ -247,4 +262,37 @@ pub fn record_groups(samples: &[GroupSample]) {
         under += u64::from(s.under_replicated);
     }
     gauge!(UNDER_REPLICATED_PARTITIONS).set(under as f64);
+}
+
+/// One consumer group's (or dead-letter topic's) view in one partition this node leads.
+pub struct ConsumerSample {
+    pub group: u64,
+    pub topic: String,
+    /// Empty for a dead-letter topic's depth sample.
+    pub consumer_group: String,
+    pub lag: u64,
+    pub leased: Option<u64>,
+    pub waiting: Option<u64>,
+    pub oldest_unsettled_age_ms: Option<u64>,
+}
+
+/// Records the consumer-group gauges of one sampling round.
+pub fn record_consumers(samples: &[ConsumerSample]) {
+    for s in samples {
+        if s.consumer_group.is_empty() {
+            gauge!(DEAD_LETTER_DEPTH, "topic" => s.topic.clone()).set(s.lag as f64);
+            continue;
+        }
+        let labels = [("group", s.group.to_string()), ("consumer_group", s.consumer_group.clone())];
+        gauge!(CONSUMER_LAG, &labels).set(s.lag as f64);
+        if let Some(n) = s.leased {
+            gauge!(QUEUE_UNACKED, &labels).set(n as f64);
+        }
+        if let Some(n) = s.waiting {
+            gauge!(QUEUE_WAITING_RETRY, &labels).set(n as f64);
+        }
+        if let Some(ms) = s.oldest_unsettled_age_ms {
+            gauge!(QUEUE_OLDEST_UNSETTLED_AGE, &labels).set(ms as f64 / 1000.0);
+        }
+    }
 }

@@ -9,7 +9,8 @@
 //!   leases run out, none lost;
 //! - a slow member never holds more than its credit while a fast one drains the rest.
 //!
-//! The tests share two cores: they run one at a time (`SERIAL`).
+//! The tests share two cores: they run one at a time (`SERIAL`). Their port ranges stay
+//! below Linux's ephemeral ports (32768 and up), like every other test's.
 
 mod dev_cluster;
 
@@ -122,7 +123,7 @@ fn lines(out: &str) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_group_resumes_at_its_committed_offset_after_its_member_restarts_even_across_a_leader_kill() {
     let _serial = SERIAL.lock().await;
-    let dev = Dev::start(31_000);
+    let dev = Dev::start(21_000);
     dev.create_topic("events", 1, TopicConfigPatch::default()).await;
     let values: Vec<String> = (0..100).map(|i| format!("event-{i:03}")).collect();
     dev.produce("events", values.iter().map(|v| Record::new(v.clone())).collect()).await;
@@ -162,7 +163,7 @@ async fn dead_letters(cluster: &Cluster, topic: &str) -> Vec<(keel_client::consu
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_nacked_forever_is_dead_lettered_after_exactly_max_deliveries_with_every_reason_even_across_a_leader_kill() {
     let _serial = SERIAL.lock().await;
-    let dev = Dev::start(33_000);
+    let dev = Dev::start(23_000);
     dev.create_topic("payments", 1, TopicConfigPatch { max_deliveries: Some(4), ..TopicConfigPatch::default() }).await;
     let admin = Admin::new(dev.cluster.clone());
     let fast = GroupConfigPatch { retry_base_ms: Some(50), retry_max_ms: Some(200), lease_timeout_ms: Some(3_000), ..GroupConfigPatch::default() };
@@ -259,7 +260,7 @@ async fn drain(consumer: &mut QueueConsumer, want: usize, within: Duration) -> B
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_member_s_leases_go_to_another_member_after_the_lease_timeout_and_none_is_lost() {
     let _serial = SERIAL.lock().await;
-    let dev = Dev::start(35_000);
+    let dev = Dev::start(25_000);
     dev.create_topic("jobs", 1, TopicConfigPatch::default()).await;
     let admin = Admin::new(dev.cluster.clone());
     admin.configure_group("workers", GroupConfigPatch { lease_timeout_ms: Some(3_000), ..GroupConfigPatch::default() }).await.unwrap();
@@ -301,7 +302,7 @@ async fn a_killed_member_s_leases_go_to_another_member_after_the_lease_timeout_a
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_member_never_holds_more_than_its_credit_while_a_fast_member_drains_the_rest() {
     let _serial = SERIAL.lock().await;
-    let dev = Dev::start(37_000);
+    let dev = Dev::start(27_000);
     dev.create_topic("work", 3, TopicConfigPatch::default()).await;
     dev.produce("work", (0..600).map(|i| Record::new(format!("w-{i}")).with_key(format!("k{i}"))).collect()).await;
 
@@ -339,7 +340,7 @@ async fn a_slow_member_never_holds_more_than_its_credit_while_a_fast_member_drai
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_a_stream_member_dies_the_survivor_owns_its_partitions_within_the_session_timeout_and_reads_them() {
     let _serial = SERIAL.lock().await;
-    let dev = Dev::start(39_000);
+    let dev = Dev::start(29_000);
     dev.create_topic("ledger", 4, TopicConfigPatch::default()).await;
     let session = Duration::from_secs(3);
 

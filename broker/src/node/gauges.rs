@@ -1,6 +1,7 @@
 //! Samples every hosted Raft group into the metrics every `metrics::SAMPLE_INTERVAL`:
-//! term, leadership, leader changes, under-replication, and the partition fold's
-//! dedupe state.
+//! term, leadership, leader changes, under-replication, the partition fold's dedupe
+//! state, and — for partitions this node leads — consumer groups' lag, leases and
+//! retries, and dead-letter depth.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -42,6 +43,52 @@ fn sample(g: &GroupHandle, last_leaders: &mut HashMap<u64, Option<u64>>, is_part
     }
 }
 
+/// Consumer-group and dead-letter gauges of one partition, if this node leads it.
+fn consumer_samples(p: &super::partition::Partition, now_ms: i64) -> Vec<metrics::ConsumerSample> {
+    if !p.serving_now() {
+        return Vec::new();
+    }
+    let st = p.group.shared.state();
+    let hw = st.next_offset;
+    let mut out = Vec::new();
+    for (name, c) in &st.consumers.streams {
+        out.push(metrics::ConsumerSample {
+            group: p.group.id,
+            topic: p.topic.clone(),
+            consumer_group: name.clone(),
+            lag: hw.saturating_sub(c.offset),
+            leased: None,
+            waiting: None,
+            oldest_unsettled_age_ms: None,
+        });
+    }
+    for (name, q) in &st.consumers.queues {
+        let (leased, waiting, _) = q.counts();
+        out.push(metrics::ConsumerSample {
+            group: p.group.id,
+            topic: p.topic.clone(),
+            consumer_group: name.clone(),
+            lag: hw.saturating_sub(q.floor()),
+            leased: Some(leased),
+            waiting: Some(waiting),
+            oldest_unsettled_age_ms: Some(q.slots.values().next().map_or(0, |s| now_ms.saturating_sub(s.first_delivery_ms).max(0) as u64)),
+        });
+    }
+    if p.topic.ends_with(super::dead_letters::DEAD_LETTER_SUFFIX) {
+        let start = p.group.log.state().start_offset;
+        out.push(metrics::ConsumerSample {
+            group: p.group.id,
+            topic: p.topic.clone(),
+            consumer_group: String::new(),
+            lag: hw.saturating_sub(start),
+            leased: None,
+            waiting: None,
+            oldest_unsettled_age_ms: None,
+        });
+    }
+    out
+}
+
 /// Runs until aborted.
 pub async fn run(metadata_group: GroupHandle, hosted: HostedPartitions) {
     let mut last_leaders = HashMap::new();
@@ -53,5 +100,8 @@ pub async fn run(metadata_group: GroupHandle, hosted: HostedPartitions) {
         samples.extend(partitions.iter().map(|p| sample(&p.group, &mut last_leaders, true)));
         last_leaders.retain(|g, _| samples.iter().any(|s| s.group == *g));
         metrics::record_groups(&samples);
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        let consumers: Vec<metrics::ConsumerSample> = partitions.iter().flat_map(|p| consumer_samples(p, now)).collect();
+        metrics::record_consumers(&consumers);
     }
 }
