@@ -92,3 +92,6 @@ pub const SESSION_TIMEOUT_MIN: Duration = Duration::from_millis(500);
 pub const SESSION_TIMEOUT_MAX: Duration = Duration::from_secs(300);
 /// How often the coordinator removes members whose session ran out.
 pub const SESSION_EXPIRY_SCAN: Duration = Duration::from_millis(100);
+/// How often, at most, a partition says in its log that queue delivery stalled (the
+/// stall metric counts every one).
+pub const STALL_LOG_EVERY_MS: i64 = 10_000;

@@ -26,7 +26,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::{now_ms, Partition, PartitionError};
-use crate::node::limits::{QUEUE_READ_CHUNK_BYTES, QUEUE_REDELIVER_SCAN_MAX};
+use crate::node::limits::{QUEUE_READ_CHUNK_BYTES, QUEUE_REDELIVER_SCAN_MAX, STALL_LOG_EVERY_MS};
 use crate::partition::consumers::{CommitResult, Settle, SettleResult, Slot, SlotState};
 use crate::partition::{ControlCommand, ControlEntry, ControlOutcome};
 use crate::replication::log_store::KIND_BATCH;
@@ -348,7 +348,13 @@ impl Partition {
         let credit = req.max_messages.min(config.max_unacked.saturating_sub(held));
         let cursor = overlay.cursor.filter(|_| overlay.pending > 0).unwrap_or(q.cursor).max(q.cursor);
         if credit == 0 {
-            crate::metrics::queue_stall(&self.topic, &req.group, "max_unacked");
+            self.stalled(
+                &req.group,
+                &req.member,
+                "max_unacked",
+                held,
+                "the member holds its group's max_unacked leases here; it is sent nothing more from this partition until it settles some",
+            );
             return Plan {
                 new_from: cursor,
                 new_until: cursor,
@@ -367,10 +373,20 @@ impl Partition {
                 continue;
             }
             let slot = &q.slots[&offset];
-            match &slot.state {
-                SlotState::Leased { .. } if slot.attempts >= max_deliveries => exhausted.push((offset, slot.attempts)),
-                _ if redeliver.len() < credit as usize => redeliver.push(offset),
-                _ => {}
+            let chosen = match &slot.state {
+                SlotState::Leased { .. } if slot.attempts >= max_deliveries => {
+                    exhausted.push((offset, slot.attempts));
+                    true
+                }
+                _ if redeliver.len() < credit as usize => {
+                    redeliver.push(offset);
+                    true
+                }
+                _ => false,
+            };
+            if let (true, SlotState::Leased { member, .. }) = (chosen, &slot.state) {
+                let what = "a lease ran out unsettled: the member is slow or gone; the message is delivered again";
+                self.stalled(&req.group, member, "lease_expired", offset, what);
             }
         }
         let room = u64::from(credit) - redeliver.len() as u64;
@@ -378,9 +394,29 @@ impl Partition {
         let new_until = hw.min(cursor.saturating_add(room)).min(window_end).max(cursor);
         let stall = (new_until == cursor && hw > cursor && window_end <= cursor && room > 0).then_some(Stall::Window);
         if stall.is_some() {
-            crate::metrics::queue_stall(&self.topic, &req.group, "window");
+            self.stalled(
+                &req.group,
+                &req.member,
+                "window",
+                q.floor(),
+                "the group's oldest unsettled message holds the delivery window open; nothing new is leased until it is settled",
+            );
         }
         Plan { new_from: cursor, new_until, redeliver, exhausted, stall, high_watermark: hw, next_due_ms: q.next_due(), create: false }
+    }
+
+    /// A delivery to `member` of `group` held back (or a lease of it run out), for
+    /// `reason`: counted, and said in the log at most every `STALL_LOG_EVERY_MS` per
+    /// partition.
+    fn stalled(&self, group: &str, member: &str, reason: &'static str, at: impl std::fmt::Display, what: &str) {
+        crate::metrics::queue_stall(&self.topic, group, reason);
+        let now = now_ms();
+        let last = self.stall_logged_at_ms.load(std::sync::atomic::Ordering::Relaxed);
+        if now.saturating_sub(last) >= STALL_LOG_EVERY_MS
+            && self.stall_logged_at_ms.compare_exchange(last, now, std::sync::atomic::Ordering::Relaxed, std::sync::atomic::Ordering::Relaxed).is_ok()
+        {
+            tracing::warn!(partition = %self.name(), group, member, reason, at = %at, "queue delivery stalled: {what}");
+        }
     }
 
     /// Adds to `batches` the stored batch holding each leased offset not yet covered.

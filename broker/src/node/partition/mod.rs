@@ -212,6 +212,8 @@ pub struct Partition {
     /// Notified when a settle may have made a message due sooner than a waiting queue
     /// fetch planned for.
     queue_activity: Notify,
+    /// When a queue stall was last said in the log (ms since the epoch).
+    stall_logged_at_ms: std::sync::atomic::AtomicI64,
 }
 
 /// How often, at most, a partition logs that its message-id budget throttles produces.
@@ -242,6 +244,7 @@ impl Partition {
             budget_warned_at_ms: std::sync::atomic::AtomicI64::new(i64::MIN),
             lease_locks: consumers::LeaseLocks::default(),
             queue_activity: Notify::new(),
+            stall_logged_at_ms: std::sync::atomic::AtomicI64::new(i64::MIN),
         }
     }
 
