@@ -9,6 +9,8 @@
 //! | `ack-before-fsync` | the flusher acknowledges appends at once and writes them only every 500 ms | acknowledged messages lost when a majority crashes |
 //! | `read-beyond-hw` | fetch serves the leader's whole log, committed or not, with no lease | reads of messages that are later truncated: one offset, two messages |
 //! | `skip-dedupe` | neither the leader nor applying checks producer sequences | a retried batch stored twice |
+//! | `forget-delivery-counts` | a queue fetch tells members the attempt number this leader counted itself since it became leader, not the replicated count | an attempt number delivered twice for one message after a leader change |
+//! | `ack-without-recording` | a queue ack is answered `acked` without proposing it | the message is delivered again and a second ack is answered `acked` too |
 //! | `ignore-ledger` | a group whose log lost acknowledged entries is treated as intact (the ack ledger is not consulted) | acknowledged messages lost after a minority's disk damage |
 
 /// A deliberate bug.
@@ -19,6 +21,8 @@ pub enum Sabotage {
     ReadBeyondHighWatermark,
     SkipDedupe,
     IgnoreLedger,
+    ForgetDeliveryCounts,
+    AckWithoutRecording,
 }
 
 impl Sabotage {
@@ -29,6 +33,8 @@ impl Sabotage {
             "read-beyond-hw" => Some(Sabotage::ReadBeyondHighWatermark),
             "skip-dedupe" => Some(Sabotage::SkipDedupe),
             "ignore-ledger" => Some(Sabotage::IgnoreLedger),
+            "forget-delivery-counts" => Some(Sabotage::ForgetDeliveryCounts),
+            "ack-without-recording" => Some(Sabotage::AckWithoutRecording),
             _ => None,
         }
     }

@@ -3,6 +3,8 @@
 //! verdict (forbidden, or allowed and counted), and a run that exercised too little
 //! (the *vacuity floors*) is invalid even with no anomaly.
 //!
+//! The queue workload's rows are in [`queue`].
+//!
 //! Terms: A = sends acknowledged (`ok`), U = sends whose outcome is unknown (`info`, or
 //! no completion), F = sends that definitely failed (`fail`), R = every message read
 //! anywhere (polls, whatever their completion, and each node's final log dump).
@@ -11,7 +13,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use serde::Serialize;
 
-use crate::history::{Actor, Event, Kind, Op, Read, SendOp};
+use crate::history::{Actor, Event, Kind, Op, Read, SendOp, SettleOp};
+use crate::workload::{QUEUE_MAX_DELIVERIES, QUEUE_TOPIC};
 
 /// Whether an anomaly may occur.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -45,11 +48,13 @@ pub struct Floors {
     /// Nodes whose committed log was dumped at the end (lost-on-node and split-brain
     /// compare those dumps; without them the run did not check either).
     pub dumped_nodes: u64,
+    /// Queue messages acked, when the queue workload runs.
+    pub queue_acked: u64,
 }
 
 impl Default for Floors {
     fn default() -> Self {
-        Floors { acked_sends: 100, faults: 1, leader_changes: 1, dumped_nodes: 3 }
+        Floors { acked_sends: 100, faults: 1, leader_changes: 1, dumped_nodes: 3, queue_acked: 50 }
     }
 }
 
@@ -75,6 +80,12 @@ pub struct Stats {
     /// The longest time, in milliseconds, between two consecutive acknowledgements of
     /// any send: the run's longest unavailability for writers.
     pub longest_ack_gap_ms: u64,
+    /// Queue workload: deliveries received, messages acked (answered `acked`),
+    /// messages dead-lettered, deliveries after the first attempt.
+    pub queue_delivered: u64,
+    pub queue_acked: u64,
+    pub queue_dead_lettered: u64,
+    pub queue_redelivered: u64,
 }
 
 /// The checker's answer.
@@ -172,6 +183,11 @@ pub fn check(events: &[Event], floors: Floors) -> Results {
     ] {
         rows.0.insert(name, (verdict, Row::default()));
     }
+    for (name, verdict) in queue::ROWS {
+        rows.0.insert(name, (*verdict, Row::default()));
+    }
+    let mut queue_seen = queue::QueueSeen::default();
+    let mut settle_invokes: HashMap<u64, SettleOp> = HashMap::new();
 
     // Pair invocations with completions.
     let mut sends: Vec<SendRecord> = Vec::new();
@@ -230,6 +246,19 @@ pub fn check(events: &[Event], floors: Floors) -> Results {
                 }
             }
             (Op::Damage(d), _) => damage.push((d.node, d.detections)),
+            (Op::Deliver(d), _) => queue_seen.deliveries.push(d.clone()),
+            (Op::Settle(op), Kind::Invoke) => {
+                settle_invokes.insert(e.id, op.clone());
+            }
+            (Op::Settle(op), kind) => {
+                let invoked = settle_invokes.remove(&e.id).unwrap_or_else(|| op.clone());
+                queue_seen.settles.push((SettleOp { outcome: op.outcome.clone(), ..invoked }, kind));
+            }
+            (Op::DeadLetter(d), _) => queue_seen.dead_letters.push(d.clone()),
+            (Op::QueueDrained, _) => queue_seen.drained = true,
+            // A dead-letter topic holds copies of its source's messages by design; the
+            // queue rows check it (from the dead letters read at the end).
+            (Op::Dump(d), _) if d.topic.ends_with(".dlq") => stats.dumps += 1,
             (Op::Dump(d), _) => {
                 stats.dumps += 1;
                 let log: BTreeMap<u64, String> = d.records.iter().map(|r| (r.offset, r.msg.clone())).collect();
@@ -447,6 +476,11 @@ pub fn check(events: &[Event], floors: Floors) -> Results {
         }
     }
 
+    // The queue workload's rows.
+    let queue_acked_sends: Vec<(u32, u64, String)> =
+        acked.iter().filter(|s| s.op.topic == QUEUE_TOPIC && !s.duplicate).filter_map(|s| s.offset.map(|o| (s.op.partition, o, s.op.msg.clone()))).collect();
+    queue::check(&queue_seen, QUEUE_TOPIC, &queue_acked_sends, QUEUE_MAX_DELIVERIES, &mut rows, &mut stats);
+
     // Damage detections: expected only where the nemesis damaged a disk.
     for (node, detections) in damage.iter().filter(|(_, n)| *n > 0) {
         let name = if corrupted { "damage-detected" } else { "false-damage" };
@@ -474,10 +508,25 @@ pub fn check(events: &[Event], floors: Floors) -> Results {
         vacuous
             .push(format!("{dumped_nodes} nodes' committed logs dumped, the floor is {} (lost-on-node and split-brain went unchecked)", floors.dumped_nodes));
     }
+    if queue_seen.active() || !queue_acked_sends.is_empty() {
+        if !queue_seen.drained {
+            vacuous.push("the queue workload's final drain did not finish: lost queue messages went unchecked".into());
+        }
+        if stats.queue_acked < floors.queue_acked {
+            vacuous.push(format!("{} queue messages acked, the floor is {}", stats.queue_acked, floors.queue_acked));
+        }
+        if stats.queue_dead_lettered == 0 || stats.queue_redelivered == 0 {
+            vacuous.push(format!(
+                "{} dead letters and {} redeliveries: the queue workload must exercise both",
+                stats.queue_dead_lettered, stats.queue_redelivered
+            ));
+        }
+    }
     let anomalies: Vec<Anomaly> = rows.0.into_iter().map(|(name, (verdict, r))| Anomaly { name, verdict, count: r.count, examples: r.examples }).collect();
     let valid = vacuous.is_empty() && anomalies.iter().all(|a| a.verdict == Verdict::Allowed || a.count == 0);
     Results { valid, anomalies, vacuous, stats }
 }
 
+mod queue;
 #[cfg(test)]
 mod tests;

@@ -126,6 +126,44 @@ pub struct DamageOp {
     pub detections: u64,
 }
 
+/// A queue-group delivery a member received (the W2 `queue` workload).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeliverOp {
+    pub topic: String,
+    pub partition: u32,
+    pub offset: u64,
+    pub msg: String,
+    /// The attempt number the broker gave it.
+    pub attempt: u32,
+    pub member: String,
+}
+
+/// A member's answer about one delivery: `verb` is `ack` or `nack`; an `ok` completion
+/// carries the broker's outcome (`acked`, `already-settled`, `retrying`,
+/// `dead-lettering`, `stale-lease`, …).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SettleOp {
+    pub topic: String,
+    pub partition: u32,
+    pub offset: u64,
+    pub attempt: u32,
+    pub verb: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<String>,
+}
+
+/// One dead letter found in the dead-letter topic at the end of the run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetterOp {
+    pub topic: String,
+    pub source_partition: u32,
+    pub source_offset: u64,
+    pub msg: String,
+    pub attempts: u32,
+    pub cause: String,
+    pub dlq_offset: u64,
+}
+
 /// What an event is about.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "f", content = "value", rename_all = "lowercase")]
@@ -136,6 +174,14 @@ pub enum Op {
     Leader(LeaderOp),
     Dump(DumpOp),
     Damage(DamageOp),
+    Deliver(DeliverOp),
+    Settle(SettleOp),
+    #[serde(rename = "deadletter")]
+    DeadLetter(DeadLetterOp),
+    /// The queue workload's final drain ended with nothing left to deliver (the
+    /// queue rows are only meaningful then).
+    #[serde(rename = "queuedrained")]
+    QueueDrained,
 }
 
 /// One line of `history.jsonl`.

@@ -22,6 +22,7 @@ pub mod damage;
 pub mod history;
 pub mod nemesis;
 pub mod nodes;
+pub mod queue;
 pub mod report;
 pub mod runner;
 pub mod topology;

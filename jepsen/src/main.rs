@@ -53,6 +53,15 @@ struct RunArgs {
     readers: usize,
     #[arg(long, default_value_t = 3)]
     idem_producers: usize,
+    /// W2 queue workload: producers to the queue topic, and queue-group members that
+    /// ack, nack (poison messages always) and crash now and then.
+    #[arg(long, default_value_t = 0)]
+    queue_producers: usize,
+    #[arg(long, default_value_t = 0)]
+    queue_members: usize,
+    /// Queue messages acked that a valid run with the queue workload has at least.
+    #[arg(long, default_value_t = 100)]
+    min_queue_acked: u64,
     /// Messages/s per producer.
     #[arg(long, default_value_t = 100.0)]
     rate: f64,
@@ -121,8 +130,16 @@ fn run_one(args: &RunArgs, seed: u64) -> anyhow::Result<runner::RunSummary> {
         log_producers: args.log_producers,
         readers: args.readers,
         idem_producers: args.idem_producers,
+        queue_producers: args.queue_producers,
+        queue_members: args.queue_members,
         rate: args.rate,
-        floors: Floors { acked_sends: args.min_acked, faults: args.min_faults, leader_changes: args.min_leader_changes, dumped_nodes: 3 },
+        floors: Floors {
+            acked_sends: args.min_acked,
+            faults: args.min_faults,
+            leader_changes: args.min_leader_changes,
+            dumped_nodes: 3,
+            queue_acked: args.min_queue_acked,
+        },
         keep_data: args.keep_data,
         sabotage: args.sabotage.clone(),
     };
@@ -227,7 +244,7 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
         }
         Cli::Check { history, min_acked, min_faults, min_leader_changes } => {
             let events = keel_jepsen::history::read(&history)?;
-            let floors = Floors { acked_sends: min_acked, faults: min_faults, leader_changes: min_leader_changes, dumped_nodes: 0 };
+            let floors = Floors { acked_sends: min_acked, faults: min_faults, leader_changes: min_leader_changes, dumped_nodes: 0, queue_acked: 0 };
             let results = keel_jepsen::checker::check(&events, floors);
             println!("{}", serde_json::to_string_pretty(&results)?);
             Ok(if results.valid { std::process::ExitCode::SUCCESS } else { std::process::ExitCode::FAILURE })

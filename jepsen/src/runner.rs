@@ -38,6 +38,9 @@ pub struct RunConfig {
     pub log_producers: usize,
     pub readers: usize,
     pub idem_producers: usize,
+    /// W2 producers and queue-group members.
+    pub queue_producers: usize,
+    pub queue_members: usize,
     /// Messages/s per producer.
     pub rate: f64,
     pub floors: Floors,
@@ -205,6 +208,10 @@ pub async fn run(config: RunConfig, placement: Placement) -> Result<RunSummary, 
         })
         .await?;
     }
+    let queue = config.queue_producers > 0 || config.queue_members > 0;
+    if queue {
+        wait_for("the queue topic's creation", CONVERGE_LIMIT, async || workload::create_queue(&cluster).await).await?;
+    }
     wait_for("a leader on every partition", CONVERGE_LIMIT, async || every_partition_led(&cluster).await).await?;
 
     let stop_clients = Arc::new(AtomicBool::new(false));
@@ -227,6 +234,12 @@ pub async fn run(config: RunConfig, placement: Placement) -> Result<RunSummary, 
     }
     for i in 0..config.idem_producers {
         workers.spawn(workload::idem_producer(ctx.clone(), (i as u32) % PARTITIONS, config.rate));
+    }
+    for i in 0..config.queue_producers {
+        workers.spawn(workload::queue_producer(ctx.clone(), config.rate, config.seed.wrapping_add(2000 + i as u64)));
+    }
+    for i in 0..config.queue_members {
+        workers.spawn(workload::queue_member(ctx.clone(), config.seed.wrapping_add(3000 + i as u64)));
     }
     let nemesis = tokio::spawn(nemesis::run(nodes.clone(), recorder.clone(), faults.clone(), config.interval, config.seed, hint, stop_nemesis.clone()));
 
@@ -252,6 +265,12 @@ pub async fn run(config: RunConfig, placement: Placement) -> Result<RunSummary, 
     }
     if let Err(e) = drain(&ctx).await {
         problems.push(format!("the final drain did not finish: {e}"));
+    }
+    if queue {
+        match workload::queue_drain(&ctx).await {
+            Ok(()) => recorder.note(Actor::Runner, Op::QueueDrained),
+            Err(e) => problems.push(format!("the queue drain did not finish: {e}")),
+        }
     }
     if let Err(e) = wait_for("every replica applying the same log", CONVERGE_LIMIT, async || replicas_converged(&cluster, 3).await).await {
         problems.push(format!("the replicas did not converge: {e}"));

@@ -10,6 +10,9 @@
 //!   with the **same** bytes, epoch and sequence until it is answered — across faults —
 //!   and a producer occasionally starts over with a new id ("crash").
 //!
+//! - **W2 `queue`** (`crate::queue`): producers to a queue topic and queue-group members
+//!   that ack, nack and crash.
+//!
 //! A send completes `ok` with its offset, `fail` when the broker definitely did not
 //! append it, `info` when that is unknown (`ClientError::outcome`).
 
@@ -28,6 +31,7 @@ use keel_protocol::ErrorCode;
 use tokio::sync::Semaphore;
 
 use crate::history::{Actor, Kind, Op, PollOp, Read, Recorder, SendOp, Stamp};
+pub use crate::queue::{create_queue, queue_drain, queue_member, queue_producer, QUEUE_MAX_DELIVERIES, QUEUE_TOPIC};
 
 /// The W1 topic.
 pub const LOG_TOPIC: &str = "jepsen-log";

@@ -57,7 +57,7 @@ impl H {
     }
 
     fn check(&self) -> Results {
-        check(&self.events, Floors { acked_sends: 1, faults: 0, leader_changes: 0, dumped_nodes: 0 })
+        check(&self.events, Floors { acked_sends: 1, faults: 0, leader_changes: 0, dumped_nodes: 0, queue_acked: 0 })
     }
 }
 
@@ -263,7 +263,7 @@ fn a_run_that_exercised_too_little_is_invalid_without_any_anomaly() {
     for (leader, term) in [(1, 1), (2, 2)] {
         h.push(101, Actor::Runner, Kind::Info, Op::Leader(LeaderOp { topic: T.into(), partition: 0, leader: Some(leader), term }));
     }
-    let r = check(&h.events, Floors { acked_sends: 3, faults: 1, leader_changes: 1, dumped_nodes: 0 });
+    let r = check(&h.events, Floors { acked_sends: 3, faults: 1, leader_changes: 1, dumped_nodes: 0, queue_acked: 0 });
     assert!(r.valid, "{r:#?}");
 }
 

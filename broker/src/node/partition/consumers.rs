@@ -309,6 +309,23 @@ impl Partition {
             if leased.is_empty() {
                 continue; // created the group, or raced with another entry: plan again
             }
+            let leased = if crate::sabotage::active(crate::sabotage::Sabotage::ForgetDeliveryCounts) {
+                // Sabotage: attempts as this leader counted them since it began leading.
+                let mut counts = self.sabotage_attempts.lock().expect("sabotage lock poisoned");
+                if counts.0 != term {
+                    *counts = (term, HashMap::new());
+                }
+                leased
+                    .into_iter()
+                    .map(|(o, _)| {
+                        let n = counts.1.entry((req.group.clone(), o)).or_insert(0);
+                        *n += 1;
+                        (o, *n)
+                    })
+                    .collect()
+            } else {
+                leased
+            };
             self.read_leased(&leased, &mut batches).await?;
             let offsets: Vec<u64> = leased.iter().map(|(o, _)| *o).collect();
             let served = batches.into_iter().filter(|(base, b)| covers(&offsets, *base, b)).map(|(_, b)| b).collect();
@@ -483,6 +500,10 @@ impl Partition {
                 SettleVerb::Extend { ms } => Settle::Extend { deadline_ms: now.saturating_add(ms.map_or(config.lease_timeout_ms, u64::from) as i64) },
             };
             planned.push((item.offset, item.attempt, settle));
+        }
+        if crate::sabotage::active(crate::sabotage::Sabotage::AckWithoutRecording) && planned.iter().all(|(_, _, s)| matches!(s, Settle::Ack)) {
+            // Sabotage: acks answered without being recorded.
+            return Ok(planned.iter().map(|_| SettleOutcome::Acked).collect());
         }
         let command = ControlCommand::QueueSettle { group: group.to_string(), member: member.to_string(), settles: planned.clone() };
         let (outcome, _) = self.propose_control(deadline, |_| command).await?;

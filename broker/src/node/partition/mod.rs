@@ -214,6 +214,9 @@ pub struct Partition {
     queue_activity: Notify,
     /// When a queue stall was last said in the log (ms since the epoch).
     stall_logged_at_ms: std::sync::atomic::AtomicI64,
+    /// Sabotage `forget-delivery-counts` only: per (group, offset), deliveries counted by
+    /// this leader in the term it leads.
+    sabotage_attempts: std::sync::Mutex<(u64, HashMap<(String, u64), u32>)>,
 }
 
 /// How often, at most, a partition logs that its message-id budget throttles produces.
@@ -245,6 +248,7 @@ impl Partition {
             lease_locks: consumers::LeaseLocks::default(),
             queue_activity: Notify::new(),
             stall_logged_at_ms: std::sync::atomic::AtomicI64::new(i64::MIN),
+            sabotage_attempts: std::sync::Mutex::default(),
         }
     }
 
