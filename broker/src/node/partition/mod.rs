@@ -216,8 +216,12 @@ pub struct Partition {
     stall_logged_at_ms: std::sync::atomic::AtomicI64,
     /// Sabotage `forget-delivery-counts` only: per (group, offset), deliveries counted by
     /// this leader in the term it leads.
-    sabotage_attempts: std::sync::Mutex<(u64, HashMap<(String, u64), u32>)>,
+    sabotage_attempts: std::sync::Mutex<SabotageAttempts>,
 }
+
+/// Sabotage `forget-delivery-counts`: the term, and per (group, offset) the deliveries
+/// this leader counted in it.
+type SabotageAttempts = (u64, HashMap<(String, u64), u32>);
 
 /// How often, at most, a partition logs that its message-id budget throttles produces.
 const BUDGET_WARNING_EVERY_MS: i64 = 10_000;
