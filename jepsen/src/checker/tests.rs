@@ -303,3 +303,158 @@ fn the_longest_gap_between_acknowledgements_and_the_deduplicated_retries_are_cou
     assert_eq!(r.stats.longest_ack_gap_ms, ((before + 1) * 1000 - 5 * 1000) / 1_000_000);
     assert!(r.stats.longest_ack_gap_ms >= 2, "{}", r.stats.longest_ack_gap_ms);
 }
+
+// ----- the queue rows -----
+
+mod queue_rows {
+    use super::*;
+    use crate::history::{DeadLetterOp, DeliverOp, SettleOp};
+    use crate::workload::QUEUE_TOPIC;
+
+    impl H {
+        fn queue_send(&mut self, msg: &str, offset: u64) {
+            let id = self.id();
+            let op = SendOp { topic: QUEUE_TOPIC.into(), partition: 0, msg: msg.into(), idempotent: true, stamp: None, offset: None, duplicate: false };
+            self.push(id, Actor::Client(1), Kind::Invoke, Op::Send(op.clone()));
+            self.push(id, Actor::Client(1), Kind::Ok, Op::Send(SendOp { offset: Some(offset), ..op }));
+        }
+
+        fn deliver(&mut self, offset: u64, attempt: u32) {
+            let id = self.id();
+            let op = DeliverOp { topic: QUEUE_TOPIC.into(), partition: 0, offset, msg: format!("m{offset}"), attempt, member: "w".into() };
+            self.push(id, Actor::Client(2), Kind::Info, Op::Deliver(op));
+        }
+
+        fn settle(&mut self, offset: u64, attempt: u32, verb: &str, outcome: &str) {
+            let id = self.id();
+            let op = SettleOp { topic: QUEUE_TOPIC.into(), partition: 0, offset, attempt, verb: verb.into(), outcome: None };
+            self.push(id, Actor::Client(2), Kind::Invoke, Op::Settle(op.clone()));
+            self.push(id, Actor::Client(2), Kind::Ok, Op::Settle(SettleOp { outcome: Some(outcome.into()), ..op }));
+        }
+
+        fn dead_letter(&mut self, offset: u64) {
+            let id = self.id();
+            let op = DeadLetterOp {
+                topic: QUEUE_TOPIC.into(),
+                source_partition: 0,
+                source_offset: offset,
+                msg: format!("m{offset}"),
+                attempts: QUEUE_MAX_DELIVERIES,
+                cause: "max_deliveries".into(),
+                dlq_offset: 0,
+            };
+            self.push(id, Actor::Runner, Kind::Info, Op::DeadLetter(op));
+        }
+
+        fn drained(&mut self) {
+            let id = self.id();
+            self.push(id, Actor::Runner, Kind::Info, Op::QueueDrained);
+        }
+    }
+
+    /// Two messages: one acked after a retry, one dead-lettered after max deliveries.
+    fn clean_queue() -> H {
+        let mut h = H::default();
+        h.queue_send("m0", 0);
+        h.queue_send("m1", 1);
+        h.deliver(0, 1);
+        h.settle(0, 1, "nack", "retrying");
+        h.deliver(0, 2);
+        h.settle(0, 2, "ack", "acked");
+        h.settle(0, 2, "ack", "already-settled");
+        for a in 1..=QUEUE_MAX_DELIVERIES {
+            h.deliver(1, a);
+            h.settle(1, a, "nack", if a < QUEUE_MAX_DELIVERIES { "retrying" } else { "dead-lettering" });
+        }
+        h.dead_letter(1);
+        h.drained();
+        // The log rows see the queue topic through the nodes' dumps.
+        let id = h.id();
+        let records = vec![Read { offset: 0, msg: "m0".into() }, Read { offset: 1, msg: "m1".into() }];
+        h.push(id, Actor::Runner, Kind::Info, Op::Dump(DumpOp { node: 1, topic: QUEUE_TOPIC.into(), partition: 0, records }));
+        h
+    }
+
+    #[test]
+    fn a_clean_queue_history_is_valid() {
+        let r = clean_queue().check();
+        assert!(r.valid, "{r:#?}");
+        assert_eq!((r.stats.queue_acked, r.stats.queue_dead_lettered), (1, 1));
+        assert!(r.anomaly("queue-redelivered").unwrap().count > 0);
+    }
+
+    #[test]
+    fn a_message_neither_acked_nor_dead_lettered_is_lost() {
+        let mut h = clean_queue();
+        h.queue_send("m2", 2);
+        h.deliver(2, 1);
+        assert_flags(&h, "queue-lost");
+    }
+
+    #[test]
+    fn without_the_final_drain_the_run_is_vacuous_not_lossy() {
+        let mut h = H::default();
+        h.queue_send("m0", 0);
+        h.deliver(0, 1);
+        let r = h.check();
+        assert_eq!(r.anomaly("queue-lost").unwrap().count, 0);
+        assert!(!r.valid && r.vacuous.iter().any(|v| v.contains("drain")), "{r:#?}");
+    }
+
+    #[test]
+    fn two_acks_answered_acked_are_a_double_ack() {
+        let mut h = clean_queue();
+        h.deliver(0, 3);
+        h.settle(0, 3, "ack", "acked");
+        assert_flags(&h, "queue-double-ack");
+    }
+
+    #[test]
+    fn an_acked_message_in_the_dead_letter_topic_is_flagged() {
+        let mut h = clean_queue();
+        h.dead_letter(0);
+        assert_flags(&h, "queue-acked-and-dead-lettered");
+    }
+
+    #[test]
+    fn a_message_dead_lettered_twice_is_flagged() {
+        let mut h = clean_queue();
+        h.dead_letter(1);
+        assert_flags(&h, "queue-dead-lettered-twice");
+    }
+
+    #[test]
+    fn an_attempt_number_delivered_twice_is_a_forgotten_count() {
+        let mut h = clean_queue();
+        h.deliver(0, 1);
+        assert_flags(&h, "queue-attempt-repeated");
+    }
+
+    #[test]
+    fn an_attempt_beyond_max_deliveries_is_flagged() {
+        let mut h = clean_queue();
+        h.deliver(1, QUEUE_MAX_DELIVERIES + 1);
+        assert_flags(&h, "queue-attempts-over-max");
+    }
+
+    #[test]
+    fn dead_letter_topic_dumps_are_not_duplicates_of_their_sources() {
+        let mut h = clean_queue();
+        let id = h.id();
+        h.push(
+            id,
+            Actor::Runner,
+            Kind::Info,
+            Op::Dump(DumpOp { node: 1, topic: format!("{QUEUE_TOPIC}.dlq"), partition: 0, records: vec![Read { offset: 0, msg: "m1".into() }] }),
+        );
+        let id = h.id();
+        h.push(
+            id,
+            Actor::Runner,
+            Kind::Info,
+            Op::Dump(DumpOp { node: 1, topic: QUEUE_TOPIC.into(), partition: 0, records: vec![Read { offset: 1, msg: "m1".into() }] }),
+        );
+        let r = h.check();
+        assert_eq!(r.anomaly("duplicate-append").unwrap().count, 0, "{r:#?}");
+    }
+}
