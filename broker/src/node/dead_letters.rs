@@ -13,7 +13,9 @@
 //!    first and last delivery, the cause, and every attempt's member, outcome, reason
 //!    and error class) and a message id derived from group, topic, partition and
 //!    offset — so a retry after a failure or a leader change is recognised by the
-//!    dead-letter topic's dedupe window (a day) and stored once;
+//!    dead-letter topic's dedupe window (a day) and stored once; a batch refused
+//!    because some of its letters were stored by an earlier round is sent again
+//!    without them (the refusal stored nothing);
 //! 4. only then proposes `QueueDeadLettered`, which settles the source messages.
 //!
 //! The dead-letter topic is created on first use, with the source topic's replica
@@ -28,7 +30,7 @@ use keel_net::{CallError, Caller};
 use keel_protocol::api::client as api;
 use keel_protocol::batch::MESSAGE_ID_HEADER;
 use keel_protocol::limits::{BATCH_SIZE_MAX, RECORD_HEADER_COUNT_MAX};
-use keel_protocol::message::{self, CreateTopicRequest, NotLeader, ProduceRequest};
+use keel_protocol::message::{self, CreateTopicRequest, DuplicateMessageIds, NotLeader, ProduceRequest};
 use keel_protocol::{BatchBuilder, BatchOptions, BatchView, ErrorCode, NewRecord, TopicConfigPatch};
 use siphasher::sip128::{Hasher128, SipHasher13};
 
@@ -112,7 +114,7 @@ impl Writer {
         p.batches_holding(&offsets, &mut stored).await.map_err(|e| format!("reading the source messages: {e}"))?;
         let views: Vec<BatchView> = stored.into_values().filter_map(|b| BatchView::parse(b).ok()).collect();
         let now = now_ms();
-        let mut builder = new_builder(max_bytes)?;
+        let mut letters: Vec<Letter> = Vec::with_capacity(jobs.len());
         let mut settled: BTreeMap<String, Vec<u64>> = BTreeMap::new();
         let mut causes: Vec<(String, &'static str)> = Vec::new();
         for job in &jobs {
@@ -121,33 +123,22 @@ impl Writer {
                 v.records().filter_map(Result::ok).find(|r| base + u64::from(r.offset_delta) == job.offset)
             });
             let SlotState::DeadLettering { cause, .. } = &job.slot.state else { continue };
-            let failure = failure_record(p, job, record.as_ref(), now);
-            let id = dead_letter_id(&job.group, &p.topic, p.partition, job.offset);
-            let source_headers: Vec<(&str, Option<&[u8]>)> =
-                record.as_ref().map_or(Vec::new(), |r| r.headers().filter(|(k, _)| *k != MESSAGE_ID_HEADER).collect());
-            let keep = source_headers.len().min(RECORD_HEADER_COUNT_MAX as usize - 2);
-            let mut headers = source_headers[..keep].to_vec();
-            headers.push((FAILURE_HEADER, Some(failure.as_bytes())));
-            let new = NewRecord {
-                timestamp_ms: now,
-                key: record.as_ref().and_then(|r| r.key),
-                value: record.as_ref().and_then(|r| r.value),
-                headers: &headers,
-                message_id: Some(id.as_bytes()),
-            };
-            if builder.push(new).is_err() {
-                let full = std::mem::replace(&mut builder, new_builder(max_bytes)?);
-                if !full.is_empty() {
-                    self.produce(&dlq, full.finish().map_err(|e| e.to_string())?).await?;
-                }
-                builder.push(new).map_err(|e| format!("the dead letter of offset {} does not fit a batch: {e}", job.offset))?;
-            }
+            let mut headers: Vec<(String, Option<Bytes>)> = record.as_ref().map_or(Vec::new(), |r| {
+                r.headers().filter(|(k, _)| *k != MESSAGE_ID_HEADER).map(|(k, v)| (k.to_string(), v.map(Bytes::copy_from_slice))).collect()
+            });
+            headers.truncate(RECORD_HEADER_COUNT_MAX as usize - 2);
+            headers.push((FAILURE_HEADER.to_string(), Some(Bytes::from(failure_record(p, job, record.as_ref(), now)))));
+            letters.push(Letter {
+                offset: job.offset,
+                key: record.as_ref().and_then(|r| r.key).map(Bytes::copy_from_slice),
+                value: record.as_ref().and_then(|r| r.value).map(Bytes::copy_from_slice),
+                headers,
+                id: dead_letter_id(&job.group, &p.topic, p.partition, job.offset),
+            });
             settled.entry(job.group.clone()).or_default().push(job.offset);
             causes.push((job.group.clone(), cause.as_str()));
         }
-        if !builder.is_empty() {
-            self.produce(&dlq, builder.finish().map_err(|e| e.to_string())?).await?;
-        }
+        self.produce_all(&dlq, max_bytes, letters, now).await?;
         for (group, offsets) in settled {
             let n = p
                 .dead_lettered(&group, offsets, DEAD_LETTER_REQUEST_TIMEOUT)
@@ -193,8 +184,47 @@ impl Writer {
         }
     }
 
+    /// Appends every letter to the dead-letter topic's partition 0, in batches of at
+    /// most `max_bytes`. A batch refused because some of its letters are stored already
+    /// (an earlier round stored them and then failed to settle) is sent again without
+    /// them: a refused batch stores nothing, so treating it as done would lose the rest.
+    async fn produce_all(&self, dlq: &str, max_bytes: u32, letters: Vec<Letter>, now: i64) -> Result<(), String> {
+        let mut rest: &[Letter] = &letters;
+        while !rest.is_empty() {
+            // As many letters as fit one batch (at least one).
+            let mut builder = new_builder(max_bytes)?;
+            let mut n = 0;
+            for l in rest {
+                if builder.push(l.record(now).as_new()).is_err() {
+                    break;
+                }
+                n += 1;
+            }
+            if n == 0 {
+                return Err(format!("the dead letter of offset {} does not fit a batch of {max_bytes} bytes", rest[0].offset));
+            }
+            let mut chunk: Vec<&Letter> = rest[..n].iter().collect();
+            rest = &rest[n..];
+            while !chunk.is_empty() {
+                let mut b = new_builder(max_bytes)?;
+                for l in &chunk {
+                    b.push(l.record(now).as_new()).map_err(|e| e.to_string())?;
+                }
+                match self.produce(dlq, b.finish().map_err(|e| e.to_string())?).await {
+                    Ok(()) => break,
+                    Err(Refusal::Stored(indexes)) => {
+                        let stored: std::collections::BTreeSet<usize> = indexes.into_iter().map(|i| i as usize).collect();
+                        chunk = chunk.into_iter().enumerate().filter(|(i, _)| !stored.contains(i)).map(|(_, l)| l).collect();
+                    }
+                    Err(Refusal::Failed(e)) => return Err(e),
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Appends `batch` to the dead-letter topic's partition 0, through its leader.
-    async fn produce(&self, dlq: &str, batch: Bytes) -> Result<(), String> {
+    async fn produce(&self, dlq: &str, batch: Bytes) -> Result<(), Refusal> {
         let req = ProduceRequest { topic: dlq.to_string(), partition: 0, timeout_ms: DEAD_LETTER_REQUEST_TIMEOUT.as_millis() as u32 };
         let payload = message::encode_with_batches(&req, &[batch]);
         let leader = match self.service.partition(dlq, 0) {
@@ -203,9 +233,11 @@ impl Writer {
         };
         match self.call_leader(leader, api::PRODUCE, &|_| payload.clone()).await {
             Ok(_) => Ok(()),
-            // Every record's id is stored already: an earlier round stored these.
-            Err(CallError::Refused { code: ErrorCode::DuplicateMessageIds, .. }) => Ok(()),
-            Err(e) => Err(format!("appending to {dlq}: {e}")),
+            Err(CallError::Refused { code: ErrorCode::DuplicateMessageIds, body, .. }) => match message::decode::<DuplicateMessageIds>(&body) {
+                Ok(d) => Err(Refusal::Stored(d.records.into_iter().map(|(i, _)| i).collect())),
+                Err(e) => Err(Refusal::Failed(format!("appending to {dlq}: a DuplicateMessageIds refusal that does not decode: {e}"))),
+            },
+            Err(e) => Err(Refusal::Failed(format!("appending to {dlq}: {e}"))),
         }
     }
 
@@ -243,6 +275,47 @@ impl Writer {
         }
         Err(last.unwrap_or(CallError::Unreachable { target, addr: String::new(), reason: "no node answered as leader".into() }))
     }
+}
+
+/// A dead letter, ready to append.
+struct Letter {
+    offset: u64,
+    key: Option<Bytes>,
+    value: Option<Bytes>,
+    headers: Vec<(String, Option<Bytes>)>,
+    id: String,
+}
+
+impl Letter {
+    fn record(&self, now: i64) -> OwnedRecord<'_> {
+        OwnedRecord { letter: self, now, headers: self.headers.iter().map(|(k, v)| (k.as_str(), v.as_deref())).collect() }
+    }
+}
+
+/// A letter's record with its header slice (what `NewRecord` borrows).
+struct OwnedRecord<'a> {
+    letter: &'a Letter,
+    now: i64,
+    headers: Vec<(&'a str, Option<&'a [u8]>)>,
+}
+
+impl OwnedRecord<'_> {
+    fn as_new(&self) -> NewRecord<'_> {
+        NewRecord {
+            timestamp_ms: self.now,
+            key: self.letter.key.as_deref(),
+            value: self.letter.value.as_deref(),
+            headers: &self.headers,
+            message_id: Some(self.letter.id.as_bytes()),
+        }
+    }
+}
+
+/// Why the dead-letter topic refused an append.
+enum Refusal {
+    /// These records' (batch indexes) ids are stored already; nothing was written.
+    Stored(Vec<u32>),
+    Failed(String),
 }
 
 fn new_builder(max_bytes: u32) -> Result<BatchBuilder, String> {

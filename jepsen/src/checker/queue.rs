@@ -2,7 +2,8 @@
 //! member or dead-lettered — exactly one of the two, once — and the attempt numbers the
 //! broker gives a message never repeat and never pass max deliveries, across faults.
 //!
-//! Acked means a settle answered `acked`: the broker says it recorded *this* ack, so
+//! A message whose ack ended with an unknown outcome (`info`) may be settled by that ack,
+//! so it is never counted lost. Acked means a settle answered `acked`: the broker says it recorded *this* ack, so
 //! two such answers for one message mean an ack was answered without being recorded
 //! (the second should have been `already-settled`). An attempt number delivered twice
 //! means a delivery count was forgotten (a leader that did not know the count).
@@ -63,7 +64,12 @@ pub(super) fn check(seen: &QueueSeen, topic: &str, acked_sends: &[(u32, u64, Str
     }
     let mut acked: BTreeMap<Key, u32> = BTreeMap::new();
     let mut settled: BTreeSet<Key> = BTreeSet::new();
+    // An ack whose answer was lost may have been recorded: the message may be settled.
+    let mut maybe_settled: BTreeSet<Key> = BTreeSet::new();
     for (s, kind) in seen.settles.iter().filter(|(s, _)| s.topic == topic) {
+        if s.verb == "ack" && *kind == Kind::Info {
+            maybe_settled.insert((s.partition, s.offset));
+        }
         if *kind != Kind::Ok || s.verb != "ack" {
             continue;
         }
@@ -99,7 +105,7 @@ pub(super) fn check(seen: &QueueSeen, topic: &str, acked_sends: &[(u32, u64, Str
     }
     if seen.drained {
         for (p, o, msg) in acked_sends {
-            if !settled.contains(&(*p, *o)) && !dead.contains_key(&(*p, *o)) {
+            if !settled.contains(&(*p, *o)) && !dead.contains_key(&(*p, *o)) && !maybe_settled.contains(&(*p, *o)) {
                 rows.row("queue-lost").add(|| format!("{topic}/{p}@{o} ({msg}): acknowledged, never acked nor dead-lettered"));
             }
         }

@@ -392,6 +392,18 @@ mod queue_rows {
     }
 
     #[test]
+    fn a_message_whose_ack_outcome_is_unknown_is_not_lost() {
+        let mut h = clean_queue();
+        h.queue_send("m2", 2);
+        h.deliver(2, 1);
+        let id = h.id();
+        let op = SettleOp { topic: QUEUE_TOPIC.into(), partition: 0, offset: 2, attempt: 1, verb: "ack".into(), outcome: None };
+        h.push(id, Actor::Client(2), Kind::Invoke, Op::Settle(op.clone()));
+        h.push(id, Actor::Client(2), Kind::Info, Op::Settle(op));
+        assert_eq!(h.check().anomaly("queue-lost").unwrap().count, 0);
+    }
+
+    #[test]
     fn without_the_final_drain_the_run_is_vacuous_not_lossy() {
         let mut h = H::default();
         h.queue_send("m0", 0);
