@@ -297,10 +297,18 @@ impl Partition {
             } else {
                 overlay.add(&req.member, has_new.then_some(new_until), &plan.redeliver, count);
                 drop(overlay);
-                let outcome = self.finish_control(rx, request_deadline).await;
-                lock.lock().await.remove(term, &req.member, &plan.redeliver, count);
-                self.queue_activity.notify_waiters();
-                outcome?
+                // The overlay entry is removed by a task of its own: a request cancelled
+                // now (its connection closed) must not leave it behind, or its offsets
+                // would never be redelivered in this term.
+                let (tx, done) = oneshot::channel();
+                let (me, lock, member, redeliver) = (self.clone(), lock.clone(), req.member.clone(), plan.redeliver.clone());
+                tokio::spawn(async move {
+                    let outcome = me.finish_control(rx, request_deadline).await;
+                    lock.lock().await.remove(term, &member, &redeliver, count);
+                    me.queue_activity.notify_waiters();
+                    let _ = tx.send(outcome);
+                });
+                done.await.map_err(|_| PartitionError::OutcomeUnknown { leader: None })??
             };
             let ControlOutcome::Leased(leased) = outcome else {
                 return Err(PartitionError::Storage(format!("a lease was applied as {outcome:?}")));
