@@ -159,6 +159,17 @@ pub struct Slot {
     pub history: Vec<AttemptRecord>,
 }
 
+/// A lease entry's terms: to `member` until `deadline_ms`, the due offsets in
+/// `redeliver` and the never-delivered ones in `new_from..new_until`.
+#[derive(Debug, Clone, Copy)]
+pub struct Lease<'a> {
+    pub member: &'a str,
+    pub deadline_ms: i64,
+    pub new_from: u64,
+    pub new_until: u64,
+    pub redeliver: &'a [u64],
+}
+
 /// What a member asks of one leased message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Settle {
@@ -318,18 +329,8 @@ impl QueueGroup {
     /// Applies a lease: redelivers the due offsets listed and delivers new ones from
     /// `new_from` (which must be the cursor) up to `new_until`, skipping offsets that are
     /// never served. Returns `(offset, attempt)` of every message leased.
-    #[allow(clippy::too_many_arguments)]
-    fn lease(
-        &mut self,
-        now_ms: i64,
-        end: u64,
-        served: &dyn Fn(u64) -> bool,
-        member: &str,
-        deadline_ms: i64,
-        new_from: u64,
-        new_until: u64,
-        redeliver: &[u64],
-    ) -> Vec<(u64, u32)> {
+    fn lease(&mut self, now_ms: i64, end: u64, served: &dyn Fn(u64) -> bool, lease: &Lease<'_>) -> Vec<(u64, u32)> {
+        let Lease { member, deadline_ms, new_from, new_until, redeliver } = *lease;
         let member = bounded(member, MEMBER_BYTES_MAX);
         let mut out = Vec::new();
         for &offset in redeliver {
@@ -516,21 +517,9 @@ impl ConsumerGroups {
     }
 
     /// Applies a lease for queue group `group` (created at `new_from` on its first lease).
-    #[allow(clippy::too_many_arguments)]
-    pub fn lease(
-        &mut self,
-        now_ms: i64,
-        end: u64,
-        served: &dyn Fn(u64) -> bool,
-        group: &str,
-        member: &str,
-        deadline_ms: i64,
-        new_from: u64,
-        new_until: u64,
-        redeliver: &[u64],
-    ) -> Vec<(u64, u32)> {
-        let q = self.queues.entry(group.to_string()).or_insert_with(|| QueueGroup::new(new_from.min(end)));
-        q.lease(now_ms, end, served, member, deadline_ms, new_from, new_until, redeliver)
+    pub fn lease(&mut self, now_ms: i64, end: u64, served: &dyn Fn(u64) -> bool, group: &str, lease: &Lease<'_>) -> Vec<(u64, u32)> {
+        let q = self.queues.entry(group.to_string()).or_insert_with(|| QueueGroup::new(lease.new_from.min(end)));
+        q.lease(now_ms, end, served, lease)
     }
 
     /// Applies settle requests of `member` (`(offset, attempt, what)`), in order.
@@ -599,7 +588,7 @@ mod tests {
 
     fn lease_new(g: &mut ConsumerGroups, now: i64, end: u64, member: &str, until: u64) -> Vec<(u64, u32)> {
         let from = g.queues.get("q").map_or(0, |q| q.cursor);
-        g.lease(now, end, &all, "q", member, now + 30_000, from, until, &[])
+        g.lease(now, end, &all, "q", &Lease { member, deadline_ms: now + 30_000, new_from: from, new_until: until, redeliver: &[] })
     }
 
     fn nack(now: i64, retry_at: i64) -> Settle {
@@ -637,7 +626,10 @@ mod tests {
     fn a_lease_that_raced_another_is_refused_for_its_new_part() {
         let mut g = ConsumerGroups::default();
         lease_new(&mut g, 0, 10, "a", 5);
-        assert!(g.lease(0, 10, &all, "q", "b", 30_000, 0, 5, &[]).is_empty(), "offsets 0..5 were leased to a");
+        assert!(
+            g.lease(0, 10, &all, "q", &Lease { member: "b", deadline_ms: 30_000, new_from: 0, new_until: 5, redeliver: &[] }).is_empty(),
+            "offsets 0..5 were leased to a"
+        );
         assert_eq!(g.queues["q"].leased_by("b"), 0);
     }
 
@@ -645,7 +637,10 @@ mod tests {
     fn offsets_never_served_are_skipped_and_count_as_settled() {
         let mut g = ConsumerGroups::default();
         let served = |o: u64| !(2..4).contains(&o);
-        assert_eq!(g.lease(0, 6, &served, "q", "a", 10, 0, 6, &[]), vec![(0, 1), (1, 1), (4, 1), (5, 1)]);
+        assert_eq!(
+            g.lease(0, 6, &served, "q", &Lease { member: "a", deadline_ms: 10, new_from: 0, new_until: 6, redeliver: &[] }),
+            vec![(0, 1), (1, 1), (4, 1), (5, 1)]
+        );
         assert_eq!(g.settle(0, "q", "a", &[(2, 1, Settle::Ack)]), vec![SettleResult::AlreadySettled]);
     }
 
@@ -658,8 +653,11 @@ mod tests {
         assert_eq!(q.leased_by("a"), 0, "a waiting message holds no in-flight slot");
         assert!(q.due(1_099, 10).is_empty());
         assert_eq!(q.due(1_100, 10), vec![0]);
-        assert!(g.lease(1_000, 10, &all, "q", "b", 31_000, 1, 1, &[0]).is_empty(), "not due yet at 1000");
-        assert_eq!(g.lease(1_100, 10, &all, "q", "b", 31_100, 1, 1, &[0]), vec![(0, 2)]);
+        assert!(
+            g.lease(1_000, 10, &all, "q", &Lease { member: "b", deadline_ms: 31_000, new_from: 1, new_until: 1, redeliver: &[0] }).is_empty(),
+            "not due yet at 1000"
+        );
+        assert_eq!(g.lease(1_100, 10, &all, "q", &Lease { member: "b", deadline_ms: 31_100, new_from: 1, new_until: 1, redeliver: &[0] }), vec![(0, 2)]);
         let slot = &g.queues["q"].slots[&0];
         assert_eq!(slot.history.len(), 1);
         assert_eq!((slot.history[0].outcome, slot.history[0].member.as_str(), slot.history[0].reason.as_str()), (AttemptOutcome::Nacked, "a", "failed at 100"));
@@ -670,7 +668,7 @@ mod tests {
         let mut g = ConsumerGroups::default();
         lease_new(&mut g, 0, 10, "a", 1);
         // a's lease expires and b gets attempt 2
-        assert_eq!(g.lease(30_000, 10, &all, "q", "b", 60_000, 1, 1, &[0]), vec![(0, 2)]);
+        assert_eq!(g.lease(30_000, 10, &all, "q", &Lease { member: "b", deadline_ms: 60_000, new_from: 1, new_until: 1, redeliver: &[0] }), vec![(0, 2)]);
         assert_eq!(g.settle(30_001, "q", "a", &[(0, 1, nack(30_001, 0))]), vec![SettleResult::StaleLease { attempts: 2 }]);
         assert_eq!(g.settle(30_001, "q", "a", &[(0, 1, Settle::Extend { deadline_ms: 99_000 })]), vec![SettleResult::StaleLease { attempts: 2 }]);
         assert_eq!(g.settle(30_001, "q", "b", &[(0, 2, Settle::Extend { deadline_ms: 90_000 })]), vec![SettleResult::Done]);

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashSet};
 use serde::{Deserialize, Serialize};
 
 use super::command::{ControlCommand, ControlEntry, PartitionConfig};
-use super::consumers::{CommitResult, ConsumerGroups, ConsumerParts, SettleResult};
+use super::consumers::{CommitResult, ConsumerGroups, ConsumerParts, Lease, SettleResult};
 use super::message_ids::{IdDigest, MessageIdWindow, WindowParts};
 use super::producers::{decide, ProducerStamp, ProducerTable, StoredAt, Verdict};
 
@@ -160,7 +160,8 @@ impl PartitionState {
             ControlCommand::QueueLease { group, member, deadline_ms, new_from, new_until, redeliver } => {
                 let skipped = &self.skipped;
                 let served = |offset: u64| offset_served(skipped, offset);
-                let leased = self.consumers.lease(self.clock_ms, self.next_offset, &served, group, member, *deadline_ms, *new_from, *new_until, redeliver);
+                let lease = Lease { member, deadline_ms: *deadline_ms, new_from: *new_from, new_until: *new_until, redeliver };
+                let leased = self.consumers.lease(self.clock_ms, self.next_offset, &served, group, &lease);
                 ControlOutcome::Leased(leased)
             }
             ControlCommand::QueueSettle { group, member, settles } => ControlOutcome::Settled(self.consumers.settle(self.clock_ms, group, member, settles)),
