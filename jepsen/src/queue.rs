@@ -13,15 +13,13 @@
 use std::time::Duration;
 
 use keel_client::consumer::{Consumer, StartAt};
-use keel_client::producer::{Producer, ProducerConfig, Record};
 use keel_client::queue::{Delivery, QueueConfig, QueueConsumer};
 use keel_client::{Admin, ClientError, Cluster};
 use keel_protocol::message::{CreateTopicRequest, SettleOutcome};
 use keel_protocol::{ErrorCode, GroupConfigPatch, TopicConfigPatch};
-use tokio::sync::Semaphore;
 
-use crate::history::{Actor, DeadLetterOp, DeliverOp, Kind, Op, SendOp, SettleOp};
-use crate::workload::{Ctx, PARTITIONS};
+use crate::history::{Actor, DeadLetterOp, DeliverOp, Kind, Op, SettleOp};
+use crate::workload::{kind_of, produce_loop, Ctx, PARTITIONS};
 
 /// The W2 topic and its group.
 pub const QUEUE_TOPIC: &str = "jepsen-queue";
@@ -58,49 +56,17 @@ pub async fn create_queue(cluster: &Cluster) -> bool {
     admin.configure_group(QUEUE_GROUP, group).await.is_ok()
 }
 
-fn kind_of(e: &ClientError) -> Kind {
-    match e.outcome() {
-        keel_client::Outcome::Definite => Kind::Fail,
-        keel_client::Outcome::Indefinite => Kind::Info,
-    }
-}
-
-/// One W2 producer at `rate` messages/s until stopped.
+/// One W2 producer at `rate` messages/s until stopped (every `POISON_EVERY`th message
+/// is poison).
 pub async fn queue_producer(ctx: Ctx, rate: f64, seed: u64) -> Result<(), ClientError> {
-    let process = ctx.process();
-    let mut rng = fastrand::Rng::with_seed(seed);
-    let producer = std::sync::Arc::new(Producer::new(ctx.cluster.clone(), ProducerConfig { linger: Duration::from_millis(2), ..ProducerConfig::default() })?);
-    let window = std::sync::Arc::new(Semaphore::new(SENDS_IN_FLIGHT_MAX));
-    let start = tokio::time::Instant::now();
-    let mut counter = 0u64;
-    while !ctx.stop.load(std::sync::atomic::Ordering::Relaxed) {
-        if rate > 0.0 {
-            tokio::time::sleep_until(start + Duration::from_secs_f64(counter as f64 / rate)).await;
+    let name = |process: u64, counter: u64| {
+        if counter % POISON_EVERY == 5 {
+            format!("{process}-{counter}-poison")
+        } else {
+            format!("{process}-{counter}")
         }
-        let permit = window.clone().acquire_owned().await.expect("never closed");
-        let partition = rng.u32(0..PARTITIONS);
-        let msg = if counter % POISON_EVERY == 5 { format!("{process}-{counter}-poison") } else { format!("{process}-{counter}") };
-        counter += 1;
-        let op = SendOp { topic: QUEUE_TOPIC.into(), partition, msg: msg.clone(), idempotent: true, stamp: None, offset: None, duplicate: false };
-        let id = ctx.recorder.invoke(Actor::Client(process), Op::Send(op.clone()));
-        let ack = match producer.send(QUEUE_TOPIC, Record { partition: Some(partition), ..Record::new(msg) }).await {
-            Ok(a) => a,
-            Err(e) => {
-                ctx.recorder.complete(id, Actor::Client(process), kind_of(&e), Op::Send(op), Some(e.to_string()));
-                continue;
-            }
-        };
-        let recorder = ctx.recorder.clone();
-        tokio::spawn(async move {
-            match ack.wait().await {
-                Ok(d) => recorder.complete(id, Actor::Client(process), Kind::Ok, Op::Send(SendOp { offset: Some(d.offset), ..op }), None),
-                Err(e) => recorder.complete(id, Actor::Client(process), kind_of(&e), Op::Send(op), Some(e.to_string())),
-            }
-            drop(permit);
-        });
-    }
-    let _ = window.acquire_many(SENDS_IN_FLIGHT_MAX as u32).await;
-    Ok(())
+    };
+    produce_loop(ctx, QUEUE_TOPIC, rate, seed, SENDS_IN_FLIGHT_MAX, name).await
 }
 
 fn outcome_name(o: SettleOutcome) -> &'static str {

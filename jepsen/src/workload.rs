@@ -28,7 +28,7 @@ use keel_protocol::api::client as api;
 use keel_protocol::batch::{BatchBuilder, BatchOptions, NewRecord};
 use keel_protocol::message::{self, Duplicate, InitProducerRequest, InitProducerResponse, ProduceRequest, ProduceResponse, ProducerIdentity};
 use keel_protocol::ErrorCode;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::history::{Actor, Kind, Op, PollOp, Read, Recorder, SendOp, Stamp};
 pub use crate::queue::{create_queue, queue_drain, queue_member, queue_producer, QUEUE_MAX_DELIVERIES, QUEUE_TOPIC};
@@ -69,7 +69,7 @@ impl Ctx {
     }
 }
 
-fn kind_of(e: &ClientError) -> Kind {
+pub fn kind_of(e: &ClientError) -> Kind {
     match e.outcome() {
         Outcome::Definite => Kind::Fail,
         Outcome::Indefinite => Kind::Info,
@@ -85,42 +85,55 @@ async fn pace(start: tokio::time::Instant, sent: u64, rate: f64) {
 
 /// One W1 producer at `rate` messages/s until stopped.
 pub async fn log_producer(ctx: Ctx, rate: f64, seed: u64) -> Result<(), ClientError> {
+    produce_loop(ctx, LOG_TOPIC, rate, seed, LOG_SENDS_IN_FLIGHT_MAX, |process, counter| format!("{process}-{counter}")).await
+}
+
+/// A producer of unique messages `name(process, counter)` to random partitions of
+/// `topic` at `rate` messages/s until stopped, at most `in_flight` unacknowledged;
+/// every send recorded. Returns once every send completed.
+pub async fn produce_loop(ctx: Ctx, topic: &'static str, rate: f64, seed: u64, in_flight: usize, name: fn(u64, u64) -> String) -> Result<(), ClientError> {
     let process = ctx.process();
     let mut rng = fastrand::Rng::with_seed(seed);
     let producer = Arc::new(Producer::new(ctx.cluster.clone(), ProducerConfig { linger: Duration::from_millis(2), ..ProducerConfig::default() })?);
-    let window = Arc::new(Semaphore::new(LOG_SENDS_IN_FLIGHT_MAX));
+    let window = Arc::new(Semaphore::new(in_flight));
     let start = tokio::time::Instant::now();
     let mut counter = 0u64;
     while !ctx.stopped() {
         pace(start, counter, rate).await;
         let permit = window.clone().acquire_owned().await.expect("never closed");
         let partition = rng.u32(0..PARTITIONS);
-        let msg = format!("{process}-{counter}");
+        let msg = name(process, counter);
         counter += 1;
-        let op = SendOp { topic: LOG_TOPIC.into(), partition, msg: msg.clone(), idempotent: true, stamp: None, offset: None, duplicate: false };
-        let id = ctx.recorder.invoke(Actor::Client(process), Op::Send(op.clone()));
-        let record = Record { partition: Some(partition), ..Record::new(msg) };
-        let ack = match producer.send(LOG_TOPIC, record).await {
-            Ok(a) => a,
-            Err(e) => {
-                ctx.recorder.complete(id, Actor::Client(process), kind_of(&e), Op::Send(op), Some(e.to_string()));
-                continue;
-            }
-        };
-        let recorder = ctx.recorder.clone();
-        tokio::spawn(async move {
-            match ack.wait().await {
-                // No message ids here: a `duplicate` delivery is a recognised retry, and
-                // its offset is this message's own.
-                Ok(d) => recorder.complete(id, Actor::Client(process), Kind::Ok, Op::Send(SendOp { offset: Some(d.offset), ..op }), None),
-                Err(e) => recorder.complete(id, Actor::Client(process), kind_of(&e), Op::Send(op), Some(e.to_string())),
-            }
-            drop(permit);
-        });
+        send_recorded(&ctx, process, &producer, topic, partition, msg, permit).await;
     }
     // Every send completes before the worker ends.
-    let _ = window.acquire_many(LOG_SENDS_IN_FLIGHT_MAX as u32).await;
+    let _ = window.acquire_many(in_flight as u32).await;
     Ok(())
+}
+
+/// Sends `msg` to `topic`/`partition` through `producer` (idempotent, no message id),
+/// recording the invocation and — from a task of its own — the completion; `permit`
+/// is released once the send completes.
+async fn send_recorded(ctx: &Ctx, process: u64, producer: &Producer, topic: &str, partition: u32, msg: String, permit: OwnedSemaphorePermit) {
+    let op = SendOp { topic: topic.into(), partition, msg: msg.clone(), idempotent: true, stamp: None, offset: None, duplicate: false };
+    let id = ctx.recorder.invoke(Actor::Client(process), Op::Send(op.clone()));
+    let ack = match producer.send(topic, Record { partition: Some(partition), ..Record::new(msg) }).await {
+        Ok(a) => a,
+        Err(e) => {
+            ctx.recorder.complete(id, Actor::Client(process), kind_of(&e), Op::Send(op), Some(e.to_string()));
+            return;
+        }
+    };
+    let recorder = ctx.recorder.clone();
+    tokio::spawn(async move {
+        match ack.wait().await {
+            // No message ids here: a `duplicate` delivery is a recognised retry, and its
+            // offset is this message's own.
+            Ok(d) => recorder.complete(id, Actor::Client(process), Kind::Ok, Op::Send(SendOp { offset: Some(d.offset), ..op }), None),
+            Err(e) => recorder.complete(id, Actor::Client(process), kind_of(&e), Op::Send(op), Some(e.to_string())),
+        }
+        drop(permit);
+    });
 }
 
 /// Where a reader starts in each partition.
