@@ -141,6 +141,18 @@ async fn a_stream_group_resumes_at_its_committed_offset_after_its_member_restart
     assert!(third.is_empty(), "everything was committed: {third:?}");
     let other = dev_cluster::run_ok(dev.keel().args(["consume", "events", "--group", "billing", "--idle-timeout", "2s"]));
     assert_eq!(lines(&other).len(), 100, "another group has its own offsets");
+
+    // A reset is refused while a member is live (its next commit would undo it) …
+    let member = GroupConsumer::join(dev.cluster.clone(), "events", "audit", StreamGroupConfig::default()).await.unwrap();
+    let refused = dev.keel().args(["group", "reset", "audit", "--topic", "events", "--to-offset", "90"]).output().unwrap();
+    assert!(!refused.status.success(), "a reset with a live member must fail");
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(why.contains("live member") && why.contains("--force"), "the refusal says why and what to do: {why}");
+    member.close().await.unwrap();
+    // … and done once it left: the next member starts at the new offset.
+    dev_cluster::run_ok(dev.keel().args(["group", "reset", "audit", "--topic", "events", "--to-offset", "90"]));
+    let after_reset = dev_cluster::run_ok(dev.keel().args(["consume", "events", "--group", "audit", "--idle-timeout", "2s"]));
+    assert_eq!(lines(&after_reset), values[90..], "the group continues from the reset offset");
     dev.stop();
 }
 

@@ -271,7 +271,12 @@ impl QueueGroup {
     fn index(&mut self, offset: u64, slot: &Slot) {
         match &slot.state {
             SlotState::Leased { member, deadline_ms, .. } => {
-                *self.leased_by.entry(member.clone()).or_default() += 1;
+                match self.leased_by.get_mut(member) {
+                    Some(n) => *n += 1,
+                    None => {
+                        self.leased_by.insert(member.clone(), 1);
+                    }
+                }
                 self.timers.insert((*deadline_ms, offset));
             }
             SlotState::Waiting { not_before_ms } => {

@@ -32,10 +32,14 @@ pub enum GroupCommand {
         #[command(flatten)]
         settings: GroupSettings,
     },
-    /// Set a stream group's committed offsets in a topic (stop its members first: they
-    /// read the new offsets when they next start).
+    /// Set a stream group's committed offsets in a topic. Refused while the group has
+    /// live members (their next commit would overwrite the reset): stop them first;
+    /// they read the new offsets when they next start.
     Reset {
         group: String,
+        /// Reset even though members are live.
+        #[arg(long)]
+        force: bool,
         #[arg(long)]
         topic: String,
         /// Only this partition (default: every partition).
@@ -179,8 +183,17 @@ pub fn group(cmd: GroupCommand, connect: Connect) -> anyhow::Result<()> {
                     print_group_config(&config);
                 }
             }
-            GroupCommand::Reset { group, topic, partition, to_offset, to_time, to_earliest, to_latest } => {
+            GroupCommand::Reset { group, force, topic, partition, to_offset, to_time, to_earliest, to_latest } => {
                 let cluster = admin.cluster().clone();
+                let live = admin.describe_members(&group).await.with_context(|| format!("asking the coordinator whether {group} has live members"))?;
+                if !live.members.is_empty() && !force {
+                    let names: Vec<&str> = live.members.iter().map(|(m, ..)| m.as_str()).collect();
+                    bail!(
+                        "group {group} has {} live member(s) ({}): their next commit would overwrite the reset. Stop them first, or pass --force",
+                        names.len(),
+                        names.join(", ")
+                    );
+                }
                 let partitions: Vec<u32> = match partition {
                     Some(p) => vec![p],
                     None => (0..cluster.partitions(&topic).await?).collect(),
