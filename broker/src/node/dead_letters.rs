@@ -38,6 +38,7 @@ use super::api::ClientService;
 use super::limits::{DEAD_LETTER_BATCH_MAX, DEAD_LETTER_REQUEST_TIMEOUT, DEAD_LETTER_SCAN_INTERVAL};
 use super::partition::consumers::DeadLetterJob;
 use super::partition::Partition;
+use crate::metadata::state::TOPIC_NAME_LEN_MAX;
 use crate::partition::consumers::SlotState;
 
 /// The header carrying a dead letter's failure record (JSON).
@@ -50,9 +51,19 @@ const DEAD_LETTER_DEDUPE_WINDOW_MS: u64 = 24 * 60 * 60 * 1000;
 /// Room a dead letter needs beyond its source message: the failure record.
 const FAILURE_RECORD_ROOM: u32 = 128 * 1024;
 
-/// The dead-letter topic of `topic`.
+/// The dead-letter topic of `topic`: `<topic>.dlq`, or, when that would be longer than
+/// a topic name may be, the name's first bytes, `-`, a hash of the whole name and
+/// `.dlq` (so every topic has a dead-letter topic of its own, stable across nodes).
 pub fn dead_letter_topic(topic: &str) -> String {
-    format!("{topic}{DEAD_LETTER_SUFFIX}")
+    if topic.len() + DEAD_LETTER_SUFFIX.len() <= TOPIC_NAME_LEN_MAX {
+        return format!("{topic}{DEAD_LETTER_SUFFIX}");
+    }
+    let mut h = SipHasher13::new_with_keys(0x6b65_656c_646c_7133, 0x6b65_656c_646c_7134);
+    std::hash::Hasher::write(&mut h, topic.as_bytes());
+    let hash = format!("-{:016x}", std::hash::Hasher::finish(&h));
+    // Topic names are ASCII, so any byte index is a character boundary.
+    let keep = TOPIC_NAME_LEN_MAX - DEAD_LETTER_SUFFIX.len() - hash.len();
+    format!("{}{hash}{DEAD_LETTER_SUFFIX}", &topic[..keep])
 }
 
 /// The message id of the dead letter of `topic`/`partition`@`offset` in `group`.
@@ -371,5 +382,20 @@ mod tests {
         assert_ne!(dead_letter_id("a", "bc", 0, 0), dead_letter_id("ab", "c", 0, 0));
         let long = dead_letter_id(&"g".repeat(128), &"t".repeat(249), u32::MAX, u64::MAX);
         assert!(long.len() <= keel_protocol::limits::MESSAGE_ID_LEN_MAX);
+    }
+
+    #[test]
+    fn every_valid_topic_name_has_a_valid_dead_letter_topic_of_its_own() {
+        use crate::metadata::state::valid_topic_name;
+        assert_eq!(dead_letter_topic("orders"), "orders.dlq");
+        let fits = "o".repeat(TOPIC_NAME_LEN_MAX - DEAD_LETTER_SUFFIX.len());
+        assert_eq!(dead_letter_topic(&fits), format!("{fits}.dlq"));
+        let (a, b) = ("a".repeat(TOPIC_NAME_LEN_MAX), format!("{}b", "a".repeat(TOPIC_NAME_LEN_MAX - 1)));
+        for name in [&a, &b, &fits] {
+            let dlq = dead_letter_topic(name);
+            assert!(valid_topic_name(&dlq) && dlq.ends_with(DEAD_LETTER_SUFFIX), "{dlq:?}");
+            assert!(valid_topic_name(&dead_letter_topic(&dlq)), "a dead-letter topic has one too");
+        }
+        assert_ne!(dead_letter_topic(&a), dead_letter_topic(&b), "long names differing only at the end get distinct ones");
     }
 }

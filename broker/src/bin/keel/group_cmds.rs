@@ -9,12 +9,10 @@ use keel_client::{Admin, Cluster};
 use keel_protocol::message::GroupStateResponse;
 use keel_protocol::{GroupConfig, GroupConfigPatch};
 
+use keel_broker::node::dead_letters::{dead_letter_topic, FAILURE_HEADER};
+
 use crate::client_cmds::{runtime, Connect};
 
-/// Suffix of a topic's dead-letter topic (as the broker names it).
-const DEAD_LETTER_SUFFIX: &str = ".dlq";
-/// The header carrying a dead letter's failure record.
-const FAILURE_HEADER: &str = "keel-dlq";
 /// Sample offsets shown per reason by `keel dlq inspect`.
 const SAMPLES_PER_REASON: usize = 5;
 
@@ -335,7 +333,7 @@ pub fn dlq(cmd: DlqCommand, connect: Connect) -> anyhow::Result<()> {
         let cluster = connect.cluster()?;
         match cmd {
             DlqCommand::Inspect { topic, group } => {
-                let dlq = format!("{topic}{DEAD_LETTER_SUFFIX}");
+                let dlq = dead_letter_topic(&topic);
                 if !cluster.metadata(true).await?.topics.iter().any(|t| t.name == dlq) {
                     if connect.json {
                         println!("{}", serde_json::json!({"topic": topic, "dead_letter_topic": dlq, "dead_letters": 0, "reasons": []}));
@@ -398,7 +396,7 @@ pub fn dlq(cmd: DlqCommand, connect: Connect) -> anyhow::Result<()> {
                 }
             }
             DlqCommand::Show { topic, offset } => {
-                let dlq = format!("{topic}{DEAD_LETTER_SUFFIX}");
+                let dlq = dead_letter_topic(&topic);
                 let consumer = Consumer::new(cluster.clone(), &dlq, StartAt::Earliest).await?;
                 let f = consumer.fetch_partition(0, offset, Duration::ZERO).await?;
                 let Some(m) = f.messages.into_iter().find(|m| m.offset == offset) else {
