@@ -36,7 +36,12 @@
 //! | `keel_queue_unacked` | gauge | group, consumer_group | on the leader: messages leased to the queue group's members, not yet settled |
 //! | `keel_queue_waiting_retry` | gauge | group, consumer_group | on the leader: nacked messages waiting for their retry time |
 //! | `keel_queue_oldest_unsettled_age_seconds` | gauge | group, consumer_group | on the leader: since the first delivery of the queue group's oldest unsettled message (0 when none) |
+//! | `keel_consumer_lag_seconds` | gauge | group, consumer_group | on the leader: age of the oldest message the consumer group has not settled (stream: the one at the committed offset; queue: the oldest unsettled, delivered or not), by its batch's newest timestamp; 0 when caught up |
 //! | `keel_dead_letter_depth_messages` | gauge | topic | on the leader of a dead-letter topic (`*.dlq`): messages it holds |
+//! | `keel_dead_letter_oldest_age_seconds` | gauge | topic | on the leader of a dead-letter topic: age of its oldest dead letter, by its batch's timestamp; 0 when empty |
+//!
+//! The consumer and dead-letter gauges are set by the partition's leader; a node that
+//! stops leading sets the ones it reported to 0, so a sum over nodes counts each once.
 //! | `keel_queue_stalls_total` | counter | topic, consumer_group, reason | queue fetches that leased less than the member's credit because of a bound: `max_unacked` (the member holds its group's max-unacked leases here), `window` (the oldest unsettled message holds the delivery window open), `lease_expired` (a member's lease ran out unsettled; the message is delivered again) |
 
 use std::sync::OnceLock;
@@ -74,6 +79,8 @@ pub const QUEUE_UNACKED: &str = "keel_queue_unacked";
 pub const QUEUE_WAITING_RETRY: &str = "keel_queue_waiting_retry";
 pub const QUEUE_OLDEST_UNSETTLED_AGE: &str = "keel_queue_oldest_unsettled_age_seconds";
 pub const DEAD_LETTER_DEPTH: &str = "keel_dead_letter_depth_messages";
+pub const CONSUMER_LAG_AGE: &str = "keel_consumer_lag_seconds";
+pub const DEAD_LETTER_OLDEST_AGE: &str = "keel_dead_letter_oldest_age_seconds";
 
 /// How often group gauges (term, leadership, under-replication, dedupe state) are sampled.
 pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
@@ -274,6 +281,26 @@ pub struct ConsumerSample {
     pub leased: Option<u64>,
     pub waiting: Option<u64>,
     pub oldest_unsettled_age_ms: Option<u64>,
+    /// The oldest offset not consumed (stream: committed; queue: floor; dead-letter
+    /// topic: log start) when behind: the message whose age is the lag age.
+    pub behind_from: Option<u64>,
+    /// Age of the message at `behind_from` (0 when caught up); filled in by the sampler.
+    pub lag_age_ms: Option<u64>,
+}
+
+/// Zeroes the gauges of a consumer group (or, with an empty `consumer_group`, of a
+/// dead-letter topic) this node sampled last round and no longer does (it stopped
+/// leading the partition, or the group is gone), so sums across nodes stay right.
+pub fn zero_consumer(group: u64, topic: &str, consumer_group: &str) {
+    if consumer_group.is_empty() {
+        gauge!(DEAD_LETTER_DEPTH, "topic" => topic.to_string()).set(0.0);
+        gauge!(DEAD_LETTER_OLDEST_AGE, "topic" => topic.to_string()).set(0.0);
+        return;
+    }
+    let labels = [("group", group.to_string()), ("consumer_group", consumer_group.to_string())];
+    for name in [CONSUMER_LAG, QUEUE_UNACKED, QUEUE_WAITING_RETRY, QUEUE_OLDEST_UNSETTLED_AGE, CONSUMER_LAG_AGE] {
+        gauge!(name, &labels).set(0.0);
+    }
 }
 
 /// Records the consumer-group gauges of one sampling round.
@@ -281,6 +308,9 @@ pub fn record_consumers(samples: &[ConsumerSample]) {
     for s in samples {
         if s.consumer_group.is_empty() {
             gauge!(DEAD_LETTER_DEPTH, "topic" => s.topic.clone()).set(s.lag as f64);
+            if let Some(ms) = s.lag_age_ms {
+                gauge!(DEAD_LETTER_OLDEST_AGE, "topic" => s.topic.clone()).set(ms as f64 / 1000.0);
+            }
             continue;
         }
         let labels = [("group", s.group.to_string()), ("consumer_group", s.consumer_group.clone())];
@@ -293,6 +323,9 @@ pub fn record_consumers(samples: &[ConsumerSample]) {
         }
         if let Some(ms) = s.oldest_unsettled_age_ms {
             gauge!(QUEUE_OLDEST_UNSETTLED_AGE, &labels).set(ms as f64 / 1000.0);
+        }
+        if let Some(ms) = s.lag_age_ms {
+            gauge!(CONSUMER_LAG_AGE, &labels).set(ms as f64 / 1000.0);
         }
     }
 }

@@ -132,6 +132,19 @@ async fn a_stream_group_resumes_at_its_committed_offset_after_its_member_restart
 
     let first = dev_cluster::run_ok(dev.keel().args(["consume", "events", "--group", "audit", "--max", "40"]));
     assert_eq!(lines(&first), values[..40], "the first member reads from the start and stops after 40");
+    // The group is 60 messages behind: its lag age is that of message 40, and grows.
+    let lag_age = |min: f64, max: f64| {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let age = dev_cluster::metric_max(dev.bootstrap.split(','), "keel_consumer_lag_seconds{").unwrap_or(-1.0);
+            if (min..=max).contains(&age) {
+                return age;
+            }
+            assert!(Instant::now() < deadline, "keel_consumer_lag_seconds stayed {age}, not in {min}..={max}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    eprintln!("lag age while 60 behind: {} s", lag_age(1.0, 120.0));
 
     dev.kill_leader("events", 0).await;
     let second = dev_cluster::run_ok(dev.keel().args(["consume", "events", "--group", "audit", "--idle-timeout", "3s"]));
@@ -139,6 +152,7 @@ async fn a_stream_group_resumes_at_its_committed_offset_after_its_member_restart
 
     let third = dev_cluster::run_ok(dev.keel().args(["consume", "events", "--group", "audit", "--idle-timeout", "2s"]));
     assert!(third.is_empty(), "everything was committed: {third:?}");
+    lag_age(0.0, 0.0);
     let other = dev_cluster::run_ok(dev.keel().args(["consume", "events", "--group", "billing", "--idle-timeout", "2s"]));
     assert_eq!(lines(&other).len(), 100, "another group has its own offsets");
 
@@ -234,6 +248,18 @@ async fn a_message_nacked_forever_is_dead_lettered_after_exactly_max_deliveries_
     let cause = f["cause"].as_str().unwrap();
     assert!(cause == "max_deliveries" || cause == "lease_expired", "{f}");
     assert!(attempts_seen.iter().filter(|a| history.iter().any(|h| h["attempt"] == **a && h["outcome"] == "nacked")).count() >= 2);
+    // The dead-letter topic's leader reports its depth and the age of its oldest letter.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let series = |name: &str| dev_cluster::metric_max(dev.bootstrap.split(','), &format!("{name}{{topic=\"payments.dlq\"}}"));
+    while series("keel_dead_letter_depth_messages") != Some(1.0) || !series("keel_dead_letter_oldest_age_seconds").is_some_and(|a| (1.0..120.0).contains(&a)) {
+        assert!(
+            Instant::now() < deadline,
+            "dead-letter gauges: depth {:?}, oldest age {:?}",
+            series("keel_dead_letter_depth_messages"),
+            series("keel_dead_letter_oldest_age_seconds")
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     dev.stop();
 }
 

@@ -3,7 +3,7 @@
 //! state, and — for partitions this node leads — consumer groups' lag, leases and
 //! retries, and dead-letter depth.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use openraft::async_runtime::watch::WatchReceiver;
@@ -60,6 +60,8 @@ fn consumer_samples(p: &super::partition::Partition, now_ms: i64) -> Vec<metrics
             leased: None,
             waiting: None,
             oldest_unsettled_age_ms: None,
+            behind_from: (c.offset < hw).then_some(c.offset),
+            lag_age_ms: None,
         });
     }
     for (name, q) in &st.consumers.queues {
@@ -72,6 +74,8 @@ fn consumer_samples(p: &super::partition::Partition, now_ms: i64) -> Vec<metrics
             leased: Some(leased),
             waiting: Some(waiting),
             oldest_unsettled_age_ms: Some(q.slots.values().next().map_or(0, |s| now_ms.saturating_sub(s.first_delivery_ms).max(0) as u64)),
+            behind_from: (q.floor() < hw).then_some(q.floor()),
+            lag_age_ms: None,
         });
     }
     if p.topic.ends_with(super::dead_letters::DEAD_LETTER_SUFFIX) {
@@ -84,14 +88,56 @@ fn consumer_samples(p: &super::partition::Partition, now_ms: i64) -> Vec<metrics
             leased: None,
             waiting: None,
             oldest_unsettled_age_ms: None,
+            behind_from: (start < hw).then_some(start),
+            lag_age_ms: None,
         });
     }
     out
 }
 
+/// Timestamps of the messages lag ages are measured from, per (Raft group, consumer
+/// group), so a group that did not move costs no read; entries of groups not sampled in
+/// a round are dropped (the cache is bounded by the groups sampled).
+#[derive(Default)]
+struct Timestamps {
+    known: HashMap<(u64, String), (u64, i64)>,
+    seen: HashSet<(u64, String)>,
+}
+
+impl Timestamps {
+    async fn timestamp(&mut self, p: &super::partition::Partition, consumer_group: &str, offset: u64) -> Option<i64> {
+        let key = (p.group.id, consumer_group.to_string());
+        self.seen.insert(key.clone());
+        if let Some((o, ts)) = self.known.get(&key) {
+            if *o == offset {
+                return Some(*ts);
+            }
+        }
+        match p.timestamp_at(offset).await {
+            Ok(Some(ts)) => {
+                self.known.insert(key, (offset, ts));
+                Some(ts)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                tracing::debug!(partition = %p.name(), offset, error = %e, "reading a timestamp for the lag age failed");
+                None
+            }
+        }
+    }
+
+    fn retain_seen(&mut self) {
+        let seen = std::mem::take(&mut self.seen);
+        self.known.retain(|k, _| seen.contains(k));
+    }
+}
+
 /// Runs until aborted.
 pub async fn run(metadata_group: GroupHandle, hosted: HostedPartitions) {
     let mut last_leaders = HashMap::new();
+    let mut ages = Timestamps::default();
+    // Consumer gauges this node set last round (to zero those it stops reporting).
+    let mut reported: HashSet<(u64, String, String)> = HashSet::new();
     let mut tick = tokio::time::interval(metrics::SAMPLE_INTERVAL);
     loop {
         tick.tick().await;
@@ -101,7 +147,22 @@ pub async fn run(metadata_group: GroupHandle, hosted: HostedPartitions) {
         last_leaders.retain(|g, _| samples.iter().any(|s| s.group == *g));
         metrics::record_groups(&samples);
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
-        let consumers: Vec<metrics::ConsumerSample> = partitions.iter().flat_map(|p| consumer_samples(p, now)).collect();
+        let mut consumers = Vec::new();
+        for p in &partitions {
+            for mut s in consumer_samples(p, now) {
+                s.lag_age_ms = Some(match s.behind_from {
+                    None => 0,
+                    Some(offset) => ages.timestamp(p, &s.consumer_group, offset).await.map_or(0, |ts| now.saturating_sub(ts).max(0) as u64),
+                });
+                consumers.push(s);
+            }
+        }
+        ages.retain_seen();
         metrics::record_consumers(&consumers);
+        let now_reported: HashSet<(u64, String, String)> = consumers.iter().map(|s| (s.group, s.topic.clone(), s.consumer_group.clone())).collect();
+        for (group, topic, consumer_group) in reported.difference(&now_reported) {
+            metrics::zero_consumer(*group, topic, consumer_group);
+        }
+        reported = now_reported;
     }
 }

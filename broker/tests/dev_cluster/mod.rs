@@ -134,3 +134,25 @@ pub fn metric_sum<'a>(client_addrs: impl IntoIterator<Item = &'a str>, series: &
         .flat_map(|text| text.lines().filter(|l| l.starts_with(series)).filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok()).collect::<Vec<_>>())
         .sum()
 }
+
+/// The largest value, over the nodes with these client addresses that answer, of the
+/// `/metrics` series whose line starts with `series`; `None` when no node has one.
+#[allow(dead_code)]
+pub fn metric_max<'a>(client_addrs: impl IntoIterator<Item = &'a str>, series: &str) -> Option<f64> {
+    client_addrs
+        .into_iter()
+        .filter_map(|addr| try_admin_get(&admin_addr(addr), "/metrics"))
+        .flat_map(|text| text.lines().filter(|l| l.starts_with(series)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).collect::<Vec<_>>())
+        .reduce(f64::max)
+}
+
+/// `GET path` on a node's admin listener; `None` if the node does not answer.
+#[allow(dead_code)]
+pub fn try_admin_get(admin: &str, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(admin).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {admin}\r\n\r\n").ok()?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).ok()?;
+    answer.split_once("\r\n\r\n").map(|(_, body)| body.to_string())
+}

@@ -452,6 +452,13 @@ impl Partition {
 
     /// Adds to `batches` (by base offset) the stored batch holding each of `offsets`
     /// not yet covered.
+    /// The newest timestamp of the batch holding `offset` (producer clock), if the log
+    /// holds it: what the lag-age gauges measure ages from.
+    pub async fn timestamp_at(&self, offset: u64) -> Result<Option<i64>, PartitionError> {
+        let entries = self.entries_from(offset, 1).await?;
+        Ok(entries.iter().find(|e| e.meta.kind == KIND_BATCH && e.meta.base_offset <= offset && e.meta.end_offset() > offset).map(|e| e.meta.max_timestamp_ms))
+    }
+
     pub async fn batches_holding(&self, offsets: &[u64], batches: &mut BTreeMap<u64, Bytes>) -> Result<(), PartitionError> {
         for offset in offsets {
             let covered = batches.range(..=*offset).next_back().is_some_and(|(base, b)| batch_end(*base, b) > *offset);
