@@ -89,7 +89,10 @@ pub async fn queue(args: ConsumeArgs, connect: Connect, start: StartAt, json: bo
         (None, _, true) => Action::Term(args.reason.clone().unwrap_or_default()),
         _ => Action::Ack,
     };
-    let config = QueueConfig { member: args.member.clone(), max_in_flight: args.max_in_flight, start, ..QueueConfig::default() };
+    // Never lease more than --max asks for: what is leased and not printed is handed
+    // back (as a nack, which counts as a delivery, as a close does).
+    let credit = args.max.map_or(args.max_in_flight, |max| args.max_in_flight.min(max.clamp(1, u64::from(u32::MAX)) as u32));
+    let config = QueueConfig { member: args.member.clone(), max_in_flight: credit, start, ..QueueConfig::default() };
     let mut consumer = QueueConsumer::new(connect.cluster()?, &args.topic, &group, config).await?;
     let mut count = 0u64;
     let mut last_message = Instant::now();
@@ -109,7 +112,7 @@ pub async fn queue(args: ConsumeArgs, connect: Connect, start: StartAt, json: bo
             }
             last_message = Instant::now();
             let take = args.max.map_or(deliveries.len(), |max| deliveries.len().min((max - count) as usize));
-            let (now, _rest) = deliveries.split_at(take);
+            let (now, rest) = deliveries.split_at(take);
             let outcomes = settle_all(now, &action).await;
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::new(stdout.lock());
@@ -122,8 +125,8 @@ pub async fn queue(args: ConsumeArgs, connect: Connect, start: StartAt, json: bo
             }
             out.flush()?;
             count += take as u64;
-            // `_rest` (past --max) is dropped unsettled: its leases run out on the
-            // broker and it is delivered again, to this group's next member.
+            // `rest` (past --max) goes back now rather than when its leases run out.
+            futures::future::join_all(rest.iter().map(|d| d.nack(Some(Duration::ZERO), "not processed: keel consume stopped at --max", "closed"))).await;
             if args.max.is_some_and(|max| count >= max) {
                 break 'outer;
             }
