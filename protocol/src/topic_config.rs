@@ -123,6 +123,21 @@ settings! {
     /// Deliveries of a message to a queue group before it is dead-lettered (a lease
     /// that expires counts as a delivery).
     max_deliveries: u32 = 5, 1, 100;
+    /// Priority lanes (queue mode): a producer may send to lanes `0..priorities`; higher
+    /// lanes are delivered first, by weight (see `priority_weight_step`).
+    priorities: u32 = 1, 1, 10;
+    /// Weight of lane L in queue delivery: `1 + priority_weight_step × L`. When several
+    /// lanes have messages waiting, each gets deliveries in proportion to its weight
+    /// (smooth weighted round robin), so lower lanes never starve; 0 serves all lanes
+    /// equally.
+    priority_weight_step: u32 = 1, 0, 1_000;
+}
+
+impl TopicConfig {
+    /// The delivery weight of priority lane `lane`.
+    pub fn lane_weight(&self, lane: u8) -> u64 {
+        1 + u64::from(self.priority_weight_step) * u64::from(lane)
+    }
 }
 
 settings! {

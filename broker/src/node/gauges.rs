@@ -70,11 +70,11 @@ fn consumer_samples(p: &super::partition::Partition, now_ms: i64) -> Vec<metrics
             group: p.group.id,
             topic: p.topic.clone(),
             consumer_group: name.clone(),
-            lag: hw.saturating_sub(q.floor()),
+            lag: hw.saturating_sub(q.floor(&st.lanes, hw)),
             leased: Some(leased),
             waiting: Some(waiting),
             oldest_unsettled_age_ms: Some(q.slots.values().next().map_or(0, |s| now_ms.saturating_sub(s.first_delivery_ms).max(0) as u64)),
-            behind_from: (q.floor() < hw).then_some(q.floor()),
+            behind_from: Some(q.floor(&st.lanes, hw)).filter(|f| *f < hw),
             lag_age_ms: None,
         });
     }

@@ -40,12 +40,17 @@ pub enum ControlCommand {
     CommitOffset { group: String, generation: Option<u64>, offset: u64 },
     /// Messages leased to a queue-group member until `deadline_ms`: the due offsets in
     /// `redeliver`, and the never-delivered ones from `new_from` (the group's cursor; the
-    /// group starts there on its first lease) up to `new_until`.
+    /// group starts there on its first lease) up to `new_until`. Written before priority
+    /// lanes (lane 0 only); leaders now propose `QueueLeaseLanes`.
     QueueLease { group: String, member: String, deadline_ms: i64, new_from: u64, new_until: u64, redeliver: Vec<u64> },
     /// A member's answers about leased messages: `(offset, attempt, what)`.
     QueueSettle { group: String, member: String, settles: Vec<(u64, u32, Settle)> },
     /// Dead letters committed to the dead-letter topic: their source messages settle.
     QueueDeadLettered { group: String, offsets: Vec<u64> },
+    /// Messages leased to a queue-group member until `deadline_ms`: the due offsets in
+    /// `redeliver`, and never-delivered ones per lane, `(lane, from, until)` with `from`
+    /// the group's cursor in that lane (every lane of a new group starts at `start`).
+    QueueLeaseLanes { group: String, member: String, deadline_ms: i64, start: u64, new: Vec<(u8, u64, u64)>, redeliver: Vec<u64> },
 }
 
 /// The settings applying a partition's log depends on. They reach the partition as a

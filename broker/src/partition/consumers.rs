@@ -9,27 +9,28 @@
 //! group's generation: a commit from an older generation than one already recorded here
 //! is refused (a member that missed a rebalance cannot move the offset back).
 //!
-//! **Queue groups** ([`QueueGroup`]): the leader leases messages to members. Offsets at
-//! or above `cursor` were never delivered; below it, an offset with no [`Slot`] is
-//! settled (acked, dead-lettered, or never served), and a slot says where an unsettled
-//! one stands: leased to a member until a deadline, waiting for its retry time, or
+//! **Queue groups** ([`QueueGroup`]): the leader leases messages to members. A group
+//! has a cursor per priority lane ([`super::lanes`]): offsets of a lane at or above its
+//! cursor were never delivered; below it, an offset with no [`Slot`] is settled (acked,
+//! dead-lettered, or never served), and a slot says where an unsettled one stands: leased to a member until a deadline, waiting for its retry time, or
 //! being dead-lettered. Every transition is a control entry proposed by the leader with
 //! its clock; applying judges it against the state and the entry's time only, so every
 //! replica ends in the same place. Attempt counts are part of the slot: a lease adds one,
 //! on whichever leader, so a poison message cannot loop forever across failovers.
 //!
-//! Bounds: a queue group never holds more than [`QUEUE_WINDOW_MAX`] offsets between its
-//! oldest unsettled message and its cursor (leasing stops there until the oldest
-//! settles), a slot remembers at most [`ATTEMPTS_REMEMBERED`] finished attempts, and
+//! Bounds: a queue group never holds more than [`QUEUE_WINDOW_MAX`] unsettled messages
+//! per partition (leasing stops there until some settle), a slot remembers at most [`ATTEMPTS_REMEMBERED`] finished attempts, and
 //! reasons, error classes and member names are cut to their byte bounds.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-/// Most offsets a queue group spans between its oldest unsettled message and its
-/// cursor, per partition. A message that is never settled holds the window open:
-/// leasing stops at the bound (the `window` stall) until it is acked or dead-lettered.
+use super::lanes::{LaneRuns, LANES};
+
+/// Most unsettled messages (leased, waiting for a retry, or being dead-lettered) a
+/// queue group holds per partition: leasing new ones stops at the bound (the `window`
+/// stall) until some are settled. Bounds the group's memory (a slot each).
 pub const QUEUE_WINDOW_MAX: u64 = 200_000;
 /// Finished attempts a slot remembers (the oldest are dropped first). Max-deliveries is
 /// bounded by the same number, so normally every attempt is kept.
@@ -160,13 +161,15 @@ pub struct Slot {
 }
 
 /// A lease entry's terms: to `member` until `deadline_ms`, the due offsets in
-/// `redeliver` and the never-delivered ones in `new_from..new_until`.
+/// `redeliver` and, per `(lane, from, until)` in `new`, the never-delivered offsets of
+/// that lane in `from..until` (`from` must be the group's cursor in the lane). A group
+/// leasing for the first time starts every lane at `start`.
 #[derive(Debug, Clone, Copy)]
 pub struct Lease<'a> {
     pub member: &'a str,
     pub deadline_ms: i64,
-    pub new_from: u64,
-    pub new_until: u64,
+    pub start: u64,
+    pub new: &'a [(u8, u64, u64)],
     pub redeliver: &'a [u64],
 }
 
@@ -207,9 +210,9 @@ pub enum SettleResult {
 /// A queue group's state in one partition.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct QueueGroup {
-    /// Offsets at or above were never delivered.
-    pub cursor: u64,
-    /// Unsettled messages below the cursor.
+    /// Per lane: its offsets at or above were never delivered.
+    pub cursors: [u64; LANES],
+    /// Unsettled messages (below their lane's cursor).
     pub slots: BTreeMap<u64, Slot>,
     /// Counters since the group first leased here (replicated, so every replica agrees).
     pub delivered_total: u64,
@@ -225,13 +228,24 @@ pub struct QueueGroup {
 }
 
 impl QueueGroup {
-    fn new(cursor: u64) -> QueueGroup {
-        QueueGroup { cursor, ..QueueGroup::default() }
+    fn new(start: u64) -> QueueGroup {
+        QueueGroup { cursors: [start; LANES], ..QueueGroup::default() }
     }
 
-    /// The oldest unsettled offset (the cursor when nothing is).
-    pub fn floor(&self) -> u64 {
-        self.slots.keys().next().copied().unwrap_or(self.cursor)
+    /// The first offset never delivered, over every lane (`end` when all were).
+    pub fn next_undelivered(&self, lanes: &LaneRuns, end: u64) -> u64 {
+        let lowest = self.cursors.iter().copied().min().unwrap_or(end);
+        if lanes.only_lane_zero(lowest, end) {
+            return self.cursors[0].min(end);
+        }
+        (0..LANES).filter_map(|l| lanes.next_in_lane(l as u8, self.cursors[l], end)).min().unwrap_or(end)
+    }
+
+    /// The oldest offset not settled: the oldest unsettled slot, or the first offset
+    /// never delivered.
+    pub fn floor(&self, lanes: &LaneRuns, end: u64) -> u64 {
+        let undelivered = self.next_undelivered(lanes, end);
+        self.slots.keys().next().map_or(undelivered, |o| (*o).min(undelivered))
     }
 
     /// Leased messages held by `member`.
@@ -331,11 +345,12 @@ impl QueueGroup {
         }
     }
 
-    /// Applies a lease: redelivers the due offsets listed and delivers new ones from
-    /// `new_from` (which must be the cursor) up to `new_until`, skipping offsets that are
-    /// never served. Returns `(offset, attempt)` of every message leased.
-    fn lease(&mut self, now_ms: i64, end: u64, served: &dyn Fn(u64) -> bool, lease: &Lease<'_>) -> Vec<(u64, u32)> {
-        let Lease { member, deadline_ms, new_from, new_until, redeliver } = *lease;
+    /// Applies a lease: redelivers the due offsets listed, and delivers new ones per
+    /// lane from that lane's cursor (a range not starting there raced another lease and
+    /// is ignored), skipping offsets never served, up to the window. Returns
+    /// `(offset, attempt)` of every message leased.
+    fn lease(&mut self, now_ms: i64, end: u64, served: &dyn Fn(u64) -> bool, lanes: &LaneRuns, lease: &Lease<'_>) -> Vec<(u64, u32)> {
+        let Lease { member, deadline_ms, new, redeliver, .. } = *lease;
         let member = bounded(member, MEMBER_BYTES_MAX);
         let mut out = Vec::new();
         for &offset in redeliver {
@@ -368,30 +383,44 @@ impl QueueGroup {
             self.delivered_total += 1;
             self.redelivered_total += 1;
         }
-        if new_from == self.cursor && new_until > self.cursor {
-            let until = new_until.min(end).min(self.floor().saturating_add(QUEUE_WINDOW_MAX));
-            for offset in self.cursor..until {
-                if !served(offset) {
-                    continue;
-                }
-                let slot = Slot {
-                    attempts: 1,
-                    first_delivery_ms: now_ms,
-                    state: SlotState::Leased { member: member.clone(), since_ms: now_ms, deadline_ms },
-                    history: Vec::new(),
-                };
-                self.put(offset, slot);
-                out.push((offset, 1));
-                self.delivered_total += 1;
+        for &(lane, from, until) in new {
+            let l = usize::from(lane).min(LANES - 1);
+            let cursor = self.cursors[l];
+            if from != cursor || until <= cursor {
+                continue;
             }
-            self.cursor = self.cursor.max(until);
+            let until = until.min(end);
+            // Where the lane's cursor goes: the range's end, or where the window filled.
+            let mut stop = until;
+            'segments: for (seg_from, seg_to) in lanes.lane_segments(l as u8, cursor, until) {
+                for offset in seg_from..seg_to {
+                    if self.slots.len() as u64 >= QUEUE_WINDOW_MAX {
+                        stop = offset;
+                        break 'segments;
+                    }
+                    if !served(offset) {
+                        continue;
+                    }
+                    let slot = Slot {
+                        attempts: 1,
+                        first_delivery_ms: now_ms,
+                        state: SlotState::Leased { member: member.clone(), since_ms: now_ms, deadline_ms },
+                        history: Vec::new(),
+                    };
+                    self.put(offset, slot);
+                    out.push((offset, 1));
+                    self.delivered_total += 1;
+                }
+            }
+            self.cursors[l] = cursor.max(stop);
         }
         out
     }
 
-    fn settle(&mut self, now_ms: i64, member: &str, offset: u64, attempt: u32, settle: &Settle) -> SettleResult {
+    fn settle(&mut self, now_ms: i64, lanes: &LaneRuns, member: &str, offset: u64, attempt: u32, settle: &Settle) -> SettleResult {
         let Some(slot) = self.slots.get(&offset) else {
-            return if offset < self.cursor { SettleResult::AlreadySettled } else { SettleResult::NotDelivered };
+            let cursor = self.cursors[usize::from(lanes.lane_of(offset)).min(LANES - 1)];
+            return if offset < cursor { SettleResult::AlreadySettled } else { SettleResult::NotDelivered };
         };
         if matches!(slot.state, SlotState::DeadLettering { .. }) {
             return SettleResult::DeadLettering;
@@ -485,10 +514,28 @@ pub struct ConsumerGroups {
     pub queues: BTreeMap<String, QueueGroup>,
 }
 
+/// A queue group as snapshotted before lanes (version 2).
+#[derive(Serialize, Deserialize)]
+struct QueuePartsV2 {
+    cursor: u64,
+    slots: Vec<(u64, Slot)>,
+    delivered_total: u64,
+    redelivered_total: u64,
+    acked_total: u64,
+    dead_lettered_total: u64,
+}
+
+/// [`ConsumerGroups`] as snapshotted before lanes (version 2).
+#[derive(Serialize, Deserialize, Default)]
+pub struct ConsumerPartsV2 {
+    streams: Vec<(String, StreamCursor)>,
+    queues: Vec<(String, QueuePartsV2)>,
+}
+
 /// A queue group as snapshotted (the derived indexes are rebuilt on load).
 #[derive(Serialize, Deserialize)]
 struct QueueParts {
-    cursor: u64,
+    cursors: Vec<u64>,
     slots: Vec<(u64, Slot)>,
     delivered_total: u64,
     redelivered_total: u64,
@@ -521,16 +568,19 @@ impl ConsumerGroups {
         CommitResult::Committed
     }
 
-    /// Applies a lease for queue group `group` (created at `new_from` on its first lease).
-    pub fn lease(&mut self, now_ms: i64, end: u64, served: &dyn Fn(u64) -> bool, group: &str, lease: &Lease<'_>) -> Vec<(u64, u32)> {
-        let q = self.queues.entry(group.to_string()).or_insert_with(|| QueueGroup::new(lease.new_from.min(end)));
-        q.lease(now_ms, end, served, lease)
+    /// Applies a lease for queue group `group` (created at `lease.start` on its first).
+    pub fn lease(&mut self, now_ms: i64, end: u64, served: &dyn Fn(u64) -> bool, lanes: &LaneRuns, group: &str, lease: &Lease<'_>) -> Vec<(u64, u32)> {
+        if !self.queues.contains_key(group) {
+            self.queues.insert(group.to_string(), QueueGroup::new(lease.start.min(end)));
+        }
+        let q = self.queues.get_mut(group).expect("inserted above");
+        q.lease(now_ms, end, served, lanes, lease)
     }
 
     /// Applies settle requests of `member` (`(offset, attempt, what)`), in order.
-    pub fn settle(&mut self, now_ms: i64, group: &str, member: &str, settles: &[(u64, u32, Settle)]) -> Vec<SettleResult> {
+    pub fn settle(&mut self, now_ms: i64, lanes: &LaneRuns, group: &str, member: &str, settles: &[(u64, u32, Settle)]) -> Vec<SettleResult> {
         let Some(q) = self.queues.get_mut(group) else { return settles.iter().map(|_| SettleResult::NotDelivered).collect() };
-        settles.iter().map(|(offset, attempt, s)| q.settle(now_ms, member, *offset, *attempt, s)).collect()
+        settles.iter().map(|(offset, attempt, s)| q.settle(now_ms, lanes, member, *offset, *attempt, s)).collect()
     }
 
     /// Settles messages whose dead letters are committed; returns how many were
@@ -548,7 +598,7 @@ impl ConsumerGroups {
                 .iter()
                 .map(|(g, q)| {
                     let parts = QueueParts {
-                        cursor: q.cursor,
+                        cursors: q.cursors.to_vec(),
                         slots: q.slots.iter().map(|(o, s)| (*o, s.clone())).collect(),
                         delivered_total: q.delivered_total,
                         redelivered_total: q.redelivered_total,
@@ -561,13 +611,37 @@ impl ConsumerGroups {
         }
     }
 
+    /// Groups from a version-2 snapshot (one cursor: every lane starts there).
+    pub fn from_parts_v2(parts: ConsumerPartsV2) -> ConsumerGroups {
+        let queues = parts
+            .queues
+            .into_iter()
+            .map(|(g, p)| {
+                let parts = QueueParts {
+                    cursors: vec![p.cursor; LANES],
+                    slots: p.slots,
+                    delivered_total: p.delivered_total,
+                    redelivered_total: p.redelivered_total,
+                    acked_total: p.acked_total,
+                    dead_lettered_total: p.dead_lettered_total,
+                };
+                (g, parts)
+            })
+            .collect();
+        ConsumerGroups::from_parts(ConsumerParts { streams: parts.streams, queues })
+    }
+
     pub fn from_parts(parts: ConsumerParts) -> ConsumerGroups {
         let queues = parts
             .queues
             .into_iter()
             .map(|(g, p)| {
+                let mut cursors = [p.cursors.iter().copied().min().unwrap_or(0); LANES];
+                for (c, v) in cursors.iter_mut().zip(&p.cursors) {
+                    *c = *v;
+                }
                 let mut q = QueueGroup {
-                    cursor: p.cursor,
+                    cursors,
                     slots: p.slots.into_iter().collect(),
                     delivered_total: p.delivered_total,
                     redelivered_total: p.redelivered_total,
@@ -583,17 +657,46 @@ impl ConsumerGroups {
     }
 }
 
+/// Builds version-2 snapshot parts, for the snapshot compatibility test.
+#[cfg(test)]
+pub(crate) mod tests_support {
+    use super::*;
+
+    pub fn to_parts_v2(parts: &ConsumerParts) -> ConsumerPartsV2 {
+        ConsumerPartsV2 {
+            streams: parts.streams.clone(),
+            queues: parts
+                .queues
+                .iter()
+                .map(|(g, q)| {
+                    let v2 = QueuePartsV2 {
+                        cursor: q.cursors[0],
+                        slots: q.slots.clone(),
+                        delivered_total: q.delivered_total,
+                        redelivered_total: q.redelivered_total,
+                        acked_total: q.acked_total,
+                        dead_lettered_total: q.dead_lettered_total,
+                    };
+                    (g.clone(), v2)
+                })
+                .collect(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    static NO_LANES: std::sync::LazyLock<LaneRuns> = std::sync::LazyLock::new(LaneRuns::default);
 
     fn all(_: u64) -> bool {
         true
     }
 
     fn lease_new(g: &mut ConsumerGroups, now: i64, end: u64, member: &str, until: u64) -> Vec<(u64, u32)> {
-        let from = g.queues.get("q").map_or(0, |q| q.cursor);
-        g.lease(now, end, &all, "q", &Lease { member, deadline_ms: now + 30_000, new_from: from, new_until: until, redeliver: &[] })
+        let from = g.queues.get("q").map_or(0, |q| q.cursors[0]);
+        g.lease(now, end, &all, &NO_LANES, "q", &Lease { member, deadline_ms: now + 30_000, start: from, new: &[(0, from, until)], redeliver: &[] })
     }
 
     fn nack(now: i64, retry_at: i64) -> Settle {
@@ -605,25 +708,25 @@ mod tests {
         let mut g = ConsumerGroups::default();
         assert_eq!(lease_new(&mut g, 1_000, 10, "a", 3), vec![(0, 1), (1, 1), (2, 1)]);
         let q = &g.queues["q"];
-        assert_eq!((q.cursor, q.floor(), q.leased_by("a")), (3, 0, 3));
-        assert_eq!(g.settle(1_100, "q", "a", &[(1, 1, Settle::Ack)]), vec![SettleResult::Done]);
-        assert_eq!(g.settle(1_100, "q", "b", &[(1, 1, Settle::Ack)]), vec![SettleResult::AlreadySettled], "an ack is idempotent");
-        assert_eq!(g.settle(1_100, "q", "a", &[(7, 1, Settle::Ack)]), vec![SettleResult::NotDelivered]);
-        assert_eq!(g.queues["q"].floor(), 0, "offset 0 is still leased");
-        g.settle(1_100, "q", "a", &[(0, 1, Settle::Ack), (2, 1, Settle::Ack)]);
+        assert_eq!((q.cursors[0], q.floor(&NO_LANES, u64::MAX), q.leased_by("a")), (3, 0, 3));
+        assert_eq!(g.settle(1_100, &NO_LANES, "q", "a", &[(1, 1, Settle::Ack)]), vec![SettleResult::Done]);
+        assert_eq!(g.settle(1_100, &NO_LANES, "q", "b", &[(1, 1, Settle::Ack)]), vec![SettleResult::AlreadySettled], "an ack is idempotent");
+        assert_eq!(g.settle(1_100, &NO_LANES, "q", "a", &[(7, 1, Settle::Ack)]), vec![SettleResult::NotDelivered]);
+        assert_eq!(g.queues["q"].floor(&NO_LANES, u64::MAX), 0, "offset 0 is still leased");
+        g.settle(1_100, &NO_LANES, "q", "a", &[(0, 1, Settle::Ack), (2, 1, Settle::Ack)]);
         let q = &g.queues["q"];
-        assert_eq!((q.floor(), q.leased_by("a"), q.acked_total), (3, 0, 3));
+        assert_eq!((q.floor(&NO_LANES, u64::MAX), q.leased_by("a"), q.acked_total), (3, 0, 3));
     }
 
     #[test]
     fn a_lease_never_passes_the_end_of_the_log_or_the_window() {
         let mut g = ConsumerGroups::default();
         assert_eq!(lease_new(&mut g, 0, 2, "a", 100).len(), 2);
-        assert_eq!(g.queues["q"].cursor, 2);
+        assert_eq!(g.queues["q"].cursors[0], 2);
         let mut g = ConsumerGroups::default();
         let got = lease_new(&mut g, 0, u64::MAX, "a", QUEUE_WINDOW_MAX + 50);
         assert_eq!(got.len() as u64, QUEUE_WINDOW_MAX, "the window bounds what an unsettled offset 0 lets through");
-        g.settle(0, "q", "a", &[(0, 1, Settle::Ack)]);
+        g.settle(0, &NO_LANES, "q", "a", &[(0, 1, Settle::Ack)]);
         assert_eq!(lease_new(&mut g, 0, u64::MAX, "a", QUEUE_WINDOW_MAX + 50), vec![(QUEUE_WINDOW_MAX, 1)]);
     }
 
@@ -632,7 +735,7 @@ mod tests {
         let mut g = ConsumerGroups::default();
         lease_new(&mut g, 0, 10, "a", 5);
         assert!(
-            g.lease(0, 10, &all, "q", &Lease { member: "b", deadline_ms: 30_000, new_from: 0, new_until: 5, redeliver: &[] }).is_empty(),
+            g.lease(0, 10, &all, &NO_LANES, "q", &Lease { member: "b", deadline_ms: 30_000, start: 0, new: &[(0, 0, 5)], redeliver: &[] }).is_empty(),
             "offsets 0..5 were leased to a"
         );
         assert_eq!(g.queues["q"].leased_by("b"), 0);
@@ -643,26 +746,29 @@ mod tests {
         let mut g = ConsumerGroups::default();
         let served = |o: u64| !(2..4).contains(&o);
         assert_eq!(
-            g.lease(0, 6, &served, "q", &Lease { member: "a", deadline_ms: 10, new_from: 0, new_until: 6, redeliver: &[] }),
+            g.lease(0, 6, &served, &NO_LANES, "q", &Lease { member: "a", deadline_ms: 10, start: 0, new: &[(0, 0, 6)], redeliver: &[] }),
             vec![(0, 1), (1, 1), (4, 1), (5, 1)]
         );
-        assert_eq!(g.settle(0, "q", "a", &[(2, 1, Settle::Ack)]), vec![SettleResult::AlreadySettled]);
+        assert_eq!(g.settle(0, &NO_LANES, "q", "a", &[(2, 1, Settle::Ack)]), vec![SettleResult::AlreadySettled]);
     }
 
     #[test]
     fn a_nack_waits_for_its_retry_time_then_redelivers_with_the_next_attempt() {
         let mut g = ConsumerGroups::default();
         lease_new(&mut g, 0, 10, "a", 1);
-        assert_eq!(g.settle(100, "q", "a", &[(0, 1, nack(100, 1_100))]), vec![SettleResult::Done]);
+        assert_eq!(g.settle(100, &NO_LANES, "q", "a", &[(0, 1, nack(100, 1_100))]), vec![SettleResult::Done]);
         let q = &g.queues["q"];
         assert_eq!(q.leased_by("a"), 0, "a waiting message holds no in-flight slot");
         assert!(q.due(1_099, 10).is_empty());
         assert_eq!(q.due(1_100, 10), vec![0]);
         assert!(
-            g.lease(1_000, 10, &all, "q", &Lease { member: "b", deadline_ms: 31_000, new_from: 1, new_until: 1, redeliver: &[0] }).is_empty(),
+            g.lease(1_000, 10, &all, &NO_LANES, "q", &Lease { member: "b", deadline_ms: 31_000, start: 1, new: &[(0, 1, 1)], redeliver: &[0] }).is_empty(),
             "not due yet at 1000"
         );
-        assert_eq!(g.lease(1_100, 10, &all, "q", &Lease { member: "b", deadline_ms: 31_100, new_from: 1, new_until: 1, redeliver: &[0] }), vec![(0, 2)]);
+        assert_eq!(
+            g.lease(1_100, 10, &all, &NO_LANES, "q", &Lease { member: "b", deadline_ms: 31_100, start: 1, new: &[(0, 1, 1)], redeliver: &[0] }),
+            vec![(0, 2)]
+        );
         let slot = &g.queues["q"].slots[&0];
         assert_eq!(slot.history.len(), 1);
         assert_eq!((slot.history[0].outcome, slot.history[0].member.as_str(), slot.history[0].reason.as_str()), (AttemptOutcome::Nacked, "a", "failed at 100"));
@@ -673,32 +779,35 @@ mod tests {
         let mut g = ConsumerGroups::default();
         lease_new(&mut g, 0, 10, "a", 1);
         // a's lease expires and b gets attempt 2
-        assert_eq!(g.lease(30_000, 10, &all, "q", &Lease { member: "b", deadline_ms: 60_000, new_from: 1, new_until: 1, redeliver: &[0] }), vec![(0, 2)]);
-        assert_eq!(g.settle(30_001, "q", "a", &[(0, 1, nack(30_001, 0))]), vec![SettleResult::StaleLease { attempts: 2 }]);
-        assert_eq!(g.settle(30_001, "q", "a", &[(0, 1, Settle::Extend { deadline_ms: 99_000 })]), vec![SettleResult::StaleLease { attempts: 2 }]);
-        assert_eq!(g.settle(30_001, "q", "b", &[(0, 2, Settle::Extend { deadline_ms: 90_000 })]), vec![SettleResult::Done]);
+        assert_eq!(
+            g.lease(30_000, 10, &all, &NO_LANES, "q", &Lease { member: "b", deadline_ms: 60_000, start: 1, new: &[(0, 1, 1)], redeliver: &[0] }),
+            vec![(0, 2)]
+        );
+        assert_eq!(g.settle(30_001, &NO_LANES, "q", "a", &[(0, 1, nack(30_001, 0))]), vec![SettleResult::StaleLease { attempts: 2 }]);
+        assert_eq!(g.settle(30_001, &NO_LANES, "q", "a", &[(0, 1, Settle::Extend { deadline_ms: 99_000 })]), vec![SettleResult::StaleLease { attempts: 2 }]);
+        assert_eq!(g.settle(30_001, &NO_LANES, "q", "b", &[(0, 2, Settle::Extend { deadline_ms: 90_000 })]), vec![SettleResult::Done]);
         assert_eq!(g.queues["q"].next_due(), Some(90_000));
-        assert_eq!(g.settle(30_001, "q", "b", &[(0, 2, Settle::Extend { deadline_ms: 40_000 })]), vec![SettleResult::Done]);
+        assert_eq!(g.settle(30_001, &NO_LANES, "q", "b", &[(0, 2, Settle::Extend { deadline_ms: 40_000 })]), vec![SettleResult::Done]);
         assert_eq!(g.queues["q"].next_due(), Some(90_000), "an extension never shortens a lease");
         assert_eq!(g.queues["q"].slots[&0].history[0].outcome, AttemptOutcome::Expired);
-        assert_eq!(g.settle(30_002, "q", "a", &[(0, 1, Settle::Ack)]), vec![SettleResult::Done], "a late ack still settles it");
+        assert_eq!(g.settle(30_002, &NO_LANES, "q", "a", &[(0, 1, Settle::Ack)]), vec![SettleResult::Done], "a late ack still settles it");
     }
 
     #[test]
     fn a_term_or_the_last_nack_dead_letters_and_the_dead_letter_settles_once() {
         let mut g = ConsumerGroups::default();
         lease_new(&mut g, 0, 10, "a", 2);
-        g.settle(5, "q", "a", &[(0, 1, Settle::Term { reason: "bad schema".into(), class: "validation".into() })]);
-        g.settle(5, "q", "a", &[(1, 1, Settle::Nack { not_before_ms: 0, reason: "boom".into(), class: String::new(), dead_letter: true })]);
+        g.settle(5, &NO_LANES, "q", "a", &[(0, 1, Settle::Term { reason: "bad schema".into(), class: "validation".into() })]);
+        g.settle(5, &NO_LANES, "q", "a", &[(1, 1, Settle::Nack { not_before_ms: 0, reason: "boom".into(), class: String::new(), dead_letter: true })]);
         let q = &g.queues["q"];
         assert_eq!(q.dead_lettering().collect::<Vec<_>>(), vec![0, 1]);
         assert_eq!(q.counts(), (0, 0, 2));
         assert!(matches!(&q.slots[&1].state, SlotState::DeadLettering { reason, .. } if reason.contains("max deliveries") && reason.contains("boom")));
-        assert_eq!(g.settle(6, "q", "a", &[(0, 1, Settle::Ack)]), vec![SettleResult::DeadLettering]);
+        assert_eq!(g.settle(6, &NO_LANES, "q", "a", &[(0, 1, Settle::Ack)]), vec![SettleResult::DeadLettering]);
         assert_eq!(g.dead_lettered("q", &[0, 1]), 2);
         assert_eq!(g.dead_lettered("q", &[0, 1]), 0, "a repeated entry settles nothing");
         let q = &g.queues["q"];
-        assert_eq!((q.floor(), q.dead_lettered_total), (2, 2));
+        assert_eq!((q.floor(&NO_LANES, u64::MAX), q.dead_lettered_total), (2, 2));
     }
 
     #[test]
@@ -706,8 +815,8 @@ mod tests {
         let mut g = ConsumerGroups::default();
         lease_new(&mut g, 0, 10, "a", 1);
         let expire = Settle::Expire { reason: "lease expired".into() };
-        assert_eq!(g.settle(29_999, "q", "a", &[(0, 1, expire.clone())]), vec![SettleResult::StaleLease { attempts: 1 }]);
-        assert_eq!(g.settle(30_000, "q", "a", &[(0, 1, expire)]), vec![SettleResult::Done]);
+        assert_eq!(g.settle(29_999, &NO_LANES, "q", "a", &[(0, 1, expire.clone())]), vec![SettleResult::StaleLease { attempts: 1 }]);
+        assert_eq!(g.settle(30_000, &NO_LANES, "q", "a", &[(0, 1, expire)]), vec![SettleResult::Done]);
         assert_eq!(g.queues["q"].dead_lettering().count(), 1);
     }
 
@@ -726,7 +835,7 @@ mod tests {
     fn the_derived_indexes_are_rebuilt_from_a_snapshot() {
         let mut g = ConsumerGroups::default();
         lease_new(&mut g, 0, 10, "a", 4);
-        g.settle(1, "q", "a", &[(0, 1, nack(1, 500)), (1, 1, Settle::Term { reason: "x".into(), class: String::new() }), (2, 1, Settle::Ack)]);
+        g.settle(1, &NO_LANES, "q", "a", &[(0, 1, nack(1, 500)), (1, 1, Settle::Term { reason: "x".into(), class: String::new() }), (2, 1, Settle::Ack)]);
         g.commit(3, 10, "s", Some(1), 7);
         let back = ConsumerGroups::from_parts(g.to_parts());
         assert_eq!(back, g);
@@ -740,7 +849,7 @@ mod tests {
         assert_eq!(bounded("abc", 10), "abc");
         let mut g = ConsumerGroups::default();
         lease_new(&mut g, 0, 10, "a", 1);
-        g.settle(1, "q", "a", &[(0, 1, Settle::Term { reason: "é".repeat(REASON_BYTES_MAX), class: String::new() })]);
+        g.settle(1, &NO_LANES, "q", "a", &[(0, 1, Settle::Term { reason: "é".repeat(REASON_BYTES_MAX), class: String::new() })]);
         let SlotState::DeadLettering { reason, .. } = &g.queues["q"].slots[&0].state else { panic!("dead-lettering") };
         assert!(reason.len() <= REASON_BYTES_MAX);
     }

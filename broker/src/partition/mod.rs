@@ -7,6 +7,7 @@
 //! - [`producers`]: the idempotent-producer table and the one rule ([`producers::decide`])
 //!   the leader runs before proposing and every replica runs again when applying.
 //! - [`message_ids`]: the sliding window of message ids stored, bounded by a budget.
+//! - [`lanes`]: which offsets belong to which priority lane (runs of batches).
 //! - [`consumers`]: consumer groups — stream groups' committed offsets, queue groups'
 //!   leases, attempts, retries and dead letters in progress.
 //! - [`state`]: [`PartitionState`] and the fold, with its versioned snapshot encoding.
@@ -17,6 +18,7 @@
 
 pub mod command;
 pub mod consumers;
+pub mod lanes;
 pub mod message_ids;
 pub mod producers;
 pub mod state;

@@ -11,7 +11,8 @@ use std::collections::{BTreeMap, HashSet};
 use serde::{Deserialize, Serialize};
 
 use super::command::{ControlCommand, ControlEntry, PartitionConfig};
-use super::consumers::{CommitResult, ConsumerGroups, ConsumerParts, Lease, SettleResult};
+use super::consumers::{CommitResult, ConsumerGroups, ConsumerParts, ConsumerPartsV2, Lease, SettleResult};
+use super::lanes::LaneRuns;
 use super::message_ids::{IdDigest, MessageIdWindow, WindowParts};
 use super::producers::{decide, ProducerStamp, ProducerTable, StoredAt, Verdict};
 
@@ -28,6 +29,8 @@ pub struct BatchInfo<'a> {
     pub producer: Option<ProducerStamp>,
     /// `(index in the batch, digest)` of each record carrying a message id.
     pub message_ids: &'a [(u32, IdDigest)],
+    /// The batch's priority lane (its header's `priority`).
+    pub lane: u8,
 }
 
 /// How a batch in the log was applied.
@@ -83,6 +86,8 @@ pub struct PartitionState {
     pub next_expiry_scan_ms: i64,
     /// Consumer groups: stream offsets, queue leases and attempts.
     pub consumers: ConsumerGroups,
+    /// The priority lane of every offset, as runs of batches.
+    pub lanes: LaneRuns,
 }
 
 impl PartitionState {
@@ -94,6 +99,9 @@ impl PartitionState {
         assert_eq!(batch.base_offset, self.next_offset, "offsets are contiguous across applied entries");
         assert!(batch.record_count > 0, "a batch holds at least one record");
         self.next_offset = batch.base_offset + u64::from(batch.record_count);
+        // Refused batches too: their offsets are never served, and recording them keeps
+        // the runs contiguous.
+        self.lanes.record(batch.base_offset, batch.record_count, batch.lane);
         let refused = match batch.producer.map(|s| decide(self.producers.get(s.producer_id), None, s)) {
             None | Some(Verdict::Append) => None,
             Some(Verdict::Duplicate(stored)) => Some(BatchOutcome::Duplicate(stored)),
@@ -158,15 +166,26 @@ impl PartitionState {
                 ControlOutcome::Committed(self.consumers.commit(self.clock_ms, self.next_offset, group, *generation, *offset))
             }
             ControlCommand::QueueLease { group, member, deadline_ms, new_from, new_until, redeliver } => {
-                let skipped = &self.skipped;
-                let served = |offset: u64| offset_served(skipped, offset);
-                let lease = Lease { member, deadline_ms: *deadline_ms, new_from: *new_from, new_until: *new_until, redeliver };
-                let leased = self.consumers.lease(self.clock_ms, self.next_offset, &served, group, &lease);
-                ControlOutcome::Leased(leased)
+                // Written before lanes: new messages from lane 0 only (all there was).
+                let new = [(0u8, *new_from, *new_until)];
+                let lease = Lease { member, deadline_ms: *deadline_ms, start: *new_from, new: &new, redeliver };
+                ControlOutcome::Leased(self.lease(group, &lease))
             }
-            ControlCommand::QueueSettle { group, member, settles } => ControlOutcome::Settled(self.consumers.settle(self.clock_ms, group, member, settles)),
+            ControlCommand::QueueLeaseLanes { group, member, deadline_ms, start, new, redeliver } => {
+                let lease = Lease { member, deadline_ms: *deadline_ms, start: *start, new, redeliver };
+                ControlOutcome::Leased(self.lease(group, &lease))
+            }
+            ControlCommand::QueueSettle { group, member, settles } => {
+                ControlOutcome::Settled(self.consumers.settle(self.clock_ms, &self.lanes, group, member, settles))
+            }
             ControlCommand::QueueDeadLettered { group, offsets } => ControlOutcome::DeadLettered(self.consumers.dead_lettered(group, offsets)),
         }
+    }
+
+    fn lease(&mut self, group: &str, lease: &Lease<'_>) -> Vec<(u64, u32)> {
+        let skipped = &self.skipped;
+        let served = |offset: u64| offset_served(skipped, offset);
+        self.consumers.lease(self.clock_ms, self.next_offset, &served, &self.lanes, group, lease)
     }
 
     /// Moves the partition clock to `leader_time_ms` (never back) and expires what it
@@ -193,7 +212,7 @@ fn offset_served(skipped: &BTreeMap<u64, u32>, offset: u64) -> bool {
 }
 
 /// Version of the snapshot encoding written by [`PartitionState::encode_snapshot`].
-pub const SNAPSHOT_VERSION: u16 = 2;
+pub const SNAPSHOT_VERSION: u16 = 3;
 
 /// Why a snapshot could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -222,7 +241,15 @@ struct SnapshotV1 {
 #[derive(Serialize, Deserialize)]
 struct SnapshotV2 {
     v1: SnapshotV1,
+    consumers: ConsumerPartsV2,
+}
+
+/// Version 3: version 1, the consumer groups with a cursor per lane, and the lane runs.
+#[derive(Serialize, Deserialize)]
+struct SnapshotV3 {
+    v1: SnapshotV1,
     consumers: ConsumerParts,
+    lanes: Vec<(u64, u64, u8)>,
 }
 
 impl PartitionState {
@@ -239,7 +266,7 @@ impl PartitionState {
             skipped: self.skipped.iter().map(|(o, c)| (*o, *c)).collect(),
             next_expiry_scan_ms: self.next_expiry_scan_ms,
         };
-        let body = SnapshotV2 { v1, consumers: self.consumers.to_parts() };
+        let body = SnapshotV3 { v1, consumers: self.consumers.to_parts(), lanes: self.lanes.to_parts() };
         let mut out = SNAPSHOT_VERSION.to_le_bytes().to_vec();
         postcard::to_io(&body, &mut out).expect("writing to a Vec cannot fail");
         out
@@ -248,11 +275,15 @@ impl PartitionState {
     pub fn decode_snapshot(bytes: &[u8]) -> Result<PartitionState, SnapshotError> {
         let Some((version, body)) = bytes.split_first_chunk::<2>() else { return Err(SnapshotError::Truncated(bytes.len())) };
         let undecodable = |e: postcard::Error| SnapshotError::Undecodable(e.to_string());
-        let (s, consumers) = match u16::from_le_bytes(*version) {
-            1 => (postcard::from_bytes::<SnapshotV1>(body).map_err(undecodable)?, ConsumerParts::default()),
+        let (s, consumers, lanes) = match u16::from_le_bytes(*version) {
+            1 => (postcard::from_bytes::<SnapshotV1>(body).map_err(undecodable)?, ConsumerGroups::default(), LaneRuns::default()),
             2 => {
                 let v2: SnapshotV2 = postcard::from_bytes(body).map_err(undecodable)?;
-                (v2.v1, v2.consumers)
+                (v2.v1, ConsumerGroups::from_parts_v2(v2.consumers), LaneRuns::default())
+            }
+            3 => {
+                let v3: SnapshotV3 = postcard::from_bytes(body).map_err(undecodable)?;
+                (v3.v1, ConsumerGroups::from_parts(v3.consumers), LaneRuns::from_parts(v3.lanes))
             }
             other => return Err(SnapshotError::UnknownVersion(other)),
         };
@@ -266,7 +297,8 @@ impl PartitionState {
             message_ids,
             skipped: s.skipped.into_iter().collect(),
             next_expiry_scan_ms: s.next_expiry_scan_ms,
-            consumers: ConsumerGroups::from_parts(consumers),
+            consumers,
+            lanes,
         })
     }
 }
@@ -286,11 +318,11 @@ mod tests {
 
     fn batch(state: &PartitionState, count: u32, producer: Option<ProducerStamp>, ids: &[(u32, IdDigest)]) -> BatchOutcome {
         let mut s = state.clone();
-        s.apply_batch(&BatchInfo { base_offset: state.next_offset, record_count: count, producer, message_ids: ids })
+        s.apply_batch(&BatchInfo { base_offset: state.next_offset, record_count: count, producer, message_ids: ids, lane: 0 })
     }
 
     fn apply(state: &mut PartitionState, count: u32, producer: Option<ProducerStamp>, ids: &[(u32, IdDigest)]) -> BatchOutcome {
-        state.apply_batch(&BatchInfo { base_offset: state.next_offset, record_count: count, producer, message_ids: ids })
+        state.apply_batch(&BatchInfo { base_offset: state.next_offset, record_count: count, producer, message_ids: ids, lane: 0 })
     }
 
     #[test]
@@ -393,7 +425,82 @@ mod tests {
         };
         let mut bytes = 1u16.to_le_bytes().to_vec();
         bytes.extend(postcard::to_allocvec(&v1).unwrap());
-        assert_eq!(PartitionState::decode_snapshot(&bytes).unwrap(), s);
+        // Lanes came later: an old snapshot's offsets are lane 0, which no runs say too.
+        let loaded = PartitionState::decode_snapshot(&bytes).unwrap();
+        assert!(loaded.lanes.is_empty() && s.lanes.lane_of(0) == 0);
+        assert_eq!(loaded, PartitionState { lanes: LaneRuns::default(), ..s });
+    }
+
+    #[test]
+    fn a_version_2_snapshot_loads_with_every_lane_at_the_group_s_cursor() {
+        let mut s = PartitionState::default();
+        apply(&mut s, 10, None, &[]);
+        s.apply_control(&ControlEntry {
+            leader_time_ms: 1_000,
+            command: ControlCommand::QueueLease { group: "q".into(), member: "m".into(), deadline_ms: 9_000, new_from: 0, new_until: 4, redeliver: vec![] },
+        });
+        let v1 = SnapshotV1 {
+            next_offset: s.next_offset,
+            clock_ms: s.clock_ms,
+            config: s.config.clone(),
+            configured: s.configured,
+            producers: s.producers.clone(),
+            message_ids: s.message_ids.to_parts(),
+            skipped: Vec::new(),
+            next_expiry_scan_ms: s.next_expiry_scan_ms,
+        };
+        let v3 = s.encode_snapshot();
+        let parts: SnapshotV3 = postcard::from_bytes(&v3[2..]).unwrap();
+        let v2_consumers = crate::partition::consumers::tests_support::to_parts_v2(&parts.consumers);
+        let mut bytes = 2u16.to_le_bytes().to_vec();
+        bytes.extend(postcard::to_allocvec(&SnapshotV2 { v1, consumers: v2_consumers }).unwrap());
+        let loaded = PartitionState::decode_snapshot(&bytes).unwrap();
+        let q = &loaded.consumers.queues["q"];
+        assert_eq!(q.cursors, [4; crate::partition::lanes::LANES]);
+        let live = &s.consumers.queues["q"];
+        assert_eq!(q.slots, live.slots);
+        assert_eq!(q.next_undelivered(&loaded.lanes, 10), live.next_undelivered(&s.lanes, 10), "the same messages are still to deliver");
+    }
+
+    #[test]
+    fn a_lane_nine_message_behind_a_lane_zero_backlog_is_leased_first_and_lanes_keep_their_order() {
+        let mut s = PartitionState::default();
+        let batch = |s: &mut PartitionState, count: u32, lane: u8| {
+            let base = s.next_offset;
+            s.apply_batch(&BatchInfo { base_offset: base, record_count: count, producer: None, message_ids: &[], lane });
+        };
+        batch(&mut s, 1_000, 0); // 0..1000, lane 0
+        batch(&mut s, 2, 9); // 1000..1002, lane 9
+        batch(&mut s, 5, 0); // 1002..1007, lane 0
+        batch(&mut s, 1, 9); // 1007, lane 9
+        let lease = |s: &mut PartitionState, new: Vec<(u8, u64, u64)>| match s.apply_control(&ControlEntry {
+            leader_time_ms: 1_000,
+            command: ControlCommand::QueueLeaseLanes { group: "q".into(), member: "m".into(), deadline_ms: 9_000, start: 0, new, redeliver: vec![] },
+        }) {
+            ControlOutcome::Leased(l) => l.into_iter().map(|(o, _)| o).collect::<Vec<u64>>(),
+            other => panic!("{other:?}"),
+        };
+        assert!(lease(&mut s, vec![]).is_empty(), "the first lease creates the group");
+        // Lane 9's range from its cursor (0) to past its second run holds only its 3.
+        assert_eq!(lease(&mut s, vec![(9, 0, 1_008)]), vec![1_000, 1_001, 1_007]);
+        assert_eq!(lease(&mut s, vec![(0, 0, 3)]), vec![0, 1, 2]);
+        assert_eq!(lease(&mut s, vec![(9, 0, 1_008)]), Vec::<u64>::new(), "a range not from the lane's cursor raced another lease");
+        let q = &s.consumers.queues["q"];
+        assert_eq!((q.cursors[0], q.cursors[9]), (3, 1_008));
+        assert_eq!(q.floor(&s.lanes, s.next_offset), 0);
+        assert_eq!(q.next_undelivered(&s.lanes, s.next_offset), 3);
+        // Acks of lane 9's messages are judged against lane 9's cursor.
+        let settled = s.apply_control(&ControlEntry {
+            leader_time_ms: 1_001,
+            command: ControlCommand::QueueSettle {
+                group: "q".into(),
+                member: "m".into(),
+                settles: vec![(1_007, 1, Settle::Ack), (1_007, 1, Settle::Ack), (1_003, 1, Settle::Ack)],
+            },
+        });
+        assert_eq!(settled, ControlOutcome::Settled(vec![SettleResult::Done, SettleResult::AlreadySettled, SettleResult::NotDelivered]));
+        let bytes = s.encode_snapshot();
+        assert_eq!(PartitionState::decode_snapshot(&bytes).unwrap(), s, "lanes and lane cursors are in the snapshot");
     }
 
     #[test]
@@ -424,7 +531,7 @@ mod tests {
         assert_eq!(a, b);
         assert!(!a.skipped.is_empty(), "ids 0..10 repeat");
         let q = &a.consumers.queues["q"];
-        assert_eq!(q.cursor, 100);
+        assert_eq!(q.cursors[0], 100);
         assert!(!q.slots.keys().any(|o| !offset_served(&a.skipped, *o)), "offsets of refused batches are never leased");
         let back = PartitionState::decode_snapshot(&a.encode_snapshot()).unwrap();
         assert_eq!(back, a);

@@ -243,7 +243,7 @@ impl PartitionStateMachine {
                 }
             }
         }
-        Ok(state.apply_batch(&BatchInfo { base_offset: h.base_offset, record_count: h.record_count, producer, message_ids: &ids }))
+        Ok(state.apply_batch(&BatchInfo { base_offset: h.base_offset, record_count: h.record_count, producer, message_ids: &ids, lane: h.priority }))
     }
 }
 

@@ -50,6 +50,13 @@ pub struct TopicSettings {
     /// Deliveries of a message to a queue group before it is dead-lettered (1..=100).
     #[arg(long)]
     max_deliveries: Option<u32>,
+    /// Priority lanes (1..=10): producers may send with `--priority 0..N`; queue groups
+    /// deliver higher lanes first, by weight.
+    #[arg(long)]
+    priorities: Option<u32>,
+    /// Lane L's delivery weight is 1 + STEP × L (0: every lane equal).
+    #[arg(long)]
+    priority_weight_step: Option<u32>,
 }
 
 impl TopicSettings {
@@ -62,6 +69,8 @@ impl TopicSettings {
             dedupe_ids_max: self.dedupe_ids_max,
             producer_expiry_ms: ms(&self.producer_expiry),
             max_deliveries: self.max_deliveries,
+            priorities: self.priorities,
+            priority_weight_step: self.priority_weight_step,
         }
     }
 }
@@ -110,6 +119,8 @@ fn print_config(config: &TopicConfig) {
     println!("  dedupe_ids_max     {}", config.dedupe_ids_max);
     println!("  producer_expiry    {}", human_ms(config.producer_expiry_ms));
     println!("  max_deliveries     {}", config.max_deliveries);
+    let weights: Vec<String> = (0..config.priorities).map(|l| config.lane_weight(l as u8).to_string()).collect();
+    println!("  priorities         {} (lane weights {})", config.priorities, weights.join(":"));
 }
 
 pub fn topic(cmd: TopicCommand, connect: Connect) -> anyhow::Result<()> {

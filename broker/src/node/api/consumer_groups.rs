@@ -12,7 +12,7 @@ use keel_protocol::message::{
     FetchOffsetRequest, FetchOffsetResponse, GroupStateRequest, GroupStateResponse, HeartbeatRequest, HeartbeatResponse, JoinGroupRequest, JoinGroupResponse,
     LeaveGroupRequest, QueueFetchRequest, QueueFetchResponse, QueueSettleRequest, QueueSettleResponse,
 };
-use keel_protocol::GroupConfig;
+use keel_protocol::{GroupConfig, TopicConfig};
 
 use super::{bounded, ApiError, ClientService, Request};
 use crate::metadata::MetadataCommand;
@@ -31,10 +31,10 @@ fn check_name(what: &str, name: &str, max: usize) -> Result<(), ApiError> {
 
 impl ClientService {
     /// Group `group`'s settings (its own, or the defaults) and `topic`'s max deliveries.
-    fn queue_settings(&self, group: &str, topic: &str) -> Result<(GroupConfig, u32), ApiError> {
+    fn queue_settings(&self, group: &str, topic: &str) -> Result<(GroupConfig, TopicConfig), ApiError> {
         let state = self.metadata.borrow();
-        let max_deliveries = state.topics.get(topic).ok_or_else(|| ApiError::UnknownTopic(topic.to_string()))?.config.max_deliveries;
-        Ok((state.group_config(group), max_deliveries))
+        let topic_config = state.topics.get(topic).ok_or_else(|| ApiError::UnknownTopic(topic.to_string()))?.config.clone();
+        Ok((state.group_config(group), topic_config))
     }
 }
 
@@ -65,8 +65,10 @@ pub async fn queue_fetch(service: Arc<ClientService>, req: Request) -> Result<By
         return Err(ApiError::InvalidArgument("max_messages must be at least 1 (the member's credit)".into()));
     }
     let partition = service.partition(&req.topic, req.partition)?;
-    let (config, max_deliveries) = service.queue_settings(&req.group, &req.topic)?;
+    let (config, topic_config) = service.queue_settings(&req.group, &req.topic)?;
+    let max_deliveries = topic_config.max_deliveries;
     let fetch = QueueFetch {
+        lane_weights: std::array::from_fn(|l| topic_config.lane_weight(l as u8)),
         group: req.group.clone(),
         member: req.member,
         max_messages: req.max_messages.min(QUEUE_FETCH_MESSAGES_MAX),
@@ -92,7 +94,8 @@ pub async fn queue_settle(service: Arc<ClientService>, req: Request) -> Result<B
         return Ok(message::encode(&QueueSettleResponse { outcomes: Vec::new() }));
     }
     let partition = service.partition(&req.topic, req.partition)?;
-    let (config, max_deliveries) = service.queue_settings(&req.group, &req.topic)?;
+    let (config, topic_config) = service.queue_settings(&req.group, &req.topic)?;
+    let max_deliveries = topic_config.max_deliveries;
     let what = format!("{}/{} (group {})", req.topic, req.partition, req.group);
     let outcomes = partition
         .queue_settle(&req.group, &req.member, &req.items, &config, max_deliveries, CONSUMER_REQUEST_TIMEOUT_MAX)

@@ -28,6 +28,7 @@ use tokio::time::Instant;
 use super::{now_ms, Partition, PartitionError};
 use crate::node::limits::{QUEUE_READ_CHUNK_BYTES, QUEUE_REDELIVER_SCAN_MAX, STALL_LOG_EVERY_MS};
 use crate::partition::consumers::{CommitResult, Settle, SettleResult, Slot, SlotState};
+use crate::partition::lanes::LANES;
 use crate::partition::{ControlCommand, ControlEntry, ControlOutcome};
 use crate::replication::log_store::KIND_BATCH;
 use crate::replication::{ApplyReply, EntryData};
@@ -41,6 +42,8 @@ pub struct QueueFetch {
     pub max_bytes: u64,
     pub max_wait: Duration,
     pub start: QueueStart,
+    /// Delivery weight per priority lane (from the topic's settings).
+    pub lane_weights: [u64; LANES],
 }
 
 /// Messages leased to a member: the leases and the batches holding them.
@@ -55,9 +58,12 @@ pub struct Leased {
 
 /// What one lease round plans to propose.
 struct Plan {
-    /// The group's cursor (or where a new group starts).
-    new_from: u64,
-    new_until: u64,
+    /// Where a new group starts (every lane).
+    start: u64,
+    /// Per lane with new messages to lease: `(lane, its cursor, until)`.
+    new: Vec<(u8, u64, u64)>,
+    /// New messages planned in total (the ranges may span other lanes' offsets).
+    new_count: u32,
     redeliver: Vec<u64>,
     /// Leases that ran out on the last allowed attempt: `(offset, attempt)`, to expire
     /// into the dead-letter topic instead of redelivering.
@@ -66,7 +72,7 @@ struct Plan {
     high_watermark: u64,
     /// When something becomes due (a retry time or a lease deadline), if anything will.
     next_due_ms: Option<i64>,
-    /// The group has never leased here: propose even an empty lease, so the group
+    /// The group has never leased here: propose an empty lease first, so the group
     /// exists from where it starts (a `Latest` start must not move with later writes).
     create: bool,
 }
@@ -173,8 +179,8 @@ impl Partition {
                 let (leased, waiting, dead_lettering) = q.counts();
                 QueueGroupState {
                     group: g.clone(),
-                    floor: q.floor(),
-                    cursor: q.cursor,
+                    floor: q.floor(&st.lanes, st.next_offset),
+                    cursor: q.next_undelivered(&st.lanes, st.next_offset),
                     leased,
                     waiting,
                     dead_lettering,
@@ -205,7 +211,7 @@ impl Partition {
             if overlay.term != term {
                 *overlay = LeaseOverlay { term, ..LeaseOverlay::default() };
             }
-            let plan = self.plan_lease(req, config, max_deliveries, &overlay);
+            let plan = self.plan_lease(req, config, max_deliveries, &mut overlay);
             if !plan.exhausted.is_empty() {
                 let settles = plan
                     .exhausted
@@ -215,7 +221,7 @@ impl Partition {
                 let group = req.group.clone();
                 self.propose_control(request_deadline, |_| ControlCommand::QueueSettle { group, member: String::new(), settles }).await?;
             }
-            let has_new = plan.new_until > plan.new_from;
+            let has_new = plan.new.iter().any(|(_, from, until)| until > from);
             if plan.redeliver.is_empty() && !has_new && !plan.create {
                 drop(overlay);
                 if plan.stall.is_some() || Instant::now() >= deadline {
@@ -242,60 +248,42 @@ impl Partition {
                 }
                 continue;
             }
-            // Cut the new range to about max_bytes of batches (at least one batch).
+            // Read the new ranges' batches, highest lane first, up to about max_bytes
+            // (at least one batch); a range is cut where the bytes ran out.
             let mut batches: BTreeMap<u64, Bytes> = BTreeMap::new();
-            let mut new_until = plan.new_until;
-            if has_new {
-                // Read in chunks until the range is covered or max_bytes is reached, so a
-                // small lease does not read a whole max_bytes of log.
-                let mut bytes = 0u64;
-                let mut next = plan.new_from;
-                'read: while next < new_until {
-                    let entries = self.entries_from(next, QUEUE_READ_CHUNK_BYTES.min(req.max_bytes)).await?;
-                    if entries.is_empty() {
-                        new_until = next.max(plan.new_from + 1).min(new_until);
-                        break;
-                    }
-                    for e in entries {
-                        if e.meta.end_offset() <= next {
-                            continue;
-                        }
-                        next = e.meta.end_offset();
-                        if e.meta.kind != KIND_BATCH {
-                            continue;
-                        }
-                        if e.meta.base_offset >= new_until || (bytes > 0 && bytes + e.payload.len() as u64 > req.max_bytes) {
-                            new_until = new_until.min(e.meta.base_offset.max(plan.new_from + 1));
-                            break 'read;
-                        }
-                        bytes += e.payload.len() as u64;
-                        batches.insert(e.meta.base_offset, e.payload);
-                        if next >= new_until {
-                            break 'read;
-                        }
-                    }
+            let mut new = plan.new.clone();
+            let mut bytes = 0u64;
+            for (lane, from, until) in new.iter_mut() {
+                if bytes >= req.max_bytes {
+                    *until = *from;
+                    continue;
                 }
+                let segments: Vec<(u64, u64)> = self.group.shared.state().lanes.lane_segments(*lane, *from, *until).collect();
+                *until = self.read_lane(&segments, *from, *until, req.max_bytes, &mut bytes, &mut batches).await?;
             }
-            let (group, member, redeliver, new_from, timeout) =
-                (req.group.clone(), req.member.clone(), plan.redeliver.clone(), plan.new_from, config.lease_timeout_ms);
+            new.retain(|(_, from, until)| until > from);
+            let has_new = !new.is_empty();
+            let new_until: Vec<(u8, u64)> = new.iter().map(|(l, _, u)| (*l, *u)).collect();
+            let (group, member, redeliver, start, timeout) =
+                (req.group.clone(), req.member.clone(), plan.redeliver.clone(), plan.start, config.lease_timeout_ms);
             let (rx, time) = self
-                .start_control(request_deadline, |time| ControlCommand::QueueLease {
+                .start_control(request_deadline, |time| ControlCommand::QueueLeaseLanes {
                     group,
                     member,
                     deadline_ms: time.saturating_add(timeout as i64),
-                    new_from,
-                    new_until,
+                    start,
+                    new,
                     redeliver,
                 })
                 .await?;
-            let count = (new_until - new_from) as u32 + plan.redeliver.len() as u32;
+            let count = if has_new { plan.new_count } else { 0 } + plan.redeliver.len() as u32;
             let outcome = if plan.create {
                 // The group's first lease creates it: the next plan needs it applied.
                 let outcome = self.finish_control(rx, request_deadline).await;
                 drop(overlay);
                 outcome?
             } else {
-                overlay.add(&req.member, has_new.then_some(new_until), &plan.redeliver, count);
+                overlay.add(&req.member, &new_until, &plan.redeliver, count);
                 drop(overlay);
                 // The overlay entry is removed by a task of its own: a request cancelled
                 // now (its connection closed) must not leave it behind, or its offsets
@@ -347,31 +335,35 @@ impl Partition {
         }
     }
 
-    /// What one lease round would take for `req`, from the applied state.
-    fn plan_lease(&self, req: &QueueFetch, config: &GroupConfig, max_deliveries: u32, overlay: &LeaseOverlay) -> Plan {
+    /// What one lease round would take for `req`, from the applied state: the member's
+    /// credit (its request, less what it holds against the group's max-unacked) shared
+    /// among the lanes with messages due or new, by the lanes' weights; within a lane,
+    /// due retries and expired leases first, then new messages in offset order.
+    fn plan_lease(&self, req: &QueueFetch, config: &GroupConfig, max_deliveries: u32, overlay: &mut LeaseOverlay) -> Plan {
         let now = now_ms();
         let st = self.group.shared.state();
         let hw = st.next_offset;
+        let empty = |start: u64, stall: Option<Stall>, next_due_ms: Option<i64>, create: bool| Plan {
+            start,
+            new: Vec::new(),
+            new_count: 0,
+            redeliver: Vec::new(),
+            exhausted: Vec::new(),
+            stall,
+            high_watermark: hw,
+            next_due_ms,
+            create,
+        };
         let Some(q) = st.consumers.queues.get(&req.group) else {
             let start = match req.start {
                 QueueStart::Earliest => self.group.log.state().start_offset,
                 QueueStart::Latest => hw,
             };
-            let new_until = hw.min(start.saturating_add(u64::from(req.max_messages.min(config.max_unacked))));
-            return Plan {
-                new_from: start,
-                new_until,
-                redeliver: Vec::new(),
-                exhausted: Vec::new(),
-                stall: None,
-                high_watermark: hw,
-                next_due_ms: None,
-                create: true,
-            };
+            return empty(start, None, None, true);
         };
         let held = q.leased_by(&req.member) + overlay.by_member.get(&req.member).copied().unwrap_or(0);
         let credit = req.max_messages.min(config.max_unacked.saturating_sub(held));
-        let cursor = overlay.cursor.filter(|_| overlay.pending > 0).unwrap_or(q.cursor).max(q.cursor);
+        let start = q.cursors[0];
         if credit == 0 {
             self.stalled(
                 &req.group,
@@ -380,54 +372,139 @@ impl Partition {
                 held,
                 "the member holds its group's max_unacked leases here; it is sent nothing more from this partition until it settles some",
             );
-            return Plan {
-                new_from: cursor,
-                new_until: cursor,
-                redeliver: Vec::new(),
-                exhausted: Vec::new(),
-                stall: Some(Stall::MaxUnacked),
-                high_watermark: hw,
-                next_due_ms: None,
-                create: false,
-            };
+            return empty(start, Some(Stall::MaxUnacked), None, false);
         }
-        let mut redeliver = Vec::new();
+        // Due offsets per lane (retries whose time came, leases that ran out).
+        let mut due: [Vec<u64>; LANES] = Default::default();
         let mut exhausted = Vec::new();
         for offset in q.due(now, QUEUE_REDELIVER_SCAN_MAX) {
             if overlay.redelivering.contains(&offset) {
                 continue;
             }
             let slot = &q.slots[&offset];
-            let chosen = match &slot.state {
-                SlotState::Leased { .. } if slot.attempts >= max_deliveries => {
-                    exhausted.push((offset, slot.attempts));
-                    true
-                }
-                _ if redeliver.len() < credit as usize => {
-                    redeliver.push(offset);
-                    true
-                }
-                _ => false,
-            };
-            if let (true, SlotState::Leased { member, .. }) = (chosen, &slot.state) {
+            if let SlotState::Leased { member, .. } = &slot.state {
                 let what = "a lease ran out unsettled: the member is slow or gone; the message is delivered again";
                 self.stalled(&req.group, member, "lease_expired", offset, what);
+                if slot.attempts >= max_deliveries {
+                    exhausted.push((offset, slot.attempts));
+                    continue;
+                }
+            }
+            let lane = usize::from(st.lanes.lane_of(offset)).min(LANES - 1);
+            if due[lane].len() < credit as usize {
+                due[lane].push(offset);
             }
         }
-        let room = u64::from(credit) - redeliver.len() as u64;
-        let window_end = q.floor().saturating_add(crate::partition::consumers::QUEUE_WINDOW_MAX);
-        let new_until = hw.min(cursor.saturating_add(room)).min(window_end).max(cursor);
-        let stall = (new_until == cursor && hw > cursor && window_end <= cursor && room > 0).then_some(Stall::Window);
+        // New messages per lane, from the lane's cursor after the pending leases, up to
+        // the credit and the group's window.
+        let pending_total: u32 = overlay.by_member.values().sum();
+        let mut room = crate::partition::consumers::QUEUE_WINDOW_MAX.saturating_sub(q.slots.len() as u64 + u64::from(pending_total));
+        let cursors: [u64; LANES] = std::array::from_fn(|l| overlay.cursors[l].filter(|_| overlay.pending > 0).unwrap_or(q.cursors[l]).max(q.cursors[l]));
+        let mut fresh = [0u64; LANES];
+        let single_lane = st.lanes.only_lane_zero(cursors.iter().copied().min().unwrap_or(hw), hw);
+        for l in 0..LANES {
+            if single_lane && l > 0 {
+                break;
+            }
+            let mut n = 0u64;
+            for (from, until) in st.lanes.lane_segments(l as u8, cursors[l], hw) {
+                n += until - from;
+                if n >= u64::from(credit) {
+                    break;
+                }
+            }
+            fresh[l] = n.min(u64::from(credit)).min(room);
+        }
+        let window_full = room == 0 && (0..LANES).any(|l| st.lanes.next_in_lane(l as u8, cursors[l], hw).is_some());
+        let available: [u64; LANES] = std::array::from_fn(|l| due[l].len() as u64 + fresh[l]);
+        let shares = weighted_shares(&mut overlay.lane_credit, &available, &req.lane_weights, u64::from(credit));
+        let mut redeliver = Vec::new();
+        let mut new = Vec::new();
+        let mut new_count = 0u32;
+        for l in (0..LANES).rev() {
+            let mut share = shares[l];
+            let r = (share as usize).min(due[l].len());
+            redeliver.extend_from_slice(&due[l][..r]);
+            share -= r as u64;
+            let n = share.min(room);
+            if n == 0 {
+                continue;
+            }
+            room -= n;
+            // The range from the cursor that holds `n` offsets of this lane.
+            let mut left = n;
+            let mut until = cursors[l];
+            for (from, to) in st.lanes.lane_segments(l as u8, cursors[l], hw) {
+                let take = (to - from).min(left);
+                until = from + take;
+                left -= take;
+                if left == 0 {
+                    break;
+                }
+            }
+            if until > cursors[l] {
+                new.push((l as u8, cursors[l], until));
+                new_count += (n - left) as u32;
+            }
+        }
+        let stall = (window_full && new.is_empty() && redeliver.is_empty()).then_some(Stall::Window);
         if stall.is_some() {
             self.stalled(
                 &req.group,
                 &req.member,
                 "window",
-                q.floor(),
-                "the group's oldest unsettled message holds the delivery window open; nothing new is leased until it is settled",
+                q.slots.len(),
+                "the group holds its window of unsettled messages here; nothing new is leased until some are settled",
             );
         }
-        Plan { new_from: cursor, new_until, redeliver, exhausted, stall, high_watermark: hw, next_due_ms: q.next_due(), create: false }
+        Plan { start, new, new_count, redeliver, exhausted, stall, high_watermark: hw, next_due_ms: q.next_due(), create: false }
+    }
+
+    /// Reads the batches of one lane's new range (`segments`, within `from..until`) into
+    /// `batches`, while `bytes` stays within `max_bytes` (at least one batch overall);
+    /// returns where the range ends after the cut.
+    async fn read_lane(
+        &self,
+        segments: &[(u64, u64)],
+        from: u64,
+        until: u64,
+        max_bytes: u64,
+        bytes: &mut u64,
+        batches: &mut BTreeMap<u64, Bytes>,
+    ) -> Result<u64, PartitionError> {
+        for &(seg_from, seg_to) in segments {
+            let mut next = seg_from;
+            while next < seg_to {
+                let entries = self.entries_from(next, QUEUE_READ_CHUNK_BYTES.min(max_bytes)).await?;
+                if entries.is_empty() {
+                    // The log ends before the range does (it cannot, below the high
+                    // watermark): lease what was read.
+                    return Ok(next.max(from));
+                }
+                for e in entries {
+                    if e.meta.end_offset() <= next {
+                        continue;
+                    }
+                    if e.meta.base_offset >= seg_to {
+                        next = seg_to;
+                        break;
+                    }
+                    next = e.meta.end_offset();
+                    if e.meta.kind != KIND_BATCH {
+                        continue;
+                    }
+                    if *bytes > 0 && *bytes + e.payload.len() as u64 > max_bytes {
+                        return Ok(e.meta.base_offset.max(from));
+                    }
+                    *bytes += e.payload.len() as u64;
+                    batches.insert(e.meta.base_offset, e.payload);
+                    if next >= seg_to {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(until)
     }
 
     /// A delivery to `member` of `group` held back (or a lease of it run out), for
@@ -648,25 +725,28 @@ pub type LeaseLocks = std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<Le
 /// A queue group's leases proposed by this leader and not yet applied (one term's):
 /// the next lease is planned on top of them, so members' fetches pipeline instead of
 /// each waiting for the previous lease to commit. The fold applies leases in log order,
-/// so a lease planned from the overlay's cursor meets exactly that cursor.
+/// so a lease planned from the overlay's cursors meets exactly those cursors. It also
+/// keeps the lanes' weighted-round-robin credit (this leader's, not replicated).
 #[derive(Debug, Default)]
 pub struct LeaseOverlay {
     term: u64,
     /// Lease proposals not yet applied.
     pending: usize,
-    /// The cursor after them, while any is pending.
-    cursor: Option<u64>,
+    /// Per lane, the cursor after them, while any is pending.
+    cursors: [Option<u64>; LANES],
     /// Offsets they redeliver.
     redelivering: HashSet<u64>,
-    /// Messages they lease, per member (new ranges counted whole).
+    /// Messages they lease, per member.
     by_member: HashMap<String, u32>,
+    /// Smooth weighted round robin state per lane (see [`weighted_shares`]).
+    lane_credit: [i64; LANES],
 }
 
 impl LeaseOverlay {
-    fn add(&mut self, member: &str, new_until: Option<u64>, redeliver: &[u64], count: u32) {
+    fn add(&mut self, member: &str, new_until: &[(u8, u64)], redeliver: &[u64], count: u32) {
         self.pending += 1;
-        if let Some(c) = new_until {
-            self.cursor = Some(c);
+        for (lane, until) in new_until {
+            self.cursors[usize::from(*lane).min(LANES - 1)] = Some(*until);
         }
         self.redelivering.extend(redeliver.iter().copied());
         *self.by_member.entry(member.to_string()).or_default() += count;
@@ -687,7 +767,96 @@ impl LeaseOverlay {
             }
         }
         if self.pending == 0 {
-            self.cursor = None;
+            self.cursors = [None; LANES];
         }
+    }
+}
+
+/// Shares `budget` deliveries among lanes with `available` messages, in proportion to
+/// their `weights`, by smooth weighted round robin: per delivery every lane with
+/// messages left gains its weight, the lane with the most credit (the higher on a tie)
+/// takes the delivery and pays the total weight. `credit` carries over between rounds,
+/// so even one delivery per round serves every lane in proportion over time; a lane
+/// with nothing available has its credit reset.
+pub fn weighted_shares(credit: &mut [i64; LANES], available: &[u64; LANES], weights: &[u64; LANES], budget: u64) -> [u64; LANES] {
+    let mut shares = [0u64; LANES];
+    let mut left = *available;
+    for l in 0..LANES {
+        if left[l] == 0 {
+            credit[l] = 0;
+        }
+    }
+    let active = left.iter().filter(|n| **n > 0).count();
+    if active <= 1 {
+        if let Some(l) = (0..LANES).find(|l| left[*l] > 0) {
+            shares[l] = left[l].min(budget);
+        }
+        return shares;
+    }
+    for _ in 0..budget {
+        let total: i64 = (0..LANES).filter(|l| left[*l] > 0).map(|l| weights[l].max(1) as i64).sum();
+        if total == 0 {
+            break;
+        }
+        let mut pick = None;
+        for l in (0..LANES).rev() {
+            if left[l] == 0 {
+                continue;
+            }
+            credit[l] += weights[l].max(1) as i64;
+            if pick.is_none_or(|p: usize| credit[l] > credit[p]) {
+                pick = Some(l);
+            }
+        }
+        let p = pick.expect("a lane has messages left");
+        credit[p] -= total;
+        left[p] -= 1;
+        shares[p] += 1;
+    }
+    shares
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn weights(step: u64) -> [u64; LANES] {
+        std::array::from_fn(|l| 1 + step * l as u64)
+    }
+
+    #[test]
+    fn busy_lanes_share_deliveries_by_weight_even_one_delivery_per_round() {
+        let mut credit = [0i64; LANES];
+        let mut available = [0u64; LANES];
+        available[0] = u64::MAX / 2;
+        available[9] = u64::MAX / 2;
+        let mut got = [0u64; LANES];
+        for _ in 0..1_100 {
+            let s = weighted_shares(&mut credit, &available, &weights(1), 1);
+            for l in 0..LANES {
+                got[l] += s[l];
+            }
+        }
+        assert_eq!((got[9], got[0]), (1_000, 100), "weights 10 : 1");
+        let big = weighted_shares(&mut [0; LANES], &available, &weights(1), 1_100);
+        assert_eq!((big[9], big[0]), (1_000, 100), "the same in one round");
+    }
+
+    #[test]
+    fn an_urgent_message_goes_first_and_the_rest_of_the_budget_to_the_backlog() {
+        let mut available = [0u64; LANES];
+        available[0] = 1_000_000;
+        available[9] = 1;
+        let mut credit = [0i64; LANES];
+        let s = weighted_shares(&mut credit, &available, &weights(1), 100);
+        assert_eq!((s[9], s[0]), (1, 99));
+        // Equal weights (step 0): round robin.
+        available[9] = 1_000;
+        let s = weighted_shares(&mut [0; LANES], &available, &weights(0), 100);
+        assert_eq!((s[9], s[0]), (50, 50));
+        // One lane: all of it, up to what it has.
+        let mut one = [0u64; LANES];
+        one[3] = 7;
+        assert_eq!(weighted_shares(&mut [0; LANES], &one, &weights(1), 100)[3], 7);
     }
 }
