@@ -467,3 +467,88 @@ async fn when_a_stream_member_dies_the_survivor_owns_its_partitions_within_the_s
     b.close().await.unwrap();
     dev.stop();
 }
+
+/// Acks `d`, again while the answer is an error (a leader change): acks are idempotent.
+async fn ack_surely(d: &Delivery) {
+    for tries in 0.. {
+        match d.ack().await {
+            Ok(SettleOutcome::Acked | SettleOutcome::AlreadySettled) => return,
+            Ok(other) => panic!("ack of {}/{} answered {other:?}", d.message.partition, d.message.offset),
+            Err(e) => {
+                assert!(tries < 40, "ack of {}/{} kept failing: {e}", d.message.partition, d.message.offset);
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn priority_lanes_overtake_a_backlog_share_by_weight_and_keep_their_order_even_across_a_leader_kill() {
+    let _serial = SERIAL.lock().await;
+    let dev = Dev::start(30_000);
+    dev.create_topic("tasks", 1, TopicConfigPatch { priorities: Some(10), ..TopicConfigPatch::default() }).await;
+    dev.produce("tasks", (0..3_000).map(|i| Record::new(format!("bulk-{i}"))).collect()).await;
+
+    let config = QueueConfig { member: Some("w".into()), max_in_flight: 50, ..QueueConfig::default() };
+    let mut worker = QueueConsumer::new(dev.cluster.clone(), "tasks", "workers", config).await.unwrap();
+    // (offset, lane, attempt) of every delivery, in delivery order.
+    let mut seen: Vec<(u64, u8, u32)> = Vec::new();
+    let mut acked: BTreeSet<u64> = BTreeSet::new();
+    let mut urgent_at = None;
+    let mut busy_at = None;
+    let mut killed = false;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while acked.len() < 4_003 {
+        assert!(Instant::now() < deadline, "{} of 4003 acked in time", acked.len());
+        let batch = worker.poll(Duration::from_millis(200)).await.unwrap();
+        for d in &batch {
+            seen.push((d.message.offset, d.message.priority, d.attempt));
+        }
+        futures::future::join_all(batch.iter().map(ack_surely)).await;
+        acked.extend(batch.iter().map(|d| d.message.offset));
+        if urgent_at.is_none() && seen.len() >= 300 {
+            // Three urgent messages behind a backlog of ~2,700.
+            dev.produce("tasks", (0..3).map(|i| Record::new(format!("urgent-{i}")).with_priority(9)).collect()).await;
+            urgent_at = Some(seen.len());
+        }
+        if busy_at.is_none() && seen.len() >= 600 {
+            // Then lane 9 busy too: both lanes have backlogs.
+            dev.produce("tasks", (0..1_000).map(|i| Record::new(format!("busy-{i}")).with_priority(9)).collect()).await;
+            busy_at = Some(seen.len());
+        }
+        if !killed && seen.len() >= 1_500 {
+            dev.kill_leader("tasks", 0).await;
+            killed = true;
+        }
+    }
+    worker.close().await;
+
+    // The urgent ones came within the deliveries already in flight (the credit, 50) and
+    // the next round, not after the backlog.
+    let urgent_at = urgent_at.unwrap();
+    let urgent: Vec<usize> = seen.iter().enumerate().filter(|(_, (o, l, _))| *l == 9 && (3_000..3_003).contains(o)).map(|(i, _)| i).collect();
+    assert_eq!(urgent.len(), 3, "each urgent message delivered once");
+    assert!(urgent.iter().all(|i| *i < urgent_at + 150), "urgent messages delivered at {urgent:?}, after the backlog resumed at {urgent_at}");
+
+    // While both lanes had a backlog, lane 9 (weight 10) got ~10 of every 11 deliveries
+    // and lane 0 (weight 1) the rest: never starved.
+    let window = &seen[busy_at.unwrap() + 100..busy_at.unwrap() + 650];
+    let lane0 = window.iter().filter(|(_, l, _)| *l == 0).count();
+    eprintln!("deliveries while both lanes were busy: {} of lane 9, {lane0} of lane 0", window.len() - lane0);
+    assert!((25..=100).contains(&lane0), "lane 0 got {lane0} of 550 deliveries, not about 1/11");
+
+    // Within a lane, first deliveries come in offset order; nothing is lost.
+    for lane in [0u8, 9] {
+        let firsts: Vec<u64> = seen.iter().filter(|(_, l, a)| *l == lane && *a == 1).map(|(o, ..)| *o).collect();
+        assert!(firsts.windows(2).all(|w| w[0] < w[1]), "lane {lane} delivered out of order");
+    }
+    assert!(killed);
+    assert_eq!(acked, (0..4_003).collect::<BTreeSet<u64>>(), "every message acked, none lost across the kill");
+
+    // A priority beyond the topic's lanes is refused, saying what to do.
+    dev.create_topic("three-lanes", 1, TopicConfigPatch { priorities: Some(3), ..TopicConfigPatch::default() }).await;
+    let refused = dev.keel().args(["produce", "three-lanes", "--priority", "5", "--timeout", "5s", "x"]).output().unwrap();
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && why.contains("priority lanes 0..3"), "refusal: {why}");
+    dev.stop();
+}

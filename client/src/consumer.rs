@@ -32,6 +32,8 @@ pub struct Message {
     pub key: Option<Bytes>,
     pub value: Option<Bytes>,
     pub headers: Vec<(String, Option<Bytes>)>,
+    /// The priority lane it was produced to.
+    pub priority: u8,
 }
 
 /// Reads a topic.
@@ -342,6 +344,7 @@ pub(crate) fn decode_batch(view: &keel_protocol::BatchView, partition: u32) -> R
             key: r.key.map(|k| bytes.slice_ref(k)),
             value: r.value.map(|v| bytes.slice_ref(v)),
             headers: r.headers().map(|(k, v)| (k.to_string(), v.map(|v| bytes.slice_ref(v)))).collect(),
+            priority: view.header().priority,
         });
     }
     Ok(decoded)

@@ -133,6 +133,9 @@ pub struct Record {
     /// id was already stored in its partition is not stored again. Ids are per
     /// partition, so a resend must reach the same partition (give it the same key).
     pub message_id: Option<Bytes>,
+    /// Priority lane (`0..` the topic's `priorities`; 0 by default): queue groups deliver
+    /// higher lanes first, by weight. Records of different lanes never share a batch.
+    pub priority: u8,
 }
 
 impl Record {
@@ -147,6 +150,11 @@ impl Record {
 
     pub fn with_header(mut self, name: impl Into<String>, value: impl Into<Bytes>) -> Record {
         self.headers.push((name.into(), value.into()));
+        self
+    }
+
+    pub fn with_priority(mut self, lane: u8) -> Record {
+        self.priority = lane;
         self
     }
 
@@ -368,7 +376,8 @@ struct Runner {
     cluster: Cluster,
     config: ProducerConfig,
     identity: Option<Arc<Identity>>,
-    open: HashMap<(String, u32), OpenBatch>,
+    /// Open batches per (topic, partition, priority lane).
+    open: HashMap<(String, u32, u8), OpenBatch>,
     /// Per topic: the partition keyless records go to until its batch closes.
     sticky: HashMap<String, u32>,
     all: Arc<Semaphore>,
@@ -447,7 +456,7 @@ impl Runner {
                 p
             }
         };
-        let key = (topic, partition);
+        let key = (topic, partition, record.priority);
         if let Some(id) = &record.message_id {
             if self.open.get(&key).is_some_and(|b| b.ids.contains(id)) {
                 self.seal(&key).await;
@@ -461,7 +470,7 @@ impl Runner {
             if !self.open.contains_key(&key) {
                 // Never build a batch the topic would refuse.
                 let size_max = (max_batch as usize).min(keel_protocol::limits::BATCH_SIZE_MAX);
-                let builder = match BatchBuilder::new(BatchOptions { size_max, ..BatchOptions::default() }) {
+                let builder = match BatchBuilder::new(BatchOptions { size_max, priority: key.2, ..BatchOptions::default() }) {
                     Ok(b) => b,
                     Err(e) => {
                         let _ = done.send(Err(ClientError::Invalid(format!("topic {}: {e}", key.0))));
@@ -493,7 +502,7 @@ impl Runner {
     }
 
     async fn seal_all(&mut self, due: impl Fn(&OpenBatch) -> bool) {
-        let keys: Vec<(String, u32)> = self.open.iter().filter(|(_, b)| due(b)).map(|(k, _)| k.clone()).collect();
+        let keys: Vec<(String, u32, u8)> = self.open.iter().filter(|(_, b)| due(b)).map(|(k, _)| k.clone()).collect();
         for k in keys {
             self.seal(&k).await;
         }
@@ -508,8 +517,9 @@ impl Runner {
 
     /// Closes the open batch of `key` and hands it to the partition's sender (waiting,
     /// when the producer's window is full: the task then stops taking records).
-    async fn seal(&mut self, key: &(String, u32)) {
-        let Some(batch) = self.open.remove(key) else { return };
+    async fn seal(&mut self, open_key: &(String, u32, u8)) {
+        let Some(batch) = self.open.remove(open_key) else { return };
+        let key = &(open_key.0.clone(), open_key.1);
         if let Some(sticky) = self.sticky.get_mut(key.0.as_str()) {
             if *sticky == key.1 {
                 *sticky = sticky.wrapping_add(1);

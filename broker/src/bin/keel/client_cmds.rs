@@ -311,6 +311,10 @@ pub struct ProduceArgs {
     /// Send without idempotence (a retried batch may then be stored twice).
     #[arg(long, conflicts_with = "producer_name")]
     no_idempotence: bool,
+    /// Priority lane (0 up to the topic's `priorities` − 1): queue groups deliver higher
+    /// lanes first.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..10))]
+    priority: u8,
 }
 
 fn parse_header(s: &str) -> Result<(String, String), String> {
@@ -325,7 +329,7 @@ pub fn produce(args: ProduceArgs, connect: Connect) -> anyhow::Result<()> {
             ProducerConfig { delivery_timeout: args.timeout, idempotence: !args.no_idempotence, name: args.producer_name.clone(), ..ProducerConfig::default() };
         let producer = Producer::new(cluster, config)?;
         let make = |value: String| {
-            let mut r = Record::new(value);
+            let mut r = Record::new(value).with_priority(args.priority);
             if let Some(id) = &args.message_id {
                 r = r.with_message_id(id.clone());
             }
@@ -559,7 +563,7 @@ pub fn print_message(
     let headers: serde_json::Map<String, serde_json::Value> =
         m.headers.iter().map(|(k, v)| (k.clone(), v.as_deref().map(String::from_utf8_lossy).map_or(serde_json::Value::Null, |s| s.into()))).collect();
     let mut line = serde_json::json!({"partition": m.partition, "offset": m.offset, "timestamp_ms": m.timestamp_ms,
-        "key": m.key.as_deref().map(String::from_utf8_lossy), "value": value, "headers": headers});
+        "key": m.key.as_deref().map(String::from_utf8_lossy), "value": value, "headers": headers, "priority": m.priority});
     if let Some(obj) = line.as_object_mut() {
         obj.extend(extra);
     }

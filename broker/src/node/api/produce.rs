@@ -3,8 +3,9 @@
 //! Every record is decoded before anything is proposed (`Partition::check_records`, in
 //! the same walk that digests the message ids), so a batch any consumer would fail to
 //! decode is refused (`InvalidBatch`, naming the byte offset) and never stored.
-//! A producer cannot write a control batch, and the producer fields must be all unset
-//! (−1) or a valid idempotent stamp (id, epoch and sequence all ≥ 0).
+//! A producer cannot write a control batch, the producer fields must be all unset (−1)
+//! or a valid idempotent stamp (id, epoch and sequence all ≥ 0), and the batch's
+//! priority must be one of the topic's lanes.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -23,7 +24,8 @@ pub async fn handle(service: Arc<ClientService>, req: Request) -> Result<Bytes, 
     let (head, batch): (ProduceRequest, Bytes) = message::split_with_batches(&req.payload)?;
     let what = format!("{}/{}", head.topic, head.partition);
     let partition = service.partition(&head.topic, head.partition)?;
-    let topic_max = service.metadata.borrow().topics.get(&head.topic).map_or(u32::MAX, |t| t.config.max_message_bytes);
+    let (topic_max, lanes) =
+        service.metadata.borrow().topics.get(&head.topic).map_or((u32::MAX, u32::MAX), |t| (t.config.max_message_bytes, t.config.priorities));
     if batch.len() > topic_max as usize {
         return Err(ApiError::MessageTooLarge { topic: head.topic, size: batch.len(), max: topic_max });
     }
@@ -32,6 +34,13 @@ pub async fn handle(service: Arc<ClientService>, req: Request) -> Result<Bytes, 
         other => ApiError::InvalidBatch(other.to_string()),
     })?;
     check_producer_fields(&view)?;
+    let priority = view.header().priority;
+    if u32::from(priority) >= lanes {
+        return Err(ApiError::InvalidBatch(format!(
+            "priority {priority} at byte 19: topic {} has priority lanes 0..{lanes} (raise them with keel topic alter {} --priorities N)",
+            head.topic, head.topic
+        )));
+    }
     // One walk over the records: every one decodes, and the message ids' digests.
     let ids = partition.check_records(&view).map_err(|error| ApiError::Partition { what: what.clone(), error })?;
     let timeout = bounded(head.timeout_ms, PRODUCE_TIMEOUT_MAX);
