@@ -28,7 +28,8 @@
 //! | `keel_group_damage_detected_total` | counter | — | groups found, when opened, to have lost entries this node acknowledged (ack ledger above the log) |
 //! | `keel_groups_damaged` | gauge | — | such groups still waiting to be refilled (voting only for candidates holding what they lost) |
 //! | `keel_ack_ledger_sync_seconds` | histogram | — | each ack ledger `fdatasync` (one per flush round that recorded something) |
-//! | `keel_queue_delivered_total` | counter | topic, consumer_group | messages leased to queue-group members by partitions this node led (redeliveries included) |
+//! | `keel_queue_delivered_total` | counter | topic, consumer_group, lane | messages leased to queue-group members by partitions this node led (redeliveries included), per priority lane |
+//! | `keel_queue_lane_backlog_messages` | gauge | group, consumer_group, lane | on the leader: messages of the lane the queue group has not been delivered yet (every lane the partition has held messages of) |
 //! | `keel_queue_redelivered_total` | counter | topic, consumer_group | of those, deliveries after the first (attempt ≥ 2) |
 //! | `keel_queue_settled_total` | counter | topic, consumer_group, outcome | settle requests recorded: `acked`, `retrying`, `dead_lettering`, `extended`; and not: `already_settled`, `stale_lease`, `not_delivered`, `already_dead_lettering` |
 //! | `keel_dead_lettered_total` | counter | topic, consumer_group, reason | messages moved to the dead-letter topic: `max_deliveries` (nacked on the last allowed delivery), `term`, `lease_expired` (its lease ran out on the last allowed delivery) |
@@ -70,6 +71,7 @@ pub const GROUP_DAMAGE_DETECTED: &str = "keel_group_damage_detected_total";
 pub const GROUPS_DAMAGED: &str = "keel_groups_damaged";
 pub const ACK_LEDGER_SYNC_SECONDS: &str = "keel_ack_ledger_sync_seconds";
 pub const QUEUE_DELIVERED: &str = "keel_queue_delivered_total";
+pub const QUEUE_LANE_BACKLOG: &str = "keel_queue_lane_backlog_messages";
 pub const QUEUE_REDELIVERED: &str = "keel_queue_redelivered_total";
 pub const QUEUE_SETTLED: &str = "keel_queue_settled_total";
 pub const QUEUE_STALLS: &str = "keel_queue_stalls_total";
@@ -142,11 +144,10 @@ fn describe() {
 
 /// Messages leased to a queue group's member: `delivered` in all, `redelivered` of
 /// them after a first attempt.
-pub fn queue_delivered(topic: &str, consumer_group: &str, delivered: u64, redelivered: u64) {
-    if delivered == 0 {
-        return;
+pub fn queue_delivered(topic: &str, consumer_group: &str, per_lane: &[u64], redelivered: u64) {
+    for (lane, n) in per_lane.iter().enumerate().filter(|(_, n)| **n > 0) {
+        counter!(QUEUE_DELIVERED, "topic" => topic.to_string(), "consumer_group" => consumer_group.to_string(), "lane" => lane.to_string()).increment(*n);
     }
-    counter!(QUEUE_DELIVERED, "topic" => topic.to_string(), "consumer_group" => consumer_group.to_string()).increment(delivered);
     if redelivered > 0 {
         counter!(QUEUE_REDELIVERED, "topic" => topic.to_string(), "consumer_group" => consumer_group.to_string()).increment(redelivered);
     }
@@ -286,12 +287,14 @@ pub struct ConsumerSample {
     pub behind_from: Option<u64>,
     /// Age of the message at `behind_from` (0 when caught up); filled in by the sampler.
     pub lag_age_ms: Option<u64>,
+    /// Queue groups: messages not yet delivered, per lane that has any.
+    pub lane_backlog: Vec<(u8, u64)>,
 }
 
 /// Zeroes the gauges of a consumer group (or, with an empty `consumer_group`, of a
 /// dead-letter topic) this node sampled last round and no longer does (it stopped
 /// leading the partition, or the group is gone), so sums across nodes stay right.
-pub fn zero_consumer(group: u64, topic: &str, consumer_group: &str) {
+pub fn zero_consumer(group: u64, topic: &str, consumer_group: &str, lanes: &[u8]) {
     if consumer_group.is_empty() {
         gauge!(DEAD_LETTER_DEPTH, "topic" => topic.to_string()).set(0.0);
         gauge!(DEAD_LETTER_OLDEST_AGE, "topic" => topic.to_string()).set(0.0);
@@ -300,6 +303,9 @@ pub fn zero_consumer(group: u64, topic: &str, consumer_group: &str) {
     let labels = [("group", group.to_string()), ("consumer_group", consumer_group.to_string())];
     for name in [CONSUMER_LAG, QUEUE_UNACKED, QUEUE_WAITING_RETRY, QUEUE_OLDEST_UNSETTLED_AGE, CONSUMER_LAG_AGE] {
         gauge!(name, &labels).set(0.0);
+    }
+    for lane in lanes {
+        gauge!(QUEUE_LANE_BACKLOG, "group" => group.to_string(), "consumer_group" => consumer_group.to_string(), "lane" => lane.to_string()).set(0.0);
     }
 }
 
@@ -326,6 +332,9 @@ pub fn record_consumers(samples: &[ConsumerSample]) {
         }
         if let Some(ms) = s.lag_age_ms {
             gauge!(CONSUMER_LAG_AGE, &labels).set(ms as f64 / 1000.0);
+        }
+        for (lane, n) in &s.lane_backlog {
+            gauge!(QUEUE_LANE_BACKLOG, "group" => s.group.to_string(), "consumer_group" => s.consumer_group.clone(), "lane" => lane.to_string()).set(*n as f64);
         }
     }
 }

@@ -545,6 +545,21 @@ async fn priority_lanes_overtake_a_backlog_share_by_weight_and_keep_their_order_
     assert!(killed);
     assert_eq!(acked, (0..4_003).collect::<BTreeSet<u64>>(), "every message acked, none lost across the kill");
 
+    // With nobody consuming, the leader reports the group's backlog per lane.
+    dev.produce("tasks", (0..5).map(|i| Record::new(format!("later-{i}"))).collect()).await;
+    dev.produce("tasks", (0..7).map(|i| Record::new(format!("later-urgent-{i}")).with_priority(9)).collect()).await;
+    let backlog = |lane: u8| {
+        dev_cluster::metric_max(
+            dev.bootstrap.split(','),
+            &format!("keel_queue_lane_backlog_messages{{group=\"1\",consumer_group=\"workers\",lane=\"{lane}\"}}"),
+        )
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while (backlog(0), backlog(9)) != (Some(5.0), Some(7.0)) {
+        assert!(Instant::now() < deadline, "lane backlog gauges: lane 0 {:?}, lane 9 {:?}", backlog(0), backlog(9));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
     // A priority beyond the topic's lanes is refused, saying what to do.
     dev.create_topic("three-lanes", 1, TopicConfigPatch { priorities: Some(3), ..TopicConfigPatch::default() }).await;
     let refused = dev.keel().args(["produce", "three-lanes", "--priority", "5", "--timeout", "5s", "x"]).output().unwrap();

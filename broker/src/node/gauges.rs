@@ -43,6 +43,15 @@ fn sample(g: &GroupHandle, last_leaders: &mut HashMap<u64, Option<u64>>, is_part
     }
 }
 
+/// Messages of each lane a queue group was not delivered yet, for every lane the
+/// partition has held messages of (lane 0 always).
+fn lane_backlog(q: &crate::partition::consumers::QueueGroup, lanes: &crate::partition::lanes::LaneRuns, hw: u64) -> Vec<(u8, u64)> {
+    (0..crate::partition::lanes::LANES as u8)
+        .map(|l| (l, lanes.lane_segments(l, q.cursors[usize::from(l)], hw).map(|(a, b)| b - a).sum::<u64>()))
+        .filter(|(l, _)| lanes.used(*l))
+        .collect()
+}
+
 /// Consumer-group and dead-letter gauges of one partition, if this node leads it.
 fn consumer_samples(p: &super::partition::Partition, now_ms: i64) -> Vec<metrics::ConsumerSample> {
     if !p.serving_now() {
@@ -62,6 +71,7 @@ fn consumer_samples(p: &super::partition::Partition, now_ms: i64) -> Vec<metrics
             oldest_unsettled_age_ms: None,
             behind_from: (c.offset < hw).then_some(c.offset),
             lag_age_ms: None,
+            lane_backlog: Vec::new(),
         });
     }
     for (name, q) in &st.consumers.queues {
@@ -76,6 +86,7 @@ fn consumer_samples(p: &super::partition::Partition, now_ms: i64) -> Vec<metrics
             oldest_unsettled_age_ms: Some(q.slots.values().next().map_or(0, |s| now_ms.saturating_sub(s.first_delivery_ms).max(0) as u64)),
             behind_from: Some(q.floor(&st.lanes, hw)).filter(|f| *f < hw),
             lag_age_ms: None,
+            lane_backlog: lane_backlog(q, &st.lanes, hw),
         });
     }
     if p.topic.ends_with(super::dead_letters::DEAD_LETTER_SUFFIX) {
@@ -90,6 +101,7 @@ fn consumer_samples(p: &super::partition::Partition, now_ms: i64) -> Vec<metrics
             oldest_unsettled_age_ms: None,
             behind_from: (start < hw).then_some(start),
             lag_age_ms: None,
+            lane_backlog: Vec::new(),
         });
     }
     out
@@ -137,7 +149,7 @@ pub async fn run(metadata_group: GroupHandle, hosted: HostedPartitions) {
     let mut last_leaders = HashMap::new();
     let mut ages = Timestamps::default();
     // Consumer gauges this node set last round (to zero those it stops reporting).
-    let mut reported: HashSet<(u64, String, String)> = HashSet::new();
+    let mut reported: HashMap<(u64, String, String), Vec<u8>> = HashMap::new();
     let mut tick = tokio::time::interval(metrics::SAMPLE_INTERVAL);
     loop {
         tick.tick().await;
@@ -159,9 +171,12 @@ pub async fn run(metadata_group: GroupHandle, hosted: HostedPartitions) {
         }
         ages.retain_seen();
         metrics::record_consumers(&consumers);
-        let now_reported: HashSet<(u64, String, String)> = consumers.iter().map(|s| (s.group, s.topic.clone(), s.consumer_group.clone())).collect();
-        for (group, topic, consumer_group) in reported.difference(&now_reported) {
-            metrics::zero_consumer(*group, topic, consumer_group);
+        let now_reported: HashMap<(u64, String, String), Vec<u8>> =
+            consumers.iter().map(|s| ((s.group, s.topic.clone(), s.consumer_group.clone()), s.lane_backlog.iter().map(|(l, _)| *l).collect())).collect();
+        for ((group, topic, consumer_group), lanes) in &reported {
+            if !now_reported.contains_key(&(*group, topic.clone(), consumer_group.clone())) {
+                metrics::zero_consumer(*group, topic, consumer_group, lanes);
+            }
         }
         reported = now_reported;
     }

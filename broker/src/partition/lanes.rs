@@ -59,6 +59,11 @@ impl LaneRuns {
         self.runs.is_empty()
     }
 
+    /// Whether any batch of `lane` was recorded (lane 0 always counts).
+    pub fn used(&self, lane: u8) -> bool {
+        lane == 0 || self.by_lane.get(usize::from(lane)).is_some_and(|r| !r.is_empty())
+    }
+
     /// The lane of `offset` (0 where nothing was recorded).
     pub fn lane_of(&self, offset: u64) -> u8 {
         match self.runs.range(..=offset).next_back() {

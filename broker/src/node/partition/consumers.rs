@@ -301,7 +301,14 @@ impl Partition {
             let ControlOutcome::Leased(leased) = outcome else {
                 return Err(PartitionError::Storage(format!("a lease was applied as {outcome:?}")));
             };
-            crate::metrics::queue_delivered(&self.topic, &req.group, leased.len() as u64, leased.iter().filter(|(_, a)| *a > 1).count() as u64);
+            let mut per_lane = [0u64; LANES];
+            {
+                let st = self.group.shared.state();
+                for (o, _) in &leased {
+                    per_lane[usize::from(st.lanes.lane_of(*o)).min(LANES - 1)] += 1;
+                }
+            }
+            crate::metrics::queue_delivered(&self.topic, &req.group, &per_lane, leased.iter().filter(|(_, a)| *a > 1).count() as u64);
             if leased.is_empty() {
                 continue; // created the group, or raced with another entry: plan again
             }
