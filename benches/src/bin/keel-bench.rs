@@ -99,6 +99,16 @@ struct Args {
     /// Unsettled deliveries per queue member (its credit).
     #[arg(long, default_value_t = 1000)]
     queue_in_flight: u32,
+    /// After producing (the lane-0 backlog), measure priority delivery: a queue group
+    /// of --queue-members drains the backlog while this many lane-9 messages are
+    /// published one at a time (every --priority-interval); reports the p50/p99/max time
+    /// from publish to delivery, then lane 0's share while lane 9 is busy too. Creates
+    /// the topic with 10 priority lanes.
+    #[arg(long, default_value_t = 0)]
+    priority_trials: usize,
+    /// Time between two lane-9 trial messages.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "2ms")]
+    priority_interval: Duration,
     /// SIGKILL the leader of partition 0 halfway through the produce phase.
     #[arg(long)]
     failover: bool,
@@ -199,7 +209,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let cluster = Cluster::new(ClientConfig::with_bootstrap(&args.bootstrap))?;
     let admin = Admin::new(cluster.clone());
     if admin.describe_topic(&args.topic).await.is_err() {
-        admin.create_topic(&args.topic, args.partitions, args.replicas).await.context("creating the bench topic")?;
+        let config = keel_protocol::TopicConfigPatch { priorities: (args.priority_trials > 0).then_some(10), ..Default::default() };
+        let req = keel_protocol::message::CreateTopicRequest { name: args.topic.clone(), partitions: args.partitions, replicas: args.replicas, config };
+        admin.create_topic_with(req).await.context("creating the bench topic")?;
     }
     // Wait for every partition to have a leader before measuring.
     let ready = Instant::now() + Duration::from_secs(30);
@@ -450,7 +462,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }
         }
     }
-    if args.queue_members > 0 {
+    if args.priority_trials > 0 {
+        summary["priority"] = priority_trials(&cluster, &args).await?;
+    } else if args.queue_members > 0 {
         let (acked, secs, redelivered) = queue_consume(&cluster, &args).await?;
         println!(
             "queue consume ({} members, each message acked): {acked} messages in {secs:.1} s: {:.0} msgs/s, {redelivered} redeliveries",
@@ -477,6 +491,117 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     println!("{summary}");
     Ok(())
+}
+
+/// The priority phase: a fresh queue group of `--queue-members` drains the topic's
+/// lane-0 backlog, acking everything; meanwhile lane-9 messages are published one at a
+/// time and the time from `send` to the member's `poll` returning each is recorded.
+/// Then a burst of lane-9 messages makes both lanes busy, and the lanes' shares of the
+/// next deliveries are counted.
+async fn priority_trials(cluster: &Cluster, args: &Args) -> anyhow::Result<serde_json::Value> {
+    use keel_client::queue::{QueueConfig, QueueConsumer};
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let group = format!("prio-{}", now_ms());
+    let sent: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let latencies: Arc<Mutex<Vec<f64>>> = Arc::default();
+    // Deliveries per lane, counted only while `counting`.
+    let counting = Arc::new(AtomicBool::new(false));
+    let lane_counts: Arc<[AtomicU64; 10]> = Arc::new(std::array::from_fn(|_| AtomicU64::new(0)));
+    let delivered = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut members = tokio::task::JoinSet::new();
+    for i in 0..args.queue_members.max(1) {
+        let config = QueueConfig { member: Some(format!("prio-{i}")), max_in_flight: args.queue_in_flight, ..QueueConfig::default() };
+        let mut consumer = QueueConsumer::new(cluster.clone(), &args.topic, &group, config).await?;
+        let (sent, latencies, counting, lane_counts, delivered, stop) =
+            (sent.clone(), latencies.clone(), counting.clone(), lane_counts.clone(), delivered.clone(), stop.clone());
+        members.spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let batch = consumer.poll(Duration::from_millis(100)).await?;
+                let now = Instant::now();
+                for d in &batch {
+                    if d.message.priority == 9 {
+                        let key = d.message.value.as_deref().map(|v| String::from_utf8_lossy(v).to_string()).unwrap_or_default();
+                        if let Some(at) = sent.lock().expect("sent lock").remove(&key) {
+                            latencies.lock().expect("latencies lock").push(now.duration_since(at).as_secs_f64() * 1000.0);
+                        }
+                    }
+                    if counting.load(Ordering::Relaxed) {
+                        lane_counts[usize::from(d.message.priority).min(9)].fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                delivered.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                for o in futures::future::join_all(batch.iter().map(|d| d.ack())).await {
+                    o?;
+                }
+            }
+            consumer.close().await;
+            anyhow::Ok(())
+        });
+    }
+    // Let the members get going on the backlog first.
+    while delivered.load(Ordering::Relaxed) < 10_000 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let producer = Producer::new(cluster.clone(), ProducerConfig { linger: Duration::ZERO, ..ProducerConfig::default() })?;
+    let started = Instant::now();
+    for i in 0..args.priority_trials {
+        let key = format!("trial-{i}");
+        sent.lock().expect("sent lock").insert(key.clone(), Instant::now());
+        let ack = producer.send(&args.topic, Record::new(key).with_priority(9)).await?;
+        tokio::spawn(async move { ack.wait().await });
+        tokio::time::sleep(args.priority_interval).await;
+    }
+    producer.flush().await?;
+    // Wait for the last trials to arrive (at most 10 s).
+    let wait = Instant::now() + Duration::from_secs(10);
+    while !sent.lock().expect("sent lock").is_empty() && Instant::now() < wait {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let trials_secs = started.elapsed().as_secs_f64();
+    let missing = sent.lock().expect("sent lock").len();
+    let mut lat = latencies.lock().expect("latencies lock").clone();
+    lat.sort_by(f64::total_cmp);
+    let pct = |q: f64| lat.get(((lat.len() as f64 * q) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or(f64::NAN);
+    let backlog_delivered = delivered.load(Ordering::Relaxed);
+    let backlog_left = args.messages.unwrap_or(0).saturating_sub(backlog_delivered.saturating_sub(lat.len() as u64));
+    println!(
+        "priority: {} lane-9 trials over {trials_secs:.1} s behind the lane-0 backlog ({backlog_delivered} delivered meanwhile, about {backlog_left} still queued): publish-to-delivery ms p50 {:.2} p99 {:.2} max {:.2}; {missing} not delivered within 10 s",
+        lat.len(),
+        pct(0.5),
+        pct(0.99),
+        lat.last().copied().unwrap_or(f64::NAN)
+    );
+    // Both lanes busy: a burst of lane-9 messages, then count the lanes' deliveries.
+    let burst = 50_000u64;
+    for i in 0..burst {
+        let ack = producer.send(&args.topic, Record::new(format!("busy-{i}")).with_priority(9)).await?;
+        drop(ack);
+    }
+    producer.flush().await?;
+    counting.store(true, Ordering::Relaxed);
+    let window = Instant::now();
+    while lane_counts[9].load(Ordering::Relaxed) < burst / 2 && window.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    counting.store(false, Ordering::Relaxed);
+    let (lane0, lane9) = (lane_counts[0].load(Ordering::Relaxed), lane_counts[9].load(Ordering::Relaxed));
+    let share0 = lane0 as f64 / (lane0 + lane9).max(1) as f64;
+    println!(
+        "priority: while both lanes were busy, lane 9 got {lane9} and lane 0 {lane0} deliveries: lane 0's share {:.1} % (weights 10 : 1 → {:.1} %)",
+        share0 * 100.0,
+        100.0 / 11.0
+    );
+    stop.store(true, Ordering::Relaxed);
+    while let Some(joined) = members.join_next().await {
+        joined.context("a queue member task failed")??;
+    }
+    producer.close().await;
+    Ok(serde_json::json!({
+        "trials": lat.len(), "missing": missing, "p50_ms": pct(0.5), "p99_ms": pct(0.99), "max_ms": lat.last().copied(),
+        "backlog_delivered_during_trials": backlog_delivered, "backlog_left_after_trials": backlog_left, "busy_lane9": lane9, "busy_lane0": lane0, "lane0_share": share0,
+    }))
 }
 
 /// The queue-group consume phase: `--queue-members` members of a fresh group, each

@@ -36,8 +36,8 @@ pub async fn handle(service: Arc<ClientService>, req: Request) -> Result<Bytes, 
     check_producer_fields(&view)?;
     let priority = view.header().priority;
     if u32::from(priority) >= lanes {
-        return Err(ApiError::InvalidBatch(format!(
-            "priority {priority} at byte 19: topic {} has priority lanes 0..{lanes} (raise them with keel topic alter {} --priorities N)",
+        return Err(ApiError::InvalidArgument(format!(
+            "priority {priority}: topic {} has priority lanes 0..{lanes} (send to one of them, or raise them with keel topic alter {} --priorities N)",
             head.topic, head.topic
         )));
     }
