@@ -16,7 +16,10 @@ pub fn batch_64k_of_1k_records() -> Bytes {
     let value = vec![b'x'; RECORD_BYTES];
     let mut builder = BatchBuilder::new(BatchOptions { size_max: BATCH_BYTES, ..BatchOptions::default() }).expect("valid options");
     let mut i = 0i64;
-    while builder.push(NewRecord { timestamp_ms: 1_700_000_000_000 + i, key: None, value: Some(&value), headers: &[], message_id: None }).is_ok() {
+    while builder
+        .push(NewRecord { timestamp_ms: 1_700_000_000_000 + i, key: None, value: Some(&value), headers: &[], message_id: None, deliver_at_ms: None })
+        .is_ok()
+    {
         i += 1;
     }
     builder.finish().expect("at least one record fits")

@@ -36,6 +36,7 @@
 //! | `keel_consumer_lag_messages` | gauge | group, consumer_group | on the partition's leader: messages of the partition the consumer group has not settled (stream: high watermark − committed offset; queue: high watermark − oldest unsettled offset) |
 //! | `keel_queue_unacked` | gauge | group, consumer_group | on the leader: messages leased to the queue group's members, not yet settled |
 //! | `keel_queue_waiting_retry` | gauge | group, consumer_group | on the leader: nacked messages waiting for their retry time |
+//! | `keel_queue_scheduled_messages` | gauge | group, consumer_group | on the leader: scheduled messages (`keel-deliver-at`) the group reached whose time has not come |
 //! | `keel_queue_oldest_unsettled_age_seconds` | gauge | group, consumer_group | on the leader: since the first delivery of the queue group's oldest unsettled message (0 when none) |
 //! | `keel_consumer_lag_seconds` | gauge | group, consumer_group | on the leader: age of the oldest message the consumer group has not settled (stream: the one at the committed offset; queue: the oldest unsettled, delivered or not), by its batch's newest timestamp; 0 when caught up |
 //! | `keel_dead_letter_depth_messages` | gauge | topic | on the leader of a dead-letter topic (`*.dlq`): messages it holds |
@@ -79,6 +80,7 @@ pub const DEAD_LETTERED: &str = "keel_dead_lettered_total";
 pub const CONSUMER_LAG: &str = "keel_consumer_lag_messages";
 pub const QUEUE_UNACKED: &str = "keel_queue_unacked";
 pub const QUEUE_WAITING_RETRY: &str = "keel_queue_waiting_retry";
+pub const QUEUE_SCHEDULED: &str = "keel_queue_scheduled_messages";
 pub const QUEUE_OLDEST_UNSETTLED_AGE: &str = "keel_queue_oldest_unsettled_age_seconds";
 pub const DEAD_LETTER_DEPTH: &str = "keel_dead_letter_depth_messages";
 pub const CONSUMER_LAG_AGE: &str = "keel_consumer_lag_seconds";
@@ -280,7 +282,9 @@ pub struct ConsumerSample {
     pub consumer_group: String,
     pub lag: u64,
     pub leased: Option<u64>,
+    /// Waiting for a retry (scheduled messages not included).
     pub waiting: Option<u64>,
+    pub scheduled: Option<u64>,
     pub oldest_unsettled_age_ms: Option<u64>,
     /// The oldest offset not consumed (stream: committed; queue: floor; dead-letter
     /// topic: log start) when behind: the message whose age is the lag age.
@@ -301,7 +305,7 @@ pub fn zero_consumer(group: u64, topic: &str, consumer_group: &str, lanes: &[u8]
         return;
     }
     let labels = [("group", group.to_string()), ("consumer_group", consumer_group.to_string())];
-    for name in [CONSUMER_LAG, QUEUE_UNACKED, QUEUE_WAITING_RETRY, QUEUE_OLDEST_UNSETTLED_AGE, CONSUMER_LAG_AGE] {
+    for name in [CONSUMER_LAG, QUEUE_UNACKED, QUEUE_WAITING_RETRY, QUEUE_SCHEDULED, QUEUE_OLDEST_UNSETTLED_AGE, CONSUMER_LAG_AGE] {
         gauge!(name, &labels).set(0.0);
     }
     for lane in lanes {
@@ -326,6 +330,9 @@ pub fn record_consumers(samples: &[ConsumerSample]) {
         }
         if let Some(n) = s.waiting {
             gauge!(QUEUE_WAITING_RETRY, &labels).set(n as f64);
+        }
+        if let Some(n) = s.scheduled {
+            gauge!(QUEUE_SCHEDULED, &labels).set(n as f64);
         }
         if let Some(ms) = s.oldest_unsettled_age_ms {
             gauge!(QUEUE_OLDEST_UNSETTLED_AGE, &labels).set(ms as f64 / 1000.0);

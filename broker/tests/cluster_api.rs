@@ -39,7 +39,8 @@ async fn call_leader(addr: &str, api_key: u16, payload: Bytes) -> Result<Bytes, 
 fn batch(values: &[String]) -> Bytes {
     let mut b = BatchBuilder::new(BatchOptions::default()).unwrap();
     for v in values {
-        b.push(NewRecord { timestamp_ms: 1_700_000_000_000, key: None, value: Some(v.as_bytes()), headers: &[], message_id: None }).unwrap();
+        b.push(NewRecord { timestamp_ms: 1_700_000_000_000, key: None, value: Some(v.as_bytes()), headers: &[], message_id: None, deliver_at_ms: None })
+            .unwrap();
     }
     b.finish().unwrap()
 }

@@ -567,3 +567,48 @@ async fn priority_lanes_overtake_a_backlog_share_by_weight_and_keep_their_order_
     assert!(!refused.status.success() && why.contains("priority lanes 0..3"), "refusal: {why}");
     dev.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduled_message_waits_for_its_time_without_holding_credit_even_across_a_leader_kill() {
+    let _serial = SERIAL.lock().await;
+    let dev = Dev::start(30_000);
+    dev.create_topic("reminders", 1, TopicConfigPatch::default()).await;
+    dev_cluster::run_ok(dev.keel().args(["produce", "reminders", "--delay", "6s", "later"]));
+    dev.produce("reminders", (1..=3).map(|i| Record::new(format!("now-{i}"))).collect()).await;
+
+    // Credit 1: were the waiting message holding it, nothing else would come.
+    let config = QueueConfig { member: Some("r".into()), max_in_flight: 1, ..QueueConfig::default() };
+    let mut member = QueueConsumer::new(dev.cluster.clone(), "reminders", "remind", config).await.unwrap();
+    let mut got: Vec<(String, u32, i64, Option<i64>)> = Vec::new();
+    let mut killed = false;
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while got.len() < 4 {
+        assert!(Instant::now() < deadline, "delivered only {got:?}");
+        let batch = member.poll(Duration::from_millis(200)).await.unwrap();
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+        for d in &batch {
+            let at = d.message.headers.iter().find(|(k, _)| k == "keel-deliver-at").and_then(|(_, v)| std::str::from_utf8(v.as_deref()?).ok()?.parse().ok());
+            got.push((String::from_utf8(d.message.value.clone().unwrap().to_vec()).unwrap(), d.attempt, now, at));
+            ack_surely(d).await;
+        }
+        if !killed && got.len() == 3 {
+            // The schedule is replicated state: the next leader keeps it.
+            dev.kill_leader("reminders", 0).await;
+            killed = true;
+        }
+    }
+    member.close().await;
+    let names: Vec<&str> = got.iter().map(|(n, ..)| n.as_str()).collect();
+    assert_eq!(names, ["now-1", "now-2", "now-3", "later"], "the scheduled message did not hold the only credit");
+    let (_, attempt, delivered_at, deliver_at) = got[3];
+    let deliver_at = deliver_at.expect("the record carries its deliver-at time");
+    assert!(delivered_at >= deliver_at, "delivered at {delivered_at}, before its time {deliver_at}");
+    assert_eq!(attempt, 1, "waiting is not a delivery attempt");
+    eprintln!("the scheduled message arrived {} ms after its time", delivered_at - deliver_at);
+
+    // Too far ahead is refused, naming the bound.
+    let refused = dev.keel().args(["produce", "reminders", "--delay", "8days", "--timeout", "5s", "x"]).output().unwrap();
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && why.contains("SCHEDULED_DELAY_MAX"), "refusal: {why}");
+    dev.stop();
+}

@@ -56,8 +56,15 @@ fn batch(i: u32, records: u32) -> RecordBatch {
     let mut b = BatchBuilder::new(BatchOptions::default()).unwrap();
     for r in 0..records {
         let value = format!("batch {i} record {r}");
-        b.push(NewRecord { timestamp_ms: 1_700_000_000_000 + i64::from(i), key: Some(b"k"), value: Some(value.as_bytes()), headers: &[], message_id: None })
-            .unwrap();
+        b.push(NewRecord {
+            timestamp_ms: 1_700_000_000_000 + i64::from(i),
+            key: Some(b"k"),
+            value: Some(value.as_bytes()),
+            headers: &[],
+            message_id: None,
+            deliver_at_ms: None,
+        })
+        .unwrap();
     }
     RecordBatch(b.finish().unwrap())
 }

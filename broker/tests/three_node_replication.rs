@@ -49,7 +49,15 @@ fn batch(i: u32) -> RecordBatch {
     let mut b = BatchBuilder::new(BatchOptions::default()).unwrap();
     for r in 0..3 {
         let v = format!("message {i}.{r}");
-        b.push(NewRecord { timestamp_ms: 1_700_000_000_000 + i64::from(i), key: None, value: Some(v.as_bytes()), headers: &[], message_id: None }).unwrap();
+        b.push(NewRecord {
+            timestamp_ms: 1_700_000_000_000 + i64::from(i),
+            key: None,
+            value: Some(v.as_bytes()),
+            headers: &[],
+            message_id: None,
+            deliver_at_ms: None,
+        })
+        .unwrap();
     }
     RecordBatch(b.finish().unwrap())
 }

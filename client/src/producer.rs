@@ -136,6 +136,10 @@ pub struct Record {
     /// Priority lane (`0..` the topic's `priorities`; 0 by default): queue groups deliver
     /// higher lanes first, by weight. Records of different lanes never share a batch.
     pub priority: u8,
+    /// Not before this time (ms since the epoch) to queue groups: scheduled delivery
+    /// (at most the broker's `SCHEDULED_DELAY_MAX` ahead). Stream consumers read it
+    /// in log order as usual.
+    pub deliver_at_ms: Option<i64>,
 }
 
 impl Record {
@@ -156,6 +160,17 @@ impl Record {
     pub fn with_priority(mut self, lane: u8) -> Record {
         self.priority = lane;
         self
+    }
+
+    /// Delivered to queue groups not before `at`.
+    pub fn deliver_at(mut self, at: std::time::SystemTime) -> Record {
+        self.deliver_at_ms = Some(at.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64));
+        self
+    }
+
+    /// Delivered to queue groups not before `delay` from now.
+    pub fn deliver_after(self, delay: Duration) -> Record {
+        self.deliver_at(std::time::SystemTime::now() + delay)
     }
 
     pub fn with_message_id(mut self, id: impl Into<Bytes>) -> Record {
@@ -464,8 +479,14 @@ impl Runner {
         }
         let timestamp_ms = record.timestamp_ms.unwrap_or_else(now_ms);
         let headers: Vec<(&str, Option<&[u8]>)> = record.headers.iter().map(|(k, v)| (k.as_str(), Some(&v[..]))).collect();
-        let new_record =
-            NewRecord { timestamp_ms, key: record.key.as_deref(), value: Some(&record.value), headers: &headers, message_id: record.message_id.as_deref() };
+        let new_record = NewRecord {
+            timestamp_ms,
+            key: record.key.as_deref(),
+            value: Some(&record.value),
+            headers: &headers,
+            message_id: record.message_id.as_deref(),
+            deliver_at_ms: record.deliver_at_ms,
+        };
         for _ in 0..2 {
             if !self.open.contains_key(&key) {
                 // Never build a batch the topic would refuse.

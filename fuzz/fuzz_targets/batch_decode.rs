@@ -42,7 +42,7 @@ fuzz_target!(|raw: &[u8]| {
     let mut builder = BatchBuilder::new(options).expect("header fields of a valid batch are valid options");
     for r in &records {
         let headers: Vec<(&str, Option<&[u8]>)> = r.headers().collect();
-        match builder.push(NewRecord { timestamp_ms: r.timestamp_ms, key: r.key, value: r.value, headers: &headers, message_id: None }) {
+        match builder.push(NewRecord { timestamp_ms: r.timestamp_ms, key: r.key, value: r.value, headers: &headers, message_id: None, deliver_at_ms: None }) {
             Ok(()) => {}
             // The input's deltas are relative to its header's first timestamp; the
             // builder's are relative to the first record, and may not fit i64.

@@ -53,6 +53,10 @@ pub const NO_SEQUENCE: i32 = -1;
 /// ids"). Reserved: a producer cannot use it as an ordinary header, and it is only
 /// allowed in batches whose `MESSAGE_IDS` attribute is set.
 pub const MESSAGE_ID_HEADER: &str = "keel-message-id";
+/// The reserved record header carrying a scheduled record's not-before time: decimal
+/// ASCII milliseconds since the epoch. Allowed only in batches whose `SCHEDULED`
+/// attribute is set.
+pub const DELIVER_AT_HEADER: &str = "keel-deliver-at";
 
 /// Batch attribute bits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -66,14 +70,20 @@ impl Attributes {
     /// Bit 4: some records carry a message id (the `MESSAGE_ID_HEADER` header), so the
     /// broker must look at the records to deduplicate; without it, it need not.
     const MESSAGE_IDS: u16 = 0b1_0000;
-    /// Bits 5–15 are reserved and must be zero.
-    const RESERVED_MASK: u16 = !0b1_1111;
+    /// Bit 5: some records carry a not-before time (the `DELIVER_AT_HEADER` header):
+    /// queue groups do not deliver them earlier.
+    const SCHEDULED: u16 = 0b10_0000;
+    /// Bits 6–15 are reserved and must be zero.
+    const RESERVED_MASK: u16 = !0b11_1111;
 
     pub fn control(self) -> bool {
         self.0 & Self::CONTROL != 0
     }
     pub fn message_ids(self) -> bool {
         self.0 & Self::MESSAGE_IDS != 0
+    }
+    pub fn scheduled(self) -> bool {
+        self.0 & Self::SCHEDULED != 0
     }
     pub fn compression(self) -> u16 {
         self.0 & Self::COMPRESSION_MASK
@@ -246,7 +256,7 @@ impl BatchView {
     /// batch without the `MESSAGE_IDS` attribute it yields no id but still checks that
     /// no record uses the reserved header.
     pub fn message_ids(&self) -> MessageIdIter<'_> {
-        MessageIdIter { records: self.records(), enabled: self.header.attributes.message_ids() }
+        MessageIdIter { records: self.records(), enabled: self.header.attributes.message_ids(), scheduled: self.header.attributes.scheduled() }
     }
 
     /// A new batch holding this batch's records except those at `skip` (indexes), with
@@ -270,14 +280,18 @@ impl BatchView {
             }
             headers.clear();
             let mut message_id = None;
+            let mut deliver_at_ms = None;
             for (k, v) in record.headers() {
                 if k == MESSAGE_ID_HEADER {
                     message_id = v;
+                } else if k == DELIVER_AT_HEADER {
+                    deliver_at_ms = v.and_then(parse_deliver_at);
                 } else {
                     headers.push((k, v));
                 }
             }
-            builder.push(NewRecord { timestamp_ms: record.timestamp_ms, key: record.key, value: record.value, headers: &headers, message_id })?;
+            let r = NewRecord { timestamp_ms: record.timestamp_ms, key: record.key, value: record.value, headers: &headers, message_id, deliver_at_ms };
+            builder.push(r)?;
         }
         builder.finish()
     }
@@ -327,6 +341,11 @@ impl<'a> RecordView<'a> {
     pub fn message_id(&self) -> Option<&'a [u8]> {
         self.headers().find(|(k, _)| *k == MESSAGE_ID_HEADER).and_then(|(_, v)| v)
     }
+
+    /// The record's not-before time (its `DELIVER_AT_HEADER` header), if it carries one.
+    pub fn deliver_at_ms(&self) -> Option<i64> {
+        self.headers().find(|(k, _)| *k == DELIVER_AT_HEADER).and_then(|(_, v)| v).and_then(parse_deliver_at)
+    }
 }
 
 /// Iterator of [`BatchView::message_ids`]: `(index, id)` per record carrying an id.
@@ -336,6 +355,13 @@ impl<'a> RecordView<'a> {
 pub struct MessageIdIter<'a> {
     records: RecordIter<'a>,
     enabled: bool,
+    /// The batch's `SCHEDULED` attribute: whether the deliver-at header may appear.
+    scheduled: bool,
+}
+
+/// A `DELIVER_AT_HEADER` value: decimal milliseconds since the epoch.
+pub fn parse_deliver_at(value: &[u8]) -> Option<i64> {
+    std::str::from_utf8(value).ok()?.parse().ok()
 }
 
 impl<'a> Iterator for MessageIdIter<'a> {
@@ -350,7 +376,26 @@ impl<'a> Iterator for MessageIdIter<'a> {
             };
             let mut id = None;
             let mut broken = None;
+            let mut deliver_at = false;
+            let mut what = "message id";
             for (key, value) in record.headers() {
+                if key == DELIVER_AT_HEADER {
+                    what = "deliver-at time";
+                    broken = if !self.scheduled {
+                        Some("the keel-deliver-at header is reserved: set the SCHEDULED batch attribute to schedule records")
+                    } else if deliver_at {
+                        Some("a record carries at most one deliver-at time")
+                    } else if value.and_then(parse_deliver_at).is_none() {
+                        Some("a deliver-at time is decimal milliseconds since the epoch")
+                    } else {
+                        deliver_at = true;
+                        None
+                    };
+                    if broken.is_some() {
+                        break;
+                    }
+                    continue;
+                }
                 if key != MESSAGE_ID_HEADER {
                     continue;
                 }
@@ -374,7 +419,7 @@ impl<'a> Iterator for MessageIdIter<'a> {
             }
             if let Some(reason) = broken {
                 self.records.failed = true;
-                return Some(Err(DecodeError::Invalid { offset: at, what: "message id", reason }));
+                return Some(Err(DecodeError::Invalid { offset: at, what, reason }));
             }
             if let Some(id) = id {
                 return Some(Ok((record.offset_delta, id)));
@@ -556,6 +601,9 @@ pub struct NewRecord<'a> {
     /// The record's message id, for broker-side dedupe within the topic's window
     /// (1..=`MESSAGE_ID_LEN_MAX` bytes). Written as the `MESSAGE_ID_HEADER` header.
     pub message_id: Option<&'a [u8]>,
+    /// Not before this time (ms since the epoch) to queue groups. Written as the
+    /// `DELIVER_AT_HEADER` header.
+    pub deliver_at_ms: Option<i64>,
 }
 
 /// Why the builder refused a record or a batch.
@@ -578,7 +626,7 @@ pub enum BuildError {
     TimestampOutOfRange { timestamp_ms: i64, first_timestamp_ms: i64 },
     #[error("the batch to rebuild does not decode: {0}")]
     Undecodable(String),
-    #[error("the header name {MESSAGE_ID_HEADER:?} is reserved for message ids; set the record's message id instead")]
+    #[error("the header names {MESSAGE_ID_HEADER:?} and {DELIVER_AT_HEADER:?} are reserved; set the record's message id or deliver-at time instead")]
     ReservedHeader,
     #[error("a message id of {len} bytes is outside 1..={max} bytes")]
     InvalidMessageId { len: usize, max: usize },
@@ -594,6 +642,8 @@ pub struct BatchBuilder {
     max_timestamp_ms: i64,
     /// Some record carries a message id: the `MESSAGE_IDS` attribute is set.
     message_ids: bool,
+    /// Some record carries a deliver-at time: the `SCHEDULED` attribute is set.
+    scheduled: bool,
 }
 
 impl BatchBuilder {
@@ -606,7 +656,7 @@ impl BatchBuilder {
         }
         let mut buf = BytesMut::with_capacity(options.size_max.min(64 * 1024));
         buf.put_bytes(0, BATCH_HEADER_LEN);
-        Ok(BatchBuilder { buf, options, count: 0, first_timestamp_ms: 0, max_timestamp_ms: i64::MIN, message_ids: false })
+        Ok(BatchBuilder { buf, options, count: 0, first_timestamp_ms: 0, max_timestamp_ms: i64::MIN, message_ids: false, scheduled: false })
     }
 
     /// Sets the producer fields written by [`BatchBuilder::finish`] (an idempotent
@@ -632,11 +682,11 @@ impl BatchBuilder {
 
     /// Appends a record. On `Err` the builder is unchanged.
     pub fn push(&mut self, record: NewRecord<'_>) -> Result<(), BuildError> {
-        let header_count = record.headers.len() + usize::from(record.message_id.is_some());
+        let header_count = record.headers.len() + usize::from(record.message_id.is_some()) + usize::from(record.deliver_at_ms.is_some());
         if header_count > RECORD_HEADER_COUNT_MAX as usize {
             return Err(BuildError::TooManyHeaders { count: header_count, max: RECORD_HEADER_COUNT_MAX });
         }
-        if record.headers.iter().any(|(k, _)| *k == MESSAGE_ID_HEADER) {
+        if record.headers.iter().any(|(k, _)| *k == MESSAGE_ID_HEADER || *k == DELIVER_AT_HEADER) {
             return Err(BuildError::ReservedHeader);
         }
         if let Some(id) = record.message_id {
@@ -655,6 +705,7 @@ impl BatchBuilder {
         if self.buf.len() + size > self.options.size_max || self.count == BATCH_RECORD_COUNT_MAX {
             return Err(BuildError::BatchFull { size: self.buf.len(), max: self.options.size_max, count: self.count });
         }
+        let deliver_at = record.deliver_at_ms.map(|t| t.to_string());
         let before = self.buf.len();
         put_varint(&mut self.buf, body_len as i64);
         self.buf.put_u8(0);
@@ -667,6 +718,11 @@ impl BatchBuilder {
             put_nullable(&mut self.buf, Some(MESSAGE_ID_HEADER.as_bytes()));
             put_nullable(&mut self.buf, Some(id));
             self.message_ids = true;
+        }
+        if let Some(t) = &deliver_at {
+            put_nullable(&mut self.buf, Some(DELIVER_AT_HEADER.as_bytes()));
+            put_nullable(&mut self.buf, Some(t.as_bytes()));
+            self.scheduled = true;
         }
         for (key, value) in record.headers {
             put_nullable(&mut self.buf, Some(key.as_bytes()));
@@ -686,9 +742,12 @@ impl BatchBuilder {
         };
         let mut len = 1 + varint_len(ts_delta) + varint_len(i64::from(self.count));
         len += nullable_len(record.key) + nullable_len(record.value);
-        len += varint_len((record.headers.len() + usize::from(record.message_id.is_some())) as i64);
+        len += varint_len((record.headers.len() + usize::from(record.message_id.is_some()) + usize::from(record.deliver_at_ms.is_some())) as i64);
         if let Some(id) = record.message_id {
             len += nullable_len(Some(MESSAGE_ID_HEADER.as_bytes())) + nullable_len(Some(id));
+        }
+        if let Some(t) = record.deliver_at_ms {
+            len += nullable_len(Some(DELIVER_AT_HEADER.as_bytes())) + nullable_len(Some(t.to_string().as_bytes()));
         }
         for (key, value) in record.headers {
             len += nullable_len(Some(key.as_bytes())) + nullable_len(*value);
@@ -706,7 +765,7 @@ impl BatchBuilder {
         let mut header = [0u8; BATCH_HEADER_LEN];
         header[field::BATCH_LENGTH..][..4].copy_from_slice(&batch_length.to_le_bytes());
         header[field::MAGIC] = BATCH_MAGIC;
-        let attributes = if self.message_ids { Attributes::MESSAGE_IDS } else { 0 };
+        let attributes = if self.message_ids { Attributes::MESSAGE_IDS } else { 0 } | if self.scheduled { Attributes::SCHEDULED } else { 0 };
         header[field::ATTRIBUTES..][..2].copy_from_slice(&attributes.to_le_bytes());
         header[field::PRIORITY] = o.priority;
         header[field::RECORD_COUNT..][..4].copy_from_slice(&self.count.to_le_bytes());

@@ -59,7 +59,7 @@ pub const PROTOCOL_VERSION_MIN: u16 = 1;
 /// Newest protocol version this build speaks. Version 2 added topic configurations,
 /// idempotent producers and message-id dedupe; version 3 consumer groups (`FORMAT.md`,
 /// "Versions").
-pub const PROTOCOL_VERSION_MAX: u16 = 3;
+pub const PROTOCOL_VERSION_MAX: u16 = 4;
 
 /// Longest consumer-group name, in bytes (`[A-Za-z0-9._-]`).
 ///

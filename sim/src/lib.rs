@@ -142,7 +142,8 @@ pub fn run_seed(seed: u64, options: &Options) -> Outcome {
 /// A one-record batch whose record timestamp is `write` (how checks identify it).
 pub fn batch(write: u64) -> EntryData {
     let mut b = BatchBuilder::new(BatchOptions::default()).expect("default batch options");
-    b.push(NewRecord { timestamp_ms: write as i64, key: None, value: Some(b"keel-sim"), headers: &[], message_id: None }).expect("one small record");
+    b.push(NewRecord { timestamp_ms: write as i64, key: None, value: Some(b"keel-sim"), headers: &[], message_id: None, deliver_at_ms: None })
+        .expect("one small record");
     EntryData::batch(b.finish().expect("a one-record batch"))
 }
 

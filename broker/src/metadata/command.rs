@@ -78,7 +78,9 @@ impl MetadataCommand {
     pub fn to_batch(&self, timestamp_ms: i64) -> Bytes {
         let value = postcard::to_allocvec(self).expect("metadata commands encode");
         let mut builder = BatchBuilder::new(BatchOptions::default()).expect("default batch options are valid");
-        builder.push(NewRecord { timestamp_ms, key: None, value: Some(&value), headers: &[], message_id: None }).expect("a metadata command fits a batch");
+        builder
+            .push(NewRecord { timestamp_ms, key: None, value: Some(&value), headers: &[], message_id: None, deliver_at_ms: None })
+            .expect("a metadata command fits a batch");
         builder.finish().expect("one record was pushed")
     }
 

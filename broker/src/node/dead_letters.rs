@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use keel_net::{CallError, Caller};
 use keel_protocol::api::client as api;
-use keel_protocol::batch::MESSAGE_ID_HEADER;
+use keel_protocol::batch::{DELIVER_AT_HEADER, MESSAGE_ID_HEADER};
 use keel_protocol::limits::{BATCH_SIZE_MAX, RECORD_HEADER_COUNT_MAX};
 use keel_protocol::message::{self, CreateTopicRequest, DuplicateMessageIds, NotLeader, ProduceRequest};
 use keel_protocol::{BatchBuilder, BatchOptions, BatchView, ErrorCode, NewRecord, TopicConfigPatch};
@@ -135,7 +135,10 @@ impl Writer {
             });
             let SlotState::DeadLettering { cause, .. } = &job.slot.state else { continue };
             let mut headers: Vec<(String, Option<Bytes>)> = record.as_ref().map_or(Vec::new(), |r| {
-                r.headers().filter(|(k, _)| *k != MESSAGE_ID_HEADER).map(|(k, v)| (k.to_string(), v.map(Bytes::copy_from_slice))).collect()
+                r.headers()
+                    .filter(|(k, _)| *k != MESSAGE_ID_HEADER && *k != DELIVER_AT_HEADER)
+                    .map(|(k, v)| (k.to_string(), v.map(Bytes::copy_from_slice)))
+                    .collect()
             });
             headers.truncate(RECORD_HEADER_COUNT_MAX as usize - 2);
             headers.push((FAILURE_HEADER.to_string(), Some(Bytes::from(failure_record(p, job, record.as_ref(), now)))));
@@ -318,6 +321,7 @@ impl OwnedRecord<'_> {
             value: self.letter.value.as_deref(),
             headers: &self.headers,
             message_id: Some(self.letter.id.as_bytes()),
+            deliver_at_ms: None,
         }
     }
 }

@@ -82,6 +82,10 @@ pub const DEAD_LETTER_BATCH_MAX: usize = 500;
 pub const DEAD_LETTER_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bytes of log a queue fetch reads at a time while it covers the range it leases.
 pub const QUEUE_READ_CHUNK_BYTES: u64 = 128 * 1024;
+/// Furthest ahead a produced record may schedule its delivery to queue groups (its
+/// `keel-deliver-at`), from the leader's clock. A scheduled message waits as a slot of
+/// each queue group that reaches it, inside the group's window (`QUEUE_WINDOW_MAX`).
+pub const SCHEDULED_DELAY_MAX: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Stream groups with live members the coordinator tracks at most (beyond, a join of a
 /// new group is refused).
 pub const COORDINATOR_GROUPS_MAX: usize = 10_000;

@@ -49,8 +49,10 @@ pub enum ControlCommand {
     QueueDeadLettered { group: String, offsets: Vec<u64> },
     /// Messages leased to a queue-group member until `deadline_ms`: the due offsets in
     /// `redeliver`, and never-delivered ones per lane, `(lane, from, until)` with `from`
-    /// the group's cursor in that lane (every lane of a new group starts at `start`).
-    QueueLeaseLanes { group: String, member: String, deadline_ms: i64, start: u64, new: Vec<(u8, u64, u64)>, redeliver: Vec<u64> },
+    /// the group's cursor in that lane (every lane of a new group starts at `start`);
+    /// `deferred` lists `(offset, not_before_ms)` of scheduled messages in those ranges,
+    /// which wait for their time instead (if it is still ahead at the entry's time).
+    QueueLeaseLanes { group: String, member: String, deadline_ms: i64, start: u64, new: Vec<(u8, u64, u64)>, redeliver: Vec<u64>, deferred: Vec<(u64, i64)> },
 }
 
 /// The settings applying a partition's log depends on. They reach the partition as a

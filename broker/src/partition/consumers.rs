@@ -171,6 +171,9 @@ pub struct Lease<'a> {
     pub start: u64,
     pub new: &'a [(u8, u64, u64)],
     pub redeliver: &'a [u64],
+    /// `(offset, not_before_ms)`, ascending: scheduled messages in the new ranges,
+    /// which wait (a slot with no attempt yet) while their time is ahead.
+    pub deferred: &'a [(u64, i64)],
 }
 
 /// What a member asks of one leased message.
@@ -225,6 +228,8 @@ pub struct QueueGroup {
     timers: BTreeSet<(i64, u64)>,
     /// Derived: slots being dead-lettered.
     dead_lettering: BTreeSet<u64>,
+    /// Derived: scheduled messages waiting for their first delivery.
+    scheduled: u64,
 }
 
 impl QueueGroup {
@@ -258,7 +263,14 @@ impl QueueGroup {
         self.leased_by.iter().map(|(m, n)| (m.as_str(), *n))
     }
 
-    /// Messages leased, waiting for a retry, and being dead-lettered.
+    /// Scheduled messages waiting for their first delivery (counted in `counts`'
+    /// waiting too).
+    pub fn scheduled(&self) -> u64 {
+        self.scheduled
+    }
+
+    /// Messages leased, waiting for a retry (or their scheduled time), and being
+    /// dead-lettered.
     pub fn counts(&self) -> (u64, u64, u64) {
         let leased: u64 = self.leased_by.values().map(|n| u64::from(*n)).sum();
         let dead = self.dead_lettering.len() as u64;
@@ -295,6 +307,9 @@ impl QueueGroup {
             }
             SlotState::Waiting { not_before_ms } => {
                 self.timers.insert((*not_before_ms, offset));
+                if slot.attempts == 0 {
+                    self.scheduled += 1;
+                }
             }
             SlotState::DeadLettering { .. } => {
                 self.dead_lettering.insert(offset);
@@ -315,6 +330,9 @@ impl QueueGroup {
             }
             SlotState::Waiting { not_before_ms } => {
                 self.timers.remove(&(*not_before_ms, offset));
+                if slot.attempts == 0 {
+                    self.scheduled -= 1;
+                }
             }
             SlotState::DeadLettering { .. } => {
                 self.dead_lettering.remove(&offset);
@@ -340,6 +358,7 @@ impl QueueGroup {
         self.leased_by.clear();
         self.timers.clear();
         self.dead_lettering.clear();
+        self.scheduled = 0;
         for (offset, slot) in slots {
             self.put(offset, slot);
         }
@@ -350,7 +369,7 @@ impl QueueGroup {
     /// is ignored), skipping offsets never served, up to the window. Returns
     /// `(offset, attempt)` of every message leased.
     fn lease(&mut self, now_ms: i64, end: u64, served: &dyn Fn(u64) -> bool, lanes: &LaneRuns, lease: &Lease<'_>) -> Vec<(u64, u32)> {
-        let Lease { member, deadline_ms, new, redeliver, .. } = *lease;
+        let Lease { member, deadline_ms, new, redeliver, deferred, .. } = *lease;
         let member = bounded(member, MEMBER_BYTES_MAX);
         let mut out = Vec::new();
         for &offset in redeliver {
@@ -363,6 +382,12 @@ impl QueueGroup {
             if !due {
                 self.put(offset, slot);
                 continue;
+            }
+            if slot.attempts == 0 {
+                // A scheduled message whose time came: its first delivery.
+                slot.first_delivery_ms = now_ms;
+            } else {
+                self.redelivered_total += 1;
             }
             if let SlotState::Leased { member, since_ms, .. } = &slot.state {
                 let record = AttemptRecord {
@@ -381,7 +406,6 @@ impl QueueGroup {
             out.push((offset, slot.attempts));
             self.put(offset, slot);
             self.delivered_total += 1;
-            self.redelivered_total += 1;
         }
         for &(lane, from, until) in new {
             let l = usize::from(lane).min(LANES - 1);
@@ -400,6 +424,16 @@ impl QueueGroup {
                     }
                     if !served(offset) {
                         continue;
+                    }
+                    if let Ok(i) = deferred.binary_search_by_key(&offset, |(o, _)| *o) {
+                        let not_before_ms = deferred[i].1;
+                        if not_before_ms > now_ms {
+                            // Waits, holding no member's slot; `first_delivery_ms` is
+                            // when it is due until it is delivered.
+                            let slot = Slot { attempts: 0, first_delivery_ms: not_before_ms, state: SlotState::Waiting { not_before_ms }, history: Vec::new() };
+                            self.put(offset, slot);
+                            continue;
+                        }
                     }
                     let slot = Slot {
                         attempts: 1,
@@ -424,6 +458,10 @@ impl QueueGroup {
         };
         if matches!(slot.state, SlotState::DeadLettering { .. }) {
             return SettleResult::DeadLettering;
+        }
+        if slot.attempts == 0 {
+            // Scheduled, not delivered yet: nobody can have processed it.
+            return SettleResult::NotDelivered;
         }
         if let Settle::Ack = settle {
             self.take(offset);
@@ -696,7 +734,14 @@ mod tests {
 
     fn lease_new(g: &mut ConsumerGroups, now: i64, end: u64, member: &str, until: u64) -> Vec<(u64, u32)> {
         let from = g.queues.get("q").map_or(0, |q| q.cursors[0]);
-        g.lease(now, end, &all, &NO_LANES, "q", &Lease { member, deadline_ms: now + 30_000, start: from, new: &[(0, from, until)], redeliver: &[] })
+        g.lease(
+            now,
+            end,
+            &all,
+            &NO_LANES,
+            "q",
+            &Lease { member, deadline_ms: now + 30_000, start: from, new: &[(0, from, until)], redeliver: &[], deferred: &[] },
+        )
     }
 
     fn nack(now: i64, retry_at: i64) -> Settle {
@@ -735,7 +780,8 @@ mod tests {
         let mut g = ConsumerGroups::default();
         lease_new(&mut g, 0, 10, "a", 5);
         assert!(
-            g.lease(0, 10, &all, &NO_LANES, "q", &Lease { member: "b", deadline_ms: 30_000, start: 0, new: &[(0, 0, 5)], redeliver: &[] }).is_empty(),
+            g.lease(0, 10, &all, &NO_LANES, "q", &Lease { member: "b", deadline_ms: 30_000, start: 0, new: &[(0, 0, 5)], redeliver: &[], deferred: &[] })
+                .is_empty(),
             "offsets 0..5 were leased to a"
         );
         assert_eq!(g.queues["q"].leased_by("b"), 0);
@@ -746,7 +792,7 @@ mod tests {
         let mut g = ConsumerGroups::default();
         let served = |o: u64| !(2..4).contains(&o);
         assert_eq!(
-            g.lease(0, 6, &served, &NO_LANES, "q", &Lease { member: "a", deadline_ms: 10, start: 0, new: &[(0, 0, 6)], redeliver: &[] }),
+            g.lease(0, 6, &served, &NO_LANES, "q", &Lease { member: "a", deadline_ms: 10, start: 0, new: &[(0, 0, 6)], redeliver: &[], deferred: &[] }),
             vec![(0, 1), (1, 1), (4, 1), (5, 1)]
         );
         assert_eq!(g.settle(0, &NO_LANES, "q", "a", &[(2, 1, Settle::Ack)]), vec![SettleResult::AlreadySettled]);
@@ -762,11 +808,12 @@ mod tests {
         assert!(q.due(1_099, 10).is_empty());
         assert_eq!(q.due(1_100, 10), vec![0]);
         assert!(
-            g.lease(1_000, 10, &all, &NO_LANES, "q", &Lease { member: "b", deadline_ms: 31_000, start: 1, new: &[(0, 1, 1)], redeliver: &[0] }).is_empty(),
+            g.lease(1_000, 10, &all, &NO_LANES, "q", &Lease { member: "b", deadline_ms: 31_000, start: 1, new: &[(0, 1, 1)], redeliver: &[0], deferred: &[] })
+                .is_empty(),
             "not due yet at 1000"
         );
         assert_eq!(
-            g.lease(1_100, 10, &all, &NO_LANES, "q", &Lease { member: "b", deadline_ms: 31_100, start: 1, new: &[(0, 1, 1)], redeliver: &[0] }),
+            g.lease(1_100, 10, &all, &NO_LANES, "q", &Lease { member: "b", deadline_ms: 31_100, start: 1, new: &[(0, 1, 1)], redeliver: &[0], deferred: &[] }),
             vec![(0, 2)]
         );
         let slot = &g.queues["q"].slots[&0];
@@ -780,7 +827,7 @@ mod tests {
         lease_new(&mut g, 0, 10, "a", 1);
         // a's lease expires and b gets attempt 2
         assert_eq!(
-            g.lease(30_000, 10, &all, &NO_LANES, "q", &Lease { member: "b", deadline_ms: 60_000, start: 1, new: &[(0, 1, 1)], redeliver: &[0] }),
+            g.lease(30_000, 10, &all, &NO_LANES, "q", &Lease { member: "b", deadline_ms: 60_000, start: 1, new: &[(0, 1, 1)], redeliver: &[0], deferred: &[] }),
             vec![(0, 2)]
         );
         assert_eq!(g.settle(30_001, &NO_LANES, "q", "a", &[(0, 1, nack(30_001, 0))]), vec![SettleResult::StaleLease { attempts: 2 }]);
@@ -852,5 +899,28 @@ mod tests {
         g.settle(1, &NO_LANES, "q", "a", &[(0, 1, Settle::Term { reason: "é".repeat(REASON_BYTES_MAX), class: String::new() })]);
         let SlotState::DeadLettering { reason, .. } = &g.queues["q"].slots[&0].state else { panic!("dead-lettering") };
         assert!(reason.len() <= REASON_BYTES_MAX);
+    }
+
+    #[test]
+    fn a_scheduled_message_waits_without_an_attempt_then_is_delivered_as_attempt_one() {
+        let mut g = ConsumerGroups::default();
+        let deferred = [(1u64, 5_000i64)];
+        let lease = |g: &mut ConsumerGroups, now: i64, new: &[(u8, u64, u64)], redeliver: &[u64], deferred: &[(u64, i64)]| {
+            g.lease(now, 3, &all, &NO_LANES, "q", &Lease { member: "a", deadline_ms: now + 30_000, start: 0, new, redeliver, deferred })
+        };
+        assert_eq!(lease(&mut g, 1_000, &[(0, 0, 3)], &[], &deferred), vec![(0, 1), (2, 1)], "offset 1 waits for 5,000");
+        let q = &g.queues["q"];
+        assert_eq!((q.leased_by("a"), q.scheduled(), q.counts()), (2, 1, (2, 1, 0)), "it holds no member's slot");
+        assert_eq!(q.due(4_999, 10), Vec::<u64>::new());
+        assert_eq!(q.due(5_000, 10), vec![1]);
+        assert_eq!(g.settle(2_000, &NO_LANES, "q", "a", &[(1, 0, Settle::Ack)]), vec![SettleResult::NotDelivered], "nobody can ack it before it is delivered");
+        // Too early: the fold judges the time with the entry's clock, not the leader's plan.
+        assert!(lease(&mut g, 4_000, &[], &[1], &[]).is_empty());
+        assert_eq!(lease(&mut g, 5_000, &[], &[1], &[]), vec![(1, 1)], "its first delivery is attempt 1");
+        let q = &g.queues["q"];
+        assert_eq!((q.scheduled(), q.redelivered_total, q.delivered_total, q.slots[&1].first_delivery_ms), (0, 0, 3, 5_000));
+        // A deferral whose time has come by the entry's time is leased at once.
+        let mut g = ConsumerGroups::default();
+        assert_eq!(lease(&mut g, 6_000, &[(0, 0, 3)], &[], &deferred), vec![(0, 1), (1, 1), (2, 1)]);
     }
 }

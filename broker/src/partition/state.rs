@@ -168,11 +168,11 @@ impl PartitionState {
             ControlCommand::QueueLease { group, member, deadline_ms, new_from, new_until, redeliver } => {
                 // Written before lanes: new messages from lane 0 only (all there was).
                 let new = [(0u8, *new_from, *new_until)];
-                let lease = Lease { member, deadline_ms: *deadline_ms, start: *new_from, new: &new, redeliver };
+                let lease = Lease { member, deadline_ms: *deadline_ms, start: *new_from, new: &new, redeliver, deferred: &[] };
                 ControlOutcome::Leased(self.lease(group, &lease))
             }
-            ControlCommand::QueueLeaseLanes { group, member, deadline_ms, start, new, redeliver } => {
-                let lease = Lease { member, deadline_ms: *deadline_ms, start: *start, new, redeliver };
+            ControlCommand::QueueLeaseLanes { group, member, deadline_ms, start, new, redeliver, deferred } => {
+                let lease = Lease { member, deadline_ms: *deadline_ms, start: *start, new, redeliver, deferred };
                 ControlOutcome::Leased(self.lease(group, &lease))
             }
             ControlCommand::QueueSettle { group, member, settles } => {
@@ -475,7 +475,15 @@ mod tests {
         batch(&mut s, 1, 9); // 1007, lane 9
         let lease = |s: &mut PartitionState, new: Vec<(u8, u64, u64)>| match s.apply_control(&ControlEntry {
             leader_time_ms: 1_000,
-            command: ControlCommand::QueueLeaseLanes { group: "q".into(), member: "m".into(), deadline_ms: 9_000, start: 0, new, redeliver: vec![] },
+            command: ControlCommand::QueueLeaseLanes {
+                group: "q".into(),
+                member: "m".into(),
+                deadline_ms: 9_000,
+                start: 0,
+                new,
+                redeliver: vec![],
+                deferred: vec![],
+            },
         }) {
             ControlOutcome::Leased(l) => l.into_iter().map(|(o, _)| o).collect::<Vec<u64>>(),
             other => panic!("{other:?}"),

@@ -27,7 +27,14 @@ fn build(records: &[OwnedRecord], options: BatchOptions) -> Bytes {
     for r in records {
         let headers: Vec<(&str, Option<&[u8]>)> = r.headers.iter().map(|(k, v)| (k.as_str(), v.as_deref())).collect();
         builder
-            .push(NewRecord { timestamp_ms: r.timestamp_ms, key: r.key.as_deref(), value: r.value.as_deref(), headers: &headers, message_id: None })
+            .push(NewRecord {
+                timestamp_ms: r.timestamp_ms,
+                key: r.key.as_deref(),
+                value: r.value.as_deref(),
+                headers: &headers,
+                message_id: None,
+                deliver_at_ms: None,
+            })
             .unwrap();
     }
     builder.finish().unwrap()
@@ -291,4 +298,44 @@ fn rebuilding_without_some_records_keeps_the_others_and_their_ids() {
     type Kept<'a> = (Option<&'a [u8]>, Option<&'a [u8]>, i64);
     let kept: Vec<Kept> = rebuilt.records().map(|r| r.unwrap()).map(|r| (r.value, r.message_id(), r.timestamp_ms)).collect();
     assert_eq!(kept, vec![(Some(&b"v0"[..]), Some(&b"a"[..]), 10), (Some(&b"v2"[..]), Some(&b"c"[..]), 12)]);
+}
+
+#[test]
+fn a_scheduled_record_carries_its_time_and_the_attribute_and_survives_a_rebuild() {
+    let mut b = BatchBuilder::new(BatchOptions::default()).unwrap();
+    b.push(NewRecord { timestamp_ms: 1, value: Some(b"now"), ..NewRecord::default() }).unwrap();
+    b.push(NewRecord { timestamp_ms: 2, value: Some(b"later"), deliver_at_ms: Some(1_796_000_000_000), ..NewRecord::default() }).unwrap();
+    let view = BatchView::validate(b.finish().unwrap()).unwrap();
+    assert!(view.header().attributes.scheduled());
+    let times: Vec<Option<i64>> = view.records().map(|r| r.unwrap().deliver_at_ms()).collect();
+    assert_eq!(times, vec![None, Some(1_796_000_000_000)]);
+    let rebuilt = BatchView::validate(view.rebuild_without(&[0]).unwrap()).unwrap();
+    assert_eq!(rebuilt.records().next().unwrap().unwrap().deliver_at_ms(), Some(1_796_000_000_000));
+    assert!(rebuilt.header().attributes.scheduled());
+    let plain = BatchView::validate(sample_batch()).unwrap();
+    assert!(!plain.header().attributes.scheduled(), "no schedule, no attribute");
+}
+
+#[test]
+fn the_deliver_at_header_is_reserved_and_checked() {
+    let mut b = BatchBuilder::new(BatchOptions::default()).unwrap();
+    let reserved = [(DELIVER_AT_HEADER, Some(&b"5"[..]))];
+    assert_eq!(b.push(NewRecord { headers: &reserved, ..NewRecord::default() }), Err(BuildError::ReservedHeader));
+    // Hand-made: the header in a batch without the attribute, and a time that is not
+    // a number, are both invalid batches.
+    let mut b = BatchBuilder::new(BatchOptions::default()).unwrap();
+    b.push(NewRecord { timestamp_ms: 1, value: Some(b"x"), deliver_at_ms: Some(5), ..NewRecord::default() }).unwrap();
+    let mut buf = b.finish().unwrap().to_vec();
+    let attrs = u16::from_le_bytes([buf[field::ATTRIBUTES], buf[field::ATTRIBUTES + 1]]) & !0b10_0000;
+    buf[field::ATTRIBUTES..field::ATTRIBUTES + 2].copy_from_slice(&attrs.to_le_bytes());
+    reseal(&mut buf);
+    let err = BatchView::validate(Bytes::from(buf.clone())).unwrap_err();
+    assert!(matches!(err, DecodeError::Invalid { what: "deliver-at time", .. }), "{err:?}");
+    let at = buf.windows(1).rposition(|w| w == b"5").unwrap();
+    buf[at] = b'x';
+    let attrs = attrs | 0b10_0000;
+    buf[field::ATTRIBUTES..field::ATTRIBUTES + 2].copy_from_slice(&attrs.to_le_bytes());
+    reseal(&mut buf);
+    let err = BatchView::validate(Bytes::from(buf)).unwrap_err();
+    assert!(matches!(err, DecodeError::Invalid { what: "deliver-at time", reason, .. } if reason.contains("decimal")), "{err:?}");
 }

@@ -315,6 +315,12 @@ pub struct ProduceArgs {
     /// lanes first.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..10))]
     priority: u8,
+    /// Deliver to queue groups not before this RFC 3339 time (at most 7 days ahead).
+    #[arg(long, conflicts_with = "delay")]
+    deliver_at: Option<String>,
+    /// Deliver to queue groups not before this long from now (e.g. 30s, 2h).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    delay: Option<Duration>,
 }
 
 fn parse_header(s: &str) -> Result<(String, String), String> {
@@ -328,8 +334,16 @@ pub fn produce(args: ProduceArgs, connect: Connect) -> anyhow::Result<()> {
         let config =
             ProducerConfig { delivery_timeout: args.timeout, idempotence: !args.no_idempotence, name: args.producer_name.clone(), ..ProducerConfig::default() };
         let producer = Producer::new(cluster, config)?;
+        let deliver_at = match (&args.deliver_at, args.delay) {
+            (Some(t), _) => Some(humantime::parse_rfc3339_weak(t).with_context(|| format!("--deliver-at {t:?} is not an RFC 3339 time"))?),
+            (None, Some(d)) => Some(std::time::SystemTime::now() + d),
+            (None, None) => None,
+        };
         let make = |value: String| {
             let mut r = Record::new(value).with_priority(args.priority);
+            if let Some(at) = deliver_at {
+                r = r.deliver_at(at);
+            }
             if let Some(id) = &args.message_id {
                 r = r.with_message_id(id.clone());
             }

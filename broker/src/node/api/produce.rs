@@ -17,7 +17,7 @@ use keel_protocol::{BatchView, DecodeError};
 
 use super::{bounded, ApiError, ClientService, Request};
 use crate::metrics;
-use crate::node::limits::PRODUCE_TIMEOUT_MAX;
+use crate::node::limits::{PRODUCE_TIMEOUT_MAX, SCHEDULED_DELAY_MAX};
 
 pub async fn handle(service: Arc<ClientService>, req: Request) -> Result<Bytes, ApiError> {
     let started = Instant::now();
@@ -41,6 +41,9 @@ pub async fn handle(service: Arc<ClientService>, req: Request) -> Result<Bytes, 
             head.topic, head.topic
         )));
     }
+    if view.header().attributes.scheduled() {
+        check_schedule(&view, &head.topic)?;
+    }
     // One walk over the records: every one decodes, and the message ids' digests.
     let ids = partition.check_records(&view).map_err(|error| ApiError::Partition { what: what.clone(), error })?;
     let timeout = bounded(head.timeout_ms, PRODUCE_TIMEOUT_MAX);
@@ -54,6 +57,27 @@ pub async fn handle(service: Arc<ClientService>, req: Request) -> Result<Bytes, 
     }
     let resp = ProduceResponse { base_offset: appended.base_offset, record_count: appended.record_count, duplicate: appended.duplicate };
     Ok(resp.encode(req.version))
+}
+
+/// Every scheduled record's time is at most `SCHEDULED_DELAY_MAX` ahead.
+fn check_schedule(view: &BatchView, topic: &str) -> Result<(), ApiError> {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+    let latest = now.saturating_add(SCHEDULED_DELAY_MAX.as_millis() as i64);
+    for record in view.records() {
+        let record = record.map_err(|e| ApiError::InvalidBatch(e.to_string()))?;
+        if let Some(at) = record.deliver_at_ms() {
+            if at > latest {
+                let ahead = std::time::Duration::from_secs(((at - now) / 1000) as u64);
+                return Err(ApiError::InvalidArgument(format!(
+                    "record {} of the batch to {topic} is scheduled {} ahead; at most {} (SCHEDULED_DELAY_MAX) is allowed",
+                    record.offset_delta,
+                    humantime::format_duration(ahead),
+                    humantime::format_duration(SCHEDULED_DELAY_MAX)
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn check_producer_fields(view: &BatchView) -> Result<(), ApiError> {

@@ -263,6 +263,7 @@ impl Partition {
             }
             new.retain(|(_, from, until)| until > from);
             let has_new = !new.is_empty();
+            let deferred = scheduled_ahead(&batches, &new, now_ms());
             let new_until: Vec<(u8, u64)> = new.iter().map(|(l, _, u)| (*l, *u)).collect();
             let (group, member, redeliver, start, timeout) =
                 (req.group.clone(), req.member.clone(), plan.redeliver.clone(), plan.start, config.lease_timeout_ms);
@@ -274,6 +275,7 @@ impl Partition {
                     start,
                     new,
                     redeliver,
+                    deferred,
                 })
                 .await?;
             let count = if has_new { plan.new_count } else { 0 } + plan.redeliver.len() as u32;
@@ -713,6 +715,30 @@ impl Partition {
             other => Err(PartitionError::Storage(format!("a dead-lettered entry was applied as {other:?}"))),
         }
     }
+}
+
+/// `(offset, not_before_ms)`, ascending, of the records in `new`'s ranges whose
+/// scheduled time is after `now` (only batches with the `SCHEDULED` attribute are
+/// looked into).
+fn scheduled_ahead(batches: &BTreeMap<u64, Bytes>, new: &[(u8, u64, u64)], now: i64) -> Vec<(u64, i64)> {
+    let mut out = Vec::new();
+    for (base, bytes) in batches {
+        let Ok(view) = keel_protocol::BatchView::parse(bytes.clone()) else { continue };
+        if !view.header().attributes.scheduled() {
+            continue;
+        }
+        for record in view.records().filter_map(Result::ok) {
+            let offset = base + u64::from(record.offset_delta);
+            if !new.iter().any(|(_, from, until)| (*from..*until).contains(&offset)) {
+                continue;
+            }
+            if let Some(at) = record.deliver_at_ms().filter(|at| *at > now) {
+                out.push((offset, at));
+            }
+        }
+    }
+    out.sort_unstable();
+    out
 }
 
 /// One past the last offset of a stored batch.
