@@ -430,18 +430,20 @@ pub fn check(events: &[Event], floors: Floors) -> Results {
         }
     }
 
-    // One producer's acknowledged sends to a partition land at increasing offsets.
+    // One producer's acknowledged sends to a partition land at increasing offsets, per
+    // priority lane (records of different lanes travel in different batches).
     for (process, list) in &acked_by_process {
-        let mut last: HashMap<Partition, (u64, &str)> = HashMap::new();
+        let mut last: HashMap<(Partition, u8), (u64, &str)> = HashMap::new();
         for s in list.iter().filter(|s| !s.duplicate) {
             let (Some(o), part) = (s.offset, (s.op.topic.clone(), s.op.partition)) else { continue };
-            if let Some((prev, prev_msg)) = last.get(&part) {
+            let lane = s.op.priority;
+            if let Some((prev, prev_msg)) = last.get(&(part.clone(), lane)) {
                 if o <= *prev {
                     rows.row("nonmonotonic-send")
-                        .add(|| format!("process {process}: {} at {}/{} offset {o} after {prev_msg} at {prev}", s.op.msg, part.0, part.1));
+                        .add(|| format!("process {process}: {} at {}/{} lane {lane} offset {o} after {prev_msg} at {prev}", s.op.msg, part.0, part.1));
                 }
             }
-            last.insert(part, (o, s.op.msg.as_str()));
+            last.insert((part, lane), (o, s.op.msg.as_str()));
         }
     }
 

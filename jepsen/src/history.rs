@@ -65,6 +65,9 @@ pub struct SendOp {
     /// same batch is not this: its offset is the message's own.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub duplicate: bool,
+    /// The record's priority lane: order is promised per partition and lane.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub priority: u8,
 }
 
 /// A message read: where, and what.
@@ -302,7 +305,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("history.jsonl");
         let r = Recorder::create(Some(&path)).unwrap();
-        let send = SendOp { topic: "t".into(), partition: 1, msg: "3-42".into(), idempotent: true, stamp: None, offset: None, duplicate: false };
+        let send = SendOp { topic: "t".into(), partition: 1, msg: "3-42".into(), idempotent: true, stamp: None, offset: None, duplicate: false, priority: 0 };
         let id = r.invoke(Actor::Client(3), Op::Send(send.clone()));
         r.complete(id, Actor::Client(3), Kind::Ok, Op::Send(SendOp { offset: Some(977), ..send }), None);
         r.note(Actor::Nemesis, Op::Fault(FaultOp { name: "kill".into(), phase: "start".into(), detail: serde_json::json!({"nodes": [2]}) }));
@@ -311,4 +314,8 @@ mod tests {
         let line = std::fs::read_to_string(&path).unwrap();
         assert!(line.starts_with(r#"{"index":0,"#) && line.contains(r#""type":"invoke","f":"send","value":{"#), "{line}");
     }
+}
+
+fn is_zero(v: &u8) -> bool {
+    *v == 0
 }

@@ -30,6 +30,12 @@ pub const QUEUE_MAX_DELIVERIES: u32 = 4;
 const POISON_EVERY: u64 = 16;
 /// Sends one producer keeps unacknowledged at most.
 const SENDS_IN_FLIGHT_MAX: usize = 128;
+/// Priority lanes of the queue topic; producers pick one at random per message.
+const QUEUE_LANES: u32 = 4;
+/// One message in this many is scheduled, …
+const SCHEDULED_EVERY: u32 = 8;
+/// … up to this far ahead (ms).
+const SCHEDULED_DELAY_MAX_MS: u64 = 1_500;
 /// Unsettled deliveries one member holds at most.
 const MEMBER_CREDIT: u32 = 50;
 /// A member "crashes" after this many deliveries (drawn per life).
@@ -45,7 +51,7 @@ pub async fn create_queue(cluster: &Cluster) -> bool {
         name: QUEUE_TOPIC.into(),
         partitions: PARTITIONS,
         replicas: 3,
-        config: TopicConfigPatch { max_deliveries: Some(QUEUE_MAX_DELIVERIES), ..TopicConfigPatch::default() },
+        config: TopicConfigPatch { max_deliveries: Some(QUEUE_MAX_DELIVERIES), priorities: Some(QUEUE_LANES), ..TopicConfigPatch::default() },
     };
     match admin.create_topic_with(req).await {
         Ok(()) => {}
@@ -66,7 +72,16 @@ pub async fn queue_producer(ctx: Ctx, rate: f64, seed: u64) -> Result<(), Client
             format!("{process}-{counter}")
         }
     };
-    produce_loop(ctx, QUEUE_TOPIC, rate, seed, SENDS_IN_FLIGHT_MAX, name).await
+    produce_loop(ctx, QUEUE_TOPIC, rate, seed, SENDS_IN_FLIGHT_MAX, name, Some(queue_shape)).await
+}
+
+/// W2's records: a random one of `QUEUE_LANES` priority lanes, and one in
+/// `SCHEDULED_EVERY` scheduled up to `SCHEDULED_DELAY_MAX` ahead, so faults meet lane
+/// cursors and waiting scheduled messages too.
+fn queue_shape(rng: &mut fastrand::Rng) -> (u8, Option<Duration>) {
+    let lane = rng.u8(0..QUEUE_LANES as u8);
+    let delay = (rng.u32(0..SCHEDULED_EVERY) == 0).then(|| Duration::from_millis(rng.u64(0..SCHEDULED_DELAY_MAX_MS)));
+    (lane, delay)
 }
 
 fn outcome_name(o: SettleOutcome) -> &'static str {

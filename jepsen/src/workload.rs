@@ -85,13 +85,26 @@ async fn pace(start: tokio::time::Instant, sent: u64, rate: f64) {
 
 /// One W1 producer at `rate` messages/s until stopped.
 pub async fn log_producer(ctx: Ctx, rate: f64, seed: u64) -> Result<(), ClientError> {
-    produce_loop(ctx, LOG_TOPIC, rate, seed, LOG_SENDS_IN_FLIGHT_MAX, |process, counter| format!("{process}-{counter}")).await
+    produce_loop(ctx, LOG_TOPIC, rate, seed, LOG_SENDS_IN_FLIGHT_MAX, |process, counter| format!("{process}-{counter}"), None).await
 }
+
+/// How a producer shapes a record beyond its value: its priority lane and, for a
+/// scheduled one, its delay.
+pub type Shape = fn(&mut fastrand::Rng) -> (u8, Option<Duration>);
 
 /// A producer of unique messages `name(process, counter)` to random partitions of
 /// `topic` at `rate` messages/s until stopped, at most `in_flight` unacknowledged;
-/// every send recorded. Returns once every send completed.
-pub async fn produce_loop(ctx: Ctx, topic: &'static str, rate: f64, seed: u64, in_flight: usize, name: fn(u64, u64) -> String) -> Result<(), ClientError> {
+/// every send recorded; `shape` picks lanes and delays (none: lane 0, no delay).
+/// Returns once every send completed.
+pub async fn produce_loop(
+    ctx: Ctx,
+    topic: &'static str,
+    rate: f64,
+    seed: u64,
+    in_flight: usize,
+    name: fn(u64, u64) -> String,
+    shape: Option<Shape>,
+) -> Result<(), ClientError> {
     let process = ctx.process();
     let mut rng = fastrand::Rng::with_seed(seed);
     let producer = Arc::new(Producer::new(ctx.cluster.clone(), ProducerConfig { linger: Duration::from_millis(2), ..ProducerConfig::default() })?);
@@ -104,20 +117,28 @@ pub async fn produce_loop(ctx: Ctx, topic: &'static str, rate: f64, seed: u64, i
         let partition = rng.u32(0..PARTITIONS);
         let msg = name(process, counter);
         counter += 1;
-        send_recorded(&ctx, process, &producer, topic, partition, msg, permit).await;
+        let (priority, delay) = shape.map_or((0, None), |f| f(&mut rng));
+        let mut record = Record { partition: Some(partition), priority, ..Record::new(msg) };
+        if let Some(d) = delay {
+            record = record.deliver_after(d);
+        }
+        send_recorded(&ctx, process, &producer, topic, record, permit).await;
     }
     // Every send completes before the worker ends.
     let _ = window.acquire_many(in_flight as u32).await;
     Ok(())
 }
 
-/// Sends `msg` to `topic`/`partition` through `producer` (idempotent, no message id),
+/// Sends `record` to `topic` (its partition set) through `producer` (idempotent, no
+/// message id),
 /// recording the invocation and — from a task of its own — the completion; `permit`
 /// is released once the send completes.
-async fn send_recorded(ctx: &Ctx, process: u64, producer: &Producer, topic: &str, partition: u32, msg: String, permit: OwnedSemaphorePermit) {
-    let op = SendOp { topic: topic.into(), partition, msg: msg.clone(), idempotent: true, stamp: None, offset: None, duplicate: false };
+async fn send_recorded(ctx: &Ctx, process: u64, producer: &Producer, topic: &str, record: Record, permit: OwnedSemaphorePermit) {
+    let partition = record.partition.expect("the loop picks the partition");
+    let msg = String::from_utf8_lossy(&record.value).into_owned();
+    let op = SendOp { topic: topic.into(), partition, msg, idempotent: true, stamp: None, offset: None, duplicate: false, priority: record.priority };
     let id = ctx.recorder.invoke(Actor::Client(process), Op::Send(op.clone()));
-    let ack = match producer.send(topic, Record { partition: Some(partition), ..Record::new(msg) }).await {
+    let ack = match producer.send(topic, record).await {
         Ok(a) => a,
         Err(e) => {
             ctx.recorder.complete(id, Actor::Client(process), kind_of(&e), Op::Send(op), Some(e.to_string()));
@@ -246,7 +267,8 @@ pub async fn idem_producer(ctx: Ctx, partition: u32, rate: f64) -> Result<(), Cl
         counter += 1;
         sent_with_identity += 1;
         let stamp = Stamp { producer_id: identity.producer_id, epoch: identity.epoch, sequence };
-        let op = SendOp { topic: IDEM_TOPIC.into(), partition, msg: msg.clone(), idempotent: true, stamp: Some(stamp), offset: None, duplicate: false };
+        let op =
+            SendOp { topic: IDEM_TOPIC.into(), partition, msg: msg.clone(), idempotent: true, stamp: Some(stamp), offset: None, duplicate: false, priority: 0 };
         let id = ctx.recorder.invoke(Actor::Client(process), Op::Send(op.clone()));
         let payload =
             message::encode_with_batches(&ProduceRequest { topic: IDEM_TOPIC.into(), partition, timeout_ms: 5_000 }, &[stamped(identity, sequence, &msg)]);
