@@ -296,6 +296,10 @@ pub fn read(path: &Path) -> std::io::Result<Vec<Event>> {
     Ok(out)
 }
 
+fn is_zero(v: &u8) -> bool {
+    *v == 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -314,8 +318,4 @@ mod tests {
         let line = std::fs::read_to_string(&path).unwrap();
         assert!(line.starts_with(r#"{"index":0,"#) && line.contains(r#""type":"invoke","f":"send","value":{"#), "{line}");
     }
-}
-
-fn is_zero(v: &u8) -> bool {
-    *v == 0
 }
