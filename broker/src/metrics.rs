@@ -36,6 +36,7 @@
 //! | `keel_consumer_lag_messages` | gauge | group, consumer_group | on the partition's leader: messages of the partition the consumer group has not settled (stream: high watermark − committed offset; queue: high watermark − oldest unsettled offset) |
 //! | `keel_queue_unacked` | gauge | group, consumer_group | on the leader: messages leased to the queue group's members, not yet settled |
 //! | `keel_queue_waiting_retry` | gauge | group, consumer_group | on the leader: nacked messages waiting for their retry time |
+//! | `keel_queue_parked_keys` | gauge | group, consumer_group | on the leader, ordered groups: keys whose message keeps failing (waiting for a retry or being dead-lettered) while later messages of the key wait behind it |
 //! | `keel_queue_scheduled_messages` | gauge | group, consumer_group | on the leader: scheduled messages (`keel-deliver-at`) the group reached whose time has not come |
 //! | `keel_queue_oldest_unsettled_age_seconds` | gauge | group, consumer_group | on the leader: since the first delivery of the queue group's oldest unsettled message (0 when none) |
 //! | `keel_consumer_lag_seconds` | gauge | group, consumer_group | on the leader: age of the oldest message the consumer group has not settled (stream: the one at the committed offset; queue: the oldest unsettled, delivered or not), by its batch's newest timestamp; 0 when caught up |
@@ -44,7 +45,7 @@
 //!
 //! The consumer and dead-letter gauges are set by the partition's leader; a node that
 //! stops leading sets the ones it reported to 0, so a sum over nodes counts each once.
-//! | `keel_queue_stalls_total` | counter | topic, consumer_group, reason | queue fetches that leased less than the member's credit because of a bound: `max_unacked` (the member holds its group's max-unacked leases here), `window` (the oldest unsettled message holds the delivery window open), `lease_expired` (a member's lease ran out unsettled; the message is delivered again) |
+//! | `keel_queue_stalls_total` | counter | topic, consumer_group, reason | queue fetches that leased less than the member's credit because of a bound: `max_unacked` (the member holds its group's max-unacked leases here), `window` (the group holds `QUEUE_WINDOW_MAX` unsettled messages in the partition), `lease_expired` (a member's lease ran out unsettled; the message is delivered again), `key_parked` (ordered groups: a nacked message holds its key's later messages back) |
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -81,6 +82,7 @@ pub const CONSUMER_LAG: &str = "keel_consumer_lag_messages";
 pub const QUEUE_UNACKED: &str = "keel_queue_unacked";
 pub const QUEUE_WAITING_RETRY: &str = "keel_queue_waiting_retry";
 pub const QUEUE_SCHEDULED: &str = "keel_queue_scheduled_messages";
+pub const QUEUE_PARKED_KEYS: &str = "keel_queue_parked_keys";
 pub const QUEUE_OLDEST_UNSETTLED_AGE: &str = "keel_queue_oldest_unsettled_age_seconds";
 pub const DEAD_LETTER_DEPTH: &str = "keel_dead_letter_depth_messages";
 pub const CONSUMER_LAG_AGE: &str = "keel_consumer_lag_seconds";
@@ -285,6 +287,7 @@ pub struct ConsumerSample {
     /// Waiting for a retry (scheduled messages not included).
     pub waiting: Option<u64>,
     pub scheduled: Option<u64>,
+    pub parked_keys: Option<u64>,
     pub oldest_unsettled_age_ms: Option<u64>,
     /// The oldest offset not consumed (stream: committed; queue: floor; dead-letter
     /// topic: log start) when behind: the message whose age is the lag age.
@@ -305,7 +308,7 @@ pub fn zero_consumer(group: u64, topic: &str, consumer_group: &str, lanes: &[u8]
         return;
     }
     let labels = [("group", group.to_string()), ("consumer_group", consumer_group.to_string())];
-    for name in [CONSUMER_LAG, QUEUE_UNACKED, QUEUE_WAITING_RETRY, QUEUE_SCHEDULED, QUEUE_OLDEST_UNSETTLED_AGE, CONSUMER_LAG_AGE] {
+    for name in [CONSUMER_LAG, QUEUE_UNACKED, QUEUE_WAITING_RETRY, QUEUE_SCHEDULED, QUEUE_PARKED_KEYS, QUEUE_OLDEST_UNSETTLED_AGE, CONSUMER_LAG_AGE] {
         gauge!(name, &labels).set(0.0);
     }
     for lane in lanes {
@@ -333,6 +336,9 @@ pub fn record_consumers(samples: &[ConsumerSample]) {
         }
         if let Some(n) = s.scheduled {
             gauge!(QUEUE_SCHEDULED, &labels).set(n as f64);
+        }
+        if let Some(n) = s.parked_keys {
+            gauge!(QUEUE_PARKED_KEYS, &labels).set(n as f64);
         }
         if let Some(ms) = s.oldest_unsettled_age_ms {
             gauge!(QUEUE_OLDEST_UNSETTLED_AGE, &labels).set(ms as f64 / 1000.0);

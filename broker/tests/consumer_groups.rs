@@ -612,3 +612,67 @@ async fn a_scheduled_message_waits_for_its_time_without_holding_credit_even_acro
     assert!(!refused.status.success() && why.contains("SCHEDULED_DELAY_MAX"), "refusal: {why}");
     dev.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ordered_group_keeps_each_key_in_order_and_parks_a_poison_key_while_the_others_flow_even_across_a_leader_kill() {
+    let _serial = SERIAL.lock().await;
+    let dev = Dev::start(30_000);
+    dev.create_topic("ledger-ops", 1, TopicConfigPatch { max_deliveries: Some(3), ..TopicConfigPatch::default() }).await;
+    let admin = Admin::new(dev.cluster.clone());
+    let group = GroupConfigPatch { ordered: Some(1), retry_base_ms: Some(300), retry_max_ms: Some(600), ..GroupConfigPatch::default() };
+    admin.configure_group("posting", group).await.unwrap();
+    // 200 accounts × 5 operations, interleaved; account 7's first operation is poison.
+    let mut records = Vec::new();
+    for op in 0..5 {
+        for acct in 0..200 {
+            let value = if acct == 7 && op == 0 { "acct-7-op-0-poison".to_string() } else { format!("acct-{acct}-op-{op}") };
+            records.push(Record::new(value).with_key(format!("acct-{acct}")));
+        }
+    }
+    dev.produce("ledger-ops", records).await;
+
+    let config = QueueConfig { member: Some("poster".into()), max_in_flight: 100, ..QueueConfig::default() };
+    let mut member = QueueConsumer::new(dev.cluster.clone(), "ledger-ops", "posting", config).await.unwrap();
+    let mut done: BTreeMap<String, Vec<u32>> = BTreeMap::new(); // account → ops acked, in ack order
+    let mut acct7_parked_seen = false;
+    let mut killed = false;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while done.values().map(Vec::len).sum::<usize>() < 999 {
+        assert!(Instant::now() < deadline, "acked {} of 999", done.values().map(Vec::len).sum::<usize>());
+        let batch = member.poll(Duration::from_millis(200)).await.unwrap();
+        let mut keys_in_batch = BTreeSet::new();
+        for d in &batch {
+            let key = String::from_utf8(d.message.key.clone().unwrap().to_vec()).unwrap();
+            assert!(keys_in_batch.insert(key.clone()), "two messages of {key} out at once");
+        }
+        for d in &batch {
+            let value = String::from_utf8(d.message.value.clone().unwrap().to_vec()).unwrap();
+            let key = String::from_utf8(d.message.key.clone().unwrap().to_vec()).unwrap();
+            if value.ends_with("poison") {
+                let _ = d.nack(None, "cannot post", "validation").await;
+                continue;
+            }
+            ack_surely(d).await;
+            let op: u32 = value.rsplit('-').next().unwrap().parse().unwrap();
+            done.entry(key).or_default().push(op);
+        }
+        if !acct7_parked_seen && done.len() == 200 - 1 && done.values().all(|ops| !ops.is_empty()) {
+            // Every other account has moved on while account 7 has nothing acked yet.
+            acct7_parked_seen = !done.contains_key("acct-7");
+        }
+        if !killed && done.values().map(Vec::len).sum::<usize>() >= 400 {
+            dev.kill_leader("ledger-ops", 0).await;
+            killed = true;
+        }
+    }
+    member.close().await;
+    assert!(acct7_parked_seen, "account 7 was parked behind its poison operation while every other account flowed");
+    for (acct, ops) in &done {
+        let want: Vec<u32> = if acct == "acct-7" { (1..5).collect() } else { (0..5).collect() };
+        assert_eq!(ops, &want, "{acct}'s operations in order");
+    }
+    let letters = dead_letters(&dev.cluster, "ledger-ops").await;
+    assert_eq!(letters.len(), 1, "the poison operation was dead-lettered");
+    assert_eq!(letters[0].0.value.as_deref(), Some(&b"acct-7-op-0-poison"[..]));
+    dev.stop();
+}

@@ -158,6 +158,10 @@ settings! {
     /// Leased, unsettled messages one member may hold per partition; beyond it the
     /// member is sent nothing more from that partition until it settles some.
     max_unacked: u32 = 1_000, 1, 100_000;
+    /// 1: ordered by key — at most one message per key is out (leased or waiting for a
+    /// retry) at a time; the key's later messages wait behind it, and a key whose
+    /// message keeps failing is parked while other keys flow. 0: no key order.
+    ordered: u32 = 0, 0, 1;
 }
 
 impl GroupConfig {

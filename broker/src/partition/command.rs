@@ -51,8 +51,19 @@ pub enum ControlCommand {
     /// `redeliver`, and never-delivered ones per lane, `(lane, from, until)` with `from`
     /// the group's cursor in that lane (every lane of a new group starts at `start`);
     /// `deferred` lists `(offset, not_before_ms)` of scheduled messages in those ranges,
-    /// which wait for their time instead (if it is still ahead at the entry's time).
-    QueueLeaseLanes { group: String, member: String, deadline_ms: i64, start: u64, new: Vec<(u8, u64, u64)>, redeliver: Vec<u64>, deferred: Vec<(u64, i64)> },
+    /// which wait for their time instead (if it is still ahead at the entry's time);
+    /// for an ordered group `keys` lists `(offset, key hash)` of the keyed messages in
+    /// those ranges (at most one message per key is out at a time).
+    QueueLeaseLanes {
+        group: String,
+        member: String,
+        deadline_ms: i64,
+        start: u64,
+        new: Vec<(u8, u64, u64)>,
+        redeliver: Vec<u64>,
+        deferred: Vec<(u64, i64)>,
+        keys: Vec<(u64, u64)>,
+    },
 }
 
 /// The settings applying a partition's log depends on. They reach the partition as a

@@ -22,7 +22,7 @@
 //! per partition (leasing stops there until some settle), a slot remembers at most [`ATTEMPTS_REMEMBERED`] finished attempts, and
 //! reasons, error classes and member names are cut to their byte bounds.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
@@ -126,6 +126,9 @@ pub enum SlotState {
     Waiting { not_before_ms: i64 },
     /// Decided for the dead-letter topic; settled once the dead letter is committed.
     DeadLettering { cause: DeadLetterCause, reason: String, class: String, since_ms: i64 },
+    /// Ordered groups: held behind an earlier unsettled message with the same key, not
+    /// delivered until that one is acked or dead-lettered. Holds no member's slot.
+    Blocked,
 }
 
 /// Why a message is dead-lettered.
@@ -174,6 +177,10 @@ pub struct Lease<'a> {
     /// `(offset, not_before_ms)`, ascending: scheduled messages in the new ranges,
     /// which wait (a slot with no attempt yet) while their time is ahead.
     pub deferred: &'a [(u64, i64)],
+    /// Ordered groups: `(offset, key hash)`, ascending, of the keyed messages in the
+    /// new ranges. At most one message per key is out at a time: a later one waits
+    /// `Blocked` until the one before it is settled.
+    pub keys: &'a [(u64, u64)],
 }
 
 /// What a member asks of one leased message.
@@ -230,6 +237,13 @@ pub struct QueueGroup {
     dead_lettering: BTreeSet<u64>,
     /// Derived: scheduled messages waiting for their first delivery.
     scheduled: u64,
+    /// Ordered groups: the key hash of each unsettled keyed message.
+    pub keys: BTreeMap<u64, u64>,
+    /// Derived: per key, its unsettled messages in offset order (the first is the one
+    /// out; the others are `Blocked` behind it).
+    by_key: HashMap<u64, VecDeque<u64>>,
+    /// Derived: messages `Blocked` behind their key.
+    blocked: u64,
 }
 
 impl QueueGroup {
@@ -269,8 +283,28 @@ impl QueueGroup {
         self.scheduled
     }
 
-    /// Messages leased, waiting for a retry (or their scheduled time), and being
-    /// dead-lettered.
+    /// Messages held behind an earlier unsettled message with their key.
+    pub fn blocked(&self) -> u64 {
+        self.blocked
+    }
+
+    /// Keys whose unsettled message keeps failing (waiting for a retry or being
+    /// dead-lettered) while later messages of the key wait behind it.
+    pub fn parked_keys(&self) -> u64 {
+        self.by_key
+            .values()
+            .filter(|q| q.len() > 1)
+            .filter(|q| self.slots.get(&q[0]).is_some_and(|s| s.attempts > 0 && matches!(s.state, SlotState::Waiting { .. } | SlotState::DeadLettering { .. })))
+            .count() as u64
+    }
+
+    /// Whether later messages of `offset`'s key wait behind it.
+    pub fn holds_back_others(&self, offset: u64) -> bool {
+        self.keys.get(&offset).and_then(|k| self.by_key.get(k)).is_some_and(|q| q.len() > 1 && q[0] == offset)
+    }
+
+    /// Messages leased, waiting for a retry (or their scheduled time, or their key),
+    /// and being dead-lettered.
     pub fn counts(&self) -> (u64, u64, u64) {
         let leased: u64 = self.leased_by.values().map(|n| u64::from(*n)).sum();
         let dead = self.dead_lettering.len() as u64;
@@ -314,6 +348,7 @@ impl QueueGroup {
             SlotState::DeadLettering { .. } => {
                 self.dead_lettering.insert(offset);
             }
+            SlotState::Blocked => self.blocked += 1,
         }
     }
 
@@ -337,6 +372,26 @@ impl QueueGroup {
             SlotState::DeadLettering { .. } => {
                 self.dead_lettering.remove(&offset);
             }
+            SlotState::Blocked => self.blocked -= 1,
+        }
+    }
+
+    /// `offset` was settled for good: if it was its key's message out, the next one of
+    /// the key (if any) becomes due now.
+    fn release_key(&mut self, offset: u64, now_ms: i64) {
+        let Some(key) = self.keys.remove(&offset) else { return };
+        let Some(queue) = self.by_key.get_mut(&key) else { return };
+        queue.retain(|o| *o != offset);
+        let next = queue.front().copied();
+        if queue.is_empty() {
+            self.by_key.remove(&key);
+        }
+        if let Some(next) = next {
+            if matches!(self.slots.get(&next).map(|s| &s.state), Some(SlotState::Blocked)) {
+                let mut slot = self.take(next).expect("looked up above");
+                slot.state = SlotState::Waiting { not_before_ms: now_ms };
+                self.put(next, slot);
+            }
         }
     }
 
@@ -359,8 +414,13 @@ impl QueueGroup {
         self.timers.clear();
         self.dead_lettering.clear();
         self.scheduled = 0;
+        self.blocked = 0;
         for (offset, slot) in slots {
             self.put(offset, slot);
+        }
+        self.by_key.clear();
+        for (offset, key) in &self.keys {
+            self.by_key.entry(*key).or_default().push_back(*offset);
         }
     }
 
@@ -369,7 +429,7 @@ impl QueueGroup {
     /// is ignored), skipping offsets never served, up to the window. Returns
     /// `(offset, attempt)` of every message leased.
     fn lease(&mut self, now_ms: i64, end: u64, served: &dyn Fn(u64) -> bool, lanes: &LaneRuns, lease: &Lease<'_>) -> Vec<(u64, u32)> {
-        let Lease { member, deadline_ms, new, redeliver, deferred, .. } = *lease;
+        let Lease { member, deadline_ms, new, redeliver, deferred, keys, .. } = *lease;
         let member = bounded(member, MEMBER_BYTES_MAX);
         let mut out = Vec::new();
         for &offset in redeliver {
@@ -377,7 +437,7 @@ impl QueueGroup {
             let due = match &slot.state {
                 SlotState::Leased { deadline_ms, .. } => *deadline_ms <= now_ms,
                 SlotState::Waiting { not_before_ms } => *not_before_ms <= now_ms,
-                SlotState::DeadLettering { .. } => false,
+                SlotState::DeadLettering { .. } | SlotState::Blocked => false,
             };
             if !due {
                 self.put(offset, slot);
@@ -425,6 +485,17 @@ impl QueueGroup {
                     if !served(offset) {
                         continue;
                     }
+                    if let Ok(i) = keys.binary_search_by_key(&offset, |(o, _)| *o) {
+                        let key = keys[i].1;
+                        self.keys.insert(offset, key);
+                        let queue = self.by_key.entry(key).or_default();
+                        queue.push_back(offset);
+                        if queue.len() > 1 {
+                            // Its key has a message out: it waits its turn.
+                            self.put(offset, Slot { attempts: 0, first_delivery_ms: now_ms, state: SlotState::Blocked, history: Vec::new() });
+                            continue;
+                        }
+                    }
                     if let Ok(i) = deferred.binary_search_by_key(&offset, |(o, _)| *o) {
                         let not_before_ms = deferred[i].1;
                         if not_before_ms > now_ms {
@@ -465,6 +536,7 @@ impl QueueGroup {
         }
         if let Settle::Ack = settle {
             self.take(offset);
+            self.release_key(offset, now_ms);
             self.acked_total += 1;
             return SettleResult::Done;
         }
@@ -526,10 +598,11 @@ impl QueueGroup {
         SettleResult::Done
     }
 
-    fn dead_lettered(&mut self, offset: u64) -> bool {
+    fn dead_lettered(&mut self, now_ms: i64, offset: u64) -> bool {
         match self.slots.get(&offset) {
             Some(Slot { state: SlotState::DeadLettering { .. }, .. }) => {
                 self.take(offset);
+                self.release_key(offset, now_ms);
                 self.dead_lettered_total += 1;
                 true
             }
@@ -579,6 +652,8 @@ struct QueueParts {
     redelivered_total: u64,
     acked_total: u64,
     dead_lettered_total: u64,
+    /// Ordered groups: `(offset, key hash)` of the unsettled keyed messages.
+    keys: Vec<(u64, u64)>,
 }
 
 /// [`ConsumerGroups`] as snapshotted.
@@ -623,9 +698,9 @@ impl ConsumerGroups {
 
     /// Settles messages whose dead letters are committed; returns how many were
     /// still being dead-lettered (a repeat of the same entry settles nothing).
-    pub fn dead_lettered(&mut self, group: &str, offsets: &[u64]) -> u32 {
+    pub fn dead_lettered(&mut self, now_ms: i64, group: &str, offsets: &[u64]) -> u32 {
         let Some(q) = self.queues.get_mut(group) else { return 0 };
-        offsets.iter().filter(|o| q.dead_lettered(**o)).count() as u32
+        offsets.iter().filter(|o| q.dead_lettered(now_ms, **o)).count() as u32
     }
 
     pub fn to_parts(&self) -> ConsumerParts {
@@ -642,6 +717,7 @@ impl ConsumerGroups {
                         redelivered_total: q.redelivered_total,
                         acked_total: q.acked_total,
                         dead_lettered_total: q.dead_lettered_total,
+                        keys: q.keys.iter().map(|(o, k)| (*o, *k)).collect(),
                     };
                     (g.clone(), parts)
                 })
@@ -662,6 +738,7 @@ impl ConsumerGroups {
                     redelivered_total: p.redelivered_total,
                     acked_total: p.acked_total,
                     dead_lettered_total: p.dead_lettered_total,
+                    keys: Vec::new(),
                 };
                 (g, parts)
             })
@@ -685,6 +762,7 @@ impl ConsumerGroups {
                     redelivered_total: p.redelivered_total,
                     acked_total: p.acked_total,
                     dead_lettered_total: p.dead_lettered_total,
+                    keys: p.keys.into_iter().collect(),
                     ..QueueGroup::default()
                 };
                 q.rebuild();
@@ -740,7 +818,7 @@ mod tests {
             &all,
             &NO_LANES,
             "q",
-            &Lease { member, deadline_ms: now + 30_000, start: from, new: &[(0, from, until)], redeliver: &[], deferred: &[] },
+            &Lease { member, deadline_ms: now + 30_000, start: from, new: &[(0, from, until)], redeliver: &[], deferred: &[], keys: &[] },
         )
     }
 
@@ -780,8 +858,15 @@ mod tests {
         let mut g = ConsumerGroups::default();
         lease_new(&mut g, 0, 10, "a", 5);
         assert!(
-            g.lease(0, 10, &all, &NO_LANES, "q", &Lease { member: "b", deadline_ms: 30_000, start: 0, new: &[(0, 0, 5)], redeliver: &[], deferred: &[] })
-                .is_empty(),
+            g.lease(
+                0,
+                10,
+                &all,
+                &NO_LANES,
+                "q",
+                &Lease { member: "b", deadline_ms: 30_000, start: 0, new: &[(0, 0, 5)], redeliver: &[], deferred: &[], keys: &[] }
+            )
+            .is_empty(),
             "offsets 0..5 were leased to a"
         );
         assert_eq!(g.queues["q"].leased_by("b"), 0);
@@ -792,7 +877,14 @@ mod tests {
         let mut g = ConsumerGroups::default();
         let served = |o: u64| !(2..4).contains(&o);
         assert_eq!(
-            g.lease(0, 6, &served, &NO_LANES, "q", &Lease { member: "a", deadline_ms: 10, start: 0, new: &[(0, 0, 6)], redeliver: &[], deferred: &[] }),
+            g.lease(
+                0,
+                6,
+                &served,
+                &NO_LANES,
+                "q",
+                &Lease { member: "a", deadline_ms: 10, start: 0, new: &[(0, 0, 6)], redeliver: &[], deferred: &[], keys: &[] }
+            ),
             vec![(0, 1), (1, 1), (4, 1), (5, 1)]
         );
         assert_eq!(g.settle(0, &NO_LANES, "q", "a", &[(2, 1, Settle::Ack)]), vec![SettleResult::AlreadySettled]);
@@ -808,12 +900,26 @@ mod tests {
         assert!(q.due(1_099, 10).is_empty());
         assert_eq!(q.due(1_100, 10), vec![0]);
         assert!(
-            g.lease(1_000, 10, &all, &NO_LANES, "q", &Lease { member: "b", deadline_ms: 31_000, start: 1, new: &[(0, 1, 1)], redeliver: &[0], deferred: &[] })
-                .is_empty(),
+            g.lease(
+                1_000,
+                10,
+                &all,
+                &NO_LANES,
+                "q",
+                &Lease { member: "b", deadline_ms: 31_000, start: 1, new: &[(0, 1, 1)], redeliver: &[0], deferred: &[], keys: &[] }
+            )
+            .is_empty(),
             "not due yet at 1000"
         );
         assert_eq!(
-            g.lease(1_100, 10, &all, &NO_LANES, "q", &Lease { member: "b", deadline_ms: 31_100, start: 1, new: &[(0, 1, 1)], redeliver: &[0], deferred: &[] }),
+            g.lease(
+                1_100,
+                10,
+                &all,
+                &NO_LANES,
+                "q",
+                &Lease { member: "b", deadline_ms: 31_100, start: 1, new: &[(0, 1, 1)], redeliver: &[0], deferred: &[], keys: &[] }
+            ),
             vec![(0, 2)]
         );
         let slot = &g.queues["q"].slots[&0];
@@ -827,7 +933,14 @@ mod tests {
         lease_new(&mut g, 0, 10, "a", 1);
         // a's lease expires and b gets attempt 2
         assert_eq!(
-            g.lease(30_000, 10, &all, &NO_LANES, "q", &Lease { member: "b", deadline_ms: 60_000, start: 1, new: &[(0, 1, 1)], redeliver: &[0], deferred: &[] }),
+            g.lease(
+                30_000,
+                10,
+                &all,
+                &NO_LANES,
+                "q",
+                &Lease { member: "b", deadline_ms: 60_000, start: 1, new: &[(0, 1, 1)], redeliver: &[0], deferred: &[], keys: &[] }
+            ),
             vec![(0, 2)]
         );
         assert_eq!(g.settle(30_001, &NO_LANES, "q", "a", &[(0, 1, nack(30_001, 0))]), vec![SettleResult::StaleLease { attempts: 2 }]);
@@ -851,8 +964,8 @@ mod tests {
         assert_eq!(q.counts(), (0, 0, 2));
         assert!(matches!(&q.slots[&1].state, SlotState::DeadLettering { reason, .. } if reason.contains("max deliveries") && reason.contains("boom")));
         assert_eq!(g.settle(6, &NO_LANES, "q", "a", &[(0, 1, Settle::Ack)]), vec![SettleResult::DeadLettering]);
-        assert_eq!(g.dead_lettered("q", &[0, 1]), 2);
-        assert_eq!(g.dead_lettered("q", &[0, 1]), 0, "a repeated entry settles nothing");
+        assert_eq!(g.dead_lettered(10, "q", &[0, 1]), 2);
+        assert_eq!(g.dead_lettered(10, "q", &[0, 1]), 0, "a repeated entry settles nothing");
         let q = &g.queues["q"];
         assert_eq!((q.floor(&NO_LANES, u64::MAX), q.dead_lettered_total), (2, 2));
     }
@@ -906,7 +1019,7 @@ mod tests {
         let mut g = ConsumerGroups::default();
         let deferred = [(1u64, 5_000i64)];
         let lease = |g: &mut ConsumerGroups, now: i64, new: &[(u8, u64, u64)], redeliver: &[u64], deferred: &[(u64, i64)]| {
-            g.lease(now, 3, &all, &NO_LANES, "q", &Lease { member: "a", deadline_ms: now + 30_000, start: 0, new, redeliver, deferred })
+            g.lease(now, 3, &all, &NO_LANES, "q", &Lease { member: "a", deadline_ms: now + 30_000, start: 0, new, redeliver, deferred, keys: &[] })
         };
         assert_eq!(lease(&mut g, 1_000, &[(0, 0, 3)], &[], &deferred), vec![(0, 1), (2, 1)], "offset 1 waits for 5,000");
         let q = &g.queues["q"];
@@ -922,5 +1035,37 @@ mod tests {
         // A deferral whose time has come by the entry's time is leased at once.
         let mut g = ConsumerGroups::default();
         assert_eq!(lease(&mut g, 6_000, &[(0, 0, 3)], &[], &deferred), vec![(0, 1), (1, 1), (2, 1)]);
+    }
+
+    #[test]
+    fn an_ordered_group_has_one_message_per_key_out_and_parks_a_failing_key() {
+        let mut g = ConsumerGroups::default();
+        let (a, b) = (11u64, 22u64);
+        let keys = [(0, a), (1, b), (2, a), (3, b), (4, a)];
+        let lease = |g: &mut ConsumerGroups, now: i64, new: &[(u8, u64, u64)], redeliver: &[u64], keys: &[(u64, u64)]| {
+            g.lease(now, 6, &all, &NO_LANES, "q", &Lease { member: "m", deadline_ms: now + 30_000, start: 0, new, redeliver, deferred: &[], keys })
+        };
+        assert_eq!(lease(&mut g, 1_000, &[(0, 0, 6)], &[], &keys), vec![(0, 1), (1, 1), (5, 1)], "one per key; unkeyed 5 is free");
+        let q = &g.queues["q"];
+        assert_eq!((q.blocked(), q.leased_by("m"), q.due(i64::MAX, 10).len()), (3, 3, 3), "blocked ones hold no slot and are not due");
+        // Key a's message acked: the next of a is due now, as a first delivery.
+        g.settle(1_100, &NO_LANES, "q", "m", &[(0, 1, Settle::Ack)]);
+        assert_eq!(g.queues["q"].due(1_100, 10), vec![2]);
+        assert_eq!(lease(&mut g, 1_100, &[], &[2], &[]), vec![(2, 1)]);
+        // Key b's message fails: b is parked (3 waits), a keeps flowing.
+        g.settle(1_200, &NO_LANES, "q", "m", &[(1, 1, nack(1_200, 5_000))]);
+        assert_eq!(g.queues["q"].parked_keys(), 1);
+        assert!(g.queues["q"].holds_back_others(1));
+        g.settle(1_300, &NO_LANES, "q", "m", &[(2, 1, Settle::Ack)]);
+        assert_eq!(lease(&mut g, 1_300, &[], &[4], &[]), vec![(4, 1)], "a's last message");
+        assert_eq!(g.settle(1_300, &NO_LANES, "q", "m", &[(3, 0, Settle::Ack)]), vec![SettleResult::NotDelivered], "a blocked message cannot be acked");
+        // b's message dead-lettered and committed: 3 is released, in order.
+        assert_eq!(lease(&mut g, 5_000, &[], &[1], &[]), vec![(1, 2)]);
+        g.settle(5_100, &NO_LANES, "q", "m", &[(1, 2, Settle::Term { reason: "poison".into(), class: String::new() })]);
+        assert_eq!(g.queues["q"].parked_keys(), 1, "still parked while it is being dead-lettered");
+        let snapshot = ConsumerGroups::from_parts(g.to_parts());
+        assert_eq!(snapshot.queues["q"].parked_keys(), 1, "keys survive a snapshot");
+        assert_eq!(g.dead_lettered(5_200, "q", &[1]), 1);
+        assert_eq!((g.queues["q"].parked_keys(), g.queues["q"].due(5_200, 10)), (0, vec![3]));
     }
 }

@@ -168,17 +168,17 @@ impl PartitionState {
             ControlCommand::QueueLease { group, member, deadline_ms, new_from, new_until, redeliver } => {
                 // Written before lanes: new messages from lane 0 only (all there was).
                 let new = [(0u8, *new_from, *new_until)];
-                let lease = Lease { member, deadline_ms: *deadline_ms, start: *new_from, new: &new, redeliver, deferred: &[] };
+                let lease = Lease { member, deadline_ms: *deadline_ms, start: *new_from, new: &new, redeliver, deferred: &[], keys: &[] };
                 ControlOutcome::Leased(self.lease(group, &lease))
             }
-            ControlCommand::QueueLeaseLanes { group, member, deadline_ms, start, new, redeliver, deferred } => {
-                let lease = Lease { member, deadline_ms: *deadline_ms, start: *start, new, redeliver, deferred };
+            ControlCommand::QueueLeaseLanes { group, member, deadline_ms, start, new, redeliver, deferred, keys } => {
+                let lease = Lease { member, deadline_ms: *deadline_ms, start: *start, new, redeliver, deferred, keys };
                 ControlOutcome::Leased(self.lease(group, &lease))
             }
             ControlCommand::QueueSettle { group, member, settles } => {
                 ControlOutcome::Settled(self.consumers.settle(self.clock_ms, &self.lanes, group, member, settles))
             }
-            ControlCommand::QueueDeadLettered { group, offsets } => ControlOutcome::DeadLettered(self.consumers.dead_lettered(group, offsets)),
+            ControlCommand::QueueDeadLettered { group, offsets } => ControlOutcome::DeadLettered(self.consumers.dead_lettered(self.clock_ms, group, offsets)),
         }
     }
 
@@ -483,6 +483,7 @@ mod tests {
                 new,
                 redeliver: vec![],
                 deferred: vec![],
+                keys: vec![],
             },
         }) {
             ControlOutcome::Leased(l) => l.into_iter().map(|(o, _)| o).collect::<Vec<u64>>(),

@@ -73,6 +73,10 @@ pub struct GroupSettings {
     /// Leased, unsettled messages one member may hold per partition.
     #[arg(long)]
     max_unacked: Option<u32>,
+    /// Ordered by key: at most one message per key out at a time; a key whose message
+    /// keeps failing is parked while other keys flow.
+    #[arg(long)]
+    ordered: Option<bool>,
 }
 
 impl GroupSettings {
@@ -84,6 +88,7 @@ impl GroupSettings {
             retry_multiplier: self.retry_multiplier,
             retry_max_ms: ms(&self.retry_max),
             max_unacked: self.max_unacked,
+            ordered: self.ordered.map(u32::from),
         }
     }
 }
@@ -123,6 +128,7 @@ fn print_group_config(c: &GroupConfig) {
     println!("  retry_multiplier  {}", c.retry_multiplier);
     println!("  retry_max         {}", human_ms(c.retry_max_ms));
     println!("  max_unacked       {}", c.max_unacked);
+    println!("  ordered           {}", if c.ordered == 1 { "by key" } else { "no" });
 }
 
 /// Every topic's group states (`group`, or all), skipping topics whose partitions do

@@ -46,6 +46,13 @@ pub struct QueueFetch {
     pub lane_weights: [u64; LANES],
 }
 
+/// The key hash ordered groups order by (the same on every node: fixed keys).
+pub fn key_hash(key: &[u8]) -> u64 {
+    let mut h = siphasher::sip::SipHasher13::new_with_keys(0x6b65_656c_6b65_7931, 0x6b65_656c_6b65_7932);
+    std::hash::Hasher::write(&mut h, key);
+    std::hash::Hasher::finish(&h)
+}
+
 /// Messages leased to a member: the leases and the batches holding them.
 #[derive(Debug, Clone)]
 pub struct Leased {
@@ -264,6 +271,7 @@ impl Partition {
             new.retain(|(_, from, until)| until > from);
             let has_new = !new.is_empty();
             let deferred = scheduled_ahead(&batches, &new, now_ms());
+            let keys = if config.ordered == 1 { keys_in(&batches, &new) } else { Vec::new() };
             let new_until: Vec<(u8, u64)> = new.iter().map(|(l, _, u)| (*l, *u)).collect();
             let (group, member, redeliver, start, timeout) =
                 (req.group.clone(), req.member.clone(), plan.redeliver.clone(), plan.start, config.lease_timeout_ms);
@@ -276,6 +284,7 @@ impl Partition {
                     new,
                     redeliver,
                     deferred,
+                    keys,
                 })
                 .await?;
             let count = if has_new { plan.new_count } else { 0 } + plan.redeliver.len() as u32;
@@ -627,6 +636,26 @@ impl Partition {
             })
             .collect();
         crate::metrics::queue_settled(&self.topic, group, &outcomes);
+        let parked: Vec<u64> = {
+            let st = self.group.shared.state();
+            let q = st.consumers.queues.get(group);
+            planned
+                .iter()
+                .zip(&outcomes)
+                .filter(|(_, o)| matches!(o, SettleOutcome::Retrying { .. }))
+                .map(|((offset, ..), _)| *offset)
+                .filter(|o| q.is_some_and(|q| q.holds_back_others(*o)))
+                .collect()
+        };
+        for offset in parked {
+            self.stalled(
+                group,
+                member,
+                "key_parked",
+                offset,
+                "a nacked message holds its key's later messages back until it is acked or dead-lettered; other keys flow",
+            );
+        }
         if outcomes.iter().any(|o| matches!(o, SettleOutcome::Retrying { .. } | SettleOutcome::DeadLettering)) {
             // A retry may be due sooner than a waiting fetch planned for.
             self.queue_activity.notify_waiters();
@@ -734,6 +763,22 @@ fn scheduled_ahead(batches: &BTreeMap<u64, Bytes>, new: &[(u8, u64, u64)], now: 
             }
             if let Some(at) = record.deliver_at_ms().filter(|at| *at > now) {
                 out.push((offset, at));
+            }
+        }
+    }
+    out.sort_unstable();
+    out
+}
+
+/// `(offset, key hash)`, ascending, of the keyed records in `new`'s ranges.
+fn keys_in(batches: &BTreeMap<u64, Bytes>, new: &[(u8, u64, u64)]) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    for (base, bytes) in batches {
+        let Ok(view) = keel_protocol::BatchView::parse(bytes.clone()) else { continue };
+        for record in view.records().filter_map(Result::ok) {
+            let offset = base + u64::from(record.offset_delta);
+            if let Some(key) = record.key.filter(|_| new.iter().any(|(_, from, until)| (*from..*until).contains(&offset))) {
+                out.push((offset, key_hash(key)));
             }
         }
     }
