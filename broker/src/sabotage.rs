@@ -11,6 +11,7 @@
 //! | `skip-dedupe` | neither the leader nor applying checks producer sequences | a retried batch stored twice |
 //! | `forget-delivery-counts` | a queue fetch tells members the attempt number this leader counted itself since it became leader, not the replicated count | an attempt number delivered twice for one message after a leader change |
 //! | `ack-without-recording` | a queue ack is answered `acked` without proposing it | the message is delivered again and a second ack is answered `acked` too |
+//! | `ignore-schedule` | a queue lease does not defer scheduled messages whose time is ahead | a scheduled message delivered before its time |
 //! | `ignore-ledger` | a group whose log lost acknowledged entries is treated as intact (the ack ledger is not consulted) | acknowledged messages lost after a minority's disk damage |
 
 /// A deliberate bug.
@@ -23,6 +24,7 @@ pub enum Sabotage {
     IgnoreLedger,
     ForgetDeliveryCounts,
     AckWithoutRecording,
+    IgnoreSchedule,
 }
 
 impl Sabotage {
@@ -35,6 +37,7 @@ impl Sabotage {
             "ignore-ledger" => Some(Sabotage::IgnoreLedger),
             "forget-delivery-counts" => Some(Sabotage::ForgetDeliveryCounts),
             "ack-without-recording" => Some(Sabotage::AckWithoutRecording),
+            "ignore-schedule" => Some(Sabotage::IgnoreSchedule),
             _ => None,
         }
     }

@@ -139,6 +139,12 @@ pub struct DeliverOp {
     /// The attempt number the broker gave it.
     pub attempt: u32,
     pub member: String,
+    /// A scheduled message's not-before time (its `keel-deliver-at`), ms since the epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deliver_at_ms: Option<i64>,
+    /// When the member got it (wall clock, ms since the epoch; the nodes share it).
+    #[serde(default)]
+    pub received_ms: i64,
 }
 
 /// A member's answer about one delivery: `verb` is `ack` or `nack`; an `ok` completion

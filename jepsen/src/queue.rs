@@ -15,6 +15,7 @@ use std::time::Duration;
 use keel_client::consumer::{Consumer, StartAt};
 use keel_client::queue::{Delivery, QueueConfig, QueueConsumer};
 use keel_client::{Admin, ClientError, Cluster};
+use keel_protocol::batch::{parse_deliver_at, DELIVER_AT_HEADER};
 use keel_protocol::message::{CreateTopicRequest, SettleOutcome};
 use keel_protocol::{ErrorCode, GroupConfigPatch, TopicConfigPatch};
 
@@ -108,6 +109,8 @@ async fn settle_recorded(ctx: &Ctx, process: u64, member: &str, d: &Delivery, na
         msg: msg.clone(),
         attempt: d.attempt,
         member: member.to_string(),
+        deliver_at_ms: d.message.headers.iter().find(|(k, _)| k == DELIVER_AT_HEADER).and_then(|(_, v)| v.as_deref()).and_then(parse_deliver_at),
+        received_ms: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |t| t.as_millis() as i64),
     };
     ctx.recorder.note(Actor::Client(process), Op::Deliver(deliver));
     let nack = nack || msg.ends_with("-poison");

@@ -6,7 +6,9 @@
 //! so it is never counted lost. Acked means a settle answered `acked`: the broker says it recorded *this* ack, so
 //! two such answers for one message mean an ack was answered without being recorded
 //! (the second should have been `already-settled`). An attempt number delivered twice
-//! means a delivery count was forgotten (a leader that did not know the count).
+//! means a delivery count was forgotten (a leader that did not know the count). A
+//! scheduled message received before its `keel-deliver-at` time was delivered early
+//! (the member and the nodes share one clock).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -21,6 +23,7 @@ pub(super) const ROWS: &[(&str, Verdict)] = &[
     ("queue-dead-lettered-twice", Verdict::Forbidden),
     ("queue-attempt-repeated", Verdict::Forbidden),
     ("queue-attempts-over-max", Verdict::Forbidden),
+    ("queue-delivered-early", Verdict::Forbidden),
     ("queue-redelivered", Verdict::Allowed),
 ];
 
@@ -56,6 +59,19 @@ pub(super) fn check(seen: &QueueSeen, topic: &str, acked_sends: &[(u32, u64, Str
         if d.attempt > max_deliveries {
             rows.row("queue-attempts-over-max")
                 .add(|| format!("{topic}/{}@{}: attempt {} > max deliveries {max_deliveries}", d.partition, d.offset, d.attempt));
+        }
+        if let Some(at) = d.deliver_at_ms.filter(|at| d.received_ms < *at) {
+            rows.row("queue-delivered-early").add(|| {
+                format!(
+                    "{topic}/{}@{} ({}): attempt {} received at {}, {} ms before its time {at}",
+                    d.partition,
+                    d.offset,
+                    d.msg,
+                    d.attempt,
+                    d.received_ms,
+                    at - d.received_ms
+                )
+            });
         }
         if d.attempt > 1 {
             stats.queue_redelivered += 1;

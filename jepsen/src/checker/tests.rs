@@ -344,7 +344,16 @@ mod queue_rows {
 
         fn deliver(&mut self, offset: u64, attempt: u32) {
             let id = self.id();
-            let op = DeliverOp { topic: QUEUE_TOPIC.into(), partition: 0, offset, msg: format!("m{offset}"), attempt, member: "w".into() };
+            let op = DeliverOp {
+                topic: QUEUE_TOPIC.into(),
+                partition: 0,
+                offset,
+                msg: format!("m{offset}"),
+                attempt,
+                member: "w".into(),
+                deliver_at_ms: None,
+                received_ms: 0,
+            };
             self.push(id, Actor::Client(2), Kind::Info, Op::Deliver(op));
         }
 
@@ -449,6 +458,30 @@ mod queue_rows {
         let mut h = clean_queue();
         h.dead_letter(0);
         assert_flags(&h, "queue-acked-and-dead-lettered");
+    }
+
+    #[test]
+    fn a_scheduled_message_received_before_its_time_was_delivered_early() {
+        let scheduled = |h: &mut H, received_ms: i64| {
+            let id = h.id();
+            let op = DeliverOp {
+                topic: QUEUE_TOPIC.into(),
+                partition: 0,
+                offset: 0,
+                msg: "m0".into(),
+                attempt: 1,
+                member: "w".into(),
+                deliver_at_ms: Some(10_000),
+                received_ms,
+            };
+            h.push(id, Actor::Client(2), Kind::Info, Op::Deliver(op));
+        };
+        let mut h = clean_queue();
+        scheduled(&mut h, 10_000);
+        assert_eq!(h.check().anomaly("queue-delivered-early").unwrap().count, 0, "at its time is fine");
+        let mut h = clean_queue();
+        scheduled(&mut h, 9_999);
+        assert_flags(&h, "queue-delivered-early");
     }
 
     #[test]

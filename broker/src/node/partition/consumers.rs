@@ -270,7 +270,11 @@ impl Partition {
             }
             new.retain(|(_, from, until)| until > from);
             let has_new = !new.is_empty();
-            let deferred = scheduled_ahead(&batches, &new, now_ms());
+            let deferred = if crate::sabotage::active(crate::sabotage::Sabotage::IgnoreSchedule) {
+                Vec::new() // Sabotage: scheduled messages leased whatever their time.
+            } else {
+                scheduled_ahead(&batches, &new, now_ms())
+            };
             let keys = if config.ordered == 1 { keys_in(&batches, &new) } else { Vec::new() };
             let new_until: Vec<(u8, u64)> = new.iter().map(|(l, _, u)| (*l, *u)).collect();
             let (group, member, redeliver, start, timeout) =
