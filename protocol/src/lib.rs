@@ -8,6 +8,7 @@
 //! - [`batch`]: the record-batch format (`FORMAT.md`), built once by a producer and
 //!   validated, never re-encoded, by the broker.
 //! - [`message`]: bodies of the client APIs; batches travel as slices, never re-encoded.
+//! - [`job`]: replay and redrive jobs — spec, filter, state, progress.
 //! - [`topic_config`]: a topic's and a consumer group's settings, declared once,
 //!   carried as JSON inside bodies.
 //! - [`varint`]: the zigzag varints used inside batches.
@@ -22,6 +23,7 @@ pub mod batch;
 pub mod codec;
 pub mod error;
 pub mod frame;
+pub mod job;
 pub mod limits;
 pub mod message;
 pub mod topic_config;

@@ -2,6 +2,7 @@
 
 use bytes::Bytes;
 use keel_protocol::batch::{BatchBuilder, BatchOptions, BatchView, NewRecord};
+use keel_protocol::job::{JobAction, JobSpec, PartitionProgress};
 use keel_protocol::message::ProducerIdentity;
 use keel_protocol::topic_config::{self, TopicConfig, TopicConfigPatch};
 use keel_protocol::GroupConfigPatch;
@@ -48,6 +49,32 @@ pub enum MetadataCommand {
         #[serde(with = "group_patch_as_json")]
         patch: GroupConfigPatch,
     },
+    /// Record a replay or redrive job (the fold gives it the next id), at the
+    /// proposer's clock `at_ms`.
+    CreateJob {
+        #[serde(with = "job_spec_as_json")]
+        spec: JobSpec,
+        at_ms: i64,
+    },
+    /// A job's checkpoint of one source partition (only ever forward).
+    JobProgress { id: u64, progress: PartitionProgress, at_ms: i64 },
+    /// Pause, resume, cancel or fail a job.
+    JobControl { id: u64, action: JobAction, at_ms: i64 },
+}
+
+/// Serde adapter: a [`JobSpec`] as a JSON string (fields can be added later).
+mod job_spec_as_json {
+    use keel_protocol::job::JobSpec;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(spec: &JobSpec, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&spec.to_json())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<JobSpec, D::Error> {
+        let json = String::deserialize(d)?;
+        JobSpec::from_json(&json).map_err(serde::de::Error::custom)
+    }
 }
 
 /// Serde adapter: a [`GroupConfigPatch`] as a JSON string (settings can be added later).

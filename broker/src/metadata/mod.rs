@@ -11,8 +11,10 @@
 //! - [`command`]: the commands and their encoding as record batches.
 //! - [`state`]: the fold.
 //! - [`placement`]: which nodes replicate which partition, leaders spread evenly.
+//! - [`jobs`]: the replay and redrive job table (state, checkpoints, audit trail).
 
 pub mod command;
+pub mod jobs;
 pub mod placement;
 pub mod state;
 

@@ -7,6 +7,7 @@ use keel_protocol::{GroupConfig, TopicConfig};
 use serde::{Deserialize, Serialize};
 
 use super::command::MetadataCommand;
+use super::jobs::JobTable;
 use super::METADATA_GROUP;
 
 /// Most named producers the cluster registers (names are never forgotten, so this
@@ -97,6 +98,8 @@ pub struct MetadataState {
     pub recent_rejections: VecDeque<(u64, Rejection)>,
     /// Consumer groups with settings of their own (the others use the defaults).
     pub group_configs: BTreeMap<String, GroupConfig>,
+    /// Replay and redrive jobs.
+    pub jobs: JobTable,
 }
 
 /// Longest topic name, in bytes.
@@ -164,6 +167,20 @@ impl MetadataState {
                 self.group_configs.insert(group.clone(), config);
                 Ok(())
             }
+            MetadataCommand::CreateJob { spec, at_ms } => {
+                for topic in [&spec.source, &spec.target] {
+                    if !self.topics.contains_key(topic) {
+                        return Err(Rejection::NoSuchTopic(topic.clone()));
+                    }
+                }
+                let partitions = self.topics[&spec.source].partitions.len() as u32;
+                if let Some(r) = spec.ranges.iter().find(|r| r.partition >= partitions) {
+                    return Err(Rejection::Invalid(format!("topic {} has partitions 0..{partitions}, not {}", spec.source, r.partition)));
+                }
+                self.jobs.create(spec, *at_ms).map(|_| ())
+            }
+            MetadataCommand::JobProgress { id, progress, at_ms } => self.jobs.progress(*id, progress, *at_ms),
+            MetadataCommand::JobControl { id, action, at_ms } => self.jobs.control(*id, action, *at_ms),
             MetadataCommand::AllocateProducerIds { node, count } => {
                 if *count == 0 || *count > PRODUCER_ID_BLOCK_MAX {
                     return Err(Rejection::Invalid(format!("a producer id block holds 1..={PRODUCER_ID_BLOCK_MAX} ids, not {count}")));
@@ -339,6 +356,36 @@ mod tests {
         let bad = TopicConfigPatch { dedupe_window_ms: Some(1), ..TopicConfigPatch::default() };
         assert!(matches!(s.apply(2, &MetadataCommand::AlterTopicConfig { name: "t".into(), patch: bad }), Err(Rejection::Invalid(_))));
         assert_eq!(s.topics["t"].config.dedupe_window_ms, 600_000, "unchanged");
+    }
+
+    #[test]
+    fn job_commands_fold_into_the_job_table_and_round_trip_through_a_batch() {
+        use keel_protocol::job::{JobAction, JobFilter, JobKind, JobSpec, JobState, PartitionProgress, PartitionRange};
+        let mut s = MetadataState::default();
+        s.apply(0, &create("orders", 2)).unwrap();
+        let spec = |target: &str, partition: u32| JobSpec {
+            kind: JobKind::Replay,
+            source: "orders".into(),
+            target: target.into(),
+            ranges: vec![PartitionRange { partition, from: 0, until: 10 }],
+            filter: JobFilter::default(),
+            rate: 0,
+            requested_by: "ops".into(),
+        };
+        assert!(matches!(s.apply(1, &MetadataCommand::CreateJob { spec: spec("recon", 0), at_ms: 5 }), Err(Rejection::NoSuchTopic(_))));
+        s.apply(2, &create("recon", 2)).unwrap();
+        assert!(matches!(s.apply(3, &MetadataCommand::CreateJob { spec: spec("recon", 7), at_ms: 5 }), Err(Rejection::Invalid(_))), "no partition 7");
+        let cmd = MetadataCommand::CreateJob { spec: spec("recon", 1), at_ms: 5 };
+        let mut bytes = cmd.to_batch(5).to_vec();
+        keel_protocol::batch::stamp_base_offset(&mut bytes, 4).unwrap();
+        let view = keel_protocol::BatchView::validate(bytes::Bytes::from(bytes)).unwrap();
+        let (offset, back) = MetadataCommand::from_batch(&view).unwrap().remove(0);
+        s.apply(offset, &back).unwrap();
+        let id = *s.jobs.jobs.keys().next().unwrap();
+        let progress = PartitionProgress { partition: 1, next: 10, until: 10, copied: 10, skipped: 0, target_next: 10 };
+        s.apply(5, &MetadataCommand::JobProgress { id, progress, at_ms: 6 }).unwrap();
+        assert_eq!(s.jobs.jobs[&id].state, JobState::Done);
+        assert!(s.apply(6, &MetadataCommand::JobControl { id, action: JobAction::Resume, at_ms: 7 }).is_err());
     }
 
     #[test]
