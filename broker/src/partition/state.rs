@@ -256,7 +256,16 @@ impl PartitionState {
     /// The state as snapshot bytes: `version:u16le | postcard(body of that version)`.
     /// A later version adds a new body type; old snapshots keep decoding.
     pub fn encode_snapshot(&self) -> Vec<u8> {
-        let v1 = SnapshotV1 {
+        let v1 = self.v1_parts();
+        let body = SnapshotV3 { v1, consumers: self.consumers.to_parts(), lanes: self.lanes.to_parts() };
+        let mut out = SNAPSHOT_VERSION.to_le_bytes().to_vec();
+        postcard::to_io(&body, &mut out).expect("writing to a Vec cannot fail");
+        out
+    }
+
+    /// The fields version 1 held (every version since carries them first).
+    fn v1_parts(&self) -> SnapshotV1 {
+        SnapshotV1 {
             next_offset: self.next_offset,
             clock_ms: self.clock_ms,
             config: self.config.clone(),
@@ -265,11 +274,7 @@ impl PartitionState {
             message_ids: self.message_ids.to_parts(),
             skipped: self.skipped.iter().map(|(o, c)| (*o, *c)).collect(),
             next_expiry_scan_ms: self.next_expiry_scan_ms,
-        };
-        let body = SnapshotV3 { v1, consumers: self.consumers.to_parts(), lanes: self.lanes.to_parts() };
-        let mut out = SNAPSHOT_VERSION.to_le_bytes().to_vec();
-        postcard::to_io(&body, &mut out).expect("writing to a Vec cannot fail");
-        out
+        }
     }
 
     pub fn decode_snapshot(bytes: &[u8]) -> Result<PartitionState, SnapshotError> {
@@ -413,16 +418,7 @@ mod tests {
     fn a_version_1_snapshot_loads_with_no_consumer_groups() {
         let mut s = PartitionState::default();
         apply(&mut s, 3, stamp(0), &[]);
-        let v1 = SnapshotV1 {
-            next_offset: s.next_offset,
-            clock_ms: s.clock_ms,
-            config: s.config.clone(),
-            configured: s.configured,
-            producers: s.producers.clone(),
-            message_ids: s.message_ids.to_parts(),
-            skipped: Vec::new(),
-            next_expiry_scan_ms: s.next_expiry_scan_ms,
-        };
+        let v1 = s.v1_parts();
         let mut bytes = 1u16.to_le_bytes().to_vec();
         bytes.extend(postcard::to_allocvec(&v1).unwrap());
         // Lanes came later: an old snapshot's offsets are lane 0, which no runs say too.
@@ -439,16 +435,7 @@ mod tests {
             leader_time_ms: 1_000,
             command: ControlCommand::QueueLease { group: "q".into(), member: "m".into(), deadline_ms: 9_000, new_from: 0, new_until: 4, redeliver: vec![] },
         });
-        let v1 = SnapshotV1 {
-            next_offset: s.next_offset,
-            clock_ms: s.clock_ms,
-            config: s.config.clone(),
-            configured: s.configured,
-            producers: s.producers.clone(),
-            message_ids: s.message_ids.to_parts(),
-            skipped: Vec::new(),
-            next_expiry_scan_ms: s.next_expiry_scan_ms,
-        };
+        let v1 = s.v1_parts();
         let v3 = s.encode_snapshot();
         let parts: SnapshotV3 = postcard::from_bytes(&v3[2..]).unwrap();
         let v2_consumers = crate::partition::consumers::tests_support::to_parts_v2(&parts.consumers);
