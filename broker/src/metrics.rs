@@ -37,7 +37,7 @@
 //! | `keel_queue_unacked` | gauge | group, consumer_group | on the leader: messages leased to the queue group's members, not yet settled |
 //! | `keel_queue_waiting_retry` | gauge | group, consumer_group | on the leader: nacked messages waiting for their retry time |
 //! | `keel_queue_parked_keys` | gauge | group, consumer_group | on the leader, ordered groups: keys whose message keeps failing (waiting for a retry or being dead-lettered) while later messages of the key wait behind it |
-//! | `keel_queue_scheduled_messages` | gauge | group, consumer_group | on the leader: scheduled messages (`keel-deliver-at`) the group reached whose time has not come |
+//! | `keel_queue_scheduled_messages` | gauge | group, consumer_group | on the leader: messages waiting for their first delivery — scheduled ones (`keel-deliver-at`) the group reached whose time has not come, and (for a moment) ordered ones just released from behind their key |
 //! | `keel_queue_oldest_unsettled_age_seconds` | gauge | group, consumer_group | on the leader: since the first delivery of the queue group's oldest unsettled message (0 when none) |
 //! | `keel_consumer_lag_seconds` | gauge | group, consumer_group | on the leader: age of the oldest message the consumer group has not settled (stream: the one at the committed offset; queue: the oldest unsettled, delivered or not), by its batch's newest timestamp; 0 when caught up |
 //! | `keel_dead_letter_depth_messages` | gauge | topic | on the leader of a dead-letter topic (`*.dlq`): messages it holds |
