@@ -22,19 +22,20 @@
 //! count and one partition. A failure (the dead-letter leader unreachable, an
 //! election) is logged and retried on the next round: at-least-once, never lost.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use bytes::Bytes;
-use keel_net::{CallError, Caller};
+use keel_net::CallError;
 use keel_protocol::api::client as api;
 use keel_protocol::batch::{DELIVER_AT_HEADER, MESSAGE_ID_HEADER};
 use keel_protocol::limits::{BATCH_SIZE_MAX, RECORD_HEADER_COUNT_MAX};
-use keel_protocol::message::{self, CreateTopicRequest, DuplicateMessageIds, NotLeader, ProduceRequest};
+use keel_protocol::message::CreateTopicRequest;
 use keel_protocol::{BatchBuilder, BatchOptions, BatchView, ErrorCode, NewRecord, TopicConfigPatch};
 use siphasher::sip128::{Hasher128, SipHasher13};
 
 use super::api::ClientService;
+use super::internal_client::{InternalClient, Refusal};
 use super::limits::{DEAD_LETTER_BATCH_MAX, DEAD_LETTER_REQUEST_TIMEOUT, DEAD_LETTER_SCAN_INTERVAL};
 use super::partition::consumers::DeadLetterJob;
 use super::partition::Partition;
@@ -77,7 +78,7 @@ pub fn dead_letter_id(group: &str, topic: &str, partition: u32, offset: u64) -> 
 
 /// Runs the dead-letter task until the node stops.
 pub async fn run(service: Arc<ClientService>) {
-    let writer = Writer { service, callers: Mutex::default() };
+    let writer = Writer { client: InternalClient::new(service.clone(), DEAD_LETTER_REQUEST_TIMEOUT), service };
     let mut tick = tokio::time::interval(DEAD_LETTER_SCAN_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -88,8 +89,8 @@ pub async fn run(service: Arc<ClientService>) {
 
 struct Writer {
     service: Arc<ClientService>,
-    /// A caller per node (client listener), for dead-letter topics led elsewhere.
-    callers: Mutex<HashMap<u64, Arc<Caller>>>,
+    /// For dead-letter topics led by other nodes.
+    client: InternalClient,
 }
 
 impl Writer {
@@ -182,7 +183,7 @@ impl Writer {
         let window = if defaults.retention_ms > 0 { DEAD_LETTER_DEDUPE_WINDOW_MS.min(defaults.retention_ms) } else { DEAD_LETTER_DEDUPE_WINDOW_MS };
         let config = TopicConfigPatch { max_message_bytes: Some(max_message_bytes), dedupe_window_ms: Some(window), ..TopicConfigPatch::default() };
         let req = CreateTopicRequest { name: dlq.to_string(), partitions: 1, replicas, config };
-        match self.call_leader(self.service.metadata_group.leader(), api::CREATE_TOPIC, &|v| req.encode(v)).await {
+        match self.client.call_leader(self.service.metadata_group.leader(), api::CREATE_TOPIC, &|v| req.encode(v)).await {
             Ok(_) => {}
             Err(CallError::Refused { code: ErrorCode::TopicAlreadyExists, .. }) => {}
             Err(e) => return Err(format!("creating dead-letter topic {dlq}: {e}")),
@@ -224,7 +225,7 @@ impl Writer {
                 for l in &chunk {
                     b.push(l.record(now).as_new()).map_err(|e| e.to_string())?;
                 }
-                match self.produce(dlq, b.finish().map_err(|e| e.to_string())?).await {
+                match self.client.produce(dlq, 0, b.finish().map_err(|e| e.to_string())?).await {
                     Ok(()) => break,
                     Err(Refusal::Stored(indexes)) => {
                         let stored: std::collections::BTreeSet<usize> = indexes.into_iter().map(|i| i as usize).collect();
@@ -235,59 +236,6 @@ impl Writer {
             }
         }
         Ok(())
-    }
-
-    /// Appends `batch` to the dead-letter topic's partition 0, through its leader.
-    async fn produce(&self, dlq: &str, batch: Bytes) -> Result<(), Refusal> {
-        let req = ProduceRequest { topic: dlq.to_string(), partition: 0, timeout_ms: DEAD_LETTER_REQUEST_TIMEOUT.as_millis() as u32 };
-        let payload = message::encode_with_batches(&req, &[batch]);
-        let leader = match self.service.partition(dlq, 0) {
-            Ok(local) => local.group.leader(),
-            Err(_) => self.service.metadata.borrow().topics.get(dlq).and_then(|t| t.partitions.first()).and_then(|p| p.replicas.first().copied()),
-        };
-        match self.call_leader(leader, api::PRODUCE, &|_| payload.clone()).await {
-            Ok(_) => Ok(()),
-            Err(CallError::Refused { code: ErrorCode::DuplicateMessageIds, body, .. }) => match message::decode::<DuplicateMessageIds>(&body) {
-                Ok(d) => Err(Refusal::Stored(d.records.into_iter().map(|(i, _)| i).collect())),
-                Err(e) => Err(Refusal::Failed(format!("appending to {dlq}: a DuplicateMessageIds refusal that does not decode: {e}"))),
-            },
-            Err(e) => Err(Refusal::Failed(format!("appending to {dlq}: {e}"))),
-        }
-    }
-
-    /// Calls `api_key` on `first` (a node id), following `NotLeader` answers a few times.
-    async fn call_leader(&self, first: Option<u64>, api_key: u16, encode: &(dyn Fn(u16) -> Bytes + Sync)) -> Result<Bytes, CallError> {
-        let members = &self.service.cluster.members;
-        let mut target = first.unwrap_or(self.service.node_id);
-        let mut last = None;
-        for _ in 0..members.len() + 1 {
-            let Some(member) = members.iter().find(|m| m.id == target) else { break };
-            let caller = self
-                .callers
-                .lock()
-                .expect("callers lock poisoned")
-                .entry(target)
-                .or_insert_with(|| Arc::new(Caller::new(target, member.client_addr.clone(), None)))
-                .clone();
-            match caller.call_versioned(api_key, encode, DEAD_LETTER_REQUEST_TIMEOUT).await {
-                Ok((_, body)) => return Ok(body),
-                Err(CallError::Refused { code: ErrorCode::NotLeader | ErrorCode::LeaderNotAvailable, body, .. }) if !body.is_empty() => {
-                    let hint: Option<NotLeader> = message::decode(&body).ok();
-                    match hint.and_then(|h| h.leader_id) {
-                        Some(l) if l != target => target = l,
-                        _ => {
-                            // No leader known there: try the next member.
-                            target = members.iter().map(|m| m.id).find(|id| *id > target).unwrap_or(members[0].id);
-                        }
-                    }
-                }
-                Err(e) => {
-                    last = Some(e);
-                    target = members.iter().map(|m| m.id).find(|id| *id > target).unwrap_or(members[0].id);
-                }
-            }
-        }
-        Err(last.unwrap_or(CallError::Unreachable { target, addr: String::new(), reason: "no node answered as leader".into() }))
     }
 }
 
@@ -324,13 +272,6 @@ impl OwnedRecord<'_> {
             deliver_at_ms: None,
         }
     }
-}
-
-/// Why the dead-letter topic refused an append.
-enum Refusal {
-    /// These records' (batch indexes) ids are stored already; nothing was written.
-    Stored(Vec<u32>),
-    Failed(String),
 }
 
 fn new_builder(max_bytes: u32) -> Result<BatchBuilder, String> {

@@ -22,6 +22,7 @@ pub mod dead_letters;
 pub mod faults;
 pub mod gauges;
 pub mod group;
+pub mod internal_client;
 pub mod limits;
 pub mod partition;
 pub mod reconcile;
