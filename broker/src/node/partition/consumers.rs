@@ -270,12 +270,9 @@ impl Partition {
             }
             new.retain(|(_, from, until)| until > from);
             let has_new = !new.is_empty();
-            let deferred = if crate::sabotage::active(crate::sabotage::Sabotage::IgnoreSchedule) {
-                Vec::new() // Sabotage: scheduled messages leased whatever their time.
-            } else {
-                scheduled_ahead(&batches, &new, now_ms())
-            };
-            let keys = if config.ordered == 1 { keys_in(&batches, &new) } else { Vec::new() };
+            // Sabotage `ignore-schedule`: scheduled messages leased whatever their time.
+            let defer = !crate::sabotage::active(crate::sabotage::Sabotage::IgnoreSchedule);
+            let (deferred, keys) = lease_notes(&batches, &new, now_ms(), defer, config.ordered == 1);
             let new_until: Vec<(u8, u64)> = new.iter().map(|(l, _, u)| (*l, *u)).collect();
             let (group, member, redeliver, start, timeout) =
                 (req.group.clone(), req.member.clone(), plan.redeliver.clone(), plan.start, config.lease_timeout_ms);
@@ -750,14 +747,21 @@ impl Partition {
     }
 }
 
-/// `(offset, not_before_ms)`, ascending, of the records in `new`'s ranges whose
-/// scheduled time is after `now` (only batches with the `SCHEDULED` attribute are
-/// looked into).
-fn scheduled_ahead(batches: &BTreeMap<u64, Bytes>, new: &[(u8, u64, u64)], now: i64) -> Vec<(u64, i64)> {
-    let mut out = Vec::new();
+/// One walk over the batches read for a lease: `(offset, not_before_ms)` of the records
+/// in `new`'s ranges whose scheduled time is after `now` (when `defer`), and `(offset,
+/// key hash)` of the keyed ones (when `ordered`), both ascending. A batch is walked only
+/// when it can hold something asked for (scheduled records need its `SCHEDULED`
+/// attribute).
+/// What a lease entry says about its new ranges beyond the ranges themselves:
+/// `(deferred, keys)` as `QueueLeaseLanes` carries them.
+type LeaseNotes = (Vec<(u64, i64)>, Vec<(u64, u64)>);
+
+fn lease_notes(batches: &BTreeMap<u64, Bytes>, new: &[(u8, u64, u64)], now: i64, defer: bool, ordered: bool) -> LeaseNotes {
+    let (mut deferred, mut keys) = (Vec::new(), Vec::new());
     for (base, bytes) in batches {
         let Ok(view) = keel_protocol::BatchView::parse(bytes.clone()) else { continue };
-        if !view.header().attributes.scheduled() {
+        let scheduled = defer && view.header().attributes.scheduled();
+        if !scheduled && !ordered {
             continue;
         }
         for record in view.records().filter_map(Result::ok) {
@@ -765,29 +769,17 @@ fn scheduled_ahead(batches: &BTreeMap<u64, Bytes>, new: &[(u8, u64, u64)], now: 
             if !new.iter().any(|(_, from, until)| (*from..*until).contains(&offset)) {
                 continue;
             }
-            if let Some(at) = record.deliver_at_ms().filter(|at| *at > now) {
-                out.push((offset, at));
+            if let Some(at) = record.deliver_at_ms().filter(|at| scheduled && *at > now) {
+                deferred.push((offset, at));
+            }
+            if let Some(key) = record.key.filter(|_| ordered) {
+                keys.push((offset, key_hash(key)));
             }
         }
     }
-    out.sort_unstable();
-    out
-}
-
-/// `(offset, key hash)`, ascending, of the keyed records in `new`'s ranges.
-fn keys_in(batches: &BTreeMap<u64, Bytes>, new: &[(u8, u64, u64)]) -> Vec<(u64, u64)> {
-    let mut out = Vec::new();
-    for (base, bytes) in batches {
-        let Ok(view) = keel_protocol::BatchView::parse(bytes.clone()) else { continue };
-        for record in view.records().filter_map(Result::ok) {
-            let offset = base + u64::from(record.offset_delta);
-            if let Some(key) = record.key.filter(|_| new.iter().any(|(_, from, until)| (*from..*until).contains(&offset))) {
-                out.push((offset, key_hash(key)));
-            }
-        }
-    }
-    out.sort_unstable();
-    out
+    deferred.sort_unstable();
+    keys.sort_unstable();
+    (deferred, keys)
 }
 
 /// One past the last offset of a stored batch.
