@@ -7,7 +7,7 @@
 //! **Label cardinality** is bounded by what the cluster holds, never by traffic:
 //! `topic` (one value per topic), `group` (one per Raft group hosted on this node: the
 //! metadata group and its partitions), `consumer_group` (one per consumer group that
-//! consumed here), `reason` and `outcome` (the fixed sets listed below). There is no per-producer, per-client, per-offset or per-message label.
+//! consumed here), `reason`, `outcome`, `kind` and `state` (the fixed sets listed below), `job` (see below). There is no per-producer, per-client, per-offset or per-message label.
 //!
 //! | metric | type | labels | what |
 //! |---|---|---|---|
@@ -42,10 +42,17 @@
 //! | `keel_consumer_lag_seconds` | gauge | group, consumer_group | on the leader: age of the oldest message the consumer group has not settled (stream: the one at the committed offset; queue: the oldest unsettled, delivered or not), by its batch's newest timestamp; 0 when caught up |
 //! | `keel_dead_letter_depth_messages` | gauge | topic | on the leader of a dead-letter topic (`*.dlq`): messages it holds |
 //! | `keel_dead_letter_oldest_age_seconds` | gauge | topic | on the leader of a dead-letter topic: age of its oldest dead letter, by its batch's timestamp; 0 when empty |
+//! | `keel_queue_stalls_total` | counter | topic, consumer_group, reason | queue fetches that leased less than the member's credit because of a bound: `max_unacked` (the member holds its group's max-unacked leases here), `window` (the group holds `QUEUE_WINDOW_MAX` unsettled messages in the partition), `lease_expired` (a member's lease ran out unsettled; the message is delivered again), `key_parked` (ordered groups: a nacked message holds its key's later messages back) |
+//! | `keel_job_messages_total` | counter | kind, outcome | source records replay and redrive jobs run on this node handled: `copied`, `skipped` (filtered out, or a dead letter redriven before), `quarantined` (redriven too often); copies found already written after a failover count as `copied` once |
+//! | `keel_job_progress_ratio` | gauge | job | on the metadata leader: the share of a running or paused job's source range handled (1 when it ends) |
+//! | `keel_jobs` | gauge | state | on the metadata leader: jobs the cluster remembers, by state (`running`, `paused`, `done`, `cancelled`, `failed`) |
 //!
 //! The consumer and dead-letter gauges are set by the partition's leader; a node that
 //! stops leading sets the ones it reported to 0, so a sum over nodes counts each once.
-//! | `keel_queue_stalls_total` | counter | topic, consumer_group, reason | queue fetches that leased less than the member's credit because of a bound: `max_unacked` (the member holds its group's max-unacked leases here), `window` (the group holds `QUEUE_WINDOW_MAX` unsettled messages in the partition), `lease_expired` (a member's lease ran out unsettled; the message is delivered again), `key_parked` (ordered groups: a nacked message holds its key's later messages back) |
+//!
+//! Job ids label only `keel_job_progress_ratio`; at most `JOBS_ACTIVE_MAX` are active
+//! at once and finished ones keep their last value (1) until the process restarts.
+//!
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -87,6 +94,9 @@ pub const QUEUE_OLDEST_UNSETTLED_AGE: &str = "keel_queue_oldest_unsettled_age_se
 pub const DEAD_LETTER_DEPTH: &str = "keel_dead_letter_depth_messages";
 pub const CONSUMER_LAG_AGE: &str = "keel_consumer_lag_seconds";
 pub const DEAD_LETTER_OLDEST_AGE: &str = "keel_dead_letter_oldest_age_seconds";
+pub const JOB_MESSAGES: &str = "keel_job_messages_total";
+pub const JOB_PROGRESS: &str = "keel_job_progress_ratio";
+pub const JOBS: &str = "keel_jobs";
 
 /// How often group gauges (term, leadership, under-replication, dedupe state) are sampled.
 pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
@@ -144,6 +154,28 @@ fn describe() {
     describe_gauge!(QUEUE_WAITING_RETRY, Unit::Count, "Nacked messages waiting for their retry time.");
     describe_gauge!(QUEUE_OLDEST_UNSETTLED_AGE, Unit::Seconds, "Time since the first delivery of the queue group's oldest unsettled message.");
     describe_gauge!(DEAD_LETTER_DEPTH, Unit::Count, "Messages held by a dead-letter topic (on its leader).");
+    describe_counter!(JOB_MESSAGES, Unit::Count, "Source records replay and redrive jobs handled here, by kind and outcome.");
+    describe_gauge!(JOB_PROGRESS, Unit::Count, "Share of an active job's source range handled (on the metadata leader).");
+    describe_gauge!(JOBS, Unit::Count, "Jobs the cluster remembers, by state (on the metadata leader).");
+}
+
+/// Source records a job handled: `copied`, `skipped`, `quarantined`.
+pub fn job_messages(kind: &'static str, copied: u64, skipped: u64, quarantined: u64) {
+    for (outcome, n) in [("copied", copied), ("skipped", skipped), ("quarantined", quarantined)] {
+        if n > 0 {
+            counter!(JOB_MESSAGES, "kind" => kind, "outcome" => outcome).increment(n);
+        }
+    }
+}
+
+/// The metadata leader's view of the job table: per-state counts and active jobs' progress.
+pub fn jobs(by_state: &[(&'static str, usize)], progress: &[(u64, f64)]) {
+    for (state, n) in by_state {
+        gauge!(JOBS, "state" => *state).set(*n as f64);
+    }
+    for (job, ratio) in progress {
+        gauge!(JOB_PROGRESS, "job" => job.to_string()).set(*ratio);
+    }
 }
 
 /// Messages leased to a queue group's member: `delivered` in all, `redelivered` of

@@ -42,6 +42,12 @@ pub mod client {
     pub const LEAVE_GROUP: u16 = 18;
     /// A stream group's members and their partitions. Version 3.
     pub const DESCRIBE_MEMBERS: u16 = 19;
+    /// Create a replay or redrive job (or resolve one without creating it). Version 4.
+    pub const CREATE_JOB: u16 = 20;
+    /// Jobs and their progress. Version 4.
+    pub const LIST_JOBS: u16 = 21;
+    /// Pause, resume or cancel a job. Version 4.
+    pub const CONTROL_JOB: u16 = 22;
 
     /// The protocol version that introduced each key: a connection that negotiated an
     /// older version is answered `UnsupportedVersion` for it.
@@ -50,6 +56,7 @@ pub mod client {
             INIT_PRODUCER | ALTER_TOPIC => crate::message::VERSION_2,
             COMMIT_OFFSET | FETCH_OFFSET | QUEUE_FETCH | QUEUE_SETTLE | CONFIGURE_GROUP | GROUP_STATE | JOIN_GROUP | HEARTBEAT | LEAVE_GROUP
             | DESCRIBE_MEMBERS => crate::message::VERSION_3,
+            CREATE_JOB | LIST_JOBS | CONTROL_JOB => crate::message::VERSION_4,
             _ => 1,
         }
     }

@@ -2,7 +2,7 @@
 
 use bytes::Bytes;
 use keel_protocol::batch::{BatchBuilder, BatchOptions, BatchView, NewRecord};
-use keel_protocol::job::{JobAction, JobSpec, PartitionProgress};
+use keel_protocol::job::{JobAction, JobSpec, OffsetRanges, PartitionProgress};
 use keel_protocol::message::ProducerIdentity;
 use keel_protocol::topic_config::{self, TopicConfig, TopicConfigPatch};
 use keel_protocol::GroupConfigPatch;
@@ -56,8 +56,15 @@ pub enum MetadataCommand {
         spec: JobSpec,
         at_ms: i64,
     },
-    /// A job's checkpoint of one source partition (only ever forward).
-    JobProgress { id: u64, progress: PartitionProgress, at_ms: i64 },
+    /// A job's checkpoint of one source partition (only ever forward), with the dead
+    /// letters a redrive moved since its previous checkpoint.
+    JobProgress {
+        id: u64,
+        #[serde(with = "progress_as_json")]
+        progress: PartitionProgress,
+        moved: OffsetRanges,
+        at_ms: i64,
+    },
     /// Pause, resume, cancel or fail a job.
     JobControl { id: u64, action: JobAction, at_ms: i64 },
 }
@@ -74,6 +81,21 @@ mod job_spec_as_json {
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<JobSpec, D::Error> {
         let json = String::deserialize(d)?;
         JobSpec::from_json(&json).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Serde adapter: a [`PartitionProgress`] as a JSON string (fields can be added later).
+mod progress_as_json {
+    use keel_protocol::job::PartitionProgress;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(p: &PartitionProgress, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&serde_json::to_string(p).expect("a job's progress always encodes as JSON"))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<PartitionProgress, D::Error> {
+        let json = String::deserialize(d)?;
+        serde_json::from_str(&json).map_err(serde::de::Error::custom)
     }
 }
 

@@ -2,6 +2,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
+use keel_protocol::job::JobKind;
 use keel_protocol::message::ProducerIdentity;
 use keel_protocol::{GroupConfig, TopicConfig};
 use serde::{Deserialize, Serialize};
@@ -177,9 +178,17 @@ impl MetadataState {
                 if let Some(r) = spec.ranges.iter().find(|r| r.partition >= partitions) {
                     return Err(Rejection::Invalid(format!("topic {} has partitions 0..{partitions}, not {}", spec.source, r.partition)));
                 }
-                self.jobs.create(spec, *at_ms).map(|_| ())
+                if self.topics[&spec.target].partitions.len() as u32 <= spec.ranges.iter().map(|r| r.partition).max().unwrap_or(0)
+                    && spec.kind == JobKind::Replay
+                {
+                    return Err(Rejection::Invalid(format!(
+                        "a replay writes each partition to the same partition of its target, and {} has fewer partitions than {}",
+                        spec.target, spec.source
+                    )));
+                }
+                self.jobs.create(spec, *at_ms, offset).map(|_| ())
             }
-            MetadataCommand::JobProgress { id, progress, at_ms } => self.jobs.progress(*id, progress, *at_ms),
+            MetadataCommand::JobProgress { id, progress, moved, at_ms } => self.jobs.progress(*id, progress, moved, *at_ms),
             MetadataCommand::JobControl { id, action, at_ms } => self.jobs.control(*id, action, *at_ms),
             MetadataCommand::AllocateProducerIds { node, count } => {
                 if *count == 0 || *count > PRODUCER_ID_BLOCK_MAX {
@@ -360,7 +369,7 @@ mod tests {
 
     #[test]
     fn job_commands_fold_into_the_job_table_and_round_trip_through_a_batch() {
-        use keel_protocol::job::{JobAction, JobFilter, JobKind, JobSpec, JobState, PartitionProgress, PartitionRange};
+        use keel_protocol::job::{JobAction, JobFilter, JobKind, JobSpec, JobState, OffsetRanges, PartitionProgress, PartitionRange};
         let mut s = MetadataState::default();
         s.apply(0, &create("orders", 2)).unwrap();
         let spec = |target: &str, partition: u32| JobSpec {
@@ -369,23 +378,39 @@ mod tests {
             target: target.into(),
             ranges: vec![PartitionRange { partition, from: 0, until: 10 }],
             filter: JobFilter::default(),
+            redrive: Default::default(),
+            quarantine: None,
+            exclude: OffsetRanges::default(),
             rate: 0,
+            chunk_records: 10,
+            chunk_bytes: 1 << 16,
             requested_by: "ops".into(),
+            request_id: String::new(),
         };
         assert!(matches!(s.apply(1, &MetadataCommand::CreateJob { spec: spec("recon", 0), at_ms: 5 }), Err(Rejection::NoSuchTopic(_))));
-        s.apply(2, &create("recon", 2)).unwrap();
+        s.apply(2, &create("recon", 1)).unwrap();
         assert!(matches!(s.apply(3, &MetadataCommand::CreateJob { spec: spec("recon", 7), at_ms: 5 }), Err(Rejection::Invalid(_))), "no partition 7");
+        let refused = s.apply(4, &MetadataCommand::CreateJob { spec: spec("recon", 1), at_ms: 5 });
+        assert!(matches!(refused, Err(Rejection::Invalid(ref e)) if e.contains("fewer partitions")), "{refused:?}");
+        s.apply(5, &MetadataCommand::DeleteTopic { name: "recon".into() }).unwrap();
+        s.apply(6, &create("recon", 2)).unwrap();
         let cmd = MetadataCommand::CreateJob { spec: spec("recon", 1), at_ms: 5 };
         let mut bytes = cmd.to_batch(5).to_vec();
-        keel_protocol::batch::stamp_base_offset(&mut bytes, 4).unwrap();
+        keel_protocol::batch::stamp_base_offset(&mut bytes, 7).unwrap();
         let view = keel_protocol::BatchView::validate(bytes::Bytes::from(bytes)).unwrap();
         let (offset, back) = MetadataCommand::from_batch(&view).unwrap().remove(0);
         s.apply(offset, &back).unwrap();
         let id = *s.jobs.jobs.keys().next().unwrap();
-        let progress = PartitionProgress { partition: 1, next: 10, until: 10, copied: 10, skipped: 0, target_next: 10 };
-        s.apply(5, &MetadataCommand::JobProgress { id, progress, at_ms: 6 }).unwrap();
+        assert_eq!(s.jobs.jobs[&id].created_at_offset, 7);
+        let progress = PartitionProgress { partition: 1, next: 10, until: 10, copied: 10, skipped: 0, quarantined: 0, targets: vec![] };
+        let cmd = MetadataCommand::JobProgress { id, progress, moved: OffsetRanges::default(), at_ms: 6 };
+        let mut bytes = cmd.to_batch(6).to_vec();
+        keel_protocol::batch::stamp_base_offset(&mut bytes, 8).unwrap();
+        let view = keel_protocol::BatchView::validate(bytes::Bytes::from(bytes)).unwrap();
+        let (offset, back) = MetadataCommand::from_batch(&view).unwrap().remove(0);
+        s.apply(offset, &back).unwrap();
         assert_eq!(s.jobs.jobs[&id].state, JobState::Done);
-        assert!(s.apply(6, &MetadataCommand::JobControl { id, action: JobAction::Resume, at_ms: 7 }).is_err());
+        assert!(s.apply(9, &MetadataCommand::JobControl { id, action: JobAction::Resume, at_ms: 7 }).is_err());
     }
 
     #[test]

@@ -43,7 +43,7 @@ use crate::metadata::state::TOPIC_NAME_LEN_MAX;
 use crate::partition::consumers::SlotState;
 
 /// The header carrying a dead letter's failure record (JSON).
-pub const FAILURE_HEADER: &str = "keel-dlq";
+pub use keel_protocol::job::FAILURE_HEADER;
 /// Suffix of a topic's dead-letter topic.
 pub const DEAD_LETTER_SUFFIX: &str = ".dlq";
 /// How long a dead-letter topic remembers the message ids of dead letters, so a retried
@@ -56,15 +56,28 @@ const FAILURE_RECORD_ROOM: u32 = 128 * 1024;
 /// a topic name may be, the name's first bytes, `-`, a hash of the whole name and
 /// `.dlq` (so every topic has a dead-letter topic of its own, stable across nodes).
 pub fn dead_letter_topic(topic: &str) -> String {
-    if topic.len() + DEAD_LETTER_SUFFIX.len() <= TOPIC_NAME_LEN_MAX {
-        return format!("{topic}{DEAD_LETTER_SUFFIX}");
+    suffixed_topic(topic, DEAD_LETTER_SUFFIX)
+}
+
+/// The quarantine topic of `topic` (where redrives put messages redriven too often):
+/// `<topic>.quarantine`, shortened like [`dead_letter_topic`].
+pub fn quarantine_topic(topic: &str) -> String {
+    suffixed_topic(topic, QUARANTINE_SUFFIX)
+}
+
+/// Suffix of a topic's quarantine topic.
+pub const QUARANTINE_SUFFIX: &str = ".quarantine";
+
+fn suffixed_topic(topic: &str, suffix: &str) -> String {
+    if topic.len() + suffix.len() <= TOPIC_NAME_LEN_MAX {
+        return format!("{topic}{suffix}");
     }
     let mut h = SipHasher13::new_with_keys(0x6b65_656c_646c_7133, 0x6b65_656c_646c_7134);
     std::hash::Hasher::write(&mut h, topic.as_bytes());
     let hash = format!("-{:016x}", std::hash::Hasher::finish(&h));
     // Topic names are ASCII, so any byte index is a character boundary.
-    let keep = TOPIC_NAME_LEN_MAX - DEAD_LETTER_SUFFIX.len() - hash.len();
-    format!("{}{hash}{DEAD_LETTER_SUFFIX}", &topic[..keep])
+    let keep = TOPIC_NAME_LEN_MAX - suffix.len() - hash.len();
+    format!("{}{hash}{suffix}", &topic[..keep])
 }
 
 /// The message id of the dead letter of `topic`/`partition`@`offset` in `group`.
@@ -226,7 +239,7 @@ impl Writer {
                     b.push(l.record(now).as_new()).map_err(|e| e.to_string())?;
                 }
                 match self.client.produce(dlq, 0, b.finish().map_err(|e| e.to_string())?).await {
-                    Ok(()) => break,
+                    Ok(_) => break,
                     Err(Refusal::Stored(indexes)) => {
                         let stored: std::collections::BTreeSet<usize> = indexes.into_iter().map(|i| i as usize).collect();
                         chunk = chunk.into_iter().enumerate().filter(|(i, _)| !stored.contains(i)).map(|(_, l)| l).collect();
@@ -342,5 +355,7 @@ mod tests {
             assert!(valid_topic_name(&dead_letter_topic(&dlq)), "a dead-letter topic has one too");
         }
         assert_ne!(dead_letter_topic(&a), dead_letter_topic(&b), "long names differing only at the end get distinct ones");
+        assert_eq!(quarantine_topic("orders"), "orders.quarantine");
+        assert!(valid_topic_name(&quarantine_topic(&a)) && quarantine_topic(&a).ends_with(QUARANTINE_SUFFIX));
     }
 }

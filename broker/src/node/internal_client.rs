@@ -1,5 +1,5 @@
 //! The node's own client of the cluster's client API: what node tasks (the dead-letter
-//! writer; replay jobs next) use to reach a partition led by another node. It keeps one
+//! writer, replay and redrive jobs) use to reach a partition led by another node. It keeps one
 //! connection per node, follows `NotLeader` answers, and resolves a produce refused
 //! with `DuplicateMessageIds` into the records already stored.
 
@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use keel_net::{CallError, Caller};
 use keel_protocol::api::client as api;
-use keel_protocol::message::{self, DuplicateMessageIds, NotLeader, ProduceRequest};
+use keel_protocol::message::{self, DuplicateMessageIds, NotLeader, ProduceRequest, ProduceResponse};
 use keel_protocol::ErrorCode;
 
 use super::api::ClientService;
@@ -36,13 +36,15 @@ impl InternalClient {
         InternalClient { service, timeout, callers: Mutex::default() }
     }
 
-    /// Appends `batch` to `topic`/`partition`, through its leader.
-    pub async fn produce(&self, topic: &str, partition: u32, batch: Bytes) -> Result<(), Refusal> {
+    /// Appends `batch` to `topic`/`partition`, through its leader; returns where it
+    /// landed.
+    pub async fn produce(&self, topic: &str, partition: u32, batch: Bytes) -> Result<ProduceResponse, Refusal> {
         let req = ProduceRequest { topic: topic.to_string(), partition, timeout_ms: self.timeout.as_millis() as u32 };
         let payload = message::encode_with_batches(&req, &[batch]);
         let leader = self.leader_of(topic, partition);
-        match self.call_leader(leader, api::PRODUCE, &|_| payload.clone()).await {
-            Ok(_) => Ok(()),
+        match self.call_leader_versioned(leader, api::PRODUCE, &|_| payload.clone()).await {
+            Ok((version, body)) => ProduceResponse::decode(&body, version)
+                .map_err(|e| Refusal::Failed(format!("appending to {topic}/{partition}: the answer does not decode: {e}"))),
             Err(CallError::Refused { code: ErrorCode::DuplicateMessageIds, body, .. }) => match message::decode::<DuplicateMessageIds>(&body) {
                 Ok(d) => Err(Refusal::Stored(d.records.into_iter().map(|(i, _)| i).collect())),
                 Err(e) => Err(Refusal::Failed(format!("appending to {topic}/{partition}: a DuplicateMessageIds refusal that does not decode: {e}"))),
@@ -64,6 +66,12 @@ impl InternalClient {
 
     /// Calls `api_key` on `first` (a node id), following `NotLeader` answers a few times.
     pub async fn call_leader(&self, first: Option<u64>, api_key: u16, encode: &(dyn Fn(u16) -> Bytes + Sync)) -> Result<Bytes, CallError> {
+        self.call_leader_versioned(first, api_key, encode).await.map(|(_, body)| body)
+    }
+
+    /// [`call_leader`](Self::call_leader), with the protocol version the answering
+    /// connection speaks.
+    pub async fn call_leader_versioned(&self, first: Option<u64>, api_key: u16, encode: &(dyn Fn(u16) -> Bytes + Sync)) -> Result<(u16, Bytes), CallError> {
         let members = &self.service.cluster.members;
         let mut target = first.unwrap_or(self.service.node_id);
         let mut last = None;
@@ -77,7 +85,7 @@ impl InternalClient {
                 .or_insert_with(|| Arc::new(Caller::new(target, member.client_addr.clone(), None)))
                 .clone();
             match caller.call_versioned(api_key, encode, self.timeout).await {
-                Ok((_, body)) => return Ok(body),
+                Ok(answer) => return Ok(answer),
                 Err(CallError::Refused { code: ErrorCode::NotLeader | ErrorCode::LeaderNotAvailable, body, .. }) if !body.is_empty() => {
                     let hint: Option<NotLeader> = message::decode(&body).ok();
                     match hint.and_then(|h| h.leader_id) {

@@ -99,3 +99,19 @@ pub const SESSION_EXPIRY_SCAN: Duration = Duration::from_millis(100);
 /// How often, at most, a partition says in its log that queue delivery stalled (the
 /// stall metric counts every one).
 pub const STALL_LOG_EVERY_MS: i64 = 10_000;
+/// How often the job supervisor (on the metadata leader) starts runners for running
+/// jobs, stops those of jobs paused or cancelled, and updates the job gauges.
+pub const JOB_SCAN_INTERVAL: Duration = Duration::from_millis(200);
+/// How long one step of a job (a fetch, a produce, a checkpoint) may take.
+pub const JOB_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bytes of source one fetch of a job reads.
+pub const JOB_FETCH_BYTES: u32 = 1 << 20;
+/// How often a running job records its progress in the metadata log (and always at
+/// the end of a partition's range).
+pub const JOB_CHECKPOINT_INTERVAL: Duration = Duration::from_millis(500);
+/// Backoff between a job's failed steps: from the first to the last, doubling.
+pub const JOB_RETRY_BACKOFF_MIN: Duration = Duration::from_millis(100);
+pub const JOB_RETRY_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// A job partition that fails every step for this long is given up: the job is marked
+/// failed with the last error (resume it with `keel job resume` once fixed).
+pub const JOB_STALL_TIMEOUT: Duration = Duration::from_secs(300);

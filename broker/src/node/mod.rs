@@ -23,6 +23,7 @@ pub mod faults;
 pub mod gauges;
 pub mod group;
 pub mod internal_client;
+pub mod jobs;
 pub mod limits;
 pub mod partition;
 pub mod reconcile;
@@ -151,6 +152,7 @@ impl Node {
         });
         tasks.push(tokio::spawn(api::consumer_groups::expire_sessions(service.clone())));
         tasks.push(tokio::spawn(dead_letters::run(service.clone())));
+        tasks.push(tokio::spawn(jobs::run(service.clone())));
         let options =
             ServeOptions { concurrency_max: CLIENT_CONCURRENCY_MAX, send_queue_capacity: CLIENT_SEND_QUEUE_CAPACITY, connections_max: CLIENT_CONNECTIONS_MAX };
         let client_listener = keel_net::listen(&me.client_addr, service, options).await.map_err(|source| NodeError::Listen {

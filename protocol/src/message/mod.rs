@@ -14,8 +14,10 @@
 //! (`FORMAT.md`, "Versions").
 
 mod consumer;
+mod job;
 
 pub use consumer::*;
+pub use job::*;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::de::DeserializeOwned;

@@ -12,6 +12,7 @@
 //! - [`init_producer`]: producer ids and epochs for idempotent producers.
 //! - [`cluster_status`]: this node's view of every Raft group it hosts.
 //! - [`consumer_groups`]: stream groups' offsets, queue groups' leased fetches and settles.
+//! - [`jobs`]: replay and redrive jobs (create, list, pause/resume/cancel).
 
 pub mod alter_topic;
 pub mod cluster_status;
@@ -21,6 +22,7 @@ pub mod delete_topic;
 pub mod error;
 pub mod fetch;
 pub mod init_producer;
+pub mod jobs;
 pub mod list_offsets;
 pub mod metadata;
 pub mod produce;
@@ -92,6 +94,9 @@ const HANDLERS: &[(u16, &str, Handler)] = &[
     (api::HEARTBEAT, "heartbeat", |s, r| Box::pin(consumer_groups::heartbeat(s, r))),
     (api::LEAVE_GROUP, "leave group", |s, r| Box::pin(consumer_groups::leave_group(s, r))),
     (api::DESCRIBE_MEMBERS, "describe members", |s, r| Box::pin(consumer_groups::describe_members(s, r))),
+    (api::CREATE_JOB, "create job", |s, r| Box::pin(jobs::create_job(s, r))),
+    (api::LIST_JOBS, "list jobs", |s, r| Box::pin(jobs::list_jobs(s, r))),
+    (api::CONTROL_JOB, "control job", |s, r| Box::pin(jobs::control_job(s, r))),
 ];
 
 impl Service for ClientService {
