@@ -16,107 +16,21 @@
 
 mod dev_cluster;
 
+use dev_cluster::dev::Dev;
+
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use keel_client::consumer::{Consumer, StartAt};
 use keel_client::group::{GroupConsumer, StreamGroupConfig};
-use keel_client::producer::{Producer, ProducerConfig, Record};
+use keel_client::producer::Record;
 use keel_client::queue::{Delivery, QueueConfig, QueueConsumer};
-use keel_client::{Admin, ClientConfig, Cluster};
-use keel_protocol::message::{CreateTopicRequest, SettleOutcome};
+use keel_client::{Admin, Cluster};
+use keel_protocol::message::SettleOutcome;
 use keel_protocol::{GroupConfigPatch, TopicConfigPatch};
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-struct Dev {
-    dir: tempfile::TempDir,
-    process: Child,
-    cluster: Cluster,
-    bootstrap: String,
-}
-
-impl Dev {
-    fn start(port_offset: u16) -> Dev {
-        let dir = tempfile::tempdir().unwrap();
-        let process = dev_cluster::start_dev(dir.path(), dev_cluster::base_port(port_offset));
-        dev_cluster::wait_for_files(dir.path());
-        let addrs = dev_cluster::bootstrap_addrs(dir.path());
-        let cluster = Cluster::new(ClientConfig { bootstrap: addrs.clone(), ..ClientConfig::default() }).unwrap();
-        Dev { dir, process, cluster, bootstrap: addrs.join(",") }
-    }
-
-    async fn create_topic(&self, name: &str, partitions: u32, config: TopicConfigPatch) {
-        let admin = Admin::new(self.cluster.clone());
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let req = CreateTopicRequest { name: name.into(), partitions, replicas: 3, config };
-        while let Err(e) = admin.create_topic_with(req.clone()).await {
-            assert!(Instant::now() < deadline, "the cluster never accepted topic {name}: {e}");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-
-    async fn produce(&self, topic: &str, records: Vec<Record>) {
-        let producer = Producer::new(self.cluster.clone(), ProducerConfig::default()).unwrap();
-        let mut acks = Vec::new();
-        for r in records {
-            acks.push(producer.send(topic, r).await.unwrap());
-        }
-        for a in acks {
-            a.wait().await.expect("every record is acknowledged");
-        }
-        producer.close().await;
-    }
-
-    /// The leader of `topic`/`partition`, once there is one.
-    async fn leader(&self, topic: &str, partition: u32) -> u64 {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(m) = self.cluster.metadata(true).await {
-                let leader = m.topics.iter().find(|t| t.name == topic).and_then(|t| t.partitions.get(partition as usize)).and_then(|p| p.leader);
-                if let Some(l) = leader {
-                    return l;
-                }
-            }
-            assert!(Instant::now() < deadline, "{topic}/{partition} has no leader");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    /// SIGKILLs the node leading `topic`/`partition`; returns its id.
-    async fn kill_leader(&self, topic: &str, partition: u32) -> u64 {
-        let leader = self.leader(topic, partition).await;
-        let pid = dev_cluster::pid_of(self.dir.path(), leader as u32).expect("the leader's pid file");
-        // SAFETY: kill(2) on a node process this test's keel dev started.
-        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
-        eprintln!("killed node {leader}, the leader of {topic}/{partition}");
-        leader
-    }
-
-    fn keel(&self) -> Command {
-        dev_cluster::keel(&self.bootstrap)
-    }
-
-    fn stop(mut self) {
-        // SAFETY: kill(2) on the keel dev process this test spawned.
-        unsafe { libc::kill(self.process.id() as i32, libc::SIGTERM) };
-        let _ = self.process.wait();
-        dev_cluster::kill_all_nodes(self.dir.path());
-    }
-}
-
-impl Drop for Dev {
-    fn drop(&mut self) {
-        for node in 1..=3 {
-            if let Some(pid) = dev_cluster::pid_of(self.dir.path(), node) {
-                // SAFETY: kill(2) on a node process this test's keel dev started.
-                unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
-            }
-        }
-        let _ = self.process.kill();
-    }
-}
 
 fn lines(out: &str) -> Vec<String> {
     out.lines().map(str::to_string).collect()

@@ -1,12 +1,14 @@
 //! `Admin`: create, delete, list and describe topics; consumer groups' settings, state
-//! and offset resets.
+//! and offset resets; replay and redrive jobs.
 
 use std::time::Instant;
 
+use keel_protocol::job::{Job, JobAction, JobRequest, JobSpec};
 use keel_protocol::message::{
     self, AlterTopicRequest, AlterTopicResponse, BrokerInfo, ClusterStatusResponse, CommitOffsetRequest, ConfigureGroupRequest, ConfigureGroupResponse,
     CreateTopicRequest, DeleteTopicRequest, DescribeMembersRequest, DescribeMembersResponse, GroupStateRequest, GroupStateResponse, TopicInfo,
 };
+use keel_protocol::message::{ControlJobRequest, CreateJobRequest, CreateJobResponse, ListJobsRequest, ListJobsResponse};
 use keel_protocol::{api::client as api, GroupConfig, GroupConfigPatch, TopicConfig, TopicConfigPatch};
 
 use crate::cluster::Cluster;
@@ -135,7 +137,61 @@ impl Admin {
         message::decode(&answer).map_err(|e| ClientError::Malformed { addr: "the group coordinator".into(), reason: e.to_string() })
     }
 
+    /// Creates a replay or redrive job (see [`JobRequest`]); for a dry run
+    /// (`request.dry_run`), only resolves it: the answer holds the spec it would run and
+    /// no job. A request without an id gets a random one, so a create retried after a
+    /// lost answer finds its job instead of making a second.
+    pub async fn create_job(&self, mut request: JobRequest) -> Result<JobCreated, ClientError> {
+        if request.request_id.is_empty() {
+            request.request_id = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+        }
+        let what = format!("create a {} job of {:?}", request.kind.as_str(), request.source);
+        let body = message::encode(&CreateJobRequest::new(&request));
+        let (_, answer) = self.cluster.call_any(&what, api::CREATE_JOB, &|_| body.clone()).await?;
+        let resp: CreateJobResponse = message::decode(&answer).map_err(|e| malformed(e.to_string()))?;
+        Ok(JobCreated { job: resp.job().map_err(malformed)?, spec: resp.spec().map_err(malformed)? })
+    }
+
+    /// Running and paused jobs, or (`all`) every job the cluster remembers: the audit
+    /// trail of who ran what, when, and how much it moved.
+    pub async fn list_jobs(&self, all: bool) -> Result<Vec<Job>, ClientError> {
+        self.jobs(ListJobsRequest { id: None, all }).await
+    }
+
+    /// One job and its progress.
+    pub async fn job(&self, id: u64) -> Result<Job, ClientError> {
+        let mut jobs = self.jobs(ListJobsRequest { id: Some(id), all: true }).await?;
+        jobs.pop().ok_or_else(|| malformed(format!("the answer for job {id} holds no job")))
+    }
+
+    async fn jobs(&self, req: ListJobsRequest) -> Result<Vec<Job>, ClientError> {
+        let body = message::encode(&req);
+        let (_, answer) = self.cluster.call_any("list jobs", api::LIST_JOBS, &|_| body.clone()).await?;
+        let resp: ListJobsResponse = message::decode(&answer).map_err(|e| malformed(e.to_string()))?;
+        resp.jobs().map_err(malformed)
+    }
+
+    /// Pauses, resumes or cancels a job; returns it after the change.
+    pub async fn control_job(&self, id: u64, action: JobAction) -> Result<Job, ClientError> {
+        let body = message::encode(&ControlJobRequest { id, action: action.clone() });
+        let (_, answer) = self.cluster.call_any(&format!("{action:?} job {id}"), api::CONTROL_JOB, &|_| body.clone()).await?;
+        let resp: CreateJobResponse = message::decode(&answer).map_err(|e| malformed(e.to_string()))?;
+        resp.job().map_err(malformed)?.ok_or_else(|| malformed(format!("the answer for job {id} holds no job")))
+    }
+
     pub fn cluster(&self) -> &Cluster {
         &self.cluster
     }
+}
+
+/// What [`Admin::create_job`] answers: the job (none for a dry run) and the spec it
+/// runs, with every position resolved to an offset.
+#[derive(Debug, Clone)]
+pub struct JobCreated {
+    pub job: Option<Job>,
+    pub spec: JobSpec,
+}
+
+fn malformed(reason: String) -> ClientError {
+    ClientError::Malformed { addr: "a broker".into(), reason }
 }

@@ -6,7 +6,8 @@
 //! - [`consumer`]: stream consumption from an offset or a time, long-poll.
 //! - [`group`]: a stream-group member: assigned partitions, heartbeats, rebalances, commits.
 //! - [`queue`]: a queue-group member: leased deliveries, ack / nack / term / extend, credit.
-//! - [`admin`]: create, delete, list and describe topics.
+//! - [`admin`]: topics, consumer groups' settings and offsets, replay and redrive jobs
+//!   (their types are [`job`], the protocol's).
 //! - [`retry`]: backoff with full jitter, retry budget, circuit breaker.
 //! - [`config`]: every client setting and default.
 //! - [`error`]: what can fail, and what to do about it.
@@ -24,7 +25,9 @@ pub mod producer;
 pub mod queue;
 pub mod retry;
 
-pub use admin::Admin;
+pub use admin::{Admin, JobCreated};
 pub use cluster::Cluster;
 pub use config::ClientConfig;
 pub use error::{ClientError, Outcome};
+/// Replay and redrive jobs: requests, specs, progress (see [`Admin::create_job`]).
+pub use keel_protocol::job;

@@ -80,15 +80,30 @@ pub struct JobFilter {
     pub headers: Vec<(String, String)>,
 }
 
+/// A record's headers as a filter reads them: any iterator over `(name, value)`
+/// (a batch's `RecordView::headers()`, or a client `Message`'s, borrowed).
+pub trait Headers<'h>: Iterator<Item = (&'h str, Option<&'h [u8]>)> + Clone {}
+
+impl<'h, I: Iterator<Item = (&'h str, Option<&'h [u8]>)> + Clone> Headers<'h> for I {}
+
+fn header<'h>(mut headers: impl Headers<'h>, name: &str) -> Option<Option<&'h [u8]>> {
+    headers.find(|(k, _)| *k == name).map(|(_, v)| v)
+}
+
 impl JobFilter {
     /// Whether `record` passes the filter.
     pub fn matches(&self, record: &RecordView<'_>) -> bool {
-        if let Some(key) = &self.key {
-            if record.key != Some(key.as_bytes()) {
+        self.matches_parts(record.key, record.headers())
+    }
+
+    /// Whether a record of `key` and `headers` passes the filter.
+    pub fn matches_parts<'h>(&self, key: Option<&[u8]>, headers: impl Headers<'h>) -> bool {
+        if let Some(want) = &self.key {
+            if key != Some(want.as_bytes()) {
                 return false;
             }
         }
-        self.headers.iter().all(|(name, value)| record.headers().any(|(k, v)| k == name && v == Some(value.as_bytes())))
+        self.headers.iter().all(|(name, value)| headers.clone().any(|(k, v)| k == name && v == Some(value.as_bytes())))
     }
 }
 
@@ -99,7 +114,8 @@ impl JobFilter {
 pub struct RedriveFilter {
     /// Only dead letters of this consumer group.
     pub group: Option<String>,
-    /// Only dead letters whose last failure reason is exactly this.
+    /// Only dead letters whose reason is exactly this: the reason the consumer gave on
+    /// the last attempt (`card declined`), or the failure record's whole reason.
     pub reason: Option<String>,
     /// Only dead letters written at or after this time (ms since the epoch).
     pub since_ms: Option<i64>,
@@ -110,7 +126,7 @@ pub struct RedriveFilter {
 impl RedriveFilter {
     pub fn matches(&self, letter: &DeadLetter) -> bool {
         self.group.as_ref().is_none_or(|g| *g == letter.group)
-            && self.reason.as_ref().is_none_or(|r| Some(r) == letter.reason.as_ref())
+            && self.reason.as_ref().is_none_or(|r| Some(r) == letter.reason.as_ref() || Some(r.as_str()) == letter.last_reason())
             && self.since_ms.is_none_or(|t| letter.dead_lettered_ms >= t)
             && self.min_attempts.is_none_or(|n| letter.attempts >= n)
     }
@@ -134,23 +150,43 @@ pub struct DeadLetter {
     pub group: String,
     /// What decided it: `term`, `max_deliveries`, …
     pub cause: String,
-    /// The last failure's reason, as the consumer gave it.
+    /// Why it was dead-lettered, as the broker says it (it names the last failure's
+    /// reason: `max deliveries reached (5 attempts); last: card declined`).
     pub reason: Option<String>,
     pub attempts: u32,
     pub dead_lettered_ms: i64,
+    /// Every delivery attempt, oldest first.
+    pub history: Vec<DeliveryAttempt>,
+}
+
+/// One delivery attempt in a failure record.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DeliveryAttempt {
+    pub attempt: u32,
+    pub member: String,
+    pub outcome: String,
+    /// The reason the consumer gave (nack, term), if any.
+    pub reason: Option<String>,
 }
 
 impl DeadLetter {
-    /// The failure record of `record`, if it is a dead letter.
-    pub fn of(record: &RecordView<'_>) -> Option<DeadLetter> {
-        let (_, value) = record.headers().find(|(k, _)| *k == FAILURE_HEADER)?;
-        serde_json::from_slice(value?).ok()
+    /// The reason the consumer gave on the last attempt that gave one.
+    pub fn last_reason(&self) -> Option<&str> {
+        self.history.iter().rev().find_map(|a| a.reason.as_deref())
     }
 }
 
-/// How many times `record` was redriven already ([`REDRIVE_COUNT_HEADER`]).
-pub fn redrive_count(record: &RecordView<'_>) -> u32 {
-    record.headers().find(|(k, _)| *k == REDRIVE_COUNT_HEADER).and_then(|(_, v)| std::str::from_utf8(v?).ok()?.parse().ok()).unwrap_or(0)
+impl DeadLetter {
+    /// The failure record in `headers`, if they are a dead letter's.
+    pub fn of<'h>(headers: impl Headers<'h>) -> Option<DeadLetter> {
+        serde_json::from_slice(header(headers, FAILURE_HEADER)??).ok()
+    }
+}
+
+/// How many times the record of `headers` was redriven already ([`REDRIVE_COUNT_HEADER`]).
+pub fn redrive_count<'h>(headers: impl Headers<'h>) -> u32 {
+    header(headers, REDRIVE_COUNT_HEADER).flatten().and_then(|v| std::str::from_utf8(v).ok()?.parse().ok()).unwrap_or(0)
 }
 
 /// Offsets `from..until` of one source partition.
@@ -339,21 +375,27 @@ impl JobSpec {
         self.ranges.iter().map(|r| r.until - r.from).sum()
     }
 
-    /// What this job does with `record`, at `offset` of its source partition: the one
-    /// rule the broker's runner and a client's dry run both apply.
+    /// What this job does with `record`, at `offset` of its source partition.
     pub fn select(&self, offset: u64, record: &RecordView<'_>) -> Selection {
-        if self.exclude.contains(offset) || !self.filter.matches(record) {
+        self.select_parts(offset, record.key, record.headers())
+    }
+
+    /// What this job does with the record of `key` and `headers` at `offset` of its
+    /// source partition: the one rule the broker's runner and a client's dry run both
+    /// apply.
+    pub fn select_parts<'h>(&self, offset: u64, key: Option<&[u8]>, headers: impl Headers<'h>) -> Selection {
+        if self.exclude.contains(offset) || !self.filter.matches_parts(key, headers.clone()) {
             return Selection::Skip;
         }
         match self.kind {
             JobKind::Replay => Selection::Copy(None),
             JobKind::Redrive => {
-                let Some(letter) = DeadLetter::of(record) else { return Selection::Skip };
+                let Some(letter) = DeadLetter::of(headers.clone()) else { return Selection::Skip };
                 if !self.redrive.matches(&letter) {
                     return Selection::Skip;
                 }
                 match &self.quarantine {
-                    Some(q) if redrive_count(record) >= q.max_redrives => Selection::Quarantine(letter),
+                    Some(q) if redrive_count(headers) >= q.max_redrives => Selection::Quarantine(letter),
                     _ => Selection::Copy(Some(letter)),
                 }
             }
@@ -635,7 +677,8 @@ mod tests {
     /// many times it was redriven before.
     fn letter(key: &str, group: &str, reason: &str, attempts: u32, at_ms: i64, redrives: Option<&str>) -> bytes::Bytes {
         let failure = serde_json::json!({"source": {"topic": "orders", "partition": 2, "offset": 17}, "group": group, "cause": "max_deliveries",
-            "reason": reason, "attempts": attempts, "dead_lettered_ms": at_ms, "history": []})
+            "reason": format!("max deliveries reached ({attempts} attempts); last: {reason}"), "attempts": attempts, "dead_lettered_ms": at_ms,
+            "history": [{"attempt": 1, "member": "m", "outcome": "nacked", "reason": reason}, {"attempt": 2, "member": "m", "outcome": "lease_expired"}]})
         .to_string();
         let mut headers = vec![(FAILURE_HEADER, Some(failure.as_bytes()))];
         if let Some(n) = redrives {
@@ -669,6 +712,7 @@ mod tests {
             (RedriveFilter { group: Some("audit".into()), ..RedriveFilter::default() }, None, false),
             (RedriveFilter { reason: Some("card declined".into()), ..RedriveFilter::default() }, None, true),
             (RedriveFilter { reason: Some("card".into()), ..RedriveFilter::default() }, None, false),
+            (RedriveFilter { reason: Some("max deliveries reached (5 attempts); last: card declined".into()), ..RedriveFilter::default() }, None, true),
             (RedriveFilter { since_ms: Some(10_000), ..RedriveFilter::default() }, None, true),
             (RedriveFilter { since_ms: Some(10_001), ..RedriveFilter::default() }, None, false),
             (RedriveFilter { min_attempts: Some(5), ..RedriveFilter::default() }, None, true),

@@ -1,5 +1,7 @@
 //! Starting `keel dev` as a child process for tests, and reading its files.
 
+pub mod dev;
+
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};

@@ -110,6 +110,12 @@ pub enum DlqCommand {
         #[arg(long)]
         offset: u64,
     },
+    /// Send dead letters back to their topic (or --to another), as a job: each becomes
+    /// a new message (delivery attempts start again at 1) carrying `keel-redrive-count`;
+    /// one redriven --max-redrives times already goes to `<topic>.quarantine` instead.
+    /// Each dead letter is redriven once: later redrives leave out what earlier ones
+    /// moved. --dry-run lists what would move.
+    Redrive(super::job_cmds::RedriveArgs),
 }
 
 /// A duration for people: whole seconds from a second up, milliseconds below.
@@ -335,6 +341,10 @@ fn failure_of(m: &Message) -> Option<serde_json::Value> {
 }
 
 pub fn dlq(cmd: DlqCommand, connect: Connect) -> anyhow::Result<()> {
+    let cmd = match cmd {
+        DlqCommand::Redrive(args) => return super::job_cmds::redrive(args, connect),
+        other => other,
+    };
     runtime()?.block_on(async move {
         let cluster = connect.cluster()?;
         match cmd {
@@ -401,6 +411,7 @@ pub fn dlq(cmd: DlqCommand, connect: Connect) -> anyhow::Result<()> {
                     }
                 }
             }
+            DlqCommand::Redrive(_) => unreachable!("redrive is run outside this runtime (see above)"),
             DlqCommand::Show { topic, offset } => {
                 let dlq = dead_letter_topic(&topic);
                 let consumer = Consumer::new(cluster.clone(), &dlq, StartAt::Earliest).await?;

@@ -5,6 +5,7 @@ mod client_cmds;
 mod consume;
 mod dev;
 mod group_cmds;
+mod job_cmds;
 mod serve;
 
 use clap::{Parser, Subcommand};
@@ -60,12 +61,29 @@ enum Command {
         #[command(subcommand)]
         command: group_cmds::GroupCommand,
     },
-    /// Dead letters: grouped by failure reason, or one with its failure record.
+    /// Dead letters: grouped by failure reason, one with its failure record, or sent
+    /// back to their topic (redrive).
     Dlq {
         #[command(flatten)]
         connect: client_cmds::Connect,
         #[command(subcommand)]
         command: group_cmds::DlqCommand,
+    },
+    /// Copy a range of a topic (by offsets or times, optionally filtered) into another
+    /// topic, as a job the cluster runs: resumable, rate-limited, audited.
+    Replay {
+        #[command(flatten)]
+        connect: client_cmds::Connect,
+        #[command(flatten)]
+        args: job_cmds::ReplayArgs,
+    },
+    /// Replay and redrive jobs: list (--all: the audit trail), show, pause, resume,
+    /// cancel, wait.
+    Job {
+        #[command(flatten)]
+        connect: client_cmds::Connect,
+        #[command(subcommand)]
+        command: job_cmds::JobCommand,
     },
     /// Cluster-wide views.
     Cluster {
@@ -131,6 +149,14 @@ fn main() -> std::process::ExitCode {
         Command::Cluster { connect, command } => {
             exit_quietly_on_closed_pipe();
             client_cmds::cluster(command, connect)
+        }
+        Command::Replay { connect, args } => {
+            exit_quietly_on_closed_pipe();
+            job_cmds::replay(args, connect)
+        }
+        Command::Job { connect, command } => {
+            exit_quietly_on_closed_pipe();
+            job_cmds::job(command, connect)
         }
     };
     match result {

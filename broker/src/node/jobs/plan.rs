@@ -145,15 +145,18 @@ pub fn plan_replay(spec: &JobSpec, job: u64, partition: u32, next: u64, until: u
             }
         }
     }
-    if open.is_none() {
-        // Everything after the last whole batch was left out: move past it.
-        if let Some(last) = views.last() {
-            let end = last.header().base_offset + u64::from(last.header().record_count);
-            if end > plan.next {
-                plan.next = end.min(until);
-                plan.tail_skipped = skipped;
-            }
+    let data_end = views.last().map_or(0, |last| last.header().base_offset + u64::from(last.header().record_count));
+    if data_end >= until {
+        // The source at hand reaches the range's end: the open batch ends there.
+        if let Some(o) = open.take() {
+            close(&mut plan, o, until, &mut skipped)?;
         }
+        plan.next = until;
+        plan.tail_skipped = skipped;
+    } else if open.is_none() && data_end > plan.next {
+        // Everything after the last whole batch was left out: move past it.
+        plan.next = data_end;
+        plan.tail_skipped = skipped;
     }
     Ok(plan)
 }
@@ -307,7 +310,7 @@ pub fn plan_redrive(
             if written.contains(&offset) {
                 continue;
             }
-            let redrives = redrive_count(&record);
+            let redrives = redrive_count(record.headers());
             let mut headers: Vec<(String, Option<Bytes>)> = Vec::new();
             let (id, timestamp_ms) = match destination {
                 Destination::Target(_) => {
@@ -445,8 +448,8 @@ mod tests {
     #[test]
     fn copy_batches_are_the_same_however_the_source_arrives_and_wherever_a_runner_restarts() {
         let views = source();
-        let until = end_of(&views) - 3;
-        for (records, bytes, key) in [(5, 1 << 20, None), (4_096, 2_000, None), (3, 1 << 20, Some("a")), (64, 900, Some("b"))] {
+        for (records, bytes, key, until) in [(5, 1 << 20, None, 0), (4_096, 2_000, None, 3), (3, 1 << 20, Some("a"), 0), (64, 900, Some("b"), 3)] {
+            let until = end_of(&views) - until;
             let spec = spec(records, bytes, key);
             let whole = run(&spec, &views, 0, until, usize::MAX);
             for fetch in [1, 2, 5] {
