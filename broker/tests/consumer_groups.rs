@@ -543,13 +543,13 @@ async fn an_ordered_group_keeps_each_key_in_order_and_parks_a_poison_key_while_t
     };
     admin.configure_group("posting", group).await.unwrap();
     // 200 accounts × 5 operations, interleaved (KEEL_ORDERED_KEYS sets the accounts for a
-    // longer run); account 7's first operation is poison.
+    // longer run); account 7's first two operations are poison.
     let accounts: usize = std::env::var("KEEL_ORDERED_KEYS").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
-    let total = accounts * 5 - 1;
+    let total = accounts * 5 - 2;
     let mut records = Vec::new();
     for op in 0..5 {
         for acct in 0..accounts {
-            let value = if acct == 7 && op == 0 { "acct-7-op-0-poison".to_string() } else { format!("acct-{acct}-op-{op}") };
+            let value = if acct == 7 && op < 2 { format!("acct-7-op-{op}-poison") } else { format!("acct-{acct}-op-{op}") };
             records.push(Record::new(value).with_key(format!("acct-{acct}")));
         }
     }
@@ -561,6 +561,7 @@ async fn an_ordered_group_keeps_each_key_in_order_and_parks_a_poison_key_while_t
     let started = Instant::now();
     let mut parked_at: Option<usize> = None;
     let mut flowed_while_parked = false;
+    let mut poison_seen_at: Option<usize> = None;
     let mut killed = false;
     let deadline = Instant::now() + Duration::from_secs(60 + accounts as u64 / 5);
     while done.values().map(Vec::len).sum::<usize>() < total {
@@ -573,6 +574,9 @@ async fn an_ordered_group_keeps_each_key_in_order_and_parks_a_poison_key_while_t
         }
         // One message per key in a batch, so the batch is settled at once.
         let (poison, fine): (Vec<&Delivery>, Vec<&Delivery>) = batch.iter().partition(|d| d.message.value.as_deref().is_some_and(|v| v.ends_with(b"poison")));
+        if !poison.is_empty() && poison_seen_at.is_none() {
+            poison_seen_at = Some(done.values().map(Vec::len).sum::<usize>());
+        }
         for d in poison {
             let _ = d.nack(None, "cannot post", "validation").await;
         }
@@ -584,33 +588,45 @@ async fn an_ordered_group_keeps_each_key_in_order_and_parks_a_poison_key_while_t
             done.entry(key).or_default().push(op);
         }
         // While account 7 has nothing acked: the leader reports it parked, and other
-        // accounts' operations keep being acked after that.
+        // accounts' operations keep being acked after its poison was first delivered.
         let acked_now = done.values().map(Vec::len).sum::<usize>();
         if !done.contains_key("acct-7") {
-            match parked_at {
-                None => {
-                    if dev_cluster::metric_max(dev.bootstrap.split(','), "keel_queue_parked_keys{").is_some_and(|n| n >= 1.0) {
-                        parked_at = Some(acked_now);
-                    }
-                }
-                Some(at) => flowed_while_parked |= acked_now > at,
+            if parked_at.is_none() && dev_cluster::metric_max(dev.bootstrap.split(','), "keel_queue_parked_keys{").is_some_and(|n| n >= 1.0) {
+                parked_at = Some(acked_now);
             }
+            flowed_while_parked |= poison_seen_at.is_some_and(|at| acked_now > at);
         }
         if !killed && done.values().map(Vec::len).sum::<usize>() >= total * 2 / 5 {
             dev.kill_leader("ledger-ops", 0).await;
             killed = true;
         }
     }
-    member.close().await;
     eprintln!("{total} operations of {accounts} accounts acked in {:?}, in order per account", started.elapsed());
     assert!(parked_at.is_some(), "keel_queue_parked_keys reported account 7 parked behind its poison operation");
-    assert!(flowed_while_parked, "other accounts' operations were acked while account 7 was parked");
+    assert!(flowed_while_parked, "other accounts' operations were acked while account 7's poison held it back");
     for (acct, ops) in &done {
-        let want: Vec<u32> = if acct == "acct-7" { (1..5).collect() } else { (0..5).collect() };
+        let want: Vec<u32> = if acct == "acct-7" { (2..5).collect() } else { (0..5).collect() };
         assert_eq!(ops, &want, "{acct}'s operations in order");
     }
     let letters = dead_letters(&dev.cluster, "ledger-ops").await;
-    assert_eq!(letters.len(), 1, "the poison operation was dead-lettered");
-    assert_eq!(letters[0].0.value.as_deref(), Some(&b"acct-7-op-0-poison"[..]));
+    let poison: Vec<&[u8]> = letters.iter().filter_map(|(m, _)| m.value.as_deref()).collect();
+    assert_eq!(poison, [&b"acct-7-op-0-poison"[..], b"acct-7-op-1-poison"], "the poison operations were dead-lettered, in order");
+
+    // The poison is fixed: a redrive sends both back, and they come in order.
+    let out = dev_cluster::run_ok(dev.keel().args(["dlq", "redrive", "ledger-ops", "--group", "posting", "--json"]));
+    let summary: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(summary["copied"].as_u64(), Some(2), "{summary}");
+    let mut redriven = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while redriven.len() < 2 {
+        assert!(Instant::now() < deadline, "redriven operations delivered: {redriven:?}");
+        for d in member.poll(Duration::from_millis(200)).await.unwrap() {
+            assert_eq!(d.attempt, 1, "a redriven message is a new message: its attempts start again");
+            redriven.push(String::from_utf8(d.message.value.clone().unwrap().to_vec()).unwrap());
+            ack_surely(&d).await;
+        }
+    }
+    assert_eq!(redriven, ["acct-7-op-0-poison", "acct-7-op-1-poison"], "account 7's redriven operations come in order");
+    member.close().await;
     dev.stop();
 }

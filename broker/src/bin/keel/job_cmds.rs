@@ -141,9 +141,20 @@ fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
-/// Who is asking, for the audit trail: `user@host`.
+/// Who is asking, for the audit trail: `user@host` (the user from `$USER`, else the
+/// process's uid looked up in /etc/passwd).
 fn requester() -> String {
-    let user = std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_else(|_| "unknown".into());
+    // SAFETY: getuid(2) has no preconditions and cannot fail.
+    let uid = unsafe { libc::getuid() };
+    let from_passwd = || {
+        let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+        passwd.lines().find_map(|l| {
+            let mut f = l.split(':');
+            let name = f.next()?;
+            (f.nth(1)?.parse::<u32>().ok()? == uid).then(|| name.to_string())
+        })
+    };
+    let user = std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).ok().or_else(from_passwd).unwrap_or_else(|| format!("uid{uid}"));
     let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
     if host.is_empty() {
         user
@@ -200,8 +211,19 @@ async fn run_job(request: JobRequest, flags: RunFlags, connect: Connect) -> anyh
         return dry_run(&cluster, &created.spec, connect.json).await;
     };
     if !connect.json {
-        let verb = if kind == JobKind::Replay { "replaying" } else { "redriving" };
-        eprintln!("job {}: {verb} {} messages of {} into {} ({})", job.id, job.spec.total(), job.spec.source, job.spec.target, ranges(&job.spec));
+        match kind {
+            JobKind::Replay => {
+                eprintln!("job {}: replaying {} messages of {} into {} ({})", job.id, job.spec.total(), job.spec.source, job.spec.target, ranges(&job.spec))
+            }
+            JobKind::Redrive => eprintln!(
+                "job {}: redriving from {} dead letters of {} into {} ({})",
+                job.id,
+                job.spec.total(),
+                job.spec.source,
+                job.spec.target,
+                ranges(&job.spec)
+            ),
+        }
     }
     if flags.detach {
         print_job(&job, connect.json);
@@ -258,9 +280,12 @@ fn print_summary(job: &Job, json: bool) {
         return;
     }
     let rate = if took_ms > 0 { job.copied() as f64 * 1000.0 / took_ms as f64 } else { 0.0 };
-    let quarantined = if job.spec.kind == JobKind::Redrive { format!(", quarantined {}", job.quarantined()) } else { String::new() };
+    let (skipped, quarantined) = match job.spec.kind {
+        JobKind::Redrive => ("filtered out or redriven before", format!(", quarantined {}", job.quarantined())),
+        JobKind::Replay => ("filtered out", String::new()),
+    };
     println!(
-        "job {} {}: copied {}, skipped {} (filtered out){quarantined}, in {:.1} s ({rate:.0} msgs/s) from {} into {}",
+        "job {} {}: copied {}, skipped {} ({skipped}){quarantined}, in {:.1} s ({rate:.0} msgs/s) from {} into {}",
         job.id,
         job.state.name(),
         job.copied(),
