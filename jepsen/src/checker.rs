@@ -13,8 +13,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use serde::Serialize;
 
-use crate::history::{Actor, Event, Kind, Op, Read, SendOp, SettleOp};
-use crate::workload::{QUEUE_MAX_DELIVERIES, QUEUE_TOPIC};
+use crate::history::{Actor, Event, Kind, Op, Read, ReplayOp, SendOp, SettleOp};
+use crate::workload::{LOG_TOPIC, QUEUE_MAX_DELIVERIES, QUEUE_TOPIC};
 
 /// Whether an anomaly may occur.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -86,6 +86,9 @@ pub struct Stats {
     pub queue_acked: u64,
     pub queue_dead_lettered: u64,
     pub queue_redelivered: u64,
+    /// Replay workload: jobs that ended done, and messages found in their targets.
+    pub replays_done: u64,
+    pub replayed: u64,
 }
 
 /// The checker's answer.
@@ -183,9 +186,11 @@ pub fn check(events: &[Event], floors: Floors) -> Results {
     ] {
         rows.0.insert(name, (verdict, Row::default()));
     }
-    for (name, verdict) in queue::ROWS {
+    for (name, verdict) in queue::ROWS.iter().chain(replay::ROWS) {
         rows.0.insert(name, (*verdict, Row::default()));
     }
+    let mut replays: Vec<(ReplayOp, bool)> = Vec::new();
+    let mut replay_dumps: BTreeMap<Partition, Vec<NodeLog>> = BTreeMap::new();
     let mut queue_seen = queue::QueueSeen::default();
     let mut settle_invokes: HashMap<u64, SettleOp> = HashMap::new();
 
@@ -259,6 +264,15 @@ pub fn check(events: &[Event], floors: Floors) -> Results {
             // A dead-letter topic holds copies of its source's messages by design; the
             // queue rows check it (from the dead letters read at the end).
             (Op::Dump(d), _) if d.topic.ends_with(".dlq") => stats.dumps += 1,
+            // A replay's target holds copies of the W1 topic's messages by design; the
+            // replay rows check it.
+            (Op::Dump(d), _) if d.topic.contains(".replay-") => {
+                stats.dumps += 1;
+                let log: BTreeMap<u64, String> = d.records.iter().map(|r| (r.offset, r.msg.clone())).collect();
+                replay_dumps.entry((d.topic.clone(), d.partition)).or_default().push((d.node, log));
+            }
+            (Op::Replay(_), Kind::Invoke | Kind::Info) => {}
+            (Op::Replay(op), kind) => replays.push((op.clone(), kind == Kind::Ok)),
             (Op::Dump(d), _) => {
                 stats.dumps += 1;
                 let log: BTreeMap<u64, String> = d.records.iter().map(|r| (r.offset, r.msg.clone())).collect();
@@ -482,6 +496,7 @@ pub fn check(events: &[Event], floors: Floors) -> Results {
     let queue_acked_sends: Vec<(u32, u64, String)> =
         acked.iter().filter(|s| s.op.topic == QUEUE_TOPIC && !s.duplicate).filter_map(|s| s.offset.map(|o| (s.op.partition, o, s.op.msg.clone()))).collect();
     queue::check(&queue_seen, QUEUE_TOPIC, &queue_acked_sends, QUEUE_MAX_DELIVERIES, &mut rows, &mut stats);
+    replay::check(&replays, LOG_TOPIC, &dumps, &replay_dumps, &mut rows, &mut stats);
 
     // Damage detections: expected only where the nemesis damaged a disk.
     for (node, detections) in damage.iter().filter(|(_, n)| *n > 0) {
@@ -530,5 +545,6 @@ pub fn check(events: &[Event], floors: Floors) -> Results {
 }
 
 mod queue;
+mod replay;
 #[cfg(test)]
 mod tests;

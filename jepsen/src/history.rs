@@ -191,6 +191,23 @@ pub enum Op {
     /// queue rows are only meaningful then).
     #[serde(rename = "queuedrained")]
     QueueDrained,
+    /// A replay job of the W1 topic (workload W4): created (`invoke`), and how it ended
+    /// once the cluster was healed (`ok` with its final state and resolved ranges).
+    Replay(ReplayOp),
+}
+
+/// A replay job of the W1 topic into `target`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplayOp {
+    pub target: String,
+    #[serde(default)]
+    pub job: Option<u64>,
+    /// Its final state (`done`, `failed`, …), on the completion.
+    #[serde(default)]
+    pub state: Option<String>,
+    /// The source ranges it copied: (partition, from, until).
+    #[serde(default)]
+    pub ranges: Vec<(u32, u64, u64)>,
 }
 
 /// One line of `history.jsonl`.

@@ -8,6 +8,7 @@
 //! - [`nodes`]: the `keel serve` processes of a run: start, kill, pause, wipe, dump.
 //! - [`workload`]: the workloads, W1 (ordered log: idempotent producers, readers from several offsets)
 //!   and W3 (producers retrying the same sequence across faults).
+//! - [`replay`]: W4, replay jobs of the W1 topic during the faults.
 //! - [`nemesis`]: the faults, on a seeded rotating schedule with quiet periods.
 //! - [`runner`]: one run: nodes, workloads, nemesis, heal, drain, dumps, check.
 //! - [`report`]: `results.json` and `report.html`.
@@ -23,6 +24,7 @@ pub mod history;
 pub mod nemesis;
 pub mod nodes;
 pub mod queue;
+pub mod replay;
 pub mod report;
 pub mod runner;
 pub mod topology;

@@ -62,6 +62,10 @@ struct RunArgs {
     /// Queue messages acked that a valid run with the queue workload has at least.
     #[arg(long, default_value_t = 100)]
     min_queue_acked: u64,
+    /// W4 replay workload: replay jobs of the W1 topic created during the run (one
+    /// every 12 s), each checked to hold its source range once, in order.
+    #[arg(long, default_value_t = 0)]
+    replays: usize,
     /// Messages/s per producer.
     #[arg(long, default_value_t = 100.0)]
     rate: f64,
@@ -132,6 +136,7 @@ fn run_one(args: &RunArgs, seed: u64) -> anyhow::Result<runner::RunSummary> {
         idem_producers: args.idem_producers,
         queue_producers: args.queue_producers,
         queue_members: args.queue_members,
+        replays: args.replays,
         rate: args.rate,
         floors: Floors {
             acked_sends: args.min_acked,

@@ -41,6 +41,8 @@ pub struct RunConfig {
     /// W2 producers and queue-group members.
     pub queue_producers: usize,
     pub queue_members: usize,
+    /// W4 replay jobs of the W1 topic.
+    pub replays: usize,
     /// Messages/s per producer.
     pub rate: f64,
     pub floors: Floors,
@@ -241,6 +243,10 @@ pub async fn run(config: RunConfig, placement: Placement) -> Result<RunSummary, 
     for i in 0..config.queue_members {
         workers.spawn(workload::queue_member(ctx.clone(), config.seed.wrapping_add(3000 + i as u64)));
     }
+    let replays: crate::replay::Replays = Arc::default();
+    if config.replays > 0 {
+        workers.spawn(crate::replay::replayer(ctx.clone(), config.replays, replays.clone()));
+    }
     let nemesis = tokio::spawn(nemesis::run(nodes.clone(), recorder.clone(), faults.clone(), config.interval, config.seed, hint, stop_nemesis.clone()));
 
     tokio::time::sleep(config.time).await;
@@ -272,6 +278,7 @@ pub async fn run(config: RunConfig, placement: Placement) -> Result<RunSummary, 
             Err(e) => problems.push(format!("the queue drain did not finish: {e}")),
         }
     }
+    crate::replay::finish(&ctx, &replays).await;
     if let Err(e) = wait_for("every replica applying the same log", CONVERGE_LIMIT, async || replicas_converged(&cluster, 3).await).await {
         problems.push(format!("the replicas did not converge: {e}"));
     }

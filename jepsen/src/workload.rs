@@ -64,7 +64,7 @@ impl Ctx {
         self.processes.fetch_add(1, Ordering::Relaxed)
     }
 
-    fn stopped(&self) -> bool {
+    pub fn stopped(&self) -> bool {
         self.stop.load(Ordering::Relaxed)
     }
 }

@@ -526,3 +526,47 @@ mod queue_rows {
         assert_eq!(r.anomaly("duplicate-append").unwrap().count, 0, "{r:#?}");
     }
 }
+
+mod replay {
+    use super::*;
+    use crate::history::ReplayOp;
+
+    /// The W1 topic as two nodes dumped it, and a replay of offsets 1..4 into `target`
+    /// (holding `copied`) that ended `state`.
+    fn replayed(copied: &[&str], state: &str) -> H {
+        let mut h = clean();
+        let source = [(0, "1-0"), (1, "1-1"), (2, "1-2"), (3, "1-3"), (4, "1-4")];
+        for node in [1, 2] {
+            let records = source.iter().map(|(o, m)| Read { offset: *o, msg: m.to_string() }).collect();
+            let id = h.id();
+            h.push(id, Actor::Runner, Kind::Info, Op::Dump(DumpOp { node, topic: LOG_TOPIC.into(), partition: 0, records }));
+        }
+        let target = "jepsen-log.replay-0".to_string();
+        let records = copied.iter().enumerate().map(|(o, m)| Read { offset: o as u64, msg: m.to_string() }).collect();
+        let id = h.id();
+        h.push(id, Actor::Runner, Kind::Info, Op::Dump(DumpOp { node: 1, topic: target.clone(), partition: 0, records }));
+        let id = h.id();
+        h.push(id, Actor::Runner, Kind::Invoke, Op::Replay(ReplayOp { target: target.clone(), job: None, state: None, ranges: vec![] }));
+        let done = ReplayOp { target, job: Some(1), state: Some(state.into()), ranges: vec![(0, 1, 4)] };
+        h.push(id, Actor::Runner, Kind::Ok, Op::Replay(done));
+        h
+    }
+
+    #[test]
+    fn a_replay_holding_its_range_once_in_order_passes() {
+        let r = replayed(&["1-1", "1-2", "1-3"], "done").check();
+        assert!(ROWS_REPLAY.iter().all(|n| r.anomaly(n).unwrap().count == 0), "{r:#?}");
+        assert_eq!((r.stats.replays_done, r.stats.replayed), (1, 3));
+    }
+
+    const ROWS_REPLAY: [&str; 5] = ["replay-lost", "replay-duplicated", "replay-reordered", "replay-extra", "replay-unfinished"];
+
+    #[test]
+    fn a_replay_that_lost_duplicated_reordered_or_added_a_message_or_did_not_finish_is_flagged() {
+        assert_flags(&replayed(&["1-1", "1-3"], "done"), "replay-lost");
+        assert_flags(&replayed(&["1-1", "1-2", "1-2", "1-3"], "done"), "replay-duplicated");
+        assert_flags(&replayed(&["1-2", "1-1", "1-3"], "done"), "replay-reordered");
+        assert_flags(&replayed(&["1-0", "1-1", "1-2", "1-3"], "done"), "replay-extra");
+        assert_flags(&replayed(&["1-1"], "failed: no progress"), "replay-unfinished");
+    }
+}
