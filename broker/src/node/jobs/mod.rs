@@ -292,8 +292,15 @@ impl PartitionRun {
             Err(CallError::Refused { code: ErrorCode::OffsetOutOfRange, message, .. }) => {
                 return Err(Stop::Fail(format!("{topic}/{partition} no longer holds offset {offset} (retention deleted it before the job read it): {message}")))
             }
+            // A node whose metadata lags (restarted, refilled) does not know a new topic
+            // yet; only this node's metadata (the leader's) says it is gone.
             Err(CallError::Refused { code: ErrorCode::UnknownTopic | ErrorCode::UnknownPartition, message, .. }) => {
-                return Err(Stop::Fail(format!("reading {topic}/{partition}: {message}")))
+                let known = self.service.metadata.borrow().topics.get(topic).is_some_and(|t| (partition as usize) < t.partitions.len());
+                return Err(if known {
+                    Stop::Retry(format!("reading {topic}/{partition}: {message} (that node's metadata lags)"))
+                } else {
+                    Stop::Fail(format!("reading {topic}/{partition}: {message}"))
+                });
             }
             Err(e) => return Err(Stop::Retry(format!("reading {topic}/{partition} at {offset}: {e}"))),
         };

@@ -667,6 +667,10 @@ impl Partition {
     /// The first offset whose batch's newest message is at or after `timestamp_ms`, or
     /// the high watermark if there is none.
     pub async fn offset_for_time(&self, timestamp_ms: i64) -> Result<u64, PartitionError> {
+        // Answered by the working leader only, like a read: a follower (or a node being
+        // refilled after a wipe) would answer from a high watermark behind the log's.
+        self.ready_term(Instant::now() + LEADER_GATE_WAIT).await?;
+        self.check_serving_leader()?;
         let committed = *self.group.high_watermark.borrow();
         let log = self.group.log.clone();
         let found = tokio::task::spawn_blocking(move || -> Result<Option<u64>, keel_storage::StorageError> {
