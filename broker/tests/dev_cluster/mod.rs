@@ -92,7 +92,16 @@ pub fn admin_addr(client_addr: &str) -> String {
 #[allow(dead_code)]
 pub fn admin_post(admin: &str, path: &str, json: &str) -> String {
     use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(admin).unwrap();
+    // A node serves its admin listener a moment after the cluster answers clients (a
+    // topic can be led by two nodes while the third is still starting): wait for it.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut s = loop {
+        match std::net::TcpStream::connect(admin) {
+            Ok(s) => break s,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused && Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
+            Err(e) => panic!("the admin listener at {admin} does not answer: {e}"),
+        }
+    };
     write!(s, "POST {path} HTTP/1.0\r\nHost: {admin}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{json}", json.len()).unwrap();
     let mut answer = String::new();
     s.read_to_string(&mut answer).unwrap();
