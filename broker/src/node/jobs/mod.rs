@@ -39,7 +39,7 @@ use super::limits::{
     JOB_CHECKPOINT_INTERVAL, JOB_FETCH_BYTES, JOB_REQUEST_TIMEOUT, JOB_RETRY_BACKOFF_MAX, JOB_RETRY_BACKOFF_MIN, JOB_SCAN_INTERVAL, JOB_STALL_TIMEOUT,
 };
 use crate::metadata::MetadataCommand;
-use plan::{by_destination, plan_redrive, plan_replay, redrive_batches, Destination, PlanError};
+use plan::{by_destination, plan_redrive, plan_replay, redrive_batch, Destination, PlanError};
 
 /// Runs the job supervisor until the node stops.
 pub async fn run(service: Arc<ClientService>) {
@@ -449,8 +449,7 @@ impl PartitionRun {
                 };
                 let mut rest = records;
                 while !rest.is_empty() {
-                    let batches = redrive_batches(&rest, size_max)?;
-                    let (batch, n) = batches.into_iter().next().expect("at least one record makes a batch");
+                    let (batch, n) = redrive_batch(&rest, size_max)?;
                     self.alive()?;
                     match self.client.produce(&topic, target, batch).await {
                         Ok(landed) => {

@@ -217,35 +217,27 @@ impl Redriven {
     }
 }
 
-/// Builds batches of at most `size_max` bytes from `records` (all for one destination).
-pub fn redrive_batches(records: &[&Redriven], size_max: u32) -> Result<Vec<(Bytes, usize)>, PlanError> {
-    let mut out = Vec::new();
-    let mut builder: Option<(BatchBuilder, usize)> = None;
+/// The first batch of at most `size_max` bytes from `records` (all for one
+/// destination, at least one), and how many records it holds: the runner sends it,
+/// then builds the next from the records after it (or, after a refusal, from those the
+/// target did not hold yet).
+pub fn redrive_batch(records: &[&Redriven], size_max: u32) -> Result<(Bytes, usize), PlanError> {
+    let first = records.first().map_or(0, |r| r.offset);
     let options = BatchOptions { size_max: size_max as usize, ..BatchOptions::default() };
+    let mut builder = BatchBuilder::new(options).map_err(|e| PlanError::Invalid { offset: first, error: e.to_string() })?;
+    let mut n = 0;
     for r in records {
         let headers: Vec<(&str, Option<&[u8]>)> = r.headers.iter().map(|(k, v)| (k.as_str(), v.as_deref())).collect();
-        let new = r.as_new(&headers);
-        if let Some((b, n)) = builder.as_mut() {
-            match b.push(new) {
-                Ok(()) => {
-                    *n += 1;
-                    continue;
-                }
-                Err(BuildError::BatchFull { .. }) => {
-                    let (b, n) = builder.take().expect("checked");
-                    out.push((b.finish().map_err(|e| PlanError::Invalid { offset: r.offset, error: e.to_string() })?, n));
-                }
-                Err(e) => return Err(PlanError::Invalid { offset: r.offset, error: e.to_string() }),
+        match builder.push(r.as_new(&headers)) {
+            Ok(()) => n += 1,
+            Err(BuildError::BatchFull { .. }) if n > 0 => break,
+            Err(e @ (BuildError::RecordTooLarge { .. } | BuildError::BatchFull { .. })) => {
+                return Err(PlanError::TooLarge { offset: r.offset, error: e.to_string() })
             }
+            Err(e) => return Err(PlanError::Invalid { offset: r.offset, error: e.to_string() }),
         }
-        let mut b = BatchBuilder::new(options).map_err(|e| PlanError::Invalid { offset: r.offset, error: e.to_string() })?;
-        b.push(new).map_err(|e| PlanError::TooLarge { offset: r.offset, error: e.to_string() })?;
-        builder = Some((b, 1));
     }
-    if let Some((b, n)) = builder {
-        out.push((b.finish().map_err(|e| PlanError::Invalid { offset: 0, error: e.to_string() })?, n));
-    }
-    Ok(out)
+    Ok((builder.finish().map_err(|e| PlanError::Invalid { offset: first, error: e.to_string() })?, n))
 }
 
 /// A stretch of a redrive.
@@ -570,8 +562,9 @@ mod tests {
             next = p.next;
         }
         assert_eq!(offsets, [0, 1, 2, 3, 5]);
-        let batches = redrive_batches(&plan.writes.iter().collect::<Vec<_>>(), 1 << 20).unwrap();
-        let view = BatchView::validate(batches[0].0.clone()).unwrap();
+        let (batch, n) = redrive_batch(&plan.writes.iter().collect::<Vec<_>>(), 1 << 20).unwrap();
+        assert_eq!(n, 5, "all five fit one batch");
+        let view = BatchView::validate(batch).unwrap();
         assert_eq!(view.records().map(|r| r.unwrap().message_id().map(<[u8]>::to_vec)).collect::<Vec<_>>()[0].as_deref(), Some(&b"redrive:9:0"[..]));
     }
 }
