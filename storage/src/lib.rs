@@ -45,6 +45,6 @@ pub use entry::{Entry, EntryMeta, LogId, ENTRY_HEADER_LEN};
 pub use error::StorageError;
 pub use flusher::Flusher;
 pub use ledger::{AckLedger, Acked};
-pub use log::{IoStats, Log, LogState};
+pub use log::{IoStats, Log, LogState, SegmentExtent};
 pub use open::DamageFound;
 pub use segment::SEGMENT_HEADER_LEN;

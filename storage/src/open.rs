@@ -38,6 +38,8 @@ impl Log {
         let dir = dir.as_ref().to_path_buf();
         let d: &dyn Disk = &*disk;
         d.create_dir_all(&dir).map_err(|e| StorageError::io("create log directory", &dir, e))?;
+        // 0. Finish an install of a staged log that a crash interrupted.
+        crate::log::finish_install(d, &dir, None)?;
         let (purged, purge_start_offset) = read_purge_point(d, &dir)?;
         let mut names = list_segments(d, &dir)?;
 

@@ -2,7 +2,7 @@
 //!
 //! This file holds the log's state and its accessors; by concern: [`append`] (appends
 //! and group commit), [`read`] (reads and lookups), [`truncate`] (truncation, purge,
-//! retention).
+//! retention), [`install`] (a staged log replacing this one's entries).
 //!
 //! # Concurrency
 //! Three locks, always taken in this order: `io` → `layout` → `state`.
@@ -104,6 +104,18 @@ pub struct LogState {
     pub durable_end: u64,
 }
 
+/// One segment's extent (see [`Log::segment_extents`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SegmentExtent {
+    pub first_index: u64,
+    /// Last entry it holds (`None` while empty).
+    pub last_index: Option<u64>,
+    /// File length, header included.
+    pub bytes: u64,
+    /// No longer appended to (a later segment exists).
+    pub sealed: bool,
+}
+
 /// Counts of the I/O a log has done since it was opened (for metrics and tests).
 #[derive(Debug, Default)]
 struct IoCounters {
@@ -134,6 +146,8 @@ pub struct Log {
     /// Exclusive end index of durable entries.
     durable: Watermark,
     stats: IoCounters,
+    /// Segment size in force, if set after opening (`set_segment_bytes`); 0: the config's.
+    segment_bytes: AtomicU64,
     /// Distinct per `Log` opened in this process, in opening order (spreads logs over
     /// a `Flusher`'s lanes).
     instance: u64,
@@ -199,6 +213,7 @@ impl Log {
             layout: RwLock::new(()),
             durable,
             stats: IoCounters::default(),
+            segment_bytes: AtomicU64::new(0),
             instance: NEXT_INSTANCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             damage_found: Vec::new(),
             #[cfg(any(test, feature = "fault-injection"))]
@@ -278,6 +293,30 @@ impl Log {
         self.lock_state().durable_last
     }
 
+    /// Sets the size at which the active segment rolls (clamped to the storage bounds);
+    /// takes effect at the next append.
+    pub fn set_segment_bytes(&self, bytes: u64) {
+        let bytes = bytes.clamp(crate::limits::SEGMENT_BYTES_MIN, crate::limits::SEGMENT_BYTES_MAX);
+        self.segment_bytes.store(bytes, Ordering::Relaxed);
+    }
+
+    /// The size at which the active segment rolls.
+    pub fn segment_bytes(&self) -> u64 {
+        match self.segment_bytes.load(Ordering::Relaxed) {
+            0 => self.config.segment_bytes,
+            b => b,
+        }
+    }
+
+    /// Every segment's extent, oldest first (for retention decisions and disk reports).
+    pub fn segment_extents(&self) -> Vec<SegmentExtent> {
+        let st = self.lock_state();
+        st.segments
+            .iter()
+            .map(|s| SegmentExtent { first_index: s.first_index, last_index: s.last_index, bytes: s.len, sealed: s.sealed })
+            .collect()
+    }
+
     /// The offset the next appended entry must carry as its `base_offset`.
     pub fn next_offset(&self) -> u64 {
         self.lock_state().next_offset
@@ -285,9 +324,11 @@ impl Log {
 }
 
 mod append;
+mod install;
 mod read;
 mod truncate;
 
+pub(crate) use install::finish_install;
 pub(crate) use truncate::remove_segment_files;
 
 #[cfg(test)]
