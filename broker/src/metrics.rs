@@ -45,6 +45,11 @@
 //! | `keel_queue_stalls_total` | counter | topic, consumer_group, reason | queue fetches that leased less than the member's credit because of a bound: `max_unacked` (the member holds its group's max-unacked leases here), `window` (the group holds `QUEUE_WINDOW_MAX` unsettled messages in the partition), `lease_expired` (a member's lease ran out unsettled; the message is delivered again), `key_parked` (ordered groups: a nacked message holds its key's later messages back) |
 //! | `keel_job_messages_total` | counter | kind, outcome | source records replay and redrive jobs run on this node handled: `copied`, `skipped` (filtered out, or a dead letter redriven before), `quarantined` (redriven too often); copies found already written after a failover count as `copied` once |
 //! | `keel_job_progress_ratio` | gauge | job | on the metadata leader: the share of a running or paused job's source range handled (1 when it ends) |
+//! | `keel_queue_expired_total` | counter | topic, consumer_group | messages retention deleted before the queue group settled them (leased, waiting for a retry or never delivered): dropped, the group goes on from the new log start |
+//! | `keel_snapshot_bytes_total` | counter | direction | entry bytes of snapshot transfers (the log sent with a snapshot): `sent` by this node as leader, `received` (staged) as follower |
+//! | `keel_snapshots_installed_total` | counter | with_log | snapshot transfers this node completed as follower: `true` with a staged log installed in place of its own, `false` when its log already held the snapshot's last entry |
+//! | `keel_retention_purged_segments_total` | counter | — | segment files retention deleted on this node |
+//! | `keel_log_start_offset` | gauge | group | the partition's first retained offset (the fold's retention cut) |
 //! | `keel_jobs` | gauge | state | on the metadata leader: jobs the cluster remembers, by state (`running`, `paused`, `done`, `cancelled`, `failed`) |
 //!
 //! The consumer and dead-letter gauges are set by the partition's leader; a node that
@@ -160,6 +165,34 @@ fn describe() {
 }
 
 /// Source records a job handled: `copied`, `skipped`, `quarantined`.
+pub const SNAPSHOT_BYTES: &str = "keel_snapshot_bytes_total";
+pub const SNAPSHOTS_INSTALLED: &str = "keel_snapshots_installed_total";
+pub const RETENTION_PURGED_SEGMENTS: &str = "keel_retention_purged_segments_total";
+pub const LOG_START_OFFSET: &str = "keel_log_start_offset";
+
+/// Entry bytes a snapshot transfer moved (`direction`: `sent` or `received`).
+pub fn snapshot_bytes(direction: &'static str, bytes: u64) {
+    counter!(SNAPSHOT_BYTES, "direction" => direction).increment(bytes);
+}
+
+pub const QUEUE_EXPIRED: &str = "keel_queue_expired_total";
+
+/// Messages retention deleted before a queue group settled them.
+pub fn queue_expired(topic: &str, consumer_group: &str, messages: u64) {
+    counter!(QUEUE_EXPIRED, "topic" => topic.to_string(), "consumer_group" => consumer_group.to_string()).increment(messages);
+}
+
+/// A snapshot transfer this node completed as follower.
+pub fn snapshot_installed(with_log: bool) {
+    counter!(SNAPSHOTS_INSTALLED, "with_log" => if with_log { "true" } else { "false" }).increment(1);
+}
+
+/// Segment files retention deleted, and the partition's log start.
+pub fn retention(group: u64, purged_segments: u64, start_offset: u64) {
+    counter!(RETENTION_PURGED_SEGMENTS).increment(purged_segments);
+    gauge!(LOG_START_OFFSET, "group" => group.to_string()).set(start_offset as f64);
+}
+
 pub fn job_messages(kind: &'static str, copied: u64, skipped: u64, quarantined: u64) {
     for (outcome, n) in [("copied", copied), ("skipped", skipped), ("quarantined", quarantined)] {
         if n > 0 {

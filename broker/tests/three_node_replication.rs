@@ -39,7 +39,7 @@ async fn start_node(id: u64, dir: tempfile::TempDir, bind: &str) -> Node {
     let store = PartitionLogStore::new(log.clone(), flusher);
     let sm = PartitionStateMachine::open(keel_storage::disk::os(), dir.path().to_path_buf()).unwrap();
     let hw = sm.high_watermark();
-    let network = GroupNetworkFactory::new(GROUP, PeerPool::new(id, CLUSTER));
+    let network = GroupNetworkFactory::new(GROUP, PeerPool::new(id, CLUSTER), log.clone());
     let raft = Raft::new(id, Arc::new(partition_raft_config(CLUSTER).unwrap()), network, store, sm).await.unwrap();
     groups.write().unwrap().insert(GROUP, HostedGroup::new(raft.clone(), log.clone()));
     Node { id, dir, addr, log, raft, hw, _server: server }

@@ -108,9 +108,16 @@ settings! {
     TopicConfig, TopicConfigPatch;
     /// Largest record batch a producer may send, in bytes (also the largest message).
     max_message_bytes: u32 = 1024 * 1024, 1024, BATCH_SIZE_MAX;
-    /// How long messages are kept, in milliseconds; 0 keeps them forever. (Stored; applied
-    /// by the log-lifecycle work.)
+    /// How long messages are kept, in milliseconds; 0 keeps them forever. Judged by the
+    /// partition leader's clock when each message was stored (never producers' clocks),
+    /// a whole segment at a time.
     retention_ms: u64 = 0, 0, u64::MAX;
+    /// Most bytes each partition keeps (per replica); 0 keeps everything. Whole segments
+    /// go, oldest first, so a partition holds at most this plus one segment.
+    retention_bytes: u64 = 0, 0, u64::MAX;
+    /// Size at which a partition's active segment file is closed and a new one started
+    /// (retention deletes whole segments).
+    segment_bytes: u64 = 128 * 1024 * 1024, 1024 * 1024, 1024 * 1024 * 1024;
     /// How long a message id is remembered after its first sighting, in milliseconds: a
     /// message carrying an id seen within this window is not stored again.
     dedupe_window_ms: u64 = 2 * MINUTE_MS, 100, DAY_MS;

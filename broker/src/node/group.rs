@@ -147,11 +147,13 @@ pub async fn open_group(ctx: &GroupContext, group: u64, peers: Peers) -> Result<
             Some(bytes) => Some(u64::from_le_bytes(bytes.as_slice().try_into().map_err(|_| format!("group {group}: damaged {REFILL_MARKER}"))?)),
             None => None,
         };
-    let store = PartitionLogStore::new(log.clone(), ctx.flusher.clone()).with_ack_key(group);
-    let sm = PartitionStateMachine::open(ctx.disk.clone(), dir.clone()).map_err(|e| format!("opening the state machine of group {group}: {e}"))?;
+    let sm = PartitionStateMachine::open(ctx.disk.clone(), dir.clone())
+        .map_err(|e| format!("opening the state machine of group {group}: {e}"))?
+        .with_log(log.clone());
     let high_watermark = sm.high_watermark();
     let shared = sm.shared();
-    let network = GroupNetworkFactory::new(group, ctx.pool.clone());
+    let store = PartitionLogStore::new(log.clone(), ctx.flusher.clone()).with_ack_key(group).with_purge_floor(shared.purge_floor());
+    let network = GroupNetworkFactory::new(group, ctx.pool.clone(), log.clone());
     // No replica resumes leading without an election (`enable_leader_restore` is off in
     // `replication::config`), a damaged one included.
     let raft = GroupRaft::new(ctx.node_id, ctx.raft_config.clone(), network, store, sm).await.map_err(|e| format!("starting Raft for group {group}: {e}"))?;

@@ -115,3 +115,7 @@ pub const JOB_RETRY_BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// A job partition that fails every step for this long is given up: the job is marked
 /// failed with the last error (resume it with `keel job resume` once fixed).
 pub const JOB_STALL_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// How often each partition's retention is judged (and its log purged to the applied
+/// cut). Between two rounds a partition can outgrow its byte bound by what it takes in.
+pub const RETENTION_CHECK_INTERVAL: Duration = Duration::from_millis(250);

@@ -28,6 +28,7 @@ pub mod limits;
 pub mod partition;
 pub mod reconcile;
 pub mod rejoin;
+pub mod retention;
 pub mod tailer;
 
 use std::collections::BTreeMap;
@@ -139,6 +140,7 @@ impl Node {
             tokio::spawn(tailer::run(metadata_group.clone(), publish)),
             tokio::spawn(reconcile::run(ctx.clone(), config.cluster.clone(), refill_horizon, metadata.clone(), hosted.clone())),
             tokio::spawn(gauges::run(metadata_group.clone(), hosted.clone())),
+            tokio::spawn(retention::run(hosted.clone())),
         ];
         let service = Arc::new(api::ClientService {
             node_id: me.id,

@@ -64,6 +64,12 @@ pub enum ControlCommand {
         deferred: Vec<(u64, i64)>,
         keys: Vec<(u64, u64)>,
     },
+    /// Retention: log entries up to `upto_index` may be deleted, and the partition's
+    /// messages start at `start_offset` (the first offset after that entry). Proposed by
+    /// the leader from the topic's retention settings; every replica applies the same
+    /// cut here and purges its own log once a snapshot covers it. A cut at or below the
+    /// applied one changes nothing.
+    Retain { upto_index: u64, start_offset: u64 },
 }
 
 /// The settings applying a partition's log depends on. They reach the partition as a

@@ -664,6 +664,32 @@ pub struct ConsumerParts {
 }
 
 impl ConsumerGroups {
+    /// Retention cut the partition at `start`: every queue group's messages below it are
+    /// gone. Its unsettled ones there (leased, waiting for a retry or for the dead-letter
+    /// topic) are dropped, and its never-delivered ones skipped: the group goes on from
+    /// `start`. Returns, per group that lost any, how many messages (unsettled ones, and
+    /// never-delivered ones counted as offsets, so a batch refused by the fold counts
+    /// too). Stream groups need nothing: a position behind the start is answered
+    /// `OffsetOutOfRange` with the start when read.
+    pub fn retain(&mut self, start: u64) -> Vec<(String, u64)> {
+        let mut lost = Vec::new();
+        for (name, q) in &mut self.queues {
+            let dropped = q.slots.range(..start).count() as u64;
+            let skipped: u64 = q.cursors.iter().map(|c| start.saturating_sub(*c)).max().unwrap_or(0);
+            if dropped == 0 && skipped == 0 {
+                continue;
+            }
+            q.slots = q.slots.split_off(&start);
+            q.keys = q.keys.split_off(&start);
+            for c in &mut q.cursors {
+                *c = (*c).max(start);
+            }
+            q.rebuild();
+            lost.push((name.clone(), dropped + skipped));
+        }
+        lost
+    }
+
     /// A commit of stream group `group`'s position; `generation` `None` is an
     /// administrative reset (the coordinator checked the group has no members).
     pub fn commit(&mut self, now_ms: i64, end: u64, group: &str, generation: Option<u64>, offset: u64) -> CommitResult {

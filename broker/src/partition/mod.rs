@@ -21,6 +21,7 @@ pub mod consumers;
 pub mod lanes;
 pub mod message_ids;
 pub mod producers;
+pub mod retention;
 pub mod state;
 
 pub use command::{ControlCommand, ControlEntry, PartitionConfig};

@@ -15,6 +15,7 @@ use super::consumers::{CommitResult, ConsumerGroups, ConsumerParts, ConsumerPart
 use super::lanes::LaneRuns;
 use super::message_ids::{IdDigest, MessageIdWindow, WindowParts};
 use super::producers::{decide, ProducerStamp, ProducerTable, StoredAt, Verdict};
+use super::retention::{Retained, TimeMarks};
 
 /// How often, on the partition clock, idle producers are looked for.
 pub const PRODUCER_EXPIRY_SCAN_MS: i64 = 60_000;
@@ -63,6 +64,9 @@ pub enum ControlOutcome {
     Settled(Vec<SettleResult>),
     /// A `QueueDeadLettered`: how many messages it settled.
     DeadLettered(u32),
+    /// A `Retain` that moved the cut: per queue group, the messages it lost (dropped
+    /// unsettled, or skipped never delivered).
+    Retained(Vec<(String, u64)>),
 }
 
 /// A partition's state: everything applying later entries and serving reads depends on.
@@ -88,6 +92,10 @@ pub struct PartitionState {
     pub consumers: ConsumerGroups,
     /// The priority lane of every offset, as runs of batches.
     pub lanes: LaneRuns,
+    /// Where retention cut the log (nothing cut: zeros).
+    pub retained: Retained,
+    /// When offsets were stored, on the partition clock (retention by age).
+    pub time_marks: TimeMarks,
 }
 
 impl PartitionState {
@@ -146,7 +154,16 @@ impl PartitionState {
     /// Applies a control entry.
     pub fn apply_control(&mut self, entry: &ControlEntry) -> ControlOutcome {
         self.advance_clock(entry.leader_time_ms);
+        self.time_marks.note(self.next_offset, self.clock_ms);
         match &entry.command {
+            ControlCommand::Retain { upto_index, start_offset } => {
+                if *upto_index > self.retained.upto_index && *start_offset >= self.retained.start_offset && *start_offset <= self.next_offset {
+                    self.retained = Retained { upto_index: *upto_index, start_offset: *start_offset };
+                    self.time_marks.forget_below(*start_offset);
+                    return ControlOutcome::Retained(self.consumers.retain(*start_offset));
+                }
+                ControlOutcome::Applied
+            }
             ControlCommand::Tick => ControlOutcome::Applied,
             ControlCommand::Configure(config) => {
                 self.config = config.clone();
@@ -212,7 +229,7 @@ fn offset_served(skipped: &BTreeMap<u64, u32>, offset: u64) -> bool {
 }
 
 /// Version of the snapshot encoding written by [`PartitionState::encode_snapshot`].
-pub const SNAPSHOT_VERSION: u16 = 3;
+pub const SNAPSHOT_VERSION: u16 = 4;
 
 /// Why a snapshot could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -252,12 +269,21 @@ struct SnapshotV3 {
     lanes: Vec<(u64, u64, u8)>,
 }
 
+/// Version 4: version 3, the retention cut and the time marks.
+#[derive(Serialize, Deserialize)]
+struct SnapshotV4 {
+    v3: SnapshotV3,
+    retained: Retained,
+    time_marks: Vec<(u64, i64)>,
+}
+
 impl PartitionState {
     /// The state as snapshot bytes: `version:u16le | postcard(body of that version)`.
     /// A later version adds a new body type; old snapshots keep decoding.
     pub fn encode_snapshot(&self) -> Vec<u8> {
         let v1 = self.v1_parts();
-        let body = SnapshotV3 { v1, consumers: self.consumers.to_parts(), lanes: self.lanes.to_parts() };
+        let v3 = SnapshotV3 { v1, consumers: self.consumers.to_parts(), lanes: self.lanes.to_parts() };
+        let body = SnapshotV4 { v3, retained: self.retained, time_marks: self.time_marks.to_parts() };
         let mut out = SNAPSHOT_VERSION.to_le_bytes().to_vec();
         postcard::to_io(&body, &mut out).expect("writing to a Vec cannot fail");
         out
@@ -280,15 +306,21 @@ impl PartitionState {
     pub fn decode_snapshot(bytes: &[u8]) -> Result<PartitionState, SnapshotError> {
         let Some((version, body)) = bytes.split_first_chunk::<2>() else { return Err(SnapshotError::Truncated(bytes.len())) };
         let undecodable = |e: postcard::Error| SnapshotError::Undecodable(e.to_string());
-        let (s, consumers, lanes) = match u16::from_le_bytes(*version) {
-            1 => (postcard::from_bytes::<SnapshotV1>(body).map_err(undecodable)?, ConsumerGroups::default(), LaneRuns::default()),
+        let none = || (Retained::default(), TimeMarks::default());
+        let (s, consumers, lanes, (retained, time_marks)) = match u16::from_le_bytes(*version) {
+            1 => (postcard::from_bytes::<SnapshotV1>(body).map_err(undecodable)?, ConsumerGroups::default(), LaneRuns::default(), none()),
             2 => {
                 let v2: SnapshotV2 = postcard::from_bytes(body).map_err(undecodable)?;
-                (v2.v1, ConsumerGroups::from_parts_v2(v2.consumers), LaneRuns::default())
+                (v2.v1, ConsumerGroups::from_parts_v2(v2.consumers), LaneRuns::default(), none())
             }
             3 => {
                 let v3: SnapshotV3 = postcard::from_bytes(body).map_err(undecodable)?;
-                (v3.v1, ConsumerGroups::from_parts(v3.consumers), LaneRuns::from_parts(v3.lanes))
+                (v3.v1, ConsumerGroups::from_parts(v3.consumers), LaneRuns::from_parts(v3.lanes), none())
+            }
+            4 => {
+                let v4: SnapshotV4 = postcard::from_bytes(body).map_err(undecodable)?;
+                let v3 = v4.v3;
+                (v3.v1, ConsumerGroups::from_parts(v3.consumers), LaneRuns::from_parts(v3.lanes), (v4.retained, TimeMarks::from_parts(v4.time_marks)))
             }
             other => return Err(SnapshotError::UnknownVersion(other)),
         };
@@ -304,6 +336,8 @@ impl PartitionState {
             next_expiry_scan_ms: s.next_expiry_scan_ms,
             consumers,
             lanes,
+            retained,
+            time_marks,
         })
     }
 }

@@ -18,6 +18,7 @@ use super::pool::PeerPool;
 use super::wire::{GroupId, RaftReply, RaftRequest, RaftRpc};
 use crate::replication::state_machine::PartitionSnapshot;
 use crate::replication::TypeConfig;
+use keel_storage::Log;
 
 type Vote = openraft::impls::Vote<openraft::impls::leader_id_std::LeaderId<u64, u64>>;
 type Snapshot = openraft::Snapshot<openraft::vote::leader_id_std::CommittedLeaderId<u64>, u64, BasicNode, PartitionSnapshot>;
@@ -27,34 +28,37 @@ type Snapshot = openraft::Snapshot<openraft::vote::leader_id_std::CommittedLeade
 pub struct GroupNetworkFactory {
     group: GroupId,
     pool: Arc<PeerPool>,
+    /// The group's log: snapshots are sent with its retained entries.
+    log: Arc<Log>,
 }
 
 impl GroupNetworkFactory {
-    pub fn new(group: GroupId, pool: Arc<PeerPool>) -> GroupNetworkFactory {
-        GroupNetworkFactory { group, pool }
+    pub fn new(group: GroupId, pool: Arc<PeerPool>, log: Arc<Log>) -> GroupNetworkFactory {
+        GroupNetworkFactory { group, pool, log }
     }
 }
 
 /// The network client of one group to one target node.
 pub struct GroupNetwork {
-    group: GroupId,
-    target: u64,
+    pub(super) group: GroupId,
+    pub(super) target: u64,
     caller: Arc<Caller>,
     faults: Arc<super::faults::PeerFaults>,
+    log: Arc<Log>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for GroupNetworkFactory {
     type Network = GroupNetwork;
 
     async fn new_client(&mut self, target: u64, node: &BasicNode) -> GroupNetwork {
-        GroupNetwork { group: self.group, target, caller: self.pool.caller(target, &node.addr), faults: self.pool.faults.clone() }
+        GroupNetwork { group: self.group, target, caller: self.pool.caller(target, &node.addr), faults: self.pool.faults.clone(), log: self.log.clone() }
     }
 }
 
 /// A failure the remote Raft reported (unknown group, shutting down, fatal error).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-struct RemoteFailure(String);
+pub(super) struct RemoteFailure(pub(super) String);
 
 fn to_rpc_error(e: CallError) -> RPCError<TypeConfig> {
     match e {
@@ -66,7 +70,7 @@ fn to_rpc_error(e: CallError) -> RPCError<TypeConfig> {
 }
 
 impl GroupNetwork {
-    async fn call(&self, rpc: RaftRpc, timeout: Duration) -> Result<RaftReply, RPCError<TypeConfig>> {
+    pub(super) async fn call(&self, rpc: RaftRpc, timeout: Duration) -> Result<RaftReply, RPCError<TypeConfig>> {
         if self.faults.is_blocked(self.target) {
             return Err(RPCError::Unreachable(Unreachable::new(&RemoteFailure(format!("node {} is partitioned away (fault injection)", self.target)))));
         }
@@ -121,14 +125,16 @@ impl RaftNetworkV2<TypeConfig> for GroupNetwork {
         cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
         option: RPCOption,
     ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
-        let rpc = RaftRpc::Snapshot { vote, meta: snapshot.meta, data: snapshot.snapshot };
+        // Each step of the transfer has its own timeout (`SNAPSHOT_STEP_TIMEOUT`);
+        // openraft's cancel ends it at any point (the staged entries are kept).
+        let _ = option;
+        let log = self.log.clone();
         let reply = tokio::select! {
             closed = cancel => return Err(StreamingError::Closed(closed)),
-            reply = self.call(rpc, option.hard_ttl()) => reply,
+            reply = super::snapshot::send(self, &log, vote, snapshot) => reply,
         };
         match reply {
-            Ok(RaftReply::Snapshot(r)) => Ok(r),
-            Ok(other) => Err(StreamingError::Unreachable(Unreachable::new(&RemoteFailure(format!("unexpected reply kind: {other:?}"))))),
+            Ok(r) => Ok(r),
             Err(RPCError::Unreachable(u)) => Err(StreamingError::Unreachable(u)),
             Err(e) => Err(StreamingError::Unreachable(Unreachable::new(&e))),
         }

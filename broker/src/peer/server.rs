@@ -33,11 +33,13 @@ pub struct HostedGroup {
     /// more than the log holds): it votes only for candidates whose log reaches this id,
     /// as if the lost entries were still there. Cleared once peers have refilled it.
     pub vote_floor: Arc<Mutex<Option<LogId>>>,
+    /// The staged log of a snapshot transfer in progress (`super::snapshot`).
+    pub staging: Arc<tokio::sync::Mutex<Option<Arc<Log>>>>,
 }
 
 impl HostedGroup {
     pub fn new(raft: GroupRaft, log: Arc<Log>) -> HostedGroup {
-        HostedGroup { raft, log, recovering: Arc::default(), vote_floor: Arc::default() }
+        HostedGroup { raft, log, recovering: Arc::default(), vote_floor: Arc::default(), staging: Arc::default() }
     }
 
     /// Why this node refuses `request`'s vote, if it does.
@@ -137,7 +139,12 @@ async fn handle_raft(service: &PeerService, payload: &[u8]) -> Result<Bytes, Str
         None => RaftReply::UnknownGroup(request.group),
         Some(hosted) => match refusal(&hosted) {
             Some(why) => RaftReply::Failed(format!("node {} {why} (group {})", service.node_id, request.group)),
-            None => serve_raft(hosted.raft, request.rpc).await,
+            None => match request.rpc {
+                RaftRpc::SnapshotOffer { meta, .. } => super::snapshot::offer(&hosted, &meta).await.unwrap_or_else(RaftReply::Failed),
+                RaftRpc::SnapshotChunk { chunk, .. } => super::snapshot::chunk(&hosted, chunk).await.unwrap_or_else(RaftReply::Failed),
+                RaftRpc::SnapshotInstall { vote, meta, state } => super::snapshot::install(&hosted, vote, meta, state).await.unwrap_or_else(RaftReply::Failed),
+                rpc => serve_raft(hosted.raft, rpc).await,
+            },
         },
     };
     postcard::to_allocvec(&reply).map(Bytes::from).map_err(|e| format!("encoding Raft reply: {e}"))
@@ -152,6 +159,9 @@ async fn serve_raft(raft: GroupRaft, rpc: RaftRpc) -> RaftReply {
             .install_full_snapshot(vote, openraft::Snapshot { meta, snapshot: data })
             .await
             .map_or_else(|e| RaftReply::Failed(e.to_string()), RaftReply::Snapshot),
+        RaftRpc::SnapshotOffer { .. } | RaftRpc::SnapshotChunk { .. } | RaftRpc::SnapshotInstall { .. } => {
+            RaftReply::Failed("snapshot transfer steps are served with the group's log".into())
+        }
     }
 }
 

@@ -33,7 +33,71 @@ pub enum RaftRpc {
     Append(openraft::raft::AppendEntriesRequest<TypeConfig>),
     Vote(openraft::raft::VoteRequest<TypeConfig>),
     PreVote(openraft::raft::VoteRequest<TypeConfig>),
-    Snapshot { vote: Vote, meta: SnapshotMeta, data: PartitionSnapshot },
+    /// A whole snapshot in one message (state only; kept for peers of earlier builds).
+    Snapshot {
+        vote: Vote,
+        meta: SnapshotMeta,
+        data: PartitionSnapshot,
+    },
+    /// A chunked snapshot transfer begins (`peer/snapshot.rs`): what does the receiver
+    /// hold already?
+    SnapshotOffer {
+        vote: Vote,
+        meta: SnapshotMeta,
+    },
+    /// Entries for the receiver's staged log.
+    SnapshotChunk {
+        vote: Vote,
+        chunk: SnapshotChunk,
+    },
+    /// The transfer is complete: install the snapshot (with the staged log, unless the
+    /// receiver's own log holds the snapshot's last entry).
+    SnapshotInstall {
+        vote: Vote,
+        meta: SnapshotMeta,
+        state: Vec<u8>,
+    },
+}
+
+/// A log entry as a snapshot transfer carries it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireEntry {
+    pub term: u64,
+    pub index: u64,
+    pub kind: u8,
+    pub base_offset: u64,
+    pub record_count: u32,
+    pub max_timestamp_ms: i64,
+    pub payload: bytes::Bytes,
+}
+
+/// Where a new staged log begins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StagingStart {
+    /// At the first entry sent (the sender's log was never purged).
+    Fresh,
+    /// After entry `(term, index)`, at message offset `start_offset`.
+    After { term: u64, index: u64, start_offset: u64 },
+}
+
+/// Entries for the staged log, checksummed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotChunk {
+    /// Discard any staged log and begin a new one here.
+    pub start: Option<StagingStart>,
+    pub entries: Vec<WireEntry>,
+    /// CRC32C over every entry's fields and payload, in order.
+    pub crc: u32,
+}
+
+/// What the receiver of a snapshot offer holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotHave {
+    /// Its own log holds the snapshot's last entry: no entries need to be sent.
+    pub holds_last: bool,
+    /// Its staged log from an earlier, interrupted transfer: `(first index, last
+    /// (term, index))`, if it holds any entry.
+    pub staged: Option<(u64, (u64, u64))>,
 }
 
 /// The answer to a [`RaftRequest`].
@@ -43,6 +107,10 @@ pub enum RaftReply {
     Append(openraft::raft::AppendEntriesResponse<TypeConfig>),
     Vote(openraft::raft::VoteResponse<TypeConfig>),
     Snapshot(openraft::raft::SnapshotResponse<TypeConfig>),
+    /// The answer to `SnapshotOffer`.
+    SnapshotHave(SnapshotHave),
+    /// The answer to `SnapshotChunk`: the staged log's last entry `(term, index)`.
+    SnapshotStaged(Option<(u64, u64)>),
     /// The receiver has no such group (not created yet, or deleted).
     UnknownGroup(GroupId),
     /// The receiver's Raft failed the RPC (shutting down, fatal storage error).

@@ -19,6 +19,7 @@ use std::fmt::Debug;
 use std::io;
 use std::ops::{Bound, RangeBounds};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -57,6 +58,10 @@ pub struct PartitionLogStore {
     ack_key: Option<u64>,
     dir: PathBuf,
     committed: Arc<Mutex<CommittedState>>,
+    /// Entries below this index may be deleted when openraft purges (the partition's
+    /// retention cut + 1, `PartitionShared::purge_floor`); `u64::MAX` for a store without
+    /// retention, which deletes whatever openraft purges.
+    purge_floor: Arc<AtomicU64>,
 }
 
 #[derive(Debug, Default)]
@@ -190,7 +195,22 @@ impl PartitionLogStore {
     /// in the log's directory.
     pub fn new(log: Arc<Log>, flusher: Arc<Flusher>) -> PartitionLogStore {
         let dir = log.dir().to_path_buf();
-        PartitionLogStore { log, flusher, ack_key: None, dir, committed: Arc::new(Mutex::new(CommittedState::default())) }
+        PartitionLogStore {
+            log,
+            flusher,
+            ack_key: None,
+            dir,
+            committed: Arc::new(Mutex::new(CommittedState::default())),
+            purge_floor: Arc::new(AtomicU64::new(u64::MAX)),
+        }
+    }
+
+    /// Deletes purged entries only below `floor` (see the field). Openraft purges up to
+    /// a snapshot it installed; the entries between the retention cut and the snapshot
+    /// are the partition's data and stay.
+    pub fn with_purge_floor(mut self, floor: Arc<AtomicU64>) -> PartitionLogStore {
+        self.purge_floor = floor;
+        self
     }
 
     /// Reports durability only once the flusher's ack ledger records it under `key`.
@@ -368,6 +388,23 @@ impl RaftLogStorage<TypeConfig> for PartitionLogStore {
     }
 
     async fn purge(&mut self, log_id: RaftLogId) -> io::Result<()> {
+        // Entries openraft no longer needs but retention keeps stay on disk: openraft
+        // never reads at or below a purge it asked for, and after a restart the log
+        // reports its real start (inside the snapshot, which openraft allows).
+        let floor = self.purge_floor.load(AtomicOrdering::Acquire);
+        if log_id.index >= floor {
+            let Some(upto) = floor.checked_sub(1) else { return Ok(()) };
+            let st = self.log.state();
+            if st.purged.is_some_and(|p| p.index >= upto) || st.first_index > upto {
+                return Ok(());
+            }
+            let log = self.log.clone();
+            return storage_io(&**self.log.disk(), move || {
+                let Some(id) = PartitionLogStore::id_at(&log, upto)? else { return Ok(()) };
+                Ok(log.purge_upto(id)?)
+            })
+            .await;
+        }
         let log = self.log.clone();
         storage_io(&**self.log.disk(), move || Ok(log.purge_upto(to_stored_id(&log_id))?)).await
     }

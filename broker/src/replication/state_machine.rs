@@ -11,17 +11,26 @@
 //! State is persisted only in snapshots (`partition.snapshot`, an atomic file: magic,
 //! format version, CRC32C, then the body). After a restart openraft re-applies
 //! `(snapshot, committed]` from the log, so `applied` is never ahead of the local log.
-//! Snapshots carry the fold's state, not segment files: followers are never caught up
-//! by snapshot while the log is not purged (`max_in_snapshot_log_to_keep = u64::MAX`
-//! and no retention purge yet).
+//! A snapshot carries the fold's state. A follower behind its leader's retained log is
+//! sent the snapshot together with the leader's retained entries up to it
+//! (`peer/snapshot.rs`): they arrive as a *staged* log beside the group's own, with the
+//! snapshot file in it, and installing the snapshot installs that log in place of the
+//! follower's (`Log::install_staged`, crash-atomic), so the follower holds the same
+//! entries at the same offsets as the leader and appends on from there.
+//!
+//! Retention: the fold's `Retained` cut is published as the *purge floor*: the log
+//! store deletes entries only below it, whatever openraft asks (after installing a
+//! snapshot openraft purges up to the snapshot, and the retained entries before it
+//! must stay).
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use futures::StreamExt;
 use keel_protocol::BatchView;
-use keel_storage::{atomic_file, Disk};
+use keel_storage::{atomic_file, Disk, Log};
 use openraft::storage::{EntryResponder, RaftStateMachine};
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
 use serde::{Deserialize, Serialize};
@@ -33,7 +42,7 @@ use crate::partition::producers::ProducerStamp;
 use crate::partition::{BatchInfo, BatchOutcome, ControlEntry, PartitionState};
 
 type StoredMembership = openraft::StoredMembership<openraft::vote::leader_id_std::CommittedLeaderId<u64>, u64, openraft::impls::BasicNode>;
-type SnapshotMeta = openraft::SnapshotMeta<openraft::vote::leader_id_std::CommittedLeaderId<u64>, u64, openraft::impls::BasicNode>;
+pub type SnapshotMeta = openraft::SnapshotMeta<openraft::vote::leader_id_std::CommittedLeaderId<u64>, u64, openraft::impls::BasicNode>;
 type Snapshot = openraft::Snapshot<openraft::vote::leader_id_std::CommittedLeaderId<u64>, u64, openraft::impls::BasicNode, PartitionSnapshot>;
 
 const SNAPSHOT_FILE: &str = "partition.snapshot";
@@ -42,11 +51,15 @@ const LEGACY_SNAPSHOT_FILE: &str = "sm.snapshot";
 const SNAPSHOT_MAGIC: &[u8; 4] = b"KSNP";
 const SNAPSHOT_FORMAT: u16 = 1;
 
-/// Snapshot data sent to a follower: the fold's state, encoded
-/// (`PartitionState::encode_snapshot`).
+/// A snapshot's data: the fold's state, encoded (`PartitionState::encode_snapshot`),
+/// and on a follower receiving it, the staged log that comes with it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PartitionSnapshot {
     pub state: Vec<u8>,
+    /// A directory inside the group's directory holding the leader's retained entries up
+    /// to the snapshot (and the snapshot file): installed in place of the local log.
+    #[serde(default)]
+    pub staged: Option<PathBuf>,
 }
 
 /// The body of a snapshot file, format 1.
@@ -115,6 +128,12 @@ fn persist(disk: &dyn Disk, dir: &Path, snapshot: &StoredSnapshot) -> io::Result
     Ok(atomic_file::write(disk, dir, SNAPSHOT_FILE, &encode_file(snapshot)?)?)
 }
 
+/// Writes a received snapshot's file into a staged log's directory `dir`, so that
+/// installing the staged log installs the snapshot with it.
+pub fn write_staged_snapshot(disk: &dyn Disk, dir: &Path, meta: &SnapshotMeta, state: &[u8]) -> io::Result<()> {
+    persist(disk, dir, &StoredSnapshot { meta: meta.clone(), state: state.to_vec() })
+}
+
 /// The last log id covered by the snapshot saved in `dir`, if there is one.
 pub fn saved_snapshot_last(disk: &dyn Disk, dir: &Path) -> io::Result<Option<RaftLogId>> {
     if let Some(bytes) = atomic_file::read(disk, dir, SNAPSHOT_FILE)? {
@@ -146,6 +165,9 @@ pub fn discard_saved_snapshot(disk: &dyn Disk, dir: &Path) -> io::Result<()> {
 /// What the state machine shares with the partition's leader and readers.
 pub struct PartitionShared {
     state: Mutex<PartitionState>,
+    /// Log entries below this index may be deleted (the fold's retention cut + 1; 0:
+    /// none). Read by the log store's purge.
+    purge_floor: Arc<AtomicU64>,
     high_watermark: watch::Sender<u64>,
     applied: watch::Sender<Option<RaftLogId>>,
 }
@@ -165,6 +187,17 @@ impl PartitionShared {
     pub fn applied(&self) -> watch::Receiver<Option<RaftLogId>> {
         self.applied.subscribe()
     }
+
+    /// The purge floor, shared with the log store (`PartitionLogStore::with_purge_floor`).
+    pub fn purge_floor(&self) -> Arc<AtomicU64> {
+        self.purge_floor.clone()
+    }
+
+    fn publish_floor(&self, state: &PartitionState) {
+        if state.retained.upto_index > 0 {
+            self.purge_floor.fetch_max(state.retained.upto_index + 1, Ordering::AcqRel);
+        }
+    }
 }
 
 /// The state machine of one partition (or of the metadata log, whose batches carry no
@@ -176,6 +209,8 @@ pub struct PartitionStateMachine {
     applied: Option<RaftLogId>,
     membership: StoredMembership,
     current: Arc<Mutex<Option<StoredSnapshot>>>,
+    /// The group's log, for installing a staged log with a snapshot.
+    log: Option<Arc<Log>>,
 }
 
 /// Builds a snapshot from the state encoded when the builder was created.
@@ -207,9 +242,20 @@ impl PartitionStateMachine {
             }
             None => (PartitionState::default(), None, StoredMembership::default()),
         };
-        let shared =
-            Arc::new(PartitionShared { high_watermark: watch::channel(state.next_offset).0, applied: watch::channel(applied).0, state: Mutex::new(state) });
-        Ok(PartitionStateMachine { disk, dir, shared, applied, membership, current: Arc::new(Mutex::new(current)) })
+        let shared = Arc::new(PartitionShared {
+            high_watermark: watch::channel(state.next_offset).0,
+            applied: watch::channel(applied).0,
+            purge_floor: Arc::new(AtomicU64::new(0)),
+            state: Mutex::new(state),
+        });
+        shared.publish_floor(&shared.state());
+        Ok(PartitionStateMachine { disk, dir, shared, applied, membership, current: Arc::new(Mutex::new(current)), log: None })
+    }
+
+    /// Installs received snapshots' staged logs into `log` (the group's).
+    pub fn with_log(mut self, log: Arc<Log>) -> PartitionStateMachine {
+        self.log = Some(log);
+        self
     }
 
     pub fn shared(&self) -> Arc<PartitionShared> {
@@ -253,7 +299,7 @@ impl RaftSnapshotBuilder<TypeConfig> for PartitionSnapshotBuilder {
     async fn build_snapshot(&mut self) -> io::Result<Snapshot> {
         let (disk, dir, stored) = (self.disk.clone(), self.dir.clone(), self.snapshot.clone());
         let stored = super::storage_io(&*disk.clone(), move || persist(&*disk, &dir, &stored).map(|_| stored)).await?;
-        let snapshot = Snapshot { meta: stored.meta.clone(), snapshot: PartitionSnapshot { state: stored.state.clone() } };
+        let snapshot = Snapshot { meta: stored.meta.clone(), snapshot: PartitionSnapshot { state: stored.state.clone(), staged: None } };
         *self.current.lock().expect("snapshot lock poisoned") = Some(stored);
         Ok(snapshot)
     }
@@ -285,7 +331,9 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
                     EntryPayload::Normal(EntryData::Batch(batch)) => ApplyReply::Batch(Self::apply_batch(&mut state, index, &batch.0)?),
                     EntryPayload::Normal(EntryData::Control(bytes)) => {
                         let control = ControlEntry::decode(bytes).map_err(|e| invalid(format!("entry {index} holds an undecodable control entry: {e}")))?;
-                        ApplyReply::Control(state.apply_control(&control))
+                        let outcome = state.apply_control(&control);
+                        self.shared.publish_floor(&state);
+                        ApplyReply::Control(outcome)
                     }
                 };
                 (reply, state.next_offset)
@@ -310,8 +358,26 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
         let state = PartitionState::decode_snapshot(&snapshot.state).map_err(|e| invalid(format!("installing a snapshot: {e}")))?;
         let stored = StoredSnapshot { meta: meta.clone(), state: snapshot.state };
         let (disk, dir) = (self.disk.clone(), self.dir.clone());
-        let stored = super::storage_io(&*disk.clone(), move || persist(&*disk, &dir, &stored).map(|_| stored)).await?;
+        let stored = match (snapshot.staged, &self.log) {
+            // The staged directory holds the snapshot file too: both go in at once.
+            (Some(staged), Some(log)) => {
+                let log = log.clone();
+                let last = meta.last_log_id.map(|l| l.index);
+                super::storage_io(&*disk.clone(), move || {
+                    log.install_staged(&staged)?;
+                    let st = log.state();
+                    if st.last.map(|l| l.index) != last {
+                        return Err(invalid(format!("the installed log ends at {:?}, the snapshot at {last:?}", st.last)));
+                    }
+                    Ok(stored)
+                })
+                .await?
+            }
+            (Some(staged), None) => return Err(invalid(format!("a staged log ({}) came with a snapshot for a group without a log", staged.display()))),
+            (None, _) => super::storage_io(&*disk.clone(), move || persist(&*disk, &dir, &stored).map(|_| stored)).await?,
+        };
         let next_offset = state.next_offset;
+        self.shared.publish_floor(&state);
         *self.shared.state() = state;
         self.applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
@@ -323,7 +389,7 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
 
     async fn get_current_snapshot(&mut self) -> io::Result<Option<Snapshot>> {
         let current = self.current.lock().expect("snapshot lock poisoned");
-        Ok(current.as_ref().map(|s| Snapshot { meta: s.meta.clone(), snapshot: PartitionSnapshot { state: s.state.clone() } }))
+        Ok(current.as_ref().map(|s| Snapshot { meta: s.meta.clone(), snapshot: PartitionSnapshot { state: s.state.clone(), staged: None } }))
     }
 }
 

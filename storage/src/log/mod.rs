@@ -110,6 +110,8 @@ pub struct SegmentExtent {
     pub first_index: u64,
     /// Last entry it holds (`None` while empty).
     pub last_index: Option<u64>,
+    /// Offset one past its last message.
+    pub end_offset: u64,
     /// File length, header included.
     pub bytes: u64,
     /// No longer appended to (a later segment exists).
@@ -313,7 +315,7 @@ impl Log {
         let st = self.lock_state();
         st.segments
             .iter()
-            .map(|s| SegmentExtent { first_index: s.first_index, last_index: s.last_index, bytes: s.len, sealed: s.sealed })
+            .map(|s| SegmentExtent { first_index: s.first_index, last_index: s.last_index, end_offset: s.end_offset, bytes: s.len, sealed: s.sealed })
             .collect()
     }
 

@@ -35,6 +35,12 @@ pub struct TopicSettings {
     /// Keep messages this long (e.g. 7d, 12h); 0s keeps them forever.
     #[arg(long, value_parser = humantime::parse_duration)]
     retention: Option<Duration>,
+    /// Keep at most this many bytes per partition (e.g. 10GiB, 500MB); 0 keeps everything.
+    #[arg(long, value_parser = parse_size)]
+    retention_bytes: Option<u64>,
+    /// Close a partition's segment file at this size (1MiB..=1GiB); retention deletes whole segments.
+    #[arg(long, value_parser = parse_size)]
+    segment_bytes: Option<u64>,
     /// Largest batch (and message) a producer may send, in bytes.
     #[arg(long)]
     max_message_bytes: Option<u32>,
@@ -64,6 +70,8 @@ impl TopicSettings {
         let ms = |d: &Option<Duration>| d.map(|d| d.as_millis().min(u128::from(u64::MAX)) as u64);
         TopicConfigPatch {
             retention_ms: ms(&self.retention),
+            retention_bytes: self.retention_bytes,
+            segment_bytes: self.segment_bytes,
             max_message_bytes: self.max_message_bytes,
             dedupe_window_ms: ms(&self.dedupe_window),
             dedupe_ids_max: self.dedupe_ids_max,
@@ -110,10 +118,45 @@ fn human_ms(ms: u64) -> String {
     humantime::format_duration(Duration::from_millis(ms)).to_string()
 }
 
+/// A byte count for people: the largest binary unit that divides it, else bytes.
+fn human_bytes(n: u64) -> String {
+    for (unit, size) in [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
+        if n >= size && n.is_multiple_of(size) {
+            return format!("{} {unit}", n / size);
+        }
+    }
+    format!("{n} B")
+}
+
+/// Parses a size: a whole number with an optional unit, binary (KiB, MiB, GiB, TiB)
+/// or decimal (KB, MB, GB, TB), or B.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: u64 = digits.parse().map_err(|_| format!("{text:?} is not a size: expected a whole number with an optional unit, e.g. 10MiB"))?;
+    let factor: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "TiB" => 1 << 40,
+        "KB" | "kB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        "TB" => 1_000_000_000_000,
+        other => return Err(format!("unknown size unit {other:?} in {text:?}: use B, KiB, MiB, GiB, TiB, KB, MB, GB or TB")),
+    };
+    n.checked_mul(factor).ok_or_else(|| format!("{text:?} is too large"))
+}
+
 /// A topic config, one setting per line.
 fn print_config(config: &TopicConfig) {
     let retention = if config.retention_ms == 0 { "forever".to_string() } else { human_ms(config.retention_ms) };
     println!("  retention          {retention}");
+    let retention_bytes = if config.retention_bytes == 0 { "unlimited".to_string() } else { human_bytes(config.retention_bytes) };
+    println!("  retention_bytes    {retention_bytes} per partition");
+    println!("  segment_bytes      {}", human_bytes(config.segment_bytes));
     println!("  max_message_bytes  {}", config.max_message_bytes);
     println!("  dedupe_window      {}", human_ms(config.dedupe_window_ms));
     println!("  dedupe_ids_max     {}", config.dedupe_ids_max);

@@ -145,9 +145,7 @@ impl Partition {
             ControlOutcome::Committed(CommitResult::StaleGeneration { current }) => {
                 Err(PartitionError::StaleGeneration { group: group.to_string(), generation: generation.unwrap_or(0), current })
             }
-            ControlOutcome::Committed(CommitResult::BeyondEnd { end }) => {
-                Err(PartitionError::OffsetOutOfRange { offset, start: self.group.log.state().start_offset, end })
-            }
+            ControlOutcome::Committed(CommitResult::BeyondEnd { end }) => Err(PartitionError::OffsetOutOfRange { offset, start: self.log_start_offset(), end }),
             other => Err(PartitionError::Storage(format!("an offset commit was applied as {other:?}"))),
         }
     }
@@ -159,7 +157,7 @@ impl Partition {
         let st = self.group.shared.state();
         let committed =
             st.consumers.streams.get(group).map(|c| CommittedOffset { offset: c.offset, generation: c.generation, committed_at_ms: c.committed_at_ms });
-        Ok((committed, st.next_offset, self.group.log.state().start_offset))
+        Ok((committed, st.next_offset, self.group.log.state().start_offset.max(st.retained.start_offset)))
     }
 
     /// What this leader knows of consumer groups (`only`, or all).
@@ -200,7 +198,12 @@ impl Partition {
                 }
             })
             .collect();
-        Ok(GroupStateResponse { high_watermark: st.next_offset, log_start_offset: self.group.log.state().start_offset, streams, queues })
+        Ok(GroupStateResponse {
+            high_watermark: st.next_offset,
+            log_start_offset: self.group.log.state().start_offset.max(st.retained.start_offset),
+            streams,
+            queues,
+        })
     }
 
     /// Leases messages to a queue-group member: due retries and expired leases first,
@@ -375,7 +378,7 @@ impl Partition {
         };
         let Some(q) = st.consumers.queues.get(&req.group) else {
             let start = match req.start {
-                QueueStart::Earliest => self.group.log.state().start_offset,
+                QueueStart::Earliest => self.group.log.state().start_offset.max(st.retained.start_offset),
                 QueueStart::Latest => hw,
             };
             return empty(start, None, None, true);

@@ -513,6 +513,51 @@ impl Partition {
         ControlEntry { leader_time_ms, command }
     }
 
+    /// The partition's first offset: retention's applied cut, or where this replica's
+    /// log starts if that is later.
+    pub fn log_start_offset(&self) -> u64 {
+        let retained = self.group.shared.state().retained.start_offset;
+        self.group.log.state().start_offset.max(retained)
+    }
+
+    /// The topic's settings, if the topic still holds this partition.
+    pub fn topic_config(&self) -> Option<keel_protocol::TopicConfig> {
+        self.topic_meta().ok().map(|t| t.config)
+    }
+
+    /// Proposes a retention cut if the topic's retention lets whole segments go, or a
+    /// clock tick if a segment's age is not known yet (see `node/retention.rs`).
+    pub async fn propose_retention(&self, config: &keel_protocol::TopicConfig) -> Result<(), PartitionError> {
+        let term = self.ready_term(Instant::now() + LEADER_GATE_WAIT).await?;
+        let judgement = {
+            let st = self.group.shared.state();
+            let extents = self.group.log.segment_extents();
+            super::retention::cut(&extents, st.retained, &st.time_marks, config.retention_ms, config.retention_bytes, now_ms())
+        };
+        let command = match judgement {
+            super::retention::Judgement::Keep => return Ok(()),
+            super::retention::Judgement::NeedsTime if !self.clock_is_stale() => return Ok(()),
+            super::retention::Judgement::NeedsTime => ControlCommand::Tick,
+            super::retention::Judgement::Cut(r) => {
+                tracing::info!(partition = %self.name(), upto_index = r.upto_index, start_offset = r.start_offset, "retention: the partition now starts at offset {}", r.start_offset);
+                ControlCommand::Retain { upto_index: r.upto_index, start_offset: r.start_offset }
+            }
+        };
+        let mut w = self.writer.lock().await;
+        let entry = self.control_entry(&mut w, command);
+        let (responder, rx) = ProgressResponder::complete_only();
+        self.group.raft.write(EntryData::control(&entry)).with_leader(term).responder(responder).await.map_err(|e| PartitionError::Storage(e.to_string()))?;
+        drop(w);
+        let Ok(Ok(Ok(reply))) = tokio::time::timeout(LEADER_GATE_WAIT, rx).await else { return Ok(()) };
+        if let ApplyReply::Control(ControlOutcome::Retained(lost)) = reply.data {
+            for (group, messages) in lost {
+                tracing::warn!(partition = %self.name(), consumer_group = %group, messages, "retention deleted messages this queue group had not settled; the group goes on from the new start");
+                crate::metrics::queue_expired(&self.topic, &group, messages);
+            }
+        }
+        Ok(())
+    }
+
     /// Proposes what the next batch depends on: the topic's settings if the partition's
     /// differ, and otherwise a clock tick if the last is older than `CLOCK_TICK_INTERVAL`.
     async fn prepare(&self, w: &mut Writer, term: u64, topic: &TopicMeta) -> Result<(), PartitionError> {
@@ -616,14 +661,14 @@ impl Partition {
                 break committed;
             }
             if offset > committed {
-                return Err(PartitionError::OffsetOutOfRange { offset, start: self.group.log.state().start_offset, end: committed });
+                return Err(PartitionError::OffsetOutOfRange { offset, start: self.log_start_offset(), end: committed });
             }
             tokio::select! {
                 changed = hw.changed() => if changed.is_err() { return Err(PartitionError::NotLeader { leader: None }) },
                 _ = tokio::time::sleep_until(deadline) => break committed,
             }
         };
-        let start = self.group.log.state().start_offset;
+        let start = self.log_start_offset();
         if offset < start {
             return Err(PartitionError::OffsetOutOfRange { offset, start, end: committed });
         }
@@ -661,7 +706,7 @@ impl Partition {
         let end = self.group.log.next_offset();
         let entries = self.entries_from(offset, max_bytes).await?;
         let batches = entries.into_iter().filter(|e| e.meta.kind == KIND_BATCH).map(|e| e.payload).collect();
-        Ok(Read { high_watermark: end, log_start_offset: self.group.log.state().start_offset, batches })
+        Ok(Read { high_watermark: end, log_start_offset: self.log_start_offset(), batches })
     }
 
     /// The first offset whose batch's newest message is at or after `timestamp_ms`, or

@@ -1,0 +1,167 @@
+//! Retention through Raft: what prefix of each partition's log goes, decided once and
+//! applied on every replica.
+//!
+//! Every `RETENTION_CHECK_INTERVAL`, for every partition this node hosts:
+//! 1. the active segment size follows the topic's `segment_bytes`;
+//! 2. **as leader**, [`cut`] judges the whole sealed segments after the current cut by
+//!    the topic's `retention_bytes` (oldest first while the partition holds more) and
+//!    `retention_ms` (segments whose messages the partition clock says were all stored
+//!    before now − retention), and proposes a `Retain` control entry with the new cut
+//!    (the last entry to go and the first offset to keep). If an aged segment's time is
+//!    not known yet (nothing was applied after its last message), it proposes a clock
+//!    tick instead, which records it;
+//! 3. **on every replica**, once the applied cut is past its log's start: takes a
+//!    snapshot if the last one does not cover the cut (openraft purges only what a
+//!    snapshot covers), then asks openraft to purge up to the cut. Openraft purges once
+//!    no replication reads those entries; a follower that needed them is then sent the
+//!    snapshot with the leader's retained log (`peer/snapshot.rs`).
+//!
+//! The log store deletes only below the applied cut (`PartitionShared::purge_floor`),
+//! so nothing but this path deletes a partition's data. Consumers behind the new start
+//! get `OffsetOutOfRange` naming it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use keel_storage::SegmentExtent;
+use openraft::async_runtime::watch::WatchReceiver;
+
+use super::limits::RETENTION_CHECK_INTERVAL;
+use super::partition::Partition;
+use super::reconcile::HostedPartitions;
+use crate::partition::retention::{Retained, TimeMarks};
+
+/// What retention asks of a partition now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Judgement {
+    /// Nothing to cut.
+    Keep,
+    /// Cut up to this entry; the partition starts at this offset.
+    Cut(Retained),
+    /// A sealed segment may be old enough, but no time is known for its last message:
+    /// a clock tick would record one.
+    NeedsTime,
+}
+
+/// Judges `extents` (a log's segments, oldest first) after the applied cut `retained`
+/// under the topic's retention (0: no bound of that kind), at leader time `now_ms`.
+pub fn cut(extents: &[SegmentExtent], retained: Retained, marks: &TimeMarks, retention_ms: u64, retention_bytes: u64, now_ms: i64) -> Judgement {
+    let live: Vec<&SegmentExtent> = extents.iter().filter(|s| s.last_index.is_some_and(|l| l > retained.upto_index)).collect();
+    let mut remaining: u64 = live.iter().map(|s| s.bytes).sum();
+    let oldest_kept = now_ms.saturating_sub(i64::try_from(retention_ms).unwrap_or(i64::MAX));
+    let mut cut = None;
+    for s in live.iter().filter(|s| s.sealed) {
+        let too_big = retention_bytes > 0 && remaining > retention_bytes;
+        let stored_by = marks.stored_by(s.end_offset);
+        let too_old = retention_ms > 0 && stored_by.is_some_and(|t| t < oldest_kept);
+        if !(too_big || too_old) {
+            if cut.is_none() && retention_ms > 0 && stored_by.is_none() {
+                return Judgement::NeedsTime;
+            }
+            break;
+        }
+        remaining -= s.bytes;
+        cut = Some(Retained { upto_index: s.last_index.expect("live segments hold an entry"), start_offset: s.end_offset });
+    }
+    cut.map_or(Judgement::Keep, Judgement::Cut)
+}
+
+/// Runs until the node stops.
+pub async fn run(hosted: HostedPartitions) {
+    let mut tick = tokio::time::interval(RETENTION_CHECK_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let partitions: Vec<Arc<Partition>> = hosted.read().expect("hosted lock poisoned").values().cloned().collect();
+        for p in partitions {
+            if let Err(e) = step(&p).await {
+                tracing::debug!(partition = %p.name(), error = %e, "retention step did not complete; retrying next round");
+            }
+        }
+    }
+}
+
+/// One round of retention for one partition (see the module docs).
+async fn step(p: &Partition) -> Result<(), String> {
+    let Some(config) = p.topic_config() else { return Ok(()) };
+    p.group.log.set_segment_bytes(config.segment_bytes);
+    if (config.retention_ms > 0 || config.retention_bytes > 0) && p.serving_now() {
+        p.propose_retention(&config).await.map_err(|e| e.to_string())?;
+    }
+    purge_to_cut(p).await
+}
+
+/// Purges this replica's log up to the applied cut, snapshotting first if needed.
+async fn purge_to_cut(p: &Partition) -> Result<(), String> {
+    let retained = p.group.shared.state().retained;
+    if retained.upto_index == 0 {
+        return Ok(());
+    }
+    let log_state = p.group.log.state();
+    if log_state.first_index > retained.upto_index {
+        return Ok(());
+    }
+    let snapshot = p.group.raft.metrics().borrow_watched().snapshot;
+    if snapshot.is_none_or(|s| s.index < retained.upto_index) {
+        p.group.raft.trigger().snapshot().await.map_err(|e| format!("triggering a snapshot: {e}"))?;
+        let covered = p
+            .group
+            .raft
+            .wait(Some(SNAPSHOT_WAIT))
+            .metrics(|m| m.snapshot.is_some_and(|s| s.index >= retained.upto_index), "a snapshot covering the retention cut")
+            .await;
+        if covered.is_err() {
+            return Err(format!("no snapshot covers entry {} yet", retained.upto_index));
+        }
+    }
+    let before = p.group.log.segment_extents().len() as u64;
+    p.group.raft.trigger().purge_log(retained.upto_index).await.map_err(|e| format!("purging: {e}"))?;
+    let purged = p.group.raft.wait(Some(SNAPSHOT_WAIT)).metrics(|m| m.purged.is_some_and(|l| l.index >= retained.upto_index), "the purge").await;
+    let after = p.group.log.segment_extents().len() as u64;
+    crate::metrics::retention(p.group.id, before.saturating_sub(after), retained.start_offset);
+    if purged.is_ok() {
+        tracing::debug!(partition = %p.name(), upto = retained.upto_index, start_offset = retained.start_offset, segments = before.saturating_sub(after), "retention purged the log");
+    }
+    Ok(())
+}
+
+/// How long a retention round waits for a snapshot or a purge it asked for.
+const SNAPSHOT_WAIT: Duration = Duration::from_secs(5);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seg(first: u64, last: u64, end_offset: u64, bytes: u64, sealed: bool) -> SegmentExtent {
+        SegmentExtent { first_index: first, last_index: Some(last), end_offset, bytes, sealed }
+    }
+
+    fn log() -> Vec<SegmentExtent> {
+        vec![seg(0, 9, 100, 10, true), seg(10, 19, 200, 10, true), seg(20, 29, 300, 10, true), seg(30, 35, 360, 6, false)]
+    }
+
+    #[test]
+    fn byte_retention_cuts_whole_sealed_segments_oldest_first_while_over_the_bound() {
+        let none = TimeMarks::default();
+        // 36 bytes in all: the oldest go while more than the bound remains.
+        assert_eq!(cut(&log(), Retained::default(), &none, 0, 16, 0), Judgement::Cut(Retained { upto_index: 19, start_offset: 200 }));
+        assert_eq!(cut(&log(), Retained::default(), &none, 0, 26, 0), Judgement::Cut(Retained { upto_index: 9, start_offset: 100 }));
+        assert_eq!(cut(&log(), Retained::default(), &none, 0, 36, 0), Judgement::Keep);
+        // The active segment never goes, whatever the bound.
+        assert_eq!(cut(&log(), Retained::default(), &none, 0, 1, 0), Judgement::Cut(Retained { upto_index: 29, start_offset: 300 }));
+        // Segments at or below the applied cut are not counted again.
+        assert_eq!(cut(&log(), Retained { upto_index: 19, start_offset: 200 }, &none, 0, 16, 0), Judgement::Keep);
+    }
+
+    #[test]
+    fn age_retention_goes_by_when_the_partition_clock_saw_a_segment_complete() {
+        let mut marks = TimeMarks::default();
+        marks.note(100, 1_000); // segment 0..=9 (offsets < 100) stored by t=1,000
+        marks.note(250, 5_000); // segment 10..=19 (offsets < 200) stored by t=5,000
+        assert_eq!(cut(&log(), Retained::default(), &marks, 10_000, 0, 12_000), Judgement::Cut(Retained { upto_index: 9, start_offset: 100 }));
+        assert_eq!(cut(&log(), Retained::default(), &marks, 10_000, 0, 16_000), Judgement::Cut(Retained { upto_index: 19, start_offset: 200 }));
+        // Segment 20..=29 has no time yet: a tick would give it one.
+        assert_eq!(cut(&log(), Retained { upto_index: 19, start_offset: 200 }, &marks, 10_000, 0, 99_000), Judgement::NeedsTime);
+        assert_eq!(cut(&log(), Retained::default(), &marks, 10_000, 0, 5_000), Judgement::Keep);
+    }
+}
