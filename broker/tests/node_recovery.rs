@@ -8,10 +8,8 @@ mod dev_cluster;
 
 use std::io::Write;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
-
-use keel_storage::{Log, LogConfig};
 
 const VICTIM: u32 = 3;
 
@@ -36,30 +34,9 @@ fn kill(pid: u32, signal: i32) {
     unsafe { libc::kill(pid as libc::pid_t, signal) };
 }
 
-/// A node process this test started itself; killed when dropped.
-struct Restarted(Child);
-
-impl Drop for Restarted {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Starts node `VICTIM` on `dir/nodeN` exactly as `keel dev` does.
-fn start_victim(dir: &Path, base_port: u16) -> Restarted {
-    let node_dir = dir.join(format!("node{VICTIM}"));
-    std::fs::create_dir_all(&node_dir).unwrap();
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join(format!("node{VICTIM}-restarted.log"))).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_keel"))
-        .args(["serve", "--dev-nodes", "3", "--dev-base-port", &base_port.to_string(), "--node-id", &VICTIM.to_string(), "--data-dir"])
-        .arg(&node_dir)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    Restarted(child)
+fn start_victim(dir: &Path, base_port: u16) -> dev_cluster::NodeProcess {
+    dev_cluster::restart_node(dir, base_port, VICTIM)
 }
 
 /// Waits until every partition's leader reports the victim fully caught up.
@@ -79,29 +56,6 @@ fn wait_caught_up(bootstrap: &str, what: &str) -> Duration {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-}
-
-/// One stored entry: index, term, base offset, payload.
-type StoredEntry = (u64, u64, u64, Vec<u8>);
-
-/// Every entry of every log under `groups`, by group directory name.
-fn group_logs(groups: &Path) -> Vec<(String, Vec<StoredEntry>)> {
-    let mut dirs: Vec<_> = std::fs::read_dir(groups).unwrap().map(|e| e.unwrap().path()).collect();
-    dirs.sort();
-    dirs.into_iter()
-        .map(|d| {
-            let log = Log::open(&d, LogConfig::default()).unwrap();
-            let st = log.state();
-            let mut entries = Vec::new();
-            let mut next = st.first_index;
-            while next < st.next_index {
-                let batch = log.read(next..st.next_index, u64::MAX).unwrap();
-                next = batch.last().unwrap().meta.id.index + 1;
-                entries.extend(batch.into_iter().map(|e| (e.meta.id.index, e.meta.id.term, e.meta.base_offset, e.payload.to_vec())));
-            }
-            (d.file_name().unwrap().to_string_lossy().into_owned(), entries)
-        })
-        .collect()
 }
 
 #[test]
@@ -151,8 +105,8 @@ fn a_killed_follower_catches_up_and_a_wiped_node_is_refilled_from_its_peers() {
         assert!(Instant::now() < deadline, "the restarted node did not stop on SIGTERM");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let refilled = group_logs(&dir.path().join(format!("node{VICTIM}/groups")));
-    let reference = group_logs(&dir.path().join("node2/groups"));
+    let refilled = dev_cluster::group_logs(&dir.path().join(format!("node{VICTIM}/groups")));
+    let reference = dev_cluster::group_logs(&dir.path().join("node2/groups"));
     assert_eq!(refilled.len(), 4, "the metadata group and three partitions");
     assert_eq!(refilled.iter().map(|(g, _)| g).collect::<Vec<_>>(), reference.iter().map(|(g, _)| g).collect::<Vec<_>>());
     for ((group, mine), (_, theirs)) in refilled.iter().zip(&reference) {

@@ -8,7 +8,6 @@ use keel_protocol::api::client as api;
 use keel_protocol::message::{
     self, CommitOffsetRequest, FetchOffsetRequest, FetchOffsetResponse, FetchRequest, FetchResponse, ListOffsetsRequest, ListOffsetsResponse,
 };
-use keel_protocol::ErrorCode;
 
 use crate::cluster::Cluster;
 use crate::error::ClientError;
@@ -214,7 +213,16 @@ impl Consumer {
         let mut out = Vec::new();
         while let Some(joined) = tasks.join_next().await {
             let (p, result) = joined.map_err(|e| ClientError::Invalid(format!("fetch task failed: {e}")))?;
-            let fetched = result?;
+            let fetched = match result {
+                // Behind the log start: retention deleted these messages; go on from the
+                // earliest there is (said once per jump, as a warning).
+                Err(e) if e.out_of_range().is_some_and(|r| self.positions[p as usize] < r.log_start_offset) => {
+                    let r = e.out_of_range().expect("checked above");
+                    tracing::warn!(topic = %self.topic, partition = p, from = self.positions[p as usize], to = r.log_start_offset, "retention deleted messages before this consumer read them; skipping to the log start");
+                    Fetched { high_watermark: r.high_watermark, log_start_offset: r.log_start_offset, messages: Vec::new(), undecodable: None }
+                }
+                other => other?,
+            };
             let pos = &mut self.positions[p as usize];
             if *pos < fetched.log_start_offset {
                 *pos = fetched.log_start_offset; // retention removed the earlier messages
@@ -305,9 +313,6 @@ async fn fetch(cluster: &Cluster, topic: &str, partition: u32, offset: u64, max_
     let request = message::encode(&req);
     let body = match cluster.call_partition(topic, partition, api::FETCH, &|_| request.clone(), deadline).await {
         Ok((_, b)) => b,
-        Err(e) if e.code() == Some(ErrorCode::OffsetOutOfRange) && offset == 0 => {
-            return Ok(Fetched { high_watermark: 0, log_start_offset: 0, messages: Vec::new(), undecodable: None })
-        }
         Err(e) => return Err(e),
     };
     let malformed = |reason: String| ClientError::Malformed { addr: format!("{topic}/{partition} leader"), reason };

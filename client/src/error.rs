@@ -70,6 +70,15 @@ impl ClientError {
             _ => None,
         }
     }
+
+    /// The range the partition holds, if this is an `OffsetOutOfRange` refusal (behind
+    /// the log start: retention deleted the offset asked for; or past the end).
+    pub fn out_of_range(&self) -> Option<keel_protocol::message::OutOfRange> {
+        match self {
+            ClientError::Refused { code: ErrorCode::OffsetOutOfRange, body, .. } => keel_protocol::message::decode(body).ok(),
+            _ => None,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -66,6 +66,8 @@ struct FaultSettings {
     drop_produce_answers: Option<u32>,
     /// Sleep this long before every segment fsync in this process (0: off).
     fsync_delay_ms: Option<u64>,
+    /// Sleep this long before sending each chunk of a snapshot transfer (0: off).
+    snapshot_chunk_delay_ms: Option<u64>,
 }
 
 #[cfg(feature = "fault-injection")]
@@ -76,6 +78,9 @@ async fn set_faults(State(state): State<Arc<AdminState>>, Json(settings): Json<F
     }
     if let Some(ms) = settings.fsync_delay_ms {
         keel_storage::observe::inject_fsync_delay(std::time::Duration::from_millis(ms));
+    }
+    if let Some(ms) = settings.snapshot_chunk_delay_ms {
+        crate::peer::snapshot::CHUNK_DELAY_MS.store(ms, std::sync::atomic::Ordering::Relaxed);
     }
     tracing::warn!(?settings, "test faults set");
     (StatusCode::OK, "faults set\n".into())

@@ -116,6 +116,14 @@ pub const JOB_RETRY_BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// failed with the last error (resume it with `keel job resume` once fixed).
 pub const JOB_STALL_TIMEOUT: Duration = Duration::from_secs(300);
 
-/// How often each partition's retention is judged (and its log purged to the applied
-/// cut). Between two rounds a partition can outgrow its byte bound by what it takes in.
-pub const RETENTION_CHECK_INTERVAL: Duration = Duration::from_millis(250);
+/// How often a partition whose log grew has its retention judged (and its log purged to
+/// the applied cut). Between two rounds a partition can outgrow its byte bound by what
+/// it takes in.
+pub const RETENTION_CHECK_INTERVAL: Duration = Duration::from_millis(50);
+/// How often a partition whose log did not grow has its retention judged (messages age
+/// out of idle partitions too).
+pub const RETENTION_IDLE_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+
+/// How long a producer throttled by a partition at its byte retention bound waits
+/// before retrying (retention frees a segment within a few check intervals).
+pub const RETENTION_THROTTLE_RETRY_AFTER_MS: u32 = 20;

@@ -11,8 +11,9 @@
 //!    not known yet (nothing was applied after its last message), it proposes a clock
 //!    tick instead, which records it;
 //! 3. **on every replica**, once the applied cut is past its log's start: takes a
-//!    snapshot if the last one does not cover the cut (openraft purges only what a
-//!    snapshot covers), then asks openraft to purge up to the cut. Openraft purges once
+//!    snapshot (openraft purges only what a snapshot covers; a fresh one also keeps
+//!    what a lagging follower is sent after it small), then asks openraft to purge up
+//!    to the cut. Openraft purges once
 //!    no replication reads those entries; a follower that needed them is then sent the
 //!    snapshot with the leader's retained log (`peer/snapshot.rs`).
 //!
@@ -26,7 +27,7 @@ use std::time::Duration;
 use keel_storage::SegmentExtent;
 use openraft::async_runtime::watch::WatchReceiver;
 
-use super::limits::RETENTION_CHECK_INTERVAL;
+use super::limits::{RETENTION_CHECK_INTERVAL, RETENTION_IDLE_CHECK_INTERVAL};
 use super::partition::Partition;
 use super::reconcile::HostedPartitions;
 use crate::partition::retention::{Retained, TimeMarks};
@@ -66,14 +67,29 @@ pub fn cut(extents: &[SegmentExtent], retained: Retained, marks: &TimeMarks, ret
     cut.map_or(Judgement::Keep, Judgement::Cut)
 }
 
-/// Runs until the node stops.
+/// Runs until the node stops. A partition is looked at every `RETENTION_CHECK_INTERVAL`
+/// if its log grew (or retention has a purge to finish), and at least every
+/// `RETENTION_IDLE_CHECK_INTERVAL` (age retention of an idle partition).
 pub async fn run(hosted: HostedPartitions) {
     let mut tick = tokio::time::interval(RETENTION_CHECK_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Per group: the log's next index when last looked at, and when.
+    let mut seen: std::collections::HashMap<u64, (u64, tokio::time::Instant)> = std::collections::HashMap::new();
     loop {
         tick.tick().await;
         let partitions: Vec<Arc<Partition>> = hosted.read().expect("hosted lock poisoned").values().cloned().collect();
+        seen.retain(|g, _| partitions.iter().any(|p| p.group.id == *g));
         for p in partitions {
+            let next_index = p.group.log.state().next_index;
+            let purge_pending = p.group.shared.state().retained.upto_index >= p.group.log.state().first_index;
+            let due = match seen.get(&p.group.id) {
+                None => true,
+                Some((n, at)) => *n != next_index || purge_pending || at.elapsed() >= RETENTION_IDLE_CHECK_INTERVAL,
+            };
+            if !due {
+                continue;
+            }
+            seen.insert(p.group.id, (next_index, tokio::time::Instant::now()));
             if let Err(e) = step(&p).await {
                 tracing::debug!(partition = %p.name(), error = %e, "retention step did not complete; retrying next round");
             }
@@ -101,8 +117,12 @@ async fn purge_to_cut(p: &Partition) -> Result<(), String> {
     if log_state.first_index > retained.upto_index {
         return Ok(());
     }
+    // A fresh snapshot with every purge, even if an older one covers the cut: it is what
+    // a follower behind the new start is sent, with the retained log up to it, and the
+    // fresher it is the less follows it by ordinary replication.
     let snapshot = p.group.raft.metrics().borrow_watched().snapshot;
-    if snapshot.is_none_or(|s| s.index < retained.upto_index) {
+    let applied = p.group.shared.applied().borrow().map(|l| l.index);
+    if snapshot.is_none_or(|s| Some(s.index) < applied) {
         p.group.raft.trigger().snapshot().await.map_err(|e| format!("triggering a snapshot: {e}"))?;
         let covered = p
             .group

@@ -40,6 +40,11 @@ use super::wire::{RaftReply, RaftRpc, SnapshotChunk, SnapshotHave, StagingStart,
 use crate::replication::state_machine::{write_staged_snapshot, PartitionSnapshot, SnapshotMeta};
 use crate::replication::TypeConfig;
 
+/// Test fault (set only through `POST /test/faults` in `fault-injection` builds): the
+/// sender sleeps this long before each chunk, so a test can interrupt a transfer
+/// halfway. 0 in normal operation.
+pub static CHUNK_DELAY_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// The staged log's directory inside a group's directory.
 pub const STAGING_DIR: &str = "snapshot.staging";
 
@@ -149,6 +154,10 @@ pub(super) async fn send(net: &GroupNetwork, log: &Arc<Log>, vote: Vote, snapsho
             };
             if next <= last.index && entries.first().is_none_or(|e| e.index != next) {
                 return Err(failure(format!("this node's log no longer holds entry {next} (retention ran meanwhile)")));
+            }
+            let delay = CHUNK_DELAY_MS.load(std::sync::atomic::Ordering::Relaxed);
+            if delay > 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
             }
             let chunk_last = entries.last().map(|e| (e.term, e.index));
             let bytes: u64 = entries.iter().map(|e| e.payload.len() as u64).sum();

@@ -167,3 +167,61 @@ pub fn try_admin_get(admin: &str, path: &str) -> Option<String> {
     s.read_to_string(&mut answer).ok()?;
     answer.split_once("\r\n\r\n").map(|(_, body)| body.to_string())
 }
+
+/// A node process a test started itself ([`restart_node`]); SIGKILLed when dropped.
+#[allow(dead_code)]
+pub struct NodeProcess(pub Child);
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts node `node` of a `keel dev` cluster (client ports from `base_port`) on
+/// `dir/node<N>` exactly as `keel dev` does, after the test killed it; output goes to
+/// `dir/node<N>-restarted.log`.
+#[allow(dead_code)]
+pub fn restart_node(dir: &Path, base_port: u16, node: u32) -> NodeProcess {
+    let node_dir = dir.join(format!("node{node}"));
+    std::fs::create_dir_all(&node_dir).unwrap();
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join(format!("node{node}-restarted.log"))).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args(["serve", "--dev-nodes", "3", "--dev-base-port", &base_port.to_string(), "--node-id", &node.to_string(), "--data-dir"])
+        .arg(&node_dir)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    NodeProcess(child)
+}
+
+/// One stored log entry: index, term, base offset, payload.
+#[allow(dead_code)]
+pub type StoredEntry = (u64, u64, u64, Vec<u8>);
+
+/// Every entry of the log in `dir` (a stopped node's group directory).
+#[allow(dead_code)]
+pub fn log_entries(dir: &Path) -> Vec<StoredEntry> {
+    let log = keel_storage::Log::open(dir, keel_storage::LogConfig::default()).unwrap();
+    let st = log.state();
+    let mut entries = Vec::new();
+    let mut next = st.first_index;
+    while next < st.next_index {
+        let batch = log.read(next..st.next_index, u64::MAX).unwrap();
+        next = batch.last().unwrap().meta.id.index + 1;
+        entries.extend(batch.into_iter().map(|e| (e.meta.id.index, e.meta.id.term, e.meta.base_offset, e.payload.to_vec())));
+    }
+    entries
+}
+
+/// Every entry of every log under `groups` (a stopped node's `groups/`), by group
+/// directory name.
+#[allow(dead_code)]
+pub fn group_logs(groups: &Path) -> Vec<(String, Vec<StoredEntry>)> {
+    let mut dirs: Vec<_> = std::fs::read_dir(groups).unwrap().map(|e| e.unwrap().path()).collect();
+    dirs.sort();
+    dirs.into_iter().map(|d| (d.file_name().unwrap().to_string_lossy().into_owned(), log_entries(&d))).collect()
+}

@@ -240,6 +240,14 @@ pub struct NotLeader {
     pub leader_addr: Option<String>,
 }
 
+/// Details of an `OffsetOutOfRange` answer: the range the partition holds, so a
+/// consumer behind the log start (retention deleted what it asked for) can move to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutOfRange {
+    pub log_start_offset: u64,
+    pub high_watermark: u64,
+}
+
 /// Details of a `Throttled` answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Throttled {

@@ -310,6 +310,11 @@ impl Log {
         }
     }
 
+    /// Bytes of all segment files (what the log holds on disk, indexes aside).
+    pub fn segment_bytes_total(&self) -> u64 {
+        self.lock_state().segments.iter().map(|s| s.len).sum()
+    }
+
     /// Every segment's extent, oldest first (for retention decisions and disk reports).
     pub fn segment_extents(&self) -> Vec<SegmentExtent> {
         let st = self.lock_state();

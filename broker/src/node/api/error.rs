@@ -5,7 +5,7 @@
 //! `NotLeader`, `Throttled`, `DuplicateMessageIds`). No handler builds a `Reply` itself.
 
 use keel_net::Reply;
-use keel_protocol::message::{self, DuplicateMessageIds, NotLeader, Throttled};
+use keel_protocol::message::{self, DuplicateMessageIds, NotLeader, OutOfRange, Throttled};
 use keel_protocol::{DecodeError, ErrorCode};
 
 use crate::config::ClusterConfig;
@@ -142,12 +142,16 @@ impl ApiError {
                     format!("{what}: this node stopped leading before the write was answered (leader now {leader:?}); its outcome is unknown, retry (idempotent producers make it safe)"),
                 ),
                 PartitionError::Deleted => Reply::error(code, format!("{what}: the topic was deleted")),
-                PartitionError::OffsetOutOfRange { offset, start, .. } if offset < start => {
-                    Reply::error(code, format!("offset {offset} of {what} was deleted by retention; the earliest is {start}"))
-                }
-                PartitionError::OffsetOutOfRange { offset, end, .. } => {
-                    Reply::error(code, format!("offset {offset} is past the end of {what} ({end}); seek to the latest offset"))
-                }
+                PartitionError::OffsetOutOfRange { offset, start, end } if offset < start => Reply::error_with(
+                    code,
+                    format!("offset {offset} of {what} was deleted by retention; the earliest is {start}"),
+                    message::encode(&OutOfRange { log_start_offset: start, high_watermark: end }),
+                ),
+                PartitionError::OffsetOutOfRange { offset, start, end } => Reply::error_with(
+                    code,
+                    format!("offset {offset} is past the end of {what} ({end}); seek to the latest offset"),
+                    message::encode(&OutOfRange { log_start_offset: start, high_watermark: end }),
+                ),
                 other => Reply::error(code, format!("{what}: {other}")),
             },
             other => Reply::error(code, other.to_string()),

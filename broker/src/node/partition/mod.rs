@@ -39,7 +39,7 @@ use tokio::time::Instant;
 use super::group::GroupHandle;
 use super::limits::{
     CLOCK_STALE_MS, CLOCK_TICK_INTERVAL, LEADER_GATE_WAIT, PARTITION_PENDING_BATCHES_MAX, PARTITION_PENDING_BYTES_MAX, PARTITION_PRODUCERS_MAX,
-    PRODUCERS_FULL_RETRY_AFTER_MS, SEQUENCE_GAP_WAIT, THROTTLE_RETRY_AFTER_MS,
+    PRODUCERS_FULL_RETRY_AFTER_MS, RETENTION_THROTTLE_RETRY_AFTER_MS, SEQUENCE_GAP_WAIT, THROTTLE_RETRY_AFTER_MS,
 };
 use crate::metadata::{MetadataState, TopicMeta};
 use crate::partition::message_ids::{digest, DigestMap, DigestSet, IdDigest};
@@ -93,6 +93,10 @@ pub enum ThrottleReason {
     /// The partition's producer table is full (`PARTITION_PRODUCERS_MAX`): a producer it
     /// does not know waits until idle ones expire.
     Producers,
+    /// The partition's log holds more than `retention_bytes` plus one segment: producers
+    /// wait while retention deletes the oldest segments (the byte bound holds under any
+    /// write rate).
+    Retention,
 }
 
 impl ThrottleReason {
@@ -102,6 +106,7 @@ impl ThrottleReason {
             ThrottleReason::MessageIds => "message_ids",
             ThrottleReason::ProducerWindow => "producer_window",
             ThrottleReason::Producers => "producers",
+            ThrottleReason::Retention => "retention",
         }
     }
 }
@@ -393,6 +398,21 @@ impl Partition {
                     reason: ThrottleReason::Pending,
                     detail: format!("{} has {} appends ({} bytes) waiting to commit", self.name(), w.pending.len(), w.bytes),
                 });
+            }
+            if topic.config.retention_bytes > 0 {
+                let held = self.group.log.segment_bytes_total();
+                let limit = topic.config.retention_bytes.saturating_add(topic.config.segment_bytes);
+                if held.saturating_add(len) > limit {
+                    return Err(PartitionError::Throttled {
+                        retry_after_ms: RETENTION_THROTTLE_RETRY_AFTER_MS,
+                        reason: ThrottleReason::Retention,
+                        detail: format!(
+                            "{} holds {held} bytes, at its retention_bytes ({}) plus one segment, until retention deletes its oldest segments",
+                            self.name(),
+                            topic.config.retention_bytes
+                        ),
+                    });
+                }
             }
             self.prepare(&mut w, term, &topic).await?;
             let digests = ids.iter().map(|(_, d)| *d).collect();
