@@ -31,14 +31,22 @@ pub struct NodeConfig {
     /// Async runtime worker threads; 0 means one per CPU core. `keel dev` gives each
     /// of its nodes an equal share of the cores, since they share one machine.
     pub worker_threads: usize,
+    /// Free bytes the data directory's file system must keep: below, the node refuses
+    /// new data (`StorageFull`) and hands its leaderships away until space is freed
+    /// (`node/disk_space.rs`); 0 turns the check off. It must exceed what can be in
+    /// flight when the line is crossed (about 64 MiB per partition led at most).
+    pub min_free_bytes: u64,
 }
+
+/// Default `node.min_free_bytes`.
+pub const MIN_FREE_BYTES_DEFAULT: u64 = 256 * 1024 * 1024;
 
 /// Most async runtime worker threads a node may ask for.
 pub const WORKER_THREADS_MAX: usize = 1024;
 
 impl Default for NodeConfig {
     fn default() -> Self {
-        NodeConfig { id: 1, data_dir: PathBuf::from("keel-data/node1"), worker_threads: 0 }
+        NodeConfig { id: 1, data_dir: PathBuf::from("keel-data/node1"), worker_threads: 0, min_free_bytes: MIN_FREE_BYTES_DEFAULT }
     }
 }
 
@@ -180,6 +188,13 @@ impl Config {
                     })?
                 }
                 "KEEL_DATA_DIR" => self.node.data_dir = PathBuf::from(value),
+                "KEEL_MIN_FREE_BYTES" => {
+                    self.node.min_free_bytes = value.parse().map_err(|e: std::num::ParseIntError| ConfigError::Env {
+                        var: "KEEL_MIN_FREE_BYTES",
+                        value: value.clone(),
+                        reason: e.to_string(),
+                    })?
+                }
                 "KEEL_CLUSTER_NAME" => self.cluster.name = value,
                 "KEEL_FSYNC" => self.cluster.fsync = value,
                 _ => {}
@@ -270,7 +285,7 @@ pub fn local_cluster(dir: &std::path::Path, nodes: u16, name: &str) -> Vec<Confi
     }
     cluster.name = name.to_string();
     (1..=u64::from(nodes))
-        .map(|id| Config { node: NodeConfig { id, data_dir: dir.join(format!("node{id}")), worker_threads: 0 }, cluster: cluster.clone() })
+        .map(|id| Config { node: NodeConfig { id, data_dir: dir.join(format!("node{id}")), ..NodeConfig::default() }, cluster: cluster.clone() })
         .collect()
 }
 
@@ -282,7 +297,7 @@ mod tests {
     fn the_embedded_dev_config_is_valid_for_every_node() {
         for id in 1..=3 {
             let c = Config {
-                node: NodeConfig { id, data_dir: format!("keel-data/node{id}").into(), worker_threads: 0 },
+                node: NodeConfig { id, data_dir: format!("keel-data/node{id}").into(), ..NodeConfig::default() },
                 cluster: ClusterConfig::dev(3, DEV_BASE_PORT),
             };
             c.validate().unwrap();

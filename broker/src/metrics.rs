@@ -13,7 +13,7 @@
 //! |---|---|---|---|
 //! | `keel_produce_messages_total` | counter | topic | records stored by produce requests this node led (duplicates not counted) |
 //! | `keel_produce_bytes_total` | counter | topic | batch bytes stored by those requests |
-//! | `keel_produce_requests_total` | counter | topic, outcome | produce requests answered: `stored`, `duplicate`, `refused`, `throttled`, `not_leader`, `unknown` (outcome unknown: timed out or leadership lost), `failed` |
+//! | `keel_produce_requests_total` | counter | topic, outcome | produce requests answered: `stored`, `duplicate`, `refused`, `throttled`, `not_leader`, `storage_full` (the node is below `node.min_free_bytes`), `unknown` (outcome unknown: timed out or leadership lost), `failed` |
 //! | `keel_produce_duplicates_total` | counter | reason | records not stored again: `sequence` (a retried batch), `message_id` (an id in the dedupe window) |
 //! | `keel_produce_throttled_total` | counter | reason | produces answered `Throttled`: `pending` (the partition's append bounds), `message_ids` (the id budget), `producer_window` (a producer's 5 pending batches), `producers` (the partition's producer table is full) |
 //! | `keel_produce_ack_seconds` | histogram | — | from a produce request's arrival to its answer, for stored batches |
@@ -45,6 +45,8 @@
 //! | `keel_queue_stalls_total` | counter | topic, consumer_group, reason | queue fetches that leased less than the member's credit because of a bound: `max_unacked` (the member holds its group's max-unacked leases here), `window` (the group holds `QUEUE_WINDOW_MAX` unsettled messages in the partition), `lease_expired` (a member's lease ran out unsettled; the message is delivered again), `key_parked` (ordered groups: a nacked message holds its key's later messages back) |
 //! | `keel_job_messages_total` | counter | kind, outcome | source records replay and redrive jobs run on this node handled: `copied`, `skipped` (filtered out, or a dead letter redriven before), `quarantined` (redriven too often); copies found already written after a failover count as `copied` once |
 //! | `keel_job_progress_ratio` | gauge | job | on the metadata leader: the share of a running or paused job's source range handled (1 when it ends) |
+//! | `keel_disk_free_bytes` | gauge | — | free bytes on the data directory's file system (read every `DISK_CHECK_INTERVAL`) |
+//! | `keel_disk_full` | gauge | — | 1 while the node refuses new data for lack of space (below `node.min_free_bytes`) |
 //! | `keel_queue_expired_total` | counter | topic, consumer_group | messages retention deleted before the queue group settled them (leased, waiting for a retry or never delivered): dropped, the group goes on from the new log start |
 //! | `keel_snapshot_bytes_total` | counter | direction | entry bytes of snapshot transfers (the log sent with a snapshot): `sent` by this node as leader, `received` (staged) as follower |
 //! | `keel_snapshots_installed_total` | counter | with_log | snapshot transfers this node completed as follower: `true` with a staged log installed in place of its own, `false` when its log already held the snapshot's last entry |
@@ -177,6 +179,15 @@ pub fn snapshot_bytes(direction: &'static str, bytes: u64) {
 
 pub const QUEUE_EXPIRED: &str = "keel_queue_expired_total";
 
+pub const DISK_FREE_BYTES: &str = "keel_disk_free_bytes";
+pub const DISK_FULL: &str = "keel_disk_full";
+
+/// The data directory's free space, and whether the node refuses data for lack of it.
+pub fn disk_space(free: u64, full: bool) {
+    gauge!(DISK_FREE_BYTES).set(free as f64);
+    gauge!(DISK_FULL).set(if full { 1.0 } else { 0.0 });
+}
+
 /// Messages retention deleted before a queue group settled them.
 pub fn queue_expired(topic: &str, consumer_group: &str, messages: u64) {
     counter!(QUEUE_EXPIRED, "topic" => topic.to_string(), "consumer_group" => consumer_group.to_string()).increment(messages);
@@ -280,6 +291,7 @@ pub fn record_produce(topic: &str, result: &Result<Appended, PartitionError>, re
             counter!(PRODUCE_THROTTLED, "reason" => reason.as_str()).increment(1);
             "throttled"
         }
+        Err(PartitionError::StorageFull(_)) => "storage_full",
         Err(PartitionError::DuplicateMessageIds(r)) => {
             counter!(PRODUCE_DUPLICATES, "reason" => "message_id").increment(r.len() as u64);
             "refused"

@@ -23,6 +23,8 @@ pub struct AdminState {
     pub hosted: HostedPartitions,
     pub data_dir: PathBuf,
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
+    /// The data directory's free space.
+    pub disk_space: Arc<super::disk_space::DiskSpace>,
     /// The switchable faults (`None` unless built with `fault-injection`).
     pub faults: Option<Arc<super::faults::NodeFaults>>,
 }
@@ -97,6 +99,9 @@ pub fn not_ready_reasons(state: &AdminState) -> Vec<String> {
     leaderless.sort();
     if !leaderless.is_empty() {
         reasons.push(format!("partitions without a leader: {}", leaderless.join(", ")));
+    }
+    if let Some(why) = state.disk_space.refusal() {
+        reasons.push(why);
     }
     let probe = state.data_dir.join(".ready-probe");
     if let Err(e) = std::fs::write(&probe, b"ok").and_then(|_| std::fs::remove_file(&probe)) {

@@ -27,6 +27,8 @@ pub struct GroupContext {
     pub ledger: Arc<AckLedger>,
     pub raft_config: Arc<openraft::Config>,
     pub log_config: LogConfig,
+    /// The data directory's free space (`disk_space`).
+    pub disk_space: Arc<super::disk_space::DiskSpace>,
 }
 
 /// A running group on this node.

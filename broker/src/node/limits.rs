@@ -127,3 +127,11 @@ pub const RETENTION_IDLE_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 /// How long a producer throttled by a partition at its byte retention bound waits
 /// before retrying (retention frees a segment within a few check intervals).
 pub const RETENTION_THROTTLE_RETRY_AFTER_MS: u32 = 20;
+
+/// How often a node reads its data directory's free space (`disk_space.rs`).
+pub const DISK_CHECK_INTERVAL: Duration = Duration::from_millis(250);
+/// A full node takes new data again once this much more than `node.min_free_bytes` is
+/// free (at most the minimum again), so it does not flap at the line.
+pub const DISK_FULL_HYSTERESIS: u64 = 16 * 1024 * 1024;
+/// A full node hands each partition's leadership away at most this often.
+pub const DISK_FULL_STEP_DOWN_INTERVAL: Duration = Duration::from_secs(5);

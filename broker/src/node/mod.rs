@@ -19,6 +19,7 @@ pub mod api;
 pub mod coordinator;
 pub mod damage;
 pub mod dead_letters;
+pub mod disk_space;
 pub mod faults;
 pub mod gauges;
 pub mod group;
@@ -119,6 +120,7 @@ impl Node {
             ledger,
             raft_config: Arc::new(raft_config),
             log_config: LogConfig { fsync, ..LogConfig::default() },
+            disk_space: disk_space::DiskSpace::new(config.node.data_dir.clone(), config.node.min_free_bytes),
         });
         // A node with no metadata state asks its peers whether the cluster already
         // exists (its data may have been wiped) before it starts the metadata group.
@@ -141,6 +143,7 @@ impl Node {
             tokio::spawn(reconcile::run(ctx.clone(), config.cluster.clone(), refill_horizon, metadata.clone(), hosted.clone())),
             tokio::spawn(gauges::run(metadata_group.clone(), hosted.clone())),
             tokio::spawn(retention::run(hosted.clone())),
+            tokio::spawn(disk_space::run(ctx.disk_space.clone(), hosted.clone(), me.id)),
         ];
         let service = Arc::new(api::ClientService {
             node_id: me.id,
@@ -168,6 +171,7 @@ impl Node {
             metadata_group: metadata_group.clone(),
             hosted: hosted.clone(),
             data_dir: config.node.data_dir.clone(),
+            disk_space: ctx.disk_space.clone(),
             metrics,
             faults: node_faults_for_admin(&faults),
         });

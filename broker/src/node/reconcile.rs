@@ -92,7 +92,7 @@ async fn open_partition(
             }
             let still_wanted = metadata.borrow().groups_of(ctx.node_id).iter().any(|(_, w)| w.group == p.group);
             if still_wanted {
-                let partition = Partition::new(topic, p.partition, p.replicas, group, ctx.node_id, metadata.clone());
+                let partition = Partition::new(topic, p.partition, p.replicas, group, ctx.node_id, metadata.clone(), ctx.disk_space.clone());
                 hosted.write().expect("hosted lock poisoned").insert(p.group, Arc::new(partition));
             } else {
                 // Deleted while opening: undo (the next reconcile round finds nothing to do).

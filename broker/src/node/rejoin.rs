@@ -24,9 +24,10 @@
 //!   probe again. A wiped node is refilled only while its group has a leader; with two
 //!   of three replicas gone the remaining data must not be overruled by an empty one.
 //!
-//! Entries reach the refilled node through ordinary replication from index 0: Keel does
-//! not yet purge the Raft log (retention is not wired), so the leader always holds the
-//! whole log. Once it purges, refilling needs snapshots that carry segment files.
+//! Entries reach the refilled node through ordinary replication from the start of the
+//! leader's log; where retention purged it, the leader sends a snapshot with its
+//! retained entries first (`peer/snapshot.rs`), and the gate lifts once the installed
+//! log plus what follows it reaches the target.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;

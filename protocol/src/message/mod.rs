@@ -416,7 +416,8 @@ pub struct DeleteTopicRequest {
 pub struct ListOffsetsRequest {
     pub topic: String,
     pub partition: u32,
-    /// Milliseconds since the Unix epoch.
+    /// Milliseconds since the Unix epoch; `i64::MAX`: the end (high watermark);
+    /// `i64::MIN`: the log start (the first offset retention kept).
     pub timestamp_ms: i64,
 }
 

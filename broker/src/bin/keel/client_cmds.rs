@@ -168,7 +168,8 @@ fn print_config(config: &TopicConfig) {
 
 pub fn topic(cmd: TopicCommand, connect: Connect) -> anyhow::Result<()> {
     runtime()?.block_on(async move {
-        let admin = Admin::new(connect.cluster()?);
+        let client = connect.cluster()?;
+        let admin = Admin::new(client.clone());
         match cmd {
             TopicCommand::Create { name, partitions, replicas, settings } => {
                 admin.create_topic_with(CreateTopicRequest { name: name.clone(), partitions, replicas, config: settings.patch() }).await?;
@@ -203,15 +204,30 @@ pub fn topic(cmd: TopicCommand, connect: Connect) -> anyhow::Result<()> {
             }
             TopicCommand::Describe { name } => {
                 let t = admin.describe_topic(&name).await?;
+                // Each partition's retained range, from its leader (`None` if it does not answer).
+                let mut ranges = Vec::with_capacity(t.partitions.len());
+                for p in &t.partitions {
+                    let start = keel_client::consumer::list_offset(&client, &name, p.partition, i64::MIN).await.ok();
+                    let end = keel_client::consumer::list_offset(&client, &name, p.partition, i64::MAX).await.ok();
+                    ranges.push((start, end));
+                }
                 if connect.json {
-                    let parts: Vec<_> = t.partitions.iter().map(|p| serde_json::json!({"partition": p.partition, "leader": p.leader, "replicas": p.replicas})).collect();
+                    let parts: Vec<_> = t
+                        .partitions
+                        .iter()
+                        .zip(&ranges)
+                        .map(|(p, (start, end))| {
+                            serde_json::json!({"partition": p.partition, "leader": p.leader, "replicas": p.replicas, "log_start_offset": start, "high_watermark": end})
+                        })
+                        .collect();
                     println!("{}", serde_json::json!({"name": t.name, "config": t.config, "partitions": parts}));
                 } else {
                     println!("topic {}", t.name);
                     print_config(&t.config);
-                    for p in &t.partitions {
+                    for (p, (start, end)) in t.partitions.iter().zip(&ranges) {
                         let leader = p.leader.map_or("none".to_string(), |l| l.to_string());
-                        println!("  partition {}  leader {leader}  replicas {:?}", p.partition, p.replicas);
+                        let show = |o: &Option<u64>| o.map_or("?".to_string(), |o| o.to_string());
+                        println!("  partition {}  leader {leader}  replicas {:?}  offsets {}..{}", p.partition, p.replicas, show(start), show(end));
                     }
                 }
             }

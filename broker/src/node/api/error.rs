@@ -107,6 +107,7 @@ impl ApiError {
                 PartitionError::Deleted => ErrorCode::UnknownTopic,
                 PartitionError::StaleGeneration { .. } => ErrorCode::StaleGeneration,
                 PartitionError::Storage(_) => ErrorCode::StorageFailed,
+                PartitionError::StorageFull(_) => ErrorCode::StorageFull,
             },
         }
     }

@@ -1,5 +1,6 @@
 //! `ListOffsets`: the first offset whose message is at or after a time (the high
-//! watermark if none is); `i64::MAX` asks for the end.
+//! watermark if none is; never below the log start); `i64::MAX` asks for the end,
+//! `i64::MIN` for the log start (what retention kept).
 
 use std::sync::Arc;
 

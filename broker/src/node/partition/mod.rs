@@ -77,6 +77,10 @@ pub enum PartitionError {
     Deleted,
     #[error("group {group:?} generation {generation} is stale: generation {current} has committed here; rejoin the group")]
     StaleGeneration { group: String, generation: u64, current: u64 },
+    /// The node's disk is at its free-space minimum (`node/disk_space.rs`); nothing was
+    /// proposed.
+    #[error("{0}")]
+    StorageFull(String),
     #[error("storage failed: {0}")]
     Storage(String),
 }
@@ -206,6 +210,8 @@ pub struct Partition {
     pub group: GroupHandle,
     node_id: u64,
     metadata: watch::Receiver<Arc<MetadataState>>,
+    /// The node's free space: produces are refused while it is full.
+    disk_space: Arc<super::disk_space::DiskSpace>,
     writer: tokio::sync::Mutex<Writer>,
     /// Notified whenever the overlay changes (a proposal added or completed).
     progress: Notify,
@@ -243,6 +249,7 @@ impl Partition {
         group: GroupHandle,
         node_id: u64,
         metadata: watch::Receiver<Arc<MetadataState>>,
+        disk_space: Arc<super::disk_space::DiskSpace>,
     ) -> Partition {
         Partition {
             topic,
@@ -251,6 +258,7 @@ impl Partition {
             group,
             node_id,
             metadata,
+            disk_space,
             writer: tokio::sync::Mutex::new(Writer::default()),
             progress: Notify::new(),
             budget_warned_at_ms: std::sync::atomic::AtomicI64::new(i64::MIN),
@@ -336,6 +344,9 @@ impl Partition {
                     return Err(PartitionError::ProducerFenced { epoch: s.epoch, current });
                 }
             }
+        }
+        if let Some(why) = self.disk_space.refusal() {
+            return Err(PartitionError::StorageFull(format!("node {}: {why}", self.node_id)));
         }
         let len = view.as_bytes().len() as u64;
         let mut gap_deadline: Option<Instant> = None;
@@ -737,6 +748,10 @@ impl Partition {
         self.ready_term(Instant::now() + LEADER_GATE_WAIT).await?;
         self.check_serving_leader()?;
         let committed = *self.group.high_watermark.borrow();
+        let start = self.log_start_offset().min(committed);
+        if timestamp_ms == i64::MIN {
+            return Ok(start);
+        }
         let log = self.group.log.clone();
         let found = tokio::task::spawn_blocking(move || -> Result<Option<u64>, keel_storage::StorageError> {
             let Some(index) = log.index_for_timestamp(timestamp_ms)? else { return Ok(None) };
@@ -745,7 +760,7 @@ impl Partition {
         .await
         .map_err(|e| PartitionError::Storage(format!("offset lookup failed: {e}")))?
         .map_err(|e| PartitionError::Storage(e.to_string()))?;
-        Ok(found.filter(|o| *o < committed).unwrap_or(committed))
+        Ok(found.filter(|o| *o < committed).unwrap_or(committed).max(start))
     }
 }
 
