@@ -97,9 +97,9 @@ pub enum ThrottleReason {
     /// The partition's producer table is full (`PARTITION_PRODUCERS_MAX`): a producer it
     /// does not know waits until idle ones expire.
     Producers,
-    /// The partition's log holds more than `retention_bytes` plus one segment: producers
-    /// wait while retention deletes the oldest segments (the byte bound holds under any
-    /// write rate).
+    /// The partition's log holds more than `retention_bytes` plus half a segment:
+    /// producers wait while retention deletes the oldest segments (the byte bound holds
+    /// under any write rate).
     Retention,
 }
 
@@ -411,16 +411,20 @@ impl Partition {
                 });
             }
             if topic.config.retention_bytes > 0 {
-                let held = self.group.log.segment_bytes_total();
-                let limit = topic.config.retention_bytes.saturating_add(topic.config.segment_bytes);
+                // The leader stops at the bound plus half a segment (counting what is
+                // pending), leaving the other half for its followers, whose purges follow
+                // its own by a few milliseconds. Progress is guaranteed: above this line
+                // there is always a sealed segment retention can cut.
+                let (r, seg) = (topic.config.retention_bytes, topic.config.segment_bytes);
+                let held = self.group.log.segment_bytes_total().saturating_add(w.bytes);
+                let limit = r.saturating_add(seg / 2).max(seg);
                 if held.saturating_add(len) > limit {
                     return Err(PartitionError::Throttled {
                         retry_after_ms: RETENTION_THROTTLE_RETRY_AFTER_MS,
                         reason: ThrottleReason::Retention,
                         detail: format!(
-                            "{} holds {held} bytes, at its retention_bytes ({}) plus one segment, until retention deletes its oldest segments",
-                            self.name(),
-                            topic.config.retention_bytes
+                            "{} holds {held} bytes, at its retention_bytes ({r}) plus half a segment, until retention deletes its oldest segments",
+                            self.name()
                         ),
                     });
                 }
