@@ -2,9 +2,10 @@
 //! every partition, as consumers would be served them.
 //!
 //! The metadata log is folded to learn which group holds which partition; each partition
-//! log is then replayed from its first entry through the partition fold (so batches the
-//! fold refused are left out, as fetch leaves them out) up to the committed index the
-//! node last saved. Used by `keel dump` and by the Jepsen harness to compare every node's
+//! log is then replayed through the partition fold (so batches the fold refused are left
+//! out, as fetch leaves them out) up to the committed index the node last saved: from
+//! its first entry, or — when retention purged its prefix — from the node's saved
+//! snapshot, whose state says which of the entries before it were served. Used by `keel dump` and by the Jepsen harness to compare every node's
 //! log at the end of a run.
 
 use std::path::Path;
@@ -19,6 +20,7 @@ use crate::node::group::group_dir;
 use crate::node::limits::METADATA_READ_BYTES;
 use crate::partition::{BatchOutcome, ControlEntry, PartitionState};
 use crate::replication::log_store::{saved_committed, KIND_BATCH, KIND_CONTROL};
+use crate::replication::state_machine::saved_state;
 use crate::replication::PartitionStateMachine;
 
 /// One committed, served record.
@@ -73,19 +75,33 @@ pub fn committed_records(data_dir: &Path) -> Result<Vec<InspectedPartition>, Str
             if !dir.exists() {
                 continue;
             }
-            let mut state = PartitionState::default();
+            let snapshot = saved_state(&keel_storage::disk::OsDisk, &dir).map_err(|e| format!("{}/{}: {e}", topic.name, p.partition))?;
+            // Entries up to the snapshot are in its state already; only whether their
+            // batches were served is read from it.
+            let (covered, mut state) = match snapshot {
+                Some((last, state)) => (Some(last), state),
+                None => (None, PartitionState::default()),
+            };
             let mut records = Vec::new();
             for e in committed_entries(&dir)? {
                 let index = e.meta.id.index;
+                let in_snapshot = covered.is_some_and(|c| index <= c);
                 match e.meta.kind {
+                    KIND_CONTROL if in_snapshot => {}
                     KIND_CONTROL => {
                         let entry = ControlEntry::decode(&e.payload).map_err(|err| format!("{}/{} entry {index}: {err}", topic.name, p.partition))?;
                         state.apply_control(&entry);
                     }
                     KIND_BATCH => {
-                        let outcome = PartitionStateMachine::apply_batch(&mut state, index, &e.payload).map_err(|err| err.to_string())?;
-                        if !matches!(outcome, BatchOutcome::Stored { .. }) {
-                            continue;
+                        if in_snapshot {
+                            if !state.is_served(e.meta.base_offset) {
+                                continue;
+                            }
+                        } else {
+                            let outcome = PartitionStateMachine::apply_batch(&mut state, index, &e.payload).map_err(|err| err.to_string())?;
+                            if !matches!(outcome, BatchOutcome::Stored { .. }) {
+                                continue;
+                            }
                         }
                         let view = BatchView::parse(e.payload.clone()).map_err(|err| format!("{}/{} entry {index}: {err}", topic.name, p.partition))?;
                         let base = view.header().base_offset;

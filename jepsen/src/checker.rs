@@ -115,7 +115,8 @@ impl Results {
 
 type Partition = (String, u32);
 /// One poll as the checker keeps it: from, records, high watermark, completion.
-type PollSeen = (u64, Vec<Read>, Option<u64>, Kind);
+/// One poll: from, records, high watermark, outcome, the log start it reported.
+type PollSeen = (u64, Vec<Read>, Option<u64>, Kind, Option<u64>);
 /// Each node's final log of a partition: offset → message.
 type NodeLog = (u64, BTreeMap<u64, String>);
 
@@ -172,6 +173,8 @@ pub fn check(events: &[Event], floors: Floors) -> Results {
         ("unexpected", Verdict::Forbidden),
         ("aborted-read", Verdict::Forbidden),
         ("recovered", Verdict::Allowed),
+        // Acknowledged, then deleted by retention before any reader read it.
+        ("retained-away", Verdict::Allowed),
         ("duplicate-append", Verdict::Forbidden),
         ("duplicate-append-non-idempotent", Verdict::Allowed),
         ("seq-offset", Verdict::Forbidden),
@@ -199,6 +202,8 @@ pub fn check(events: &[Event], floors: Floors) -> Results {
     let mut send_by_id: HashMap<u64, usize> = HashMap::new();
     // (process, partition) → polls in order: (from, records, hw).
     let mut polls: BTreeMap<(u64, Partition), Vec<PollSeen>> = BTreeMap::new();
+    // Per partition, the highest log start any poll reported (retention's cut).
+    let mut log_start: HashMap<Partition, u64> = HashMap::new();
     let mut poll_invokes: HashMap<u64, u64> = HashMap::new();
     let mut dumps: BTreeMap<Partition, Vec<NodeLog>> = BTreeMap::new();
     let mut leaders: HashMap<Partition, (Option<u64>, u64)> = HashMap::new();
@@ -233,7 +238,13 @@ pub fn check(events: &[Event], floors: Floors) -> Results {
                 stats.polls += 1;
                 stats.reads += op.records.len() as u64;
                 let p = poll_invokes.get(&e.id).copied().unwrap_or(process);
-                polls.entry((p, (op.topic.clone(), op.partition))).or_default().push((op.from, op.records.clone(), op.high_watermark, kind));
+                if kind == Kind::Ok {
+                    if let Some(start) = op.log_start {
+                        let f = log_start.entry((op.topic.clone(), op.partition)).or_insert(0);
+                        *f = (*f).max(start);
+                    }
+                }
+                polls.entry((p, (op.topic.clone(), op.partition))).or_default().push((op.from, op.records.clone(), op.high_watermark, kind, op.log_start));
             }
             (Op::Fault(f), _) if f.phase == "start" => {
                 stats.faults += 1;
@@ -305,7 +316,7 @@ pub fn check(events: &[Event], floors: Floors) -> Results {
     let mut read: HashSet<String> = HashSet::new();
     let mut max_read: HashMap<Partition, u64> = HashMap::new();
     for ((_, part), list) in &polls {
-        for (_, records, _, _) in list {
+        for (_, records, _, _, _) in list {
             for r in records {
                 note(part, r.offset, &r.msg);
                 read.insert(r.msg.clone());
@@ -362,6 +373,14 @@ pub fn check(events: &[Event], floors: Floors) -> Results {
                 continue;
             }
             let part = (s.op.topic.clone(), s.op.partition);
+            if let (Some(o), Some(start)) = (s.offset, log_start.get(&part)) {
+                if o < *start {
+                    rows.row("retained-away").add(|| {
+                        format!("{} at {}/{} offset {o} was deleted by retention (log start {start}) before a reader saw it", s.op.msg, part.0, part.1)
+                    });
+                    continue;
+                }
+            }
             let name = match (first_seen, last_seen) {
                 (Some(f), _) if i < f => "lost-unseen-prefix",
                 (_, Some(l)) if i < l => "lost-unseen-middle",
@@ -389,9 +408,11 @@ pub fn check(events: &[Event], floors: Floors) -> Results {
                 }
             }
             let Some(last) = log_a.keys().next_back().copied() else { continue };
+            // A node's log starts where its retention purged it.
+            let first = log_a.keys().next().copied().unwrap_or(0);
             let held: HashSet<&str> = log_a.values().map(String::as_str).collect();
             for s in acked.iter().filter(|s| s.op.topic == part.0 && s.op.partition == part.1 && !s.duplicate) {
-                if let Some(o) = s.offset.filter(|o| *o <= last) {
+                if let Some(o) = s.offset.filter(|o| *o <= last && *o >= first) {
                     if !held.contains(s.op.msg.as_str()) {
                         rows.row("lost-on-node").add(|| format!("node {a}'s log of {}/{} ends at {last} but lacks {} (offset {o})", part.0, part.1, s.op.msg));
                     }
@@ -466,12 +487,17 @@ pub fn check(events: &[Event], floors: Floors) -> Results {
     for ((process, part), list) in &polls {
         let mut last: Option<u64> = None;
         let mut hw_seen: Option<u64> = None;
-        for (_, records, hw, kind) in list {
+        let mut start_seen = 0u64;
+        for (_, records, hw, kind, start) in list {
+            // Offsets below a log start this reader was told of were deleted by
+            // retention: moving past them is not a skip.
+            start_seen = start_seen.max(start.unwrap_or(0));
             for r in records {
                 if let Some(prev) = last {
+                    let from = (prev + 1).max(start_seen);
                     if r.offset <= prev {
                         rows.row("nonmonotonic-poll").add(|| format!("process {process} read {}/{} offset {} after {prev}", part.0, part.1, r.offset));
-                    } else if let Some(((_, skipped), msgs)) = at_offset.range((part.clone(), prev + 1)..(part.clone(), r.offset)).next() {
+                    } else if let Some(((_, skipped), msgs)) = at_offset.range((part.clone(), from)..(part.clone(), r.offset.max(from))).next() {
                         rows.row("poll-skip").add(|| {
                             format!("process {process} read {}/{} offset {} after {prev}, skipping offset {skipped} ({msgs:?})", part.0, part.1, r.offset)
                         });

@@ -66,6 +66,12 @@ struct RunArgs {
     /// every 12 s), each checked to hold its source range once, in order.
     #[arg(long, default_value_t = 0)]
     replays: usize,
+    /// Retention on the W1 topic: at most this many bytes per partition, in segments of
+    /// a quarter of it (at least 64 KiB), so the run purges logs and sends lagging
+    /// followers snapshots that carry the log; 0 keeps everything. Messages retention
+    /// deleted before any reader saw them are counted, not lost.
+    #[arg(long, default_value_t = 0)]
+    retention_bytes: u64,
     /// Messages/s per producer.
     #[arg(long, default_value_t = 100.0)]
     rate: f64,
@@ -124,6 +130,9 @@ fn placement(args: &RunArgs, seed: u64) -> anyhow::Result<Placement> {
 
 fn run_one(args: &RunArgs, seed: u64) -> anyhow::Result<runner::RunSummary> {
     let dir = runner::run_dir(&args.store, seed);
+    if args.retention_bytes > 0 && args.replays > 0 {
+        anyhow::bail!("--retention-bytes and --replays do not go together: retention may delete a replay's source range before the job copies it");
+    }
     let config = RunConfig {
         keel: std::fs::canonicalize(&args.keel).map_err(|e| anyhow::anyhow!("the keel binary {}: {e}", args.keel.display()))?,
         dir: dir.clone(),
@@ -137,6 +146,7 @@ fn run_one(args: &RunArgs, seed: u64) -> anyhow::Result<runner::RunSummary> {
         queue_producers: args.queue_producers,
         queue_members: args.queue_members,
         replays: args.replays,
+        retention_bytes: args.retention_bytes,
         rate: args.rate,
         floors: Floors {
             acked_sends: args.min_acked,

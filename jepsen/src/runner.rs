@@ -43,6 +43,8 @@ pub struct RunConfig {
     pub queue_members: usize,
     /// W4 replay jobs of the W1 topic.
     pub replays: usize,
+    /// Retention on the W1 topic (bytes per partition; 0: none).
+    pub retention_bytes: u64,
     /// Messages/s per producer.
     pub rate: f64,
     pub floors: Floors,
@@ -52,6 +54,9 @@ pub struct RunConfig {
     /// `sabotage` feature): the run should then be invalid.
     pub sabotage: Option<String>,
 }
+
+/// The smallest segment a topic may have (`TopicConfig::segment_bytes`).
+const RETENTION_SEGMENT_BYTES_MIN: u64 = 64 * 1024;
 
 /// How long the final drain may take.
 const DRAIN_LIMIT: Duration = Duration::from_secs(90);
@@ -204,7 +209,17 @@ pub async fn run(config: RunConfig, placement: Placement) -> Result<RunSummary, 
     // Topics, once the cluster answers.
     let admin = Admin::new(cluster.clone());
     for topic in [LOG_TOPIC, IDEM_TOPIC] {
-        wait_for("the topic's creation", CONVERGE_LIMIT, async || match admin.create_topic(topic, PARTITIONS, 3).await {
+        let retention = if topic == LOG_TOPIC { config.retention_bytes } else { 0 };
+        let patch = match retention {
+            0 => keel_protocol::TopicConfigPatch::default(),
+            r => keel_protocol::TopicConfigPatch {
+                retention_bytes: Some(r),
+                segment_bytes: Some((r / 4).max(RETENTION_SEGMENT_BYTES_MIN)),
+                ..keel_protocol::TopicConfigPatch::default()
+            },
+        };
+        let req = keel_protocol::message::CreateTopicRequest { name: topic.into(), partitions: PARTITIONS, replicas: 3, config: patch };
+        wait_for("the topic's creation", CONVERGE_LIMIT, async || match admin.create_topic_with(req.clone()).await {
             Ok(()) => true,
             Err(e) => e.code() == Some(keel_protocol::ErrorCode::TopicAlreadyExists),
         })

@@ -214,6 +214,15 @@ pub async fn poll_once(ctx: &Ctx, consumer: &Consumer, topic: &str, partition: u
             ctx.recorder.complete(id, Actor::Client(*process), Kind::Ok, Op::Poll(done), None);
             true
         }
+        // Retention deleted what this reader had not read yet: it moves on to the log
+        // start, recorded so the checker knows the skip was the start moving.
+        Err(e) if e.out_of_range().is_some_and(|r| *position < r.log_start_offset) => {
+            let r = e.out_of_range().expect("checked above");
+            *position = r.log_start_offset;
+            let done = PollOp { high_watermark: Some(r.high_watermark), log_start: Some(r.log_start_offset), ..op };
+            ctx.recorder.complete(id, Actor::Client(*process), Kind::Ok, Op::Poll(done), None);
+            true
+        }
         Err(e) => {
             let kind = kind_of(&e);
             ctx.recorder.complete(id, Actor::Client(*process), kind, Op::Poll(op), Some(e.to_string()));

@@ -117,7 +117,7 @@ settings! {
     retention_bytes: u64 = 0, 0, u64::MAX;
     /// Size at which a partition's active segment file is closed and a new one started
     /// (retention deletes whole segments).
-    segment_bytes: u64 = 128 * 1024 * 1024, 1024 * 1024, 1024 * 1024 * 1024;
+    segment_bytes: u64 = 128 * 1024 * 1024, 64 * 1024, 1024 * 1024 * 1024;
     /// How long a message id is remembered after its first sighting, in milliseconds: a
     /// message carrying an id seen within this window is not stored again.
     dedupe_window_ms: u64 = 2 * MINUTE_MS, 100, DAY_MS;

@@ -148,6 +148,16 @@ pub fn saved_snapshot_last(disk: &dyn Disk, dir: &Path) -> io::Result<Option<Raf
     }
 }
 
+/// The snapshot saved in `dir`: the last log index it covers and the fold's state
+/// there (for offline inspection of a log whose prefix retention purged).
+pub fn saved_state(disk: &dyn Disk, dir: &Path) -> io::Result<Option<(u64, PartitionState)>> {
+    let Some(bytes) = atomic_file::read(disk, dir, SNAPSHOT_FILE)? else { return Ok(None) };
+    let stored = decode_file(&bytes)?;
+    let Some(last) = stored.meta.last_log_id else { return Ok(None) };
+    let state = PartitionState::decode_snapshot(&stored.state).map_err(|e| invalid(format!("{}: {e}", dir.display())))?;
+    Ok(Some((last.index, state)))
+}
+
 /// Deletes the snapshot saved in `dir`, durably, so the state machine is rebuilt from
 /// the log. For a replica whose log lost entries its snapshot covers: openraft would
 /// otherwise purge the log up to the snapshot, and the offsets of the entries it lost

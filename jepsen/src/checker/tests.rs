@@ -570,3 +570,42 @@ mod replay {
         assert_flags(&replayed(&["1-1"], "failed: no progress"), "replay-unfinished");
     }
 }
+
+impl H {
+    /// A poll that found the log start past `from` (retention): no records.
+    fn poll_behind_start(&mut self, process: u64, from: u64, start: u64, hw: u64) {
+        let id = self.id();
+        let op = PollOp { topic: T.into(), partition: 0, from, records: Vec::new(), high_watermark: None, log_start: None };
+        self.push(id, Actor::Client(process), Kind::Invoke, Op::Poll(op.clone()));
+        self.push(id, Actor::Client(process), Kind::Ok, Op::Poll(PollOp { high_watermark: Some(hw), log_start: Some(start), ..op }));
+    }
+}
+
+/// Six acknowledged messages; retention deleted the first three before the reader,
+/// which had read offset 0, came back.
+fn retained(read_back: &[(u64, &'static str)]) -> H {
+    let mut h = H::default();
+    for i in 0..6u64 {
+        h.ack(1, &format!("1-{i}"), i);
+    }
+    h.poll(2, 0, &[(0, "1-0")], 6);
+    h.poll_behind_start(2, 1, 3, 6);
+    h.poll(2, 3, read_back, 6);
+    h.dump(1, read_back);
+    h
+}
+
+#[test]
+fn messages_retention_deleted_before_a_reader_saw_them_are_counted_not_lost() {
+    let r = retained(&[(3, "1-3"), (4, "1-4"), (5, "1-5")]).check();
+    assert!(r.valid, "{r:#?}");
+    assert_eq!(r.anomaly("retained-away").unwrap().count, 2, "offsets 1 and 2");
+    assert_eq!(r.anomaly("poll-skip").unwrap().count, 0, "moving to the log start is not a skip");
+}
+
+#[test]
+fn a_message_missing_above_the_log_start_is_still_lost() {
+    let h = retained(&[(3, "1-3"), (5, "1-5")]);
+    assert_flags(&h, "poll-skip");
+    assert_flags(&h, "lost-unseen-middle");
+}

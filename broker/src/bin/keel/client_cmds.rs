@@ -38,7 +38,7 @@ pub struct TopicSettings {
     /// Keep at most this many bytes per partition (e.g. 10GiB, 500MB); 0 keeps everything.
     #[arg(long, value_parser = parse_size)]
     retention_bytes: Option<u64>,
-    /// Close a partition's segment file at this size (1MiB..=1GiB); retention deletes whole segments.
+    /// Close a partition's segment file at this size (64KiB..=1GiB); retention deletes whole segments.
     #[arg(long, value_parser = parse_size)]
     segment_bytes: Option<u64>,
     /// Largest batch (and message) a producer may send, in bytes.
