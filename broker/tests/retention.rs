@@ -306,3 +306,29 @@ async fn a_wiped_node_is_refilled_from_a_purged_leader_and_a_killed_transfer_res
     let b: Vec<_> = theirs.iter().filter(|e| e.0 >= from).collect();
     assert!(!a.is_empty() && a == b, "the refilled node's entries equal the leader's from entry {from}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn age_retention_empties_a_quiet_partition_once_its_messages_are_older_than_the_retention() {
+    let dev = Dev::start(27_800);
+    let config = TopicConfigPatch { retention_ms: Some(3_000), dedupe_window_ms: Some(1_000), ..TopicConfigPatch::default() };
+    dev.create_topic("aged", 1, config).await;
+    dev.produce("aged", (0..50).map(|i| Record::new(format!("old {i}"))).collect()).await;
+    let produced = Instant::now();
+    let consumer = Consumer::new(dev.cluster.clone(), "aged", StartAt::Earliest).await.unwrap();
+    let fetched = consumer.fetch_partition(0, 0, Duration::ZERO).await.unwrap();
+    assert_eq!(fetched.messages.len(), 50, "kept while younger than the retention");
+    // Nothing is written any more: the active segment must roll by age and go.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let range = loop {
+        if let Err(e) = consumer.fetch_partition(0, 0, Duration::ZERO).await {
+            if let Some(r) = e.out_of_range() {
+                break r;
+            }
+        }
+        assert!(Instant::now() < deadline, "the quiet partition's messages never aged out");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    eprintln!("all 50 messages deleted {:.1?} after they were written (retention 3 s): {range:?}", produced.elapsed());
+    assert_eq!((range.log_start_offset, range.high_watermark), (50, 50));
+    assert!(produced.elapsed() >= Duration::from_secs(3), "nothing went before its time");
+}

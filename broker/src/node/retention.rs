@@ -2,7 +2,8 @@
 //! applied on every replica.
 //!
 //! Every `RETENTION_CHECK_INTERVAL`, for every partition this node hosts:
-//! 1. the active segment size follows the topic's `segment_bytes`;
+//! 1. the active segment size follows the topic's `segment_bytes`, and its age at most
+//!    the topic's `retention_ms` (a segment rolls at the first append past either);
 //! 2. **as leader**, [`cut`] judges the whole sealed segments after the current cut by
 //!    the topic's `retention_bytes` (oldest first while the partition holds more) and
 //!    `retention_ms` (segments whose messages the partition clock says were all stored
@@ -39,8 +40,9 @@ pub enum Judgement {
     Keep,
     /// Cut up to this entry; the partition starts at this offset.
     Cut(Retained),
-    /// A sealed segment may be old enough, but no time is known for its last message:
-    /// a clock tick would record one.
+    /// A sealed segment may be old enough but no time is known for its last message, or
+    /// the only segment (active) aged out: a clock tick records the time, and rolls the
+    /// active segment.
     NeedsTime,
 }
 
@@ -63,6 +65,18 @@ pub fn cut(extents: &[SegmentExtent], retained: Retained, marks: &TimeMarks, ret
         }
         remaining -= s.bytes;
         cut = Some(Retained { upto_index: s.last_index.expect("live segments hold an entry"), start_offset: s.end_offset });
+    }
+    if cut.is_none() && retention_ms > 0 {
+        // A quiet partition: its active segment's messages aged out (or their time is not
+        // known yet), but it only rolls at an append. A clock tick appends (and records
+        // the time); the segment rolls then, since its age is bounded by the retention.
+        if let Some(active) = live.last().filter(|s| !s.sealed) {
+            let stored_by = marks.stored_by(active.end_offset);
+            let holds_messages = active.end_offset > retained.start_offset && live.len() == 1;
+            if holds_messages && stored_by.is_none_or(|t| t < oldest_kept) {
+                return Judgement::NeedsTime;
+            }
+        }
     }
     cut.map_or(Judgement::Keep, Judgement::Cut)
 }
@@ -101,6 +115,10 @@ pub async fn run(hosted: HostedPartitions) {
 async fn step(p: &Partition) -> Result<(), String> {
     let Some(config) = p.topic_config() else { return Ok(()) };
     p.group.log.set_segment_bytes(config.segment_bytes);
+    if config.retention_ms > 0 {
+        // Segments roll by age too, so that retention by age can delete them.
+        p.group.log.set_segment_age(Duration::from_millis(config.retention_ms));
+    }
     if (config.retention_ms > 0 || config.retention_bytes > 0) && p.serving_now() {
         p.propose_retention(&config).await.map_err(|e| e.to_string())?;
     }
@@ -183,5 +201,17 @@ mod tests {
         // Segment 20..=29 has no time yet: a tick would give it one.
         assert_eq!(cut(&log(), Retained { upto_index: 19, start_offset: 200 }, &marks, 10_000, 0, 99_000), Judgement::NeedsTime);
         assert_eq!(cut(&log(), Retained::default(), &marks, 10_000, 0, 5_000), Judgement::Keep);
+    }
+
+    #[test]
+    fn a_quiet_partitions_aged_out_active_segment_asks_for_a_tick_that_rolls_it() {
+        let only_active = vec![seg(0, 9, 100, 10, false)];
+        let mut marks = TimeMarks::default();
+        assert_eq!(cut(&only_active, Retained::default(), &marks, 10_000, 0, 1_000), Judgement::NeedsTime, "its time is not known yet");
+        marks.note(100, 1_000);
+        assert_eq!(cut(&only_active, Retained::default(), &marks, 10_000, 0, 5_000), Judgement::Keep, "not old yet");
+        assert_eq!(cut(&only_active, Retained::default(), &marks, 10_000, 0, 12_000), Judgement::NeedsTime, "old: a tick rolls it");
+        let emptied = vec![seg(10, 12, 100, 3, false)];
+        assert_eq!(cut(&emptied, Retained { upto_index: 9, start_offset: 100 }, &marks, 10_000, 0, 99_000), Judgement::Keep, "no messages left to age out");
     }
 }

@@ -75,7 +75,7 @@ impl Log {
             None => true,
             Some(active) => {
                 active.last_index.is_some()
-                    && (active.len + stored_len > self.segment_bytes() || now.saturating_sub(active.created_ms) >= self.config.segment_age.as_millis() as i64)
+                    && (active.len + stored_len > self.segment_bytes() || now.saturating_sub(active.created_ms) >= self.segment_age_ms())
             }
         };
         if roll {

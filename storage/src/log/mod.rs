@@ -150,6 +150,8 @@ pub struct Log {
     stats: IoCounters,
     /// Segment size in force, if set after opening (`set_segment_bytes`); 0: the config's.
     segment_bytes: AtomicU64,
+    /// Segment age (ms) in force, if set after opening (`set_segment_age`); 0: the config's.
+    segment_age_ms: AtomicU64,
     /// Distinct per `Log` opened in this process, in opening order (spreads logs over
     /// a `Flusher`'s lanes).
     instance: u64,
@@ -216,6 +218,7 @@ impl Log {
             durable,
             stats: IoCounters::default(),
             segment_bytes: AtomicU64::new(0),
+            segment_age_ms: AtomicU64::new(0),
             instance: NEXT_INSTANCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             damage_found: Vec::new(),
             #[cfg(any(test, feature = "fault-injection"))]
@@ -313,6 +316,20 @@ impl Log {
     /// Bytes of all segment files (what the log holds on disk, indexes aside).
     pub fn segment_bytes_total(&self) -> u64 {
         self.lock_state().segments.iter().map(|s| s.len).sum()
+    }
+
+    /// Sets the age at which the active segment rolls at its next append (at most the
+    /// config's; at least one second).
+    pub fn set_segment_age(&self, age: std::time::Duration) {
+        let ms = (age.as_millis().min(u128::from(u64::MAX)) as u64).clamp(1_000, self.config.segment_age.as_millis() as u64);
+        self.segment_age_ms.store(ms, Ordering::Relaxed);
+    }
+
+    pub(crate) fn segment_age_ms(&self) -> i64 {
+        match self.segment_age_ms.load(Ordering::Relaxed) {
+            0 => self.config.segment_age.as_millis() as i64,
+            ms => ms as i64,
+        }
     }
 
     /// Every segment's extent, oldest first (for retention decisions and disk reports).
