@@ -154,6 +154,8 @@ async fn byte_retention_bounds_every_replica_and_a_stopped_follower_catches_up_b
     // (Retention may still move the start between these reads.)
     let start_after = consumer.fetch_partition(0, 0, Duration::ZERO).await.unwrap_err().out_of_range().unwrap().log_start_offset;
     let at = first.first().map(|m| m.offset).expect("messages from the log start");
+    let skips = reader.take_retention_skips();
+    assert_eq!((skips.len(), skips[0].from, skips[0].to), (1, 0, at), "the consumer says it moved past deleted messages: {skips:?}");
     assert!((range.log_start_offset..=start_after).contains(&at), "a consumer from the beginning goes on from the log start ({at})");
     assert_eq!(first[0].value.as_deref().map(|v| u64::from_be_bytes(v[..8].try_into().unwrap())), Some(at));
 

@@ -63,6 +63,22 @@ pub struct Consumer {
     group: Option<(String, u64)>,
     /// Per partition, the position last committed (so an unchanged one is not sent again).
     committed: Vec<Option<u64>>,
+    /// Moves past messages retention deleted before they were read, not yet taken
+    /// (`take_retention_skips`); bounded by `RETENTION_SKIPS_KEPT`.
+    retention_skips: Vec<RetentionSkip>,
+}
+
+/// Most retention skips a consumer keeps until they are taken (the oldest are dropped).
+pub const RETENTION_SKIPS_KEPT: usize = 1024;
+
+/// A consumer's position moved past messages that retention deleted before it read them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetentionSkip {
+    pub partition: u32,
+    /// The position it was at.
+    pub from: u64,
+    /// The partition's log start it moved to.
+    pub to: u64,
 }
 
 impl Consumer {
@@ -87,6 +103,7 @@ impl Consumer {
             skip_undecodable: false,
             group: None,
             committed: vec![None; partitions as usize],
+            retention_skips: Vec::new(),
         })
     }
 
@@ -157,7 +174,17 @@ impl Consumer {
         assigned.sort_unstable();
         assigned.dedup();
         let committed = vec![None; positions.len()];
-        Ok(Consumer { cluster, topic: topic.to_string(), positions, assigned, max_bytes: 1024 * 1024, skip_undecodable: false, group: None, committed })
+        Ok(Consumer {
+            cluster,
+            topic: topic.to_string(),
+            positions,
+            assigned,
+            max_bytes: 1024 * 1024,
+            skip_undecodable: false,
+            group: None,
+            committed,
+            retention_skips: Vec::new(),
+        })
     }
 
     /// One fetch of `partition` from `offset`, with what the leader reported (its high
@@ -171,6 +198,12 @@ impl Consumer {
             log_start_offset: f.log_start_offset,
             undecodable_at: f.undecodable.map(|u| (u.offset, u.next_offset)),
         })
+    }
+
+    /// The moves past messages retention deleted before this consumer read them, since
+    /// the last call (for telling a user; the consumer has already moved on).
+    pub fn take_retention_skips(&mut self) -> Vec<RetentionSkip> {
+        std::mem::take(&mut self.retention_skips)
     }
 
     /// The next offset this consumer will read in each partition.
@@ -225,7 +258,12 @@ impl Consumer {
             };
             let pos = &mut self.positions[p as usize];
             if *pos < fetched.log_start_offset {
-                *pos = fetched.log_start_offset; // retention removed the earlier messages
+                // Retention removed the earlier messages.
+                if self.retention_skips.len() >= RETENTION_SKIPS_KEPT {
+                    self.retention_skips.remove(0);
+                }
+                self.retention_skips.push(RetentionSkip { partition: p, from: *pos, to: fetched.log_start_offset });
+                *pos = fetched.log_start_offset;
             }
             let before = out.len();
             for m in fetched.messages {

@@ -92,6 +92,12 @@ impl GroupConsumer {
         self.inner.assigned()
     }
 
+    /// Moves past messages retention deleted before this member read them, since the
+    /// last call.
+    pub fn take_retention_skips(&mut self) -> Vec<crate::consumer::RetentionSkip> {
+        self.inner.take_retention_skips()
+    }
+
     /// The next offset this member will read, per partition of the topic (only the
     /// assigned ones move).
     pub fn positions(&self) -> &[u64] {

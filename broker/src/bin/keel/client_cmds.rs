@@ -600,6 +600,7 @@ pub fn consume(args: ConsumeArgs, connect: Connect) -> anyhow::Result<()> {
                 }
                 Err(e) => return Err(e.into()),
             };
+            crate::consume::report_retention_skips(&args.topic, consumer.take_retention_skips());
             if messages.is_empty() {
                 if args.idle_timeout.is_some_and(|t| last_message.elapsed() >= t) {
                     break;

@@ -19,6 +19,13 @@ const POLL_WAIT: Duration = Duration::from_millis(500);
 /// Bytes of an `--exec` command's stderr kept as the nack reason (its tail).
 const EXEC_REASON_BYTES: usize = 400;
 
+/// Tells the user (on stderr) that the consumer moved past messages retention deleted.
+pub fn report_retention_skips(topic: &str, skips: Vec<keel_client::consumer::RetentionSkip>) {
+    for s in skips {
+        eprintln!("{topic}/{}: offsets {}..{} were deleted by retention before they were read; going on from {}", s.partition, s.from, s.to, s.to);
+    }
+}
+
 /// Stream mode: read from the group's committed offsets; on exit (max, idle, Ctrl-C)
 /// commit the position after the last message printed in each partition.
 pub async fn stream_group(args: ConsumeArgs, connect: Connect, start: StartAt, json: bool) -> anyhow::Result<()> {
@@ -36,6 +43,7 @@ pub async fn stream_group(args: ConsumeArgs, connect: Connect, start: StartAt, j
             m = consumer.poll(POLL_WAIT) => m?,
             _ = &mut interrupted => break,
         };
+        report_retention_skips(&args.topic, consumer.take_retention_skips());
         if messages.is_empty() {
             if args.idle_timeout.is_some_and(|t| last_message.elapsed() >= t) {
                 break;
