@@ -214,6 +214,7 @@ impl Log {
         atomic_file::sync_dir(d, &dir)?;
         let mut log = Log::from_parts(disk, dir, config, state);
         log.damage_found = damage_found;
+        log.debug_check(&log.state.lock().expect("a fresh log's state lock is not poisoned"), "opening");
         Ok(log)
     }
 }

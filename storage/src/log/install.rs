@@ -70,6 +70,7 @@ impl Log {
         new_state.poisoned = None;
         *st = new_state;
         self.durable.reset(st.next_index);
+        self.debug_check(&st, "an install");
         Ok(())
     }
 }

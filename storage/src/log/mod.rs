@@ -199,6 +199,51 @@ impl State {
         self.cache.front().map_or(self.next_index, |c| c.entry.meta.id.index)
     }
 
+    /// Checks the bookkeeping invariants of `storage/DESIGN.md` that the log relies on
+    /// (1: segments chain by index; 2: `synced_len <= written_len <= len`; 3: the tail
+    /// cache is contiguous and ends at the last entry; the purge point lies before every
+    /// readable entry). `Err` names the first one broken. Run by debug builds after every
+    /// change of the log's shape (open, truncate, purge, install).
+    pub(crate) fn check_invariants(&self) -> Result<(), String> {
+        for pair in self.segments.windows(2) {
+            let (a, b) = (&pair[0], &pair[1]);
+            if !a.sealed {
+                return Err(format!("segment {} is followed by {} but not sealed", a.first_index, b.first_index));
+            }
+            if let Some(last) = a.last_index {
+                if b.first_index != last + 1 {
+                    return Err(format!("segment {} ends at {last} but the next starts at {}", a.first_index, b.first_index));
+                }
+            }
+        }
+        for seg in &self.segments {
+            if !(seg.synced_len <= seg.written_len && seg.written_len <= seg.len) {
+                return Err(format!("segment {}: synced {} / written {} / len {} out of order", seg.first_index, seg.synced_len, seg.written_len, seg.len));
+            }
+        }
+        let mut expected = self.cache.front().map(|c| c.entry.meta.id.index);
+        for c in &self.cache {
+            if Some(c.entry.meta.id.index) != expected {
+                return Err(format!("tail cache holds {} where {expected:?} was expected", c.entry.meta.id.index));
+            }
+            expected = Some(c.entry.meta.id.index + 1);
+        }
+        if let Some(end) = expected {
+            if end != self.next_index {
+                return Err(format!("tail cache ends at {end}, the log at {}", self.next_index));
+            }
+        }
+        if let (Some(p), Some(first)) = (self.purged, self.segments.first().and_then(|s| s.last_index.map(|_| s.first_index))) {
+            if first > p.index + 1 {
+                return Err(format!("a hole: purged up to {} but the first segment starts at {first}", p.index));
+            }
+        }
+        if self.last.is_some_and(|l| l.index + 1 != self.next_index) {
+            return Err(format!("last entry {:?} but next index {}", self.last, self.next_index));
+        }
+        Ok(())
+    }
+
     fn segment_for_index(&self, index: u64) -> Option<usize> {
         let i = self.segments.partition_point(|s| s.first_index <= index);
         i.checked_sub(1)
@@ -249,6 +294,16 @@ impl Log {
 
     pub fn config(&self) -> &LogConfig {
         &self.config
+    }
+
+    /// In debug builds, panics if the log's bookkeeping breaks an invariant it relies on
+    /// (`State::check_invariants`): a bug, caught where it happens.
+    pub(crate) fn debug_check(&self, st: &State, after: &str) {
+        if cfg!(debug_assertions) {
+            if let Err(broken) = st.check_invariants() {
+                panic!("{}: log invariant broken after {after}: {broken}", self.dir.display());
+            }
+        }
     }
 
     fn lock_state(&self) -> MutexGuard<'_, State> {

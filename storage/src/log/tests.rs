@@ -31,3 +31,17 @@ fn a_failed_fsync_poisons_the_log_and_is_never_retried() {
     let log = Log::open(dir.path(), LogConfig::default()).unwrap();
     assert!(log.state().last.unwrap().index >= 1);
 }
+
+#[test]
+fn the_invariant_check_names_a_broken_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), LogConfig::default()).unwrap();
+    log.append([entry(1, 0, b"a"), entry(2, 1, b"b")]).unwrap();
+    log.flush().unwrap();
+    assert_eq!(log.lock_state().check_invariants(), Ok(()));
+    log.lock_state().last = Some(LogId { term: 1, index: 9 });
+    assert!(log.lock_state().check_invariants().unwrap_err().contains("but next index 3"));
+    log.lock_state().last = Some(LogId { term: 1, index: 2 });
+    log.lock_state().next_index = 7;
+    assert!(log.lock_state().check_invariants().unwrap_err().contains("tail cache ends at 3"));
+}

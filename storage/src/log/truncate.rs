@@ -86,6 +86,7 @@ impl Log {
         st.written_end = st.next_index;
         st.durable_last = st.last;
         self.durable.reset(st.next_index);
+        self.debug_check(&st, "a truncation");
         Ok(())
     }
 
@@ -136,6 +137,7 @@ impl Log {
         if removed {
             atomic_file::sync_dir(&*self.disk, &self.dir)?;
         }
+        self.debug_check(&st, "a purge");
         Ok(())
     }
 
