@@ -13,6 +13,9 @@ use keel_protocol::TopicConfigPatch;
 
 use super as dev_cluster;
 
+/// Lines of each node's log a failing test prints.
+const DIAGNOSTIC_LOG_LINES: usize = 60;
+
 pub struct Dev {
     pub dir: tempfile::TempDir,
     pub process: Child,
@@ -91,6 +94,17 @@ impl Dev {
 
 impl Drop for Dev {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // The test failed: the end of each node's log says what the cluster did.
+            for node in 1..=3 {
+                let log = std::fs::read_to_string(self.dir.path().join(format!("node{node}/keel.log"))).unwrap_or_default();
+                let lines: Vec<&str> = log.lines().collect();
+                eprintln!("---- the last lines of node {node}'s log ----");
+                for line in &lines[lines.len().saturating_sub(DIAGNOSTIC_LOG_LINES)..] {
+                    eprintln!("{line}");
+                }
+            }
+        }
         for node in 1..=3 {
             if let Some(pid) = dev_cluster::pid_of(self.dir.path(), node) {
                 // SAFETY: kill(2) on a node process this test's keel dev started.
