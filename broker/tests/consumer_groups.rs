@@ -257,11 +257,14 @@ async fn a_killed_member_s_leases_go_to_another_member_after_the_lease_timeout_a
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_member_never_holds_more_than_its_credit_while_a_fast_member_drains_the_rest_even_across_a_leader_kill() {
+    const LEASE_MS: u64 = 15_000;
     let _serial = SERIAL.lock().await;
     let dev = Dev::start(27_000);
     dev.create_topic("work", 3, TopicConfigPatch::default()).await;
-    // Leases longer than the test: the slow member's must outlive the leader kill.
-    let pool = GroupConfigPatch { lease_timeout_ms: Some(300_000), ..GroupConfigPatch::default() };
+    // The slow member keeps its leases by extending them (well within the timeout, so
+    // they outlive the leader kill); a lease whose delivery answer died with the killed
+    // leader runs out and comes back to the fast member within the test.
+    let pool = GroupConfigPatch { lease_timeout_ms: Some(LEASE_MS), ..GroupConfigPatch::default() };
     Admin::new(dev.cluster.clone()).configure_group("pool", pool).await.unwrap();
     dev.produce("work", (0..600).map(|i| Record::new(format!("w-{i}")).with_key(format!("k{i}"))).collect()).await;
 
@@ -274,10 +277,18 @@ async fn a_slow_member_never_holds_more_than_its_credit_while_a_fast_member_drai
     let mut held: Vec<Delivery> = Vec::new();
     let mut fast_acked: BTreeSet<(u32, u64)> = BTreeSet::new();
     let mut killed = false;
+    let mut extended_at = Instant::now();
     let deadline = Instant::now() + Duration::from_secs(60);
     while held.len() + fast_acked.len() < 600 {
         assert!(Instant::now() < deadline, "fast acked {} and slow holds {}: not all 600 delivered", fast_acked.len(), held.len());
         held.extend(slow.poll(Duration::from_millis(50)).await.unwrap());
+        if extended_at.elapsed() >= Duration::from_millis(LEASE_MS / 6) {
+            // Failures (during the kill) are retried at the next round.
+            for d in &held {
+                let _ = d.extend(None).await;
+            }
+            extended_at = Instant::now();
+        }
         assert!(held.len() <= 6, "the slow member was sent {} messages with a credit of 6", held.len());
         if !killed && fast_acked.len() >= 200 {
             dev.kill_leader("work", 0).await;
