@@ -52,6 +52,8 @@
 //! | `keel_snapshots_installed_total` | counter | with_log | snapshot transfers this node completed as follower: `true` with a staged log installed in place of its own, `false` when its log already held the snapshot's last entry |
 //! | `keel_retention_purged_segments_total` | counter | — | segment files retention deleted on this node |
 //! | `keel_log_start_offset` | gauge | group | the partition's first retained offset (the fold's retention cut) |
+//! | `keel_replication_appends_sent_total` | counter | pipelined | AppendEntries requests this node sent as leader on replication streams: `pipelined="true"` when earlier requests of the same stream were still unanswered (`peer/pipeline.rs`) |
+//! | `keel_append_streams_opened_total` | counter | — | replication streams this node opened as follower (one per leader's replication session; a jump means sessions keep restarting) |
 //! | `keel_jobs` | gauge | state | on the metadata leader: jobs the cluster remembers, by state (`running`, `paused`, `done`, `cancelled`, `failed`) |
 //!
 //! The consumer and dead-letter gauges are set by the partition's leader; a node that
@@ -164,6 +166,12 @@ fn describe() {
     describe_counter!(JOB_MESSAGES, Unit::Count, "Source records replay and redrive jobs handled here, by kind and outcome.");
     describe_gauge!(JOB_PROGRESS, Unit::Count, "Share of an active job's source range handled (on the metadata leader).");
     describe_gauge!(JOBS, Unit::Count, "Jobs the cluster remembers, by state (on the metadata leader).");
+    describe_counter!(
+        REPLICATION_APPENDS_SENT,
+        Unit::Count,
+        "AppendEntries requests sent on replication streams; pipelined=true when earlier ones were unanswered."
+    );
+    describe_counter!(APPEND_STREAMS_OPENED, Unit::Count, "Replication streams opened on this node as follower.");
 }
 
 /// Source records a job handled: `copied`, `skipped`, `quarantined`.
@@ -178,6 +186,20 @@ pub fn snapshot_bytes(direction: &'static str, bytes: u64) {
 }
 
 pub const QUEUE_EXPIRED: &str = "keel_queue_expired_total";
+
+pub const REPLICATION_APPENDS_SENT: &str = "keel_replication_appends_sent_total";
+pub const APPEND_STREAMS_OPENED: &str = "keel_append_streams_opened_total";
+
+/// One AppendEntries sent on a replication stream, `pipelined` if earlier ones of the
+/// stream were unanswered.
+pub fn replication_append_sent(pipelined: bool) {
+    counter!(REPLICATION_APPENDS_SENT, "pipelined" => if pipelined { "true" } else { "false" }).increment(1);
+}
+
+/// A replication stream opened on this node as follower.
+pub fn append_stream_opened() {
+    counter!(APPEND_STREAMS_OPENED).increment(1);
+}
 
 pub const DISK_FREE_BYTES: &str = "keel_disk_free_bytes";
 pub const DISK_FULL: &str = "keel_disk_full";

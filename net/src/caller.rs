@@ -56,7 +56,7 @@ type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Answer>>>>;
 struct Connection {
     /// The protocol version negotiated in the handshake.
     version: u16,
-    tx: mpsc::Sender<Frame>,
+    tx: mpsc::Sender<(Frame, Vec<Bytes>)>,
     pending: Pending,
     closed: Arc<AtomicBool>,
     inflight: Arc<Semaphore>,
@@ -117,22 +117,37 @@ impl Caller {
         self.call_versioned(api_key, &|_| payload.clone(), timeout).await.map(|(_, body)| body)
     }
 
+    /// Like [`Caller::call`], with a payload made of `head` followed by the `tail`
+    /// parts, each written from its own buffer (a header and the record batches after
+    /// it, without copying them into one request buffer).
+    pub async fn call_with_tail(&self, api_key: u16, head: Bytes, tail: Vec<Bytes>, timeout: Duration) -> Result<Bytes, CallError> {
+        let parts = std::sync::Mutex::new(Some(tail));
+        let take_tail = || parts.lock().expect("tail lock poisoned").take().unwrap_or_default();
+        self.send_call(api_key, &|_| (head.clone(), take_tail()), timeout).await.map(|(_, body)| body)
+    }
+
     /// Like [`Caller::call`], for versioned bodies: `encode` builds the payload for the
     /// connection's negotiated protocol version, which is returned with the answer so
     /// the caller decodes it for the same version.
     pub async fn call_versioned(&self, api_key: u16, encode: &(dyn Fn(u16) -> Bytes + Sync), timeout: Duration) -> Result<(u16, Bytes), CallError> {
+        self.send_call(api_key, &|version| (encode(version), Vec::new()), timeout).await
+    }
+
+    /// Sends a request whose payload `encode` builds (head and tail parts) for the
+    /// connection's version, and waits for the answer.
+    async fn send_call(&self, api_key: u16, encode: &(dyn Fn(u16) -> (Bytes, Vec<Bytes>) + Sync), timeout: Duration) -> Result<(u16, Bytes), CallError> {
         let deadline = Instant::now() + timeout;
         let timed_out = || CallError::Timeout { target: self.target, timeout };
         let conn = timeout_at(deadline, self.connection()).await.map_err(|_| timed_out())??;
         let version = conn.version;
-        let payload = encode(version);
+        let (payload, tail) = encode(version);
         let _permit =
             timeout_at(deadline, conn.inflight.clone().acquire_owned()).await.map_err(|_| timed_out())?.expect("the in-flight semaphore is never closed");
         let correlation_id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         conn.pending.lock().expect("pending lock poisoned").insert(correlation_id, tx);
         let frame = Frame::Request { correlation_id, api_key, payload };
-        if timeout_at(deadline, conn.tx.send(frame)).await.map_err(|_| timed_out())?.is_err() {
+        if timeout_at(deadline, conn.tx.send((frame, tail))).await.map_err(|_| timed_out())?.is_err() {
             conn.pending.lock().expect("pending lock poisoned").remove(&correlation_id);
             conn.closed.store(true, Ordering::Release);
             return Err(CallError::Disconnected { target: self.target, reason: "writer stopped".into() });
@@ -194,7 +209,7 @@ impl Caller {
             }
         }
 
-        let (tx, mut rx) = mpsc::channel::<Frame>(SEND_QUEUE_CAPACITY);
+        let (tx, mut rx) = mpsc::channel::<(Frame, Vec<Bytes>)>(SEND_QUEUE_CAPACITY);
         let pending: Pending = Arc::default();
         let closed = Arc::new(AtomicBool::new(false));
         let target = self.target;
@@ -202,12 +217,12 @@ impl Caller {
             let (pending, closed) = (pending.clone(), closed.clone());
             tokio::spawn(async move {
                 let reason = loop {
-                    let Some(frame) = rx.recv().await else { break "client dropped".to_string() };
-                    writer.feed(&frame);
+                    let Some((frame, tail)) = rx.recv().await else { break "client dropped".to_string() };
+                    writer.feed_with_tail(&frame, &tail);
                     // Gather whatever else is queued into the same write, up to a bound.
                     while writer.queued() < WRITE_GATHER_BYTES_MAX {
-                        let Ok(frame) = rx.try_recv() else { break };
-                        writer.feed(&frame);
+                        let Ok((frame, tail)) = rx.try_recv() else { break };
+                        writer.feed_with_tail(&frame, &tail);
                     }
                     if let Err(e) = writer.flush().await {
                         break e.to_string();

@@ -32,18 +32,28 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
 
     /// Queues `frame` behind the frames already queued.
     pub fn feed(&mut self, frame: &Frame) {
+        self.feed_with_tail(frame, &[]);
+    }
+
+    /// Queues `frame` with `tail` following its payload on the wire, as part of the
+    /// same payload (the length prefix counts it): a header and the record batches
+    /// after it, each sent from its own buffer.
+    pub fn feed_with_tail(&mut self, frame: &Frame, tail: &[Bytes]) {
+        let tail_len: usize = tail.iter().map(Bytes::len).sum();
         let before = self.packed.len();
-        let payload_len = frame.encode_head(&mut self.packed).len();
-        self.queued += self.packed.len() - before + payload_len;
+        let payload_len = frame.encode_head_with_tail(&mut self.packed, tail_len).len();
+        self.queued += self.packed.len() - before + payload_len + tail_len;
         let payload = match frame {
             Frame::Request { payload, .. } | Frame::Response { payload, .. } => payload,
             Frame::Hello { .. } | Frame::HelloAck { .. } => return,
         };
-        if payload.len() >= VECTORED_PAYLOAD_MIN {
-            self.pieces.push(self.packed.split().freeze());
-            self.pieces.push(payload.clone());
-        } else {
-            self.packed.extend_from_slice(payload);
+        for part in std::iter::once(payload).chain(tail) {
+            if part.len() >= VECTORED_PAYLOAD_MIN {
+                self.pieces.push(self.packed.split().freeze());
+                self.pieces.push(part.clone());
+            } else {
+                self.packed.extend_from_slice(part);
+            }
         }
     }
 
@@ -144,6 +154,25 @@ mod tests {
             w.flush().await.unwrap();
             assert_eq!(w.queued(), 0);
             assert!(w.io.out == expected[..], "step {step}: the wire bytes differ from the frames' encoding");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_frame_fed_with_a_tail_is_on_the_wire_exactly_as_the_frame_of_its_joined_payload() {
+        let head = Bytes::from(vec![3u8; 40]);
+        let tail =
+            vec![Bytes::from(vec![5u8; VECTORED_PAYLOAD_MIN + 1]), Bytes::from(vec![6u8; 10]), Bytes::new(), Bytes::from(vec![7u8; VECTORED_PAYLOAD_MIN * 2])];
+        let joined: Vec<u8> = std::iter::once(&head).chain(&tail).flat_map(|b| b.iter().copied()).collect();
+        let mut expected = BytesMut::new();
+        Frame::Request { correlation_id: 9, api_key: 4, payload: Bytes::from(joined.clone()) }.encode(&mut expected);
+        Frame::Response { correlation_id: 9, error: ErrorCode::None, message: "x".into(), payload: Bytes::from(joined) }.encode(&mut expected);
+        for step in [1, 13, usize::MAX / 2] {
+            let mut w = FrameWriter::new(Trickle { out: Vec::new(), step });
+            w.feed_with_tail(&Frame::Request { correlation_id: 9, api_key: 4, payload: head.clone() }, &tail);
+            w.feed_with_tail(&Frame::Response { correlation_id: 9, error: ErrorCode::None, message: "x".into(), payload: head.clone() }, &tail);
+            assert_eq!(w.queued(), expected.len());
+            w.flush().await.unwrap();
+            assert!(w.io.out == expected[..], "step {step}: a frame with a tail differs from the frame of its joined payload");
         }
     }
 }

@@ -27,22 +27,30 @@ pub struct Reply {
     /// What failed and what to do, for a non-`None` error.
     pub message: String,
     pub payload: Bytes,
+    /// More of the payload, after `payload`, each part written from its own buffer
+    /// (record batches after their header: no copy into one answer buffer).
+    pub tail: Vec<Bytes>,
     /// Send nothing and close the connection (fault injection: a lost answer).
     pub close_connection: bool,
 }
 
 impl Reply {
     pub fn ok(payload: Bytes) -> Reply {
-        Reply { error: ErrorCode::None, message: String::new(), payload, close_connection: false }
+        Reply { error: ErrorCode::None, message: String::new(), payload, tail: Vec::new(), close_connection: false }
+    }
+
+    /// Success with a payload made of `head` followed by the `tail` parts.
+    pub fn ok_with_tail(head: Bytes, tail: Vec<Bytes>) -> Reply {
+        Reply { tail, ..Reply::ok(head) }
     }
 
     pub fn error(error: ErrorCode, message: impl Into<String>) -> Reply {
-        Reply { error, message: message.into(), payload: Bytes::new(), close_connection: false }
+        Reply { error, message: message.into(), payload: Bytes::new(), tail: Vec::new(), close_connection: false }
     }
 
     /// An error with a body giving details (e.g. `NotLeader`'s leader address).
     pub fn error_with(error: ErrorCode, message: impl Into<String>, payload: Bytes) -> Reply {
-        Reply { error, message: message.into(), payload, close_connection: false }
+        Reply { error, message: message.into(), payload, tail: Vec::new(), close_connection: false }
     }
 
     /// No answer: the connection is closed instead, as if the answer had been lost.
@@ -141,6 +149,12 @@ fn answer(correlation_id: u64, reply: Reply) -> Frame {
     Frame::Response { correlation_id, error: reply.error, message: reply.message, payload: reply.payload }
 }
 
+/// An answer and the rest of its payload, as queued for a connection's writer.
+fn answer_with_tail(correlation_id: u64, mut reply: Reply) -> (Frame, Vec<Bytes>) {
+    let tail = std::mem::take(&mut reply.tail);
+    (answer(correlation_id, reply), tail)
+}
+
 async fn serve(stream: TcpStream, service: Arc<dyn Service>, options: ServeOptions) -> Result<(), String> {
     crate::socket::configure(&stream).map_err(|e| e.to_string())?;
     let (r, w) = stream.into_split();
@@ -189,14 +203,14 @@ async fn serve(stream: TcpStream, service: Arc<dyn Service>, options: ServeOptio
         }
     }
 
-    let (tx, mut rx) = mpsc::channel::<Frame>(options.send_queue_capacity);
+    let (tx, mut rx) = mpsc::channel::<(Frame, Vec<Bytes>)>(options.send_queue_capacity);
     let writer_task = tokio::spawn(async move {
-        while let Some(frame) = rx.recv().await {
-            writer.feed(&frame);
+        while let Some((frame, tail)) = rx.recv().await {
+            writer.feed_with_tail(&frame, &tail);
             // Gather whatever else is queued into the same write, up to a bound.
             while writer.queued() < WRITE_GATHER_BYTES_MAX {
-                let Ok(frame) = rx.try_recv() else { break };
-                writer.feed(&frame);
+                let Ok((frame, tail)) = rx.try_recv() else { break };
+                writer.feed_with_tail(&frame, &tail);
             }
             writer.flush().await?;
         }
@@ -213,13 +227,13 @@ async fn serve(stream: TcpStream, service: Arc<dyn Service>, options: ServeOptio
         let frame = match next {
             Some(Ok(frame)) => frame,
             Some(Err(e)) => {
-                let _ = tx.send(answer(0, Reply::error(ErrorCode::MalformedFrame, e.to_string()))).await;
+                let _ = tx.send(answer_with_tail(0, Reply::error(ErrorCode::MalformedFrame, e.to_string()))).await;
                 break Err(e.to_string());
             }
             None => break Ok(()),
         };
         let Frame::Request { correlation_id, api_key, payload } = frame else {
-            let _ = tx.send(answer(0, Reply::error(ErrorCode::MalformedFrame, "only requests are accepted after the handshake"))).await;
+            let _ = tx.send(answer_with_tail(0, Reply::error(ErrorCode::MalformedFrame, "only requests are accepted after the handshake"))).await;
             break Err("a non-request frame after the handshake".into());
         };
         let permit = limit.clone().acquire_owned().await.expect("the limit semaphore is never closed");
@@ -229,7 +243,7 @@ async fn serve(stream: TcpStream, service: Arc<dyn Service>, options: ServeOptio
             if reply.close_connection {
                 close.notify_one();
             } else {
-                let _ = tx.send(answer(correlation_id, reply)).await;
+                let _ = tx.send(answer_with_tail(correlation_id, reply)).await;
             }
             drop(permit);
         });

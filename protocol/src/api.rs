@@ -72,6 +72,9 @@ pub mod peer {
     /// What the receiver knows of one group (vote, log end, leadership), asked by a
     /// node that found that group's local state empty; see `broker/src/node/rejoin.rs`.
     pub const GROUP_PROBE: u16 = 1002;
+    /// One pipelined AppendEntries request: a postcard header, then the entries' bytes
+    /// (`broker/src/peer/wire.rs`, `AppendHead`).
+    pub const APPEND: u16 = 1003;
 }
 
 /// Whether `key` belongs to the broker-to-broker range.

@@ -129,6 +129,13 @@ impl Frame {
     /// counts the payload) and returns the payload, which must follow on the wire: a
     /// writer can send it from where it lies instead of copying it.
     pub fn encode_head(&self, dst: &mut BytesMut) -> &[u8] {
+        self.encode_head_with_tail(dst, 0)
+    }
+
+    /// Like [`Frame::encode_head`], for a request or response whose payload continues
+    /// with `tail_len` more bytes after `payload` (written from elsewhere, e.g. record
+    /// batches after their header): the length prefix counts them.
+    pub fn encode_head_with_tail(&self, dst: &mut BytesMut, tail_len: usize) -> &[u8] {
         let start = dst.len();
         dst.put_u32_le(0);
         let payload: &[u8] = match self {
@@ -160,7 +167,7 @@ impl Frame {
                 payload
             }
         };
-        let body_len = (dst.len() - start - LENGTH_PREFIX_LEN + payload.len()) as u32;
+        let body_len = (dst.len() - start - LENGTH_PREFIX_LEN + payload.len() + tail_len) as u32;
         dst[start..start + LENGTH_PREFIX_LEN].copy_from_slice(&body_len.to_le_bytes());
         payload
     }

@@ -72,6 +72,10 @@ struct Args {
     /// Report each `keel dev` node's peak resident memory (from --data-dir's PID files).
     #[arg(long)]
     rss: bool,
+    /// Report the `keel dev` nodes' CPU time (utime + stime, from /proc) over the
+    /// produce phase, per acknowledged message (PIDs from --data-dir's PID files).
+    #[arg(long)]
+    cpu: bool,
     /// Producer linger.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "2ms")]
     linger: Duration,
@@ -233,6 +237,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         failed: 0,
         first_error: None,
     }));
+    let cpu_before = args.cpu.then(|| node_cpu_ticks(&args.data_dir));
     let started = Instant::now();
     let deadline = started + args.duration;
     let per_producer_cap = args.messages.map(|m| m.div_ceil(args.producers as u64));
@@ -351,6 +356,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         sent += t.await?;
     }
     let elapsed = started.elapsed();
+    let cpu_after = args.cpu.then(|| node_cpu_ticks(&args.data_dir));
     // Every acknowledgement task has finished (each producer waited for its window),
     // so the shared results can be taken out whole.
     let s = std::mem::replace(
@@ -390,6 +396,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         h.value_at_quantile(0.999) as f64 / 1000.0,
         h.max() as f64 / 1000.0
     );
+    if let (Some(before), Some(after)) = (&cpu_before, &cpu_after) {
+        summary["cpu"] = cpu_report(before, after, acked, elapsed);
+    }
     if let Some(gap) = gap_after_kill {
         println!("failover: longest gap between acknowledgements after the kill: {:.0} ms", gap.as_secs_f64() * 1000.0);
     }
@@ -491,6 +500,69 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     println!("{summary}");
     Ok(())
+}
+
+/// Clock ticks per second of /proc's utime and stime (USER_HZ).
+fn clock_ticks_per_s() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if hz > 0 {
+        hz as f64
+    } else {
+        100.0
+    }
+}
+
+/// utime + stime in clock ticks of `pid` (fields 14 and 15 of /proc/PID/stat, counted
+/// after the command name, which may hold spaces).
+fn process_cpu_ticks(pid: &str) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after_name = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+}
+
+/// Per `keel dev` node (by id), its CPU ticks now; and the bench's own, as node 0.
+fn node_cpu_ticks(data_dir: &std::path::Path) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    for id in 1..=9u64 {
+        let Ok(pid) = std::fs::read_to_string(data_dir.join(format!("node{id}/keel.pid"))) else { continue };
+        if let Some(t) = process_cpu_ticks(pid.trim()) {
+            out.push((id, t));
+        }
+    }
+    if let Some(t) = process_cpu_ticks("self") {
+        out.push((0, t));
+    }
+    out
+}
+
+/// The nodes' CPU over the produce phase, in µs per acknowledged message (all nodes
+/// summed), and each node's share of a core.
+fn cpu_report(before: &[(u64, u64)], after: &[(u64, u64)], acked: u64, elapsed: Duration) -> serde_json::Value {
+    let hz = clock_ticks_per_s();
+    let spent = |id: u64| -> Option<f64> {
+        let b = before.iter().find(|(i, _)| *i == id)?.1;
+        let a = after.iter().find(|(i, _)| *i == id)?.1;
+        Some(a.saturating_sub(b) as f64 / hz)
+    };
+    let mut nodes = serde_json::Map::new();
+    let mut total = 0.0;
+    for (id, _) in after.iter().filter(|(id, _)| *id != 0) {
+        if let Some(s) = spent(*id) {
+            total += s;
+            nodes.insert(id.to_string(), serde_json::json!({"cpu_seconds": s, "cores": s / elapsed.as_secs_f64()}));
+        }
+    }
+    let per_msg_us = total * 1e6 / acked.max(1) as f64;
+    let bench = spent(0).unwrap_or(0.0);
+    println!(
+        "cpu: nodes {total:.2} s over {:.1} s = {per_msg_us:.2} µs per acknowledged message ({}); load generator {bench:.2} s = {:.2} µs per message",
+        elapsed.as_secs_f64(),
+        nodes.iter().map(|(id, v)| format!("node {id} {:.2} cores", v["cores"].as_f64().unwrap_or(0.0))).collect::<Vec<_>>().join(", "),
+        bench * 1e6 / acked.max(1) as f64
+    );
+    serde_json::json!({"node_seconds": total, "us_per_message": per_msg_us, "nodes": nodes, "bench_seconds": bench, "bench_us_per_message": bench * 1e6 / acked.max(1) as f64})
 }
 
 /// The priority phase: a fresh queue group of `--queue-members` drains the topic's

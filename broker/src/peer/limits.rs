@@ -18,3 +18,18 @@ pub const SNAPSHOT_CHUNK_BYTES: u64 = 1024 * 1024;
 /// How long one snapshot-transfer step (offer, chunk, install) may take before the
 /// transfer is abandoned (openraft retries it; the staged entries are kept).
 pub const SNAPSHOT_STEP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// AppendEntries requests of one replication stream (one group, one follower) in
+/// flight at once (`super::pipeline`). A follower holds at most twice this many early
+/// arrivals of one stream.
+pub const APPEND_PIPELINE_DEPTH: usize = 16;
+
+/// How long one pipelined AppendEntries may take: longer than a heartbeat period,
+/// since a request waits for the fsyncs of those before it on a slow disk. Leader
+/// liveness does not depend on it (heartbeats have their own timeout); on expiry the
+/// stream ends and openraft starts a new one from what was acknowledged.
+pub const PIPELINED_APPEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Replaced append-stream ids a follower remembers per (group, leader), to refuse late
+/// requests of a replaced stream.
+pub const RETIRED_STREAMS_KEPT: usize = 8;

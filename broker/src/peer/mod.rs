@@ -11,6 +11,8 @@
 //! - [`server`]: the peer listener: verifies who connects, dispatches each RPC to the
 //!   group's Raft, answers on the same connection.
 //! - [`network`]: openraft's `RaftNetworkFactory` / `RaftNetworkV2` over the `PeerPool`'s callers.
+//! - [`pipeline`]: AppendEntries sent without waiting for earlier answers, handed to
+//!   the follower's Raft in order.
 //! - [`snapshot`]: a snapshot with the leader's retained log entries, in chunks, to a
 //!   staged log on the follower; resumable; installed in place of its log.
 //! - [`faults`]: blocking peers, for partition tests.
@@ -19,6 +21,7 @@
 pub mod faults;
 pub mod limits;
 pub mod network;
+pub mod pipeline;
 pub mod pool;
 pub mod server;
 pub mod snapshot;

@@ -6,10 +6,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::Stream;
 use keel_protocol::api;
+use openraft::base::{BoxFuture, BoxStream};
 use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
-use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
-use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse};
+use openraft::network::{stream_append_sequential, RPCOption, RaftNetworkFactory, RaftNetworkV2};
+use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult, VoteRequest, VoteResponse};
 use openraft::BasicNode;
 
 use keel_net::{CallError, Caller};
@@ -39,19 +41,40 @@ impl GroupNetworkFactory {
 }
 
 /// The network client of one group to one target node.
+#[derive(Clone)]
 pub struct GroupNetwork {
     pub(super) group: GroupId,
     pub(super) target: u64,
     caller: Arc<Caller>,
     faults: Arc<super::faults::PeerFaults>,
     log: Arc<Log>,
+    /// Replication streams pipeline their requests (`super::pipeline`); heartbeats,
+    /// single requests, do not.
+    pipelined: bool,
+}
+
+impl GroupNetworkFactory {
+    fn client(&self, target: u64, node: &BasicNode, pipelined: bool) -> GroupNetwork {
+        GroupNetwork {
+            group: self.group,
+            target,
+            caller: self.pool.caller(target, &node.addr),
+            faults: self.pool.faults.clone(),
+            log: self.log.clone(),
+            pipelined,
+        }
+    }
 }
 
 impl RaftNetworkFactory<TypeConfig> for GroupNetworkFactory {
     type Network = GroupNetwork;
 
     async fn new_client(&mut self, target: u64, node: &BasicNode) -> GroupNetwork {
-        GroupNetwork { group: self.group, target, caller: self.pool.caller(target, &node.addr), faults: self.pool.faults.clone(), log: self.log.clone() }
+        self.client(target, node, true)
+    }
+
+    async fn new_heartbeat_client(&mut self, target: u64, node: &BasicNode) -> GroupNetwork {
+        self.client(target, node, false)
     }
 }
 
@@ -70,13 +93,35 @@ fn to_rpc_error(e: CallError) -> RPCError<TypeConfig> {
 }
 
 impl GroupNetwork {
+    /// A copy of this client for one pipelined stream's requests.
+    pub(super) fn clone_for_stream(&self) -> GroupNetwork {
+        self.clone()
+    }
+
     pub(super) async fn call(&self, rpc: RaftRpc, timeout: Duration) -> Result<RaftReply, RPCError<TypeConfig>> {
+        let request = RaftRequest { group: self.group, rpc };
+        let payload = postcard::to_allocvec(&request).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        self.send(api::peer::RAFT, Bytes::from(payload), Vec::new(), timeout).await
+    }
+
+    /// Request `seq` of the pipelined append stream `stream` (`super::pipeline`): the
+    /// entries' bytes go from the log's buffers to the socket without a copy.
+    pub(super) async fn call_append(
+        &self,
+        stream: u64,
+        seq: u64,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        timeout: Duration,
+    ) -> Result<RaftReply, RPCError<TypeConfig>> {
+        let (head, tail) = super::wire::encode_append(self.group, stream, seq, rpc).map_err(|e| RPCError::Network(NetworkError::new(&RemoteFailure(e))))?;
+        self.send(api::peer::APPEND, head, tail, timeout).await
+    }
+
+    async fn send(&self, api_key: u16, head: Bytes, tail: Vec<Bytes>, timeout: Duration) -> Result<RaftReply, RPCError<TypeConfig>> {
         if self.faults.is_blocked(self.target) {
             return Err(RPCError::Unreachable(Unreachable::new(&RemoteFailure(format!("node {} is partitioned away (fault injection)", self.target)))));
         }
-        let request = RaftRequest { group: self.group, rpc };
-        let payload = postcard::to_allocvec(&request).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let answer = self.caller.call(api::peer::RAFT, Bytes::from(payload), timeout).await.map_err(to_rpc_error)?;
+        let answer = self.caller.call_with_tail(api_key, head, tail, timeout).await.map_err(to_rpc_error)?;
         let reply: RaftReply = postcard::from_bytes(&answer).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         match reply {
             RaftReply::UnknownGroup(g) => Err(RPCError::Network(NetworkError::new(&RemoteFailure(format!("node has no group {g}"))))),
@@ -101,6 +146,21 @@ impl RaftNetworkV2<TypeConfig> for GroupNetwork {
         match self.call(RaftRpc::Append(rpc), option.hard_ttl()).await? {
             RaftReply::Append(r) => Ok(r),
             other => Err(unexpected(other)),
+        }
+    }
+
+    fn stream_append<'s, S>(
+        &'s mut self,
+        input: S,
+        option: RPCOption,
+    ) -> BoxFuture<'s, Result<BoxStream<'s, Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>>, RPCError<TypeConfig>>>
+    where
+        S: Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + Unpin + 'static,
+    {
+        if self.pipelined {
+            super::pipeline::send(self, input)
+        } else {
+            stream_append_sequential(self, input, option)
         }
     }
 

@@ -73,6 +73,8 @@ struct PeerService {
     node_id: u64,
     cluster: String,
     groups: GroupRegistry,
+    /// Pipelined append streams from leaders (`super::pipeline`).
+    streams: super::pipeline::AppendStreams,
 }
 
 impl Service for PeerService {
@@ -80,6 +82,10 @@ impl Service for PeerService {
         Box::pin(async move {
             match api_key {
                 api::peer::RAFT => match handle_raft(&self, &payload).await {
+                    Ok(bytes) => Reply::ok(bytes),
+                    Err(msg) => Reply::error(ErrorCode::MalformedFrame, msg),
+                },
+                api::peer::APPEND => match handle_append(&self, caller, &payload).await {
                     Ok(bytes) => Reply::ok(bytes),
                     Err(msg) => Reply::error(ErrorCode::MalformedFrame, msg),
                 },
@@ -109,7 +115,7 @@ impl Service for PeerService {
 impl PeerServer {
     /// Binds `addr` and starts serving node `node_id` of `cluster`.
     pub async fn bind(addr: &str, node_id: u64, cluster: &str, groups: GroupRegistry) -> std::io::Result<PeerServer> {
-        let service = Arc::new(PeerService { node_id, cluster: cluster.to_string(), groups });
+        let service = Arc::new(PeerService { node_id, cluster: cluster.to_string(), groups, streams: Default::default() });
         let options = ServeOptions {
             concurrency_max: PEER_SERVER_CONCURRENCY_MAX,
             send_queue_capacity: PEER_SERVER_SEND_QUEUE_CAPACITY,
@@ -126,6 +132,18 @@ impl PeerServer {
     pub fn shutdown(self) {
         drop(self);
     }
+}
+
+/// A pipelined AppendEntries request (`super::pipeline`), its entries sliced from `payload`.
+async fn handle_append(service: &PeerService, caller: Option<u64>, payload: &Bytes) -> Result<Bytes, String> {
+    let (head, rpc) = super::wire::decode_append(payload)?;
+    let hosted = service.groups.read().expect("group registry lock poisoned").get(&head.group).cloned();
+    let reply = match (hosted, caller) {
+        (None, _) => RaftReply::UnknownGroup(head.group),
+        (Some(_), None) => RaftReply::Failed("a pipelined append needs an identified caller".into()),
+        (Some(hosted), Some(from)) => RaftReply::AppendPipelined(service.streams.append(&hosted.raft, head.group, from, head.stream, head.seq, rpc).await),
+    };
+    postcard::to_allocvec(&reply).map(Bytes::from).map_err(|e| format!("encoding Raft reply: {e}"))
 }
 
 async fn handle_raft(service: &PeerService, payload: &[u8]) -> Result<Bytes, String> {
