@@ -54,6 +54,7 @@
 //! | `keel_log_start_offset` | gauge | group | the partition's first retained offset (the fold's retention cut) |
 //! | `keel_replication_appends_sent_total` | counter | pipelined | AppendEntries requests this node sent as leader on replication streams: `pipelined="true"` when earlier requests of the same stream were still unanswered (`peer/pipeline.rs`) |
 //! | `keel_append_streams_opened_total` | counter | — | replication streams this node opened as follower (one per leader's replication session; a jump means sessions keep restarting) |
+//! | `keel_offset_stamps_total` | counter | how | batches whose base offset the log store wrote: `already` (it held it: a follower's copy of the leader's stamped batch), `in_place` (the batch's buffer had no other owner), `copied` (shared with the request frame: stamped on a copy) |
 //! | `keel_jobs` | gauge | state | on the metadata leader: jobs the cluster remembers, by state (`running`, `paused`, `done`, `cancelled`, `failed`) |
 //!
 //! The consumer and dead-letter gauges are set by the partition's leader; a node that
@@ -172,6 +173,7 @@ fn describe() {
         "AppendEntries requests sent on replication streams; pipelined=true when earlier ones were unanswered."
     );
     describe_counter!(APPEND_STREAMS_OPENED, Unit::Count, "Replication streams opened on this node as follower.");
+    describe_counter!(OFFSET_STAMPS, Unit::Count, "Batches whose base offset the log store wrote: already held, in place, or on a copy.");
 }
 
 /// Source records a job handled: `copied`, `skipped`, `quarantined`.
@@ -194,6 +196,13 @@ pub const APPEND_STREAMS_OPENED: &str = "keel_append_streams_opened_total";
 /// stream were unanswered.
 pub fn replication_append_sent(pipelined: bool) {
     counter!(REPLICATION_APPENDS_SENT, "pipelined" => if pipelined { "true" } else { "false" }).increment(1);
+}
+
+pub const OFFSET_STAMPS: &str = "keel_offset_stamps_total";
+
+/// A batch's base offset written by the log store (`already`, `in_place`, `copied`).
+pub fn offset_stamp(how: &'static str) {
+    counter!(OFFSET_STAMPS, "how" => how).increment(1);
 }
 
 /// A replication stream opened on this node as follower.

@@ -113,10 +113,21 @@ fn to_stored(entry: RaftEntry, base_offset: u64) -> io::Result<StoredEntry> {
     Ok(StoredEntry { meta: EntryMeta { id, kind, base_offset, record_count, max_timestamp_ms }, payload })
 }
 
-/// Writes the base offset into the batch, in place when this is the only reference
-/// to the bytes (the usual case), otherwise on a copy.
+/// Writes the base offset into the batch: not at all when it holds that offset already
+/// (a follower's entries, stamped by the leader, sliced from the received frame), in
+/// place when this is the only reference to the bytes, otherwise on a copy (counted in
+/// `keel_offset_stamps_total{how}`).
 fn stamp(batch: Bytes, base_offset: u64) -> io::Result<Bytes> {
-    let mut bytes: BytesMut = batch.try_into_mut().unwrap_or_else(|shared| BytesMut::from(&shared[..]));
+    let header = keel_protocol::batch::BatchHeader::parse(&batch).map_err(|e| invalid(format!("stamping base offset: {e}")))?;
+    if header.base_offset == base_offset {
+        crate::metrics::offset_stamp("already");
+        return Ok(batch);
+    }
+    let (mut bytes, how) = match batch.try_into_mut() {
+        Ok(unique) => (unique, "in_place"),
+        Err(shared) => (BytesMut::from(&shared[..]), "copied"),
+    };
+    crate::metrics::offset_stamp(how);
     keel_protocol::batch::stamp_base_offset(&mut bytes, base_offset).map_err(|e| invalid(format!("stamping base offset: {e}")))?;
     Ok(bytes.freeze())
 }
@@ -407,5 +418,39 @@ impl RaftLogStorage<TypeConfig> for PartitionLogStore {
         }
         let log = self.log.clone();
         storage_io(&**self.log.disk(), move || Ok(log.purge_upto(to_stored_id(&log_id))?)).await
+    }
+}
+
+#[cfg(test)]
+mod stamp_tests {
+    use super::*;
+    use keel_protocol::batch::{BatchBuilder, BatchHeader, BatchOptions, NewRecord};
+
+    fn batch() -> Bytes {
+        let mut b = BatchBuilder::new(BatchOptions::default()).expect("default batch options are valid");
+        b.push(NewRecord { timestamp_ms: 1, key: None, value: Some(b"v"), headers: &[], message_id: None, deliver_at_ms: None }).unwrap();
+        b.finish().unwrap()
+    }
+
+    #[test]
+    fn a_batch_holding_its_offset_already_is_stored_as_it_is_without_a_copy() {
+        let stamped = stamp(batch(), 0).unwrap();
+        let frame = Bytes::from([b"head".as_slice(), &stamp(stamped, 42).unwrap()[..]].concat());
+        let slice = frame.slice(4..);
+        let kept = stamp(slice.clone(), 42).unwrap();
+        assert_eq!(kept.as_ptr(), slice.as_ptr(), "a follower's batch, sliced from the frame, is not copied");
+    }
+
+    #[test]
+    fn a_shared_batch_is_stamped_on_a_copy_and_a_sole_one_in_place() {
+        let frame = Bytes::from([b"head".as_slice(), &batch()[..]].concat());
+        let slice = frame.slice(4..);
+        let stamped = stamp(slice.clone(), 7).unwrap();
+        assert_eq!(BatchHeader::parse(&stamped).unwrap().base_offset, 7);
+        assert_eq!(BatchHeader::parse(&slice).unwrap().base_offset, 0, "the shared frame is left as it was");
+        let sole = batch();
+        let at = sole.as_ptr();
+        let stamped = stamp(sole, 9).unwrap();
+        assert_eq!((stamped.as_ptr(), BatchHeader::parse(&stamped).unwrap().base_offset), (at, 9), "stamped in place");
     }
 }

@@ -76,6 +76,17 @@ pub fn decode_with_ext<B: DeserializeOwned, E: DeserializeOwned>(payload: &[u8],
     Ok((base, Some(ext)))
 }
 
+/// `header_len | header`: what goes before the batches of a produce request or a fetch
+/// response when the batches are written from their own buffers after it (a frame's
+/// tail), so the bytes on the wire equal [`encode_with_batches`]'s without the copy.
+pub fn encode_batches_head<T: Serialize>(header: &T) -> Bytes {
+    let head = postcard::to_allocvec(header).expect("postcard encodes every message type to a Vec");
+    let mut buf = BytesMut::with_capacity(4 + head.len());
+    buf.put_u32_le(head.len() as u32);
+    buf.put_slice(&head);
+    buf.freeze()
+}
+
 /// `header_len | header | batches` for a produce request or a fetch response.
 pub fn encode_with_batches<T: Serialize>(header: &T, batches: &[Bytes]) -> Bytes {
     let head = postcard::to_allocvec(header).expect("postcard encodes every message type to a Vec");
@@ -482,7 +493,12 @@ mod tests {
     #[test]
     fn a_fetch_response_splits_into_its_batches() {
         let batches = vec![batch(&["a"]), batch(&["b", "c"]), batch(&["d"])];
+        let joined: Vec<u8> = std::iter::once(encode_batches_head(&FetchResponse { high_watermark: 4, log_start_offset: 0 }))
+            .chain(batches.iter().cloned())
+            .flat_map(|b| b.to_vec())
+            .collect();
         let payload = encode_with_batches(&FetchResponse { high_watermark: 4, log_start_offset: 0 }, &batches);
+        assert_eq!(payload[..], joined[..], "the head and the batches written apart are the same bytes");
         let (head, tail): (FetchResponse, Bytes) = split_with_batches(&payload).unwrap();
         assert_eq!(head.high_watermark, 4);
         let views = split_batches(tail).unwrap();

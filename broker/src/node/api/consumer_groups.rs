@@ -14,7 +14,7 @@ use keel_protocol::message::{
 };
 use keel_protocol::{GroupConfig, TopicConfig};
 
-use super::{bounded, ApiError, ClientService, Request};
+use super::{bounded, Answer, ApiError, ClientService, Request};
 use crate::metadata::MetadataCommand;
 use crate::node::limits::{CONSUMER_REQUEST_TIMEOUT_MAX, FETCH_BYTES_MAX, FETCH_WAIT_MAX};
 use crate::node::partition::consumers::QueueFetch;
@@ -57,7 +57,7 @@ pub async fn fetch_offset(service: Arc<ClientService>, req: Request) -> Result<B
     Ok(message::encode(&FetchOffsetResponse { committed, high_watermark, log_start_offset }))
 }
 
-pub async fn queue_fetch(service: Arc<ClientService>, req: Request) -> Result<Bytes, ApiError> {
+pub async fn queue_fetch(service: Arc<ClientService>, req: Request) -> Result<Answer, ApiError> {
     let req: QueueFetchRequest = message::decode(&req.payload)?;
     check_name("group", &req.group, GROUP_NAME_LEN_MAX)?;
     check_name("member", &req.member, MEMBER_NAME_LEN_MAX)?;
@@ -80,7 +80,7 @@ pub async fn queue_fetch(service: Arc<ClientService>, req: Request) -> Result<By
     let leased = partition.queue_fetch(&fetch, &config, max_deliveries).await.map_err(|error| ApiError::Partition { what, error })?;
     let head =
         QueueFetchResponse { leases: leased.leases, lease_deadline_ms: leased.lease_deadline_ms, high_watermark: leased.high_watermark, stall: leased.stall };
-    Ok(message::encode_with_batches(&head, &leased.batches))
+    Ok(Answer::WithBatches { head: message::encode_batches_head(&head), batches: leased.batches })
 }
 
 pub async fn queue_settle(service: Arc<ClientService>, req: Request) -> Result<Bytes, ApiError> {

@@ -70,33 +70,53 @@ pub struct Request {
     pub payload: Bytes,
 }
 
-type Outcome = Result<Bytes, ApiError>;
+/// A handler's answer: a body, or a header with record batches after it (written from
+/// the log's buffers as the frame's tail, not copied into one body).
+pub enum Answer {
+    Body(Bytes),
+    WithBatches { head: Bytes, batches: Vec<Bytes> },
+}
+
+impl From<Bytes> for Answer {
+    fn from(body: Bytes) -> Answer {
+        Answer::Body(body)
+    }
+}
+
+type Outcome = Result<Answer, ApiError>;
 type Handler = fn(Arc<ClientService>, Request) -> BoxFuture<'static, Outcome>;
+
+/// A handler answering with one body.
+macro_rules! body {
+    ($handler:path) => {
+        |s, r| Box::pin(async move { $handler(s, r).await.map(Answer::from) })
+    };
+}
 
 /// Every client API: key, name, handler.
 const HANDLERS: &[(u16, &str, Handler)] = &[
-    (api::PRODUCE, "produce", |s, r| Box::pin(produce::handle(s, r))),
+    (api::PRODUCE, "produce", body!(produce::handle)),
     (api::FETCH, "fetch", |s, r| Box::pin(fetch::handle(s, r))),
-    (api::METADATA, "metadata", |s, r| Box::pin(metadata::handle(s, r))),
-    (api::CREATE_TOPIC, "create topic", |s, r| Box::pin(create_topic::handle(s, r))),
-    (api::DELETE_TOPIC, "delete topic", |s, r| Box::pin(delete_topic::handle(s, r))),
-    (api::CLUSTER_STATUS, "cluster status", |s, r| Box::pin(cluster_status::handle(s, r))),
-    (api::LIST_OFFSETS, "list offsets", |s, r| Box::pin(list_offsets::handle(s, r))),
-    (api::INIT_PRODUCER, "init producer", |s, r| Box::pin(init_producer::handle(s, r))),
-    (api::ALTER_TOPIC, "alter topic", |s, r| Box::pin(alter_topic::handle(s, r))),
-    (api::COMMIT_OFFSET, "commit offset", |s, r| Box::pin(consumer_groups::commit_offset(s, r))),
-    (api::FETCH_OFFSET, "fetch offset", |s, r| Box::pin(consumer_groups::fetch_offset(s, r))),
+    (api::METADATA, "metadata", body!(metadata::handle)),
+    (api::CREATE_TOPIC, "create topic", body!(create_topic::handle)),
+    (api::DELETE_TOPIC, "delete topic", body!(delete_topic::handle)),
+    (api::CLUSTER_STATUS, "cluster status", body!(cluster_status::handle)),
+    (api::LIST_OFFSETS, "list offsets", body!(list_offsets::handle)),
+    (api::INIT_PRODUCER, "init producer", body!(init_producer::handle)),
+    (api::ALTER_TOPIC, "alter topic", body!(alter_topic::handle)),
+    (api::COMMIT_OFFSET, "commit offset", body!(consumer_groups::commit_offset)),
+    (api::FETCH_OFFSET, "fetch offset", body!(consumer_groups::fetch_offset)),
     (api::QUEUE_FETCH, "queue fetch", |s, r| Box::pin(consumer_groups::queue_fetch(s, r))),
-    (api::QUEUE_SETTLE, "queue settle", |s, r| Box::pin(consumer_groups::queue_settle(s, r))),
-    (api::CONFIGURE_GROUP, "configure group", |s, r| Box::pin(consumer_groups::configure_group(s, r))),
-    (api::GROUP_STATE, "group state", |s, r| Box::pin(consumer_groups::group_state(s, r))),
-    (api::JOIN_GROUP, "join group", |s, r| Box::pin(consumer_groups::join_group(s, r))),
-    (api::HEARTBEAT, "heartbeat", |s, r| Box::pin(consumer_groups::heartbeat(s, r))),
-    (api::LEAVE_GROUP, "leave group", |s, r| Box::pin(consumer_groups::leave_group(s, r))),
-    (api::DESCRIBE_MEMBERS, "describe members", |s, r| Box::pin(consumer_groups::describe_members(s, r))),
-    (api::CREATE_JOB, "create job", |s, r| Box::pin(jobs::create_job(s, r))),
-    (api::LIST_JOBS, "list jobs", |s, r| Box::pin(jobs::list_jobs(s, r))),
-    (api::CONTROL_JOB, "control job", |s, r| Box::pin(jobs::control_job(s, r))),
+    (api::QUEUE_SETTLE, "queue settle", body!(consumer_groups::queue_settle)),
+    (api::CONFIGURE_GROUP, "configure group", body!(consumer_groups::configure_group)),
+    (api::GROUP_STATE, "group state", body!(consumer_groups::group_state)),
+    (api::JOIN_GROUP, "join group", body!(consumer_groups::join_group)),
+    (api::HEARTBEAT, "heartbeat", body!(consumer_groups::heartbeat)),
+    (api::LEAVE_GROUP, "leave group", body!(consumer_groups::leave_group)),
+    (api::DESCRIBE_MEMBERS, "describe members", body!(consumer_groups::describe_members)),
+    (api::CREATE_JOB, "create job", body!(jobs::create_job)),
+    (api::LIST_JOBS, "list jobs", body!(jobs::list_jobs)),
+    (api::CONTROL_JOB, "control job", body!(jobs::control_job)),
 ];
 
 impl Service for ClientService {
@@ -112,7 +132,8 @@ impl Service for ClientService {
                 handler(self.clone(), Request { version, payload }).await
             };
             match outcome {
-                Ok(body) => Reply::ok(body),
+                Ok(Answer::Body(body)) => Reply::ok(body),
+                Ok(Answer::WithBatches { head, batches }) => Reply::ok_with_tail(head, batches),
                 Err(ApiError::DropAnswer) => Reply::close_connection(),
                 Err(e) => e.into_reply(&self.cluster),
             }
