@@ -1,11 +1,12 @@
 //! A tokio-util codec over the sans-IO frame functions (feature `codec`). The only
 //! module of this crate that names a tokio type.
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
 
 use crate::error::DecodeError;
 use crate::frame::Frame;
+use crate::limits::{OWN_BUFFER_FRAME_MIN, OWN_BUFFER_REMAINDER_MAX};
 
 /// Frames a byte stream. A decode error is fatal for the connection: the caller sends
 /// an error response if it can and closes.
@@ -35,6 +36,17 @@ impl Decoder for FrameCodec {
                 Ok(None)
             }
             None => Ok(None),
+            Some(total) if total >= OWN_BUFFER_FRAME_MIN && src.len() - total <= OWN_BUFFER_REMAINDER_MAX => {
+                // A large frame (a produce request's batch) keeps the read buffer's
+                // allocation to itself — the few bytes read past it move to a new one —
+                // so the broker can later write into the batch (its offset stamp) without
+                // copying it.
+                let rest = BytesMut::from(&src[total..]);
+                src.truncate(total);
+                let mut frame = std::mem::replace(src, rest);
+                frame.advance(crate::frame::LENGTH_PREFIX_LEN);
+                Ok(Some(Frame::decode(frame.freeze()).map_err(|e| e.shifted(crate::frame::LENGTH_PREFIX_LEN))?))
+            }
             Some(_) => Ok(Frame::split_from(src)?),
         }
     }
@@ -54,6 +66,28 @@ mod tests {
     use super::*;
     use crate::limits::FRAME_BODY_SIZE_MAX;
     use bytes::{BufMut, Bytes};
+
+    #[test]
+    fn a_large_frame_owns_its_buffer_and_the_bytes_read_past_it_stay_for_the_next_frame() {
+        let mut codec = FrameCodec;
+        let big = Frame::Request { correlation_id: 1, api_key: 2, payload: Bytes::from(vec![9u8; OWN_BUFFER_FRAME_MIN]) };
+        let small = Frame::Request { correlation_id: 2, api_key: 3, payload: Bytes::from_static(b"next") };
+        let mut wire = BytesMut::new();
+        codec.encode(big.clone(), &mut wire).unwrap();
+        codec.encode(small.clone(), &mut wire).unwrap();
+        let cut = wire.len() - 3;
+        let mut src = BytesMut::from(&wire[..cut]);
+        let first = codec.decode(&mut src).unwrap().unwrap();
+        assert_eq!(first, big);
+        let Frame::Request { payload, .. } = first else { unreachable!() };
+        let batch = payload.slice(100..);
+        drop(payload);
+        assert!(batch.try_into_mut().is_ok(), "the large frame's bytes have no other owner (the read buffer moved on)");
+        assert_eq!(codec.decode(&mut src).unwrap(), None, "the next frame is not complete yet");
+        src.extend_from_slice(&wire[cut..]);
+        assert_eq!(codec.decode(&mut src).unwrap(), Some(small));
+        assert!(src.is_empty());
+    }
 
     #[test]
     fn codec_yields_whole_frames_and_waits_for_partial_ones() {

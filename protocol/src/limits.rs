@@ -93,3 +93,11 @@ const _: () = assert!(FRAME_BODY_SIZE_MAX <= u32::MAX as usize);
 const _: () = assert!(BATCH_RECORD_COUNT_MAX as usize <= BATCH_SIZE_MAX);
 const _: () = assert!(PROTOCOL_VERSION_MIN <= PROTOCOL_VERSION_MAX);
 const _: () = assert!(PRIORITY_LANES_MAX >= 1 && PRIORITY_LANES_MAX <= 10);
+
+/// Frames of at least this many bytes (a produce request's batch) are handed out in an
+/// allocation of their own rather than split from the connection's read buffer, so the
+/// broker can write into the batch (its offset stamp) without copying it...
+pub const OWN_BUFFER_FRAME_MIN: usize = 64 * 1024;
+/// ...when at most this many bytes past the frame were read with it (copied to a new
+/// read buffer); with more, the frame is split off as usual.
+pub const OWN_BUFFER_REMAINDER_MAX: usize = 16 * 1024;

@@ -21,7 +21,10 @@ use crate::node::limits::{PRODUCE_TIMEOUT_MAX, SCHEDULED_DELAY_MAX};
 
 pub async fn handle(service: Arc<ClientService>, req: Request) -> Result<Bytes, ApiError> {
     let started = Instant::now();
-    let (head, batch): (ProduceRequest, Bytes) = message::split_with_batches(&req.payload)?;
+    let Request { payload, .. } = req;
+    let (head, batch): (ProduceRequest, Bytes) = message::split_with_batches(&payload)?;
+    // Only the batch keeps the request's buffer: stamped in place, not on a copy.
+    drop(payload);
     let what = format!("{}/{}", head.topic, head.partition);
     let partition = service.partition(&head.topic, head.partition)?;
     let (topic_max, lanes) =

@@ -349,6 +349,9 @@ impl Partition {
             return Err(PartitionError::StorageFull(format!("node {}: {why}", self.node_id)));
         }
         let len = view.as_bytes().len() as u64;
+        // Moved into the proposal, so the log store holds the batch's only reference and
+        // stamps its offset in place (`log_store::stamp`).
+        let mut view = Some(view);
         let mut gap_deadline: Option<Instant> = None;
         loop {
             let term = self.ready_term(deadline).await?;
@@ -401,7 +404,12 @@ impl Partition {
                         other => Err(PartitionError::Storage(format!("a recorded sequence was applied as {other:?}"))),
                     };
                 }
-                Decision::Propose => EntryData::batch(view.as_bytes().clone()),
+                Decision::Propose => {
+                    let Some(view) = view.take() else {
+                        return Err(PartitionError::Storage(format!("{}: a batch was about to be proposed twice", self.name())));
+                    };
+                    EntryData::batch(view.into_bytes())
+                }
             };
             if w.pending.len() >= PARTITION_PENDING_BATCHES_MAX || w.bytes + len > PARTITION_PENDING_BYTES_MAX {
                 return Err(PartitionError::Throttled {
