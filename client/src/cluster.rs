@@ -57,6 +57,9 @@ enum Attempt {
 
 /// A request body for each protocol version (most bodies are the same in every one).
 pub type Encode<'a> = &'a (dyn Fn(u16) -> Bytes + Sync);
+/// Like [`Encode`], for a payload of a head and tail parts written from their own
+/// buffers (a produce request's header, then its batch: not copied into one buffer).
+type EncodeParts<'a> = &'a (dyn Fn(u16) -> (Bytes, Vec<Bytes>) + Sync);
 
 impl Cluster {
     pub fn new(config: ClientConfig) -> Result<Cluster, ClientError> {
@@ -86,7 +89,7 @@ impl Cluster {
     /// One attempt at `addr`, through its circuit breaker. With `lag_tolerant`, an
     /// unknown topic or partition is retried: the caller knows the topic exists, so the
     /// broker that answered has not yet applied the metadata that created it.
-    async fn attempt(&self, addr: &str, api_key: u16, encode: Encode<'_>, what: &str, lag_tolerant: bool) -> Attempt {
+    async fn attempt(&self, addr: &str, api_key: u16, encode: EncodeParts<'_>, what: &str, lag_tolerant: bool) -> Attempt {
         let c = &self.inner.config;
         {
             let mut breakers = self.inner.breakers.lock().expect("breakers lock poisoned");
@@ -100,7 +103,7 @@ impl Cluster {
                 };
             }
         }
-        let result = self.caller(addr).call_versioned(api_key, encode, c.attempt_timeout).await;
+        let result = self.caller(addr).call_versioned_with_tail(api_key, encode, c.attempt_timeout).await;
         let healthy = !matches!(result, Err(CallError::Unreachable { .. } | CallError::Disconnected { .. } | CallError::Timeout { .. }));
         {
             let mut breakers = self.inner.breakers.lock().expect("breakers lock poisoned");
@@ -143,7 +146,7 @@ impl Cluster {
     /// Sends the request, retrying (backoff with jitter, under the retry budget) on
     /// retriable failures until `deadline`. `targets` gives the addresses to try, in
     /// order of preference; it is re-evaluated before each attempt.
-    async fn call_until<F>(&self, what: &str, api_key: u16, encode: Encode<'_>, deadline: Instant, mut targets: F) -> Result<(u16, Bytes), ClientError>
+    async fn call_until<F>(&self, what: &str, api_key: u16, encode: EncodeParts<'_>, deadline: Instant, mut targets: F) -> Result<(u16, Bytes), ClientError>
     where
         F: AsyncTargets,
     {
@@ -218,14 +221,29 @@ impl Cluster {
     /// answer comes with the protocol version it is encoded for.
     pub async fn call_any(&self, what: &str, api_key: u16, encode: Encode<'_>) -> Result<(u16, Bytes), ClientError> {
         let deadline = Instant::now() + self.inner.config.request_timeout;
-        self.call_until(what, api_key, encode, deadline, AnyBroker).await
+        self.call_until(what, api_key, &|v| (encode(v), Vec::new()), deadline, AnyBroker).await
     }
 
     /// Sends a request to the leader of `topic`/`partition`, until `deadline`; the
     /// answer comes with the protocol version it is encoded for.
     pub async fn call_partition(&self, topic: &str, partition: u32, api_key: u16, encode: Encode<'_>, deadline: Instant) -> Result<(u16, Bytes), ClientError> {
         let what = format!("{}/{partition}", topic);
-        self.call_until(&what, api_key, encode, deadline, PartitionLeader { topic: topic.to_string(), partition }).await
+        self.call_until(&what, api_key, &|v| (encode(v), Vec::new()), deadline, PartitionLeader { topic: topic.to_string(), partition }).await
+    }
+
+    /// Like [`Cluster::call_partition`], for a request of a header (`head`) followed by
+    /// record batches, which go to the socket from their own buffers.
+    pub async fn call_partition_with_batches(
+        &self,
+        topic: &str,
+        partition: u32,
+        api_key: u16,
+        head: Bytes,
+        batches: Vec<Bytes>,
+        deadline: Instant,
+    ) -> Result<(u16, Bytes), ClientError> {
+        let what = format!("{}/{partition}", topic);
+        self.call_until(&what, api_key, &|_| (head.clone(), batches.clone()), deadline, PartitionLeader { topic: topic.to_string(), partition }).await
     }
 
     /// One attempt at the partition's leader as the cached metadata knows it (or its
@@ -236,7 +254,7 @@ impl Cluster {
         let what = format!("{topic}/{partition}");
         let mut targets = PartitionLeader { topic: topic.to_string(), partition };
         let addr = targets.targets(self).await.into_iter().next().expect("targets are never empty");
-        match self.attempt(&addr, api_key, encode, &what, false).await {
+        match self.attempt(&addr, api_key, &|v| (encode(v), Vec::new()), &what, false).await {
             Attempt::Done(version, body) => Ok((version, body)),
             Attempt::Fail(e) => Err(e),
             Attempt::Retry { error, .. } => {

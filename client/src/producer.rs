@@ -704,8 +704,9 @@ impl PartitionSender {
         let timeout_ms = self.request_timeout.as_millis().min(u128::from(u32::MAX)) as u32;
         Box::pin(async move {
             let req = ProduceRequest { topic: topic.clone(), partition, timeout_ms };
-            let payload = message::encode_with_batches(&req, &[bytes]);
-            let result = cluster.call_partition(&topic, partition, api::PRODUCE, &|_| payload.clone(), deadline).await.and_then(|(version, body)| {
+            // The batch follows the header from its own buffer, not copied after it.
+            let head = message::encode_batches_head(&req);
+            let result = cluster.call_partition_with_batches(&topic, partition, api::PRODUCE, head, vec![bytes], deadline).await.and_then(|(version, body)| {
                 ProduceResponse::decode(&body, version)
                     .map_err(|e| ClientError::Malformed { addr: format!("{topic}/{partition} leader"), reason: e.to_string() })
             });

@@ -133,6 +133,18 @@ impl Caller {
         self.send_call(api_key, &|version| (encode(version), Vec::new()), timeout).await
     }
 
+    /// Like [`Caller::call_versioned`], for a payload made of a head and tail parts
+    /// (e.g. a produce request's header and its record batch), each written from its
+    /// own buffer.
+    pub async fn call_versioned_with_tail(
+        &self,
+        api_key: u16,
+        encode: &(dyn Fn(u16) -> (Bytes, Vec<Bytes>) + Sync),
+        timeout: Duration,
+    ) -> Result<(u16, Bytes), CallError> {
+        self.send_call(api_key, encode, timeout).await
+    }
+
     /// Sends a request whose payload `encode` builds (head and tail parts) for the
     /// connection's version, and waits for the answer.
     async fn send_call(&self, api_key: u16, encode: &(dyn Fn(u16) -> (Bytes, Vec<Bytes>) + Sync), timeout: Duration) -> Result<(u16, Bytes), CallError> {
