@@ -121,9 +121,7 @@ impl Caller {
     /// parts, each written from its own buffer (a header and the record batches after
     /// it, without copying them into one request buffer).
     pub async fn call_with_tail(&self, api_key: u16, head: Bytes, tail: Vec<Bytes>, timeout: Duration) -> Result<Bytes, CallError> {
-        let parts = std::sync::Mutex::new(Some(tail));
-        let take_tail = || parts.lock().expect("tail lock poisoned").take().unwrap_or_default();
-        self.send_call(api_key, &|_| (head.clone(), take_tail()), timeout).await.map(|(_, body)| body)
+        self.send_call(api_key, &|_| (head.clone(), tail.clone()), timeout).await.map(|(_, body)| body)
     }
 
     /// Like [`Caller::call`], for versioned bodies: `encode` builds the payload for the

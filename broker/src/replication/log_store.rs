@@ -99,7 +99,7 @@ fn to_stored(entry: RaftEntry, base_offset: u64) -> io::Result<StoredEntry> {
         EntryPayload::Blank => (KIND_BLANK, Bytes::new(), 0, i64::MIN),
         EntryPayload::Normal(EntryData::Batch(batch)) => {
             let header = batch.header().ok_or_else(|| invalid(format!("entry {} holds an unparseable record batch", id.index)))?;
-            (KIND_BATCH, stamp(batch.0, base_offset)?, header.record_count, header.max_timestamp_ms)
+            (KIND_BATCH, stamp(batch.0, header.base_offset, base_offset)?, header.record_count, header.max_timestamp_ms)
         }
         EntryPayload::Normal(EntryData::Control(bytes)) => {
             let entry = ControlEntry::decode(&bytes).map_err(|e| invalid(format!("entry {} holds an undecodable control entry: {e}", id.index)))?;
@@ -117,9 +117,9 @@ fn to_stored(entry: RaftEntry, base_offset: u64) -> io::Result<StoredEntry> {
 /// (a follower's entries, stamped by the leader, sliced from the received frame), in
 /// place when this is the only reference to the bytes, otherwise on a copy (counted in
 /// `keel_offset_stamps_total{how}`).
-fn stamp(batch: Bytes, base_offset: u64) -> io::Result<Bytes> {
-    let header = keel_protocol::batch::BatchHeader::parse(&batch).map_err(|e| invalid(format!("stamping base offset: {e}")))?;
-    if header.base_offset == base_offset {
+/// `held` is the base offset the batch holds now (from its parsed header).
+fn stamp(batch: Bytes, held: u64, base_offset: u64) -> io::Result<Bytes> {
+    if held == base_offset {
         crate::metrics::offset_stamp("already");
         return Ok(batch);
     }
@@ -425,6 +425,11 @@ impl RaftLogStorage<TypeConfig> for PartitionLogStore {
 mod stamp_tests {
     use super::*;
     use keel_protocol::batch::{BatchBuilder, BatchHeader, BatchOptions, NewRecord};
+
+    fn stamp(batch: Bytes, base_offset: u64) -> io::Result<Bytes> {
+        let held = BatchHeader::parse(&batch).unwrap().base_offset;
+        super::stamp(batch, held, base_offset)
+    }
 
     fn batch() -> Bytes {
         let mut b = BatchBuilder::new(BatchOptions::default()).expect("default batch options are valid");
