@@ -76,6 +76,26 @@ pub struct ClusterConfig {
     /// `"always"` (an acknowledged write is fsynced on a majority) or `"interval:<ms>"`
     /// (acknowledged after write(2); a machine crash can lose the last interval).
     pub fsync: String,
+    pub metadata_log: MetadataLogConfig,
+}
+
+/// How much of the metadata log is kept. Like a topic's byte retention, through Raft:
+/// once the log holds more than `retained_bytes` in whole sealed segments, the metadata
+/// leader cuts the oldest, every node snapshots the metadata state and purges them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetadataLogConfig {
+    /// Size at which a metadata log segment is closed (whole segments are purged).
+    pub segment_bytes: u64,
+    /// Bytes of log kept; the metadata log holds at most this plus one segment.
+    pub retained_bytes: u64,
+}
+
+impl Default for MetadataLogConfig {
+    fn default() -> Self {
+        use crate::node::limits::{METADATA_RETAINED_BYTES_DEFAULT, METADATA_SEGMENT_BYTES_DEFAULT};
+        MetadataLogConfig { segment_bytes: METADATA_SEGMENT_BYTES_DEFAULT, retained_bytes: METADATA_RETAINED_BYTES_DEFAULT }
+    }
 }
 
 /// Raft timing, in milliseconds.
@@ -142,7 +162,14 @@ impl ClusterConfig {
         // Fewer nodes than the default replica count: default to one replica per node.
         let defaults = TopicDefaults::default();
         let topic_defaults = TopicDefaults { replicas: defaults.replicas.min(nodes.max(1)), ..defaults };
-        ClusterConfig { name: "keel-dev".into(), members, raft: RaftTiming::default(), topic_defaults, fsync: "always".into() }
+        ClusterConfig {
+            name: "keel-dev".into(),
+            members,
+            raft: RaftTiming::default(),
+            topic_defaults,
+            fsync: "always".into(),
+            metadata_log: MetadataLogConfig::default(),
+        }
     }
 }
 
@@ -158,6 +185,11 @@ pub enum ConfigError {
     Env { var: &'static str, value: String, reason: String },
     #[error("invalid configuration: {field}: {reason}")]
     Invalid { field: &'static str, reason: String },
+}
+
+/// Parses a numeric `KEEL_*` override.
+fn env_u64(var: &'static str, value: &str) -> Result<u64, ConfigError> {
+    value.parse().map_err(|e: std::num::ParseIntError| ConfigError::Env { var, value: value.to_string(), reason: e.to_string() })
 }
 
 fn invalid(field: &'static str, reason: impl Into<String>) -> Result<(), ConfigError> {
@@ -195,6 +227,8 @@ impl Config {
                         reason: e.to_string(),
                     })?
                 }
+                "KEEL_METADATA_SEGMENT_BYTES" => self.cluster.metadata_log.segment_bytes = env_u64("KEEL_METADATA_SEGMENT_BYTES", &value)?,
+                "KEEL_METADATA_RETAINED_BYTES" => self.cluster.metadata_log.retained_bytes = env_u64("KEEL_METADATA_RETAINED_BYTES", &value)?,
                 "KEEL_CLUSTER_NAME" => self.cluster.name = value,
                 "KEEL_FSYNC" => self.cluster.fsync = value,
                 _ => {}
@@ -263,6 +297,14 @@ impl Config {
         }
         if let Err(e) = t.config.validate() {
             return invalid("cluster.topic_defaults.config", e.to_string());
+        }
+        let m = c.metadata_log;
+        let (min, max) = (keel_storage::limits::SEGMENT_BYTES_MIN, keel_storage::limits::SEGMENT_BYTES_MAX);
+        if !(min..=max).contains(&m.segment_bytes) {
+            return invalid("cluster.metadata_log.segment_bytes", format!("{} must be in {min}..={max}", m.segment_bytes));
+        }
+        if m.retained_bytes < m.segment_bytes {
+            return invalid("cluster.metadata_log.retained_bytes", format!("{} must be at least segment_bytes ({})", m.retained_bytes, m.segment_bytes));
         }
         self.fsync_policy()?;
         Ok(())

@@ -20,7 +20,7 @@ use crate::node::group::group_dir;
 use crate::node::limits::METADATA_READ_BYTES;
 use crate::partition::{BatchOutcome, ControlEntry, PartitionState};
 use crate::replication::log_store::{saved_committed, KIND_BATCH, KIND_CONTROL};
-use crate::replication::state_machine::saved_state;
+use crate::replication::state_machine::{saved_metadata, saved_state};
 use crate::replication::PartitionStateMachine;
 
 /// One committed, served record.
@@ -56,18 +56,30 @@ fn committed_entries(dir: &Path) -> Result<Vec<keel_storage::Entry>, String> {
     Ok(out)
 }
 
-/// Every partition's committed, served records in the data directory `data_dir`.
-pub fn committed_records(data_dir: &Path) -> Result<Vec<InspectedPartition>, String> {
-    let mut metadata = MetadataState::default();
-    for e in committed_entries(&group_dir(data_dir, METADATA_GROUP))? {
+/// The cluster's metadata as this node's committed metadata log (from its snapshot, if
+/// retention purged the log before it) says, in the data directory `data_dir`.
+pub fn metadata_state(data_dir: &Path) -> Result<MetadataState, String> {
+    let dir = group_dir(data_dir, METADATA_GROUP);
+    let saved = saved_metadata(&keel_storage::disk::OsDisk, &dir).map_err(|e| format!("the metadata snapshot: {e}"))?;
+    let mut metadata = saved.map(|(_, m)| m).unwrap_or_default();
+    for e in committed_entries(&dir)? {
         if e.meta.kind != KIND_BATCH {
             continue;
         }
         let view = BatchView::parse(e.payload).map_err(|err| format!("metadata entry {}: {err}", e.meta.id.index))?;
         for (offset, command) in MetadataCommand::from_batch(&view).map_err(|err| err.to_string())? {
-            let _ = metadata.apply(offset, &command);
+            // Entries the snapshot covers are already in it.
+            if offset >= metadata.applied_offset {
+                let _ = metadata.apply(offset, &command);
+            }
         }
     }
+    Ok(metadata)
+}
+
+/// Every partition's committed, served records in the data directory `data_dir`.
+pub fn committed_records(data_dir: &Path) -> Result<Vec<InspectedPartition>, String> {
+    let metadata = metadata_state(data_dir)?;
     let mut out = Vec::new();
     for topic in metadata.topics.values() {
         for p in &topic.partitions {

@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dev_cluster::dev::Dev;
+use futures::StreamExt;
 use keel_client::consumer::{Consumer, StartAt};
 use keel_client::producer::{Producer, ProducerConfig, Record};
 use keel_protocol::TopicConfigPatch;
@@ -333,4 +334,132 @@ async fn age_retention_empties_a_quiet_partition_once_its_messages_are_older_tha
     eprintln!("all 50 messages deleted {:.1?} after they were written (retention 3 s): {range:?}", produced.elapsed());
     assert_eq!((range.log_start_offset, range.high_watermark), (50, 50));
     assert!(produced.elapsed() >= Duration::from_secs(3), "nothing went before its time");
+}
+
+/// Segment bytes of the metadata log on `node`.
+fn metadata_log_bytes(dir: &Path, node: u64) -> u64 {
+    segment_bytes(&dir.join(format!("node{node}/groups/{METADATA_GROUP_DIR}")))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metadata_log_is_cut_and_purged_and_a_wiped_node_gets_the_metadata_by_snapshot() {
+    const OFFSET: u16 = 27_400;
+    const SEGMENT: u64 = 64 * 1024;
+    const RETAINED: u64 = 128 * 1024;
+    const PRODUCERS: usize = 2_000;
+    let env = [("KEEL_METADATA_SEGMENT_BYTES", "65536"), ("KEEL_METADATA_RETAINED_BYTES", "131072")];
+    let dev = Dev::start_with_env(OFFSET, &env);
+    let dir = dev.dir.path().to_path_buf();
+    // A topic created before everything the cut removes: afterwards only the metadata
+    // snapshot knows it.
+    dev.create_topic("early", 1, TopicConfigPatch::default()).await;
+    let value = |i: u64| Record::new(i.to_be_bytes().to_vec());
+    dev.produce("early", (0..10).map(value).collect()).await;
+
+    // 1. Wipe node 3, then fill the metadata log with named producer registrations.
+    let victim = 3;
+    signal(node_pid(&dir, victim), libc::SIGKILL);
+    std::thread::sleep(Duration::from_millis(300));
+    std::fs::remove_dir_all(dir.join(format!("node{victim}"))).unwrap();
+    let started = Instant::now();
+    let names: Vec<String> = (0..PRODUCERS).map(|i| format!("metadata-log-filler-{i:05}-{}", "n".repeat(40))).collect();
+    let registered = futures::stream::iter(names.iter().cloned())
+        .map(|name| {
+            let cluster = dev.cluster.clone();
+            async move {
+                let body = keel_protocol::message::encode(&keel_protocol::message::InitProducerRequest { name: Some(name), current: None });
+                cluster.call_any("register a producer", keel_protocol::api::client::INIT_PRODUCER, &|_| body.clone()).await.map(|_| ())
+            }
+        })
+        .buffer_unordered(32)
+        .collect::<Vec<_>>()
+        .await;
+    assert!(registered.iter().all(Result::is_ok), "every registration succeeds: {:?}", registered.iter().find(|r| r.is_err()));
+    eprintln!("registered {PRODUCERS} named producers in {:.1?}", started.elapsed());
+
+    // 2. The live nodes' metadata logs were cut and purged down to the bound.
+    let live = [1u64, 2];
+    let addrs: Vec<String> = live.iter().map(|n| client_addr(&dir, *n)).collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let bytes: Vec<u64> = live.iter().map(|n| metadata_log_bytes(&dir, *n)).collect();
+        let purged = addrs.iter().map(|a| dev_cluster::metric_sum([a.as_str()], "keel_retention_purged_segments_total")).collect::<Vec<_>>();
+        if bytes.iter().all(|b| *b <= RETAINED + SEGMENT) && purged.iter().all(|p| *p > 0) {
+            eprintln!("metadata log bytes on nodes 1, 2: {bytes:?} (bound {} + a segment); segments purged: {purged:?}", RETAINED);
+            break;
+        }
+        assert!(Instant::now() < deadline, "the metadata logs were not purged to the bound: {bytes:?} bytes, {purged:?} segments purged");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // 3. The wiped node restarts empty: the metadata reaches it as a snapshot with the
+    //    leader's retained log (the entries that created "early" are gone), so it
+    //    hosts "early" again and catches up on it.
+    let base_port = dev_cluster::base_port(OFFSET);
+    let restarted = dev_cluster::restart_node_with_env(&dir, base_port, victim as u32, &env);
+    let restart = Instant::now();
+    let installed = loop {
+        let addr = client_addr(&dir, victim);
+        if std::net::TcpStream::connect(dev_cluster::admin_addr(&addr)).is_ok() {
+            let n = dev_cluster::metric_sum([addr.as_str()], "keel_snapshots_installed_total{with_log=\"true\"}");
+            if n >= 1 {
+                break n;
+            }
+        }
+        assert!(restart.elapsed() < Duration::from_secs(60), "the metadata never reached the wiped node by snapshot");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    eprintln!("node {victim} installed {installed} snapshot(s) with the log {:.1?} after its restart", restart.elapsed());
+    while partition_dir(&dir, victim).is_none() {
+        assert!(restart.elapsed() < Duration::from_secs(60), "node {victim} never hosted early/0 again");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    wait_caught_up(&dev.bootstrap, "early", victim, Duration::from_secs(60));
+    eprintln!("node {victim} hosts early/0 again, caught up {:.1?} after its restart", restart.elapsed());
+    assert!(metadata_log_bytes(&dir, victim) <= RETAINED + SEGMENT, "the refilled node holds only the retained metadata log");
+
+    // 4. A node whose metadata log was purged restarts from its snapshot: killed and
+    //    restarted, node 1 alone answers that "early" exists.
+    signal(node_pid(&dir, 1), libc::SIGKILL);
+    std::thread::sleep(Duration::from_millis(300));
+    let restarted_1 = dev_cluster::restart_node_with_env(&dir, base_port, 1, &env);
+    let only_1 =
+        keel_client::Cluster::new(keel_client::ClientConfig { bootstrap: vec![client_addr(&dir, 1)], ..keel_client::ClientConfig::default() }).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(m) = only_1.metadata(true).await {
+            if m.topics.iter().any(|t| t.name == "early") {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "restarted node 1 never answered with the early topic");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("node 1, restarted over its purged metadata log, knows topic early");
+
+    // 5. Every node's metadata, read from its snapshot and log, is the same and holds
+    //    every registration and the early topic.
+    std::thread::sleep(Duration::from_millis(500)); // the committed-index hint is saved every 200 ms
+    let mut dev = dev;
+    signal(dev.process.id(), libc::SIGTERM);
+    let _ = dev.process.wait();
+    for mut node in [restarted, restarted_1] {
+        signal(node.0.id(), libc::SIGTERM);
+        while node.0.try_wait().unwrap().is_none() {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let states: Vec<_> = (1..=3).map(|n| keel_broker::inspect::metadata_state(&dir.join(format!("node{n}"))).unwrap()).collect();
+    for (n, s) in states.iter().enumerate() {
+        eprintln!(
+            "node {}: metadata applied to offset {}, {} named producers, topics {:?}",
+            n + 1,
+            s.applied_offset,
+            s.named_producers.len(),
+            s.topics.keys().collect::<Vec<_>>()
+        );
+        assert!(s.topics.contains_key("early"));
+        assert!(names.iter().all(|name| s.named_producers.contains_key(name)), "node {} knows every registered producer", n + 1);
+    }
+    assert!(states[2] == states[0] && states[1] == states[0], "every node folded the same metadata");
 }

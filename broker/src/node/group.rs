@@ -149,9 +149,12 @@ pub async fn open_group(ctx: &GroupContext, group: u64, peers: Peers) -> Result<
             Some(bytes) => Some(u64::from_le_bytes(bytes.as_slice().try_into().map_err(|_| format!("group {group}: damaged {REFILL_MARKER}"))?)),
             None => None,
         };
-    let sm = PartitionStateMachine::open(ctx.disk.clone(), dir.clone())
-        .map_err(|e| format!("opening the state machine of group {group}: {e}"))?
-        .with_log(log.clone());
+    let sm = if group == METADATA_GROUP {
+        PartitionStateMachine::open_metadata(ctx.disk.clone(), dir.clone(), log.clone())
+    } else {
+        PartitionStateMachine::open(ctx.disk.clone(), dir.clone()).map(|sm| sm.with_log(log.clone()))
+    };
+    let sm = sm.map_err(|e| format!("opening the state machine of group {group}: {e}"))?;
     let high_watermark = sm.high_watermark();
     let shared = sm.shared();
     let store = PartitionLogStore::new(log.clone(), ctx.flusher.clone()).with_ack_key(group).with_purge_floor(shared.purge_floor());

@@ -18,8 +18,14 @@ pub const FETCH_WAIT_MAX: Duration = Duration::from_secs(30);
 pub const FETCH_BYTES_MAX: u32 = 16 * 1024 * 1024 - 64 * 1024;
 /// How long an admin request waits for its metadata command to be folded in locally.
 pub const METADATA_APPLY_TIMEOUT: Duration = Duration::from_secs(10);
-/// Bytes of the metadata log read per tailer step.
+/// Bytes of the metadata log read at once by offline inspection (`keel dump`).
 pub const METADATA_READ_BYTES: u64 = 1024 * 1024;
+/// Default size of a metadata log segment (`cluster.metadata_log.segment_bytes`).
+pub const METADATA_SEGMENT_BYTES_DEFAULT: u64 = 1024 * 1024;
+/// Default bytes of metadata log kept behind its snapshot
+/// (`cluster.metadata_log.retained_bytes`): a node this little behind catches up from
+/// the log, one further behind is sent the snapshot.
+pub const METADATA_RETAINED_BYTES_DEFAULT: u64 = 4 * 1024 * 1024;
 
 const _: () = assert!((FETCH_BYTES_MAX as usize) < keel_protocol::limits::FRAME_BODY_SIZE_MAX);
 

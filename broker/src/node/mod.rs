@@ -2,7 +2,6 @@
 //! it, the peer listener and the client listener.
 //!
 //! - [`group`]: opening a Raft group over its directory.
-//! - [`tailer`]: folding the committed metadata log into the node's `MetadataState`.
 //! - [`reconcile`]: opening (and as preferred leader, initializing) the partition groups
 //!   this node replicates; stopping and deleting removed ones.
 //! - [`rejoin`]: starting a group with no local state — new, or lost with a wiped disk.
@@ -30,7 +29,6 @@ pub mod partition;
 pub mod reconcile;
 pub mod rejoin;
 pub mod retention;
-pub mod tailer;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -135,14 +133,13 @@ impl Node {
         let metrics = crate::metrics::install();
         // Sabotage (test builds only, and only if KEEL_SABOTAGE names a mode): applied now.
         let _ = crate::sabotage::mode();
-        let (publish, metadata) = watch::channel(Arc::new(MetadataState::default()));
+        let metadata = metadata_group.shared.metadata().expect("the metadata group's state machine folds the metadata");
         let hosted = HostedPartitions::default();
         let faults = Arc::new(faults::NodeFaults::default());
         let mut tasks = vec![
-            tokio::spawn(tailer::run(metadata_group.clone(), publish)),
             tokio::spawn(reconcile::run(ctx.clone(), config.cluster.clone(), refill_horizon, metadata.clone(), hosted.clone())),
             tokio::spawn(gauges::run(metadata_group.clone(), hosted.clone())),
-            tokio::spawn(retention::run(hosted.clone())),
+            tokio::spawn(retention::run(hosted.clone(), metadata_group.clone(), config.cluster.metadata_log)),
             tokio::spawn(disk_space::run(ctx.disk_space.clone(), hosted.clone(), me.id)),
         ];
         let service = Arc::new(api::ClientService {

@@ -21,6 +21,11 @@
 //! The log store deletes only below the applied cut (`PartitionShared::purge_floor`),
 //! so nothing but this path deletes a partition's data. Consumers behind the new start
 //! get `OffsetOutOfRange` naming it.
+//!
+//! The metadata log goes the same way, by `cluster.metadata_log`: its segments roll at
+//! `segment_bytes`, its leader cuts the oldest sealed ones while more than
+//! `retained_bytes` remain, and every node snapshots (the snapshot carries the metadata
+//! state, `replication::state_machine`) and purges.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,10 +33,14 @@ use std::time::Duration;
 use keel_storage::SegmentExtent;
 use openraft::async_runtime::watch::WatchReceiver;
 
+use super::group::GroupHandle;
 use super::limits::{RETENTION_CHECK_INTERVAL, RETENTION_IDLE_CHECK_INTERVAL};
 use super::partition::Partition;
 use super::reconcile::HostedPartitions;
+use crate::config::MetadataLogConfig;
 use crate::partition::retention::{Retained, TimeMarks};
+use crate::partition::{ControlCommand, ControlEntry};
+use crate::replication::types::EntryData;
 
 /// What retention asks of a partition now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,22 +92,32 @@ pub fn cut(extents: &[SegmentExtent], retained: Retained, marks: &TimeMarks, ret
 
 /// Runs until the node stops. A partition is looked at every `RETENTION_CHECK_INTERVAL`
 /// if its log grew (or retention has a purge to finish), and at least every
-/// `RETENTION_IDLE_CHECK_INTERVAL` (age retention of an idle partition).
-pub async fn run(hosted: HostedPartitions) {
+/// `RETENTION_IDLE_CHECK_INTERVAL` (age retention of an idle partition); the metadata
+/// log whenever it grew or has a purge to finish.
+pub async fn run(hosted: HostedPartitions, metadata: GroupHandle, metadata_log: MetadataLogConfig) {
     let mut tick = tokio::time::interval(RETENTION_CHECK_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Per group: the log's next index when last looked at, and when.
     let mut seen: std::collections::HashMap<u64, (u64, tokio::time::Instant)> = std::collections::HashMap::new();
+    metadata.log.set_segment_bytes(metadata_log.segment_bytes);
+    let mut metadata_seen = None;
     loop {
         tick.tick().await;
+        let next_index = metadata.log.state().next_index;
+        if metadata_seen != Some(next_index) || purge_pending(&metadata) {
+            metadata_seen = Some(next_index);
+            if let Err(e) = metadata_step(&metadata, metadata_log).await {
+                tracing::debug!(error = %e, "metadata log retention step did not complete; retrying next round");
+                metadata_seen = None;
+            }
+        }
         let partitions: Vec<Arc<Partition>> = hosted.read().expect("hosted lock poisoned").values().cloned().collect();
         seen.retain(|g, _| partitions.iter().any(|p| p.group.id == *g));
         for p in partitions {
             let next_index = p.group.log.state().next_index;
-            let purge_pending = p.group.shared.state().retained.upto_index >= p.group.log.state().first_index;
             let due = match seen.get(&p.group.id) {
                 None => true,
-                Some((n, at)) => *n != next_index || purge_pending || at.elapsed() >= RETENTION_IDLE_CHECK_INTERVAL,
+                Some((n, at)) => *n != next_index || purge_pending(&p.group) || at.elapsed() >= RETENTION_IDLE_CHECK_INTERVAL,
             };
             if !due {
                 continue;
@@ -109,6 +128,30 @@ pub async fn run(hosted: HostedPartitions) {
             }
         }
     }
+}
+
+/// Whether the applied cut is past the start of `group`'s log.
+fn purge_pending(group: &GroupHandle) -> bool {
+    group.shared.state().retained.upto_index >= group.log.state().first_index
+}
+
+/// One round of the metadata log's retention (see the module docs).
+async fn metadata_step(group: &GroupHandle, policy: MetadataLogConfig) -> Result<(), String> {
+    if group.raft.metrics().borrow_watched().state == openraft::ServerState::Leader {
+        let (judgement, clock_ms) = {
+            let st = group.shared.state();
+            (cut(&group.log.segment_extents(), st.retained, &st.time_marks, 0, policy.retained_bytes, 0), st.clock_ms)
+        };
+        if let Judgement::Cut(r) = judgement {
+            tracing::info!(upto_index = r.upto_index, "metadata log retention: cutting entries up to {}", r.upto_index);
+            let entry = ControlEntry {
+                leader_time_ms: super::partition::now_ms().max(clock_ms),
+                command: ControlCommand::Retain { upto_index: r.upto_index, start_offset: r.start_offset },
+            };
+            group.raft.client_write(EntryData::control(&entry)).await.map_err(|e| format!("proposing the cut: {e}"))?;
+        }
+    }
+    purge_to_cut(group, "the metadata log").await
 }
 
 /// One round of retention for one partition (see the module docs).
@@ -122,28 +165,28 @@ async fn step(p: &Partition) -> Result<(), String> {
     if (config.retention_ms > 0 || config.retention_bytes > 0) && p.serving_now() {
         p.propose_retention(&config).await.map_err(|e| e.to_string())?;
     }
-    purge_to_cut(p).await
+    purge_to_cut(&p.group, &p.name()).await
 }
 
-/// Purges this replica's log up to the applied cut, snapshotting first if needed.
-async fn purge_to_cut(p: &Partition) -> Result<(), String> {
-    let retained = p.group.shared.state().retained;
+/// Purges this replica's log of `group` (named `name` in logs) up to the applied cut,
+/// snapshotting first if needed.
+async fn purge_to_cut(group: &GroupHandle, name: &str) -> Result<(), String> {
+    let retained = group.shared.state().retained;
     if retained.upto_index == 0 {
         return Ok(());
     }
-    let log_state = p.group.log.state();
+    let log_state = group.log.state();
     if log_state.first_index > retained.upto_index {
         return Ok(());
     }
     // A fresh snapshot with every purge, even if an older one covers the cut: it is what
     // a follower behind the new start is sent, with the retained log up to it, and the
     // fresher it is the less follows it by ordinary replication.
-    let snapshot = p.group.raft.metrics().borrow_watched().snapshot;
-    let applied = p.group.shared.applied().borrow().map(|l| l.index);
+    let snapshot = group.raft.metrics().borrow_watched().snapshot;
+    let applied = group.shared.applied().borrow().map(|l| l.index);
     if snapshot.is_none_or(|s| Some(s.index) < applied) {
-        p.group.raft.trigger().snapshot().await.map_err(|e| format!("triggering a snapshot: {e}"))?;
-        let covered = p
-            .group
+        group.raft.trigger().snapshot().await.map_err(|e| format!("triggering a snapshot: {e}"))?;
+        let covered = group
             .raft
             .wait(Some(SNAPSHOT_WAIT))
             .metrics(|m| m.snapshot.is_some_and(|s| s.index >= retained.upto_index), "a snapshot covering the retention cut")
@@ -152,13 +195,19 @@ async fn purge_to_cut(p: &Partition) -> Result<(), String> {
             return Err(format!("no snapshot covers entry {} yet", retained.upto_index));
         }
     }
-    let before = p.group.log.segment_extents().len() as u64;
-    p.group.raft.trigger().purge_log(retained.upto_index).await.map_err(|e| format!("purging: {e}"))?;
-    let purged = p.group.raft.wait(Some(SNAPSHOT_WAIT)).metrics(|m| m.purged.is_some_and(|l| l.index >= retained.upto_index), "the purge").await;
-    let after = p.group.log.segment_extents().len() as u64;
-    crate::metrics::retention(p.group.id, before.saturating_sub(after), retained.start_offset);
+    let before = group.log.segment_extents().len() as u64;
+    group.raft.trigger().purge_log(retained.upto_index).await.map_err(|e| format!("purging: {e}"))?;
+    let purged = group.raft.wait(Some(SNAPSHOT_WAIT)).metrics(|m| m.purged.is_some_and(|l| l.index >= retained.upto_index), "the purge").await;
+    let after = group.log.segment_extents().len() as u64;
+    crate::metrics::retention(group.id, before.saturating_sub(after), retained.start_offset);
     if purged.is_ok() {
-        tracing::debug!(partition = %p.name(), upto = retained.upto_index, start_offset = retained.start_offset, segments = before.saturating_sub(after), "retention purged the log");
+        tracing::debug!(
+            log = name,
+            upto = retained.upto_index,
+            start_offset = retained.start_offset,
+            segments = before.saturating_sub(after),
+            "retention purged the log"
+        );
     }
     Ok(())
 }

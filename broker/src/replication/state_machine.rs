@@ -22,6 +22,12 @@
 //! store deletes entries only below it, whatever openraft asks (after installing a
 //! snapshot openraft purges up to the snapshot, and the retained entries before it
 //! must stay).
+//!
+//! The metadata group's state machine (`open_metadata`) also folds its committed
+//! commands into the cluster's `MetadataState` and publishes each new state (before it
+//! answers the writes that changed it); its snapshots carry that state too, so its log
+//! can be cut and purged like a partition's, and a node far behind or wiped is sent the
+//! metadata state with the retained log.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -37,6 +43,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::types::{ApplyReply, EntryData, RaftLogId, TypeConfig};
+use crate::metadata::{MetadataCommand, MetadataState};
 use crate::partition::message_ids::{digest, IdDigest};
 use crate::partition::producers::ProducerStamp;
 use crate::partition::{BatchInfo, BatchOutcome, ControlEntry, PartitionState};
@@ -90,6 +97,54 @@ struct LegacySmState {
 struct StoredSnapshot {
     meta: SnapshotMeta,
     state: Vec<u8>,
+}
+
+/// The first two bytes of a metadata group's snapshot state (a partition snapshot
+/// starts with its format version, a small number), then [`METADATA_STATE_FORMAT`].
+const METADATA_STATE_TAG: &[u8; 2] = b"MD";
+const METADATA_STATE_FORMAT: u16 = 1;
+
+/// A metadata group's snapshot state, format 1: the partition fold's encoded state (the
+/// log's offsets and retention cut) and the cluster's metadata.
+#[derive(Deserialize)]
+struct MetadataGroupStateV1 {
+    partition: Vec<u8>,
+    metadata: MetadataState,
+}
+
+/// What [`MetadataGroupStateV1`] decodes (postcard writes a reference as its value).
+#[derive(Serialize)]
+struct MetadataGroupStateV1Ref<'a> {
+    partition: Vec<u8>,
+    metadata: &'a MetadataState,
+}
+
+/// Encodes a snapshot's state: the partition fold's alone, or for the metadata group
+/// both folds.
+fn encode_group_state(partition: &PartitionState, metadata: Option<&MetadataState>) -> Vec<u8> {
+    let Some(metadata) = metadata else { return partition.encode_snapshot() };
+    let mut out = METADATA_STATE_TAG.to_vec();
+    out.extend_from_slice(&METADATA_STATE_FORMAT.to_le_bytes());
+    let body = MetadataGroupStateV1Ref { partition: partition.encode_snapshot(), metadata };
+    postcard::to_io(&body, &mut out).expect("writing to a Vec cannot fail");
+    out
+}
+
+/// Decodes what [`encode_group_state`] wrote: the metadata state is `None` in a
+/// partition's snapshot (and in a metadata group's written by builds that folded
+/// metadata outside the state machine).
+fn decode_group_state(bytes: &[u8]) -> io::Result<(PartitionState, Option<MetadataState>)> {
+    let Some(body) = bytes.strip_prefix(METADATA_STATE_TAG) else {
+        return Ok((PartitionState::decode_snapshot(bytes).map_err(|e| invalid(e.to_string()))?, None));
+    };
+    let Some((format, body)) = body.split_first_chunk::<2>() else { return Err(invalid("a truncated metadata snapshot".into())) };
+    let format = u16::from_le_bytes(*format);
+    if format != METADATA_STATE_FORMAT {
+        return Err(invalid(format!("the metadata snapshot has format {format}, newer than this build reads ({METADATA_STATE_FORMAT}); upgrade the broker")));
+    }
+    let v1: MetadataGroupStateV1 = postcard::from_bytes(body).map_err(|e| invalid(format!("decoding the metadata snapshot: {e}")))?;
+    let partition = PartitionState::decode_snapshot(&v1.partition).map_err(|e| invalid(e.to_string()))?;
+    Ok((partition, Some(v1.metadata)))
 }
 
 fn invalid(msg: String) -> io::Error {
@@ -158,6 +213,16 @@ pub fn saved_state(disk: &dyn Disk, dir: &Path) -> io::Result<Option<(u64, Parti
     Ok(Some((last.index, state)))
 }
 
+/// The metadata group's snapshot saved in `dir`: the last log index it covers and the
+/// cluster's metadata there (for offline inspection of a purged metadata log).
+pub fn saved_metadata(disk: &dyn Disk, dir: &Path) -> io::Result<Option<(u64, MetadataState)>> {
+    let Some(bytes) = atomic_file::read(disk, dir, SNAPSHOT_FILE)? else { return Ok(None) };
+    let stored = decode_file(&bytes)?;
+    let Some(last) = stored.meta.last_log_id else { return Ok(None) };
+    let (_, metadata) = decode_group_state(&stored.state).map_err(|e| invalid(format!("{}: {e}", dir.display())))?;
+    Ok(metadata.map(|m| (last.index, m)))
+}
+
 /// Deletes the snapshot saved in `dir`, durably, so the state machine is rebuilt from
 /// the log. For a replica whose log lost entries its snapshot covers: openraft would
 /// otherwise purge the log up to the snapshot, and the offsets of the entries it lost
@@ -180,9 +245,17 @@ pub struct PartitionShared {
     purge_floor: Arc<AtomicU64>,
     high_watermark: watch::Sender<u64>,
     applied: watch::Sender<Option<RaftLogId>>,
+    /// The metadata group's: the cluster's metadata as of the last applied entry.
+    metadata: Option<watch::Receiver<Arc<MetadataState>>>,
 }
 
 impl PartitionShared {
+    /// The cluster's metadata as the metadata group's fold last published it (`None` for
+    /// a partition).
+    pub fn metadata(&self) -> Option<watch::Receiver<Arc<MetadataState>>> {
+        self.metadata.clone()
+    }
+
     /// The fold's state. Held briefly: applying waits for it.
     pub fn state(&self) -> MutexGuard<'_, PartitionState> {
         self.state.lock().expect("partition state lock poisoned")
@@ -221,6 +294,42 @@ pub struct PartitionStateMachine {
     current: Arc<Mutex<Option<StoredSnapshot>>>,
     /// The group's log, for installing a staged log with a snapshot.
     log: Option<Arc<Log>>,
+    /// The metadata group's second fold.
+    metadata: Option<MetadataFold>,
+}
+
+/// The metadata group's fold of its commands into the cluster's metadata.
+struct MetadataFold {
+    state: MetadataState,
+    publish: watch::Sender<Arc<MetadataState>>,
+    /// Whether `state` changed since it was last published.
+    changed: bool,
+}
+
+impl MetadataFold {
+    /// Folds the commands of the batch stored at log `index`.
+    fn apply(&mut self, index: u64, bytes: &bytes::Bytes) -> io::Result<()> {
+        let view = BatchView::trusted(bytes.clone()).map_err(|e| invalid(format!("metadata entry {index} holds an unparseable batch: {e}")))?;
+        // Committed bytes that do not decode mean a bug or corruption; folding past them
+        // would diverge from other nodes, so the group stops.
+        let commands = MetadataCommand::from_batch(&view).map_err(|e| invalid(format!("metadata entry {index}: {e}")))?;
+        for (offset, command) in commands {
+            if offset < self.state.applied_offset {
+                continue;
+            }
+            if let Err(rejected) = self.state.apply(offset, &command) {
+                tracing::info!(offset, %rejected, "metadata command rejected by the fold");
+            }
+            self.changed = true;
+        }
+        Ok(())
+    }
+
+    fn publish(&mut self) {
+        if std::mem::take(&mut self.changed) {
+            self.publish.send_replace(Arc::new(self.state.clone()));
+        }
+    }
 }
 
 /// Builds a snapshot from the state encoded when the builder was created.
@@ -232,8 +341,34 @@ pub struct PartitionSnapshotBuilder {
 }
 
 impl PartitionStateMachine {
-    /// Opens the state machine in `dir` on `disk`, starting from the last snapshot if any.
+    /// Opens a partition's state machine in `dir` on `disk`, starting from the last
+    /// snapshot if any.
     pub fn open(disk: Arc<dyn Disk>, dir: PathBuf) -> io::Result<PartitionStateMachine> {
+        Self::open_kind(disk, dir, false)
+    }
+
+    /// Opens the metadata group's state machine over its `log` (see the module docs).
+    /// A snapshot without the metadata state (written by builds that folded metadata
+    /// elsewhere, which never purged the metadata log) is discarded: the state is
+    /// rebuilt from the whole log.
+    pub fn open_metadata(disk: Arc<dyn Disk>, dir: PathBuf, log: Arc<Log>) -> io::Result<PartitionStateMachine> {
+        if let Some(bytes) = atomic_file::read(&*disk, &dir, SNAPSHOT_FILE)? {
+            let (_, metadata) = decode_group_state(&decode_file(&bytes)?.state).map_err(|e| invalid(format!("{}: {e}", dir.display())))?;
+            if metadata.is_none() {
+                if log.state().first_index > 0 {
+                    return Err(invalid(format!(
+                        "{}: the metadata snapshot holds no metadata state and the log before it was purged; restore the data directory from a replica",
+                        dir.display()
+                    )));
+                }
+                tracing::info!(dir = %dir.display(), "the metadata snapshot predates the metadata fold; rebuilding it from the log");
+                discard_saved_snapshot(&*disk, &dir)?;
+            }
+        }
+        Ok(Self::open_kind(disk, dir, true)?.with_log(log))
+    }
+
+    fn open_kind(disk: Arc<dyn Disk>, dir: PathBuf, metadata: bool) -> io::Result<PartitionStateMachine> {
         let current = match atomic_file::read(&*disk, &dir, SNAPSHOT_FILE)? {
             Some(bytes) => Some(decode_file(&bytes)?),
             None => match atomic_file::read(&*disk, &dir, LEGACY_SNAPSHOT_FILE)? {
@@ -245,21 +380,26 @@ impl PartitionStateMachine {
                 }
             },
         };
-        let (state, applied, membership) = match &current {
+        let (state, metadata_state, applied, membership) = match &current {
             Some(s) => {
-                let state = PartitionState::decode_snapshot(&s.state).map_err(|e| invalid(format!("{}: {e}", dir.display())))?;
-                (state, s.meta.last_log_id, s.meta.last_membership.clone())
+                let (state, m) = decode_group_state(&s.state).map_err(|e| invalid(format!("{}: {e}", dir.display())))?;
+                (state, m, s.meta.last_log_id, s.meta.last_membership.clone())
             }
-            None => (PartitionState::default(), None, StoredMembership::default()),
+            None => (PartitionState::default(), None, None, StoredMembership::default()),
         };
+        let fold = metadata.then(|| {
+            let state = metadata_state.unwrap_or_default();
+            MetadataFold { publish: watch::channel(Arc::new(state.clone())).0, state, changed: false }
+        });
         let shared = Arc::new(PartitionShared {
             high_watermark: watch::channel(state.next_offset).0,
             applied: watch::channel(applied).0,
             purge_floor: Arc::new(AtomicU64::new(0)),
+            metadata: fold.as_ref().map(|f| f.publish.subscribe()),
             state: Mutex::new(state),
         });
         shared.publish_floor(&shared.state());
-        Ok(PartitionStateMachine { disk, dir, shared, applied, membership, current: Arc::new(Mutex::new(current)), log: None })
+        Ok(PartitionStateMachine { disk, dir, shared, applied, membership, current: Arc::new(Mutex::new(current)), log: None, metadata: fold })
     }
 
     /// Installs received snapshots' staged logs into `log` (the group's).
@@ -327,6 +467,9 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
     where
         Strm: futures::Stream<Item = io::Result<EntryResponder<TypeConfig>>> + Unpin + OptionalSend,
     {
+        // The metadata group answers once the metadata state it publishes includes the
+        // entries answered (a proposer then reads its change in the published state).
+        let mut deferred = Vec::new();
         while let Some(item) = entries.next().await {
             let (entry, responder) = item?;
             let index = entry.log_id.index;
@@ -338,7 +481,13 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
                         self.membership = StoredMembership::new(Some(entry.log_id), m.clone());
                         ApplyReply::Empty { next_offset: state.next_offset }
                     }
-                    EntryPayload::Normal(EntryData::Batch(batch)) => ApplyReply::Batch(Self::apply_batch(&mut state, index, &batch.0)?),
+                    EntryPayload::Normal(EntryData::Batch(batch)) => {
+                        let outcome = Self::apply_batch(&mut state, index, &batch.0)?;
+                        if let (Some(fold), BatchOutcome::Stored { .. }) = (&mut self.metadata, &outcome) {
+                            fold.apply(index, &batch.0)?;
+                        }
+                        ApplyReply::Batch(outcome)
+                    }
                     EntryPayload::Normal(EntryData::Control(bytes)) => {
                         let control = ControlEntry::decode(bytes).map_err(|e| invalid(format!("entry {index} holds an undecodable control entry: {e}")))?;
                         let outcome = state.apply_control(&control);
@@ -351,21 +500,32 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
             self.applied = Some(entry.log_id);
             self.shared.high_watermark.send_if_modified(|hw| std::mem::replace(hw, next_offset) != next_offset);
             self.shared.applied.send_replace(self.applied);
-            if let Some(responder) = responder {
-                responder.send(reply);
+            match responder {
+                Some(responder) if self.metadata.is_some() => deferred.push((responder, reply)),
+                Some(responder) => responder.send(reply),
+                None => {}
             }
+        }
+        if let Some(fold) = &mut self.metadata {
+            fold.publish();
+        }
+        for (responder, reply) in deferred {
+            responder.send(reply);
         }
         Ok(())
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         let meta = SnapshotMeta { last_log_id: self.applied, last_membership: self.membership.clone() };
-        let state = self.shared.state().encode_snapshot();
+        let state = encode_group_state(&self.shared.state(), self.metadata.as_ref().map(|f| &f.state));
         PartitionSnapshotBuilder { disk: self.disk.clone(), dir: self.dir.clone(), snapshot: StoredSnapshot { meta, state }, current: self.current.clone() }
     }
 
     async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: PartitionSnapshot) -> io::Result<()> {
-        let state = PartitionState::decode_snapshot(&snapshot.state).map_err(|e| invalid(format!("installing a snapshot: {e}")))?;
+        let (state, metadata) = decode_group_state(&snapshot.state).map_err(|e| invalid(format!("installing a snapshot: {e}")))?;
+        if self.metadata.is_some() && metadata.is_none() {
+            return Err(invalid("installing a snapshot: the metadata group's snapshot holds no metadata state".into()));
+        }
         let stored = StoredSnapshot { meta: meta.clone(), state: snapshot.state };
         let (disk, dir) = (self.disk.clone(), self.dir.clone());
         let stored = match (snapshot.staged, &self.log) {
@@ -389,6 +549,11 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
         let next_offset = state.next_offset;
         self.shared.publish_floor(&state);
         *self.shared.state() = state;
+        if let (Some(fold), Some(metadata)) = (&mut self.metadata, metadata) {
+            fold.state = metadata;
+            fold.changed = true;
+            fold.publish();
+        }
         self.applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
         self.shared.high_watermark.send_replace(next_offset);
@@ -444,5 +609,33 @@ mod tests {
         let last = bytes.len() - 1;
         bytes[last] ^= 1;
         assert!(decode_file(&bytes).unwrap_err().to_string().contains("checksum"));
+    }
+
+    #[test]
+    fn a_metadata_groups_snapshot_state_carries_both_folds_and_a_partitions_only_its_own() {
+        let partition = PartitionState { next_offset: 17, clock_ms: 9, ..PartitionState::default() };
+        let mut metadata = MetadataState::default();
+        metadata.apply(0, &MetadataCommand::AllocateProducerIds { node: 2, count: 10 }).unwrap();
+        let (p, m) = decode_group_state(&encode_group_state(&partition, Some(&metadata))).unwrap();
+        assert_eq!((p, m), (partition.clone(), Some(metadata)));
+        let (p, m) = decode_group_state(&encode_group_state(&partition, None)).unwrap();
+        assert_eq!((p, m), (partition, None));
+        let mut newer = METADATA_STATE_TAG.to_vec();
+        newer.extend_from_slice(&9u16.to_le_bytes());
+        assert!(decode_group_state(&newer).unwrap_err().to_string().contains("format 9"));
+    }
+
+    #[test]
+    fn a_metadata_snapshot_of_an_earlier_build_is_discarded_so_the_whole_log_rebuilds_the_metadata() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = keel_storage::disk::os();
+        let log = Arc::new(Log::open(dir.path(), keel_storage::LogConfig::default()).unwrap());
+        // What builds that folded metadata outside the state machine saved: partition state only.
+        let meta = SnapshotMeta { last_log_id: Some(RaftLogId::new_term_index(1, 5)), last_membership: StoredMembership::default() };
+        persist(&*disk, dir.path(), &StoredSnapshot { meta, state: PartitionState { next_offset: 6, ..PartitionState::default() }.encode_snapshot() }).unwrap();
+        let sm = PartitionStateMachine::open_metadata(disk.clone(), dir.path().to_path_buf(), log).unwrap();
+        assert_eq!(sm.applied, None, "the state is rebuilt from the log");
+        assert!(saved_snapshot_last(&*disk, dir.path()).unwrap().is_none(), "the old snapshot is gone");
+        assert_eq!(**sm.shared().metadata().unwrap().borrow(), MetadataState::default());
     }
 }

@@ -25,8 +25,13 @@ pub struct Dev {
 
 impl Dev {
     pub fn start(port_offset: u16) -> Dev {
+        Dev::start_with_env(port_offset, &[])
+    }
+
+    /// [`Dev::start`] with `KEEL_*` overrides in the nodes' environment.
+    pub fn start_with_env(port_offset: u16, env: &[(&str, &str)]) -> Dev {
         let dir = tempfile::tempdir().unwrap();
-        let process = dev_cluster::start_dev(dir.path(), dev_cluster::base_port(port_offset));
+        let process = dev_cluster::start_dev_with_env(dir.path(), dev_cluster::base_port(port_offset), env);
         dev_cluster::wait_for_files(dir.path());
         let addrs = dev_cluster::bootstrap_addrs(dir.path());
         let cluster = Cluster::new(ClientConfig { bootstrap: addrs.clone(), ..ClientConfig::default() }).unwrap();

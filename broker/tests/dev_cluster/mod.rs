@@ -23,8 +23,15 @@ pub fn run_ok(cmd: &mut Command) -> String {
 }
 
 /// Starts `keel dev` on `dir` with client ports from `base_port`.
+#[allow(dead_code)] // not every test binary uses every helper
 pub fn start_dev(dir: &Path, base_port: u16) -> Child {
+    start_dev_with_env(dir, base_port, &[])
+}
+
+/// [`start_dev`] with `env` (`KEEL_*` overrides) in the nodes' environment.
+pub fn start_dev_with_env(dir: &Path, base_port: u16, env: &[(&str, &str)]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_keel"))
+        .envs(env.iter().copied())
         .args(["dev", "--data-dir"])
         .arg(dir)
         .args(["--base-port", &base_port.to_string()])
@@ -184,10 +191,16 @@ impl Drop for NodeProcess {
 /// `dir/node<N>-restarted.log`.
 #[allow(dead_code)]
 pub fn restart_node(dir: &Path, base_port: u16, node: u32) -> NodeProcess {
+    restart_node_with_env(dir, base_port, node, &[])
+}
+
+/// [`restart_node`] with `KEEL_*` overrides in the node's environment.
+pub fn restart_node_with_env(dir: &Path, base_port: u16, node: u32, env: &[(&str, &str)]) -> NodeProcess {
     let node_dir = dir.join(format!("node{node}"));
     std::fs::create_dir_all(&node_dir).unwrap();
     let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join(format!("node{node}-restarted.log"))).unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .envs(env.iter().copied())
         .args(["serve", "--dev-nodes", "3", "--dev-base-port", &base_port.to_string(), "--node-id", &node.to_string(), "--data-dir"])
         .arg(&node_dir)
         .stdin(Stdio::null())

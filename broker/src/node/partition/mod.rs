@@ -237,7 +237,8 @@ type SabotageAttempts = (u64, HashMap<(String, u64), u32>);
 /// How often, at most, a partition logs that its message-id budget throttles produces.
 const BUDGET_WARNING_EVERY_MS: i64 = 10_000;
 
-fn now_ms() -> i64 {
+/// This node's wall clock, in milliseconds since the epoch.
+pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
