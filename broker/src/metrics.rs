@@ -173,6 +173,7 @@ fn describe() {
         "AppendEntries requests sent on replication streams; pipelined=true when earlier ones were unanswered."
     );
     describe_counter!(APPEND_STREAMS_OPENED, Unit::Count, "Replication streams opened on this node as follower.");
+    describe_gauge!(APPEND_STREAMS_OPEN, Unit::Count, "Replication streams this node holds open as follower (one per group and leader at most).");
     describe_counter!(OFFSET_STAMPS, Unit::Count, "Batches whose base offset the log store wrote: already held, in place, or on a copy.");
 }
 
@@ -191,6 +192,7 @@ pub const QUEUE_EXPIRED: &str = "keel_queue_expired_total";
 
 pub const REPLICATION_APPENDS_SENT: &str = "keel_replication_appends_sent_total";
 pub const APPEND_STREAMS_OPENED: &str = "keel_append_streams_opened_total";
+pub const APPEND_STREAMS_OPEN: &str = "keel_append_streams_open";
 
 /// One AppendEntries sent on a replication stream, `pipelined` if earlier ones of the
 /// stream were unanswered.
@@ -205,9 +207,10 @@ pub fn offset_stamp(how: &'static str) {
     counter!(OFFSET_STAMPS, "how" => how).increment(1);
 }
 
-/// A replication stream opened on this node as follower.
-pub fn append_stream_opened() {
+/// A replication stream opened on this node as follower; `open` are now held.
+pub fn append_stream_opened(open: usize) {
     counter!(APPEND_STREAMS_OPENED).increment(1);
+    gauge!(APPEND_STREAMS_OPEN).set(open as f64);
 }
 
 pub const DISK_FREE_BYTES: &str = "keel_disk_free_bytes";

@@ -184,10 +184,19 @@ pub struct AppendStreams {
 }
 
 impl AppendStreams {
-    /// Hands `rpc` (request `seq` of stream `stream` from node `from`) to `raft` in stream
-    /// order and waits for its answer.
-    pub(super) async fn append(&self, raft: &GroupRaft, group: GroupId, from: u64, stream: u64, seq: u64, rpc: Request) -> Result<Answer, String> {
-        let s = self.stream(raft, group, from, stream)?;
+    /// Hands `rpc` (request `seq` of stream `stream` from node `from`, for `group`) to
+    /// `raft` in stream order and waits for its answer. `hosted` says whether this node
+    /// still hosts a group: opening a stream forgets the streams of groups it no longer
+    /// hosts (deleted ones), whose tasks hold their Raft.
+    pub(super) async fn append(
+        &self,
+        raft: &GroupRaft,
+        (group, from): (GroupId, u64),
+        (stream, seq): (u64, u64),
+        rpc: Request,
+        hosted: impl Fn(GroupId) -> bool,
+    ) -> Result<Answer, String> {
+        let s = self.stream(raft, group, from, stream, hosted)?;
         let (tx, rx) = oneshot::channel();
         {
             let mut order = s.order.lock().expect("append stream lock poisoned");
@@ -208,7 +217,7 @@ impl AppendStreams {
     }
 
     /// The stream `stream` of (`group`, `from`): the open one, or a new one replacing it.
-    fn stream(&self, raft: &GroupRaft, group: GroupId, from: u64, stream: u64) -> Result<Arc<StreamIn>, String> {
+    fn stream(&self, raft: &GroupRaft, group: GroupId, from: u64, stream: u64, hosted: impl Fn(GroupId) -> bool) -> Result<Arc<StreamIn>, String> {
         let mut streams = self.streams.lock().expect("append streams lock poisoned");
         let key = (group, from);
         if let Some(s) = streams.by_source.get(&key) {
@@ -219,9 +228,12 @@ impl AppendStreams {
         if streams.retired.get(&key).is_some_and(|r| r.contains(&stream)) {
             return Err(format!("append stream {stream} from node {from} for group {group} was replaced by a newer one"));
         }
+        streams.by_source.retain(|(g, _), _| *g == group || hosted(*g));
+        streams.retired.retain(|(g, _), _| *g == group || hosted(*g));
         let opened = Arc::new(open(raft, stream));
-        crate::metrics::append_stream_opened();
-        if let Some(old) = streams.by_source.insert(key, opened.clone()) {
+        let replaced = streams.by_source.insert(key, opened.clone());
+        crate::metrics::append_stream_opened(streams.by_source.len());
+        if let Some(old) = replaced {
             let retired = streams.retired.entry(key).or_default();
             retired.push_back(old.id);
             if retired.len() > RETIRED_STREAMS_KEPT {

@@ -141,7 +141,10 @@ async fn handle_append(service: &PeerService, caller: Option<u64>, payload: &Byt
     let reply = match (hosted, caller) {
         (None, _) => RaftReply::UnknownGroup(head.group),
         (Some(_), None) => RaftReply::Failed("a pipelined append needs an identified caller".into()),
-        (Some(hosted), Some(from)) => RaftReply::AppendPipelined(service.streams.append(&hosted.raft, head.group, from, head.stream, head.seq, rpc).await),
+        (Some(hosted), Some(from)) => {
+            let still_hosted = |g| service.groups.read().expect("group registry lock poisoned").contains_key(&g);
+            RaftReply::AppendPipelined(service.streams.append(&hosted.raft, (head.group, from), (head.stream, head.seq), rpc, still_hosted).await)
+        }
     };
     postcard::to_allocvec(&reply).map(Bytes::from).map_err(|e| format!("encoding Raft reply: {e}"))
 }
