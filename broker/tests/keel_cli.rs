@@ -123,7 +123,7 @@ fn a_deleted_topic_leaves_no_partition_behind_and_its_name_starts_empty_again() 
     const CYCLES: usize = 4;
     let dir = tempfile::tempdir().unwrap();
     let _cleanup = dev_cluster::KillNodesOnDrop(dir.path());
-    let mut dev = dev_cluster::start_dev(dir.path(), dev_cluster::base_port(23_700));
+    let mut dev = dev_cluster::start_dev(dir.path(), dev_cluster::base_port(23_800));
     dev_cluster::wait_for_files(dir.path());
     let bootstrap = std::fs::read_to_string(dir.path().join("bootstrap")).unwrap();
     let produce = |lines: std::ops::Range<u32>| {
