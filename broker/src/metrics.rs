@@ -173,6 +173,7 @@ fn describe() {
         "AppendEntries requests sent on replication streams; pipelined=true when earlier ones were unanswered."
     );
     describe_counter!(APPEND_STREAMS_OPENED, Unit::Count, "Replication streams opened on this node as follower.");
+    describe_counter!(GROUPS_REOPENED, Unit::Count, "Partition groups reopened from disk after a storage error (a full disk) stopped them.");
     describe_gauge!(APPEND_STREAMS_OPEN, Unit::Count, "Replication streams this node holds open as follower (one per group and leader at most).");
     describe_counter!(OFFSET_STAMPS, Unit::Count, "Batches whose base offset the log store wrote: already held, in place, or on a copy.");
 }
@@ -214,6 +215,12 @@ pub fn append_stream_opened(open: usize) {
 }
 
 pub const DISK_FREE_BYTES: &str = "keel_disk_free_bytes";
+pub const GROUPS_REOPENED: &str = "keel_groups_reopened_total";
+
+/// A partition group a storage error stopped was reopened from disk.
+pub fn group_reopened() {
+    counter!(GROUPS_REOPENED).increment(1);
+}
 pub const DISK_FULL: &str = "keel_disk_full";
 
 /// The data directory's free space, and whether the node refuses data for lack of it.

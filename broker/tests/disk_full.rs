@@ -1,7 +1,9 @@
 //! Disk full, for real: a `keel dev` cluster on a small tmpfs, a filler file taking
 //! most of it, producers writing until the nodes reach `node.min_free_bytes`. They must
 //! see `StorageFull` (never a crash, never a lost acknowledged message), `/health/ready`
-//! must name the cause, and once the filler is deleted producing resumes by itself.
+//! must name the cause, and once the filler is deleted producing resumes by itself. And
+//! without the reserve, where writes really fail with `ENOSPC`: the groups they stop
+//! reopen by themselves once space is freed, with nothing acknowledged lost.
 //!
 //! Mounting a tmpfs needs root (CI runs as root); without it the test says so and
 //! returns.
@@ -36,24 +38,33 @@ fn free_bytes(dir: &Path) -> u64 {
     String::from_utf8_lossy(&out.stdout).lines().nth(1).unwrap().trim().parse().unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn producers_see_storage_full_then_resume_when_space_is_freed_and_nothing_acknowledged_is_lost() {
+/// A `keel dev` cluster on its own tmpfs with `min_free` as `node.min_free_bytes`, and
+/// topic "full" (1 partition, R3). `None` without root.
+struct Setup {
+    _tmp: tempfile::TempDir,
+    dir: std::path::PathBuf,
+    dev: std::process::Child,
+    pids: Vec<u32>,
+    addrs: Vec<String>,
+    cluster: Cluster,
+}
+
+async fn start_on_tmpfs(min_free: u64, port_offset: u16) -> Option<Setup> {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("tmpfs");
     std::fs::create_dir_all(&dir).unwrap();
     let mounted = Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={TMPFS_MIB}m"), "tmpfs"]).arg(&dir).stderr(Stdio::null()).status();
     if !mounted.is_ok_and(|s| s.success()) {
         eprintln!("SKIPPED: mounting a {TMPFS_MIB} MiB tmpfs needs root");
-        return;
+        return None;
     }
-    let _mount = Mount(&dir);
     let data = dir.join("keel-data");
-    let base_port = dev_cluster::base_port(22_300);
-    let mut dev = Command::new(env!("CARGO_BIN_EXE_keel"))
+    let base_port = dev_cluster::base_port(port_offset);
+    let dev = Command::new(env!("CARGO_BIN_EXE_keel"))
         .args(["dev", "--data-dir"])
         .arg(&data)
         .args(["--base-port", &base_port.to_string()])
-        .env("KEEL_MIN_FREE_BYTES", MIN_FREE.to_string())
+        .env("KEEL_MIN_FREE_BYTES", min_free.to_string())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -68,7 +79,33 @@ async fn producers_see_storage_full_then_resume_when_space_is_freed_and_nothing_
         assert!(Instant::now() < deadline, "the cluster never accepted the topic");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    Some(Setup { _tmp: tmp, dir, dev, pids, addrs, cluster })
+}
 
+fn value(i: u64) -> Record {
+    let mut v = i.to_be_bytes().to_vec();
+    v.resize(1000, b'f');
+    Record::new(v)
+}
+
+/// Reads topic "full" until every message of `acked` was seen.
+async fn read_back(cluster: &Cluster, acked: &[u64]) {
+    let mut consumer = Consumer::new(cluster.clone(), "full", StartAt::Earliest).await.unwrap();
+    let mut seen = std::collections::HashSet::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !acked.iter().all(|i| seen.contains(i)) {
+        assert!(Instant::now() < deadline, "{} acknowledged messages were not read back", acked.iter().filter(|i| !seen.contains(*i)).count());
+        for m in consumer.poll(Duration::from_secs(1)).await.unwrap() {
+            seen.insert(u64::from_be_bytes(m.value.as_deref().unwrap()[..8].try_into().unwrap()));
+        }
+    }
+    eprintln!("all {} acknowledged messages read back", acked.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn producers_see_storage_full_then_resume_when_space_is_freed_and_nothing_acknowledged_is_lost() {
+    let Some(Setup { _tmp, dir, mut dev, pids, addrs, cluster }) = start_on_tmpfs(MIN_FREE, 22_300).await else { return };
+    let _mount = Mount(&dir);
     // 1. A filler leaves 40 MiB free: the nodes cross the 24 MiB minimum after about
     //    16 MiB of writes (every message is stored three times on this one tmpfs).
     let filler = dir.join("filler");
@@ -81,11 +118,6 @@ async fn producers_see_storage_full_then_resume_when_space_is_freed_and_nothing_
     let producer = Producer::new(cluster.clone(), config.clone()).unwrap();
     let mut acked: Vec<u64> = Vec::new();
     let mut refused = None;
-    let value = |i: u64| {
-        let mut v = i.to_be_bytes().to_vec();
-        v.resize(1000, b'f');
-        Record::new(v)
-    };
     let started = Instant::now();
     'produce: for chunk in 0..200u64 {
         let mut acks = Vec::new();
@@ -144,17 +176,79 @@ async fn producers_see_storage_full_then_resume_when_space_is_freed_and_nothing_
     assert!(!ready.contains("min_free_bytes"), "{ready}");
 
     // 5. Every acknowledged message is there.
-    let mut consumer = Consumer::new(cluster.clone(), "full", StartAt::Earliest).await.unwrap();
-    let mut seen = std::collections::HashSet::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !acked.iter().all(|i| seen.contains(i)) {
-        assert!(Instant::now() < deadline, "{} acknowledged messages were not read back", acked.iter().filter(|i| !seen.contains(*i)).count());
-        for m in consumer.poll(Duration::from_secs(1)).await.unwrap() {
-            seen.insert(u64::from_be_bytes(m.value.as_deref().unwrap()[..8].try_into().unwrap()));
-        }
-    }
-    eprintln!("all {} acknowledged messages read back", acked.len());
+    read_back(&cluster, &acked).await;
     // SAFETY: kill(2) on the keel dev process this test spawned.
     unsafe { libc::kill(dev.id() as libc::pid_t, libc::SIGTERM) };
     assert!(dev.wait().unwrap().success(), "keel dev stops cleanly after a disk-full episode");
+}
+
+/// Without the reserve (`min_free_bytes` 0) writes really fail with ENOSPC. A group whose
+/// write failed stops (its log refuses further writes rather than risk what it
+/// acknowledged); once space is freed the node reopens it from disk by itself, and
+/// producing resumes with nothing acknowledged lost and no node restarted by hand.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_stopped_by_a_real_enospc_reopens_by_itself_once_space_is_freed() {
+    let Some(Setup { _tmp, dir, mut dev, pids, addrs, cluster }) = start_on_tmpfs(0, 22_600).await else { return };
+    let _mount = Mount(&dir);
+    let filler = dir.join("filler");
+    let fill = free_bytes(&dir).saturating_sub(20 * MIB);
+    std::fs::write(&filler, vec![0u8; fill as usize]).unwrap();
+
+    // 1. Produce until sends fail: the disk is really full.
+    let config = ProducerConfig { delivery_timeout: Duration::from_secs(3), ..ProducerConfig::default() };
+    let producer = Producer::new(cluster.clone(), config.clone()).unwrap();
+    let mut acked: Vec<u64> = Vec::new();
+    let mut failed = None;
+    'produce: for chunk in 0..200u64 {
+        let mut acks = Vec::new();
+        for i in chunk * 1000..(chunk + 1) * 1000 {
+            acks.push((i, producer.send("full", value(i)).await.unwrap()));
+        }
+        for (i, a) in acks {
+            match a.wait().await {
+                Ok(_) => acked.push(i),
+                Err(e) => {
+                    failed = Some(e.to_string());
+                    break 'produce;
+                }
+            }
+        }
+    }
+    producer.close().await;
+    let failed = failed.expect("producing into 20 MiB free without a reserve failed at some point");
+    eprintln!("{} messages acknowledged, then: {failed}; {} bytes free", acked.len(), free_bytes(&dir));
+    for (n, pid) in pids.iter().enumerate() {
+        // SAFETY: kill(pid, 0) only checks that the process exists.
+        assert_eq!(unsafe { libc::kill(*pid as libc::pid_t, 0) }, 0, "node {} crashed", n + 1);
+    }
+
+    // 2. Free the space: the stopped groups reopen and producing resumes.
+    std::fs::remove_file(&filler).unwrap();
+    let freed = Instant::now();
+    let producer = Producer::new(cluster.clone(), config).unwrap();
+    let next = 1_000_000u64;
+    let resumed = loop {
+        match producer.send("full", value(next)).await.unwrap().wait().await {
+            Ok(_) => break freed.elapsed(),
+            Err(e) => {
+                assert!(freed.elapsed() < Duration::from_secs(60), "producing never resumed: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    acked.push(next);
+    for i in next + 1..next + 1000 {
+        producer.send("full", value(i)).await.unwrap().wait().await.expect("produces are accepted again");
+        acked.push(i);
+    }
+    producer.close().await;
+    let reopened = dev_cluster::metric_sum(addrs.iter().map(String::as_str), "keel_groups_reopened_total");
+    eprintln!("producing resumed {resumed:.1?} after the filler was deleted; {reopened} group(s) reopened after a storage error");
+    assert!(reopened >= 1, "a group stopped by ENOSPC was reopened");
+
+    // 3. Every acknowledged message is there.
+    read_back(&cluster, &acked).await;
+    // SAFETY: kill(2) on the keel dev process this test spawned.
+    unsafe { libc::kill(dev.id() as libc::pid_t, libc::SIGTERM) };
+    assert!(dev.wait().unwrap().success(), "keel dev stops cleanly after an ENOSPC episode");
 }

@@ -51,6 +51,19 @@ impl GroupHandle {
         self.raft.metrics().borrow_watched().current_leader
     }
 
+    /// Why this group's Raft stopped, if it did: a storage error (a write that failed,
+    /// `ENOSPC` included), or its task ended without a word (it panicked: the metrics
+    /// sender was dropped without a final state).
+    pub fn stopped(&self) -> Option<String> {
+        use futures::FutureExt;
+        use openraft::async_runtime::watch::WatchReceiver;
+        let mut metrics = self.raft.metrics();
+        if let Err(e) = &metrics.borrow_watched().running_state {
+            return Some(e.to_string());
+        }
+        matches!(metrics.changed().now_or_never(), Some(Err(_))).then(|| "its Raft core ended without reporting why".to_string())
+    }
+
     /// The leader, if there is one that can make progress: as seen by a follower, or —
     /// when this node leads — only while a quorum has acknowledged it within the lease
     /// (a leader cut off from its quorum keeps calling itself leader until it learns of

@@ -145,3 +145,11 @@ pub const DISK_CHECK_INTERVAL: Duration = Duration::from_millis(50);
 pub const DISK_FULL_HYSTERESIS: u64 = 16 * 1024 * 1024;
 /// A full node hands each partition's leadership away at most this often.
 pub const DISK_FULL_STEP_DOWN_INTERVAL: Duration = Duration::from_secs(5);
+/// How often the reconciler looks for partition groups a storage error stopped.
+pub const GROUP_HEALTH_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// A stopped group is reopened only with at least this much free (and the node not
+/// full): room to recover its log and take writes again.
+pub const GROUP_REOPEN_FREE_BYTES_MIN: u64 = 16 * 1024 * 1024;
+/// A group is reopened at most this often (a storage error that is not a full disk
+/// would otherwise stop it again at once).
+pub const GROUP_REOPEN_BACKOFF: Duration = Duration::from_secs(10);

@@ -1,6 +1,17 @@
 //! The partition reconciler: keeps this node's running partition groups equal to what
 //! the metadata says it replicates — opening (and, as preferred leader, initializing)
-//! new ones and stopping and deleting removed ones.
+//! new ones and stopping and deleting removed ones — and reopens groups a storage error
+//! stopped.
+//!
+//! A write or fsync that fails (`ENOSPC` despite the disk-space reserve, an I/O error)
+//! poisons the group's log and openraft stops the group: nothing it acknowledged is at
+//! risk, but the replica is gone. Every `GROUP_HEALTH_CHECK_INTERVAL` the reconciler
+//! looks for such groups and, once the disk has room (the node not full and at least
+//! `GROUP_REOPEN_FREE_BYTES_MIN` free), stops them and opens them again from disk —
+//! recovery cuts whatever half-written tail the failure left, and the ack ledger
+//! checks that everything acknowledged is still there — at most every
+//! `GROUP_REOPEN_BACKOFF` per group. The metadata group is not reopened this way (its
+//! writes are few and small; a node whose metadata group stopped needs a restart).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
@@ -9,6 +20,7 @@ use openraft::BasicNode;
 use tokio::sync::watch;
 
 use super::group::{initialize_if_new, open_group, GroupContext, Peers};
+use super::limits::{GROUP_HEALTH_CHECK_INTERVAL, GROUP_REOPEN_BACKOFF, GROUP_REOPEN_FREE_BYTES_MIN};
 use super::partition::Partition;
 use super::rejoin;
 use crate::config::ClusterConfig;
@@ -28,7 +40,11 @@ pub async fn run(
 ) {
     // Groups being opened by their own task (a probe can wait for a leader).
     let opening: Arc<Mutex<HashSet<u64>>> = Arc::default();
+    let mut health = tokio::time::interval(GROUP_HEALTH_CHECK_INTERVAL);
+    health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut reopened: HashMap<u64, std::time::Instant> = HashMap::new();
     loop {
+        stop_failed_groups(&ctx, &hosted, &mut reopened).await;
         let state = metadata.borrow_and_update().clone();
         let wanted = state.groups_of(ctx.node_id);
         for (topic, p) in &wanted {
@@ -62,10 +78,40 @@ pub async fn run(
                 tracing::warn!(group = p_group, error = %e, "could not drop a deleted group's ack ledger record");
             }
         }
-        if metadata.changed().await.is_err() {
-            return;
+        tokio::select! {
+            changed = metadata.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            _ = health.tick() => {}
         }
     }
+}
+
+/// Stops the hosted partition groups a storage error stopped, if the disk has room to
+/// reopen them now (see the module docs); the caller's next round opens them again.
+async fn stop_failed_groups(ctx: &GroupContext, hosted: &HostedPartitions, reopened: &mut HashMap<u64, std::time::Instant>) {
+    let failed: Vec<(u64, String)> =
+        hosted.read().expect("hosted lock poisoned").values().filter_map(|p| p.group.stopped().map(|why| (p.group.id, why))).collect();
+    if failed.is_empty() {
+        return;
+    }
+    let room = !ctx.disk_space.is_full() && ctx.disk_space.free() >= GROUP_REOPEN_FREE_BYTES_MIN;
+    for (group, error) in failed {
+        if !room || reopened.get(&group).is_some_and(|t| t.elapsed() < GROUP_REOPEN_BACKOFF) {
+            continue;
+        }
+        let Some(p) = hosted.write().expect("hosted lock poisoned").remove(&group) else { continue };
+        ctx.registry.write().expect("group registry lock poisoned").remove(&group);
+        // In a task of its own: shutting down a core that panicked can panic too.
+        let raft = p.group.raft.clone();
+        let _ = tokio::spawn(async move { raft.shutdown().await }).await;
+        reopened.insert(group, std::time::Instant::now());
+        crate::metrics::group_reopened();
+        tracing::warn!(partition = %p.name(), %error, free = ctx.disk_space.free(), "reopening a partition group a storage error stopped, now that the disk has room");
+    }
+    reopened.retain(|_, t| t.elapsed() < GROUP_REOPEN_BACKOFF);
 }
 
 /// Opens one partition group (initializing it as preferred leader) and hosts it, unless

@@ -349,6 +349,17 @@ impl Partition {
         if let Some(why) = self.disk_space.refusal() {
             return Err(PartitionError::StorageFull(format!("node {}: {why}", self.node_id)));
         }
+        if let Some(why) = self.group.stopped() {
+            // Reopened by the reconciler once the disk has room (`node/reconcile.rs`).
+            let free = self.disk_space.free();
+            let msg = format!(
+                "node {}: {} stopped after a storage error ({why}); the data directory has {free} bytes free, and the partition reopens by itself once at least {} are",
+                self.node_id,
+                self.name(),
+                super::limits::GROUP_REOPEN_FREE_BYTES_MIN
+            );
+            return Err(if free < super::limits::GROUP_REOPEN_FREE_BYTES_MIN { PartitionError::StorageFull(msg) } else { PartitionError::Storage(msg) });
+        }
         let len = view.as_bytes().len() as u64;
         // Moved into the proposal, so the log store holds the batch's only reference and
         // stamps its offset in place (`log_store::stamp`).
