@@ -88,6 +88,31 @@ fn value(i: u64) -> Record {
     Record::new(v)
 }
 
+/// Deletes `filler`, then produces until a message is acknowledged again (within 60 s)
+/// and 999 more; returns how long after the delete the first was, adding all to `acked`.
+async fn free_and_resume(cluster: &Cluster, config: ProducerConfig, filler: &Path, acked: &mut Vec<u64>) -> Duration {
+    std::fs::remove_file(filler).unwrap();
+    let freed = Instant::now();
+    let producer = Producer::new(cluster.clone(), config).unwrap();
+    let next = 1_000_000u64;
+    let resumed = loop {
+        match producer.send("full", value(next)).await.unwrap().wait().await {
+            Ok(_) => break freed.elapsed(),
+            Err(e) => {
+                assert!(freed.elapsed() < Duration::from_secs(60), "producing never resumed: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    acked.push(next);
+    for i in next + 1..next + 1000 {
+        producer.send("full", value(i)).await.unwrap().wait().await.expect("produces are accepted again");
+        acked.push(i);
+    }
+    producer.close().await;
+    resumed
+}
+
 /// Reads topic "full" until every message of `acked` was seen.
 async fn read_back(cluster: &Cluster, acked: &[u64]) {
     let mut consumer = Consumer::new(cluster.clone(), "full", StartAt::Earliest).await.unwrap();
@@ -152,25 +177,7 @@ async fn producers_see_storage_full_then_resume_when_space_is_freed_and_nothing_
     assert_eq!(dev_cluster::metric_max(addrs.iter().map(String::as_str), "keel_disk_full"), Some(1.0));
 
     // 4. Free the space: producing resumes by itself.
-    std::fs::remove_file(&filler).unwrap();
-    let freed = Instant::now();
-    let producer = Producer::new(cluster.clone(), config).unwrap();
-    let next = 1_000_000u64;
-    let resumed = loop {
-        match producer.send("full", value(next)).await.unwrap().wait().await {
-            Ok(_) => break freed.elapsed(),
-            Err(e) => {
-                assert!(freed.elapsed() < Duration::from_secs(60), "producing never resumed: {e}");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    };
-    acked.push(next);
-    for i in next + 1..next + 1000 {
-        producer.send("full", value(i)).await.unwrap().wait().await.expect("produces are accepted again");
-        acked.push(i);
-    }
-    producer.close().await;
+    let resumed = free_and_resume(&cluster, config, &filler, &mut acked).await;
     eprintln!("producing resumed {resumed:.1?} after the filler was deleted");
     let ready = dev_cluster::admin_get(&dev_cluster::admin_addr(&addrs[0]), "/health/ready");
     assert!(!ready.contains("min_free_bytes"), "{ready}");
@@ -223,25 +230,7 @@ async fn a_group_stopped_by_a_real_enospc_reopens_by_itself_once_space_is_freed(
     }
 
     // 2. Free the space: the stopped groups reopen and producing resumes.
-    std::fs::remove_file(&filler).unwrap();
-    let freed = Instant::now();
-    let producer = Producer::new(cluster.clone(), config).unwrap();
-    let next = 1_000_000u64;
-    let resumed = loop {
-        match producer.send("full", value(next)).await.unwrap().wait().await {
-            Ok(_) => break freed.elapsed(),
-            Err(e) => {
-                assert!(freed.elapsed() < Duration::from_secs(60), "producing never resumed: {e}");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    };
-    acked.push(next);
-    for i in next + 1..next + 1000 {
-        producer.send("full", value(i)).await.unwrap().wait().await.expect("produces are accepted again");
-        acked.push(i);
-    }
-    producer.close().await;
+    let resumed = free_and_resume(&cluster, config, &filler, &mut acked).await;
     let reopened = dev_cluster::metric_sum(addrs.iter().map(String::as_str), "keel_groups_reopened_total");
     eprintln!("producing resumed {resumed:.1?} after the filler was deleted; {reopened} group(s) reopened after a storage error");
     assert!(reopened >= 1, "a group stopped by ENOSPC was reopened");
