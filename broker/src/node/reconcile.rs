@@ -147,7 +147,12 @@ async fn open_partition(
                 let _ = remove_group_dir(&*ctx.disk, &group.dir);
             }
         }
-        Err(e) => tracing::error!(group = p.group, error = %e, "could not open a partition group"),
+        Err(e) => {
+            tracing::error!(group = p.group, error = %e, "could not open a partition group; retrying in {GROUP_REOPEN_BACKOFF:?}");
+            // Still "opening" meanwhile, so the reconciler's rounds (every second) do not
+            // retry it at once.
+            tokio::time::sleep(GROUP_REOPEN_BACKOFF).await;
+        }
     }
     opening.lock().expect("opening lock poisoned").remove(&p.group);
 }

@@ -148,7 +148,11 @@ async fn metadata_step(group: &GroupHandle, policy: MetadataLogConfig) -> Result
                 leader_time_ms: super::partition::now_ms().max(clock_ms),
                 command: ControlCommand::Retain { upto_index: r.upto_index, start_offset: r.start_offset },
             };
-            group.raft.client_write(EntryData::control(&entry)).await.map_err(|e| format!("proposing the cut: {e}"))?;
+            // Bounded: a leader that lost its quorum must not hold up partitions' retention.
+            match tokio::time::timeout(SNAPSHOT_WAIT, group.raft.client_write(EntryData::control(&entry))).await {
+                Ok(written) => written.map(|_| ()).map_err(|e| format!("proposing the cut: {e}"))?,
+                Err(_) => return Err(format!("the cut was not committed within {SNAPSHOT_WAIT:?}")),
+            }
         }
     }
     purge_to_cut(group, "the metadata log").await
