@@ -83,6 +83,9 @@ struct State {
     /// Sequence number of the next copy written: above every one in the file, so the
     /// copy written last is always the one a reader picks.
     next_seq: u64,
+    /// Every copy written with a sequence number below this is synced (group commit:
+    /// a lane whose records an fdatasync that began after them covered skips its own).
+    synced_seq: u64,
     damage: Option<LedgerDamage>,
     /// Set by a failed write or sync: the ledger can no longer vouch for anything.
     poisoned: Option<String>,
@@ -95,6 +98,8 @@ pub struct AckLedger {
     path: PathBuf,
     file: Arc<dyn DiskFile>,
     state: Mutex<State>,
+    /// Held while an fdatasync runs, so concurrent `sync` calls share one.
+    syncing: Mutex<()>,
 }
 
 fn crc_of(copy: &[u8]) -> u32 {
@@ -175,11 +180,11 @@ impl AckLedger {
         if let Some(d) = &state.damage {
             tracing::error!(path = %path.display(), reason = %d.reason, "the ack ledger is damaged; logs without a valid record will not vote until refilled");
         }
-        Ok(AckLedger { disk, path, file, state: Mutex::new(state) })
+        Ok(AckLedger { disk, path, file, state: Mutex::new(state), syncing: Mutex::new(()) })
     }
 
     fn load(bytes: &[u8]) -> State {
-        let mut st = State { capacity: 0, by_key: BTreeMap::new(), free: Vec::new(), next_seq: 1, damage: None, poisoned: None };
+        let mut st = State { capacity: 0, by_key: BTreeMap::new(), free: Vec::new(), next_seq: 1, synced_seq: 0, damage: None, poisoned: None };
         let damaged = |st: &mut State, reason: String| {
             st.damage.get_or_insert(LedgerDamage { reason });
         };
@@ -270,19 +275,45 @@ impl AckLedger {
         Ok(true)
     }
 
-    /// Makes every record written before this call durable.
+    /// Makes every record written before this call durable. Concurrent callers (the
+    /// flusher's lanes) share syncs: one that finds its records covered by an
+    /// fdatasync that began after they were written returns without another.
     pub fn sync(&self) -> Result<(), StorageError> {
-        if let Some(cause) = &self.lock().poisoned {
-            return Err(StorageError::Poisoned { path: self.path.clone(), cause: cause.clone() });
-        }
+        let poisoned = |cause: &String| StorageError::Poisoned { path: self.path.clone(), cause: cause.clone() };
+        let target = {
+            let st = self.lock();
+            if let Some(cause) = &st.poisoned {
+                return Err(poisoned(cause));
+            }
+            st.next_seq
+        };
+        let _syncing = self.syncing.lock().unwrap_or_else(|p| p.into_inner());
+        let covers = {
+            let st = self.lock();
+            if let Some(cause) = &st.poisoned {
+                return Err(poisoned(cause));
+            }
+            if st.synced_seq >= target {
+                return Ok(());
+            }
+            // Every copy below this was written (writes hold the state lock).
+            st.next_seq
+        };
         let started = std::time::Instant::now();
         let result = self.file.sync_data();
         crate::observe::ledger_sync_done(started.elapsed());
-        result.map_err(|e| {
-            let err = StorageError::io("fdatasync", &self.path, e);
-            self.lock().poisoned.get_or_insert_with(|| err.to_string());
-            err
-        })
+        match result {
+            Ok(()) => {
+                let mut st = self.lock();
+                st.synced_seq = st.synced_seq.max(covers);
+                Ok(())
+            }
+            Err(e) => {
+                let err = StorageError::io("fdatasync", &self.path, e);
+                self.lock().poisoned.get_or_insert_with(|| err.to_string());
+                Err(err)
+            }
+        }
     }
 
     /// Drops log `key`'s record (the log was deleted), durably.
@@ -375,6 +406,46 @@ mod tests {
         disk.power_loss();
         let ledger = open(&disk);
         assert_eq!(ledger.acked(7), Acked::Upto(id(1, 10)), "the unsynced record is gone, the synced one stays");
+    }
+
+    #[test]
+    fn a_sync_that_an_earlier_one_already_covered_does_no_fdatasync_and_a_new_record_does() {
+        let disk = MemoryDisk::new();
+        let ledger = open(&disk);
+        ledger.record(3, id(1, 1)).unwrap();
+        ledger.sync().unwrap();
+        // Nothing written since: the next sync is covered and must not touch the disk,
+        // so the failure armed here is still pending for the sync after a new record.
+        disk.fail_next(crate::disk::IoKind::Sync, 1);
+        ledger.sync().expect("covered: no fdatasync, so the armed failure does not fire");
+        ledger.record(3, id(1, 2)).unwrap();
+        assert!(ledger.sync().is_err(), "a new record needs an fdatasync (the armed failure fires)");
+        assert!(ledger.sync().is_err(), "a failed sync poisons the ledger");
+    }
+
+    #[test]
+    fn concurrent_syncs_share_fdatasyncs_and_every_record_survives_a_power_loss() {
+        let disk = MemoryDisk::new();
+        let ledger = Arc::new(open(&disk));
+        let threads: Vec<_> = (0..4u64)
+            .map(|k| {
+                let ledger = ledger.clone();
+                std::thread::spawn(move || {
+                    for i in 1..=50 {
+                        ledger.record(k, id(1, i)).unwrap();
+                        ledger.sync().unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        disk.power_loss();
+        let ledger = open(&disk);
+        for k in 0..4 {
+            assert_eq!(ledger.acked(k), Acked::Upto(id(1, 50)), "log {k}: every synced record survives");
+        }
     }
 
     #[test]
