@@ -88,6 +88,31 @@ fn value(i: u64) -> Record {
     Record::new(v)
 }
 
+/// Produces 1,000 messages at a time to "full" until one fails (at most 200,000);
+/// returns the acknowledged ones and the failure.
+async fn produce_until_a_send_fails(cluster: &Cluster, config: &ProducerConfig) -> (Vec<u64>, Option<keel_client::ClientError>) {
+    let producer = Producer::new(cluster.clone(), config.clone()).unwrap();
+    let mut acked: Vec<u64> = Vec::new();
+    let mut failed = None;
+    'produce: for chunk in 0..200u64 {
+        let mut acks = Vec::new();
+        for i in chunk * 1000..(chunk + 1) * 1000 {
+            acks.push((i, producer.send("full", value(i)).await.unwrap()));
+        }
+        for (i, a) in acks {
+            match a.wait().await {
+                Ok(_) => acked.push(i),
+                Err(e) => {
+                    failed = Some(e);
+                    break 'produce;
+                }
+            }
+        }
+    }
+    producer.close().await;
+    (acked, failed)
+}
+
 /// Deletes `filler`, then produces until a message is acknowledged again (within 60 s)
 /// and 999 more; returns how long after the delete the first was, adding all to `acked`.
 async fn free_and_resume(cluster: &Cluster, config: ProducerConfig, filler: &Path, acked: &mut Vec<u64>) -> Duration {
@@ -140,29 +165,13 @@ async fn producers_see_storage_full_then_resume_when_space_is_freed_and_nothing_
 
     // 2. Produce until a send fails with StorageFull.
     let config = ProducerConfig { delivery_timeout: Duration::from_secs(3), ..ProducerConfig::default() };
-    let producer = Producer::new(cluster.clone(), config.clone()).unwrap();
-    let mut acked: Vec<u64> = Vec::new();
-    let mut refused = None;
     let started = Instant::now();
-    'produce: for chunk in 0..200u64 {
-        let mut acks = Vec::new();
-        for i in chunk * 1000..(chunk + 1) * 1000 {
-            acks.push((i, producer.send("full", value(i)).await.unwrap()));
-        }
-        for (i, a) in acks {
-            match a.wait().await {
-                Ok(_) => acked.push(i),
-                // Refused (or retried until the delivery timeout, the last answer StorageFull).
-                Err(e) if e.code() == Some(ErrorCode::StorageFull) || e.to_string().contains("StorageFull") => {
-                    refused = Some(e.to_string());
-                    break 'produce;
-                }
-                Err(e) => panic!("message {i} failed with something other than StorageFull: {e}"),
-            }
-        }
-    }
-    producer.close().await;
+    let (mut acked, refused) = produce_until_a_send_fails(&cluster, &config).await;
     let refused = refused.expect("the producer saw StorageFull before writing 200 MiB into 40 MiB");
+    assert!(
+        refused.code() == Some(ErrorCode::StorageFull) || refused.to_string().contains("StorageFull"),
+        "a send failed with something other than StorageFull: {refused}"
+    );
     eprintln!("{} messages acknowledged, then StorageFull after {:.1?}: {refused}", acked.len(), started.elapsed());
     assert!(free_bytes(&dir) > 0, "the reserve was never used up");
 
@@ -203,25 +212,7 @@ async fn a_group_stopped_by_a_real_enospc_reopens_by_itself_once_space_is_freed(
 
     // 1. Produce until sends fail: the disk is really full.
     let config = ProducerConfig { delivery_timeout: Duration::from_secs(3), ..ProducerConfig::default() };
-    let producer = Producer::new(cluster.clone(), config.clone()).unwrap();
-    let mut acked: Vec<u64> = Vec::new();
-    let mut failed = None;
-    'produce: for chunk in 0..200u64 {
-        let mut acks = Vec::new();
-        for i in chunk * 1000..(chunk + 1) * 1000 {
-            acks.push((i, producer.send("full", value(i)).await.unwrap()));
-        }
-        for (i, a) in acks {
-            match a.wait().await {
-                Ok(_) => acked.push(i),
-                Err(e) => {
-                    failed = Some(e.to_string());
-                    break 'produce;
-                }
-            }
-        }
-    }
-    producer.close().await;
+    let (mut acked, failed) = produce_until_a_send_fails(&cluster, &config).await;
     let failed = failed.expect("producing into 20 MiB free without a reserve failed at some point");
     eprintln!("{} messages acknowledged, then: {failed}; {} bytes free", acked.len(), free_bytes(&dir));
     for (n, pid) in pids.iter().enumerate() {
