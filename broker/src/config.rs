@@ -105,12 +105,20 @@ pub struct RaftTiming {
     pub heartbeat_ms: u64,
     pub election_timeout_min_ms: u64,
     pub election_timeout_max_ms: u64,
+    /// A partition group idle this long (no write or read) stops ticking and
+    /// heartbeating (`node/quiesce.rs`); 0: never.
+    pub quiesce_after_ms: u64,
 }
 
 impl Default for RaftTiming {
     fn default() -> Self {
-        use crate::replication::config::{ELECTION_TIMEOUT_MAX_MS, ELECTION_TIMEOUT_MIN_MS, HEARTBEAT_INTERVAL_MS};
-        RaftTiming { heartbeat_ms: HEARTBEAT_INTERVAL_MS, election_timeout_min_ms: ELECTION_TIMEOUT_MIN_MS, election_timeout_max_ms: ELECTION_TIMEOUT_MAX_MS }
+        use crate::replication::config::{ELECTION_TIMEOUT_MAX_MS, ELECTION_TIMEOUT_MIN_MS, HEARTBEAT_INTERVAL_MS, QUIESCE_AFTER_MS};
+        RaftTiming {
+            heartbeat_ms: HEARTBEAT_INTERVAL_MS,
+            election_timeout_min_ms: ELECTION_TIMEOUT_MIN_MS,
+            election_timeout_max_ms: ELECTION_TIMEOUT_MAX_MS,
+            quiesce_after_ms: QUIESCE_AFTER_MS,
+        }
     }
 }
 
@@ -229,6 +237,7 @@ impl Config {
                 }
                 "KEEL_METADATA_SEGMENT_BYTES" => self.cluster.metadata_log.segment_bytes = env_u64("KEEL_METADATA_SEGMENT_BYTES", &value)?,
                 "KEEL_METADATA_RETAINED_BYTES" => self.cluster.metadata_log.retained_bytes = env_u64("KEEL_METADATA_RETAINED_BYTES", &value)?,
+                "KEEL_QUIESCE_AFTER_MS" => self.cluster.raft.quiesce_after_ms = env_u64("KEEL_QUIESCE_AFTER_MS", &value)?,
                 "KEEL_CLUSTER_NAME" => self.cluster.name = value,
                 "KEEL_FSYNC" => self.cluster.fsync = value,
                 _ => {}
@@ -287,6 +296,9 @@ impl Config {
         }
         if r.election_timeout_max_ms <= r.election_timeout_min_ms {
             return invalid("cluster.raft", "election_timeout_max_ms must exceed election_timeout_min_ms");
+        }
+        if r.quiesce_after_ms != 0 && r.quiesce_after_ms < r.election_timeout_max_ms {
+            return invalid("cluster.raft.quiesce_after_ms", "0 (never quiesce) or at least election_timeout_max_ms");
         }
         let t = &c.topic_defaults;
         if t.partitions == 0 {

@@ -55,6 +55,13 @@
 //! | `keel_replication_appends_sent_total` | counter | pipelined | AppendEntries requests this node sent as leader on replication streams: `pipelined="true"` when earlier requests of the same stream were still unanswered (`peer/pipeline.rs`) |
 //! | `keel_append_streams_opened_total` | counter | — | replication streams this node opened as follower (one per leader's replication session; a jump means sessions keep restarting) |
 //! | `keel_offset_stamps_total` | counter | how | batches whose base offset the log store wrote: `already` (it held it: a follower's copy of the leader's stamped batch), `in_place` (the batch's buffer had no other owner), `copied` (shared with the request frame: stamped on a copy) |
+//! | `keel_groups_quiesced` | gauge | — | partition groups whose Raft is parked on this node (no ticks, no heartbeats; `node/quiesce.rs`) |
+//! | `keel_groups_awake` | gauge | — | partition groups hosted here that tick |
+//! | `keel_group_wakes_total` | counter | reason | quiesced groups woken here: `use` (a write or read on the leader), `entries` (a follower received entries or another term), `vote`, `prevote` (a pre-vote reached the quiesced leader), `leader_lost` (the leader's node seen dead or restarted), `peer_returned`, `asked` (a peer's replica stopped), `transfer` |
+//! | `keel_quiesce_requests_total` | counter | outcome | groups this node asked a follower to quiesce: `agreed`, `refused`, `unanswered` |
+//! | `keel_pre_votes_vetoed_total` | counter | — | pre-votes refused for quiesced groups (this node leads, or hears the leader's node) |
+//! | `keel_peers_lost_total` | counter | — | times a peer was seen dead (no beat for `PEER_DEAD_AFTER`) or restarted (new epoch) |
+//! | `keel_campaigns_started_total` | counter | — | elections this node started as the designated campaigner of a group whose leader's node was lost |
 //! | `keel_jobs` | gauge | state | on the metadata leader: jobs the cluster remembers, by state (`running`, `paused`, `done`, `cancelled`, `failed`) |
 //!
 //! The consumer and dead-letter gauges are set by the partition's leader; a node that
@@ -176,6 +183,51 @@ fn describe() {
     describe_counter!(GROUPS_REOPENED, Unit::Count, "Partition groups reopened from disk after a storage error (a full disk) stopped them.");
     describe_gauge!(APPEND_STREAMS_OPEN, Unit::Count, "Replication streams this node holds open as follower (one per group and leader at most).");
     describe_counter!(OFFSET_STAMPS, Unit::Count, "Batches whose base offset the log store wrote: already held, in place, or on a copy.");
+    describe_gauge!(GROUPS_QUIESCED, Unit::Count, "Partition groups whose Raft is parked on this node (no ticks, no heartbeats).");
+    describe_gauge!(GROUPS_AWAKE, Unit::Count, "Partition groups hosted on this node that tick.");
+    describe_counter!(GROUP_WAKES, Unit::Count, "Quiesced groups woken on this node, by reason.");
+    describe_counter!(QUIESCE_REQUESTS, Unit::Count, "Groups this node asked a follower to quiesce, by outcome.");
+    describe_counter!(PRE_VOTES_VETOED, Unit::Count, "Pre-votes refused for quiesced groups.");
+    describe_counter!(PEERS_LOST, Unit::Count, "Times a peer was seen dead or restarted.");
+    describe_counter!(CAMPAIGNS_STARTED, Unit::Count, "Elections started as the designated campaigner of a group whose leader's node was lost.");
+}
+
+pub const GROUPS_QUIESCED: &str = "keel_groups_quiesced";
+pub const GROUPS_AWAKE: &str = "keel_groups_awake";
+pub const GROUP_WAKES: &str = "keel_group_wakes_total";
+pub const QUIESCE_REQUESTS: &str = "keel_quiesce_requests_total";
+pub const PRE_VOTES_VETOED: &str = "keel_pre_votes_vetoed_total";
+pub const PEERS_LOST: &str = "keel_peers_lost_total";
+pub const CAMPAIGNS_STARTED: &str = "keel_campaigns_started_total";
+
+/// A quiesced group woke.
+pub fn group_woke(reason: crate::peer::quiescence::WakeReason) {
+    counter!(GROUP_WAKES, "reason" => reason.as_str()).increment(1);
+}
+
+/// Partition groups parked and ticking on this node.
+pub fn groups_quiescence(quiesced: usize, awake: usize) {
+    gauge!(GROUPS_QUIESCED).set(quiesced as f64);
+    gauge!(GROUPS_AWAKE).set(awake as f64);
+}
+
+/// Outcomes of quiesce asks to one follower.
+pub fn quiesce_requests(agreed: u64, refused: u64, unanswered: u64) {
+    counter!(QUIESCE_REQUESTS, "outcome" => "agreed").increment(agreed);
+    counter!(QUIESCE_REQUESTS, "outcome" => "refused").increment(refused);
+    counter!(QUIESCE_REQUESTS, "outcome" => "unanswered").increment(unanswered);
+}
+
+pub fn pre_vote_vetoed() {
+    counter!(PRE_VOTES_VETOED).increment(1);
+}
+
+pub fn peer_lost() {
+    counter!(PEERS_LOST).increment(1);
+}
+
+pub fn campaign_started() {
+    counter!(CAMPAIGNS_STARTED).increment(1);
 }
 
 /// Source records a job handled: `copied`, `skipped`, `quarantined`.

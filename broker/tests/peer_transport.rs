@@ -19,7 +19,7 @@ fn vote_request() -> Bytes {
 
 #[tokio::test]
 async fn a_caller_that_names_another_node_or_cluster_is_refused_at_identify() {
-    let server = PeerServer::bind("127.0.0.1:0", 2, CLUSTER, GroupRegistry::default()).await.unwrap();
+    let server = PeerServer::bind("127.0.0.1:0", 2, CLUSTER, GroupRegistry::default(), keel_broker::peer::liveness::Liveness::new()).await.unwrap();
     let addr = server.local_addr().to_string();
     for (to, cluster) in [(3, CLUSTER), (2, "other-cluster")] {
         let client = peer_caller(1, to, &addr, cluster);
@@ -33,7 +33,7 @@ async fn a_caller_that_names_another_node_or_cluster_is_refused_at_identify() {
 
 #[tokio::test]
 async fn an_rpc_for_a_group_this_node_does_not_host_gets_a_clear_answer() {
-    let server = PeerServer::bind("127.0.0.1:0", 2, CLUSTER, GroupRegistry::default()).await.unwrap();
+    let server = PeerServer::bind("127.0.0.1:0", 2, CLUSTER, GroupRegistry::default(), keel_broker::peer::liveness::Liveness::new()).await.unwrap();
     let client = peer_caller(1, 2, &server.local_addr().to_string(), CLUSTER);
     let answer = client.call(api::peer::RAFT, vote_request(), Duration::from_secs(2)).await.unwrap();
     let reply: RaftReply = postcard::from_bytes(&answer).unwrap();
@@ -42,7 +42,7 @@ async fn an_rpc_for_a_group_this_node_does_not_host_gets_a_clear_answer() {
 
 #[tokio::test]
 async fn a_malformed_frame_closes_that_connection_and_the_server_keeps_serving_others() {
-    let server = PeerServer::bind("127.0.0.1:0", 2, CLUSTER, GroupRegistry::default()).await.unwrap();
+    let server = PeerServer::bind("127.0.0.1:0", 2, CLUSTER, GroupRegistry::default(), keel_broker::peer::liveness::Liveness::new()).await.unwrap();
     let addr = server.local_addr().to_string();
     // A length prefix far above the frame limit, as the very first bytes.
     let mut raw = tokio::net::TcpStream::connect(&addr).await.unwrap();
@@ -62,14 +62,14 @@ async fn a_malformed_frame_closes_that_connection_and_the_server_keeps_serving_o
 
 #[tokio::test]
 async fn a_call_to_a_node_that_is_down_fails_fast_as_unreachable_and_recovers_when_it_returns() {
-    let server = PeerServer::bind("127.0.0.1:0", 2, CLUSTER, GroupRegistry::default()).await.unwrap();
+    let server = PeerServer::bind("127.0.0.1:0", 2, CLUSTER, GroupRegistry::default(), keel_broker::peer::liveness::Liveness::new()).await.unwrap();
     let addr = server.local_addr().to_string();
     let client = peer_caller(1, 2, &addr, CLUSTER);
     client.call(api::peer::RAFT, vote_request(), Duration::from_secs(2)).await.unwrap();
     server.shutdown();
     let err = client.call(api::peer::RAFT, vote_request(), Duration::from_secs(2)).await.unwrap_err();
     assert!(matches!(err, CallError::Unreachable { .. } | CallError::Disconnected { .. }), "{err:?}");
-    let _back = PeerServer::bind(&addr, 2, CLUSTER, GroupRegistry::default()).await.unwrap();
+    let _back = PeerServer::bind(&addr, 2, CLUSTER, GroupRegistry::default(), keel_broker::peer::liveness::Liveness::new()).await.unwrap();
     let mut last = None;
     for _ in 0..20 {
         match client.call(api::peer::RAFT, vote_request(), Duration::from_secs(2)).await {

@@ -32,7 +32,7 @@ struct Node {
 
 async fn start_node(id: u64, dir: tempfile::TempDir, bind: &str) -> Node {
     let groups: GroupRegistry = Arc::default();
-    let server = PeerServer::bind(bind, id, CLUSTER, groups.clone()).await.unwrap();
+    let server = PeerServer::bind(bind, id, CLUSTER, groups.clone(), keel_broker::peer::liveness::Liveness::new()).await.unwrap();
     let addr = server.local_addr().to_string();
     let log = Arc::new(Log::open(dir.path(), LogConfig::default()).unwrap());
     let flusher = Arc::new(Flusher::spawn(&format!("flusher-{id}"), 1024).unwrap());
@@ -41,7 +41,7 @@ async fn start_node(id: u64, dir: tempfile::TempDir, bind: &str) -> Node {
     let hw = sm.high_watermark();
     let network = GroupNetworkFactory::new(GROUP, PeerPool::new(id, CLUSTER), log.clone());
     let raft = Raft::new(id, Arc::new(partition_raft_config(CLUSTER).unwrap()), network, store, sm).await.unwrap();
-    groups.write().unwrap().insert(GROUP, HostedGroup::new(raft.clone(), log.clone()));
+    groups.write().unwrap().insert(GROUP, HostedGroup::new(raft.clone(), log.clone(), Default::default()));
     Node { id, dir, addr, log, raft, hw, _server: server }
 }
 

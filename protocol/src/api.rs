@@ -75,6 +75,13 @@ pub mod peer {
     /// One pipelined AppendEntries request: a postcard header, then the entries' bytes
     /// (`broker/src/peer/wire.rs`, `AppendHead`).
     pub const APPEND: u16 = 1003;
+    /// A node-pair liveness beat: the caller's epoch, answered with the callee's
+    /// (`broker/src/peer/liveness.rs`).
+    pub const LIVENESS: u16 = 1004;
+    /// A leader asks a follower to stop ticking for these groups (`broker/src/node/quiesce.rs`).
+    pub const QUIESCE: u16 = 1005;
+    /// Wake these groups (the caller's replica of them stopped).
+    pub const WAKE: u16 = 1006;
 }
 
 /// Whether `key` belongs to the broker-to-broker range.

@@ -88,6 +88,9 @@ async fn set_faults(State(state): State<Arc<AdminState>>, Json(settings): Json<F
     (StatusCode::OK, "faults set\n".into())
 }
 
+/// Leaderless partitions named in a readiness answer; the rest are counted.
+const LEADERLESS_LISTED_MAX: usize = 20;
+
 /// The reasons this node is not ready (empty: ready).
 pub fn not_ready_reasons(state: &AdminState) -> Vec<String> {
     let mut reasons = Vec::new();
@@ -95,10 +98,14 @@ pub fn not_ready_reasons(state: &AdminState) -> Vec<String> {
         reasons.push("the metadata group has no leader (is a majority of the cluster up?)".to_string());
     }
     let hosted = state.hosted.read().expect("hosted lock poisoned").clone();
-    let mut leaderless: Vec<String> = hosted.values().filter(|p| p.group.working_leader().is_none()).map(|p| format!("{}/{}", p.topic, p.partition)).collect();
+    let mut leaderless: Vec<String> = hosted.values().filter(|p| p.group.settled_leader().is_none()).map(|p| format!("{}/{}", p.topic, p.partition)).collect();
     leaderless.sort();
     if !leaderless.is_empty() {
-        reasons.push(format!("partitions without a leader: {}", leaderless.join(", ")));
+        // Summarised: a node holds thousands of partitions.
+        let shown = leaderless.len().min(LEADERLESS_LISTED_MAX);
+        let more = leaderless.len() - shown;
+        let tail = if more > 0 { format!(" and {more} more") } else { String::new() };
+        reasons.push(format!("{} partitions without a leader: {}{tail}", leaderless.len(), leaderless[..shown].join(", ")));
     }
     if let Some(why) = state.disk_space.refusal() {
         reasons.push(why);

@@ -142,6 +142,7 @@ pub async fn run(space: Arc<DiskSpace>, hosted: HostedPartitions, node_id: u64) 
             }
             let Some(to) = p.replicas.iter().copied().find(|r| *r != node_id) else { continue };
             stepped_down.insert(p.group.id, Instant::now());
+            p.group.sleep.wake(&p.group.raft, crate::peer::quiescence::WakeReason::Transfer);
             match p.group.raft.trigger().transfer_leader(to).await {
                 Ok(()) => tracing::warn!(partition = %p.name(), to, "out of disk space: handing the leadership to another replica"),
                 Err(e) => tracing::warn!(partition = %p.name(), error = %e, "could not hand the leadership away"),

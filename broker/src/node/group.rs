@@ -10,6 +10,7 @@ use tokio::sync::watch;
 use super::damage::{self, Verdict};
 use super::rejoin::{self, Recovery};
 use crate::metadata::METADATA_GROUP;
+use crate::peer::quiescence::Sleep;
 use crate::peer::{GroupNetworkFactory, GroupRaft, GroupRegistry, HostedGroup, PeerPool};
 use crate::replication::state_machine::PartitionShared;
 use crate::replication::{PartitionLogStore, PartitionStateMachine};
@@ -42,6 +43,8 @@ pub struct GroupHandle {
     /// The state machine's state and what it publishes.
     pub shared: Arc<PartitionShared>,
     pub dir: PathBuf,
+    /// Whether the group's Raft ticks here (`crate::peer::quiescence`).
+    pub sleep: Arc<Sleep>,
 }
 
 impl GroupHandle {
@@ -68,6 +71,42 @@ impl GroupHandle {
     /// when this node leads — only while a quorum has acknowledged it within the lease
     /// (a leader cut off from its quorum keeps calling itself leader until it learns of
     /// a higher term).
+    /// Readies this node's replica for a write or read: records the use (a group in use
+    /// does not quiesce) and, if the group was quiesced with this node leading, wakes it
+    /// and waits (until `until`) for a quorum to acknowledge this leader after the wake
+    /// — its lease ran out while parked, and a leader replaced meanwhile (paused, cut
+    /// off) must learn of it before serving. Returns at once when not leading.
+    pub async fn awake(&self, until: tokio::time::Instant) {
+        use openraft::async_runtime::watch::WatchReceiver;
+        let Some(after) = self.sleep.use_now(&self.raft) else { return };
+        let mut metrics = self.raft.metrics();
+        loop {
+            {
+                let m = metrics.borrow_watched();
+                if m.state != openraft::ServerState::Leader || m.running_state.is_err() {
+                    return;
+                }
+                // Acknowledged after the wake iff less time has passed since the ack.
+                use openraft::Instant as _;
+                if m.last_quorum_acked.as_ref().is_some_and(|t| t.elapsed() < after.elapsed()) {
+                    self.sleep.confirmed(after);
+                    return;
+                }
+            }
+            match tokio::time::timeout_at(until, metrics.changed()).await {
+                Ok(Ok(())) => continue,
+                Ok(Err(_)) | Err(_) => return,
+            }
+        }
+    }
+
+    /// The working leader, or — for a quiesced group — the leader it settled on (a
+    /// quiesced leader's lease has run out by design; it is not leaderless). For
+    /// reports, never for serving.
+    pub fn settled_leader(&self) -> Option<u64> {
+        self.working_leader().or_else(|| self.sleep.quiet().map(|q| q.leader))
+    }
+
     pub fn working_leader(&self) -> Option<u64> {
         use openraft::async_runtime::watch::WatchReceiver;
         let m = self.raft.metrics().borrow_watched().clone();
@@ -175,7 +214,8 @@ pub async fn open_group(ctx: &GroupContext, group: u64, peers: Peers) -> Result<
     // No replica resumes leading without an election (`enable_leader_restore` is off in
     // `replication::config`), a damaged one included.
     let raft = GroupRaft::new(ctx.node_id, ctx.raft_config.clone(), network, store, sm).await.map_err(|e| format!("starting Raft for group {group}: {e}"))?;
-    let hosted = HostedGroup::new(raft.clone(), log.clone());
+    let sleep = Arc::new(Sleep::default());
+    let hosted = HostedGroup::new(raft.clone(), log.clone(), sleep.clone());
     if let Some(floor) = floor {
         damage::guard(group, &hosted, floor);
     }
@@ -194,7 +234,7 @@ pub async fn open_group(ctx: &GroupContext, group: u64, peers: Peers) -> Result<
         });
     }
     ctx.registry.write().expect("group registry lock poisoned").insert(group, hosted);
-    Ok((GroupHandle { id: group, raft, log, high_watermark, shared, dir }, recovery))
+    Ok((GroupHandle { id: group, raft, log, high_watermark, shared, dir, sleep }, recovery))
 }
 
 /// Initializes `handle`'s group with `members` unless it already has state. Running

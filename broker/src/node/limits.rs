@@ -153,3 +153,14 @@ pub const GROUP_REOPEN_FREE_BYTES_MIN: u64 = 16 * 1024 * 1024;
 /// A group is reopened at most this often (a storage error that is not a full disk
 /// would otherwise stop it again at once).
 pub const GROUP_REOPEN_BACKOFF: Duration = Duration::from_secs(10);
+
+/// How often the quiesce driver checks peers' liveness and deferred wakes
+/// (`super::quiesce`): a lost leader's groups wake within this of `PEER_DEAD_AFTER`.
+pub const QUIESCE_SCAN_INTERVAL: Duration = Duration::from_millis(100);
+
+/// How often the quiesce driver looks for idle groups to quiesce.
+pub const QUIESCE_ROUND_INTERVAL: Duration = Duration::from_millis(500);
+
+/// How often, at most, a node asks the other replicas of a group whose Raft stopped
+/// here to wake it.
+pub const STOPPED_GROUP_WAKE_EVERY: Duration = Duration::from_secs(5);

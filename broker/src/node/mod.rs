@@ -9,6 +9,7 @@
 //!   reads, leader checks.
 //! - [`api`]: the client API, one file per API behind a dispatch table.
 //! - [`admin`]: the admin HTTP listener (`/health/live`, `/health/ready`, `/metrics`).
+//! - [`quiesce`]: idle partition groups stop ticking; node-pair liveness wakes them.
 //! - [`gauges`]: sampling every hosted group into the metrics.
 //! - [`faults`]: test-only fault switches.
 //! - [`limits`]: every bound of the above.
@@ -26,6 +27,7 @@ pub mod internal_client;
 pub mod jobs;
 pub mod limits;
 pub mod partition;
+pub mod quiesce;
 pub mod reconcile;
 pub mod rejoin;
 pub mod retention;
@@ -88,11 +90,10 @@ impl Node {
         let disk = faults::disk_from_env().map_err(NodeError::Start)?;
         disk.create_dir_all(&config.node.data_dir).map_err(|e| NodeError::Start(format!("cannot create data dir {}: {e}", config.node.data_dir.display())))?;
         let registry = GroupRegistry::default();
-        let peer_server = PeerServer::bind(&me.peer_addr, me.id, &config.cluster.name, registry.clone()).await.map_err(|source| NodeError::Listen {
-            what: "peer",
-            addr: me.peer_addr.clone(),
-            source,
-        })?;
+        let liveness = crate::peer::liveness::Liveness::new();
+        let peer_server = PeerServer::bind(&me.peer_addr, me.id, &config.cluster.name, registry.clone(), liveness.clone())
+            .await
+            .map_err(|source| NodeError::Listen { what: "peer", addr: me.peer_addr.clone(), source })?;
         let ledger = Arc::new(
             keel_storage::AckLedger::open(disk.clone(), &config.node.data_dir)
                 .map_err(|e| NodeError::Start(format!("opening the ack ledger in {}: {e}", config.node.data_dir.display())))?,
@@ -142,6 +143,17 @@ impl Node {
             tokio::spawn(retention::run(hosted.clone(), metadata_group.clone(), config.cluster.metadata_log)),
             tokio::spawn(disk_space::run(ctx.disk_space.clone(), hosted.clone(), me.id)),
         ];
+        let peers = rejoin::other_peers(&config.cluster.members, None, me.id);
+        tasks.extend(crate::peer::liveness::spawn_beats(ctx.pool.clone(), liveness.clone(), peers.clone()));
+        let quiesce_after = (raft.quiesce_after_ms > 0).then(|| std::time::Duration::from_millis(raft.quiesce_after_ms));
+        tasks.push(tokio::spawn(quiesce::run(quiesce::Driver {
+            node_id: me.id,
+            hosted: hosted.clone(),
+            pool: ctx.pool.clone(),
+            liveness,
+            peers,
+            quiesce_after,
+        })));
         let service = Arc::new(api::ClientService {
             node_id: me.id,
             cluster: config.cluster.clone(),

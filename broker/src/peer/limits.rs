@@ -33,3 +33,21 @@ pub const PIPELINED_APPEND_TIMEOUT: std::time::Duration = std::time::Duration::f
 /// Replaced append-stream ids a follower remembers per (group, leader), to refuse late
 /// requests of a replaced stream.
 pub const RETIRED_STREAMS_KEPT: usize = 8;
+
+/// How often a node beats each peer (`super::liveness`).
+pub const PEER_BEAT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// How long a beat may take before it counts as unanswered.
+pub const PEER_BEAT_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// A peer not heard from for this long is dead to this node: the quiesced groups it led
+/// are woken to elect (`crate::node::quiesce`). Eight beats, above the scheduler and
+/// fsync stalls of a shared 2-core machine (the same margin as the election timeout).
+pub const PEER_DEAD_AFTER: std::time::Duration = std::time::Duration::from_millis(800);
+
+/// Groups in one quiesce or wake request (a node asks each peer once per round for
+/// every group ready to quiesce, up to this many).
+pub const QUIESCE_GROUPS_PER_REQUEST_MAX: usize = 4096;
+
+/// How long a quiesce or wake request may take; an unanswered one leaves the groups awake.
+pub const QUIESCE_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);

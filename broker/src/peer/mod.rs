@@ -15,14 +15,19 @@
 //!   the follower's Raft in order.
 //! - [`snapshot`]: a snapshot with the leader's retained log entries, in chunks, to a
 //!   staged log on the follower; resumable; installed in place of its log.
+//! - [`liveness`]: one beat per node pair (not per group) and who was heard from when.
+//! - [`quiescence`]: whether a group's Raft ticks here; parked and woken by the node's
+//!   quiesce driver (`crate::node::quiesce`) and by what this listener receives.
 //! - [`faults`]: blocking peers, for partition tests.
 //! - [`limits`]: every bound of the transport.
 
 pub mod faults;
 pub mod limits;
+pub mod liveness;
 pub mod network;
 pub mod pipeline;
 pub mod pool;
+pub mod quiescence;
 pub mod server;
 pub mod snapshot;
 pub mod wire;

@@ -14,7 +14,9 @@ use keel_storage::{Log, LogId};
 use openraft::Raft;
 
 use super::limits::{PEER_CONNECTIONS_MAX, PEER_SERVER_CONCURRENCY_MAX, PEER_SERVER_SEND_QUEUE_CAPACITY};
-use super::wire::{GroupId, GroupProbe, GroupProbeReply, GroupProbeState, Identify, RaftReply, RaftRequest, RaftRpc};
+use super::liveness::{Beat, Liveness};
+use super::quiescence::{Quiet, Sleep, WakeReason};
+use super::wire::{GroupId, GroupProbe, GroupProbeReply, GroupProbeState, Identify, QuiesceRequest, RaftReply, RaftRequest, RaftRpc, WakeRequest};
 use crate::replication::{PartitionStateMachine, TypeConfig};
 
 /// A partition (or metadata) Raft group of this node.
@@ -35,11 +37,13 @@ pub struct HostedGroup {
     pub vote_floor: Arc<Mutex<Option<LogId>>>,
     /// The staged log of a snapshot transfer in progress (`super::snapshot`).
     pub staging: Arc<tokio::sync::Mutex<Option<Arc<Log>>>>,
+    /// Whether the group's Raft ticks here (`super::quiescence`).
+    pub sleep: Arc<Sleep>,
 }
 
 impl HostedGroup {
-    pub fn new(raft: GroupRaft, log: Arc<Log>) -> HostedGroup {
-        HostedGroup { raft, log, recovering: Arc::default(), vote_floor: Arc::default(), staging: Arc::default() }
+    pub fn new(raft: GroupRaft, log: Arc<Log>, sleep: Arc<Sleep>) -> HostedGroup {
+        HostedGroup { raft, log, recovering: Arc::default(), vote_floor: Arc::default(), staging: Arc::default(), sleep }
     }
 
     /// Why this node refuses `request`'s vote, if it does.
@@ -75,6 +79,8 @@ struct PeerService {
     groups: GroupRegistry,
     /// Pipelined append streams from leaders (`super::pipeline`).
     streams: super::pipeline::AppendStreams,
+    /// Peers heard from (`super::liveness`).
+    liveness: Arc<Liveness>,
 }
 
 impl Service for PeerService {
@@ -90,6 +96,18 @@ impl Service for PeerService {
                     Err(msg) => Reply::error(ErrorCode::MalformedFrame, msg),
                 },
                 api::peer::GROUP_PROBE => match handle_probe(&self, caller, &payload).await {
+                    Ok(bytes) => Reply::ok(bytes),
+                    Err(msg) => Reply::error(ErrorCode::MalformedFrame, msg),
+                },
+                api::peer::LIVENESS => match handle_beat(&self, caller, &payload) {
+                    Ok(bytes) => Reply::ok(bytes),
+                    Err(msg) => Reply::error(ErrorCode::MalformedFrame, msg),
+                },
+                api::peer::QUIESCE => match handle_quiesce(&self, caller, &payload) {
+                    Ok(bytes) => Reply::ok(bytes),
+                    Err(msg) => Reply::error(ErrorCode::MalformedFrame, msg),
+                },
+                api::peer::WAKE => match handle_wake(&self, &payload) {
                     Ok(bytes) => Reply::ok(bytes),
                     Err(msg) => Reply::error(ErrorCode::MalformedFrame, msg),
                 },
@@ -114,8 +132,8 @@ impl Service for PeerService {
 
 impl PeerServer {
     /// Binds `addr` and starts serving node `node_id` of `cluster`.
-    pub async fn bind(addr: &str, node_id: u64, cluster: &str, groups: GroupRegistry) -> std::io::Result<PeerServer> {
-        let service = Arc::new(PeerService { node_id, cluster: cluster.to_string(), groups, streams: Default::default() });
+    pub async fn bind(addr: &str, node_id: u64, cluster: &str, groups: GroupRegistry, liveness: Arc<Liveness>) -> std::io::Result<PeerServer> {
+        let service = Arc::new(PeerService { node_id, cluster: cluster.to_string(), groups, streams: Default::default(), liveness });
         let options = ServeOptions {
             concurrency_max: PEER_SERVER_CONCURRENCY_MAX,
             send_queue_capacity: PEER_SERVER_SEND_QUEUE_CAPACITY,
@@ -143,7 +161,12 @@ async fn handle_append(service: &PeerService, caller: Option<u64>, payload: &Byt
         (Some(_), None) => RaftReply::Failed("a pipelined append needs an identified caller".into()),
         (Some(hosted), Some(from)) => {
             let still_hosted = |g| service.groups.read().expect("group registry lock poisoned").contains_key(&g);
-            RaftReply::AppendPipelined(service.streams.append(&hosted.raft, (head.group, from), (head.stream, head.seq), rpc, still_hosted).await)
+            let wakes = append_wakes(&hosted, &rpc);
+            let answer = service.streams.append(&hosted.raft, (head.group, from), (head.stream, head.seq), rpc, still_hosted).await;
+            if wakes && answer.is_ok() {
+                hosted.sleep.wake(&hosted.raft, WakeReason::Entries);
+            }
+            RaftReply::AppendPipelined(answer)
         }
     };
     postcard::to_allocvec(&reply).map(Bytes::from).map_err(|e| format!("encoding Raft reply: {e}"))
@@ -153,7 +176,8 @@ async fn handle_raft(service: &PeerService, payload: &[u8]) -> Result<Bytes, Str
     let request: RaftRequest = postcard::from_bytes(payload).map_err(|e| format!("undecodable Raft request: {e}"))?;
     let hosted = service.groups.read().expect("group registry lock poisoned").get(&request.group).cloned();
     let refusal = |hosted: &HostedGroup| match &request.rpc {
-        RaftRpc::Vote(v) | RaftRpc::PreVote(v) => hosted.refuses_vote(v),
+        RaftRpc::Vote(v) => hosted.refuses_vote(v),
+        RaftRpc::PreVote(v) => hosted.refuses_vote(v).or_else(|| vetoes_pre_vote(service, hosted, v)),
         _ => None,
     };
     let reply = match hosted {
@@ -164,6 +188,19 @@ async fn handle_raft(service: &PeerService, payload: &[u8]) -> Result<Bytes, Str
                 RaftRpc::SnapshotOffer { meta, .. } => super::snapshot::offer(&hosted, &meta).await.unwrap_or_else(RaftReply::Failed),
                 RaftRpc::SnapshotChunk { chunk, .. } => super::snapshot::chunk(&hosted, chunk).await.unwrap_or_else(RaftReply::Failed),
                 RaftRpc::SnapshotInstall { vote, meta, state } => super::snapshot::install(&hosted, vote, meta, state).await.unwrap_or_else(RaftReply::Failed),
+                RaftRpc::Append(rpc) => {
+                    let wakes = append_wakes(&hosted, &rpc);
+                    let reply = serve_raft(hosted.raft.clone(), RaftRpc::Append(rpc)).await;
+                    if wakes && matches!(reply, RaftReply::Append(_)) {
+                        hosted.sleep.wake(&hosted.raft, WakeReason::Entries);
+                    }
+                    reply
+                }
+                RaftRpc::Vote(rpc) => {
+                    // An election is on: this replica takes part with its timers running.
+                    hosted.sleep.wake(&hosted.raft, WakeReason::Vote);
+                    serve_raft(hosted.raft, RaftRpc::Vote(rpc)).await
+                }
                 rpc => serve_raft(hosted.raft, rpc).await,
             },
         },
@@ -212,4 +249,84 @@ async fn handle_probe(service: &PeerService, caller: Option<u64>, payload: &[u8]
         }
     };
     postcard::to_allocvec(&reply).map(Bytes::from).map_err(|e| format!("encoding the probe reply: {e}"))
+}
+
+/// Whether an AppendEntries wakes a quiesced replica: it carries entries (the leader
+/// writes again), or comes from another term than the one the group quiesced in.
+fn append_wakes(hosted: &HostedGroup, rpc: &openraft::raft::AppendEntriesRequest<TypeConfig>) -> bool {
+    hosted.sleep.quiet().is_some_and(|q| !rpc.entries.is_empty() || rpc.vote.leader_id.term != q.term)
+}
+
+/// Why this node turns down a pre-vote for a quiesced group, if it does: it leads the
+/// group (it wakes, so the candidate hears from it), or it follows a leader whose node
+/// it still hears from and the candidate is not that leader (a node that missed the
+/// leader, a restarted one or one cut off from it, must not depose a working leader;
+/// the leader's own node campaigning is its group restarting). A pre-vote changes no
+/// state, so refusing one never loses anything.
+fn vetoes_pre_vote(service: &PeerService, hosted: &HostedGroup, request: &openraft::raft::VoteRequest<TypeConfig>) -> Option<String> {
+    let q: Quiet = hosted.sleep.quiet()?;
+    let candidate = request.vote.leader_id.voted_for;
+    if q.leader == service.node_id {
+        hosted.sleep.wake(&hosted.raft, WakeReason::PreVote);
+        crate::metrics::pre_vote_vetoed();
+        return Some(format!("leads the group in term {} (it was quiesced and now heartbeats again)", q.term));
+    }
+    if candidate != q.leader && service.liveness.alive(q.leader) {
+        crate::metrics::pre_vote_vetoed();
+        return Some(format!("follows leader {} of term {}, whose node it still hears from", q.leader, q.term));
+    }
+    None
+}
+
+fn handle_beat(service: &PeerService, caller: Option<u64>, payload: &[u8]) -> Result<Bytes, String> {
+    let beat: Beat = postcard::from_bytes(payload).map_err(|e| format!("undecodable liveness beat: {e}"))?;
+    let from = caller.ok_or("a liveness beat needs an identified caller")?;
+    service.liveness.heard(from, beat.epoch);
+    postcard::to_allocvec(&Beat { epoch: service.liveness.epoch() }).map(Bytes::from).map_err(|e| format!("encoding a beat: {e}"))
+}
+
+/// A leader asks this node to quiesce groups: each one parks if the caller leads it
+/// here in the asked term and this replica's log ends, committed, where the leader's
+/// does.
+fn handle_quiesce(service: &PeerService, caller: Option<u64>, payload: &[u8]) -> Result<Bytes, String> {
+    use openraft::async_runtime::watch::WatchReceiver;
+    let request: QuiesceRequest = postcard::from_bytes(payload).map_err(|e| format!("undecodable quiesce request: {e}"))?;
+    let from = caller.ok_or("a quiesce request needs an identified caller")?;
+    let answers: Vec<bool> = request
+        .asks
+        .iter()
+        .map(|ask| {
+            let Some(hosted) = service.groups.read().expect("group registry lock poisoned").get(&ask.group).cloned() else { return false };
+            if hosted.recovering.load(Ordering::Acquire) || hosted.vote_floor.lock().expect("vote floor lock poisoned").is_some() {
+                return false;
+            }
+            let agrees = {
+                let m = hosted.raft.metrics();
+                let m = m.borrow_watched();
+                let pair = |l: &crate::replication::types::RaftLogId| (l.leader_id.term, l.index);
+                m.running_state.is_ok()
+                    && m.state == openraft::ServerState::Follower
+                    && m.current_leader == Some(from)
+                    && m.current_term == ask.term
+                    && m.vote.is_committed()
+                    && m.local_committed.as_ref().map(pair) == ask.last
+                    && m.last_log_index == ask.last.map(|(_, i)| i)
+            };
+            if agrees {
+                hosted.sleep.park_follower(&hosted.raft, Quiet { term: ask.term, leader: from, last: ask.last });
+            }
+            agrees
+        })
+        .collect();
+    postcard::to_allocvec(&answers).map(Bytes::from).map_err(|e| format!("encoding quiesce answers: {e}"))
+}
+
+fn handle_wake(service: &PeerService, payload: &[u8]) -> Result<Bytes, String> {
+    let request: WakeRequest = postcard::from_bytes(payload).map_err(|e| format!("undecodable wake request: {e}"))?;
+    for group in request.groups {
+        if let Some(hosted) = service.groups.read().expect("group registry lock poisoned").get(&group).cloned() {
+            hosted.sleep.wake(&hosted.raft, WakeReason::Asked);
+        }
+    }
+    postcard::to_allocvec(&()).map(Bytes::from).map_err(|e| format!("encoding a wake answer: {e}"))
 }

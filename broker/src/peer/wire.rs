@@ -309,3 +309,25 @@ mod tests {
         assert!(decode_append(&Bytes::from(huge)).is_err());
     }
 }
+
+/// One group a leader asks a follower to quiesce (api `peer::QUIESCE`): the follower
+/// agrees only if the caller is its leader in `term` and its log ends, committed, at
+/// `last` `(term, index)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuiesceAsk {
+    pub group: GroupId,
+    pub term: u64,
+    pub last: Option<(u64, u64)>,
+}
+
+/// A quiesce request; answered with one `bool` per ask, in order: parked or not.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuiesceRequest {
+    pub asks: Vec<QuiesceAsk>,
+}
+
+/// Wake these groups (api `peer::WAKE`); answered with `()`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WakeRequest {
+    pub groups: Vec<GroupId>,
+}

@@ -11,6 +11,10 @@ use openraft::{Config, SnapshotPolicy};
 pub const HEARTBEAT_INTERVAL_MS: u64 = 50;
 pub const ELECTION_TIMEOUT_MIN_MS: u64 = 300;
 pub const ELECTION_TIMEOUT_MAX_MS: u64 = 600;
+/// A partition group idle this long stops ticking (`node/quiesce.rs`): long enough that
+/// a steady trickle of writes never pays for waking, short enough that idle partitions
+/// cost nothing within seconds.
+pub const QUIESCE_AFTER_MS: u64 = 2_000;
 /// Entries per AppendEntries RPC; our entries are whole batches, and reads are also
 /// capped at `REPLICATION_READ_BYTES_MAX`.
 pub const MAX_PAYLOAD_ENTRIES: u64 = 256;

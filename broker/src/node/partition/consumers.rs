@@ -688,7 +688,10 @@ impl Partition {
             };
             self.group.shared.applied().borrow().is_some_and(|l| l.leader_id.term == term)
         };
-        applied_own_term && self.check_serving_leader().is_ok()
+        // A quiesced leader's lease has run out by design; nothing changed since it
+        // served last, so its gauges stand.
+        let quiesced_leader = self.group.sleep.quiet().is_some_and(|q| q.leader == self.node_id);
+        applied_own_term && (quiesced_leader || self.check_serving_leader().is_ok())
     }
 
     /// Messages waiting to be dead-lettered, oldest first per group, at most `max`.

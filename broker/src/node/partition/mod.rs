@@ -41,7 +41,7 @@ use super::limits::{
     CLOCK_STALE_MS, CLOCK_TICK_INTERVAL, LEADER_GATE_WAIT, PARTITION_PENDING_BATCHES_MAX, PARTITION_PENDING_BYTES_MAX, PARTITION_PRODUCERS_MAX,
     PRODUCERS_FULL_RETRY_AFTER_MS, RETENTION_THROTTLE_RETRY_AFTER_MS, SEQUENCE_GAP_WAIT, THROTTLE_RETRY_AFTER_MS,
 };
-use crate::metadata::{MetadataState, TopicMeta};
+use crate::metadata::MetadataState;
 use crate::partition::message_ids::{digest, DigestMap, DigestSet, IdDigest};
 use crate::partition::producers::{self, ProducerStamp, StoredAt, Verdict, BATCHES_REMEMBERED};
 use crate::partition::{BatchOutcome, ControlCommand, ControlEntry, ControlOutcome, PartitionConfig};
@@ -202,6 +202,12 @@ enum Decision {
     WaitGap(i32),
 }
 
+/// A partition's view of its topic's metadata.
+struct TopicView {
+    config: keel_protocol::TopicConfig,
+    id_key: [u8; 16],
+}
+
 /// A partition hosted on this node.
 pub struct Partition {
     pub topic: String,
@@ -275,10 +281,14 @@ impl Partition {
         format!("{}/{}", self.topic, self.partition)
     }
 
-    fn topic_meta(&self) -> Result<TopicMeta, PartitionError> {
+    /// What this partition needs of its topic's metadata — not the whole `TopicMeta`,
+    /// whose partition list a topic of thousands of partitions would copy on every call.
+    fn topic_meta(&self) -> Result<TopicView, PartitionError> {
         let state = self.metadata.borrow();
         match state.topics.get(&self.topic) {
-            Some(t) if t.partitions.get(self.partition as usize).is_some_and(|p| p.group == self.group.id) => Ok(t.clone()),
+            Some(t) if t.partitions.get(self.partition as usize).is_some_and(|p| p.group == self.group.id) => {
+                Ok(TopicView { config: t.config.clone(), id_key: t.id_key })
+            }
             _ => Err(PartitionError::Deleted),
         }
     }
@@ -288,6 +298,7 @@ impl Partition {
     async fn ready_term(&self, deadline: Instant) -> Result<u64, PartitionError> {
         let mut applied = self.group.shared.applied();
         let gate = deadline.min(Instant::now() + LEADER_GATE_WAIT);
+        self.group.awake(gate).await;
         loop {
             let (state, term, leader) = {
                 let m = self.group.raft.metrics();
@@ -583,12 +594,20 @@ impl Partition {
     /// Proposes a retention cut if the topic's retention lets whole segments go, or a
     /// clock tick if a segment's age is not known yet (see `node/retention.rs`).
     pub async fn propose_retention(&self, config: &keel_protocol::TopicConfig) -> Result<(), PartitionError> {
-        let term = self.ready_term(Instant::now() + LEADER_GATE_WAIT).await?;
-        let judgement = {
+        let judge = || {
             let st = self.group.shared.state();
             let extents = self.group.log.segment_extents();
             super::retention::cut(&extents, st.retained, &st.time_marks, config.retention_ms, config.retention_bytes, now_ms())
         };
+        // Judged first without waking the group: a quiesced partition with nothing to
+        // cut stays quiesced.
+        match judge() {
+            super::retention::Judgement::Keep => return Ok(()),
+            super::retention::Judgement::NeedsTime if !self.clock_is_stale() => return Ok(()),
+            _ => {}
+        }
+        let term = self.ready_term(Instant::now() + LEADER_GATE_WAIT).await?;
+        let judgement = judge();
         let command = match judgement {
             super::retention::Judgement::Keep => return Ok(()),
             super::retention::Judgement::NeedsTime if !self.clock_is_stale() => return Ok(()),
@@ -615,7 +634,7 @@ impl Partition {
 
     /// Proposes what the next batch depends on: the topic's settings if the partition's
     /// differ, and otherwise a clock tick if the last is older than `CLOCK_TICK_INTERVAL`.
-    async fn prepare(&self, w: &mut Writer, term: u64, topic: &TopicMeta) -> Result<(), PartitionError> {
+    async fn prepare(&self, w: &mut Writer, term: u64, topic: &TopicView) -> Result<(), PartitionError> {
         let desired = PartitionConfig::from_topic(&topic.config, topic.id_key);
         let applied_matches = {
             let st = self.group.shared.state();

@@ -1,0 +1,295 @@
+//! The quiesce driver: idle partition groups stop ticking, and node-pair liveness
+//! decides when they must wake (the design is `shared/notes/multiraft-scale.md` §5).
+//!
+//! **Quiescing (leader-driven).** A partition group this node leads quiesces once it has
+//! had no write or read here for `cluster.raft.quiesce_after_ms` and its log is fully
+//! committed, applied, and matched by every voter. The leader asks each follower whose
+//! node it hears from (one request per peer for all such groups); a follower parks its
+//! Raft if the caller leads it in the asked term and its log ends, committed, at the
+//! leader's last id (`peer::server::handle_quiesce`). When every asked follower agreed
+//! — a majority counting the leader, at least — and the group was not used meanwhile,
+//! the leader parks too. A refusal or a lost answer leaves the group awake (a parked
+//! follower of a working leader is harmless: it just does not campaign).
+//!
+//! **Waking.** A write or read on the leader (`GroupHandle::awake`: heartbeat at once,
+//! then serve only after a quorum acknowledged it after the wake); entries or another
+//! term reaching a follower, a vote request, a pre-vote reaching the quiesced leader
+//! (`peer::server`); and here:
+//! - the node of a quiesced group's leader is seen dead or restarted (no beat for
+//!   `PEER_DEAD_AFTER`, or a new epoch): one *designated* survivor per group (chosen by
+//!   group id among the replicas still heard from) wakes and campaigns at once (with a
+//!   pre-vote); the others wake after `CAMPAIGN_FALLBACK_AFTER` if the group still has
+//!   no other leader — elections spread over the survivors rather than all at once;
+//! - a peer comes back (or restarted): the groups this node leads with it wake, so it
+//!   hears from its leader and catches up;
+//! - a group of this node stopped (a storage error): its replicas elsewhere are asked to
+//!   wake, since a parked follower would wait for a leader that is gone.
+//!
+//! Pre-votes for quiesced groups are vetoed while the leader's node is heard from
+//! (`peer::server::vetoes_pre_vote`): a restarted or cut-off node does not depose a
+//! working leader.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use keel_protocol::api;
+use openraft::async_runtime::watch::WatchReceiver;
+
+use super::limits::{QUIESCE_ROUND_INTERVAL, QUIESCE_SCAN_INTERVAL, STOPPED_GROUP_WAKE_EVERY};
+use super::partition::Partition;
+use super::reconcile::HostedPartitions;
+use crate::peer::limits::{QUIESCE_GROUPS_PER_REQUEST_MAX, QUIESCE_REQUEST_TIMEOUT};
+use crate::peer::liveness::{Liveness, CAMPAIGN_FALLBACK_AFTER};
+use crate::peer::quiescence::{Quiet, WakeReason};
+use crate::peer::wire::{QuiesceAsk, QuiesceRequest, WakeRequest};
+use crate::peer::PeerPool;
+
+/// What the driver needs of its node.
+pub struct Driver {
+    pub node_id: u64,
+    pub hosted: HostedPartitions,
+    pub pool: Arc<PeerPool>,
+    pub liveness: Arc<Liveness>,
+    /// The other members: (id, peer address).
+    pub peers: Vec<(u64, String)>,
+    /// Idle time before a group quiesces; `None`: groups never quiesce.
+    pub quiesce_after: Option<Duration>,
+}
+
+/// A peer as the driver last saw it.
+#[derive(Debug, Clone, Copy, Default)]
+struct PeerView {
+    alive: bool,
+    epoch: Option<u64>,
+}
+
+/// A group ready to quiesce, waiting for its followers' answers.
+struct Candidate {
+    partition: Arc<Partition>,
+    quiet: Quiet,
+    uses: u64,
+    asked: Vec<u64>,
+}
+
+/// Runs until aborted.
+pub async fn run(driver: Driver) {
+    let mut views: HashMap<u64, PeerView> = driver.peers.iter().map(|(id, _)| (*id, PeerView::default())).collect();
+    // Groups a non-designated survivor wakes later if no other leader appeared:
+    // group -> (when, the lost leader).
+    let mut deferred: HashMap<u64, (Instant, u64)> = HashMap::new();
+    // Groups not to ask again before then (a follower refused, or did not answer).
+    let mut not_before: HashMap<u64, Instant> = HashMap::new();
+    let mut stopped_told: HashMap<u64, Instant> = HashMap::new();
+    let mut last_round = Instant::now();
+    let mut every = tokio::time::interval(QUIESCE_SCAN_INTERVAL);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let partitions: Vec<Arc<Partition>> = driver.hosted.read().expect("hosted lock poisoned").values().cloned().collect();
+        let (lost, returned) = peer_changes(&driver, &mut views);
+        for &node in &lost {
+            tracing::info!(node, "peer node lost (no beat, or restarted): waking the quiesced groups it led");
+            crate::metrics::peer_lost();
+            leader_lost(&driver, &partitions, node, &mut deferred);
+        }
+        for &node in &returned {
+            for p in partitions.iter().filter(|p| p.replicas.contains(&node)) {
+                if p.group.sleep.quiet().is_some_and(|q| q.leader == driver.node_id) {
+                    p.group.sleep.wake(&p.group.raft, WakeReason::PeerReturned);
+                }
+            }
+        }
+        wake_deferred(&partitions, &mut deferred);
+        tell_stopped(&driver, &partitions, &mut stopped_told).await;
+        let quiesced = partitions.iter().filter(|p| p.group.sleep.quiet().is_some()).count();
+        crate::metrics::groups_quiescence(quiesced, partitions.len() - quiesced);
+        if let Some(after) = driver.quiesce_after {
+            if last_round.elapsed() >= QUIESCE_ROUND_INTERVAL {
+                last_round = Instant::now();
+                not_before.retain(|_, t| *t > last_round);
+                let candidates: Vec<Candidate> = partitions.iter().filter_map(|p| candidate(&driver, p, after, &not_before)).collect();
+                if !candidates.is_empty() {
+                    quiesce(&driver, candidates, after, &mut not_before).await;
+                }
+            }
+        }
+    }
+}
+
+/// Peers seen dead or restarted since the last scan, and peers seen back (or new).
+fn peer_changes(driver: &Driver, views: &mut HashMap<u64, PeerView>) -> (Vec<u64>, Vec<u64>) {
+    let (mut lost, mut returned) = (Vec::new(), Vec::new());
+    for (&node, view) in views.iter_mut() {
+        let alive = driver.liveness.alive(node);
+        let epoch = driver.liveness.last_heard(node).map(|h| h.epoch);
+        let restarted = matches!((view.epoch, epoch), (Some(a), Some(b)) if a != b);
+        if (view.alive && !alive) || restarted {
+            lost.push(node);
+        }
+        if alive && (!view.alive || restarted) {
+            returned.push(node);
+        }
+        *view = PeerView { alive, epoch: epoch.or(view.epoch) };
+    }
+    (lost, returned)
+}
+
+/// The node of `lost` is dead or restarted: for each quiesced group it led, the
+/// designated survivor campaigns now; the others wake later unless a leader appears.
+fn leader_lost(driver: &Driver, partitions: &[Arc<Partition>], lost: u64, deferred: &mut HashMap<u64, (Instant, u64)>) {
+    for p in partitions {
+        let Some(q) = p.group.sleep.quiet() else { continue };
+        if q.leader != lost || lost == driver.node_id {
+            continue;
+        }
+        let mut live: Vec<u64> = p.replicas.iter().copied().filter(|&r| r != lost && (r == driver.node_id || driver.liveness.alive(r))).collect();
+        live.sort_unstable();
+        let designated = live[(p.group.id % live.len() as u64) as usize];
+        if designated == driver.node_id {
+            p.group.sleep.wake(&p.group.raft, WakeReason::LeaderLost);
+            crate::metrics::campaign_started();
+            let raft = p.group.raft.clone();
+            tokio::spawn(async move {
+                let _ = raft.trigger().elect(true).await;
+            });
+        } else {
+            deferred.insert(p.group.id, (Instant::now() + CAMPAIGN_FALLBACK_AFTER, lost));
+        }
+    }
+}
+
+/// Wakes the deferred groups whose time came and that are still parked under the
+/// leader that was lost.
+fn wake_deferred(partitions: &[Arc<Partition>], deferred: &mut HashMap<u64, (Instant, u64)>) {
+    if deferred.is_empty() {
+        return;
+    }
+    let now = Instant::now();
+    let due: Vec<(u64, u64)> = deferred.iter().filter(|(_, (at, _))| *at <= now).map(|(g, (_, l))| (*g, *l)).collect();
+    for (group, lost) in due {
+        deferred.remove(&group);
+        if let Some(p) = partitions.iter().find(|p| p.group.id == group) {
+            if p.group.sleep.quiet().is_some_and(|q| q.leader == lost) {
+                p.group.sleep.wake(&p.group.raft, WakeReason::LeaderLost);
+            }
+        }
+    }
+}
+
+/// Asks the other replicas of groups whose Raft stopped here to wake them (at most
+/// every `STOPPED_GROUP_WAKE_EVERY` per group).
+async fn tell_stopped(driver: &Driver, partitions: &[Arc<Partition>], told: &mut HashMap<u64, Instant>) {
+    let mut by_peer: HashMap<u64, Vec<u64>> = HashMap::new();
+    for p in partitions {
+        if told.get(&p.group.id).is_some_and(|t| t.elapsed() < STOPPED_GROUP_WAKE_EVERY) || p.group.stopped().is_none() {
+            continue;
+        }
+        told.insert(p.group.id, Instant::now());
+        for &r in p.replicas.iter().filter(|&&r| r != driver.node_id) {
+            by_peer.entry(r).or_default().push(p.group.id);
+        }
+    }
+    told.retain(|_, t| t.elapsed() < STOPPED_GROUP_WAKE_EVERY);
+    for (peer, groups) in by_peer {
+        let Some((_, addr)) = driver.peers.iter().find(|(id, _)| *id == peer) else { continue };
+        let payload = Bytes::from(postcard::to_allocvec(&WakeRequest { groups }).expect("a wake request encodes"));
+        let caller = driver.pool.caller(peer, addr);
+        tokio::spawn(async move {
+            let _ = caller.call(api::peer::WAKE, payload, QUIESCE_REQUEST_TIMEOUT).await;
+        });
+    }
+}
+
+/// `p` if this node leads it, it has been idle for `after`, and everything it holds is
+/// committed, applied and on every voter.
+fn candidate(driver: &Driver, p: &Arc<Partition>, after: Duration, not_before: &HashMap<u64, Instant>) -> Option<Candidate> {
+    let sleep = &p.group.sleep;
+    if sleep.quiet().is_some() || not_before.contains_key(&p.group.id) {
+        return None;
+    }
+    let (idle, uses) = sleep.idle();
+    if idle < after {
+        return None;
+    }
+    let m = p.group.raft.metrics();
+    let m = m.borrow_watched();
+    let me = driver.node_id;
+    let pair = |l: &crate::replication::types::RaftLogId| (l.leader_id.term, l.index);
+    let committed = m.local_committed.as_ref().map(pair);
+    let settled = m.running_state.is_ok()
+        && m.state == openraft::ServerState::Leader
+        && m.current_leader == Some(me)
+        && m.vote.is_committed()
+        && committed.is_some()
+        && m.last_applied.as_ref().map(pair) == committed
+        && m.last_log_index == committed.map(|(_, i)| i)
+        && m.membership_config
+            .membership()
+            .voter_ids()
+            .all(|v| v == me || m.replication.as_ref().and_then(|r| r.get(&v)).is_some_and(|l| l.as_ref().map(pair) == committed));
+    if !settled {
+        return None;
+    }
+    let asked: Vec<u64> = p.replicas.iter().copied().filter(|&r| r != me && driver.liveness.alive(r)).collect();
+    // A majority (the leader counting) must agree: a parked group needs its quorum to
+    // be reachable to be woken and written to, as any group does.
+    if (asked.len() + 1) * 2 <= p.replicas.len() {
+        return None;
+    }
+    Some(Candidate { partition: p.clone(), quiet: Quiet { term: m.current_term, leader: me, last: committed }, uses, asked })
+}
+
+/// Asks the followers of `candidates` (one request per peer) and parks the leader of
+/// each group whose asked followers all agreed.
+async fn quiesce(driver: &Driver, candidates: Vec<Candidate>, after: Duration, not_before: &mut HashMap<u64, Instant>) {
+    let mut by_peer: HashMap<u64, Vec<usize>> = HashMap::new();
+    for (i, c) in candidates.iter().enumerate() {
+        for &f in &c.asked {
+            by_peer.entry(f).or_default().push(i);
+        }
+    }
+    let requests = by_peer.into_iter().filter_map(|(peer, mut idx)| {
+        idx.truncate(QUIESCE_GROUPS_PER_REQUEST_MAX);
+        let (_, addr) = driver.peers.iter().find(|(id, _)| *id == peer)?;
+        let asks = idx
+            .iter()
+            .map(|&i| QuiesceAsk { group: candidates[i].partition.group.id, term: candidates[i].quiet.term, last: candidates[i].quiet.last })
+            .collect();
+        let payload = Bytes::from(postcard::to_allocvec(&QuiesceRequest { asks }).expect("a quiesce request encodes"));
+        let caller = driver.pool.caller(peer, addr);
+        Some(async move {
+            let answers = match caller.call(api::peer::QUIESCE, payload, QUIESCE_REQUEST_TIMEOUT).await {
+                Ok(bytes) => postcard::from_bytes::<Vec<bool>>(&bytes).ok().filter(|a| a.len() == idx.len()),
+                Err(_) => None,
+            };
+            (peer, idx, answers)
+        })
+    });
+    let answers = futures::future::join_all(requests).await;
+    let mut agreed: HashMap<usize, usize> = HashMap::new();
+    let (mut yes, mut no, mut lost) = (0u64, 0u64, 0u64);
+    for (_, idx, answer) in answers {
+        match answer {
+            Some(a) => {
+                for (i, ok) in idx.into_iter().zip(a) {
+                    if ok {
+                        yes += 1;
+                        *agreed.entry(i).or_default() += 1;
+                    } else {
+                        no += 1;
+                    }
+                }
+            }
+            None => lost += idx.len() as u64,
+        }
+    }
+    crate::metrics::quiesce_requests(yes, no, lost);
+    for (i, c) in candidates.into_iter().enumerate() {
+        let all = agreed.get(&i).copied().unwrap_or(0) == c.asked.len();
+        if !(all && c.partition.group.sleep.park_leader(&c.partition.group.raft, c.quiet, c.uses)) {
+            not_before.insert(c.partition.group.id, Instant::now() + after);
+        }
+    }
+}

@@ -1,0 +1,180 @@
+//! Quiescence of one partition group on this node: whether its Raft ticks.
+//!
+//! An idle group costs its ticker (a wakeup every `heartbeat/5`) and, on the leader, a
+//! heartbeat per follower every `heartbeat_ms`. A *quiesced* group does neither: its
+//! Raft's ticker is parked (`runtime_config().tick(false)`), on the leader and on every
+//! follower that agreed. Who decides and when is `crate::node::quiesce`; this is the
+//! per-group state both the node's driver and the peer listener act on.
+//!
+//! **Safety does not rest on this.** A parked Raft still answers every RPC; a parked
+//! follower merely never campaigns on its own (liveness is the node's job: its leader's
+//! node seen dead wakes it), and a parked leader's quorum lease runs out, so it serves
+//! nothing until a fresh quorum round after waking (`GroupHandle::awake`).
+//!
+//! Wakes, each counted by reason (`keel_group_wakes_total`):
+//! - `use`: a write or read on the leader (it heartbeats at once and waits for a quorum);
+//! - `entries`: a follower received entries, or a message of another term;
+//! - `vote`: a vote request (an election is on);
+//! - `prevote`: a pre-vote reached a quiesced leader (a node that does not hear it);
+//! - `leader_lost`: the node of the group's leader was seen dead or restarted;
+//! - `peer_returned`: a replica's node came back (it may have missed the group's leader);
+//! - `asked`: a peer asked (its replica of the group stopped);
+//! - `transfer`: leadership is being handed off.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use super::server::GroupRaft;
+
+/// Why a group woke.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WakeReason {
+    Use,
+    Entries,
+    Vote,
+    PreVote,
+    LeaderLost,
+    PeerReturned,
+    Asked,
+    Transfer,
+}
+
+impl WakeReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WakeReason::Use => "use",
+            WakeReason::Entries => "entries",
+            WakeReason::Vote => "vote",
+            WakeReason::PreVote => "prevote",
+            WakeReason::LeaderLost => "leader_lost",
+            WakeReason::PeerReturned => "peer_returned",
+            WakeReason::Asked => "asked",
+            WakeReason::Transfer => "transfer",
+        }
+    }
+}
+
+/// What a quiesced group settled on: the leader, its term, and the last log id
+/// `(term, index)` every replica that agreed holds and has committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quiet {
+    pub term: u64,
+    pub leader: u64,
+    pub last: Option<(u64, u64)>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    quiet: Option<Quiet>,
+    /// Incremented by every use (write or read on this node).
+    uses: u64,
+    last_use: Instant,
+    /// Set when a quiesced leader woke: reads and writes wait for a quorum
+    /// acknowledgement sent after this instant.
+    confirm_after: Option<Instant>,
+}
+
+/// One group's quiescence state on this node.
+#[derive(Debug)]
+pub struct Sleep {
+    inner: Mutex<Inner>,
+}
+
+impl Default for Sleep {
+    fn default() -> Self {
+        Sleep { inner: Mutex::new(Inner { quiet: None, uses: 0, last_use: Instant::now(), confirm_after: None }) }
+    }
+}
+
+impl Sleep {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// What the group settled on, if it is quiesced here.
+    pub fn quiet(&self) -> Option<Quiet> {
+        self.lock().quiet
+    }
+
+    /// How long since the last use here, and the use count (a quiesce decision passes
+    /// it back to [`Sleep::park_leader`], which refuses if a use came in between).
+    pub fn idle(&self) -> (Duration, u64) {
+        let i = self.lock();
+        (i.last_use.elapsed(), i.uses)
+    }
+
+    /// Records a write or read on this node; wakes the group if it is quiesced with this
+    /// node as its leader (a quiesced follower stays parked: the request is sent on to
+    /// the leader, and a follower ticking alone would campaign against a parked leader).
+    /// Returns the instant after which a quorum acknowledgement is needed before
+    /// serving, while one is outstanding.
+    pub fn use_now(&self, raft: &GroupRaft) -> Option<Instant> {
+        let mut i = self.lock();
+        i.uses += 1;
+        i.last_use = Instant::now();
+        if i.quiet.is_some_and(|q| q.leader == raft_id(raft)) {
+            i.quiet = None;
+            i.confirm_after = Some(Instant::now());
+            start_ticking(raft, true);
+            crate::metrics::group_woke(WakeReason::Use);
+        }
+        i.confirm_after
+    }
+
+    /// A quorum acknowledged this leader after `after`: nothing more to wait for.
+    pub fn confirmed(&self, after: Instant) {
+        let mut i = self.lock();
+        if i.confirm_after == Some(after) {
+            i.confirm_after = None;
+        }
+    }
+
+    /// Wakes the group if it is quiesced; returns whether it was. A leader heartbeats at
+    /// once.
+    pub fn wake(&self, raft: &GroupRaft, reason: WakeReason) -> bool {
+        let mut i = self.lock();
+        let Some(q) = i.quiet.take() else { return false };
+        let leads = q.leader == raft_id(raft);
+        if leads {
+            i.confirm_after = Some(Instant::now());
+        }
+        start_ticking(raft, leads);
+        crate::metrics::group_woke(reason);
+        true
+    }
+
+    /// A follower agreed to quiesce under `quiet`: stop ticking.
+    pub fn park_follower(&self, raft: &GroupRaft, quiet: Quiet) {
+        let mut i = self.lock();
+        i.quiet = Some(quiet);
+        raft.runtime_config().tick(false);
+    }
+
+    /// The leader quiesces, unless the group was used since the decision (`uses` as
+    /// [`Sleep::idle`] returned it). Returns whether it did.
+    pub fn park_leader(&self, raft: &GroupRaft, quiet: Quiet, uses: u64) -> bool {
+        let mut i = self.lock();
+        if i.uses != uses || i.quiet.is_some() {
+            return false;
+        }
+        i.quiet = Some(quiet);
+        raft.runtime_config().tick(false);
+        true
+    }
+}
+
+fn raft_id(raft: &GroupRaft) -> u64 {
+    use openraft::async_runtime::watch::WatchReceiver;
+    raft.metrics().borrow_watched().id
+}
+
+/// Resumes the ticker; a leader also heartbeats now rather than at its next tick.
+fn start_ticking(raft: &GroupRaft, heartbeat: bool) {
+    raft.runtime_config().tick(true);
+    if heartbeat {
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            let _ = raft.trigger().heartbeat().await;
+        });
+    }
+}
