@@ -178,6 +178,17 @@ impl RaftNetworkV2<TypeConfig> for GroupNetwork {
         }
     }
 
+    async fn transfer_leader(
+        &mut self,
+        req: openraft::raft::TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<openraft::raft::TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
+        match self.call(RaftRpc::TransferLeader(req), option.hard_ttl()).await? {
+            RaftReply::TransferLeader(r) => Ok(r),
+            other => Err(unexpected(other)),
+        }
+    }
+
     async fn full_snapshot(
         &mut self,
         vote: Vote,

@@ -201,6 +201,10 @@ async fn handle_raft(service: &PeerService, payload: &[u8]) -> Result<Bytes, Str
                     hosted.sleep.wake(&hosted.raft, WakeReason::Vote);
                     serve_raft(hosted.raft, RaftRpc::Vote(rpc)).await
                 }
+                RaftRpc::TransferLeader(rpc) => {
+                    hosted.sleep.wake(&hosted.raft, WakeReason::Transfer);
+                    serve_raft(hosted.raft, RaftRpc::TransferLeader(rpc)).await
+                }
                 rpc => serve_raft(hosted.raft, rpc).await,
             },
         },
@@ -213,6 +217,7 @@ async fn serve_raft(raft: GroupRaft, rpc: RaftRpc) -> RaftReply {
         RaftRpc::Append(rpc) => raft.append_entries(rpc).await.map_or_else(|e| RaftReply::Failed(e.to_string()), RaftReply::Append),
         RaftRpc::Vote(rpc) => raft.vote(rpc).await.map_or_else(|e| RaftReply::Failed(e.to_string()), RaftReply::Vote),
         RaftRpc::PreVote(rpc) => raft.pre_vote(rpc).await.map_or_else(|e| RaftReply::Failed(e.to_string()), RaftReply::Vote),
+        RaftRpc::TransferLeader(rpc) => raft.handle_transfer_leader(rpc).await.map_or_else(|e| RaftReply::Failed(e.to_string()), RaftReply::TransferLeader),
         RaftRpc::Snapshot { vote, meta, data } => raft
             .install_full_snapshot(vote, openraft::Snapshot { meta, snapshot: data })
             .await

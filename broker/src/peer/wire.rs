@@ -57,6 +57,9 @@ pub enum RaftRpc {
         meta: SnapshotMeta,
         state: Vec<u8>,
     },
+    /// The leader hands leadership to `to_node_id` (broadcast to every replica: the
+    /// target campaigns at once, the others stop honouring the old leader's lease).
+    TransferLeader(openraft::raft::TransferLeaderRequest<TypeConfig>),
 }
 
 /// A log entry as a snapshot transfer carries it.
@@ -118,6 +121,8 @@ pub enum RaftReply {
     /// The answer to `AppendPipelined`: Raft's answer, or why the stream could not
     /// take the request.
     AppendPipelined(Result<openraft::raft::StreamAppendResult<TypeConfig>, String>),
+    /// The answer to `TransferLeader`.
+    TransferLeader(openraft::raft::TransferLeaderResponse<TypeConfig>),
 }
 
 type LogId = crate::replication::types::RaftLogId;
