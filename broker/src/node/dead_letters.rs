@@ -110,7 +110,8 @@ impl Writer {
     async fn sweep(&self) {
         let partitions: Vec<Arc<Partition>> = self.service.hosted.read().expect("hosted lock poisoned").values().cloned().collect();
         for p in partitions {
-            if !p.serving_now() {
+            // Only queue groups dead-letter; most partitions have none.
+            if p.group.shared.state().consumers.queues.is_empty() || !p.serving_now() {
                 continue;
             }
             let Some(max_deliveries) = self.service.metadata.borrow().topics.get(&p.topic).map(|t| t.config.max_deliveries) else { continue };

@@ -102,17 +102,18 @@ pub async fn run(driver: Driver) {
             }
         }
         wake_deferred(&partitions, &mut deferred);
+        if last_round.elapsed() < QUIESCE_ROUND_INTERVAL {
+            continue;
+        }
+        last_round = Instant::now();
         tell_stopped(&driver, &partitions, &mut stopped_told).await;
-        let quiesced = partitions.iter().filter(|p| p.group.sleep.quiet().is_some()).count();
+        let quiesced = partitions.iter().filter(|p| p.group.sleep.is_quiet()).count();
         crate::metrics::groups_quiescence(quiesced, partitions.len() - quiesced);
         if let Some(after) = driver.quiesce_after {
-            if last_round.elapsed() >= QUIESCE_ROUND_INTERVAL {
-                last_round = Instant::now();
-                not_before.retain(|_, t| *t > last_round);
-                let candidates: Vec<Candidate> = partitions.iter().filter_map(|p| candidate(&driver, p, after, &not_before)).collect();
-                if !candidates.is_empty() {
-                    quiesce(&driver, candidates, after, &mut not_before).await;
-                }
+            not_before.retain(|_, t| *t > last_round);
+            let candidates: Vec<Candidate> = partitions.iter().filter_map(|p| candidate(&driver, p, after, &not_before)).collect();
+            if !candidates.is_empty() {
+                quiesce(&driver, candidates, after, &mut not_before).await;
             }
         }
     }
@@ -206,7 +207,7 @@ async fn tell_stopped(driver: &Driver, partitions: &[Arc<Partition>], told: &mut
 /// committed, applied and on every voter.
 fn candidate(driver: &Driver, p: &Arc<Partition>, after: Duration, not_before: &HashMap<u64, Instant>) -> Option<Candidate> {
     let sleep = &p.group.sleep;
-    if sleep.quiet().is_some() || not_before.contains_key(&p.group.id) {
+    if sleep.is_quiet() || not_before.contains_key(&p.group.id) {
         return None;
     }
     let (idle, uses) = sleep.idle();

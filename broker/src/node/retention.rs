@@ -114,14 +114,17 @@ pub async fn run(hosted: HostedPartitions, metadata: GroupHandle, metadata_log: 
         let partitions: Vec<Arc<Partition>> = hosted.read().expect("hosted lock poisoned").values().cloned().collect();
         seen.retain(|g, _| partitions.iter().any(|p| p.group.id == *g));
         for p in partitions {
-            let next_index = p.group.log.state().next_index;
             let due = match seen.get(&p.group.id) {
                 None => true,
-                Some((n, at)) => *n != next_index || purge_pending(&p.group) || at.elapsed() >= RETENTION_IDLE_CHECK_INTERVAL,
+                // A quiesced group takes no writes and applies nothing (a cut applied
+                // before it quiesced was seen then): only age retention can be due.
+                Some((_, at)) if p.group.sleep.is_quiet() => at.elapsed() >= RETENTION_IDLE_CHECK_INTERVAL,
+                Some((n, at)) => *n != p.group.log.state().next_index || purge_pending(&p.group) || at.elapsed() >= RETENTION_IDLE_CHECK_INTERVAL,
             };
             if !due {
                 continue;
             }
+            let next_index = p.group.log.state().next_index;
             seen.insert(p.group.id, (next_index, tokio::time::Instant::now()));
             if let Err(e) = step(&p).await {
                 tracing::debug!(partition = %p.name(), error = %e, "retention step did not complete; retrying next round");

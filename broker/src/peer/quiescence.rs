@@ -21,6 +21,7 @@
 //! - `asked`: a peer asked (its replica of the group stopped);
 //! - `transfer`: leadership is being handed off.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -78,11 +79,14 @@ struct Inner {
 #[derive(Debug)]
 pub struct Sleep {
     inner: Mutex<Inner>,
+    /// Whether `inner.quiet` is set, readable without the lock (scans over thousands
+    /// of groups).
+    parked: AtomicBool,
 }
 
 impl Default for Sleep {
     fn default() -> Self {
-        Sleep { inner: Mutex::new(Inner { quiet: None, uses: 0, last_use: Instant::now(), confirm_after: None }) }
+        Sleep { inner: Mutex::new(Inner { quiet: None, uses: 0, last_use: Instant::now(), confirm_after: None }), parked: AtomicBool::new(false) }
     }
 }
 
@@ -93,7 +97,20 @@ impl Sleep {
 
     /// What the group settled on, if it is quiesced here.
     pub fn quiet(&self) -> Option<Quiet> {
+        if !self.is_quiet() {
+            return None;
+        }
         self.lock().quiet
+    }
+
+    /// Whether the group is quiesced here (without taking the lock).
+    pub fn is_quiet(&self) -> bool {
+        self.parked.load(Ordering::Acquire)
+    }
+
+    fn set_quiet(&self, i: &mut Inner, quiet: Option<Quiet>) {
+        i.quiet = quiet;
+        self.parked.store(quiet.is_some(), Ordering::Release);
     }
 
     /// How long since the last use here, and the use count (a quiesce decision passes
@@ -113,7 +130,7 @@ impl Sleep {
         i.uses += 1;
         i.last_use = Instant::now();
         if i.quiet.is_some_and(|q| q.leader == raft_id(raft)) {
-            i.quiet = None;
+            self.set_quiet(&mut i, None);
             i.confirm_after = Some(Instant::now());
             start_ticking(raft, true);
             crate::metrics::group_woke(WakeReason::Use);
@@ -133,7 +150,8 @@ impl Sleep {
     /// once.
     pub fn wake(&self, raft: &GroupRaft, reason: WakeReason) -> bool {
         let mut i = self.lock();
-        let Some(q) = i.quiet.take() else { return false };
+        let Some(q) = i.quiet else { return false };
+        self.set_quiet(&mut i, None);
         let leads = q.leader == raft_id(raft);
         if leads {
             i.confirm_after = Some(Instant::now());
@@ -146,7 +164,7 @@ impl Sleep {
     /// A follower agreed to quiesce under `quiet`: stop ticking.
     pub fn park_follower(&self, raft: &GroupRaft, quiet: Quiet) {
         let mut i = self.lock();
-        i.quiet = Some(quiet);
+        self.set_quiet(&mut i, Some(quiet));
         raft.runtime_config().tick(false);
     }
 
@@ -157,7 +175,7 @@ impl Sleep {
         if i.uses != uses || i.quiet.is_some() {
             return false;
         }
-        i.quiet = Some(quiet);
+        self.set_quiet(&mut i, Some(quiet));
         raft.runtime_config().tick(false);
         true
     }
