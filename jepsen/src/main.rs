@@ -17,7 +17,7 @@ enum Cli {
     /// Workloads under rotating faults, then heal, drain, dump and check; `--runs N`
     /// runs N times with seeds S, S+1, … (each in its own process), stopping at the
     /// first invalid run (a soak).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Check a recorded history and print the results as JSON.
     Check {
         history: PathBuf,
@@ -72,6 +72,10 @@ struct RunArgs {
     /// deleted before any reader saw them are counted, not lost.
     #[arg(long, default_value_t = 0)]
     retention_bytes: u64,
+    /// Partitions of the W1 topic: many make most of its groups quiesce between writes
+    /// and reads, so faults hit sleeping leaders and followers (issue 12).
+    #[arg(long, default_value_t = 3)]
+    log_partitions: u32,
     /// Messages/s per producer.
     #[arg(long, default_value_t = 100.0)]
     rate: f64,
@@ -147,6 +151,7 @@ fn run_one(args: &RunArgs, seed: u64) -> anyhow::Result<runner::RunSummary> {
         queue_members: args.queue_members,
         replays: args.replays,
         retention_bytes: args.retention_bytes,
+        log_partitions: args.log_partitions,
         rate: args.rate,
         floors: Floors {
             acked_sends: args.min_acked,

@@ -45,6 +45,8 @@ pub struct RunConfig {
     pub replays: usize,
     /// Retention on the W1 topic (bytes per partition; 0: none).
     pub retention_bytes: u64,
+    /// Partitions of the W1 topic.
+    pub log_partitions: u32,
     /// Messages/s per producer.
     pub rate: f64,
     pub floors: Floors,
@@ -160,8 +162,9 @@ async fn replicas_converged(cluster: &Cluster, nodes: u32) -> bool {
 /// drain), recording every poll.
 async fn drain(ctx: &Ctx) -> Result<(), String> {
     for topic in [LOG_TOPIC, IDEM_TOPIC] {
-        let consumer = Consumer::assign(ctx.cluster.clone(), topic, &(0..PARTITIONS).map(|p| (p, 0)).collect::<Vec<_>>()).await.map_err(|e| e.to_string())?;
-        for p in 0..PARTITIONS {
+        let partitions = ctx.partitions(topic);
+        let consumer = Consumer::assign(ctx.cluster.clone(), topic, &(0..partitions).map(|p| (p, 0)).collect::<Vec<_>>()).await.map_err(|e| e.to_string())?;
+        for p in 0..partitions {
             let mut process = ctx.process();
             let mut position = 0u64;
             let deadline = Instant::now() + DRAIN_LIMIT;
@@ -218,7 +221,8 @@ pub async fn run(config: RunConfig, placement: Placement) -> Result<RunSummary, 
                 ..keel_protocol::TopicConfigPatch::default()
             },
         };
-        let req = keel_protocol::message::CreateTopicRequest { name: topic.into(), partitions: PARTITIONS, replicas: 3, config: patch };
+        let partitions = if topic == LOG_TOPIC { config.log_partitions } else { PARTITIONS };
+        let req = keel_protocol::message::CreateTopicRequest { name: topic.into(), partitions, replicas: 3, config: patch };
         wait_for("the topic's creation", CONVERGE_LIMIT, async || match admin.create_topic_with(req.clone()).await {
             Ok(()) => true,
             Err(e) => e.code() == Some(keel_protocol::ErrorCode::TopicAlreadyExists),
@@ -234,7 +238,13 @@ pub async fn run(config: RunConfig, placement: Placement) -> Result<RunSummary, 
     let stop_clients = Arc::new(AtomicBool::new(false));
     let stop_nemesis = Arc::new(AtomicBool::new(false));
     let stop_sampler = Arc::new(AtomicBool::new(false));
-    let ctx = Ctx { cluster: cluster.clone(), recorder: recorder.clone(), stop: stop_clients.clone(), processes: Arc::new(AtomicU64::new(0)) };
+    let ctx = Ctx {
+        cluster: cluster.clone(),
+        recorder: recorder.clone(),
+        stop: stop_clients.clone(),
+        processes: Arc::new(AtomicU64::new(0)),
+        log_partitions: config.log_partitions,
+    };
     let hint: LeaderHint = Arc::default();
     let sampler = tokio::spawn(sample_leaders(cluster.clone(), recorder.clone(), hint.clone(), stop_sampler.clone()));
     let mut workers = tokio::task::JoinSet::new();

@@ -57,6 +57,8 @@ pub struct Ctx {
     pub stop: Arc<AtomicBool>,
     /// Hands out process ids (a worker whose op ended `info` continues as a new one).
     pub processes: Arc<AtomicU64>,
+    /// Partitions of the W1 topic (`--log-partitions`); the other topics have `PARTITIONS`.
+    pub log_partitions: u32,
 }
 
 impl Ctx {
@@ -66,6 +68,15 @@ impl Ctx {
 
     pub fn stopped(&self) -> bool {
         self.stop.load(Ordering::Relaxed)
+    }
+
+    /// How many partitions `topic` has.
+    pub fn partitions(&self, topic: &str) -> u32 {
+        if topic == LOG_TOPIC {
+            self.log_partitions
+        } else {
+            PARTITIONS
+        }
     }
 }
 
@@ -114,7 +125,7 @@ pub async fn produce_loop(
     while !ctx.stopped() {
         pace(start, counter, rate).await;
         let permit = window.clone().acquire_owned().await.expect("never closed");
-        let partition = rng.u32(0..PARTITIONS);
+        let partition = rng.u32(0..ctx.partitions(topic));
         let msg = name(process, counter);
         counter += 1;
         let (priority, delay) = shape.map_or((0, None), |f| f(&mut rng));
@@ -170,9 +181,10 @@ pub enum From {
 /// One W1 reader: polls every partition of `topic` until stopped, recording each poll.
 pub async fn reader(ctx: Ctx, topic: &'static str, from: From) -> Result<(), ClientError> {
     let mut process = ctx.process();
-    let consumer = Consumer::assign(ctx.cluster.clone(), topic, &(0..PARTITIONS).map(|p| (p, 0)).collect::<Vec<_>>()).await?;
-    let mut positions = vec![0u64; PARTITIONS as usize];
-    for p in 0..PARTITIONS {
+    let partitions = ctx.partitions(topic);
+    let consumer = Consumer::assign(ctx.cluster.clone(), topic, &(0..partitions).map(|p| (p, 0)).collect::<Vec<_>>()).await?;
+    let mut positions = vec![0u64; partitions as usize];
+    for p in 0..partitions {
         positions[p as usize] = match from {
             From::Earliest => 0,
             From::Latest | From::Random(_) => {
@@ -185,7 +197,7 @@ pub async fn reader(ctx: Ctx, topic: &'static str, from: From) -> Result<(), Cli
         };
     }
     while !ctx.stopped() {
-        for p in 0..PARTITIONS {
+        for p in 0..partitions {
             if !poll_once(&ctx, &consumer, topic, p, &mut positions[p as usize], &mut process).await {
                 tokio::time::sleep(POLL_WAIT).await;
             }

@@ -113,9 +113,17 @@ struct Args {
     /// Time between two lane-9 trial messages.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "2ms")]
     priority_interval: Duration,
-    /// SIGKILL the leader of partition 0 halfway through the produce phase.
+    /// SIGKILL the leader of partition 0 halfway through the produce phase; reports when
+    /// each partition it led had another leader (polled every 50 ms).
     #[arg(long)]
     failover: bool,
+    /// Before measuring, create a second topic `<topic>-idle` of this many partitions
+    /// (same replicas), wait until all are led, then `--idle-settle` (so its groups
+    /// quiesce): the cost of many idle partitions on the measured topic.
+    #[arg(long, default_value_t = 0)]
+    idle_partitions: u32,
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+    idle_settle: Duration,
     /// `keel dev`'s data directory (for --failover's PID files).
     #[arg(long, default_value = "keel-data")]
     data_dir: PathBuf,
@@ -216,6 +224,27 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let config = keel_protocol::TopicConfigPatch { priorities: (args.priority_trials > 0).then_some(10), ..Default::default() };
         let req = keel_protocol::message::CreateTopicRequest { name: args.topic.clone(), partitions: args.partitions, replicas: args.replicas, config };
         admin.create_topic_with(req).await.context("creating the bench topic")?;
+    }
+    if args.idle_partitions > 0 {
+        let idle = format!("{}-idle", args.topic);
+        let started = Instant::now();
+        if admin.describe_topic(&idle).await.is_err() {
+            let req = keel_protocol::message::CreateTopicRequest {
+                name: idle.clone(),
+                partitions: args.idle_partitions,
+                replicas: args.replicas,
+                config: Default::default(),
+            };
+            admin.create_topic_with(req).await.context("creating the idle topic")?;
+        }
+        while admin.describe_topic(&idle).await?.partitions.iter().any(|p| p.leader.is_none()) {
+            if started.elapsed() > Duration::from_secs(300) {
+                bail!("partitions of {idle} have no leader after 300 s");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        println!("idle topic {idle}: {} partitions led after {:.1} s; settling {:?}", args.idle_partitions, started.elapsed().as_secs_f64(), args.idle_settle);
+        tokio::time::sleep(args.idle_settle).await;
     }
     // Wait for every partition to have a leader before measuring.
     let ready = Instant::now() + Duration::from_secs(30);
@@ -341,15 +370,45 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }));
     }
     let mut killed: Option<(u64, Instant)> = None;
+    let mut reelection: Option<tokio::task::JoinHandle<(usize, Vec<Duration>)>> = None;
     if args.failover {
         tokio::time::sleep(args.duration / 2).await;
-        let leader = admin.describe_topic(&args.topic).await?.partitions[0].leader.context("partition 0 has no leader")?;
+        let described = admin.describe_topic(&args.topic).await?;
+        let leader = described.partitions[0].leader.context("partition 0 has no leader")?;
+        let led: Vec<u32> = described.partitions.iter().filter(|p| p.leader == Some(leader)).map(|p| p.partition).collect();
         let pid_file = args.data_dir.join(format!("node{leader}/keel.pid"));
         let pid: i32 = std::fs::read_to_string(&pid_file).with_context(|| format!("reading {}", pid_file.display()))?.trim().parse()?;
         // SAFETY: kill(2) on a keel node process named by keel dev's pid file.
         unsafe { libc::kill(pid, libc::SIGKILL) };
-        killed = Some((leader, Instant::now()));
-        eprintln!("killed node {leader} (pid {pid}), the leader of partition 0");
+        let at = Instant::now();
+        killed = Some((leader, at));
+        eprintln!("killed node {leader} (pid {pid}), the leader of partition 0 and {} partitions in all", led.len());
+        let (cluster, topic) = (cluster.clone(), args.topic.clone());
+        let survivors: Vec<String> = cluster.metadata(false).await?.brokers.iter().filter(|b| b.id != leader).map(|b| b.addr.clone()).collect();
+        reelection = Some(tokio::spawn(async move {
+            // When each partition the killed node led was first reported led by a
+            // survivor (each survivor's own view of the groups it leads, every 50 ms).
+            let mut when: std::collections::HashMap<u32, Duration> = std::collections::HashMap::new();
+            while when.len() < led.len() && at.elapsed() < Duration::from_secs(30) {
+                for addr in &survivors {
+                    let Ok(body) = cluster.call_once(addr, keel_protocol::api::client::CLUSTER_STATUS, bytes::Bytes::new(), Duration::from_secs(2)).await
+                    else {
+                        continue;
+                    };
+                    let Ok(status) = keel_protocol::message::decode::<keel_protocol::message::ClusterStatusResponse>(&body) else { continue };
+                    let seen = at.elapsed();
+                    for g in status.groups.iter().filter(|g| g.role == "leader" && g.topic.as_deref() == Some(topic.as_str())) {
+                        if let Some(p) = g.partition.filter(|p| led.contains(p)) {
+                            when.entry(p).or_insert(seen);
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let mut times: Vec<Duration> = when.into_values().collect();
+            times.sort();
+            (led.len(), times)
+        }));
     }
     let mut sent = 0u64;
     for t in tasks {
@@ -380,6 +439,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
     });
     if let (Some((node, _)), Some(gap)) = (killed, gap_after_kill) {
         summary["failover"] = serde_json::json!({"killed_node": node, "longest_ack_gap_after_kill_ms": gap.as_secs_f64() * 1000.0});
+        if let Some(task) = reelection.take() {
+            let (led, times) = task.await?;
+            let at = |q: f64| times.get(((times.len() as f64 * q).ceil() as usize).saturating_sub(1)).map_or(f64::NAN, |d| d.as_secs_f64() * 1000.0);
+            println!(
+                "failover: {} of the {led} partitions node {node} led had another leader; after ms: p50 {:.0}  p90 {:.0}  p99 {:.0}  max {:.0}",
+                times.len(),
+                at(0.5),
+                at(0.9),
+                at(0.99),
+                at(1.0)
+            );
+            summary["failover"]["partitions_led"] = serde_json::json!(led);
+            summary["failover"]["partitions_reelected"] = serde_json::json!(times.len());
+            summary["failover"]["reelected_ms"] = serde_json::json!({"p50": at(0.5), "p90": at(0.9), "p99": at(0.99), "max": at(1.0)});
+        }
     }
     println!(
         "produce: {acked} acknowledged of {sent} sent in {:.1} s: {:.0} msgs/s, {:.1} MB/s; {} failed",

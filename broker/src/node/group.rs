@@ -77,26 +77,13 @@ impl GroupHandle {
     /// — its lease ran out while parked, and a leader replaced meanwhile (paused, cut
     /// off) must learn of it before serving. Returns at once when not leading.
     pub async fn awake(&self, until: tokio::time::Instant) {
-        use openraft::async_runtime::watch::WatchReceiver;
         let Some(after) = self.sleep.use_now(&self.raft) else { return };
-        let mut metrics = self.raft.metrics();
-        loop {
-            {
-                let m = metrics.borrow_watched();
-                if m.state != openraft::ServerState::Leader || m.running_state.is_err() {
-                    return;
-                }
-                // Acknowledged after the wake iff less time has passed since the ack.
-                use openraft::Instant as _;
-                if m.last_quorum_acked.as_ref().is_some_and(|t| t.elapsed() < after.elapsed()) {
-                    self.sleep.confirmed(after);
-                    return;
-                }
-            }
-            match tokio::time::timeout_at(until, metrics.changed()).await {
-                Ok(Ok(())) => continue,
-                Ok(Err(_)) | Err(_) => return,
-            }
+        // A ReadIndex round: heartbeats sent now, answered by a quorum that still takes
+        // this node as leader in its term (which renews its lease); a replaced leader
+        // learns of the newer term instead and steps down.
+        let confirmed = tokio::time::timeout_at(until, self.raft.ensure_linearizable(openraft::raft::ReadPolicy::ReadIndex)).await;
+        if matches!(confirmed, Ok(Ok(_))) {
+            self.sleep.confirmed(after);
         }
     }
 

@@ -164,3 +164,16 @@ pub const QUIESCE_ROUND_INTERVAL: Duration = Duration::from_millis(500);
 /// How often, at most, a node asks the other replicas of a group whose Raft stopped
 /// here to wake it.
 pub const STOPPED_GROUP_WAKE_EVERY: Duration = Duration::from_secs(5);
+
+/// A designated survivor retries its pre-vote this often until the group has a leader
+/// (`super::quiesce::campaign`): the other survivor may veto the first while it still
+/// counts the lost node alive (its beats are checked on its own clock).
+pub const CAMPAIGN_RETRY_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Pre-votes a designated survivor sends for one group before leaving it to its own
+/// election timers.
+pub const CAMPAIGN_ATTEMPTS_MAX: u32 = 20;
+
+/// Campaign attempts (pre-vote rounds) one node has in flight at once: a node that lost
+/// a peer leading hundreds of groups spreads their elections instead of stampeding.
+pub const CAMPAIGNS_IN_FLIGHT_MAX: usize = 64;

@@ -153,6 +153,7 @@ impl Node {
             liveness,
             peers,
             quiesce_after,
+            campaigns: Arc::new(tokio::sync::Semaphore::new(limits::CAMPAIGNS_IN_FLIGHT_MAX)),
         })));
         let service = Arc::new(api::ClientService {
             node_id: me.id,

@@ -37,7 +37,7 @@ use bytes::Bytes;
 use keel_protocol::api;
 use openraft::async_runtime::watch::WatchReceiver;
 
-use super::limits::{QUIESCE_ROUND_INTERVAL, QUIESCE_SCAN_INTERVAL, STOPPED_GROUP_WAKE_EVERY};
+use super::limits::{CAMPAIGN_ATTEMPTS_MAX, CAMPAIGN_RETRY_INTERVAL, QUIESCE_ROUND_INTERVAL, QUIESCE_SCAN_INTERVAL, STOPPED_GROUP_WAKE_EVERY};
 use super::partition::Partition;
 use super::reconcile::HostedPartitions;
 use crate::peer::limits::{QUIESCE_GROUPS_PER_REQUEST_MAX, QUIESCE_REQUEST_TIMEOUT};
@@ -56,6 +56,8 @@ pub struct Driver {
     pub peers: Vec<(u64, String)>,
     /// Idle time before a group quiesces; `None`: groups never quiesce.
     pub quiesce_after: Option<Duration>,
+    /// Bounds this node's concurrent campaign attempts (`CAMPAIGNS_IN_FLIGHT_MAX`).
+    pub campaigns: Arc<tokio::sync::Semaphore>,
 }
 
 /// A peer as the driver last saw it.
@@ -139,10 +141,16 @@ fn peer_changes(driver: &Driver, views: &mut HashMap<u64, PeerView>) -> (Vec<u64
 
 /// The node of `lost` is dead or restarted: for each quiesced group it led, the
 /// designated survivor campaigns now; the others wake later unless a leader appears.
+/// Awake groups are left to their own election timers: a lost beat under overload must
+/// not start elections in groups whose leader is heard (tried: at 1,000 partitions a
+/// campaign per awake group kept them from converging while they were created).
 fn leader_lost(driver: &Driver, partitions: &[Arc<Partition>], lost: u64, deferred: &mut HashMap<u64, (Instant, u64)>) {
+    if lost == driver.node_id {
+        return;
+    }
     for p in partitions {
         let Some(q) = p.group.sleep.quiet() else { continue };
-        if q.leader != lost || lost == driver.node_id {
+        if q.leader != lost {
             continue;
         }
         let mut live: Vec<u64> = p.replicas.iter().copied().filter(|&r| r != lost && (r == driver.node_id || driver.liveness.alive(r))).collect();
@@ -151,13 +159,38 @@ fn leader_lost(driver: &Driver, partitions: &[Arc<Partition>], lost: u64, deferr
         if designated == driver.node_id {
             p.group.sleep.wake(&p.group.raft, WakeReason::LeaderLost);
             crate::metrics::campaign_started();
-            let raft = p.group.raft.clone();
-            tokio::spawn(async move {
-                let _ = raft.trigger().elect(true).await;
-            });
+            let (raft, campaigns) = (p.group.raft.clone(), driver.campaigns.clone());
+            tokio::spawn(campaign(raft, lost, campaigns));
         } else {
             deferred.insert(p.group.id, (Instant::now() + CAMPAIGN_FALLBACK_AFTER, lost));
         }
+    }
+}
+
+/// The designated survivor's campaign for a group whose leader's node `lost` is gone:
+/// a pre-vote now, and again every `CAMPAIGN_RETRY_INTERVAL` until the group has
+/// another leader (the other survivor may not have seen the loss yet and veto the first
+/// ones), at most `CAMPAIGN_ATTEMPTS_MAX` times, `CAMPAIGNS_IN_FLIGHT_MAX` at once per
+/// node. After that the group's own election timers take over.
+async fn campaign(raft: crate::peer::GroupRaft, lost: u64, campaigns: Arc<tokio::sync::Semaphore>) {
+    for _ in 0..CAMPAIGN_ATTEMPTS_MAX {
+        let (led, campaigning) = {
+            let m = raft.metrics();
+            let m = m.borrow_watched();
+            (m.running_state.is_err() || m.current_leader.is_some_and(|l| l != lost), m.state != openraft::ServerState::Follower)
+        };
+        if led {
+            return;
+        }
+        // An election under way (this node a candidate) is left to finish: a new
+        // pre-vote would abandon it.
+        if !campaigning {
+            let Ok(_permit) = campaigns.acquire().await else { return };
+            if raft.trigger().elect(true).await.is_err() {
+                return;
+            }
+        }
+        tokio::time::sleep(CAMPAIGN_RETRY_INTERVAL).await;
     }
 }
 
