@@ -91,7 +91,14 @@ impl Node {
         disk.create_dir_all(&config.node.data_dir).map_err(|e| NodeError::Start(format!("cannot create data dir {}: {e}", config.node.data_dir.display())))?;
         let registry = GroupRegistry::default();
         let liveness = crate::peer::liveness::Liveness::new();
-        let peer_server = PeerServer::bind(&me.peer_addr, me.id, &config.cluster.name, registry.clone(), liveness.clone())
+        // A group not opened yet "holds state" here if it ever took part in an election
+        // (its vote file): at a cluster's first start no group has one, so wiped-node
+        // probes between starting nodes do not wait on each other.
+        let groups_on_disk: crate::peer::server::GroupOnDisk = {
+            let (data_dir, disk) = (config.node.data_dir.clone(), disk.clone());
+            Arc::new(move |g| crate::replication::log_store::has_vote(&*disk, &group::group_dir(&data_dir, g)))
+        };
+        let peer_server = PeerServer::bind_with_disk(&me.peer_addr, me.id, &config.cluster.name, registry.clone(), liveness.clone(), groups_on_disk)
             .await
             .map_err(|source| NodeError::Listen { what: "peer", addr: me.peer_addr.clone(), source })?;
         let ledger = Arc::new(

@@ -74,6 +74,15 @@ pub fn decide(answers: &BTreeMap<u64, Option<GroupProbeReply>>) -> Decision {
     if !unreachable.is_empty() {
         return Decision::Wait(format!("nodes {unreachable:?} do not answer, and no reachable replica leads the group"));
     }
+    // A replica that is starting and has not reopened the group may hold entries
+    // committed before the wipe: without its state, "nobody had a leader" is unknown.
+    // (Found by keel-jepsen over 300 partitions: a restarted node slow to reopen its
+    // groups answered as if it had none, the wiped one started fresh and voted for a
+    // candidate lacking two committed entries, which were overwritten.)
+    let starting: Vec<u64> = answers.iter().filter(|(_, a)| matches!(a, Some(GroupProbeReply::NotOpenYet))).map(|(id, _)| *id).collect();
+    if !starting.is_empty() {
+        return Decision::Wait(format!("nodes {starting:?} hold the group but have not opened it yet"));
+    }
     if states().any(|s| s.vote.is_committed()) {
         return Decision::Wait("the group had a leader but none answers now (an election is under way)".into());
     }
@@ -206,6 +215,12 @@ mod tests {
     fn first_start_everyone_answering_without_a_leader_ever_is_fresh() {
         let answers = BTreeMap::from([(2, Some(GroupProbeReply::Unknown)), (3, state(1, 3, false, false, Some(0)))]);
         assert_eq!(decide(&answers), Decision::Fresh);
+    }
+
+    #[test]
+    fn a_replica_holding_the_group_unopened_means_wait_even_if_the_other_never_saw_a_leader() {
+        let answers = BTreeMap::from([(2, Some(GroupProbeReply::NotOpenYet)), (3, state(2, 3, false, false, Some(1)))]);
+        assert!(matches!(decide(&answers), Decision::Wait(_)));
     }
 
     #[test]

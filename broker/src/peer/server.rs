@@ -81,7 +81,13 @@ struct PeerService {
     streams: super::pipeline::AppendStreams,
     /// Peers heard from (`super::liveness`).
     liveness: Arc<Liveness>,
+    /// Whether this node has a directory for a group it has not opened (yet).
+    on_disk: GroupOnDisk,
 }
+
+/// Whether a node holds a directory for a group (given by the node, which owns the
+/// layout); used to answer probes for groups not opened yet.
+pub type GroupOnDisk = Arc<dyn Fn(GroupId) -> bool + Send + Sync>;
 
 impl Service for PeerService {
     fn call(self: Arc<Self>, caller: Option<u64>, _version: u16, api_key: u16, payload: Bytes) -> BoxFuture<'static, Reply> {
@@ -133,7 +139,20 @@ impl Service for PeerService {
 impl PeerServer {
     /// Binds `addr` and starts serving node `node_id` of `cluster`.
     pub async fn bind(addr: &str, node_id: u64, cluster: &str, groups: GroupRegistry, liveness: Arc<Liveness>) -> std::io::Result<PeerServer> {
-        let service = Arc::new(PeerService { node_id, cluster: cluster.to_string(), groups, streams: Default::default(), liveness });
+        PeerServer::bind_with_disk(addr, node_id, cluster, groups, liveness, Arc::new(|_| false)).await
+    }
+
+    /// Like [`PeerServer::bind`], answering probes for groups not opened yet by
+    /// `on_disk` (a node restarting holds groups it has not reopened yet).
+    pub async fn bind_with_disk(
+        addr: &str,
+        node_id: u64,
+        cluster: &str,
+        groups: GroupRegistry,
+        liveness: Arc<Liveness>,
+        on_disk: GroupOnDisk,
+    ) -> std::io::Result<PeerServer> {
+        let service = Arc::new(PeerService { node_id, cluster: cluster.to_string(), groups, streams: Default::default(), liveness, on_disk });
         let options = ServeOptions {
             concurrency_max: PEER_SERVER_CONCURRENCY_MAX,
             send_queue_capacity: PEER_SERVER_SEND_QUEUE_CAPACITY,
@@ -233,6 +252,7 @@ async fn handle_probe(service: &PeerService, caller: Option<u64>, payload: &[u8]
     let probe: GroupProbe = postcard::from_bytes(payload).map_err(|e| format!("undecodable group probe: {e}"))?;
     let hosted = service.groups.read().expect("group registry lock poisoned").get(&probe.group).cloned();
     let reply = match hosted {
+        None if (service.on_disk)(probe.group) => GroupProbeReply::NotOpenYet,
         None => GroupProbeReply::Unknown,
         Some(HostedGroup { raft, log, .. }) => {
             let m = raft.metrics().borrow_watched().clone();

@@ -242,6 +242,9 @@ pub enum GroupProbeReply {
     /// The receiver does not host the group (not created there yet, or deleted).
     Unknown,
     State(GroupProbeState),
+    /// The receiver holds the group's directory but has not opened it yet (it is
+    /// starting): its state is not known, so nothing may be concluded from its answer.
+    NotOpenYet,
 }
 
 /// One node's view of one group.
