@@ -18,8 +18,9 @@
 //! - the node of a quiesced group's leader is seen dead or restarted (no beat for
 //!   `PEER_DEAD_AFTER`, or a new epoch): one *designated* survivor per group (chosen by
 //!   group id among the replicas still heard from) wakes and campaigns at once (with a
-//!   pre-vote); the others wake after `CAMPAIGN_FALLBACK_AFTER` if the group still has
-//!   no other leader — elections spread over the survivors rather than all at once;
+//!   pre-vote, retried until the group has a leader: [`campaign`]); the others wake
+//!   after `CAMPAIGN_FALLBACK_AFTER` if the group still has no other leader — elections
+//!   spread over the survivors rather than all at once;
 //! - a peer comes back (or restarted): the groups this node leads with it wake, so it
 //!   hears from its leader and catches up;
 //! - a group of this node stopped (a storage error): its replicas elsewhere are asked to
