@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use keel_client::consumer::{Consumer, StartAt};
 use keel_client::producer::{Producer, ProducerConfig, Record};
-use keel_client::{Admin, ClientConfig, Cluster};
+use keel_client::Cluster;
 
 const TOPIC: &str = "failover";
 const PER_PHASE: u32 = 3000;
@@ -58,13 +58,7 @@ async fn producing_resumes_after_the_leader_is_killed_and_every_acknowledged_rec
     let _cleanup = dev_cluster::KillNodesOnDrop(dir.path());
     let mut dev = dev_cluster::start_dev(dir.path(), dev_cluster::base_port(29_000));
     dev_cluster::wait_for_files(dir.path());
-    let bootstrap: Vec<String> = std::fs::read_to_string(dir.path().join("bootstrap")).unwrap().split(',').map(str::to_string).collect();
-    let cluster = Cluster::new(ClientConfig { bootstrap, ..ClientConfig::default() }).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while let Err(e) = Admin::new(cluster.clone()).create_topic(TOPIC, 1, 3).await {
-        assert!(Instant::now() < deadline, "the cluster never accepted the topic: {e}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let cluster = dev_cluster::cluster_with_topic(dir.path(), TOPIC, 1).await;
     let producer = Producer::new(cluster.clone(), ProducerConfig::default()).unwrap();
 
     let mut acked = produce(&producer, 0..PER_PHASE).await;

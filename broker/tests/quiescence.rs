@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use keel_client::consumer::{Consumer, StartAt};
 use keel_client::producer::{Producer, ProducerConfig, Record};
-use keel_client::{Admin, ClientConfig, Cluster};
+use keel_client::{ClientConfig, Cluster};
 use keel_protocol::api::client as api;
 use keel_protocol::message::{self, FetchRequest, FetchResponse};
 
@@ -57,12 +57,7 @@ async fn idle_groups_quiesce_wake_on_use_and_a_paused_quiesced_leader_is_replace
     let mut dev = dev_cluster::start_dev(dir.path(), dev_cluster::base_port(31_000));
     dev_cluster::wait_for_files(dir.path());
     let addrs = dev_cluster::bootstrap_addrs(dir.path());
-    let cluster = Cluster::new(ClientConfig { bootstrap: addrs.clone(), ..ClientConfig::default() }).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while let Err(e) = Admin::new(cluster.clone()).create_topic(TOPIC, PARTITIONS, 3).await {
-        assert!(Instant::now() < deadline, "the cluster never accepted the topic: {e}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let cluster = dev_cluster::cluster_with_topic(dir.path(), TOPIC, PARTITIONS).await;
     let producer = Producer::new(cluster.clone(), ProducerConfig::default()).unwrap();
     produce_round(&producer, 0).await;
     let took = wait_all_quiesced(&addrs, Duration::from_secs(30)).await;

@@ -238,3 +238,16 @@ pub fn group_logs(groups: &Path) -> Vec<(String, Vec<StoredEntry>)> {
     dirs.sort();
     dirs.into_iter().map(|d| (d.file_name().unwrap().to_string_lossy().into_owned(), log_entries(&d))).collect()
 }
+
+/// A client of the `keel dev` cluster in `dir`, once it has accepted topic `name` of
+/// `partitions` partitions (R3; retried for up to 30 s while the cluster forms).
+#[allow(dead_code)] // not every test binary that includes this module uses it
+pub async fn cluster_with_topic(dir: &Path, name: &str, partitions: u32) -> keel_client::Cluster {
+    let cluster = keel_client::Cluster::new(keel_client::ClientConfig { bootstrap: bootstrap_addrs(dir), ..keel_client::ClientConfig::default() }).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while let Err(e) = keel_client::Admin::new(cluster.clone()).create_topic(name, partitions, 3).await {
+        assert!(Instant::now() < deadline, "the cluster never accepted the topic: {e}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    cluster
+}
