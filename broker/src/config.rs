@@ -238,6 +238,9 @@ impl Config {
                 "KEEL_METADATA_SEGMENT_BYTES" => self.cluster.metadata_log.segment_bytes = env_u64("KEEL_METADATA_SEGMENT_BYTES", &value)?,
                 "KEEL_METADATA_RETAINED_BYTES" => self.cluster.metadata_log.retained_bytes = env_u64("KEEL_METADATA_RETAINED_BYTES", &value)?,
                 "KEEL_QUIESCE_AFTER_MS" => self.cluster.raft.quiesce_after_ms = env_u64("KEEL_QUIESCE_AFTER_MS", &value)?,
+                "KEEL_HEARTBEAT_MS" => self.cluster.raft.heartbeat_ms = env_u64("KEEL_HEARTBEAT_MS", &value)?,
+                "KEEL_ELECTION_TIMEOUT_MIN_MS" => self.cluster.raft.election_timeout_min_ms = env_u64("KEEL_ELECTION_TIMEOUT_MIN_MS", &value)?,
+                "KEEL_ELECTION_TIMEOUT_MAX_MS" => self.cluster.raft.election_timeout_max_ms = env_u64("KEEL_ELECTION_TIMEOUT_MAX_MS", &value)?,
                 "KEEL_CLUSTER_NAME" => self.cluster.name = value,
                 "KEEL_FSYNC" => self.cluster.fsync = value,
                 _ => {}

@@ -184,7 +184,8 @@ fn describe() {
     describe_gauge!(APPEND_STREAMS_OPEN, Unit::Count, "Replication streams this node holds open as follower (one per group and leader at most).");
     describe_counter!(OFFSET_STAMPS, Unit::Count, "Batches whose base offset the log store wrote: already held, in place, or on a copy.");
     describe_gauge!(GROUPS_QUIESCED, Unit::Count, "Partition groups whose Raft is parked on this node (no ticks, no heartbeats).");
-    describe_gauge!(GROUPS_AWAKE, Unit::Count, "Partition groups hosted on this node that tick.");
+    describe_gauge!(GROUPS_AWAKE, Unit::Count, "Partition groups hosted on this node that are not quiesced (listening followers included).");
+    describe_gauge!(GROUPS_LISTENING, Unit::Count, "Awake partition-group followers on this node that hear their leader and so do not tick.");
     describe_counter!(GROUP_WAKES, Unit::Count, "Quiesced groups woken on this node, by reason.");
     describe_counter!(QUIESCE_REQUESTS, Unit::Count, "Groups this node asked a follower to quiesce, by outcome.");
     describe_counter!(PRE_VOTES_VETOED, Unit::Count, "Pre-votes refused for quiesced groups.");
@@ -194,6 +195,7 @@ fn describe() {
 
 pub const GROUPS_QUIESCED: &str = "keel_groups_quiesced";
 pub const GROUPS_AWAKE: &str = "keel_groups_awake";
+pub const GROUPS_LISTENING: &str = "keel_groups_listening";
 pub const GROUP_WAKES: &str = "keel_group_wakes_total";
 pub const QUIESCE_REQUESTS: &str = "keel_quiesce_requests_total";
 pub const PRE_VOTES_VETOED: &str = "keel_pre_votes_vetoed_total";
@@ -209,6 +211,10 @@ pub fn group_woke(reason: crate::peer::quiescence::WakeReason) {
 pub fn groups_quiescence(quiesced: usize, awake: usize) {
     gauge!(GROUPS_QUIESCED).set(quiesced as f64);
     gauge!(GROUPS_AWAKE).set(awake as f64);
+}
+
+pub fn groups_listening(listening: usize) {
+    gauge!(GROUPS_LISTENING).set(listening as f64);
 }
 
 /// Outcomes of quiesce asks to one follower.

@@ -54,6 +54,13 @@ impl GroupHandle {
         self.raft.metrics().borrow_watched().current_leader
     }
 
+    /// Where to send a client: the current leader, or — for a replica quiesced here —
+    /// the leader it quiesced under (a parked follower's Raft metrics can lag: they
+    /// are refreshed only when its core runs). A hint; the leader checks.
+    pub fn leader_hint(&self) -> Option<u64> {
+        self.leader().or_else(|| self.sleep.quiet().map(|q| q.leader))
+    }
+
     /// Why this group's Raft stopped, if it did: a storage error (a write that failed,
     /// `ENOSPC` included), or its task ended without a word (it panicked: the metrics
     /// sender was dropped without a final state).

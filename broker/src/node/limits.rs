@@ -154,6 +154,13 @@ pub const GROUP_REOPEN_FREE_BYTES_MIN: u64 = 16 * 1024 * 1024;
 /// would otherwise stop it again at once).
 pub const GROUP_REOPEN_BACKOFF: Duration = Duration::from_secs(10);
 
+/// An awake follower whose last contact with its leader is younger than this many
+/// heartbeats stops ticking (`super::listening`).
+pub const LISTEN_FRESH_HEARTBEATS: u32 = 2;
+/// A listening follower whose last contact is this many heartbeats old ticks again
+/// (and so times its election from that contact, as it always does).
+pub const LISTEN_STALE_HEARTBEATS: u32 = 3;
+
 /// How often the quiesce driver checks peers' liveness and deferred wakes
 /// (`super::quiesce`): a lost leader's groups wake within this of `PEER_DEAD_AFTER`.
 pub const QUIESCE_SCAN_INTERVAL: Duration = Duration::from_millis(100);

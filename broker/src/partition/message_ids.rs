@@ -96,6 +96,12 @@ impl MessageIdWindow {
         }
     }
 
+    /// Whether [`MessageIdWindow::expire`] at `now_ms` would forget any id.
+    pub fn would_expire(&self, now_ms: i64, window_ms: u64) -> bool {
+        let cutoff = now_ms.saturating_sub(i64::try_from(window_ms).unwrap_or(i64::MAX));
+        self.buckets.front().is_some_and(|b| b.first_seen_ms <= cutoff)
+    }
+
     /// Forgets ids first seen at or before `now_ms - window_ms`; returns how many.
     pub fn expire(&mut self, now_ms: i64, window_ms: u64) -> u64 {
         let cutoff = now_ms.saturating_sub(i64::try_from(window_ms).unwrap_or(i64::MAX));

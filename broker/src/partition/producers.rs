@@ -165,6 +165,12 @@ impl ProducerTable {
         debug_assert!(entry.batches.len() <= BATCHES_REMEMBERED);
     }
 
+    /// Whether [`ProducerTable::expire`] at `now_ms` would forget any producer.
+    pub fn would_expire(&self, now_ms: i64, expiry_ms: u64) -> bool {
+        let cutoff = now_ms.saturating_sub(i64::try_from(expiry_ms).unwrap_or(i64::MAX));
+        self.entries.values().any(|e| e.last_write_ms < cutoff)
+    }
+
     /// Forgets producers whose last write is older than `expiry_ms` at `now_ms`;
     /// returns how many. Their next batch must start a new epoch (sequence 0), which
     /// the client does by itself on `OutOfOrderSequence`.

@@ -205,6 +205,14 @@ impl PartitionState {
         self.consumers.lease(self.clock_ms, self.next_offset, &served, &self.lanes, group, lease)
     }
 
+    /// Whether moving the partition clock to `to_ms` would expire a message id or an idle
+    /// producer — state a produce judged before that move applies is judged on.
+    pub fn clock_advance_expires(&self, to_ms: i64) -> bool {
+        let to = self.clock_ms.max(to_ms);
+        self.message_ids.would_expire(to, self.config.dedupe_window_ms)
+            || (to >= self.next_expiry_scan_ms && self.producers.would_expire(to, self.config.producer_expiry_ms))
+    }
+
     /// Moves the partition clock to `leader_time_ms` (never back) and expires what it
     /// passed: message ids beyond the window, and, at most every
     /// `PRODUCER_EXPIRY_SCAN_MS`, idle producers.
@@ -397,6 +405,38 @@ mod tests {
         assert!(matches!(batch(&s, 1, None, &[(0, 2)]), BatchOutcome::DuplicateIds(_)));
         tick(&mut s, 11_000);
         assert_eq!(apply(&mut s, 1, None, &[(0, 2)]), BatchOutcome::Stored { base_offset: 2, record_count: 1 }, "after the window: stored again");
+    }
+
+    #[test]
+    fn a_clock_advance_is_known_to_expire_ids_and_producers_exactly_when_it_does() {
+        let mut s = PartitionState::default();
+        s.config.dedupe_window_ms = 1_000;
+        s.config.producer_expiry_ms = 5_000;
+        tick(&mut s, 10_000);
+        apply(&mut s, 1, None, &[(0, 1)]);
+        // The id was first seen at 10_000: a move to 10_999 keeps it, 11_000 forgets it.
+        assert!(!s.clock_advance_expires(10_999));
+        assert!(s.clock_advance_expires(11_000));
+        let mut moved = s.clone();
+        tick(&mut moved, 11_000);
+        assert_eq!(moved.message_ids.len(), 0, "what the check predicted");
+
+        // A producer last written at 10_000 expires at 15_001 — but only when the
+        // producer scan is due, as `advance_clock` does it.
+        let mut s = PartitionState::default();
+        s.config.producer_expiry_ms = 5_000;
+        tick(&mut s, 10_000);
+        apply(&mut s, 1, stamp(0), &[]);
+        assert!(!s.clock_advance_expires(15_000));
+        s.next_expiry_scan_ms = 20_000;
+        assert!(!s.clock_advance_expires(15_001), "the scan is not due yet: nothing expires");
+        assert!(s.clock_advance_expires(20_000));
+        let mut moved = s.clone();
+        tick(&mut moved, 20_000);
+        assert!(moved.producers.get(1).is_none(), "what the check predicted");
+        let mut kept = s.clone();
+        tick(&mut kept, 15_001);
+        assert!(kept.producers.get(1).is_some());
     }
 
     #[test]

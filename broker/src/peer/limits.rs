@@ -40,6 +40,15 @@ pub const PEER_BEAT_INTERVAL: std::time::Duration = std::time::Duration::from_mi
 /// How long a beat may take before it counts as unanswered.
 pub const PEER_BEAT_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(500);
 
+/// Beats to one peer outstanding at once: a slow answer does not hold back the next
+/// beat (the timeout over the interval).
+pub const PEER_BEATS_IN_FLIGHT_MAX: usize = (PEER_BEAT_TIMEOUT.as_millis() / PEER_BEAT_INTERVAL.as_millis()) as usize;
+
+/// Beat ticks of this node further apart than this mean it was not running (paused,
+/// or starved of CPU): no peer is judged dead on the silence it saw meanwhile
+/// (`super::liveness`).
+pub const LOCAL_STALL_AFTER: std::time::Duration = std::time::Duration::from_millis(300);
+
 /// A peer not heard from for this long is dead to this node: the quiesced groups it led
 /// are woken to elect (`crate::node::quiesce`). Eight beats, above the scheduler and
 /// fsync stalls of a shared 2-core machine (the same margin as the election timeout).

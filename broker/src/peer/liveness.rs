@@ -8,6 +8,15 @@
 //! *when* to wake groups or campaign (`crate::node::quiesce`), never whether something
 //! is safe: a paused process that resumes still hears its peers, so no lease or read is
 //! derived from it.
+//!
+//! A false "dead" is not harmless either: it wakes every group the peer led and starts
+//! elections in them, which loads every node more, which delays more beats — under a
+//! saturating load over 1,000 partitions that loop kept re-electing groups. So beats
+//! travel on a connection of their own (`PeerPool::beat_caller`), a slow answer does not
+//! hold back the next beat (up to `PEER_BEATS_IN_FLIGHT_MAX` outstanding), and this
+//! node judges no peer while it was not running itself: when its own beat ticks come
+//! more than `LOCAL_STALL_AFTER` apart (the process was paused, or starved of CPU),
+//! every peer gets a fresh `PEER_DEAD_AFTER` from the end of that stall.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -17,7 +26,7 @@ use bytes::Bytes;
 use keel_protocol::api;
 use serde::{Deserialize, Serialize};
 
-use super::limits::{PEER_BEAT_INTERVAL, PEER_BEAT_TIMEOUT, PEER_DEAD_AFTER};
+use super::limits::{LOCAL_STALL_AFTER, PEER_BEATS_IN_FLIGHT_MAX, PEER_BEAT_INTERVAL, PEER_BEAT_TIMEOUT, PEER_DEAD_AFTER};
 use super::pool::PeerPool;
 
 /// The beat (api `peer::LIVENESS`), and its answer: the sender's epoch.
@@ -38,13 +47,27 @@ pub struct Heard {
 pub struct Liveness {
     epoch: u64,
     peers: Mutex<HashMap<u64, Heard>>,
+    clock: Mutex<LocalClock>,
+}
+
+/// This node's own beat ticks, to notice when it was not running.
+#[derive(Debug, Clone, Copy)]
+struct LocalClock {
+    last_tick: Instant,
+    /// The end of the last local stall: no peer is judged dead on silence older than it.
+    judged_from: Instant,
 }
 
 impl Liveness {
     pub fn new() -> Arc<Liveness> {
         // Distinct per process start: the clock in nanoseconds, mixed with the process id.
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
-        Arc::new(Liveness { epoch: nanos ^ (u64::from(std::process::id()) << 48), peers: Mutex::default() })
+        let now = Instant::now();
+        Arc::new(Liveness {
+            epoch: nanos ^ (u64::from(std::process::id()) << 48),
+            peers: Mutex::default(),
+            clock: Mutex::new(LocalClock { last_tick: now, judged_from: now }),
+        })
     }
 
     pub fn epoch(&self) -> u64 {
@@ -61,9 +84,23 @@ impl Liveness {
         self.peers.lock().unwrap_or_else(|p| p.into_inner()).get(&node).copied()
     }
 
-    /// Whether `node` was heard from within `PEER_DEAD_AFTER`.
+    /// Whether `node` was heard from within `PEER_DEAD_AFTER` — counted from the end of
+    /// this node's last stall if that is later.
     pub fn alive(&self, node: u64) -> bool {
-        self.last_heard(node).is_some_and(|h| h.at.elapsed() < PEER_DEAD_AFTER)
+        let judged_from = self.clock.lock().unwrap_or_else(|p| p.into_inner()).judged_from;
+        self.last_heard(node).is_some_and(|h| h.at.max(judged_from).elapsed() < PEER_DEAD_AFTER)
+    }
+
+    /// One of this node's beat ticks, at `now`: a gap above `LOCAL_STALL_AFTER` since the
+    /// previous one was a stall of this node. Returns whether it was.
+    pub fn local_tick(&self, now: Instant) -> bool {
+        let mut clock = self.clock.lock().unwrap_or_else(|p| p.into_inner());
+        let stalled = now.saturating_duration_since(clock.last_tick) > LOCAL_STALL_AFTER;
+        if stalled {
+            clock.judged_from = clock.judged_from.max(now);
+        }
+        clock.last_tick = clock.last_tick.max(now);
+        stalled
     }
 }
 
@@ -77,17 +114,24 @@ pub fn spawn_beats(pool: Arc<PeerPool>, liveness: Arc<Liveness>, peers: Vec<(u64
                 let payload = Bytes::from(postcard::to_allocvec(&Beat { epoch: liveness.epoch() }).expect("a beat encodes"));
                 let mut every = tokio::time::interval(PEER_BEAT_INTERVAL);
                 every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                let mut outstanding = tokio::task::JoinSet::new();
                 loop {
                     every.tick().await;
-                    if pool.faults.is_blocked(id) {
+                    if liveness.local_tick(Instant::now()) {
+                        tracing::info!(peer = id, "this node's beats were held up (paused or starved of CPU): peers get a fresh grace period");
+                    }
+                    while outstanding.try_join_next().is_some() {}
+                    if pool.faults.is_blocked(id) || outstanding.len() >= PEER_BEATS_IN_FLIGHT_MAX {
                         continue;
                     }
-                    let caller = pool.caller(id, &addr);
-                    if let Ok(answer) = caller.call(api::peer::LIVENESS, payload.clone(), PEER_BEAT_TIMEOUT).await {
-                        if let Ok(beat) = postcard::from_bytes::<Beat>(&answer) {
-                            liveness.heard(id, beat.epoch);
+                    let (caller, payload, liveness) = (pool.beat_caller(id, &addr), payload.clone(), liveness.clone());
+                    outstanding.spawn(async move {
+                        if let Ok(answer) = caller.call(api::peer::LIVENESS, payload, PEER_BEAT_TIMEOUT).await {
+                            if let Ok(beat) = postcard::from_bytes::<Beat>(&answer) {
+                                liveness.heard(id, beat.epoch);
+                            }
                         }
-                    }
+                    });
                 }
             })
         })
@@ -97,3 +141,40 @@ pub fn spawn_beats(pool: Arc<PeerPool>, liveness: Arc<Liveness>, peers: Vec<(u64
 /// How long after `PEER_DEAD_AFTER` a survivor that is not a group's designated
 /// campaigner wakes it anyway (the designated one may be slow or gone too).
 pub const CAMPAIGN_FALLBACK_AFTER: Duration = Duration::from_millis(2 * PEER_DEAD_AFTER.as_millis() as u64);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peer_silent_past_the_dead_time_is_dead() {
+        let l = Liveness::new();
+        let start = Instant::now();
+        l.clock.lock().unwrap().judged_from = start - 10 * PEER_DEAD_AFTER;
+        assert!(!l.alive(2), "never heard: not alive");
+        l.peers.lock().unwrap().insert(2, Heard { at: start - PEER_DEAD_AFTER - Duration::from_millis(1), epoch: 7 });
+        assert!(!l.alive(2));
+        l.heard(2, 7);
+        assert!(l.alive(2));
+    }
+
+    #[test]
+    fn a_local_stall_gives_every_peer_a_fresh_grace_period() {
+        let l = Liveness::new();
+        let base = Instant::now();
+        l.clock.lock().unwrap().judged_from = base - 10 * PEER_DEAD_AFTER;
+        // Heard long ago; this node's ticks were regular until now: dead.
+        l.peers.lock().unwrap().insert(2, Heard { at: base - 2 * PEER_DEAD_AFTER, epoch: 7 });
+        assert!(!l.local_tick(base));
+        assert!(!l.alive(2));
+        // This node did not tick for longer than LOCAL_STALL_AFTER (paused, starved):
+        // the silence it saw says nothing about the peer.
+        let resumed = base + LOCAL_STALL_AFTER + Duration::from_millis(50);
+        assert!(l.local_tick(resumed), "the gap is a stall");
+        assert!(l.alive(2), "judged from the end of the stall, not from the last beat");
+        // Regular ticks afterwards change nothing; the peer is dead again once it stays
+        // silent for PEER_DEAD_AFTER after the stall (checked against the stored bound).
+        assert!(!l.local_tick(resumed + PEER_BEAT_INTERVAL));
+        assert_eq!(l.clock.lock().unwrap().judged_from, resumed);
+    }
+}

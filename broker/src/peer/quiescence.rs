@@ -20,9 +20,19 @@
 //! - `peer_returned`: a replica's node came back (it may have missed the group's leader);
 //! - `asked`: a peer asked (its replica of the group stopped);
 //! - `transfer`: leadership is being handed off.
+//!
+//! **Listening followers.** An awake follower that hears its leader needs no ticker
+//! either: its ticks only time an election, and an election is due only once the
+//! leader went quiet. So a follower whose last accepted AppendEntries (heartbeat or
+//! entries: [`Sleep::contact`]) is recent stops ticking ([`Sleep::listen`]), and starts
+//! again as soon as that contact grows stale ([`Sleep::unlisten`]) — openraft then
+//! times the election from the same last contact as always. `crate::node::listening`
+//! decides; this saves two thirds of an awake group's tick wakeups (a wakeup every
+//! `heartbeat/5` per replica).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use super::server::GroupRaft;
@@ -73,6 +83,8 @@ struct Inner {
     /// Set when a quiesced leader woke: reads and writes wait for a quorum
     /// acknowledgement sent after this instant.
     confirm_after: Option<Instant>,
+    /// Whether the ticker is off because this awake follower hears its leader.
+    listening: bool,
 }
 
 /// One group's quiescence state on this node.
@@ -82,11 +94,27 @@ pub struct Sleep {
     /// Whether `inner.quiet` is set, readable without the lock (scans over thousands
     /// of groups).
     parked: AtomicBool,
+    /// `inner.listening`, readable without the lock.
+    listening: AtomicBool,
+    /// When this replica last accepted an AppendEntries: microseconds since
+    /// [`clock_base`] (0: never).
+    contact_us: AtomicU64,
+}
+
+/// The base of [`Sleep::contact`]'s clock.
+fn clock_base() -> Instant {
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    *BASE.get_or_init(Instant::now)
 }
 
 impl Default for Sleep {
     fn default() -> Self {
-        Sleep { inner: Mutex::new(Inner { quiet: None, uses: 0, last_use: Instant::now(), confirm_after: None }), parked: AtomicBool::new(false) }
+        Sleep {
+            inner: Mutex::new(Inner { quiet: None, uses: 0, last_use: Instant::now(), confirm_after: None, listening: false }),
+            parked: AtomicBool::new(false),
+            listening: AtomicBool::new(false),
+            contact_us: AtomicU64::new(0),
+        }
     }
 }
 
@@ -111,6 +139,56 @@ impl Sleep {
     fn set_quiet(&self, i: &mut Inner, quiet: Option<Quiet>) {
         i.quiet = quiet;
         self.parked.store(quiet.is_some(), Ordering::Release);
+        // Parking stops the ticker and waking starts it, whatever listening did.
+        self.set_listening(i, false);
+    }
+
+    fn set_listening(&self, i: &mut Inner, listening: bool) {
+        i.listening = listening;
+        self.listening.store(listening, Ordering::Release);
+    }
+
+    /// This replica accepted an AppendEntries (heartbeat or entries) just now.
+    pub fn contact(&self) {
+        let us = clock_base().elapsed().as_micros() as u64;
+        self.contact_us.store(us.max(1), Ordering::Release);
+    }
+
+    /// Time since the last [`Sleep::contact`]; `None` if there was none.
+    pub fn contact_age(&self) -> Option<Duration> {
+        match self.contact_us.load(Ordering::Acquire) {
+            0 => None,
+            us => Some(clock_base().elapsed().saturating_sub(Duration::from_micros(us))),
+        }
+    }
+
+    /// Whether the ticker is off because this follower hears its leader.
+    pub fn is_listening(&self) -> bool {
+        self.listening.load(Ordering::Acquire)
+    }
+
+    /// An awake follower that hears its leader stops ticking. No-op when quiesced or
+    /// already listening.
+    pub fn listen(&self, raft: &GroupRaft) {
+        let mut i = self.lock();
+        if i.quiet.is_some() || i.listening {
+            return;
+        }
+        self.set_listening(&mut i, true);
+        raft.runtime_config().tick(false);
+    }
+
+    /// Its leader's contact grew stale: the follower ticks again (and times an
+    /// election from that last contact). No-op when not listening.
+    pub fn unlisten(&self, raft: &GroupRaft) {
+        let mut i = self.lock();
+        if !i.listening {
+            return;
+        }
+        self.set_listening(&mut i, false);
+        if i.quiet.is_none() {
+            raft.runtime_config().tick(true);
+        }
     }
 
     /// How long since the last use here, and the use count (a quiesce decision passes

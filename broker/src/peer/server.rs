@@ -185,6 +185,9 @@ async fn handle_append(service: &PeerService, caller: Option<u64>, payload: &Byt
             if wakes && answer.is_ok() {
                 hosted.sleep.wake(&hosted.raft, WakeReason::Entries);
             }
+            if matches!(answer, Ok(Ok(_) | Err(openraft::raft::StreamAppendError::Conflict(_)))) {
+                hosted.sleep.contact();
+            }
             RaftReply::AppendPipelined(answer)
         }
     };
@@ -212,6 +215,9 @@ async fn handle_raft(service: &PeerService, payload: &[u8]) -> Result<Bytes, Str
                     let reply = serve_raft(hosted.raft.clone(), RaftRpc::Append(rpc)).await;
                     if wakes && matches!(reply, RaftReply::Append(_)) {
                         hosted.sleep.wake(&hosted.raft, WakeReason::Entries);
+                    }
+                    if matches!(&reply, RaftReply::Append(r) if !matches!(r, openraft::raft::AppendEntriesResponse::HigherVote(_))) {
+                        hosted.sleep.contact();
                     }
                     reply
                 }

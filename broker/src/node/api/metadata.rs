@@ -21,7 +21,11 @@ pub async fn handle(service: Arc<ClientService>, req: Request) -> Result<Bytes, 
             partitions: t
                 .partitions
                 .iter()
-                .map(|p| PartitionInfo { partition: p.partition, replicas: p.replicas.clone(), leader: hosted.get(&p.group).and_then(|h| h.group.leader()) })
+                .map(|p| PartitionInfo {
+                    partition: p.partition,
+                    replicas: p.replicas.clone(),
+                    leader: hosted.get(&p.group).and_then(|h| h.group.leader_hint()),
+                })
                 .collect(),
             config: t.config.clone(),
         })

@@ -386,9 +386,11 @@ impl Partition {
             let notified = self.progress.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if (stamp.is_some() || !ids.is_empty()) && self.clock_is_stale() {
+            if (stamp.is_some() || !ids.is_empty()) && self.clock_is_stale() && self.clock_advance_expires() {
                 // Ids and producers that expired while the partition was idle must be
-                // gone before this batch is judged: advance the clock first.
+                // gone before this batch is judged: advance the clock first. (When the
+                // advance expires nothing, the tick `prepare` proposes ahead of the batch
+                // changes nothing the batch is judged on, and it need not wait.)
                 if w.clock_refresh.is_none() {
                     let entry = self.control_entry(&mut w, ControlCommand::Tick);
                     let (id, _) = self.propose(&mut w, term, EntryData::control(&entry), None, Vec::new(), 0).await?;
@@ -567,6 +569,12 @@ impl Partition {
     /// `CLOCK_STALE_MS` (no control entry applied lately: the partition was idle).
     fn clock_is_stale(&self) -> bool {
         now_ms().saturating_sub(self.group.shared.state().clock_ms) > CLOCK_STALE_MS
+    }
+
+    /// Whether moving the partition clock to now — and on for as long as a clock may
+    /// lag before it counts as stale — would expire an id or a producer.
+    fn clock_advance_expires(&self) -> bool {
+        self.group.shared.state().clock_advance_expires(now_ms().saturating_add(CLOCK_STALE_MS))
     }
 
     /// A control entry stamped with this leader's time, never below the partition clock
