@@ -185,7 +185,11 @@ fn describe() {
     describe_counter!(OFFSET_STAMPS, Unit::Count, "Batches whose base offset the log store wrote: already held, in place, or on a copy.");
     describe_gauge!(GROUPS_QUIESCED, Unit::Count, "Partition groups whose Raft is parked on this node (no ticks, no heartbeats).");
     describe_gauge!(GROUPS_AWAKE, Unit::Count, "Partition groups hosted on this node that are not quiesced (listening followers included).");
-    describe_gauge!(GROUPS_LISTENING, Unit::Count, "Awake partition-group followers on this node that hear their leader and so do not tick.");
+    describe_gauge!(
+        GROUPS_TICKLESS,
+        Unit::Count,
+        "Awake partition groups on this node whose Raft does not tick: leaders heartbeated by the node, followers that hear their leader."
+    );
     describe_counter!(GROUP_WAKES, Unit::Count, "Quiesced groups woken on this node, by reason.");
     describe_counter!(QUIESCE_REQUESTS, Unit::Count, "Groups this node asked a follower to quiesce, by outcome.");
     describe_counter!(PRE_VOTES_VETOED, Unit::Count, "Pre-votes refused for quiesced groups.");
@@ -195,7 +199,7 @@ fn describe() {
 
 pub const GROUPS_QUIESCED: &str = "keel_groups_quiesced";
 pub const GROUPS_AWAKE: &str = "keel_groups_awake";
-pub const GROUPS_LISTENING: &str = "keel_groups_listening";
+pub const GROUPS_TICKLESS: &str = "keel_groups_tickless";
 pub const GROUP_WAKES: &str = "keel_group_wakes_total";
 pub const QUIESCE_REQUESTS: &str = "keel_quiesce_requests_total";
 pub const PRE_VOTES_VETOED: &str = "keel_pre_votes_vetoed_total";
@@ -213,8 +217,8 @@ pub fn groups_quiescence(quiesced: usize, awake: usize) {
     gauge!(GROUPS_AWAKE).set(awake as f64);
 }
 
-pub fn groups_listening(listening: usize) {
-    gauge!(GROUPS_LISTENING).set(listening as f64);
+pub fn groups_tickless(tickless: usize) {
+    gauge!(GROUPS_TICKLESS).set(tickless as f64);
 }
 
 /// Outcomes of quiesce asks to one follower.

@@ -74,10 +74,6 @@ impl GroupHandle {
         matches!(metrics.changed().now_or_never(), Some(Err(_))).then(|| "its Raft core ended without reporting why".to_string())
     }
 
-    /// The leader, if there is one that can make progress: as seen by a follower, or —
-    /// when this node leads — only while a quorum has acknowledged it within the lease
-    /// (a leader cut off from its quorum keeps calling itself leader until it learns of
-    /// a higher term).
     /// Readies this node's replica for a write or read: records the use (a group in use
     /// does not quiesce) and, if the group was quiesced with this node leading, wakes it
     /// and waits (until `until`) for a quorum to acknowledge this leader after the wake
@@ -101,6 +97,10 @@ impl GroupHandle {
         self.working_leader().or_else(|| self.sleep.quiet().map(|q| q.leader))
     }
 
+    /// The leader, if there is one that can make progress: as seen by a follower, or —
+    /// when this node leads — only while a quorum has acknowledged it within the lease
+    /// (a leader cut off from its quorum keeps calling itself leader until it learns of
+    /// a higher term).
     pub fn working_leader(&self) -> Option<u64> {
         use openraft::async_runtime::watch::WatchReceiver;
         let m = self.raft.metrics().borrow_watched().clone();

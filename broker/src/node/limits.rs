@@ -155,7 +155,7 @@ pub const GROUP_REOPEN_FREE_BYTES_MIN: u64 = 16 * 1024 * 1024;
 pub const GROUP_REOPEN_BACKOFF: Duration = Duration::from_secs(10);
 
 /// An awake follower whose last contact with its leader is younger than this many
-/// heartbeats stops ticking (`super::listening`).
+/// heartbeats stops ticking (`super::ticks`).
 pub const LISTEN_FRESH_HEARTBEATS: u32 = 2;
 /// A listening follower whose last contact is this many heartbeats old ticks again
 /// (and so times its election from that contact, as it always does).

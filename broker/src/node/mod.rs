@@ -26,12 +26,12 @@ pub mod group;
 pub mod internal_client;
 pub mod jobs;
 pub mod limits;
-pub mod listening;
 pub mod partition;
 pub mod quiesce;
 pub mod reconcile;
 pub mod rejoin;
 pub mod retention;
+pub mod ticks;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -154,7 +154,7 @@ impl Node {
         let peers = rejoin::other_peers(&config.cluster.members, None, me.id);
         tasks.extend(crate::peer::liveness::spawn_beats(ctx.pool.clone(), liveness.clone(), peers.clone()));
         let quiesce_after = (raft.quiesce_after_ms > 0).then(|| std::time::Duration::from_millis(raft.quiesce_after_ms));
-        tasks.push(tokio::spawn(listening::run(hosted.clone(), std::time::Duration::from_millis(raft.heartbeat_ms))));
+        tasks.push(tokio::spawn(ticks::run(hosted.clone(), std::time::Duration::from_millis(raft.heartbeat_ms))));
         tasks.push(tokio::spawn(quiesce::run(quiesce::Driver {
             node_id: me.id,
             hosted: hosted.clone(),

@@ -21,14 +21,11 @@
 //! - `asked`: a peer asked (its replica of the group stopped);
 //! - `transfer`: leadership is being handed off.
 //!
-//! **Listening followers.** An awake follower that hears its leader needs no ticker
-//! either: its ticks only time an election, and an election is due only once the
-//! leader went quiet. So a follower whose last accepted AppendEntries (heartbeat or
-//! entries: [`Sleep::contact`]) is recent stops ticking ([`Sleep::listen`]), and starts
-//! again as soon as that contact grows stale ([`Sleep::unlisten`]) — openraft then
-//! times the election from the same last contact as always. `crate::node::listening`
-//! decides; this saves two thirds of an awake group's tick wakeups (a wakeup every
-//! `heartbeat/5` per replica).
+//! **Awake groups tick less.** `crate::node::ticks` stops the ticker of an awake
+//! leader (it heartbeats it from a node-wide loop instead) and of an awake follower
+//! whose last accepted AppendEntries ([`Sleep::contact`]) is recent ([`Sleep::listen`]),
+//! and starts a follower's again as soon as that contact grows stale
+//! ([`Sleep::unlisten`]).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -83,7 +80,8 @@ struct Inner {
     /// Set when a quiesced leader woke: reads and writes wait for a quorum
     /// acknowledgement sent after this instant.
     confirm_after: Option<Instant>,
-    /// Whether the ticker is off because this awake follower hears its leader.
+    /// Whether the ticker is off because this awake replica is driven by the node
+    /// (a leader heartbeated from there, a follower that hears its leader).
     listening: bool,
 }
 
@@ -162,13 +160,13 @@ impl Sleep {
         }
     }
 
-    /// Whether the ticker is off because this follower hears its leader.
+    /// Whether the ticker is off because the node drives this awake replica.
     pub fn is_listening(&self) -> bool {
         self.listening.load(Ordering::Acquire)
     }
 
-    /// An awake follower that hears its leader stops ticking. No-op when quiesced or
-    /// already listening.
+    /// An awake replica the node drives stops ticking (a leader heartbeated by the node,
+    /// a follower that hears its leader). No-op when quiesced or already listening.
     pub fn listen(&self, raft: &GroupRaft) {
         let mut i = self.lock();
         if i.quiet.is_some() || i.listening {
@@ -178,7 +176,7 @@ impl Sleep {
         raft.runtime_config().tick(false);
     }
 
-    /// Its leader's contact grew stale: the follower ticks again (and times an
+    /// The replica ticks again (a follower whose leader's contact grew stale times an
     /// election from that last contact). No-op when not listening.
     pub fn unlisten(&self, raft: &GroupRaft) {
         let mut i = self.lock();
