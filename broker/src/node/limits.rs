@@ -161,6 +161,10 @@ pub const LISTEN_FRESH_HEARTBEATS: u32 = 2;
 /// (and so times its election from that contact, as it always does).
 pub const LISTEN_STALE_HEARTBEATS: u32 = 3;
 
+/// How often `super::ticks` lists the awake groups among all hosted ones (between
+/// lists it drives only those).
+pub const TICKS_LIST_INTERVAL: Duration = Duration::from_millis(500);
+
 /// How often the quiesce driver checks peers' liveness and deferred wakes
 /// (`super::quiesce`): a lost leader's groups wake within this of `PEER_DEAD_AFTER`.
 pub const QUIESCE_SCAN_INTERVAL: Duration = Duration::from_millis(100);

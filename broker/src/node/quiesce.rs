@@ -90,8 +90,12 @@ pub async fn run(driver: Driver) {
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         every.tick().await;
-        let partitions: Vec<Arc<Partition>> = driver.hosted.read().expect("hosted lock poisoned").values().cloned().collect();
         let (lost, returned) = peer_changes(&driver, &mut views);
+        if lost.is_empty() && returned.is_empty() && deferred.is_empty() && last_round.elapsed() < QUIESCE_ROUND_INTERVAL {
+            // Nothing to do this scan: the partitions are not even listed.
+            continue;
+        }
+        let partitions: Vec<Arc<Partition>> = driver.hosted.read().expect("hosted lock poisoned").values().cloned().collect();
         for &node in &lost {
             tracing::info!(node, "peer node lost (no beat, or restarted): waking the quiesced groups it led");
             crate::metrics::peer_lost();

@@ -101,8 +101,14 @@ pub async fn run(hosted: HostedPartitions, metadata: GroupHandle, metadata_log: 
     let mut seen: std::collections::HashMap<u64, (u64, tokio::time::Instant)> = std::collections::HashMap::new();
     metadata.log.set_segment_bytes(metadata_log.segment_bytes);
     let mut metadata_seen = None;
+    // Quiesced groups are looked at only in a sweep every `RETENTION_IDLE_CHECK_INTERVAL`.
+    let mut idle_sweep: Option<tokio::time::Instant> = None;
     loop {
         tick.tick().await;
+        let sweep = idle_sweep.is_none_or(|t| t.elapsed() >= RETENTION_IDLE_CHECK_INTERVAL);
+        if sweep {
+            idle_sweep = Some(tokio::time::Instant::now());
+        }
         let next_index = metadata.log.state().next_index;
         if metadata_seen != Some(next_index) || purge_pending(&metadata) {
             metadata_seen = Some(next_index);
@@ -111,19 +117,27 @@ pub async fn run(hosted: HostedPartitions, metadata: GroupHandle, metadata_log: 
                 metadata_seen = None;
             }
         }
-        let partitions: Vec<Arc<Partition>> = hosted.read().expect("hosted lock poisoned").values().cloned().collect();
-        seen.retain(|g, _| partitions.iter().any(|p| p.group.id == *g));
-        for p in partitions {
-            let due = match seen.get(&p.group.id) {
-                None => true,
-                // A quiesced group takes no writes and applies nothing (a cut applied
-                // before it quiesced was seen then): only age retention can be due.
-                Some((_, at)) if p.group.sleep.is_quiet() => at.elapsed() >= RETENTION_IDLE_CHECK_INTERVAL,
-                Some((n, at)) => *n != p.group.log.state().next_index || purge_pending(&p.group) || at.elapsed() >= RETENTION_IDLE_CHECK_INTERVAL,
-            };
-            if !due {
-                continue;
+        // Judged under the read lock, without cloning every partition each round (a
+        // node may host thousands, mostly quiesced): only the due ones are taken out.
+        let due: Vec<Arc<Partition>> = {
+            let hosted = hosted.read().expect("hosted lock poisoned");
+            if seen.len() > hosted.len() {
+                seen.retain(|g, _| hosted.contains_key(g));
             }
+            hosted
+                .values()
+                .filter(|p| sweep || !p.group.sleep.is_quiet())
+                .filter(|p| match seen.get(&p.group.id) {
+                    None => true,
+                    // A quiesced group takes no writes and applies nothing (a cut applied
+                    // before it quiesced was seen then): only age retention can be due.
+                    Some((_, at)) if p.group.sleep.is_quiet() => at.elapsed() >= RETENTION_IDLE_CHECK_INTERVAL,
+                    Some((n, at)) => *n != p.group.log.state().next_index || purge_pending(&p.group) || at.elapsed() >= RETENTION_IDLE_CHECK_INTERVAL,
+                })
+                .cloned()
+                .collect()
+        };
+        for p in due {
             let next_index = p.group.log.state().next_index;
             seen.insert(p.group.id, (next_index, tokio::time::Instant::now()));
             if let Err(e) = step(&p).await {

@@ -16,6 +16,8 @@
 //!   the timeout is at its minimum of `3 × heartbeat`);
 //! - anything else (a candidate, a follower without a leader) ticks.
 //!
+//! The awake groups are listed from all hosted ones every `TICKS_LIST_INTERVAL`: a
+//! group woken meanwhile ticks on its own until then, as it did before this existed.
 //! Quiesced groups are the quiesce driver's (`super::quiesce`); the metadata group is
 //! not a partition and ticks on its own.
 //!
@@ -24,11 +26,11 @@
 //! here, both as openraft's ticker would.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use openraft::async_runtime::watch::WatchReceiver;
 
-use super::limits::{LISTEN_FRESH_HEARTBEATS, LISTEN_STALE_HEARTBEATS};
+use super::limits::{LISTEN_FRESH_HEARTBEATS, LISTEN_STALE_HEARTBEATS, TICKS_LIST_INTERVAL};
 use super::partition::Partition;
 use super::reconcile::HostedPartitions;
 
@@ -50,21 +52,31 @@ pub async fn run(hosted: HostedPartitions, heartbeat: Duration) {
     let (fresh, stale) = (heartbeat * LISTEN_FRESH_HEARTBEATS, heartbeat * LISTEN_STALE_HEARTBEATS);
     let mut every = tokio::time::interval(heartbeat);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The awake groups, listed from all hosted ones every `TICKS_LIST_INTERVAL` (most
+    // of thousands are quiesced; one woken meanwhile ticks on its own until listed).
+    let mut awake: Vec<Arc<Partition>> = Vec::new();
+    let mut listed: Option<Instant> = None;
     loop {
         every.tick().await;
-        let partitions: Vec<Arc<Partition>> = hosted.read().expect("hosted lock poisoned").values().cloned().collect();
+        if listed.is_none_or(|t| t.elapsed() >= TICKS_LIST_INTERVAL) {
+            awake = hosted.read().expect("hosted lock poisoned").values().filter(|p| !p.group.sleep.is_quiet()).cloned().collect();
+            listed = Some(Instant::now());
+        }
         let mut leaders = Vec::new();
         let mut tickless = 0;
-        for p in &partitions {
-            match decide(p, fresh, stale) {
-                Drive::Lead => {
-                    tickless += 1;
-                    leaders.push(p.group.raft.clone());
-                }
-                Drive::Listen => tickless += 1,
-                Drive::Quiet | Drive::Tick => {}
+        awake.retain(|p| match decide(p, fresh, stale) {
+            Drive::Lead => {
+                tickless += 1;
+                leaders.push(p.group.raft.clone());
+                true
             }
-        }
+            Drive::Listen => {
+                tickless += 1;
+                true
+            }
+            Drive::Tick => true,
+            Drive::Quiet => false,
+        });
         crate::metrics::groups_tickless(tickless);
         // Every request is sent on the first poll; a slow core does not hold back the
         // next round (its answer is just not waited for).
