@@ -184,7 +184,7 @@ fn describe() {
     describe_gauge!(APPEND_STREAMS_OPEN, Unit::Count, "Replication streams this node holds open as follower (one per group and leader at most).");
     describe_counter!(OFFSET_STAMPS, Unit::Count, "Batches whose base offset the log store wrote: already held, in place, or on a copy.");
     describe_gauge!(GROUPS_QUIESCED, Unit::Count, "Partition groups whose Raft is parked on this node (no ticks, no heartbeats).");
-    describe_gauge!(GROUPS_AWAKE, Unit::Count, "Partition groups hosted on this node that are not quiesced (listening followers included).");
+    describe_gauge!(GROUPS_AWAKE, Unit::Count, "Partition groups hosted on this node that are not quiesced (tickless ones included: keel_groups_tickless).");
     describe_gauge!(
         GROUPS_TICKLESS,
         Unit::Count,
