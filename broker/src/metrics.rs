@@ -190,6 +190,11 @@ fn describe() {
         Unit::Count,
         "Awake partition groups on this node whose Raft does not tick: leaders heartbeated by the node, followers that hear their leader."
     );
+    describe_counter!(
+        LEADER_HEARTBEATS,
+        Unit::Count,
+        "Heartbeat rounds of awake leaders on this node, by outcome: sent, or skipped because every follower answered a replication request within the heartbeat."
+    );
     describe_counter!(GROUP_WAKES, Unit::Count, "Quiesced groups woken on this node, by reason.");
     describe_counter!(QUIESCE_REQUESTS, Unit::Count, "Groups this node asked a follower to quiesce, by outcome.");
     describe_counter!(PRE_VOTES_VETOED, Unit::Count, "Pre-votes refused for quiesced groups.");
@@ -201,6 +206,7 @@ pub const GROUPS_QUIESCED: &str = "keel_groups_quiesced";
 pub const GROUPS_AWAKE: &str = "keel_groups_awake";
 pub const GROUPS_TICKLESS: &str = "keel_groups_tickless";
 pub const GROUP_WAKES: &str = "keel_group_wakes_total";
+pub const LEADER_HEARTBEATS: &str = "keel_leader_heartbeats_total";
 pub const QUIESCE_REQUESTS: &str = "keel_quiesce_requests_total";
 pub const PRE_VOTES_VETOED: &str = "keel_pre_votes_vetoed_total";
 pub const PEERS_LOST: &str = "keel_peers_lost_total";
@@ -219,6 +225,12 @@ pub fn groups_quiescence(quiesced: usize, awake: usize) {
 
 pub fn groups_tickless(tickless: usize) {
     gauge!(GROUPS_TICKLESS).set(tickless as f64);
+}
+
+/// One heartbeat scan of the awake leaders: `sent` heartbeated, `skipped` replicating.
+pub fn leader_heartbeats(sent: u64, skipped: u64) {
+    counter!(LEADER_HEARTBEATS, "outcome" => "sent").increment(sent);
+    counter!(LEADER_HEARTBEATS, "outcome" => "skipped").increment(skipped);
 }
 
 /// Outcomes of quiesce asks to one follower.

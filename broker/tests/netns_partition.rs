@@ -18,12 +18,16 @@ use std::time::{Duration, Instant};
 use keel_jepsen::topology::Topology;
 
 const CLIENT_PORT: u16 = 9092;
+/// How much of each node's log a failing run prints.
+const LOG_TAIL_LINES: usize = 80;
 
 /// The namespaces (`keel_jepsen::topology`) and the node processes of one run; the
 /// processes are killed before the namespaces are removed (also on failure).
 struct Run {
     nodes: Vec<Child>,
     topology: Topology,
+    /// The nodes' log files, printed (their tails) when the test fails.
+    logs: Vec<PathBuf>,
 }
 
 impl Run {
@@ -42,6 +46,14 @@ impl Drop for Run {
         for n in &mut self.nodes {
             let _ = n.kill();
             let _ = n.wait();
+        }
+        if std::thread::panicking() {
+            for (i, path) in self.logs.iter().enumerate() {
+                let text = std::fs::read_to_string(path).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                let tail = &lines[lines.len().saturating_sub(LOG_TAIL_LINES)..];
+                eprintln!("--- node {} log, last {} lines ---\n{}", i + 1, tail.len(), tail.join("\n"));
+            }
         }
     }
 }
@@ -111,11 +123,15 @@ fn a_leader_cut_off_by_a_real_network_partition_acknowledges_nothing() {
             return;
         }
     };
-    let mut t = Run { nodes: Vec::new(), topology };
+    // Made before the run so that it is removed after it: a failing run prints the
+    // nodes' logs from its drop.
     let dir = tempfile::tempdir().unwrap();
+    let mut t = Run { nodes: Vec::new(), topology, logs: Vec::new() };
     let cfg = config(dir.path());
     for i in 1..=3u32 {
-        let log = std::fs::File::create(dir.path().join(format!("node{i}.log"))).unwrap();
+        let log_path = dir.path().join(format!("node{i}.log"));
+        let log = std::fs::File::create(&log_path).unwrap();
+        t.logs.push(log_path);
         let child = t
             .topology
             .command(i, Path::new(env!("CARGO_BIN_EXE_keel")))

@@ -188,3 +188,13 @@ pub const CAMPAIGN_ATTEMPTS_MAX: u32 = 20;
 /// Campaign attempts (pre-vote rounds) one node has in flight at once: a node that lost
 /// a peer leading hundreds of groups spreads their elections instead of stampeding.
 pub const CAMPAIGNS_IN_FLIGHT_MAX: usize = 64;
+
+/// glibc malloc's mmap threshold on a serving node (`super::malloc`): allocations
+/// below it come from the heap and are reused after being freed. 32 MiB is the largest
+/// glibc accepts on 64-bit; larger blocks (none on the data path: frames are at most
+/// `FRAME_BODY_SIZE_MAX`, 16 MiB) are still mapped and unmapped one by one.
+pub const MALLOC_MMAP_THRESHOLD_BYTES: usize = 32 * 1024 * 1024;
+/// Free memory at the top of glibc's main heap above which it is returned to the
+/// kernel (`super::malloc`). The per-thread arenas (64 MiB heaps) stay below it, so
+/// their freed memory is kept for reuse: resident memory stays at its peak.
+pub const MALLOC_TRIM_THRESHOLD_BYTES: usize = 256 * 1024 * 1024;

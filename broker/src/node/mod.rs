@@ -26,6 +26,7 @@ pub mod group;
 pub mod internal_client;
 pub mod jobs;
 pub mod limits;
+pub mod malloc;
 pub mod partition;
 pub mod quiesce;
 pub mod reconcile;

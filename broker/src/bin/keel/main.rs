@@ -123,6 +123,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Serve(args) => {
             init_logs(args.log_format);
+            keel_broker::node::malloc::tune();
             serve::run(args)
         }
         Command::Dev(args) => dev::run(args),
