@@ -23,6 +23,8 @@ fn produce_kill_a_node_then_consume_returns_every_value_once() {
     let bootstrap = std::fs::read_to_string(dir.path().join("bootstrap")).unwrap();
 
     run_ok(keel(&bootstrap).args(["topic", "create", "t", "--partitions", "3", "--replicas", "3"]));
+    // Enough partitions beside it for `keel cluster status` to summarise.
+    run_ok(keel(&bootstrap).args(["topic", "create", "wide", "--partitions", "60", "--replicas", "3"]));
     let mut produce = keel(&bootstrap).args(["produce", "t"]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     {
         let mut stdin = std::io::BufWriter::new(produce.stdin.take().unwrap());
@@ -47,17 +49,31 @@ fn produce_kill_a_node_then_consume_returns_every_value_once() {
     // each still led by a live node.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let status: serde_json::Value = serde_json::from_str(&run_ok(keel(&bootstrap).args(["cluster", "status", "--json"]))).unwrap();
+        let status: serde_json::Value = serde_json::from_str(&run_ok(keel(&bootstrap).args(["cluster", "status", "--topic", "t", "--json"]))).unwrap();
         let node1_down = status["nodes"].as_array().unwrap().iter().any(|n| n["id"] == 1 && n["up"] == false);
         let parts = status["partitions"].as_array().unwrap();
         let all_led_elsewhere = parts.iter().all(|p| p["leader"].as_u64().is_some_and(|l| l != 1));
         let all_under = parts.iter().all(|p| p["under_replicated"] == true);
         if node1_down && all_led_elsewhere && all_under && parts.len() == 3 {
+            // The per-topic summary agrees with the rows (`--topic` keeps only `t`).
+            let topics = status["topics"].as_array().unwrap();
+            assert_eq!(topics.len(), 1, "{status}");
+            assert_eq!((topics[0]["topic"].as_str(), topics[0]["partitions"].as_u64(), topics[0]["under_replicated"].as_u64()), (Some("t"), Some(3), Some(3)));
+            let led: u64 = topics[0]["led_by"].as_array().unwrap().iter().map(|l| l["partitions"].as_u64().unwrap()).sum();
+            assert_eq!(led, 3, "{status}");
             break;
         }
         assert!(Instant::now() < deadline, "cluster status never showed the failover: {status}");
         std::thread::sleep(Duration::from_millis(200));
     }
+
+    // Over 50 partitions the text output summarises per topic and lists only the
+    // troubled partitions (all 63 are under-replicated with node 1 down: the first 50).
+    let text = run_ok(keel(&bootstrap).args(["cluster", "status"]));
+    assert!(text.contains("TOPIC                 PARTITIONS  NO LEADER  UNDER-REPLICATED"), "{text}");
+    assert!(text.lines().any(|l| l.starts_with("wide ") && l.split_whitespace().nth(1) == Some("60")), "{text}");
+    assert!(text.contains("partitions without a leader or under-replicated: 63 of 63 (the first 50"), "{text}");
+    assert_eq!(text.lines().filter(|l| l.starts_with("t/") || l.starts_with("wide/")).count(), 50, "{text}");
 
     let consumed = run_ok(keel(&bootstrap).args(["consume", "t", "--from", "earliest", "--max", &N.to_string(), "--idle-timeout", "30s"]));
     let mut values: Vec<u32> = consumed.lines().map(|l| l.parse().unwrap()).collect();

@@ -243,15 +243,28 @@ pub fn topic(cmd: TopicCommand, connect: Connect) -> anyhow::Result<()> {
 #[derive(clap::Subcommand)]
 pub enum ClusterCommand {
     /// Nodes, liveness, and per partition: leader, term, commit index, replica lag,
-    /// under-replicated flag.
-    Status,
+    /// under-replicated flag. Over `STATUS_PARTITION_ROWS_MAX` partitions, a summary per
+    /// topic and only the partitions without a leader or under-replicated.
+    Status {
+        /// Only this topic's partitions.
+        #[arg(long)]
+        topic: Option<String>,
+        /// Every partition, however many (the text output summarises large clusters).
+        #[arg(long)]
+        all: bool,
+    },
 }
+
+/// Partitions `keel cluster status` lists one per line before it summarises per topic
+/// instead (then listing only partitions without a leader or under-replicated, up to
+/// this many).
+const STATUS_PARTITION_ROWS_MAX: usize = 50;
 
 /// A replica more than this many log entries behind its leader counts as lagging.
 const UNDER_REPLICATED_LAG_ENTRIES: u64 = 1000;
 
 pub fn cluster(cmd: ClusterCommand, connect: Connect) -> anyhow::Result<()> {
-    let ClusterCommand::Status = cmd;
+    let ClusterCommand::Status { topic, all } = cmd;
     runtime()?.block_on(async move {
         let cluster = connect.cluster()?;
         let admin = Admin::new(cluster.clone());
@@ -267,8 +280,13 @@ pub fn cluster(cmd: ClusterCommand, connect: Connect) -> anyhow::Result<()> {
                 .find(|g| g.role == "leader" && g.topic.as_deref() == Some(group_topic) && g.partition == Some(partition))
                 .cloned()
         };
-        let mut rows = Vec::new();
-        for t in &metadata.topics {
+        if let Some(name) = &topic {
+            if !metadata.topics.iter().any(|t| &t.name == name) {
+                anyhow::bail!("no topic {name:?} in the cluster's metadata; `keel topic list` shows the topics");
+            }
+        }
+        let mut rows: Vec<StatusRow> = Vec::new();
+        for t in metadata.topics.iter().filter(|t| topic.as_ref().is_none_or(|name| &t.name == name)) {
             for p in &t.partitions {
                 let view = leader_view(&t.name, p.partition);
                 let lags: Vec<(u64, Option<u64>)> = p
@@ -302,7 +320,14 @@ pub fn cluster(cmd: ClusterCommand, connect: Connect) -> anyhow::Result<()> {
                         "replica_lag": lags.iter().map(|(r, l)| serde_json::json!({"replica": r, "lag": l})).collect::<Vec<_>>(), "under_replicated": under})
                 })
                 .collect();
-            println!("{}", serde_json::json!({"nodes": nodes, "partitions": parts}));
+            let topics: Vec<_> = summarise(&rows)
+                .iter()
+                .map(|t| {
+                    serde_json::json!({"topic": t.topic, "partitions": t.partitions, "no_leader": t.no_leader, "under_replicated": t.under_replicated,
+                        "led_by": t.led_by.iter().map(|(n, c)| serde_json::json!({"node": n, "partitions": c})).collect::<Vec<_>>()})
+                })
+                .collect();
+            println!("{}", serde_json::json!({"nodes": nodes, "topics": topics, "partitions": parts}));
             return Ok(());
         }
         println!("NODE  ADDRESS              STATE  GROUPS LED/HOSTED");
@@ -316,8 +341,35 @@ pub fn cluster(cmd: ClusterCommand, connect: Connect) -> anyhow::Result<()> {
             }
         }
         println!();
+        let listed: Vec<_> = if all || rows.len() <= STATUS_PARTITION_ROWS_MAX {
+            rows.iter().collect()
+        } else {
+            println!("TOPIC                 PARTITIONS  NO LEADER  UNDER-REPLICATED  LED BY (node:partitions)");
+            for t in summarise(&rows) {
+                let led: Vec<String> = t.led_by.iter().map(|(n, c)| format!("{n}:{c}")).collect();
+                println!("{:<21} {:<11} {:<10} {:<17} {}", t.topic, t.partitions, t.no_leader, t.under_replicated, led.join(" "));
+            }
+            let troubled: Vec<_> = rows.iter().filter(|(.., under)| *under).collect();
+            println!();
+            if troubled.is_empty() {
+                println!("every partition has a leader and is fully replicated ({} partitions; --all lists them, --topic T one topic's)", rows.len());
+                return Ok(());
+            }
+            println!(
+                "partitions without a leader or under-replicated: {} of {}{}",
+                troubled.len(),
+                rows.len(),
+                if troubled.len() > STATUS_PARTITION_ROWS_MAX {
+                    format!(" (the first {STATUS_PARTITION_ROWS_MAX}; --all lists every partition)")
+                } else {
+                    String::new()
+                }
+            );
+            troubled.into_iter().take(STATUS_PARTITION_ROWS_MAX).collect()
+        };
         println!("TOPIC/PARTITION       LEADER  TERM  COMMIT  HW        REPLICA LAG (entries)        UNDER-REPLICATED");
-        for (t, p, v, lags, under) in rows {
+        for (t, p, v, lags, under) in listed {
+            let under = *under;
             let lag_text: Vec<String> = lags.iter().map(|(r, l)| format!("{r}:{}", l.map_or("?".to_string(), |l| l.to_string()))).collect();
             let (leader, term, commit, hw) = match &v {
                 Some(v) => (
@@ -341,6 +393,45 @@ pub fn cluster(cmd: ClusterCommand, connect: Connect) -> anyhow::Result<()> {
         }
         Ok(())
     })
+}
+
+/// One partition in `keel cluster status`: topic, partition, its leader's report (if a
+/// live node leads it), each replica's lag, under-replicated.
+type StatusRow = (String, u32, Option<keel_protocol::message::GroupStatus>, Vec<(u64, Option<u64>)>, bool);
+
+/// One topic's line of the `keel cluster status` summary.
+struct TopicSummary {
+    topic: String,
+    partitions: usize,
+    no_leader: usize,
+    under_replicated: usize,
+    /// Partitions led, per node, in node order.
+    led_by: Vec<(u64, usize)>,
+}
+
+/// Per topic, in the order the rows list them: partition count, partitions without a
+/// leader, under-replicated ones, and leaders per node.
+fn summarise(rows: &[StatusRow]) -> Vec<TopicSummary> {
+    let mut out: Vec<TopicSummary> = Vec::new();
+    for (topic, _, view, _, under) in rows {
+        if out.last().is_none_or(|t| &t.topic != topic) {
+            out.push(TopicSummary { topic: topic.clone(), partitions: 0, no_leader: 0, under_replicated: 0, led_by: Vec::new() });
+        }
+        let t = out.last_mut().expect("pushed above");
+        t.partitions += 1;
+        t.under_replicated += usize::from(*under);
+        match view.as_ref().and_then(|v| v.leader) {
+            None => t.no_leader += 1,
+            Some(l) => match t.led_by.iter_mut().find(|(n, _)| *n == l) {
+                Some((_, c)) => *c += 1,
+                None => {
+                    t.led_by.push((l, 1));
+                    t.led_by.sort_unstable();
+                }
+            },
+        }
+    }
+    out
 }
 
 #[derive(clap::Args)]
