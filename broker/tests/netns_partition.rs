@@ -18,8 +18,11 @@ use std::time::{Duration, Instant};
 use keel_jepsen::topology::Topology;
 
 const CLIENT_PORT: u16 = 9092;
-/// How much of each node's log a failing run prints.
-const LOG_TAIL_LINES: usize = 80;
+/// How much of each node's log a failing run prints: its start and its end.
+const LOG_HEAD_LINES: usize = 150;
+const LOG_TAIL_LINES: usize = 60;
+/// Log lines left out of that print (repeated while a peer is cut off).
+const LOG_NOISE: [&str; 4] = ["failed to send a heartbeat", "election timeout expired", "load membership from log", "load key log ids"];
 
 /// The namespaces (`keel_jepsen::topology`) and the node processes of one run; the
 /// processes are killed before the namespaces are removed (also on failure).
@@ -50,9 +53,20 @@ impl Drop for Run {
         if std::thread::panicking() {
             for (i, path) in self.logs.iter().enumerate() {
                 let text = std::fs::read_to_string(path).unwrap_or_default();
-                let lines: Vec<&str> = text.lines().collect();
-                let tail = &lines[lines.len().saturating_sub(LOG_TAIL_LINES)..];
-                eprintln!("--- node {} log, last {} lines ---\n{}", i + 1, tail.len(), tail.join("\n"));
+                // Without the lines every unreachable peer repeats.
+                let lines: Vec<&str> = text.lines().filter(|l| !LOG_NOISE.iter().any(|n| l.contains(n))).collect();
+                if lines.len() <= LOG_HEAD_LINES + LOG_TAIL_LINES {
+                    eprintln!("--- node {} log ({} lines) ---\n{}", i + 1, lines.len(), lines.join("\n"));
+                } else {
+                    let (head, tail) = (&lines[..LOG_HEAD_LINES], &lines[lines.len() - LOG_TAIL_LINES..]);
+                    eprintln!(
+                        "--- node {} log, first {LOG_HEAD_LINES} and last {LOG_TAIL_LINES} of {} lines ---\n{}\n[...]\n{}",
+                        i + 1,
+                        lines.len(),
+                        head.join("\n"),
+                        tail.join("\n")
+                    );
+                }
             }
         }
     }

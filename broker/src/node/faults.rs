@@ -45,3 +45,15 @@ impl NodeFaults {
         self.drop_produce_answers.store(count, Ordering::Release);
     }
 }
+
+/// Test-only (`fault-injection` builds): `KEEL_TEST_METADATA_OPEN_DELAY_MS` holds a
+/// starting node back this long after its peer listener answers and before it opens
+/// its metadata group — a node slow to start while the others form the cluster
+/// (`tests/late_node.rs`).
+pub async fn metadata_open_delay() {
+    #[cfg(feature = "fault-injection")]
+    if let Some(ms) = std::env::var("KEEL_TEST_METADATA_OPEN_DELAY_MS").ok().and_then(|v| v.parse::<u64>().ok()) {
+        tracing::warn!(ms, "KEEL_TEST_METADATA_OPEN_DELAY_MS: opening the metadata group late");
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+    }
+}

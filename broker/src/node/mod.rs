@@ -133,6 +133,7 @@ impl Node {
         // A node with no metadata state asks its peers whether the cluster already
         // exists (its data may have been wiped) before it starts the metadata group.
         let peers = rejoin::other_peers(&config.cluster.members, None, me.id);
+        faults::metadata_open_delay().await;
         let (metadata_group, recovery) = open_group(&ctx, METADATA_GROUP, Peers { replicas: peers, probe_if_empty: true }).await.map_err(NodeError::Start)?;
         let refill_horizon = rejoin::read_horizon(&*disk, &config.node.data_dir).map_err(NodeError::Start)?;
         let lowest = config.cluster.members.iter().map(|m| m.id).min().expect("validate checks members is non-empty");
