@@ -149,6 +149,9 @@ fn a_leader_cut_off_by_a_real_network_partition_acknowledges_nothing() {
         let child = t
             .topology
             .command(i, Path::new(env!("CARGO_BIN_EXE_keel")))
+            // openraft's warnings too (off by default): a failing run's printout
+            // then shows replication errors, not only Keel's own events.
+            .env("RUST_LOG", "info,openraft=warn")
             .args(["serve", "--config"])
             .arg(&cfg)
             .args(["--node-id", &i.to_string(), "--data-dir"])
