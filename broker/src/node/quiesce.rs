@@ -102,6 +102,7 @@ pub async fn run(driver: Driver) {
             leader_lost(&driver, &partitions, node, &mut deferred);
         }
         for &node in &returned {
+            tracing::info!(node, "peer node heard from (first, again, or restarted): waking the quiesced groups this node leads with it");
             for p in partitions.iter().filter(|p| p.replicas.contains(&node)) {
                 if p.group.sleep.quiet().is_some_and(|q| q.leader == driver.node_id) {
                     p.group.sleep.wake(&p.group.raft, WakeReason::PeerReturned);

@@ -147,13 +147,31 @@ pub fn gate_until_caught_up(
     let group = group.clone();
     tokio::spawn(async move {
         let started = Instant::now();
+        let mut logged = Instant::now();
         tracing::info!(group = group_id, target_index, "refilling a group whose local state was lost; not voting until caught up");
         loop {
-            if group.log.state().durable_end > target_index {
+            let durable_end = group.log.state().durable_end;
+            if durable_end > target_index {
                 break;
             }
-            if group.raft.metrics().borrow_watched().running_state.is_err() {
+            let (stopped, leader) = {
+                let m = group.raft.metrics();
+                let m = m.borrow_watched();
+                (m.running_state.is_err(), m.current_leader)
+            };
+            if stopped {
                 return;
+            }
+            if logged.elapsed() >= REJOIN_PROBE_LOG_EVERY {
+                tracing::warn!(
+                    group = group_id,
+                    target_index,
+                    durable_end,
+                    ?leader,
+                    waited_ms = started.elapsed().as_millis() as u64,
+                    "still refilling: the log has not reached the target yet"
+                );
+                logged = Instant::now();
             }
             tokio::time::sleep(REJOIN_CATCH_UP_POLL).await;
         }
