@@ -17,8 +17,12 @@
 //!
 //! **Streams.** A leader opens one stream per (group, follower) replication session;
 //! a new stream id from the same node for the same group replaces the old stream on
-//! the follower (the old stream's pending requests are answered with an error, and
-//! a late request of a replaced stream is refused). Ids come from one counter per
+//! the follower (the old stream's pending requests are answered with an error — those
+//! still waiting for a predecessor too — and a late request of a replaced stream is
+//! refused). A request is never held longer than `PIPELINED_APPEND_TIMEOUT`, after
+//! which its leader has given up on it anyway: one waiting for a predecessor that
+//! never comes (answered "unknown group" before the group opened here) would
+//! otherwise hold its connection's request slot for good. Ids come from one counter per
 //! process, seeded with the clock at start; a follower remembers the last
 //! [`RETIRED_STREAMS_KEPT`] replaced ids, so an id is never taken for a new stream
 //! after it was replaced, whichever way the sender's clock went across a restart.
@@ -153,6 +157,14 @@ impl<T> Sequencer<T> {
         Sequencer { next_seq: 0, early: BTreeMap::new() }
     }
 
+    /// Drops every early arrival (the stream was replaced: their predecessors will not
+    /// come); returns how many there were.
+    fn abandon(&mut self) -> usize {
+        let n = self.early.len();
+        self.early.clear();
+        n
+    }
+
     /// Takes item `seq`; returns the items now ready, in order (none if `seq` is early).
     fn accept(&mut self, seq: u64, item: T) -> Result<Vec<T>, String> {
         if seq < self.next_seq || self.early.contains_key(&seq) {
@@ -210,9 +222,13 @@ impl AppendStreams {
                 }
             }
         }
-        match rx.await {
-            Ok(answer) => answer,
-            Err(_) => Err(format!("append stream {stream} ended before request {seq} was answered (replaced, or an earlier request failed)")),
+        // Bounded: a request whose predecessor never comes (answered "unknown group"
+        // before this group opened here, or lost) would otherwise hold its connection's
+        // request slot for good — the leader gave up on it after the same timeout.
+        match tokio::time::timeout(PIPELINED_APPEND_TIMEOUT, rx).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(_)) => Err(format!("append stream {stream} ended before request {seq} was answered (replaced, or an earlier request failed)")),
+            Err(_) => Err(format!("append stream {stream}: request {seq} not answered within {PIPELINED_APPEND_TIMEOUT:?} (a request before it never came)")),
         }
     }
 
@@ -234,6 +250,9 @@ impl AppendStreams {
         let replaced = streams.by_source.insert(key, opened.clone());
         crate::metrics::append_stream_opened(streams.by_source.len());
         if let Some(old) = replaced {
+            // Its early arrivals will never be released: answer their handlers now (an
+            // error) instead of when they time out, and free the entries they hold.
+            old.order.lock().expect("append stream lock poisoned").sequencer.abandon();
             let retired = streams.retired.entry(key).or_default();
             retired.push_back(old.id);
             if retired.len() > RETIRED_STREAMS_KEPT {
@@ -290,6 +309,21 @@ mod tests {
         let far = 1 + 2 * APPEND_PIPELINE_DEPTH as u64;
         assert!(s.accept(far, 9).unwrap_err().contains("too far ahead"));
         assert_eq!(s.accept(1, 1).unwrap(), vec![1, 2], "the refusals changed nothing");
+    }
+
+    #[test]
+    fn abandoning_a_replaced_stream_answers_the_handlers_waiting_for_a_predecessor() {
+        // Requests 1 and 2 arrived, 0 never will (it was answered "unknown group" before
+        // the group opened): their handlers wait on these receivers.
+        let mut s = Sequencer::new();
+        let (tx1, mut rx1) = oneshot::channel::<()>();
+        let (tx2, mut rx2) = oneshot::channel::<()>();
+        assert!(s.accept(1, tx1).unwrap().is_empty());
+        assert!(s.accept(2, tx2).unwrap().is_empty());
+        assert!(matches!(rx1.try_recv(), Err(oneshot::error::TryRecvError::Empty)), "held while early");
+        assert_eq!(s.abandon(), 2);
+        assert!(matches!(rx1.try_recv(), Err(oneshot::error::TryRecvError::Closed)), "released: the handler answers an error");
+        assert!(matches!(rx2.try_recv(), Err(oneshot::error::TryRecvError::Closed)));
     }
 
     #[test]
