@@ -9,29 +9,12 @@
 
 mod dev_cluster;
 
-use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use dev_cluster::{keel, NodeProcess};
+use dev_cluster::{keel, restart_node_with_env as start};
 
 /// How long node 2 holds back its metadata group.
 const LATE_MS: &str = "3000";
-
-fn start(dir: &Path, base_port: u16, node: u32, env: &[(&str, &str)]) -> NodeProcess {
-    let node_dir = dir.join(format!("node{node}"));
-    let log = std::fs::File::create(dir.join(format!("node{node}.log"))).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_keel"))
-        .envs(env.iter().copied())
-        .args(["serve", "--dev-nodes", "3", "--dev-base-port", &base_port.to_string(), "--node-id", &node.to_string(), "--data-dir"])
-        .arg(&node_dir)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    NodeProcess(child)
-}
 
 /// Waits until `check` passes, or fails the test saying `what`.
 fn eventually(what: &str, within: Duration, mut check: impl FnMut() -> Result<(), String>) {
@@ -51,6 +34,7 @@ fn a_node_that_opens_its_metadata_after_the_cluster_formed_is_refilled_and_votes
     let base_port = dev_cluster::base_port(35_000);
     let addr = |n: u16| format!("127.0.0.1:{}", base_port + n - 1);
     let mut nodes = vec![
+        // Each node's output goes to `dir/node<N>-restarted.log`.
         start(dir.path(), base_port, 1, &[]),
         start(dir.path(), base_port, 2, &[("KEEL_TEST_METADATA_OPEN_DELAY_MS", LATE_MS)]),
         start(dir.path(), base_port, 3, &[]),
@@ -78,7 +62,7 @@ fn a_node_that_opens_its_metadata_after_the_cluster_formed_is_refilled_and_votes
             Err(status.to_string())
         }
     });
-    let log2 = std::fs::read_to_string(dir.path().join("node2.log")).unwrap();
+    let log2 = std::fs::read_to_string(dir.path().join("node2-restarted.log")).unwrap();
     assert!(log2.contains("refilling a group whose local state was lost"), "node 2 went through the refill: {log2}");
 
     // Node 2 votes again: with node 1 gone, nodes 2 and 3 elect leaders and take writes.
