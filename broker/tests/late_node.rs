@@ -9,6 +9,7 @@
 
 mod dev_cluster;
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use dev_cluster::{keel, restart_node_with_env as start};
@@ -16,22 +17,31 @@ use dev_cluster::{keel, restart_node_with_env as start};
 /// How long node 2 holds back its metadata group.
 const LATE_MS: &str = "3000";
 
-/// Waits until `check` passes, or fails the test saying `what`.
-fn eventually(what: &str, within: Duration, mut check: impl FnMut() -> Result<(), String>) {
+/// Waits until `check` passes, or fails the test saying `what`, with the nodes' logs
+/// in `dir`.
+fn eventually(dir: &Path, what: &str, within: Duration, mut check: impl FnMut() -> Result<(), String>) {
     let deadline = Instant::now() + within;
     loop {
         match check() {
             Ok(()) => return,
-            Err(last) => assert!(Instant::now() < deadline, "{what} within {within:?}; last: {last}"),
+            Err(last) if Instant::now() >= deadline => {
+                for node in 1..=3 {
+                    let log = std::fs::read_to_string(dir.join(format!("node{node}-restarted.log"))).unwrap_or_default();
+                    let lines: Vec<&str> = log.lines().collect();
+                    eprintln!("---- node {node} log, last 80 of {} lines ----", lines.len());
+                    lines[lines.len().saturating_sub(80)..].iter().for_each(|l| eprintln!("{l}"));
+                }
+                panic!("{what} within {within:?}; last: {last}");
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
         }
-        std::thread::sleep(Duration::from_millis(200));
     }
 }
 
 #[test]
 fn a_node_that_opens_its_metadata_after_the_cluster_formed_is_refilled_and_votes_again() {
     let dir = tempfile::tempdir().unwrap();
-    let base_port = dev_cluster::base_port(35_000);
+    let base_port = dev_cluster::base_port(19_000);
     let addr = |n: u16| format!("127.0.0.1:{}", base_port + n - 1);
     let mut nodes = vec![
         // Each node's output goes to `dir/node<N>-restarted.log`.
@@ -40,7 +50,7 @@ fn a_node_that_opens_its_metadata_after_the_cluster_formed_is_refilled_and_votes
         start(dir.path(), base_port, 3, &[]),
     ];
     // The topic is created through node 1 while node 2 has not opened its metadata.
-    eventually("nodes 1 and 3 accepted a topic", Duration::from_secs(30), || {
+    eventually(dir.path(), "nodes 1 and 3 accepted a topic", Duration::from_secs(30), || {
         let out = keel(&addr(1)).args(["topic", "create", "t", "--partitions", "3", "--replicas", "3"]).output().unwrap();
         if out.status.success() {
             Ok(())
@@ -51,7 +61,7 @@ fn a_node_that_opens_its_metadata_after_the_cluster_formed_is_refilled_and_votes
 
     // Node 2's own metadata answer lists the topic, and node 2 reports hosting its
     // three partitions.
-    eventually("node 2 held the topic's metadata and hosted its partitions", Duration::from_secs(30), || {
+    eventually(dir.path(), "node 2 held the topic's metadata and hosted its partitions", Duration::from_secs(30), || {
         let out = keel(&addr(2)).args(["cluster", "status", "--topic", "t", "--json"]).output().unwrap();
         let status: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|_| String::from_utf8_lossy(&out.stderr).into_owned())?;
         let parts = status["partitions"].as_array().ok_or("no partitions")?;
@@ -67,7 +77,7 @@ fn a_node_that_opens_its_metadata_after_the_cluster_formed_is_refilled_and_votes
 
     // Node 2 votes again: with node 1 gone, nodes 2 and 3 elect leaders and take writes.
     drop(nodes.remove(0));
-    eventually("nodes 2 and 3 acknowledged a write without node 1", Duration::from_secs(30), || {
+    eventually(dir.path(), "nodes 2 and 3 acknowledged a write without node 1", Duration::from_secs(30), || {
         let out = keel(&format!("{},{}", addr(2), addr(3))).args(["produce", "t", "--timeout", "5s", "after-node-1"]).output().unwrap();
         if out.status.success() {
             Ok(())

@@ -54,7 +54,7 @@ async fn wait_all_quiesced(addrs: &[String], within: Duration) -> Duration {
 async fn idle_groups_quiesce_wake_on_use_and_a_paused_quiesced_leader_is_replaced_and_serves_nothing_stale() {
     let dir = tempfile::tempdir().unwrap();
     let _cleanup = dev_cluster::KillNodesOnDrop(dir.path());
-    let mut dev = dev_cluster::start_dev(dir.path(), dev_cluster::base_port(31_000));
+    let mut dev = dev_cluster::start_dev(dir.path(), dev_cluster::base_port(30_500));
     dev_cluster::wait_for_files(dir.path());
     let addrs = dev_cluster::bootstrap_addrs(dir.path());
     let cluster = dev_cluster::cluster_with_topic(dir.path(), TOPIC, PARTITIONS).await;

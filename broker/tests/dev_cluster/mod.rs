@@ -59,9 +59,30 @@ pub fn wait_for_files(dir: &Path) -> Vec<u32> {
     }
 }
 
-/// A base port unlikely to collide with other test processes.
+/// Lowest port of the kernel's ephemeral range (`ip_local_port_range`, 32768 on
+/// Linux by default): a node port at or above it can be taken at any moment by some
+/// outgoing connection's local port, and the node then fails to bind.
+const EPHEMERAL_PORTS_START: u16 = 32_768;
+
+/// The ports `keel dev` / `--dev-nodes 3` use above a base: client `+0..3`, peer
+/// `+100..103`, admin `+200..203` (`ClusterConfig::dev`).
+fn dev_ports(base: u16) -> impl Iterator<Item = u16> {
+    [0u16, 100, 200].into_iter().flat_map(move |lane| (0..3).map(move |i| base + lane + i))
+}
+
+/// A base port for a three-node cluster, in `offset .. offset + 2000` (spread by this
+/// process's id, so test binaries run one after the other rarely reuse a port still in
+/// TIME_WAIT), whose nine ports are all free right now (probed by binding them). Every
+/// port stays below the ephemeral range.
 pub fn base_port(offset: u16) -> u16 {
-    offset + (std::process::id() % 2000) as u16
+    const SPREAD: u16 = 2_000;
+    assert!(offset + SPREAD + 203 <= EPHEMERAL_PORTS_START, "test port offset {offset} reaches the ephemeral port range");
+    let start = (std::process::id() % u32::from(SPREAD)) as u16;
+    (0..SPREAD)
+        .step_by(7)
+        .map(|step| offset + (start + step) % SPREAD)
+        .find(|&base| dev_ports(base).all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()))
+        .unwrap_or_else(|| panic!("no base port in {offset}..{} has its nine node ports free", offset + SPREAD))
 }
 
 /// Kills any node still listed in `dir`'s PID files when dropped, so a failing test
