@@ -73,16 +73,25 @@ fn dev_ports(base: u16) -> impl Iterator<Item = u16> {
 /// A base port for a three-node cluster, in `offset .. offset + 2000` (spread by this
 /// process's id, so test binaries run one after the other rarely reuse a port still in
 /// TIME_WAIT), whose nine ports are all free right now (probed by binding them). Every
-/// port stays below the ephemeral range.
+/// port stays below the ephemeral range. The same `offset` gives the same base for the
+/// whole test process (a test restarting a node of its cluster asks again, while the
+/// other nodes hold their ports).
 pub fn base_port(offset: u16) -> u16 {
     const SPREAD: u16 = 2_000;
+    static CHOSEN: std::sync::Mutex<Vec<(u16, u16)>> = std::sync::Mutex::new(Vec::new());
     assert!(offset + SPREAD + 203 <= EPHEMERAL_PORTS_START, "test port offset {offset} reaches the ephemeral port range");
+    let mut chosen = CHOSEN.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(&(_, base)) = chosen.iter().find(|(o, _)| *o == offset) {
+        return base;
+    }
     let start = (std::process::id() % u32::from(SPREAD)) as u16;
-    (0..SPREAD)
+    let base = (0..SPREAD)
         .step_by(7)
         .map(|step| offset + (start + step) % SPREAD)
         .find(|&base| dev_ports(base).all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()))
-        .unwrap_or_else(|| panic!("no base port in {offset}..{} has its nine node ports free", offset + SPREAD))
+        .unwrap_or_else(|| panic!("no base port in {offset}..{} has its nine node ports free", offset + SPREAD));
+    chosen.push((offset, base));
+    base
 }
 
 /// Kills any node still listed in `dir`'s PID files when dropped, so a failing test
