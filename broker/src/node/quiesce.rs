@@ -3,7 +3,8 @@
 //!
 //! **Quiescing (leader-driven).** A partition group this node leads quiesces once it has
 //! had no write or read here for `cluster.raft.quiesce_after_ms` and its log is fully
-//! committed, applied, and matched by every voter. The leader asks each follower whose
+//! committed, applied, and matched by every voter whose node it hears from (a voter on
+//! a dead node is caught up when it is heard again). The leader asks each follower whose
 //! node it hears from (one request per peer for all such groups); a follower parks its
 //! Raft if the caller leads it in the asked term and its log ends, committed, at the
 //! leader's last id (`peer::server::handle_quiesce`). When every asked follower agreed
@@ -243,7 +244,11 @@ async fn tell_stopped(driver: &Driver, partitions: &[Arc<Partition>], told: &mut
 }
 
 /// `p` if this node leads it, it has been idle for `after`, and everything it holds is
-/// committed, applied and on every voter.
+/// committed, applied and on every voter whose node this node hears from (a majority
+/// at least). A voter on a dead node does not keep the group awake: its leader would
+/// heartbeat it in vain for as long as it is down (at 1,000 partitions with a node
+/// down, every group ends up awake and the two survivors' cores busy); it is caught up
+/// when its node is heard from again, which wakes the groups this node leads with it.
 fn candidate(driver: &Driver, p: &Arc<Partition>, after: Duration, not_before: &HashMap<u64, Instant>) -> Option<Candidate> {
     let sleep = &p.group.sleep;
     if sleep.is_quiet() || not_before.contains_key(&p.group.id) {
@@ -268,7 +273,7 @@ fn candidate(driver: &Driver, p: &Arc<Partition>, after: Duration, not_before: &
         && m.membership_config
             .membership()
             .voter_ids()
-            .all(|v| v == me || m.replication.as_ref().and_then(|r| r.get(&v)).is_some_and(|l| l.as_ref().map(pair) == committed));
+            .all(|v| v == me || !driver.liveness.alive(v) || m.replication.as_ref().and_then(|r| r.get(&v)).is_some_and(|l| l.as_ref().map(pair) == committed));
     if !settled {
         return None;
     }
