@@ -105,44 +105,39 @@ fn produce(t: &Run, from: u32, values: &[String], timeout: &str) -> Output {
     p.wait_with_output().unwrap()
 }
 
-/// Waits until node `from`'s own `keel cluster status` lists partition 0 with every
-/// replica's lag known and zero.
-fn caught_up_seen_from(t: &Run, from: u32, within: Duration) {
+/// Polls `keel cluster status --json` from inside node `from`'s namespace until `pick`
+/// finds what it wants in it, or fails the test saying `what` with the last answer.
+fn seen_from<T>(t: &Run, from: u32, within: Duration, what: &str, pick: impl Fn(&serde_json::Value) -> Option<T>) -> T {
     let deadline = Instant::now() + within;
     loop {
         let out = t.keel_in(from, &["cluster", "status", "--json"]).output().unwrap();
-        let status: Option<serde_json::Value> = serde_json::from_slice(&out.stdout).ok();
-        let caught_up = status
-            .as_ref()
-            .and_then(|s| s["partitions"][0]["replica_lag"].as_array().cloned())
-            .is_some_and(|lags| lags.len() == 3 && lags.iter().all(|r| r["lag"].as_u64() == Some(0)));
-        if caught_up {
-            return;
-        }
-        assert!(Instant::now() < deadline, "node {from} never saw partition 0 fully replicated within {within:?}; last status: {status:?}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-/// The leader of partition 0 as `keel cluster status` sees it from node `from`.
-fn leader_seen_from(t: &Run, from: u32, not: Option<u64>, within: Duration) -> u64 {
-    let deadline = Instant::now() + within;
-    loop {
-        let out = t.keel_in(from, &["cluster", "status", "--json"]).output().unwrap();
-        if out.status.success() {
-            let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-            if let Some(l) = status["partitions"][0]["leader"].as_u64().filter(|l| Some(*l) != not) {
-                return l;
-            }
+        if let Some(found) = serde_json::from_slice::<serde_json::Value>(&out.stdout).ok().as_ref().and_then(&pick) {
+            return found;
         }
         assert!(
             Instant::now() < deadline,
-            "no leader for partition 0 (other than {not:?}) seen from node {from} within {within:?}; last status: {} {}",
+            "{what} seen from node {from} within {within:?}; last status: {} {}",
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// Waits until node `from`'s own `keel cluster status` lists partition 0 with every
+/// replica's lag known and zero.
+fn caught_up_seen_from(t: &Run, from: u32, within: Duration) {
+    seen_from(t, from, within, "no fully replicated partition 0", |status| {
+        let lags = status["partitions"][0]["replica_lag"].as_array()?;
+        (lags.len() == 3 && lags.iter().all(|r| r["lag"].as_u64() == Some(0))).then_some(())
+    })
+}
+
+/// The leader of partition 0 as `keel cluster status` sees it from node `from`.
+fn leader_seen_from(t: &Run, from: u32, not: Option<u64>, within: Duration) -> u64 {
+    seen_from(t, from, within, &format!("no leader for partition 0 (other than {not:?})"), |status| {
+        status["partitions"][0]["leader"].as_u64().filter(|l| Some(*l) != not)
+    })
 }
 
 #[test]

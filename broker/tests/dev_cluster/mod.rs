@@ -64,10 +64,15 @@ pub fn wait_for_files(dir: &Path) -> Vec<u32> {
 /// outgoing connection's local port, and the node then fails to bind.
 const EPHEMERAL_PORTS_START: u16 = 32_768;
 
-/// The ports `keel dev` / `--dev-nodes 3` use above a base: client `+0..3`, peer
-/// `+100..103`, admin `+200..203` (`ClusterConfig::dev`).
-fn dev_ports(base: u16) -> impl Iterator<Item = u16> {
-    [0u16, 100, 200].into_iter().flat_map(move |lane| (0..3).map(move |i| base + lane + i))
+/// The ports a three-node `keel dev` / `--dev-nodes 3` cluster on `base` listens on
+/// (client, peer and admin of each node), from the embedded configuration itself.
+fn dev_ports(base: u16) -> Vec<u16> {
+    keel_broker::config::ClusterConfig::dev(3, base)
+        .members
+        .iter()
+        .flat_map(|m| [&m.client_addr, &m.peer_addr, &m.admin_addr])
+        .map(|a| a.rsplit_once(':').and_then(|(_, p)| p.parse().ok()).expect("a dev address ends in a port"))
+        .collect()
 }
 
 /// A base port for a three-node cluster, in `offset .. offset + 2000` (spread by this
@@ -79,7 +84,7 @@ fn dev_ports(base: u16) -> impl Iterator<Item = u16> {
 pub fn base_port(offset: u16) -> u16 {
     const SPREAD: u16 = 2_000;
     static CHOSEN: std::sync::Mutex<Vec<(u16, u16)>> = std::sync::Mutex::new(Vec::new());
-    assert!(offset + SPREAD + 203 <= EPHEMERAL_PORTS_START, "test port offset {offset} reaches the ephemeral port range");
+    assert!(dev_ports(offset + SPREAD - 1).iter().all(|&p| p < EPHEMERAL_PORTS_START), "test port offset {offset} reaches the ephemeral port range");
     let mut chosen = CHOSEN.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(&(_, base)) = chosen.iter().find(|(o, _)| *o == offset) {
         return base;
@@ -88,7 +93,7 @@ pub fn base_port(offset: u16) -> u16 {
     let base = (0..SPREAD)
         .step_by(7)
         .map(|step| offset + (start + step) % SPREAD)
-        .find(|&base| dev_ports(base).all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()))
+        .find(|&base| dev_ports(base).into_iter().all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()))
         .unwrap_or_else(|| panic!("no base port in {offset}..{} has its nine node ports free", offset + SPREAD));
     chosen.push((offset, base));
     base
