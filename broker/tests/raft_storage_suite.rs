@@ -52,3 +52,67 @@ async fn a_committed_hint_torn_by_a_power_cut_reads_as_no_hint() {
         assert_eq!(store.read_committed().await.expect("a torn hint is not an error"), None, "torn hint {torn:?}");
     }
 }
+
+type Vote = openraft::impls::Vote<openraft::impls::leader_id_std::LeaderId<u64, u64>>;
+
+/// A store on `disk` over the group directory `dir` (opened as a restarted node would).
+fn store_on(disk: &Arc<keel_storage::disk::MemoryDisk>, dir: &std::path::Path) -> PartitionLogStore {
+    let log = Arc::new(Log::open_on(disk.clone(), dir, LogConfig::default()).expect("open log"));
+    let flusher = Arc::new(Flusher::spawn("test-flusher", 64).expect("spawn flusher"));
+    PartitionLogStore::new(log, flusher)
+}
+
+/// A vote's term and candidate are fsynced whenever they change; that the vote became
+/// committed is written without fsync (half of an election's vote fsyncs). A power cut
+/// may take the committed flag, never the vote: it reads back uncommitted, for the same
+/// leader. Without the power cut it reads back committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_votes_committed_flag_may_be_lost_in_a_power_cut_but_never_the_vote() {
+    use keel_storage::disk::{Disk, MemoryDisk};
+    use openraft::storage::RaftLogStorage;
+    use openraft::RaftLogReader;
+
+    let disk = Arc::new(MemoryDisk::new());
+    let dir = std::path::Path::new("/node/groups/7");
+    disk.create_dir_all(dir).unwrap();
+    let mut store = store_on(&disk, dir);
+    store.save_vote(&Vote::new(3, 2)).await.unwrap();
+    store.save_vote(&Vote::new_committed(3, 2)).await.unwrap();
+    assert_eq!(store.read_vote().await.unwrap(), Some(Vote::new_committed(3, 2)), "read back before any crash: committed");
+    drop(store);
+    // A clean stop leaves it as it was.
+    assert_eq!(store_on(&disk, dir).read_vote().await.unwrap(), Some(Vote::new_committed(3, 2)));
+
+    disk.power_loss();
+    let mut store = store_on(&disk, dir);
+    assert_eq!(store.read_vote().await.unwrap(), Some(Vote::new(3, 2)), "after a power cut: the same vote, uncommitted");
+
+    // A later term is durable at once, and the old committed flag does not apply to it.
+    store.save_vote(&Vote::new_committed(3, 2)).await.unwrap();
+    store.save_vote(&Vote::new(4, 1)).await.unwrap();
+    drop(store);
+    disk.power_loss();
+    assert_eq!(store_on(&disk, dir).read_vote().await.unwrap(), Some(Vote::new(4, 1)), "the new term survives; term 3's committed flag names another leader");
+}
+
+/// A committed flag torn by a crash (written without fsync) reads as "not committed",
+/// not as an error that would keep the group from opening.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_torn_vote_committed_flag_reads_as_an_uncommitted_vote() {
+    use keel_storage::disk::{Disk, MemoryDisk, OpenMode};
+    use openraft::storage::RaftLogStorage;
+    use openraft::RaftLogReader;
+
+    for torn in [&b""[..], &b"KMF1\x08\x00"[..], &b"KMF1\x04\x00\x00\x00\xde\xad\xbe\xef\x01\x02\x03\x04"[..]] {
+        let disk = Arc::new(MemoryDisk::new());
+        let dir = std::path::Path::new("/node/groups/9");
+        disk.create_dir_all(dir).unwrap();
+        let mut store = store_on(&disk, dir);
+        store.save_vote(&Vote::new(5, 3)).await.unwrap();
+        drop(store);
+        let f = disk.open(&dir.join("raft.vote.committed"), OpenMode::CreateNew).unwrap();
+        f.write_all_at(0, &[torn]).unwrap();
+        f.sync_all().unwrap();
+        assert_eq!(store_on(&disk, dir).read_vote().await.expect("a torn flag is not an error"), Some(Vote::new(5, 3)), "torn flag {torn:?}");
+    }
+}
