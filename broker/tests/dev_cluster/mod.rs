@@ -275,7 +275,15 @@ pub fn group_logs(groups: &Path) -> Vec<(String, Vec<StoredEntry>)> {
 }
 
 /// A client of the `keel dev` cluster in `dir`, once it has accepted topic `name` of
-/// `partitions` partitions (R3; retried for up to 30 s while the cluster forms).
+/// `partitions` partitions (R3; retried for up to 30 s while the cluster forms) and
+/// every replica of every partition has caught up with its leader.
+///
+/// The wait matters to tests that then kill a node: two nodes can form the cluster,
+/// create the topic and take writes before the third has joined (its data directory
+/// is empty, and an empty one cannot be told from a wiped one, so it first learns
+/// from a leader whether it held the group before). Kill that leader inside this
+/// window and the late node — rightly — waits for it, and the survivor alone has no
+/// quorum (`leader_failover` failed once in 20 this way).
 #[allow(dead_code)] // not every test binary that includes this module uses it
 pub async fn cluster_with_topic(dir: &Path, name: &str, partitions: u32) -> keel_client::Cluster {
     let cluster = keel_client::Cluster::new(keel_client::ClientConfig { bootstrap: bootstrap_addrs(dir), ..keel_client::ClientConfig::default() }).unwrap();
@@ -284,5 +292,19 @@ pub async fn cluster_with_topic(dir: &Path, name: &str, partitions: u32) -> keel
         assert!(Instant::now() < deadline, "the cluster never accepted the topic: {e}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    cluster
+    let bootstrap = bootstrap_addrs(dir).join(",");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = keel(&bootstrap).args(["cluster", "status", "--json", "--all", "--topic", name]).output().unwrap();
+        let status: Option<serde_json::Value> = serde_json::from_slice(&out.stdout).ok();
+        let caught_up = status.as_ref().and_then(|s| s["partitions"].as_array()).is_some_and(|ps| {
+            ps.len() == partitions as usize
+                && ps.iter().all(|p| p["replica_lag"].as_array().is_some_and(|lags| lags.len() == 3 && lags.iter().all(|r| r["lag"].as_u64() == Some(0))))
+        });
+        if caught_up {
+            return cluster;
+        }
+        assert!(Instant::now() < deadline, "topic {name}: not every replica caught up within 30 s; last status: {}", String::from_utf8_lossy(&out.stdout));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
