@@ -76,7 +76,17 @@ impl Dev {
     }
 
     /// SIGKILLs the node leading `topic`/`partition`; returns its id.
+    /// Kills the leader of `topic`/`partition` once all three of its replicas have joined
+    /// the group (each acknowledged something: its lag is known) — else the survivors
+    /// may be one replica and a node still learning whether it held the group before,
+    /// with no quorum between them (`dev_cluster::cluster_with_topic`).
     pub async fn kill_leader(&self, topic: &str, partition: u32) -> u64 {
+        let joined = |ps: &[serde_json::Value]| {
+            ps.iter()
+                .find(|p| p["partition"].as_u64() == Some(u64::from(partition)))
+                .is_some_and(|p| p["replica_lag"].as_array().is_some_and(|lags| lags.len() == 3 && lags.iter().all(|r| r["lag"].as_u64().is_some())))
+        };
+        dev_cluster::wait_for_partitions(&self.bootstrap, topic, "three replicas joined", joined).await;
         let leader = self.leader(topic, partition).await;
         let pid = dev_cluster::pid_of(self.dir.path(), leader as u32).expect("the leader's pid file");
         // SAFETY: kill(2) on a node process this test's keel dev started.

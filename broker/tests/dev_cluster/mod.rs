@@ -292,19 +292,26 @@ pub async fn cluster_with_topic(dir: &Path, name: &str, partitions: u32) -> keel
         assert!(Instant::now() < deadline, "the cluster never accepted the topic: {e}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let bootstrap = bootstrap_addrs(dir).join(",");
+    let caught_up = |ps: &[serde_json::Value]| {
+        ps.len() == partitions as usize
+            && ps.iter().all(|p| p["replica_lag"].as_array().is_some_and(|lags| lags.len() == 3 && lags.iter().all(|r| r["lag"].as_u64() == Some(0))))
+    };
+    wait_for_partitions(&bootstrap_addrs(dir).join(","), name, "every replica caught up", caught_up).await;
+    cluster
+}
+
+/// Polls `keel cluster status --json --all --topic TOPIC` until `ok` holds for its
+/// partitions (fails the test after 30 s, printing the last status).
+#[allow(dead_code)]
+pub async fn wait_for_partitions(bootstrap: &str, topic: &str, what: &str, ok: impl Fn(&[serde_json::Value]) -> bool) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let out = keel(&bootstrap).args(["cluster", "status", "--json", "--all", "--topic", name]).output().unwrap();
+        let out = keel(bootstrap).args(["cluster", "status", "--json", "--all", "--topic", topic]).output().unwrap();
         let status: Option<serde_json::Value> = serde_json::from_slice(&out.stdout).ok();
-        let caught_up = status.as_ref().and_then(|s| s["partitions"].as_array()).is_some_and(|ps| {
-            ps.len() == partitions as usize
-                && ps.iter().all(|p| p["replica_lag"].as_array().is_some_and(|lags| lags.len() == 3 && lags.iter().all(|r| r["lag"].as_u64() == Some(0))))
-        });
-        if caught_up {
-            return cluster;
+        if status.as_ref().and_then(|s| s["partitions"].as_array()).is_some_and(|ps| ok(ps)) {
+            return;
         }
-        assert!(Instant::now() < deadline, "topic {name}: not every replica caught up within 30 s; last status: {}", String::from_utf8_lossy(&out.stdout));
+        assert!(Instant::now() < deadline, "topic {topic}: not {what} within 30 s; last status: {}", String::from_utf8_lossy(&out.stdout));
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
