@@ -28,6 +28,19 @@ async fn openraft_storage_suite_passes_against_the_segment_log() -> Result<(), S
     Suite::test_all(KeelStoreBuilder).await
 }
 
+/// What an unsynced atomic file may hold after a power cut: empty, a header cut short,
+/// a body whose checksum fails.
+const TORN: [&[u8]; 3] = [b"", b"KMF1\x08\x00", b"KMF1\x04\x00\x00\x00\xde\xad\xbe\xef\x01\x02\x03\x04"];
+
+/// Leaves `bytes` as the durable content of a new file at `path` (a torn write as the
+/// disk kept it).
+fn leave_torn(disk: &keel_storage::disk::MemoryDisk, path: &std::path::Path, bytes: &[u8]) {
+    use keel_storage::disk::{Disk, OpenMode};
+    let f = disk.open(path, OpenMode::CreateNew).unwrap();
+    f.write_all_at(0, &[bytes]).unwrap();
+    f.sync_all().unwrap();
+}
+
 /// Regression (found by the keel-jepsen power-loss nemesis): the committed-index hint is
 /// written without fsync, so a power cut can leave `raft.committed` empty or torn. Every
 /// node then refused to open its groups ("corrupt data in raft.committed") and the whole
@@ -35,20 +48,16 @@ async fn openraft_storage_suite_passes_against_the_segment_log() -> Result<(), S
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_committed_hint_torn_by_a_power_cut_reads_as_no_hint() {
     use keel_broker::replication::log_store::saved_committed;
-    use keel_storage::disk::{Disk, MemoryDisk, OpenMode};
+    use keel_storage::disk::{Disk, MemoryDisk};
     use openraft::storage::RaftLogStorage;
 
-    for torn in [&b""[..], &b"KMF1\x08\x00"[..], &b"KMF1\x04\x00\x00\x00\xde\xad\xbe\xef\x01\x02\x03\x04"[..]] {
+    for torn in TORN {
         let disk = Arc::new(MemoryDisk::new());
         let dir = std::path::Path::new("/node/groups/7");
         disk.create_dir_all(dir).unwrap();
-        let f = disk.open(&dir.join("raft.committed"), OpenMode::CreateNew).unwrap();
-        f.write_all_at(0, &[torn]).unwrap();
-        f.sync_all().unwrap();
+        leave_torn(&disk, &dir.join("raft.committed"), torn);
         assert_eq!(saved_committed(&*disk, dir).expect("a torn hint is not an error"), None, "torn hint {torn:?}");
-        let log = Arc::new(Log::open_on(disk.clone(), dir, LogConfig::default()).expect("open log"));
-        let flusher = Arc::new(Flusher::spawn("test-flusher", 64).expect("spawn flusher"));
-        let mut store = PartitionLogStore::new(log, flusher);
+        let mut store = store_on(&disk, dir);
         assert_eq!(store.read_committed().await.expect("a torn hint is not an error"), None, "torn hint {torn:?}");
     }
 }
@@ -99,20 +108,18 @@ async fn a_votes_committed_flag_may_be_lost_in_a_power_cut_but_never_the_vote() 
 /// not as an error that would keep the group from opening.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_torn_vote_committed_flag_reads_as_an_uncommitted_vote() {
-    use keel_storage::disk::{Disk, MemoryDisk, OpenMode};
+    use keel_storage::disk::{Disk, MemoryDisk};
     use openraft::storage::RaftLogStorage;
     use openraft::RaftLogReader;
 
-    for torn in [&b""[..], &b"KMF1\x08\x00"[..], &b"KMF1\x04\x00\x00\x00\xde\xad\xbe\xef\x01\x02\x03\x04"[..]] {
+    for torn in TORN {
         let disk = Arc::new(MemoryDisk::new());
         let dir = std::path::Path::new("/node/groups/9");
         disk.create_dir_all(dir).unwrap();
         let mut store = store_on(&disk, dir);
         store.save_vote(&Vote::new(5, 3)).await.unwrap();
         drop(store);
-        let f = disk.open(&dir.join("raft.vote.committed"), OpenMode::CreateNew).unwrap();
-        f.write_all_at(0, &[torn]).unwrap();
-        f.sync_all().unwrap();
+        leave_torn(&disk, &dir.join("raft.vote.committed"), torn);
         assert_eq!(store_on(&disk, dir).read_vote().await.expect("a torn flag is not an error"), Some(Vote::new(5, 3)), "torn flag {torn:?}");
     }
 }

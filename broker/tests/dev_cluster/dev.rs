@@ -75,9 +75,9 @@ impl Dev {
         }
     }
 
-    /// SIGKILLs the node leading `topic`/`partition`; returns its id.
-    /// Kills the leader of `topic`/`partition` once all three of its replicas have joined
-    /// the group (each acknowledged something: its lag is known) — else the survivors
+    /// SIGKILLs the node leading `topic`/`partition`, returning its id, once all three of
+    /// its replicas have joined the group (each acknowledged something: its lag is known)
+    /// — else the survivors
     /// may be one replica and a node still learning whether it held the group before,
     /// with no quorum between them (`dev_cluster::cluster_with_topic`).
     pub async fn kill_leader(&self, topic: &str, partition: u32) -> u64 {
