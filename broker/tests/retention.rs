@@ -68,6 +68,31 @@ fn wait_caught_up(bootstrap: &str, topic: &str, node: u64, limit: Duration) -> D
     }
 }
 
+/// Waits until every node has applied the metadata group up to its leader's commit
+/// index (as the leader reports it when the wait begins).
+async fn wait_metadata_applied(cluster: &keel_client::Cluster, limit: Duration) {
+    let admin = keel_client::admin::Admin::new(cluster.clone());
+    let started = Instant::now();
+    let mut target = None;
+    loop {
+        let metadata_groups: Vec<_> = match admin.cluster_status(Duration::from_secs(2)).await {
+            Ok(reports) => reports.into_iter().map(|(b, r)| (b.id, r.ok().and_then(|s| s.groups.into_iter().find(|g| g.topic.is_none())))).collect(),
+            Err(_) => Vec::new(),
+        };
+        if target.is_none() {
+            target = metadata_groups.iter().filter_map(|(_, g)| g.as_ref()).find(|g| g.role == "leader").and_then(|g| g.committed_index);
+        }
+        if let Some(t) = target {
+            if metadata_groups.len() == 3 && metadata_groups.iter().all(|(_, g)| g.as_ref().and_then(|g| g.applied_index).is_some_and(|a| a >= t)) {
+                return;
+            }
+        }
+        let applied: Vec<_> = metadata_groups.iter().map(|(n, g)| (*n, g.as_ref().and_then(|g| g.applied_index))).collect();
+        assert!(started.elapsed() < limit, "the metadata group was not applied up to {target:?} on every node: (node, applied) {applied:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn byte_retention_bounds_every_replica_and_a_stopped_follower_catches_up_by_snapshot() {
     let total_mib: u64 = std::env::var("KEEL_RETENTION_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(24);
@@ -305,9 +330,25 @@ async fn a_wiped_node_is_refilled_from_a_purged_leader_and_a_killed_transfer_res
     let theirs = dev_cluster::log_entries(&partition_dir(&dir, leader).unwrap());
     let mine = dev_cluster::log_entries(&partition_dir(&dir, victim).unwrap());
     let from = mine[0].0.max(theirs[0].0);
+    let last = mine.last().unwrap().0;
+    // The leader may hold a tail the refilled node never received: entries appended after
+    // the refilled node was stopped, which no quorum acknowledged (node 3 was down). Every
+    // entry carrying an acknowledged record (offsets below 13,000) it must hold.
+    let unreplicated: Vec<_> = theirs.iter().filter(|e| e.0 > last).map(|e| (e.0, e.2)).collect();
+    assert!(
+        unreplicated.iter().all(|(_, base_offset)| *base_offset >= 13_000),
+        "the refilled node (last entry {last}) lacks entries holding acknowledged records: (index, base offset) {unreplicated:?}"
+    );
     let a: Vec<_> = mine.iter().filter(|e| e.0 >= from).collect();
-    let b: Vec<_> = theirs.iter().filter(|e| e.0 >= from).collect();
-    assert!(!a.is_empty() && a == b, "the refilled node's entries equal the leader's from entry {from}");
+    let b: Vec<_> = theirs.iter().filter(|e| (from..=last).contains(&e.0)).collect();
+    let range = |v: &[&dev_cluster::StoredEntry]| (v.first().map(|e| e.0), v.last().map(|e| e.0));
+    let differ = a.iter().zip(&b).find(|(x, y)| x != y).map(|(x, y)| (x.0, x.1, y.1, x.2, y.2, x.3.len(), y.3.len()));
+    assert!(
+        !a.is_empty() && a == b,
+        "the refilled node's entries equal the leader's from entry {from}: refilled {:?}, leader {:?}, first difference (index, terms, base offsets, lengths) {differ:?}",
+        range(&a),
+        range(&b)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -439,6 +480,9 @@ async fn the_metadata_log_is_cut_and_purged_and_a_wiped_node_gets_the_metadata_b
 
     // 5. Every node's metadata, read from its snapshot and log, is the same and holds
     //    every registration and the early topic.
+    //    Node 1 answered from its snapshot; the registrations after it it applies once
+    //    the leader tells it the commit index, so wait for that before stopping it.
+    wait_metadata_applied(&dev.cluster, Duration::from_secs(30)).await;
     std::thread::sleep(Duration::from_millis(500)); // the committed-index hint is saved every 200 ms
     let mut dev = dev;
     signal(dev.process.id(), libc::SIGTERM);
