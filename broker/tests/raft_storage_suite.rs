@@ -28,9 +28,20 @@ async fn openraft_storage_suite_passes_against_the_segment_log() -> Result<(), S
     Suite::test_all(KeelStoreBuilder).await
 }
 
-/// What an unsynced atomic file may hold after a power cut: empty, a header cut short,
-/// a body whose checksum fails.
-const TORN: [&[u8]; 3] = [b"", b"KMF1\x08\x00", b"KMF1\x04\x00\x00\x00\xde\xad\xbe\xef\x01\x02\x03\x04"];
+/// What an unsynced file may hold after a power cut: empty, a header cut short, a body
+/// whose checksum fails (an atomic file's frame, then a slot file's).
+const TORN: [&[u8]; 5] = [
+    b"",
+    b"KMF1\x08\x00",
+    b"KMF1\x04\x00\x00\x00\xde\xad\xbe\xef\x01\x02\x03\x04",
+    b"KSL1\x01\x00\x00\x00\x00\x00\x00\x00\x04",
+    b"KSL1\x01\x00\x00\x00\x00\x00\x00\x00\x04\x00\x00\x00\xde\xad\xbe\xef\x01\x02\x03\x04",
+];
+
+/// Each hint's file, and the file of the same name it replaced (still read until the
+/// hint is first written again).
+const COMMITTED_FILES: [&str; 2] = ["raft.committed.slots", "raft.committed"];
+const VOTE_COMMITTED_FILES: [&str; 2] = ["raft.vote.committed.slots", "raft.vote.committed"];
 
 /// Leaves `bytes` as the durable content of a new file at `path` (a torn write as the
 /// disk kept it).
@@ -51,14 +62,14 @@ async fn a_committed_hint_torn_by_a_power_cut_reads_as_no_hint() {
     use keel_storage::disk::{Disk, MemoryDisk};
     use openraft::storage::RaftLogStorage;
 
-    for torn in TORN {
+    for (torn, file) in TORN.iter().flat_map(|t| COMMITTED_FILES.map(|f| (t, f))) {
         let disk = Arc::new(MemoryDisk::new());
         let dir = std::path::Path::new("/node/groups/7");
         disk.create_dir_all(dir).unwrap();
-        leave_torn(&disk, &dir.join("raft.committed"), torn);
-        assert_eq!(saved_committed(&*disk, dir).expect("a torn hint is not an error"), None, "torn hint {torn:?}");
+        leave_torn(&disk, &dir.join(file), torn);
+        assert_eq!(saved_committed(&*disk, dir).expect("a torn hint is not an error"), None, "torn {file} {torn:?}");
         let mut store = store_on(&disk, dir);
-        assert_eq!(store.read_committed().await.expect("a torn hint is not an error"), None, "torn hint {torn:?}");
+        assert_eq!(store.read_committed().await.expect("a torn hint is not an error"), None, "torn {file} {torn:?}");
     }
 }
 
@@ -112,14 +123,43 @@ async fn a_torn_vote_committed_flag_reads_as_an_uncommitted_vote() {
     use openraft::storage::RaftLogStorage;
     use openraft::RaftLogReader;
 
-    for torn in TORN {
+    for (torn, file) in TORN.iter().flat_map(|t| VOTE_COMMITTED_FILES.map(|f| (t, f))) {
         let disk = Arc::new(MemoryDisk::new());
         let dir = std::path::Path::new("/node/groups/9");
         disk.create_dir_all(dir).unwrap();
         let mut store = store_on(&disk, dir);
         store.save_vote(&Vote::new(5, 3)).await.unwrap();
         drop(store);
-        leave_torn(&disk, &dir.join("raft.vote.committed"), torn);
-        assert_eq!(store_on(&disk, dir).read_vote().await.expect("a torn flag is not an error"), Some(Vote::new(5, 3)), "torn flag {torn:?}");
+        leave_torn(&disk, &dir.join(file), torn);
+        assert_eq!(store_on(&disk, dir).read_vote().await.expect("a torn flag is not an error"), Some(Vote::new(5, 3)), "torn {file} {torn:?}");
     }
+}
+
+/// A group directory from before slot files holds its vote in `raft.vote`, an atomically
+/// replaced file: that vote is read (a node must not forget whom it voted for across an
+/// upgrade), the first vote saved afterwards goes to the slot file and wins from then on,
+/// and a damaged vote is an error in either form, never taken for no vote.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vote_saved_before_slot_files_is_read_and_damage_is_never_taken_for_no_vote() {
+    use keel_storage::disk::{Disk, MemoryDisk, OpenMode};
+    use openraft::storage::RaftLogStorage;
+    use openraft::RaftLogReader;
+
+    let disk = Arc::new(MemoryDisk::new());
+    let dir = std::path::Path::new("/node/groups/11");
+    disk.create_dir_all(dir).unwrap();
+    keel_storage::atomic_file::write(&*disk, dir, "raft.vote", &postcard::to_allocvec(&Vote::new_committed(6, 2)).unwrap()).unwrap();
+    assert!(keel_broker::replication::log_store::has_vote(&*disk, dir));
+    let mut store = store_on(&disk, dir);
+    assert_eq!(store.read_vote().await.unwrap(), Some(Vote::new_committed(6, 2)), "the legacy vote");
+    store.save_vote(&Vote::new(7, 3)).await.unwrap();
+    drop(store);
+    disk.power_loss();
+    assert_eq!(store_on(&disk, dir).read_vote().await.unwrap(), Some(Vote::new(7, 3)), "the slot file's vote, durable, over the legacy one");
+
+    // Both slots damaged: an error, as a damaged legacy file is.
+    let f = disk.open(&dir.join("raft.vote.slots"), OpenMode::ReadWrite).unwrap();
+    f.write_all_at(0, &[&[0xee; 64]]).unwrap();
+    f.write_all_at(keel_storage::slot_file::SLOT_STRIDE, &[&[0xee; 64]]).unwrap();
+    assert!(store_on(&disk, dir).read_vote().await.is_err(), "a damaged vote is not no vote");
 }

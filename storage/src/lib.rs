@@ -13,6 +13,8 @@
 //! - [`ledger`]: the ack ledger, a node's record of what each log reported durable,
 //!   kept apart from the segments so a damaged tail is noticed.
 //! - [`atomic_file`]: small metadata files replaced atomically.
+//! - [`slot_file`]: small records rewritten in place, two slots (the Raft vote and
+//!   hints), without a new inode per write.
 //! - [`disk`]: the I/O seam every file operation goes through: the OS, an in-memory
 //!   disk that can lose power, and a lazy OS disk for power-loss tests.
 //! - [`config`], [`limits`], [`error`].
@@ -36,6 +38,7 @@ pub mod log;
 pub mod observe;
 mod open;
 mod segment;
+pub mod slot_file;
 mod sync;
 pub mod watermark;
 

@@ -374,7 +374,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }));
     }
     let mut killed: Option<(u64, Instant)> = None;
-    let mut reelection: Option<tokio::task::JoinHandle<(usize, Vec<Duration>)>> = None;
+    let mut reelection: Option<tokio::task::JoinHandle<(usize, Vec<Duration>, Duration)>> = None;
     if args.failover {
         tokio::time::sleep(args.duration / 2).await;
         let described = admin.describe_topic(&args.topic).await?;
@@ -392,15 +392,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
         reelection = Some(tokio::spawn(async move {
             // When each partition the killed node led was first reported led by a
             // survivor (each survivor's own view of the groups it leads, every 50 ms).
+            // A time is when the answer arrived; the slowest poll bounds how late that is.
             let mut when: std::collections::HashMap<u32, Duration> = std::collections::HashMap::new();
+            let mut slowest_poll = Duration::ZERO;
             while when.len() < led.len() && at.elapsed() < Duration::from_secs(30) {
                 for addr in &survivors {
+                    let asked = Instant::now();
                     let Ok(body) = cluster.call_once(addr, keel_protocol::api::client::CLUSTER_STATUS, bytes::Bytes::new(), Duration::from_secs(2)).await
                     else {
                         continue;
                     };
                     let Ok(status) = keel_protocol::message::decode::<keel_protocol::message::ClusterStatusResponse>(&body) else { continue };
                     let seen = at.elapsed();
+                    slowest_poll = slowest_poll.max(asked.elapsed());
                     for g in status.groups.iter().filter(|g| g.role == "leader" && g.topic.as_deref() == Some(topic.as_str())) {
                         if let Some(p) = g.partition.filter(|p| led.contains(p)) {
                             when.entry(p).or_insert(seen);
@@ -411,7 +415,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }
             let mut times: Vec<Duration> = when.into_values().collect();
             times.sort();
-            (led.len(), times)
+            (led.len(), times, slowest_poll)
         }));
     }
     let mut sent = 0u64;
@@ -444,20 +448,22 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let (Some((node, _)), Some(gap)) = (killed, gap_after_kill) {
         summary["failover"] = serde_json::json!({"killed_node": node, "longest_ack_gap_after_kill_ms": gap.as_secs_f64() * 1000.0});
         if let Some(task) = reelection.take() {
-            let (led, times) = task.await?;
+            let (led, times, slowest_poll) = task.await?;
             let at = |q: f64| times.get(((times.len() as f64 * q).ceil() as usize).saturating_sub(1)).map_or(f64::NAN, |d| d.as_secs_f64() * 1000.0);
             println!(
-                "failover: {} of the {led} partitions node {node} led had another leader; after ms: first {:.0}  p50 {:.0}  p90 {:.0}  p99 {:.0}  max {:.0}",
+                "failover: {} of the {led} partitions node {node} led had another leader; after ms: first {:.0}  p50 {:.0}  p90 {:.0}  p99 {:.0}  max {:.0} (status polls took up to {:.0} ms)",
                 times.len(),
                 at(0.0),
                 at(0.5),
                 at(0.9),
                 at(0.99),
-                at(1.0)
+                at(1.0),
+                slowest_poll.as_secs_f64() * 1000.0
             );
             summary["failover"]["partitions_led"] = serde_json::json!(led);
             summary["failover"]["partitions_reelected"] = serde_json::json!(times.len());
             summary["failover"]["reelected_ms"] = serde_json::json!({"first": at(0.0), "p50": at(0.5), "p90": at(0.9), "p99": at(0.99), "max": at(1.0)});
+            summary["failover"]["slowest_status_poll_ms"] = serde_json::json!(slowest_poll.as_secs_f64() * 1000.0);
         }
     }
     println!(

@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use keel_storage::{atomic_file, Disk, Entry as StoredEntry, EntryMeta, Flusher, Log, LogId as StoredLogId};
+use keel_storage::{atomic_file, slot_file, Disk, Entry as StoredEntry, EntryMeta, Flusher, Log, LogId as StoredLogId};
 use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
 use openraft::{EntryPayload, OptionalSend, RaftLogReader};
 
@@ -45,11 +45,53 @@ pub const REPLICATION_READ_BYTES_MAX: u64 = 1024 * 1024;
 /// interval only means re-applying a few committed entries after a restart.
 pub const COMMITTED_WRITE_INTERVAL: Duration = Duration::from_millis(200);
 
-const VOTE_FILE: &str = "raft.vote";
-/// That the vote in `VOTE_FILE` was committed (its leader was granted by a quorum),
-/// written without fsync: see [`read_saved_vote`].
-const VOTE_COMMITTED_FILE: &str = "raft.vote.committed";
-const COMMITTED_FILE: &str = "raft.committed";
+/// The group's small records, each a slot file (`keel_storage::slot_file`: rewritten in
+/// place, no new inode per write) that replaced an atomically renamed file of the name
+/// in `legacy`, still read until the record is first written again.
+struct Record {
+    name: &'static str,
+    legacy: &'static str,
+}
+
+/// The vote: term and candidate, always written durably.
+const VOTE: Record = Record { name: "raft.vote.slots", legacy: "raft.vote" };
+/// That the vote in `VOTE` was committed (its leader was granted by a quorum), written
+/// without fsync: see [`read_saved_vote`].
+const VOTE_COMMITTED: Record = Record { name: "raft.vote.committed.slots", legacy: "raft.vote.committed" };
+/// The committed-index hint, written without fsync (durably at a clean stop).
+const COMMITTED: Record = Record { name: "raft.committed.slots", legacy: "raft.committed" };
+
+impl Record {
+    /// The record's bytes: the slot file's, or the legacy file's if there is no slot
+    /// file yet. Damage is an error (`StorageError::Corrupt`).
+    fn read(&self, disk: &dyn Disk, dir: &std::path::Path) -> Result<Option<Vec<u8>>, keel_storage::StorageError> {
+        match slot_file::read(disk, dir, self.name)? {
+            Some(bytes) => Ok(Some(bytes)),
+            None => atomic_file::read(disk, dir, self.legacy),
+        }
+    }
+
+    /// A hint's bytes: as `read`, but damage — a hint written without fsync, cut by a
+    /// crash — reads as no hint.
+    fn read_hint(&self, disk: &dyn Disk, dir: &std::path::Path, what: &str) -> io::Result<Option<Vec<u8>>> {
+        match self.read(disk, dir) {
+            Ok(bytes) => Ok(bytes),
+            Err(keel_storage::StorageError::Corrupt { reason, .. }) => {
+                tracing::warn!(dir = %dir.display(), reason, "{what} did not survive a crash; ignoring it");
+                Ok(None)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn write(&self, disk: &dyn Disk, dir: &std::path::Path, bytes: &[u8], durable: bool) -> io::Result<()> {
+        Ok(slot_file::write(disk, dir, self.name, bytes, durable)?)
+    }
+
+    fn exists(&self, disk: &dyn Disk, dir: &std::path::Path) -> bool {
+        slot_file::exists(disk, dir, self.name) || disk.exists(&dir.join(self.legacy))
+    }
+}
 
 type Vote = openraft::impls::Vote<openraft::impls::leader_id_std::LeaderId<u64, u64>>;
 
@@ -65,7 +107,7 @@ pub struct PartitionLogStore {
     /// retention cut + 1, `PartitionShared::purge_floor`); `u64::MAX` for a store without
     /// retention, which deletes whatever openraft purges.
     purge_floor: Arc<AtomicU64>,
-    /// The vote last written durably to `VOTE_FILE` (`None` until first needed).
+    /// The vote last written durably to `VOTE` (`None` until first needed).
     durable_vote: Arc<Mutex<Option<Option<Vote>>>>,
 }
 
@@ -169,8 +211,7 @@ fn range_to(range: &impl RangeBounds<u64>) -> std::ops::Range<u64> {
 /// is not open (before Raft starts on a group that adopts a leader's vote).
 pub fn persist_vote(disk: &dyn Disk, dir: &std::path::Path, vote: &Vote) -> io::Result<()> {
     let bytes = postcard::to_allocvec(vote).map_err(|e| invalid(format!("encoding the vote: {e}")))?;
-    atomic_file::write(disk, dir, VOTE_FILE, &bytes)?;
-    Ok(())
+    VOTE.write(disk, dir, &bytes, true)
 }
 
 /// The committed log index last saved in `dir` (a hint: it may lag the real commit
@@ -183,15 +224,7 @@ pub fn saved_committed(disk: &dyn Disk, dir: &std::path::Path) -> io::Result<Opt
 /// the file may be empty or torn: that is the hint being lost (a restart re-applies a
 /// few more entries), not damage, and reads as no hint. Only an I/O error fails.
 fn committed_hint(disk: &dyn Disk, dir: &std::path::Path) -> io::Result<Option<RaftLogId>> {
-    let bytes = match atomic_file::read(disk, dir, COMMITTED_FILE) {
-        Ok(None) => return Ok(None),
-        Ok(Some(bytes)) => bytes,
-        Err(keel_storage::StorageError::Corrupt { reason, .. }) => {
-            tracing::warn!(dir = %dir.display(), reason, "the committed-index hint did not survive a crash; ignoring it");
-            return Ok(None);
-        }
-        Err(e) => return Err(e.into()),
-    };
+    let Some(bytes) = COMMITTED.read_hint(disk, dir, "the committed-index hint")? else { return Ok(None) };
     match postcard::from_bytes(&bytes) {
         Ok(id) => Ok(id),
         Err(e) => {
@@ -201,18 +234,18 @@ fn committed_hint(disk: &dyn Disk, dir: &std::path::Path) -> io::Result<Option<R
     }
 }
 
-/// The vote in `VOTE_FILE`, as written durably.
+/// The vote in `VOTE`, as written durably.
 fn read_durable_vote(disk: &dyn Disk, dir: &std::path::Path) -> io::Result<Option<Vote>> {
-    match atomic_file::read(disk, dir, VOTE_FILE)? {
+    match VOTE.read(disk, dir)? {
         None => Ok(None),
         Some(bytes) => postcard::from_bytes(&bytes).map(Some).map_err(|e| invalid(format!("decoding the saved vote: {e}"))),
     }
 }
 
 /// The saved vote. A vote's term and the candidate it names are written durably
-/// (`VOTE_FILE`, fsynced) whenever they change: a node must never vote twice in a term,
+/// (`VOTE`, fsynced) whenever they change: a node must never vote twice in a term,
 /// nor forget a term it saw. That a vote became *committed* (its leader won a quorum)
-/// changes neither, and is written without fsync (`VOTE_COMMITTED_FILE`): it counts only
+/// changes neither, and is written without fsync (`VOTE_COMMITTED`): it counts only
 /// if it names the durable vote's leader exactly. Lost or torn by a crash, the vote
 /// reads back uncommitted, which openraft treats as a vote granted to a candidate of
 /// that term — its leader, if alive, commits it again with its next AppendEntries, and
@@ -224,21 +257,14 @@ fn read_saved_vote(disk: &dyn Disk, dir: &std::path::Path) -> io::Result<Option<
     if vote.committed {
         return Ok(Some(vote));
     }
-    let hint = match atomic_file::read(disk, dir, VOTE_COMMITTED_FILE) {
-        Ok(hint) => hint,
-        Err(keel_storage::StorageError::Corrupt { reason, .. }) => {
-            tracing::warn!(dir = %dir.display(), reason, "the vote's committed flag did not survive a crash; the vote reads as uncommitted");
-            None
-        }
-        Err(e) => return Err(e.into()),
-    };
+    let hint = VOTE_COMMITTED.read_hint(disk, dir, "the vote's committed flag (the vote reads as uncommitted)")?;
     let committed = hint.and_then(|bytes| postcard::from_bytes::<Vote>(&bytes).ok()).filter(|h| h.committed && h.leader_id == vote.leader_id);
     Ok(Some(committed.unwrap_or(vote)))
 }
 
 /// Whether the store in `dir` has ever saved a vote.
 pub fn has_vote(disk: &dyn Disk, dir: &std::path::Path) -> bool {
-    disk.exists(&dir.join(VOTE_FILE))
+    VOTE.exists(disk, dir)
 }
 
 impl PartitionLogStore {
@@ -293,7 +319,7 @@ impl Drop for PartitionLogStore {
         // An error only costs re-applying entries.
         let st = self.committed.lock().expect("committed lock poisoned");
         if let Ok(bytes) = postcard::to_allocvec(&st.value) {
-            let _ = atomic_file::write(&**self.log.disk(), &self.dir, COMMITTED_FILE, &bytes);
+            let _ = COMMITTED.write(&**self.log.disk(), &self.dir, &bytes, true);
         }
     }
 }
@@ -360,9 +386,9 @@ impl RaftLogStorage<TypeConfig> for PartitionLogStore {
                 // Only the committed flag changes: what a vote must keep across a crash —
                 // the term and the candidate granted — is durable already (see
                 // `read_saved_vote`).
-                atomic_file::write_unsynced(&**log.disk(), &dir, VOTE_COMMITTED_FILE, &bytes)?;
+                VOTE_COMMITTED.write(&**log.disk(), &dir, &bytes, false)?;
             } else {
-                atomic_file::write(&**log.disk(), &dir, VOTE_FILE, &bytes)?;
+                VOTE.write(&**log.disk(), &dir, &bytes, true)?;
                 *durable = Some(Some(vote));
             }
             Ok(())
@@ -390,7 +416,7 @@ impl RaftLogStorage<TypeConfig> for PartitionLogStore {
             let (disk, dir, state) = (self.log.disk().clone(), self.dir.clone(), self.committed.clone());
             let inline = disk.runs_inline();
             let work = move || {
-                if let Err(e) = atomic_file::write_unsynced(&*disk, &dir, COMMITTED_FILE, &bytes) {
+                if let Err(e) = COMMITTED.write(&*disk, &dir, &bytes, false) {
                     tracing::warn!(error = %e, "could not record the committed index; a restart re-applies a few more entries");
                 }
                 state.lock().expect("committed lock poisoned").writing = false;
