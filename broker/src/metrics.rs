@@ -60,7 +60,7 @@
 //! | `keel_group_wakes_total` | counter | reason | quiesced groups woken here: `use` (a write or read on the leader), `entries` (a follower received entries or another term), `vote`, `prevote` (a pre-vote reached the quiesced leader), `leader_lost` (the leader's node seen dead or restarted), `peer_returned`, `asked` (a peer's replica stopped), `transfer` |
 //! | `keel_quiesce_requests_total` | counter | outcome | groups this node asked a follower to quiesce: `agreed`, `refused`, `unanswered` |
 //! | `keel_pre_votes_vetoed_total` | counter | — | pre-votes refused for quiesced groups (this node leads, or hears the leader's node) |
-//! | `keel_peers_lost_total` | counter | — | times a peer was seen dead (no beat for `PEER_DEAD_AFTER`) or restarted (new epoch) |
+//! | `keel_peers_lost_total` | counter | — | times a peer was seen dead (no beat for `PEER_DEAD_AFTER`, or its address refused a connection) or restarted (new epoch) |
 //! | `keel_campaigns_started_total` | counter | — | elections this node started as the designated campaigner of a group whose leader's node was lost |
 //! | `keel_jobs` | gauge | state | on the metadata leader: jobs the cluster remembers, by state (`running`, `paused`, `done`, `cancelled`, `failed`) |
 //!

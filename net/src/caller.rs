@@ -25,14 +25,21 @@ use tokio_util::codec::FramedRead;
 use crate::frame_writer::FrameWriter;
 use crate::limits::WRITE_GATHER_BYTES_MAX;
 
-use crate::limits::{CONNECT_TIMEOUT, INFLIGHT_MAX, SEND_QUEUE_CAPACITY};
+use crate::limits::{CONNECT_TIMEOUT, INFLIGHT_MAX, RECONNECT_BACKOFF, SEND_QUEUE_CAPACITY};
 
 /// Why a call failed. `target` names the server (a node id, or 0 when unknown).
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum CallError {
     #[error("cannot reach node {target} at {addr}: {reason}")]
-    Unreachable { target: u64, addr: String, reason: String },
+    Unreachable {
+        target: u64,
+        addr: String,
+        reason: String,
+        /** The address refused the connection: nothing listens there (the server's
+        process is not running), as opposed to no answer at all. */
+        refused: bool,
+    },
     #[error("connection to node {target} was lost: {reason}")]
     Disconnected { target: u64, reason: String },
     #[error("node {target} did not answer within {timeout:?}")]
@@ -93,6 +100,8 @@ pub struct Caller {
     addr: String,
     identification: Option<Identification>,
     conn: tokio::sync::Mutex<Option<Arc<Connection>>>,
+    /// The last failed connect, repeated to calls for `RECONNECT_BACKOFF`.
+    failed: Mutex<Option<(Instant, CallError)>>,
     next_id: AtomicU64,
 }
 
@@ -100,7 +109,7 @@ impl Caller {
     /// A caller for the server `target` (a node id; 0 if unknown) at `addr`. Connects
     /// on the first call.
     pub fn new(target: u64, addr: String, identification: Option<Identification>) -> Caller {
-        Caller { target, addr, identification, conn: tokio::sync::Mutex::new(None), next_id: AtomicU64::new(1) }
+        Caller { target, addr, identification, conn: tokio::sync::Mutex::new(None), failed: Mutex::new(None), next_id: AtomicU64::new(1) }
     }
 
     pub fn target(&self) -> u64 {
@@ -182,18 +191,39 @@ impl Caller {
             }
         }
         *guard = None;
-        let conn = Arc::new(tokio::time::timeout(CONNECT_TIMEOUT, self.connect()).await.map_err(|_| CallError::Unreachable {
-            target: self.target,
-            addr: self.addr.clone(),
-            reason: format!("no handshake within {CONNECT_TIMEOUT:?}"),
-        })??);
+        if let Some((at, e)) = self.failed.lock().expect("failed lock poisoned").as_ref() {
+            if at.elapsed() < RECONNECT_BACKOFF {
+                return Err(e.clone());
+            }
+        }
+        let connected = tokio::time::timeout(CONNECT_TIMEOUT, self.connect()).await.unwrap_or_else(|_| {
+            Err(CallError::Unreachable {
+                target: self.target,
+                addr: self.addr.clone(),
+                reason: format!("no handshake within {CONNECT_TIMEOUT:?}"),
+                refused: false,
+            })
+        });
+        let conn = match connected {
+            Ok(conn) => Arc::new(conn),
+            Err(e) => {
+                *self.failed.lock().expect("failed lock poisoned") = Some((Instant::now(), e.clone()));
+                return Err(e);
+            }
+        };
+        *self.failed.lock().expect("failed lock poisoned") = None;
         *guard = Some(conn.clone());
         Ok(conn)
     }
 
     async fn connect(&self) -> Result<Connection, CallError> {
-        let unreachable = |reason: String| CallError::Unreachable { target: self.target, addr: self.addr.clone(), reason };
-        let stream = TcpStream::connect(&self.addr).await.map_err(|e| unreachable(e.to_string()))?;
+        let unreachable = |reason: String| CallError::Unreachable { target: self.target, addr: self.addr.clone(), reason, refused: false };
+        let stream = TcpStream::connect(&self.addr).await.map_err(|e| CallError::Unreachable {
+            target: self.target,
+            addr: self.addr.clone(),
+            reason: e.to_string(),
+            refused: e.kind() == std::io::ErrorKind::ConnectionRefused,
+        })?;
         crate::socket::configure(&stream).map_err(|e| unreachable(e.to_string()))?;
         let (r, w) = stream.into_split();
         let mut reader = FramedRead::new(r, FrameCodec);

@@ -68,7 +68,47 @@ async fn a_call_to_a_closed_port_is_unreachable_with_the_address() {
     drop(listener);
     let err = Caller::new(4, addr.clone(), None).call(1, Bytes::new(), Duration::from_secs(2)).await.unwrap_err();
     match err {
-        CallError::Unreachable { target: 4, addr: a, .. } => assert_eq!(a, addr),
+        CallError::Unreachable { target: 4, addr: a, refused, .. } => {
+            assert_eq!(a, addr);
+            assert!(refused, "nothing listens there: the connection was refused");
+        }
         other => panic!("expected Unreachable, got {other:?}"),
     }
+}
+
+/// After a failed connect, calls within `RECONNECT_BACKOFF` fail at once with that
+/// failure instead of connecting again (every Raft group replicating to a dead peer
+/// calls it); the first call after the backoff connects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_right_after_a_failed_connect_fail_without_connecting_again() {
+    use keel_net::limits::RECONNECT_BACKOFF;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    drop(listener);
+    let caller = Caller::new(4, addr.clone(), None);
+    let failed_at = tokio::time::Instant::now();
+    assert!(matches!(caller.call(1, Bytes::new(), Duration::from_secs(2)).await, Err(CallError::Unreachable { .. })));
+    // The port listens again, but the caller does not try it within the backoff.
+    let listener = TcpListener::bind(&addr).await.unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seen = accepted.clone();
+    tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        seen.store(true, std::sync::atomic::Ordering::SeqCst);
+        let mut framed = Framed::new(stream, FrameCodec);
+        let Some(Ok(Frame::Hello { .. })) = framed.next().await else { return };
+        framed.send(Frame::HelloAck { version: 1 }).await.unwrap();
+        while let Some(Ok(Frame::Request { correlation_id, payload, .. })) = framed.next().await {
+            framed.send(Frame::Response { correlation_id, error: ErrorCode::None, message: String::new(), payload }).await.unwrap();
+        }
+    });
+    let again = caller.call(1, Bytes::new(), Duration::from_secs(2)).await;
+    if failed_at.elapsed() < RECONNECT_BACKOFF {
+        assert!(matches!(again, Err(CallError::Unreachable { .. })), "within the backoff: {again:?}");
+        assert!(!accepted.load(std::sync::atomic::Ordering::SeqCst), "no connection attempted within the backoff");
+    }
+    tokio::time::sleep_until(failed_at + RECONNECT_BACKOFF).await;
+    let ok = caller.call(1, Bytes::from_static(b"after"), Duration::from_secs(2)).await.unwrap();
+    assert_eq!(ok, Bytes::from_static(b"after"));
+    assert!(accepted.load(std::sync::atomic::Ordering::SeqCst));
 }

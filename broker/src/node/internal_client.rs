@@ -102,6 +102,6 @@ impl InternalClient {
                 }
             }
         }
-        Err(last.unwrap_or(CallError::Unreachable { target, addr: String::new(), reason: "no node answered as leader".into() }))
+        Err(last.unwrap_or(CallError::Unreachable { target, addr: String::new(), reason: "no node answered as leader".into(), refused: false }))
     }
 }

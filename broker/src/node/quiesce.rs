@@ -17,7 +17,7 @@
 //! term reaching a follower, a vote request, a pre-vote reaching the quiesced leader
 //! (`peer::server`); and here:
 //! - the node of a quiesced group's leader is seen dead or restarted (no beat for
-//!   `PEER_DEAD_AFTER`, or a new epoch): one *designated* survivor per group (chosen by
+//!   `PEER_DEAD_AFTER`, a refused connection, or a new epoch): one *designated* survivor per group (chosen by
 //!   group id among the replicas still heard from) wakes and campaigns at once (with a
 //!   pre-vote, retried until the group has a leader: [`campaign`]); the others wake
 //!   after `CAMPAIGN_FALLBACK_AFTER` if the group still has no other leader — elections
@@ -98,7 +98,7 @@ pub async fn run(driver: Driver) {
         }
         let partitions: Vec<Arc<Partition>> = driver.hosted.read().expect("hosted lock poisoned").values().cloned().collect();
         for &node in &lost {
-            tracing::info!(node, "peer node lost (no beat, or restarted): waking the quiesced groups it led");
+            tracing::info!(node, "peer node lost (no beat, connection refused, or restarted): waking the quiesced groups it led");
             crate::metrics::peer_lost();
             leader_lost(&driver, &partitions, node, &mut deferred);
         }

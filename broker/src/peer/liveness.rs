@@ -17,6 +17,15 @@
 //! node judges no peer while it was not running itself: when its own beat ticks come
 //! more than `LOCAL_STALL_AFTER` apart (the process was paused, or starved of CPU),
 //! every peer gets a fresh `PEER_DEAD_AFTER` from the end of that stall.
+//!
+//! A peer whose address *refuses* a beat's connection is dead at once, without waiting
+//! out `PEER_DEAD_AFTER`: nothing listens there, so its process is gone (killed,
+//! crashed, or restarting — a restart is a new epoch anyway). That is how most nodes
+//! die, and it cannot be mistaken for overload: a live but starved or paused process
+//! still holds its listening socket, and a network partition drops packets rather
+//! than refusing them, so those are still judged by silence. After a SIGKILL this
+//! notices within two beats (the beat in flight fails as its connection closes, the
+//! next one's reconnect is refused) instead of eight.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -47,6 +56,8 @@ pub struct Heard {
 pub struct Liveness {
     epoch: u64,
     peers: Mutex<HashMap<u64, Heard>>,
+    /// When each peer's address last refused a beat's connection.
+    refused: Mutex<HashMap<u64, Instant>>,
     clock: Mutex<LocalClock>,
 }
 
@@ -66,6 +77,7 @@ impl Liveness {
         Arc::new(Liveness {
             epoch: nanos ^ (u64::from(std::process::id()) << 48),
             peers: Mutex::default(),
+            refused: Mutex::default(),
             clock: Mutex::new(LocalClock { last_tick: now, judged_from: now }),
         })
     }
@@ -84,11 +96,18 @@ impl Liveness {
         self.peers.lock().unwrap_or_else(|p| p.into_inner()).get(&node).copied()
     }
 
+    /// `node`'s address refused a beat's connection: its process is not running.
+    pub fn refused(&self, node: u64) {
+        self.refused.lock().unwrap_or_else(|p| p.into_inner()).insert(node, Instant::now());
+    }
+
     /// Whether `node` was heard from within `PEER_DEAD_AFTER` — counted from the end of
-    /// this node's last stall if that is later.
+    /// this node's last stall if that is later — and its address has not refused a
+    /// connection since.
     pub fn alive(&self, node: u64) -> bool {
         let judged_from = self.clock.lock().unwrap_or_else(|p| p.into_inner()).judged_from;
-        self.last_heard(node).is_some_and(|h| h.at.max(judged_from).elapsed() < PEER_DEAD_AFTER)
+        let refused = self.refused.lock().unwrap_or_else(|p| p.into_inner()).get(&node).copied();
+        self.last_heard(node).is_some_and(|h| h.at.max(judged_from).elapsed() < PEER_DEAD_AFTER && refused.is_none_or(|r| r < h.at))
     }
 
     /// One of this node's beat ticks, at `now`: a gap above `LOCAL_STALL_AFTER` since the
@@ -126,10 +145,14 @@ pub fn spawn_beats(pool: Arc<PeerPool>, liveness: Arc<Liveness>, peers: Vec<(u64
                     }
                     let (caller, payload, liveness) = (pool.beat_caller(id, &addr), payload.clone(), liveness.clone());
                     outstanding.spawn(async move {
-                        if let Ok(answer) = caller.call(api::peer::LIVENESS, payload, PEER_BEAT_TIMEOUT).await {
-                            if let Ok(beat) = postcard::from_bytes::<Beat>(&answer) {
-                                liveness.heard(id, beat.epoch);
+                        match caller.call(api::peer::LIVENESS, payload, PEER_BEAT_TIMEOUT).await {
+                            Ok(answer) => {
+                                if let Ok(beat) = postcard::from_bytes::<Beat>(&answer) {
+                                    liveness.heard(id, beat.epoch);
+                                }
                             }
+                            Err(keel_net::CallError::Unreachable { refused: true, .. }) => liveness.refused(id),
+                            Err(_) => {}
                         }
                     });
                 }
@@ -156,6 +179,21 @@ mod tests {
         assert!(!l.alive(2));
         l.heard(2, 7);
         assert!(l.alive(2));
+    }
+
+    #[test]
+    fn a_peer_whose_address_refuses_a_connection_is_dead_at_once_until_heard_again() {
+        let l = Liveness::new();
+        l.heard(2, 7);
+        l.heard(3, 9);
+        assert!(l.alive(2) && l.alive(3));
+        std::thread::sleep(Duration::from_millis(1));
+        l.refused(2);
+        assert!(!l.alive(2), "refused: dead without waiting out PEER_DEAD_AFTER");
+        assert!(l.alive(3), "only the refusing peer");
+        std::thread::sleep(Duration::from_millis(1));
+        l.heard(2, 8);
+        assert!(l.alive(2), "answered a beat since (restarted): alive");
     }
 
     #[test]
