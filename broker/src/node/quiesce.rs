@@ -148,27 +148,35 @@ fn peer_changes(driver: &Driver, views: &mut HashMap<u64, PeerView>) -> (Vec<u64
 
 /// The node of `lost` is dead or restarted: for each quiesced group it led, the
 /// designated survivor campaigns now; the others wake later unless a leader appears.
-/// Awake groups are left to their own election timers: a lost beat under overload must
-/// not start elections in groups whose leader is heard (tried: at 1,000 partitions a
-/// campaign per awake group kept them from converging while they were created).
+/// Awake groups are left to their own election timers when the loss was judged by
+/// silence: a lost beat under overload must not start elections in groups whose leader
+/// is heard (tried: at 1,000 partitions a campaign per awake group kept them from
+/// converging while they were created). When `lost`'s address refused a connection its
+/// process is gone — no overload looks like that — so the designated survivor
+/// campaigns in the awake groups it led too (as soon as the other replicas' leases of
+/// the dead leader run out, rather than at a random election timeout after that).
 fn leader_lost(driver: &Driver, partitions: &[Arc<Partition>], lost: u64, deferred: &mut HashMap<u64, (Instant, u64)>) {
     if lost == driver.node_id {
         return;
     }
+    let gone = driver.liveness.refused_since_heard(lost);
     for p in partitions {
-        let Some(q) = p.group.sleep.quiet() else { continue };
-        if q.leader != lost {
-            continue;
-        }
+        let quiet = match p.group.sleep.quiet() {
+            Some(q) if q.leader == lost => true,
+            None if gone && p.group.raft.metrics().borrow_watched().current_leader == Some(lost) => false,
+            _ => continue,
+        };
         let mut live: Vec<u64> = p.replicas.iter().copied().filter(|&r| r != lost && (r == driver.node_id || driver.liveness.alive(r))).collect();
         live.sort_unstable();
         let designated = live[(p.group.id % live.len() as u64) as usize];
         if designated == driver.node_id {
-            p.group.sleep.wake(&p.group.raft, WakeReason::LeaderLost);
+            if quiet {
+                p.group.sleep.wake(&p.group.raft, WakeReason::LeaderLost);
+            }
             crate::metrics::campaign_started();
             let (raft, campaigns) = (p.group.raft.clone(), driver.campaigns.clone());
             tokio::spawn(campaign(raft, lost, campaigns));
-        } else {
+        } else if quiet {
             deferred.insert(p.group.id, (Instant::now() + CAMPAIGN_FALLBACK_AFTER, lost));
         }
     }

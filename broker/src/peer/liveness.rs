@@ -101,6 +101,13 @@ impl Liveness {
         self.refused.lock().unwrap_or_else(|p| p.into_inner()).insert(node, Instant::now());
     }
 
+    /// Whether `node`'s address refused a connection since it was last heard from: its
+    /// process is gone, as opposed to merely silent.
+    pub fn refused_since_heard(&self, node: u64) -> bool {
+        let refused = self.refused.lock().unwrap_or_else(|p| p.into_inner()).get(&node).copied();
+        refused.is_some_and(|r| self.last_heard(node).is_none_or(|h| r >= h.at))
+    }
+
     /// Whether `node` was heard from within `PEER_DEAD_AFTER` — counted from the end of
     /// this node's last stall if that is later — and its address has not refused a
     /// connection since.
