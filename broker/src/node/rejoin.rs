@@ -18,8 +18,10 @@
 //!   reaches the leader's last index at probe time (which holds every entry committed
 //!   before the wipe), and let the leader (which received `state_lost`) replicate from
 //!   the beginning of its log.
-//! - Every other replica answers and none has ever seen a leader → **fresh**: nobody can
-//!   have acknowledged anything, start as usual (first start of a cluster or a group).
+//! - Every other replica answers and none has ever seen a leader (no committed vote,
+//!   and no entry past the initial membership: a leader's term starts with a blank
+//!   entry) → **fresh**: nobody can have acknowledged anything, start as usual (first
+//!   start of a cluster or a group).
 //! - Otherwise (a replica is unreachable, or an election is under way) → **wait** and
 //!   probe again. A wiped node is refilled only while its group has a leader; with two
 //!   of three replicas gone the remaining data must not be overruled by an empty one.
@@ -83,7 +85,16 @@ pub fn decide(answers: &BTreeMap<u64, Option<GroupProbeReply>>) -> Decision {
     if !starting.is_empty() {
         return Decision::Wait(format!("nodes {starting:?} hold the group but have not opened it yet"));
     }
-    if states().any(|s| s.vote.is_committed()) {
+    // Evidence that the group had a leader: a replica's committed vote, or entries past
+    // the initial membership (index 0) — every leader's term starts with a blank entry.
+    // The committed vote alone is not enough: that flag is written without fsync
+    // (`replication::log_store`), so a replica restarted by a crash reads its vote back
+    // uncommitted. (Found by keel-jepsen over 300 partitions: right after a
+    // partition-kill, the wiped node found one replica just restarted and the other
+    // campaigning, neither with a committed vote, started fresh, and voted in a
+    // candidate lacking 600 acknowledged records, which were overwritten.) Its log is
+    // durable evidence: anything acknowledged is on a majority, so on one of the others.
+    if states().any(|s| s.vote.is_committed() || s.last_log_index.is_some_and(|i| i > 0)) {
         return Decision::Wait("the group had a leader but none answers now (an election is under way)".into());
     }
     Decision::Fresh
@@ -252,5 +263,15 @@ mod tests {
         // Node 2 followed leader 3, which is now a follower in a new election.
         let answers = BTreeMap::from([(2, state(5, 3, true, false, Some(9))), (3, state(6, 3, false, false, Some(9)))]);
         assert!(matches!(decide(&answers), Decision::Wait(_)));
+    }
+
+    #[test]
+    fn entries_past_the_initial_membership_without_a_committed_vote_mean_wait() {
+        // Node 2 just restarted after a crash: its vote reads back uncommitted (the flag
+        // is not fsynced), but its log holds entries of a leader's term. Node 3 campaigns.
+        let answers = BTreeMap::from([(2, state(5, 3, false, false, Some(9))), (3, state(6, 3, false, false, Some(9)))]);
+        assert!(matches!(decide(&answers), Decision::Wait(_)), "{:?}", decide(&answers));
+        let one = BTreeMap::from([(2, state(5, 3, false, false, Some(1))), (3, Some(GroupProbeReply::Unknown))]);
+        assert!(matches!(decide(&one), Decision::Wait(_)), "one replica with a leader's blank entry is enough");
     }
 }
