@@ -113,8 +113,7 @@ impl Liveness {
     /// connection since.
     pub fn alive(&self, node: u64) -> bool {
         let judged_from = self.clock.lock().unwrap_or_else(|p| p.into_inner()).judged_from;
-        let refused = self.refused.lock().unwrap_or_else(|p| p.into_inner()).get(&node).copied();
-        self.last_heard(node).is_some_and(|h| h.at.max(judged_from).elapsed() < PEER_DEAD_AFTER && refused.is_none_or(|r| r < h.at))
+        self.last_heard(node).is_some_and(|h| h.at.max(judged_from).elapsed() < PEER_DEAD_AFTER) && !self.refused_since_heard(node)
     }
 
     /// One of this node's beat ticks, at `now`: a gap above `LOCAL_STALL_AFTER` since the
