@@ -300,8 +300,8 @@ impl Config {
         if r.election_timeout_max_ms <= r.election_timeout_min_ms {
             return invalid("cluster.raft", "election_timeout_max_ms must exceed election_timeout_min_ms");
         }
-        if r.quiesce_after_ms != 0 && r.quiesce_after_ms < r.election_timeout_max_ms {
-            return invalid("cluster.raft.quiesce_after_ms", "0 (never quiesce) or at least election_timeout_max_ms");
+        if r.quiesce_after_ms != 0 && r.quiesce_after_ms < 2 * r.heartbeat_ms {
+            return invalid("cluster.raft.quiesce_after_ms", "0 (never quiesce) or at least 2 x heartbeat_ms");
         }
         let t = &c.topic_defaults;
         if t.partitions == 0 {
@@ -388,12 +388,13 @@ mod tests {
     #[test]
     fn validation_names_the_field_at_fault() {
         type Breaker = fn(&mut Config);
-        let cases: [(&str, Breaker); 8] = [
+        let cases: [(&str, Breaker); 9] = [
             ("node.id", |c| c.node.id = 9),
             ("cluster.members", |c| c.cluster.members[1].id = 1),
             ("cluster.members", |c| c.cluster.members[1].peer_addr = c.cluster.members[0].peer_addr.clone()),
             ("cluster.raft", |c| c.cluster.raft.election_timeout_min_ms = 100),
             ("cluster.raft", |c| c.cluster.raft.election_timeout_max_ms = c.cluster.raft.election_timeout_min_ms),
+            ("cluster.raft.quiesce_after_ms", |c| c.cluster.raft.quiesce_after_ms = 2 * c.cluster.raft.heartbeat_ms - 1),
             ("cluster.topic_defaults.replicas", |c| c.cluster.topic_defaults.replicas = 4),
             ("cluster.topic_defaults.config", |c| c.cluster.topic_defaults.config.max_message_bytes = u32::MAX),
             ("cluster.fsync", |c| c.cluster.fsync = "sometimes".into()),

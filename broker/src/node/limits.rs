@@ -169,8 +169,14 @@ pub const TICKS_LIST_INTERVAL: Duration = Duration::from_millis(500);
 /// (`super::quiesce`): a lost leader's groups wake within this of `PEER_DEAD_AFTER`.
 pub const QUIESCE_SCAN_INTERVAL: Duration = Duration::from_millis(100);
 
-/// How often the quiesce driver looks for idle groups to quiesce.
-pub const QUIESCE_ROUND_INTERVAL: Duration = Duration::from_millis(500);
+/// How often the quiesce driver looks for idle groups to quiesce: a group asks to park
+/// within this of being idle for `quiesce_after_ms`.
+pub const QUIESCE_ROUND_INTERVAL: Duration = Duration::from_millis(100);
+
+/// How often the quiesce driver lists the hosted groups anew (between lists a round
+/// looks only at the listed ones: a group created since waits for the next list), tells
+/// other replicas about groups stopped here, and sets the quiesced/awake gauges.
+pub const QUIESCE_LIST_INTERVAL: Duration = Duration::from_millis(500);
 
 /// How often, at most, a node asks the other replicas of a group whose Raft stopped
 /// here to wake it.

@@ -39,7 +39,9 @@ use bytes::Bytes;
 use keel_protocol::api;
 use openraft::async_runtime::watch::WatchReceiver;
 
-use super::limits::{CAMPAIGN_ATTEMPTS_MAX, CAMPAIGN_RETRY_INTERVAL, QUIESCE_ROUND_INTERVAL, QUIESCE_SCAN_INTERVAL, STOPPED_GROUP_WAKE_EVERY};
+use super::limits::{
+    CAMPAIGN_ATTEMPTS_MAX, CAMPAIGN_RETRY_INTERVAL, QUIESCE_LIST_INTERVAL, QUIESCE_ROUND_INTERVAL, QUIESCE_SCAN_INTERVAL, STOPPED_GROUP_WAKE_EVERY,
+};
 use super::partition::Partition;
 use super::reconcile::HostedPartitions;
 use crate::peer::limits::{QUIESCE_GROUPS_PER_REQUEST_MAX, QUIESCE_REQUEST_TIMEOUT};
@@ -87,16 +89,24 @@ pub async fn run(driver: Driver) {
     let mut not_before: HashMap<u64, Instant> = HashMap::new();
     let mut stopped_told: HashMap<u64, Instant> = HashMap::new();
     let mut last_round = Instant::now();
+    // The hosted groups as last listed (every `QUIESCE_LIST_INTERVAL`, and whenever a
+    // peer was lost or came back), and when.
+    let mut partitions: Vec<Arc<Partition>> = Vec::new();
+    let mut listed_at: Option<Instant> = None;
     let mut every = tokio::time::interval(QUIESCE_SCAN_INTERVAL);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         every.tick().await;
         let (lost, returned) = peer_changes(&driver, &mut views);
         if lost.is_empty() && returned.is_empty() && deferred.is_empty() && last_round.elapsed() < QUIESCE_ROUND_INTERVAL {
-            // Nothing to do this scan: the partitions are not even listed.
+            // Nothing to do this scan: the partitions are not even looked at.
             continue;
         }
-        let partitions: Vec<Arc<Partition>> = driver.hosted.read().expect("hosted lock poisoned").values().cloned().collect();
+        let list_due = !lost.is_empty() || !returned.is_empty() || listed_at.is_none_or(|t| t.elapsed() >= QUIESCE_LIST_INTERVAL);
+        if list_due {
+            partitions = driver.hosted.read().expect("hosted lock poisoned").values().cloned().collect();
+            listed_at = Some(Instant::now());
+        }
         for &node in &lost {
             tracing::info!(node, "peer node lost (no beat, connection refused, or restarted): waking the quiesced groups it led");
             crate::metrics::peer_lost();
@@ -115,9 +125,11 @@ pub async fn run(driver: Driver) {
             continue;
         }
         last_round = Instant::now();
-        tell_stopped(&driver, &partitions, &mut stopped_told).await;
-        let quiesced = partitions.iter().filter(|p| p.group.sleep.is_quiet()).count();
-        crate::metrics::groups_quiescence(quiesced, partitions.len() - quiesced);
+        if list_due {
+            tell_stopped(&driver, &partitions, &mut stopped_told).await;
+            let quiesced = partitions.iter().filter(|p| p.group.sleep.is_quiet()).count();
+            crate::metrics::groups_quiescence(quiesced, partitions.len() - quiesced);
+        }
         if let Some(after) = driver.quiesce_after {
             not_before.retain(|_, t| *t > last_round);
             let candidates: Vec<Candidate> = partitions.iter().filter_map(|p| candidate(&driver, p, after, &not_before)).collect();
