@@ -431,6 +431,7 @@ pub fn record_group_damage(group: u64, damaged: bool) {
 }
 
 /// One group's sampled Raft view, for [`record_group`].
+#[derive(Debug, Clone, PartialEq)]
 pub struct GroupSample {
     pub group: u64,
     pub term: u64,
@@ -444,26 +445,35 @@ pub struct GroupSample {
     pub producers: Option<u64>,
 }
 
-/// Records the group gauges of one sampling round.
-pub fn record_groups(samples: &[GroupSample]) {
+/// Records the group gauges of one sampling round. `previous` holds each group's sample
+/// of the round before: a gauge is set only when its value changed (a node hosting
+/// thousands of mostly idle groups would otherwise look up and set every one of them
+/// every round).
+pub fn record_groups(samples: &[GroupSample], previous: &std::collections::HashMap<u64, GroupSample>) {
     let mut under = 0u64;
     for s in samples {
-        let group = s.group.to_string();
-        gauge!(RAFT_TERM, "group" => group.clone()).set(s.term as f64);
-        gauge!(RAFT_IS_LEADER, "group" => group.clone()).set(if s.is_leader { 1.0 } else { 0.0 });
-        if s.leader_changed {
-            counter!(RAFT_LEADER_CHANGES, "group" => group.clone()).increment(1);
-        }
-        if let Some(n) = s.message_ids {
-            gauge!(MESSAGE_IDS_HELD, "group" => group.clone()).set(n as f64);
-        }
-        if let Some(n) = s.message_id_bytes {
-            gauge!(MESSAGE_ID_WINDOW_BYTES, "group" => group.clone()).set(n as f64);
-        }
-        if let Some(n) = s.producers {
-            gauge!(PRODUCERS_HELD, "group" => group).set(n as f64);
-        }
         under += u64::from(s.under_replicated);
+        let before = previous.get(&s.group);
+        let changed = |f: fn(&GroupSample) -> Option<u64>| before.is_none_or(|b| f(b) != f(s));
+        let group = || s.group.to_string();
+        if changed(|x| Some(x.term)) {
+            gauge!(RAFT_TERM, "group" => group()).set(s.term as f64);
+        }
+        if changed(|x| Some(u64::from(x.is_leader))) {
+            gauge!(RAFT_IS_LEADER, "group" => group()).set(if s.is_leader { 1.0 } else { 0.0 });
+        }
+        if s.leader_changed {
+            counter!(RAFT_LEADER_CHANGES, "group" => group()).increment(1);
+        }
+        if let Some(n) = s.message_ids.filter(|_| changed(|x| x.message_ids)) {
+            gauge!(MESSAGE_IDS_HELD, "group" => group()).set(n as f64);
+        }
+        if let Some(n) = s.message_id_bytes.filter(|_| changed(|x| x.message_id_bytes)) {
+            gauge!(MESSAGE_ID_WINDOW_BYTES, "group" => group()).set(n as f64);
+        }
+        if let Some(n) = s.producers.filter(|_| changed(|x| x.producers)) {
+            gauge!(PRODUCERS_HELD, "group" => group()).set(n as f64);
+        }
     }
     gauge!(UNDER_REPLICATED_PARTITIONS).set(under as f64);
 }
@@ -541,5 +551,48 @@ pub fn record_consumers(samples: &[ConsumerSample]) {
         for (lane, n) in &s.lane_backlog {
             gauge!(QUEUE_LANE_BACKLOG, "group" => s.group.to_string(), "consumer_group" => s.consumer_group.clone(), "lane" => lane.to_string()).set(*n as f64);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(group: u64, term: u64, is_leader: bool) -> GroupSample {
+        GroupSample {
+            group,
+            term,
+            leader: Some(1),
+            is_leader,
+            leader_changed: false,
+            under_replicated: false,
+            message_ids: Some(0),
+            message_id_bytes: Some(0),
+            producers: Some(0),
+        }
+    }
+
+    #[test]
+    fn group_gauges_are_set_when_new_or_changed_and_not_again_when_unchanged() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let line = |text: &str, name: &str| text.lines().find(|l| l.starts_with(name)).map(str::to_string);
+        metrics::with_local_recorder(&recorder, || {
+            let none = std::collections::HashMap::new();
+            record_groups(&[sample(7, 3, true)], &none);
+            let text = handle.render();
+            assert_eq!(line(&text, "keel_raft_term{group=\"7\"}").as_deref(), Some("keel_raft_term{group=\"7\"} 3"));
+            assert_eq!(line(&text, "keel_raft_is_leader{group=\"7\"}").as_deref(), Some("keel_raft_is_leader{group=\"7\"} 1"));
+            // The round before says term 4 already: unchanged, so not set (the recorder
+            // still holds 3, which proves the set was skipped).
+            let before: std::collections::HashMap<u64, GroupSample> = [(7, sample(7, 4, true))].into();
+            record_groups(&[sample(7, 4, true)], &before);
+            assert_eq!(line(&handle.render(), "keel_raft_term{group=\"7\"}").as_deref(), Some("keel_raft_term{group=\"7\"} 3"));
+            // Changed since the round before: set.
+            record_groups(&[sample(7, 5, false)], &before);
+            let text = handle.render();
+            assert_eq!(line(&text, "keel_raft_term{group=\"7\"}").as_deref(), Some("keel_raft_term{group=\"7\"} 5"));
+            assert_eq!(line(&text, "keel_raft_is_leader{group=\"7\"}").as_deref(), Some("keel_raft_is_leader{group=\"7\"} 0"));
+        });
     }
 }

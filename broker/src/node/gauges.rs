@@ -155,6 +155,8 @@ impl Timestamps {
 /// Runs until aborted.
 pub async fn run(metadata_group: GroupHandle, hosted: HostedPartitions) {
     let mut last_leaders = HashMap::new();
+    // Each group's sample of the round before (gauges are set only when they change).
+    let mut previous: HashMap<u64, GroupSample> = HashMap::new();
     let mut ages = Timestamps::default();
     // Consumer gauges this node set last round (to zero those it stops reporting).
     let mut reported: HashMap<(u64, String, String), Vec<u8>> = HashMap::new();
@@ -164,8 +166,9 @@ pub async fn run(metadata_group: GroupHandle, hosted: HostedPartitions) {
         let partitions: Vec<_> = hosted.read().expect("hosted lock poisoned").values().cloned().collect::<Vec<Arc<_>>>();
         let mut samples = vec![sample(&metadata_group, &mut last_leaders, false)];
         samples.extend(partitions.iter().map(|p| sample(&p.group, &mut last_leaders, true)));
-        last_leaders.retain(|g, _| samples.iter().any(|s| s.group == *g));
-        metrics::record_groups(&samples);
+        metrics::record_groups(&samples, &previous);
+        previous = samples.into_iter().map(|s| (s.group, s)).collect();
+        last_leaders.retain(|g, _| previous.contains_key(g));
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
         let mut consumers = Vec::new();
         for p in &partitions {
