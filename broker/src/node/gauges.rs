@@ -54,6 +54,13 @@ fn lane_backlog(q: &crate::partition::consumers::QueueGroup, lanes: &crate::part
 
 /// Consumer-group and dead-letter gauges of one partition, if this node leads it.
 fn consumer_samples(p: &super::partition::Partition, now_ms: i64) -> Vec<metrics::ConsumerSample> {
+    let dead_letter_topic = p.topic.ends_with(super::dead_letters::DEAD_LETTER_SUFFIX);
+    {
+        let st = p.group.shared.state();
+        if st.consumers.streams.is_empty() && st.consumers.queues.is_empty() && !dead_letter_topic {
+            return Vec::new();
+        }
+    }
     if !p.serving_now() {
         return Vec::new();
     }
@@ -95,7 +102,7 @@ fn consumer_samples(p: &super::partition::Partition, now_ms: i64) -> Vec<metrics
             lane_backlog: lane_backlog(q, &st.lanes, hw),
         });
     }
-    if p.topic.ends_with(super::dead_letters::DEAD_LETTER_SUFFIX) {
+    if dead_letter_topic {
         let start = p.group.log.state().start_offset;
         out.push(metrics::ConsumerSample {
             group: p.group.id,
@@ -157,6 +164,9 @@ pub async fn run(metadata_group: GroupHandle, hosted: HostedPartitions) {
     let mut last_leaders = HashMap::new();
     // Each group's sample of the round before (gauges are set only when they change).
     let mut previous: HashMap<u64, GroupSample> = HashMap::new();
+    // Which parking (`Sleep::parking`) each group was in when sampled: a group still in
+    // the same one has not woken since, so nothing in its sample can have moved.
+    let mut parked_when_sampled: HashMap<u64, Option<u64>> = HashMap::new();
     let mut ages = Timestamps::default();
     // Consumer gauges this node set last round (to zero those it stops reporting).
     let mut reported: HashMap<(u64, String, String), Vec<u8>> = HashMap::new();
@@ -165,10 +175,21 @@ pub async fn run(metadata_group: GroupHandle, hosted: HostedPartitions) {
         tick.tick().await;
         let partitions: Vec<_> = hosted.read().expect("hosted lock poisoned").values().cloned().collect::<Vec<Arc<_>>>();
         let mut samples = vec![sample(&metadata_group, &mut last_leaders, false)];
-        samples.extend(partitions.iter().map(|p| sample(&p.group, &mut last_leaders, true)));
+        // A parked replica's term, leader and dedupe state cannot move until it wakes:
+        // its sample of the round before stands (no Raft metrics read for it).
+        samples.extend(partitions.iter().map(|p| {
+            let parking = p.group.sleep.parking();
+            let unchanged = parking.is_some() && parked_when_sampled.get(&p.group.id) == Some(&parking);
+            parked_when_sampled.insert(p.group.id, parking);
+            match previous.get(&p.group.id) {
+                Some(before) if unchanged => GroupSample { leader_changed: false, ..before.clone() },
+                _ => sample(&p.group, &mut last_leaders, true),
+            }
+        }));
         metrics::record_groups(&samples, &previous);
         previous = samples.into_iter().map(|s| (s.group, s)).collect();
         last_leaders.retain(|g, _| previous.contains_key(g));
+        parked_when_sampled.retain(|g, _| previous.contains_key(g));
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
         let mut consumers = Vec::new();
         for p in &partitions {

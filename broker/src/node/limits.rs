@@ -181,6 +181,9 @@ pub const QUIESCE_LIST_INTERVAL: Duration = Duration::from_millis(500);
 /// How often, at most, a node asks the other replicas of a group whose Raft stopped
 /// here to wake it.
 pub const STOPPED_GROUP_WAKE_EVERY: Duration = Duration::from_secs(5);
+/// How often the quiesce driver looks for groups whose Raft stopped here (a storage
+/// error; rare, and each look reads every group's Raft metrics).
+pub const STOPPED_SCAN_INTERVAL: Duration = Duration::from_secs(2);
 
 /// A designated survivor retries its pre-vote this often until the group has a leader
 /// (`super::quiesce::campaign`): the other survivor may veto the first while it still

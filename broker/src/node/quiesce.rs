@@ -41,6 +41,7 @@ use openraft::async_runtime::watch::WatchReceiver;
 
 use super::limits::{
     CAMPAIGN_ATTEMPTS_MAX, CAMPAIGN_RETRY_INTERVAL, QUIESCE_LIST_INTERVAL, QUIESCE_ROUND_INTERVAL, QUIESCE_SCAN_INTERVAL, STOPPED_GROUP_WAKE_EVERY,
+    STOPPED_SCAN_INTERVAL,
 };
 use super::partition::Partition;
 use super::reconcile::HostedPartitions;
@@ -88,6 +89,7 @@ pub async fn run(driver: Driver) {
     // Groups not to ask again before then (a follower refused, or did not answer).
     let mut not_before: HashMap<u64, Instant> = HashMap::new();
     let mut stopped_told: HashMap<u64, Instant> = HashMap::new();
+    let mut stopped_scan: Option<Instant> = None;
     let mut last_round = Instant::now();
     // The hosted groups as last listed (every `QUIESCE_LIST_INTERVAL`, and whenever a
     // peer was lost or came back), and when.
@@ -125,8 +127,11 @@ pub async fn run(driver: Driver) {
             continue;
         }
         last_round = Instant::now();
-        if list_due {
+        if stopped_scan.is_none_or(|t| t.elapsed() >= STOPPED_SCAN_INTERVAL) {
+            stopped_scan = Some(Instant::now());
             tell_stopped(&driver, &partitions, &mut stopped_told).await;
+        }
+        if list_due {
             let quiesced = partitions.iter().filter(|p| p.group.sleep.is_quiet()).count();
             crate::metrics::groups_quiescence(quiesced, partitions.len() - quiesced);
         }

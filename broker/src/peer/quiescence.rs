@@ -94,6 +94,9 @@ pub struct Sleep {
     parked: AtomicBool,
     /// `inner.listening`, readable without the lock.
     listening: AtomicBool,
+    /// How many times this replica parked (a parked replica with the same count as
+    /// before has not woken in between).
+    parks: AtomicU64,
     /// When this replica last accepted an AppendEntries: microseconds since
     /// [`clock_base`] (0: never).
     contact_us: AtomicU64,
@@ -111,6 +114,7 @@ impl Default for Sleep {
             inner: Mutex::new(Inner { quiet: None, uses: 0, last_use: Instant::now(), confirm_after: None, listening: false }),
             parked: AtomicBool::new(false),
             listening: AtomicBool::new(false),
+            parks: AtomicU64::new(0),
             contact_us: AtomicU64::new(0),
         }
     }
@@ -134,8 +138,18 @@ impl Sleep {
         self.parked.load(Ordering::Acquire)
     }
 
+    /// If the group is quiesced here, which parking of this replica it is (unchanged
+    /// while it stays parked; a wake and a new park give another number).
+    pub fn parking(&self) -> Option<u64> {
+        let n = self.parks.load(Ordering::Acquire);
+        self.is_quiet().then_some(n).filter(|&n| n == self.parks.load(Ordering::Acquire))
+    }
+
     fn set_quiet(&self, i: &mut Inner, quiet: Option<Quiet>) {
         i.quiet = quiet;
+        if quiet.is_some() {
+            self.parks.fetch_add(1, Ordering::AcqRel);
+        }
         self.parked.store(quiet.is_some(), Ordering::Release);
         // Parking stops the ticker and waking starts it, whatever listening did.
         self.set_listening(i, false);
@@ -270,5 +284,30 @@ fn start_ticking(raft: &GroupRaft, heartbeat: bool) {
         tokio::spawn(async move {
             let _ = raft.trigger().heartbeat().await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(s: &Sleep, quiet: Option<Quiet>) {
+        let mut i = s.lock();
+        s.set_quiet(&mut i, quiet);
+    }
+
+    #[test]
+    fn a_replica_woken_and_parked_again_is_in_another_parking() {
+        let s = Sleep::default();
+        assert_eq!(s.parking(), None, "awake: no parking");
+        let q = Quiet { term: 1, leader: 1, last: Some((1, 5)) };
+        set(&s, Some(q));
+        let first = s.parking().expect("parked");
+        assert_eq!(s.parking(), Some(first), "the same parking while it stays parked");
+        set(&s, None);
+        assert_eq!(s.parking(), None);
+        set(&s, Some(q));
+        let second = s.parking().expect("parked again");
+        assert_ne!(second, first, "a wake in between gives another parking");
     }
 }
