@@ -12,12 +12,13 @@ use super::group::GroupHandle;
 use super::reconcile::HostedPartitions;
 use crate::metrics::{self, GroupSample, UNDER_REPLICATED_LAG_ENTRIES};
 
-fn sample(g: &GroupHandle, last_leaders: &mut HashMap<u64, Option<u64>>, is_partition: bool) -> GroupSample {
+/// `g`'s sample now; `before` is its sample of the round before (leader changes are
+/// counted against it).
+fn sample(g: &GroupHandle, before: Option<&GroupSample>, is_partition: bool) -> GroupSample {
     let m = g.raft.metrics();
     let m = m.borrow_watched();
     let is_leader = m.state == openraft::ServerState::Leader;
-    let previous = last_leaders.insert(g.id, m.current_leader);
-    let leader_changed = matches!(previous, Some(p) if p != m.current_leader && m.current_leader.is_some());
+    let leader_changed = before.is_some_and(|b| b.leader != m.current_leader && m.current_leader.is_some());
     let under_replicated = is_partition
         && is_leader
         && m.replication.as_ref().is_some_and(|r| {
@@ -161,8 +162,8 @@ impl Timestamps {
 
 /// Runs until aborted.
 pub async fn run(metadata_group: GroupHandle, hosted: HostedPartitions) {
-    let mut last_leaders = HashMap::new();
-    // Each group's sample of the round before (gauges are set only when they change).
+    // Each group's sample of the round before (gauges are set only when they change;
+    // leader changes are counted against it).
     let mut previous: HashMap<u64, GroupSample> = HashMap::new();
     // Which parking (`Sleep::parking`) each group was in when sampled: a group still in
     // the same one has not woken since, so nothing in its sample can have moved.
@@ -174,7 +175,7 @@ pub async fn run(metadata_group: GroupHandle, hosted: HostedPartitions) {
     loop {
         tick.tick().await;
         let partitions: Vec<_> = hosted.read().expect("hosted lock poisoned").values().cloned().collect::<Vec<Arc<_>>>();
-        let mut samples = vec![sample(&metadata_group, &mut last_leaders, false)];
+        let mut samples = vec![sample(&metadata_group, previous.get(&metadata_group.id), false)];
         // A parked replica's term, leader and dedupe state cannot move until it wakes:
         // its sample of the round before stands (no Raft metrics read for it).
         samples.extend(partitions.iter().map(|p| {
@@ -183,12 +184,11 @@ pub async fn run(metadata_group: GroupHandle, hosted: HostedPartitions) {
             parked_when_sampled.insert(p.group.id, parking);
             match previous.get(&p.group.id) {
                 Some(before) if unchanged => GroupSample { leader_changed: false, ..before.clone() },
-                _ => sample(&p.group, &mut last_leaders, true),
+                before => sample(&p.group, before, true),
             }
         }));
         metrics::record_groups(&samples, &previous);
         previous = samples.into_iter().map(|s| (s.group, s)).collect();
-        last_leaders.retain(|g, _| previous.contains_key(g));
         parked_when_sampled.retain(|g, _| previous.contains_key(g));
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
         let mut consumers = Vec::new();
