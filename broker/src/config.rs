@@ -329,10 +329,15 @@ impl Config {
 /// Configs for a cluster of `nodes` on free loopback ports with data under `dir/nodeN`
 /// (for tests and tools that start nodes in one process). The ports are free when
 /// chosen; another process could take one before the nodes bind.
+///
+/// They come from `LOCAL_CLUSTER_PORTS`, below Linux's ephemeral range (32768 and up,
+/// `ip_local_port_range`), never from the kernel's port 0: a port it hands out is
+/// ephemeral, and between this choosing it and the node binding it, any outgoing
+/// connection (the nodes' own, to each other) can get it as its local port — a node
+/// then fails with "address in use". Each process starts at its own place in the range
+/// and moves on with every call.
 pub fn local_cluster(dir: &std::path::Path, nodes: u16, name: &str) -> Vec<Config> {
-    let listeners: Vec<std::net::TcpListener> = (0..3 * nodes).filter_map(|_| std::net::TcpListener::bind("127.0.0.1:0").ok()).collect();
-    let ports: Vec<u16> = listeners.iter().filter_map(|l| l.local_addr().ok()).map(|a| a.port()).collect();
-    assert_eq!(ports.len(), 3 * usize::from(nodes), "could not find free loopback ports");
+    let ports = free_local_ports(3 * usize::from(nodes));
     let mut cluster = ClusterConfig::dev(nodes, 0);
     let n = usize::from(nodes);
     for (i, m) in cluster.members.iter_mut().enumerate() {
@@ -344,6 +349,30 @@ pub fn local_cluster(dir: &std::path::Path, nodes: u16, name: &str) -> Vec<Confi
     (1..=u64::from(nodes))
         .map(|id| Config { node: NodeConfig { id, data_dir: dir.join(format!("node{id}")), ..NodeConfig::default() }, cluster: cluster.clone() })
         .collect()
+}
+
+/// The loopback ports `local_cluster` chooses from (below the ephemeral range, and
+/// below the ports the broker's process-based tests use).
+const LOCAL_CLUSTER_PORTS: std::ops::Range<u16> = 10_000..19_000;
+
+/// `count` loopback ports of `LOCAL_CLUSTER_PORTS`, each free (bound) when chosen.
+fn free_local_ports(count: usize) -> Vec<u16> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let span = u32::from(LOCAL_CLUSTER_PORTS.end - LOCAL_CLUSTER_PORTS.start);
+    let _ = NEXT.compare_exchange(u32::MAX, (std::process::id().wrapping_mul(97)) % span, Ordering::AcqRel, Ordering::Acquire);
+    let mut held = Vec::with_capacity(count);
+    for _ in 0..span {
+        if held.len() == count {
+            break;
+        }
+        let port = LOCAL_CLUSTER_PORTS.start + (NEXT.fetch_add(1, Ordering::AcqRel) % span) as u16;
+        if let Ok(listener) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            held.push(listener);
+        }
+    }
+    assert_eq!(held.len(), count, "could not find {count} free loopback ports in {LOCAL_CLUSTER_PORTS:?}");
+    held.iter().map(|l| l.local_addr().expect("a bound listener has an address").port()).collect()
 }
 
 #[cfg(test)]

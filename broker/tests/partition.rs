@@ -14,7 +14,7 @@ use keel_client::{Admin, ClientConfig, Cluster};
 use keel_net::Caller;
 use keel_protocol::api::client as api;
 use keel_protocol::batch::{BatchBuilder, BatchOptions, NewRecord};
-use keel_protocol::message::{self, ProduceRequest};
+use keel_protocol::message::{self, ClusterStatusResponse, GroupStatus, ProduceRequest};
 
 fn batch(value: &str) -> Bytes {
     let mut b = BatchBuilder::new(BatchOptions::default()).unwrap();
@@ -38,8 +38,19 @@ async fn produce_all(cluster: &Cluster, values: impl Iterator<Item = String>) ->
     acked
 }
 
+/// Partition `p`'s state on node `id` (`None`: it does not answer, or hosts no replica).
+async fn group_status(addr: &str, id: u64) -> Option<GroupStatus> {
+    let status = Caller::new(id, addr.to_string(), None).call(api::CLUSTER_STATUS, Bytes::new(), Duration::from_secs(2)).await.ok()?;
+    let status: ClusterStatusResponse = message::decode(&status).ok()?;
+    status.groups.into_iter().find(|g| g.topic.as_deref() == Some("p"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_minority_partitioned_leader_cannot_acknowledge_writes_and_nothing_acknowledged_is_lost() {
+    // The nodes' logs go to the test's captured output (shown when it fails); `RUST_LOG`
+    // chooses what, informational messages of Keel by default.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("keel_broker=info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
     let dir = tempfile::tempdir().unwrap();
     let configs = local_cluster(dir.path(), 3, "partition-test");
     let addr_of = |id: u64| configs[0].cluster.members.iter().find(|m| m.id == id).unwrap().client_addr.clone();
@@ -48,6 +59,22 @@ async fn a_minority_partitioned_leader_cannot_acknowledge_writes_and_nothing_ack
     let admin = Admin::new(everyone.clone());
     admin.create_topic("p", 1, 3).await.unwrap();
     let mut acked = produce_all(&everyone, (0..100).map(|i| format!("before-{i}"))).await;
+
+    // The cluster is whole before it is partitioned: every node hosts the partition and
+    // holds what was acknowledged. (A node that started late on this brand-new cluster
+    // is refilled like a wiped one and votes only once caught up; cut off before that,
+    // the "majority" would rightly elect nobody.)
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for id in 1..=3u64 {
+        loop {
+            let hw = group_status(&addr_of(id), id).await.map_or(0, |g| g.high_watermark);
+            if hw >= acked.len() as u64 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "node {id} did not hold the first {} messages (high watermark {hw})", acked.len());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 
     // Isolate the partition's leader.
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -87,7 +114,13 @@ async fn a_minority_partitioned_leader_cannot_acknowledge_writes_and_nothing_ack
         if leader.is_some_and(|l| l != old_leader) {
             break;
         }
-        assert!(Instant::now() < deadline, "the majority elected no new leader");
+        if Instant::now() >= deadline {
+            let mut report = String::new();
+            for id in &others {
+                report.push_str(&format!("\n  node {id}: {:?}", group_status(&addr_of(*id), *id).await));
+            }
+            panic!("the majority elected no new leader (old leader {old_leader}); the partition on the majority:{report}");
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     acked.extend(produce_all(&majority, (0..100).map(|i| format!("during-{i}"))).await);
@@ -115,9 +148,7 @@ async fn a_minority_partitioned_leader_cannot_acknowledge_writes_and_nothing_ack
     // The old leader's own log converged: it holds the acknowledged data too.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let status = Caller::new(old_leader, addr_of(old_leader), None).call(api::CLUSTER_STATUS, Bytes::new(), Duration::from_secs(2)).await.unwrap();
-        let status: keel_protocol::message::ClusterStatusResponse = message::decode(&status).unwrap();
-        let hw = status.groups.iter().find(|g| g.topic.as_deref() == Some("p")).map_or(0, |g| g.high_watermark);
+        let hw = group_status(&addr_of(old_leader), old_leader).await.map_or(0, |g| g.high_watermark);
         if hw >= acked.len() as u64 {
             break;
         }
