@@ -200,6 +200,12 @@ fn describe() {
     describe_counter!(PRE_VOTES_VETOED, Unit::Count, "Pre-votes refused for quiesced groups.");
     describe_counter!(PEERS_LOST, Unit::Count, "Times a peer was seen dead or restarted.");
     describe_counter!(CAMPAIGNS_STARTED, Unit::Count, "Elections started as the designated campaigner of a group whose leader's node was lost.");
+    describe_gauge!(
+        TAIL_CACHE_HOLDERS,
+        Unit::Count,
+        "Logs on this node holding recently written entries in memory; each may cache at most keel_tail_cache_budget_bytes split among them (and 32 MiB)."
+    );
+    describe_gauge!(TAIL_CACHE_BUDGET, Unit::Bytes, "The node-wide budget of the logs' in-memory tail caches.");
 }
 
 pub const GROUPS_QUIESCED: &str = "keel_groups_quiesced";
@@ -211,6 +217,14 @@ pub const QUIESCE_REQUESTS: &str = "keel_quiesce_requests_total";
 pub const PRE_VOTES_VETOED: &str = "keel_pre_votes_vetoed_total";
 pub const PEERS_LOST: &str = "keel_peers_lost_total";
 pub const CAMPAIGNS_STARTED: &str = "keel_campaigns_started_total";
+pub const TAIL_CACHE_HOLDERS: &str = "keel_tail_cache_holders";
+pub const TAIL_CACHE_BUDGET: &str = "keel_tail_cache_budget_bytes";
+
+/// The logs sharing the node's tail-cache budget: how many hold entries, of how much.
+pub fn tail_cache(holders: u64, budget_bytes: u64) {
+    gauge!(TAIL_CACHE_HOLDERS).set(holders as f64);
+    gauge!(TAIL_CACHE_BUDGET).set(budget_bytes as f64);
+}
 
 /// A quiesced group woke.
 pub fn group_woke(reason: crate::peer::quiescence::WakeReason) {

@@ -37,6 +37,9 @@ pub struct LogConfig {
     pub index_interval_bytes: u64,
     /// Byte budget of the in-memory tail cache.
     pub tail_cache_bytes: u64,
+    /// A budget this log's tail cache shares with other logs (a node's partitions):
+    /// with it, the log caches at most `tail_cache_bytes` and at most its share.
+    pub tail_cache_share: Option<crate::tail_cache::TailCacheShare>,
     /// Durability policy.
     pub fsync: FsyncPolicy,
     /// Retention policy used by `Log::retention_cut`.
@@ -50,6 +53,7 @@ impl Default for LogConfig {
             segment_age: SEGMENT_AGE_DEFAULT,
             index_interval_bytes: INDEX_INTERVAL_BYTES_DEFAULT,
             tail_cache_bytes: TAIL_CACHE_BYTES_DEFAULT,
+            tail_cache_share: None,
             fsync: FsyncPolicy::Always,
             retention: Retention::default(),
         }

@@ -12,6 +12,7 @@
 //! - [`flusher`]: a thread that flushes logs and completes callbacks in order.
 //! - [`ledger`]: the ack ledger, a node's record of what each log reported durable,
 //!   kept apart from the segments so a damaged tail is noticed.
+//! - [`tail_cache`]: the node-wide byte budget the logs' tail caches share.
 //! - [`atomic_file`]: small metadata files replaced atomically.
 //! - [`slot_file`]: small records rewritten in place, two slots (the Raft vote and
 //!   hints), without a new inode per write.
@@ -40,6 +41,7 @@ mod open;
 mod segment;
 pub mod slot_file;
 mod sync;
+pub mod tail_cache;
 pub mod watermark;
 
 pub use config::{FsyncPolicy, LogConfig, Retention};
@@ -51,3 +53,4 @@ pub use ledger::{AckLedger, Acked};
 pub use log::{IoStats, Log, LogState, SegmentExtent};
 pub use open::DamageFound;
 pub use segment::SEGMENT_HEADER_LEN;
+pub use tail_cache::TailCacheShare;

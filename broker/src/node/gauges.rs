@@ -188,6 +188,9 @@ pub async fn run(metadata_group: GroupHandle, hosted: HostedPartitions) {
             }
         }));
         metrics::record_groups(&samples, &previous);
+        if let Some(share) = &metadata_group.log.config().tail_cache_share {
+            metrics::tail_cache(share.holders(), share.total_bytes());
+        }
         previous = samples.into_iter().map(|s| (s.group, s)).collect();
         parked_when_sampled.retain(|g, _| previous.contains_key(g));
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);

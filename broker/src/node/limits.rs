@@ -47,6 +47,12 @@ pub const REJOIN_CATCH_UP_POLL: Duration = Duration::from_millis(50);
 pub const PARTITION_PENDING_BYTES_MAX: u64 = 4 * 1024 * 1024;
 /// Appends one partition may have proposed but not yet applied (see above).
 pub const PARTITION_PENDING_BATCHES_MAX: usize = 64;
+/// Bytes of recently written entries all of a node's logs keep in memory together
+/// (`keel_storage::TailCacheShare`): each log caches at most its own 32 MiB and at most
+/// this split among the logs holding any (a quiesced partition holds none). Without it
+/// a node with 1,000 partitions written now and then grew by every byte written, up to
+/// 32 GB.
+pub const TAIL_CACHE_NODE_BYTES: u64 = 256 * 1024 * 1024;
 /// How long a throttled producer is told to wait before retrying, in milliseconds.
 pub const THROTTLE_RETRY_AFTER_MS: u32 = 50;
 /// How long a batch whose sequence is ahead of the next one expected waits for the

@@ -38,7 +38,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use keel_net::{Listener, ServeOptions};
-use keel_storage::{Flusher, LogConfig};
+use keel_storage::{Flusher, LogConfig, TailCacheShare};
 use openraft::BasicNode;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -127,7 +127,7 @@ impl Node {
             flusher: flusher.clone(),
             ledger,
             raft_config: Arc::new(raft_config),
-            log_config: LogConfig { fsync, ..LogConfig::default() },
+            log_config: LogConfig { fsync, tail_cache_share: Some(TailCacheShare::new(limits::TAIL_CACHE_NODE_BYTES)), ..LogConfig::default() },
             disk_space: disk_space::DiskSpace::new(config.node.data_dir.clone(), config.node.min_free_bytes),
         });
         // A node with no metadata state asks its peers whether the cluster already

@@ -358,7 +358,10 @@ async fn quiesce(driver: &Driver, candidates: Vec<Candidate>, after: Duration, n
     crate::metrics::quiesce_requests(yes, no, lost);
     for (i, c) in candidates.into_iter().enumerate() {
         let all = agreed.get(&i).copied().unwrap_or(0) == c.asked.len();
-        if !(all && c.partition.group.sleep.park_leader(&c.partition.group.raft, c.quiet, c.uses)) {
+        if all && c.partition.group.sleep.park_leader(&c.partition.group.raft, c.quiet, c.uses) {
+            // Its followers released theirs when they agreed (`peer::server`).
+            c.partition.group.log.release_tail_cache();
+        } else {
             not_before.insert(c.partition.group.id, Instant::now() + after);
         }
     }

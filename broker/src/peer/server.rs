@@ -345,6 +345,9 @@ fn handle_quiesce(service: &PeerService, caller: Option<u64>, payload: &[u8]) ->
             };
             if agrees {
                 hosted.sleep.park_follower(&hosted.raft, Quiet { term: ask.term, leader: from, last: ask.last });
+                // Every replica holds the group's entries and nothing is being written:
+                // reads can come from the files, and the memory goes to busy groups.
+                hosted.log.release_tail_cache();
             }
             agrees
         })

@@ -102,6 +102,7 @@ impl Log {
         st.pending_bytes += stored_len;
         st.cache_bytes += stored_len;
         st.cache.push_back(Cached { entry, header, segment_first_index, position });
+        self.account_cache(st);
         Ok(())
     }
 
@@ -326,8 +327,15 @@ impl Log {
         self.fail_next_sync.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
+    /// Drops the oldest written entries from the tail cache while it holds more than
+    /// this log may cache now (its own bound, or its share of the node's budget).
     pub(super) fn evict_cache(&self, st: &mut State) {
-        while st.cache_bytes > self.config.tail_cache_bytes {
+        let limit = self.cache_limit();
+        self.evict_cache_to(st, limit);
+    }
+
+    fn evict_cache_to(&self, st: &mut State, limit: u64) {
+        while st.cache_bytes > limit {
             let Some(front) = st.cache.front() else { break };
             if front.entry.meta.id.index >= st.written_end {
                 break;
@@ -336,5 +344,38 @@ impl Log {
             st.cache.pop_front();
         }
         debug_assert!(st.cache_first() <= st.written_end, "invariant 3: every unwritten entry stays cached");
+        self.account_cache(st);
+    }
+
+    /// The most this log may cache now.
+    pub(super) fn cache_limit(&self) -> u64 {
+        match &self.config.tail_cache_share {
+            Some(share) => share.limit(self.config.tail_cache_bytes),
+            None => self.config.tail_cache_bytes,
+        }
+    }
+
+    /// Keeps the shared budget's count of holders true after the cache changed.
+    pub(super) fn account_cache(&self, st: &mut State) {
+        let holds = !st.cache.is_empty();
+        if holds != st.cache_held {
+            st.cache_held = holds;
+            if let Some(share) = &self.config.tail_cache_share {
+                share.holding(holds);
+            }
+        }
+    }
+
+    /// Drops every written entry from the tail cache: nothing is expected to read them
+    /// soon (the partition went idle, every replica holds them). Later reads come from
+    /// the files; the log's share of the node's budget goes to the others.
+    pub fn release_tail_cache(&self) {
+        let mut st = self.lock_state();
+        self.evict_cache_to(&mut st, 0);
+    }
+
+    /// Bytes in the tail cache now.
+    pub fn tail_cache_bytes(&self) -> u64 {
+        self.lock_state().cache_bytes
     }
 }

@@ -66,9 +66,12 @@ impl Log {
         // The old segments' handles close with the old state, below.
         finish_install(&*self.disk, &self.dir, Some(&name))?;
         let fresh = Log::open_on(self.disk.clone(), &self.dir, self.config.clone())?;
-        let mut new_state = fresh.state.into_inner().expect("a fresh log's state lock is not poisoned");
+        let mut new_state = std::mem::replace(&mut *fresh.lock_state(), State::new(Vec::new(), 0, 0, None, None, 0));
         new_state.poisoned = None;
+        // The old cache goes with the old state: its place in the shared budget too.
+        new_state.cache_held = st.cache_held;
         *st = new_state;
+        self.account_cache(&mut st);
         self.durable.reset(st.next_index);
         self.debug_check(&st, "an install");
         Ok(())

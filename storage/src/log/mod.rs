@@ -60,6 +60,9 @@ pub(crate) struct State {
     /// `written_end`, plus recently written ones within the byte budget.
     cache: VecDeque<Cached>,
     cache_bytes: u64,
+    /// Whether this log counts as a holder of the shared tail-cache budget (its cache
+    /// was not empty when last accounted: `Log::account_cache`).
+    cache_held: bool,
     /// Index the next append must carry.
     pub next_index: u64,
     /// Offset the next append must carry.
@@ -167,12 +170,24 @@ pub(crate) fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
+/// A log's cache no longer counts against the shared budget once the log is gone.
+impl Drop for Log {
+    fn drop(&mut self) {
+        if let Some(share) = &self.config.tail_cache_share {
+            if self.lock_state().cache_held {
+                share.holding(false);
+            }
+        }
+    }
+}
+
 impl State {
     pub(crate) fn new(segments: Vec<Segment>, next_index: u64, next_offset: u64, last: Option<LogId>, purged: Option<LogId>, start_offset: u64) -> State {
         State {
             segments,
             cache: VecDeque::new(),
             cache_bytes: 0,
+            cache_held: false,
             next_index,
             next_offset,
             last,

@@ -45,3 +45,48 @@ fn the_invariant_check_names_a_broken_log() {
     log.lock_state().next_index = 7;
     assert!(log.lock_state().check_invariants().unwrap_err().contains("tail cache ends at 3"));
 }
+
+fn payload_entry(index: u64, len: usize) -> Entry {
+    Entry {
+        meta: EntryMeta { id: LogId { term: 1, index }, kind: 0, base_offset: index - 1, record_count: 1, max_timestamp_ms: 0 },
+        payload: Bytes::from(vec![b'x'; len]),
+    }
+}
+
+#[test]
+fn logs_sharing_a_budget_cache_at_most_their_share_and_an_idle_log_gives_its_share_back() {
+    let share = crate::TailCacheShare::new(64 * 1024);
+    let config = LogConfig { tail_cache_bytes: 48 * 1024, tail_cache_share: Some(share.clone()), ..LogConfig::default() };
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let logs: Vec<Log> = dirs.iter().map(|d| Log::open(d.path(), config.clone()).unwrap()).collect();
+    assert_eq!(share.holders(), 0, "empty logs hold nothing");
+    for i in 1..=20u64 {
+        for log in &logs {
+            log.append([payload_entry(i, 4096)]).unwrap();
+            log.flush().unwrap();
+        }
+    }
+    assert_eq!(share.holders(), 2);
+    for log in &logs {
+        let cached = log.tail_cache_bytes();
+        // Half of 64 KiB each, give or take the entry that crossed it.
+        assert!(cached <= 32 * 1024 + 4096 + 64, "a log caches {cached} bytes, past its half of the budget");
+        assert!(cached >= 16 * 1024, "a log caches only {cached} bytes");
+    }
+    // Alone, a log uses up to its own bound (48 KiB), not the whole budget.
+    logs[1].release_tail_cache();
+    assert_eq!(logs[1].tail_cache_bytes(), 0);
+    assert_eq!(share.holders(), 1, "a released cache no longer counts");
+    for i in 21..=40u64 {
+        logs[0].append([payload_entry(i, 4096)]).unwrap();
+        logs[0].flush().unwrap();
+    }
+    let cached = logs[0].tail_cache_bytes();
+    assert!((40 * 1024..=48 * 1024 + 4096 + 64).contains(&cached), "the busy log caches {cached} bytes");
+    // What was released is read back from the file.
+    let read = logs[1].read(1..21, u64::MAX).unwrap();
+    assert_eq!(read.len(), 20);
+    assert!(read.iter().all(|e| e.payload.len() == 4096));
+    drop(logs);
+    assert_eq!(share.holders(), 0, "a closed log leaves the budget");
+}

@@ -70,6 +70,7 @@ impl Log {
             let c = st.cache.pop_back().expect("checked non-empty");
             st.cache_bytes -= c.entry.stored_len();
         }
+        self.account_cache(&mut st);
         match kept_meta {
             Some(m) => {
                 st.next_index = m.id.index + 1;
@@ -126,6 +127,7 @@ impl Log {
             let c = st.cache.pop_front().expect("checked non-empty");
             st.cache_bytes -= c.entry.stored_len();
         }
+        self.account_cache(&mut st);
         if whole_log {
             st.next_index = st.next_index.max(upto.index + 1);
             st.last = Some(st.last.filter(|l| l.index > upto.index).unwrap_or(upto));
