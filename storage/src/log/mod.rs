@@ -248,6 +248,9 @@ impl State {
                 return Err(format!("tail cache ends at {end}, the log at {}", self.next_index));
             }
         }
+        if self.cache_held == self.cache.is_empty() {
+            return Err(format!("the tail cache holds {} entries but counts as held: {}", self.cache.len(), self.cache_held));
+        }
         if let (Some(p), Some(first)) = (self.purged, self.segments.first().and_then(|s| s.last_index.map(|_| s.first_index))) {
             if first > p.index + 1 {
                 return Err(format!("a hole: purged up to {} but the first segment starts at {first}", p.index));
