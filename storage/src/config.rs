@@ -44,6 +44,14 @@ pub struct LogConfig {
     pub fsync: FsyncPolicy,
     /// Retention policy used by `Log::retention_cut`.
     pub retention: Retention,
+    /// After each fsync, advise the OS to drop the synced bytes' pages from its page
+    /// cache (whole pages; the partial page the next append extends stays). Recent entries
+    /// are served from the tail cache, so the page cache would hold a second copy of
+    /// them; dropping it lets the next appends reuse those pages instead of growing the
+    /// page cache into memory never touched before (on a VM each first touch of a page
+    /// is a host fault: appends ran at ~0.4 GB/s into new pages against ~5 GB/s into
+    /// reused ones here). Reads past the tail cache then come from the disk.
+    pub drop_synced_pages: bool,
 }
 
 impl Default for LogConfig {
@@ -56,6 +64,7 @@ impl Default for LogConfig {
             tail_cache_share: None,
             fsync: FsyncPolicy::Always,
             retention: Retention::default(),
+            drop_synced_pages: true,
         }
     }
 }

@@ -101,6 +101,13 @@ pub trait DiskFile: Send + Sync + fmt::Debug {
     /// A read-only view of the whole file as it is now. Only for files that are never
     /// modified again (sealed index files).
     fn map(&self) -> io::Result<FileMap>;
+    /// Advises that the bytes `from..to`, already synced, will not be read soon: the OS
+    /// may drop them from its page cache (`posix_fadvise(DONTNEED)`). Advice only:
+    /// nothing about the file's contents or durability changes, and a later read
+    /// fetches the bytes again. A no-op where there is no page cache.
+    fn drop_cached(&self, _from: u64, _to: u64) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// A read-only view of a whole file: memory-mapped ([`OsDisk`]) or copied.

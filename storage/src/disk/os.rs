@@ -125,6 +125,23 @@ impl DiskFile for OsFile {
         self.file.sync_all()
     }
 
+    fn drop_cached(&self, from: u64, to: u64) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        if to <= from {
+            return Ok(());
+        }
+        let (Ok(offset), Ok(len)) = (libc::off_t::try_from(from), libc::off_t::try_from(to - from)) else {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "range beyond off_t"));
+        };
+        // SAFETY: plain syscall on a descriptor this file owns; it reads no memory of ours.
+        let rc = unsafe { libc::posix_fadvise(self.file.as_raw_fd(), offset, len, libc::POSIX_FADV_DONTNEED) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::from_raw_os_error(rc))
+        }
+    }
+
     fn map(&self) -> io::Result<FileMap> {
         // SAFETY: only files that are never modified again are mapped (sealed index
         // files, written once to a temp name and renamed into place); this process

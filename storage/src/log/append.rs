@@ -3,6 +3,12 @@
 
 use super::*;
 
+/// The page size assumed when rounding a synced range down to whole pages before
+/// advising the OS to drop it (`LogConfig::drop_synced_pages`). Where pages are larger,
+/// the OS rounds the range inwards itself, so the page an append extends is never
+/// dropped.
+const SYNCED_PAGE_BYTES: u64 = 4096;
+
 impl Log {
     /// Appends entries. They are readable when this returns and durable after a
     /// `flush` (or a `Flusher` callback). All entries are checked before any is
@@ -144,14 +150,41 @@ impl Log {
             self.sync_file(&**file, path)?;
         }
         let mut st = self.lock_state();
-        for (_, _, first, len) in files {
+        let mut synced = Vec::with_capacity(files.len());
+        for (file, _, first, len) in files {
             if let Some(s) = st.segments.iter_mut().find(|s| s.first_index == first) {
+                let before = s.synced_len;
                 s.synced_len = s.synced_len.max(len.min(s.written_len));
+                synced.push((file, before, s.synced_len));
             }
         }
         st.unsynced = false;
         st.last_sync = Instant::now();
+        drop(st);
+        self.drop_synced_pages(&synced);
         Ok(())
+    }
+
+    /// Advises the OS to drop the page-cache pages of bytes that just became synced
+    /// (`(file, synced before, synced now)` per segment), if the config asks for it. The
+    /// page holding a segment's synced end is kept when the end is not on a page
+    /// boundary: the next append extends it, and a dropped partial page would have to be
+    /// read back from the disk first.
+    fn drop_synced_pages(&self, synced: &[(Arc<dyn DiskFile>, u64, u64)]) {
+        if !self.config.drop_synced_pages {
+            return;
+        }
+        for (file, before, now) in synced {
+            let from = before - before % SYNCED_PAGE_BYTES;
+            // Rounded down here: Linux drops a partial page at the end of the file too.
+            let to = now - now % SYNCED_PAGE_BYTES;
+            if to <= from {
+                continue;
+            }
+            if let Err(e) = file.drop_cached(from, to) {
+                tracing::debug!(error = %e, dir = %self.dir.display(), "page-cache advice refused; the pages stay cached");
+            }
+        }
     }
 
     /// Writes every pending entry (one vectored write per segment) and, if `sync` and
@@ -217,6 +250,7 @@ impl Log {
             atomic_file::sync_dir(&*self.disk, &self.dir).inspect_err(|e| self.poison(e))?;
         }
         let mut to_persist = Vec::new();
+        let mut newly_synced = Vec::with_capacity(group_count);
         {
             let mut st = self.lock_state();
             if !sync_due && dir_dirty {
@@ -226,7 +260,9 @@ impl Log {
                 if let Some(seg) = st.segments.iter_mut().find(|s| s.first_index == g.first_index) {
                     seg.written_len = seg.written_len.max(g.end);
                     if *did_sync {
+                        let before = seg.synced_len;
                         seg.synced_len = seg.synced_len.max(g.end);
+                        newly_synced.push((g.file.clone(), before, seg.synced_len));
                     }
                     debug_assert!(seg.synced_len <= seg.written_len, "invariant 2: synced within written");
                     debug_assert!(seg.written_len <= seg.len, "invariant 2: written within assigned");
@@ -263,6 +299,7 @@ impl Log {
         if durable_now {
             self.durable.advance(end_index);
         }
+        self.drop_synced_pages(&newly_synced);
         // Sealed, durable segments get their index files. Readers scan from the
         // segment start while the index is out: slower, never wrong.
         for (first_index, mut index, summary) in to_persist {

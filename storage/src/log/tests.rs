@@ -90,3 +90,70 @@ fn logs_sharing_a_budget_cache_at_most_their_share_and_an_idle_log_gives_its_sha
     drop(logs);
     assert_eq!(share.holders(), 0, "a closed log leaves the budget");
 }
+
+/// Which of a file's pages are in the page cache (`mincore` over a mapping of it).
+fn resident_pages(path: &std::path::Path) -> Vec<bool> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(path).unwrap();
+    let len = file.metadata().unwrap().len() as usize;
+    let page = 4096;
+    let pages = len.div_ceil(page);
+    // SAFETY: a read-only shared mapping of a file nothing else writes during the call;
+    // only its residency is queried, its bytes are never read.
+    let map = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, file.as_raw_fd(), 0) };
+    assert_ne!(map, libc::MAP_FAILED, "mmap the segment");
+    let mut vec = vec![0u8; pages];
+    // SAFETY: `vec` holds one byte per page of the mapping.
+    let rc = unsafe { libc::mincore(map, len, vec.as_mut_ptr()) };
+    // SAFETY: unmapping exactly what was mapped above.
+    unsafe { libc::munmap(map, len) };
+    assert_eq!(rc, 0, "mincore");
+    vec.iter().map(|b| b & 1 == 1).collect()
+}
+
+/// A directory on a file system with a page cache (tmpfs keeps file pages whatever
+/// the advice, so the test cannot run there).
+fn page_cached_dir() -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().unwrap();
+    let c = std::ffi::CString::new(tmp.path().as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: `statfs` fills the zeroed struct; the path is NUL-terminated.
+    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::statfs(c.as_ptr(), &mut fs) }, 0);
+    if fs.f_type == libc::TMPFS_MAGIC {
+        return tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+    }
+    tmp
+}
+
+#[test]
+fn synced_whole_pages_leave_the_page_cache_and_the_page_the_next_append_extends_stays() {
+    for drop_synced_pages in [true, false] {
+        let dir = page_cached_dir();
+        let log = Log::open(dir.path(), LogConfig { drop_synced_pages, ..LogConfig::default() }).unwrap();
+        for i in 1..=20 {
+            log.append([payload_entry(i, 10_000)]).unwrap();
+            log.flush().unwrap();
+        }
+        let path = crate::segment::segment_path(dir.path(), 1);
+        let len = std::fs::metadata(&path).unwrap().len();
+        assert_ne!(len % 4096, 0, "the segment ends inside a page");
+        let resident = resident_pages(&path);
+        let (last, whole) = resident.split_last().unwrap();
+        let cached_whole = whole.iter().filter(|r| **r).count();
+        if drop_synced_pages {
+            assert_eq!(cached_whole, 0, "{cached_whole} of {} synced whole pages still cached", whole.len());
+            assert!(*last, "the partial last page, which the next append extends, stays cached");
+        } else {
+            assert_eq!(cached_whole, whole.len(), "without the advice every written page stays cached");
+        }
+        // Appending after the advice extends the file correctly and reads back.
+        log.append([payload_entry(21, 5_000)]).unwrap();
+        log.flush().unwrap();
+        drop(log);
+        let log = Log::open(dir.path(), LogConfig::default()).unwrap();
+        assert_eq!(log.state().last.unwrap().index, 21);
+        let read = log.read(1..22, u64::MAX).unwrap();
+        assert_eq!(read.len(), 21, "every entry reads back from the file");
+        assert!(read.iter().all(|e| e.payload.iter().all(|b| *b == b'x')));
+    }
+}
