@@ -27,6 +27,7 @@ pub mod internal_client;
 pub mod jobs;
 pub mod limits;
 pub mod malloc;
+pub mod open_files;
 pub mod partition;
 pub mod quiesce;
 pub mod reconcile;

@@ -103,6 +103,9 @@ pub struct PartitionLogStore {
     ack_key: Option<u64>,
     dir: PathBuf,
     committed: Arc<Mutex<CommittedState>>,
+    /// The committed-index hint's file, held open once it exists (a write is then one
+    /// positioned write); locked for the length of each write, so writes never overlap.
+    committed_file: Arc<Mutex<Option<slot_file::SlotWriter>>>,
     /// Entries below this index may be deleted when openraft purges (the partition's
     /// retention cut + 1, `PartitionShared::purge_floor`); `u64::MAX` for a store without
     /// retention, which deletes whatever openraft purges.
@@ -278,6 +281,7 @@ impl PartitionLogStore {
             ack_key: None,
             dir,
             committed: Arc::new(Mutex::new(CommittedState::default())),
+            committed_file: Arc::new(Mutex::new(None)),
             purge_floor: Arc::new(AtomicU64::new(u64::MAX)),
             durable_vote: Arc::new(Mutex::new(None)),
         }
@@ -319,9 +323,26 @@ impl Drop for PartitionLogStore {
         // An error only costs re-applying entries.
         let st = self.committed.lock().expect("committed lock poisoned");
         if let Ok(bytes) = postcard::to_allocvec(&st.value) {
-            let _ = COMMITTED.write(&**self.log.disk(), &self.dir, &bytes, true);
+            let mut file = self.committed_file.lock().unwrap_or_else(|p| p.into_inner());
+            let _ = write_committed(&mut file, &**self.log.disk(), &self.dir, &bytes, true);
         }
     }
+}
+
+/// Writes the committed-index hint through the held file, opening it after the write
+/// that creates it; a failed write drops the handle (the next write opens it anew).
+fn write_committed(file: &mut Option<slot_file::SlotWriter>, disk: &dyn Disk, dir: &std::path::Path, bytes: &[u8], durable: bool) -> io::Result<()> {
+    let written = match file.as_mut() {
+        Some(f) => f.write(bytes, durable).map_err(io::Error::from),
+        None => COMMITTED.write(disk, dir, bytes, durable).and_then(|()| {
+            *file = slot_file::SlotWriter::open(disk, dir, COMMITTED.name)?;
+            Ok(())
+        }),
+    };
+    if written.is_err() {
+        *file = None;
+    }
+    written
 }
 
 impl RaftLogReader<TypeConfig> for PartitionLogReader {
@@ -413,12 +434,14 @@ impl RaftLogStorage<TypeConfig> for PartitionLogStore {
         };
         if write {
             let bytes = postcard::to_allocvec(&committed).map_err(|e| invalid(format!("encoding committed: {e}")))?;
-            let (disk, dir, state) = (self.log.disk().clone(), self.dir.clone(), self.committed.clone());
+            let (disk, dir, state, file) = (self.log.disk().clone(), self.dir.clone(), self.committed.clone(), self.committed_file.clone());
             let inline = disk.runs_inline();
             let work = move || {
-                if let Err(e) = COMMITTED.write(&*disk, &dir, &bytes, false) {
+                let mut file = file.lock().unwrap_or_else(|p| p.into_inner());
+                if let Err(e) = write_committed(&mut file, &*disk, &dir, &bytes, false) {
                     tracing::warn!(error = %e, "could not record the committed index; a restart re-applies a few more entries");
                 }
+                drop(file);
                 state.lock().expect("committed lock poisoned").writing = false;
             };
             if inline {

@@ -133,6 +133,7 @@ fn main() -> std::process::ExitCode {
         Command::Serve(args) => {
             init_logs(args.log_format);
             keel_broker::node::malloc::tune();
+            keel_broker::node::open_files::raise_limit();
             serve::run(args)
         }
         Command::Dev(args) => dev::run(args),
