@@ -123,6 +123,10 @@ impl DiskFile for LazyFile {
         let end = pos + bytes.len() as u64;
         let mut p = self.pending();
         p.len = Some(len.max(end));
+        // Earlier pending writes this one covers whole would only be overwritten at the
+        // sync: drop them, so a file rewritten in place and never synced (a held slot
+        // file's hints) keeps a bounded list.
+        p.writes.retain(|(at, b)| !(*at >= pos && at + b.len() as u64 <= end));
         p.writes.push((pos, bytes));
         Ok(())
     }
@@ -171,6 +175,29 @@ impl DiskFile for LazyFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rewriting_the_same_bytes_unsynced_keeps_one_pending_write_and_reads_the_last() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = LazyDisk.open(&dir.path().join("hint"), OpenMode::CreateTruncate).unwrap();
+        f.write_all_at(0, &[b"0123456789"]).unwrap();
+        for i in 0..1000u32 {
+            f.write_all_at(2, &[&i.to_le_bytes()]).unwrap();
+        }
+        f.write_all_at(1, &[b"ab"]).unwrap();
+        let mut buf = [0u8; 10];
+        f.read_exact_at(&mut buf, 0).unwrap();
+        let mut want = *b"0123456789";
+        want[2..6].copy_from_slice(&999u32.to_le_bytes());
+        want[1..3].copy_from_slice(b"ab");
+        assert_eq!(buf, want, "later writes win over earlier ones, partially covered ones kept");
+        // The pending list is private; its Debug form lists every pending write (1,000
+        // of them would print tens of KiB).
+        let pending = format!("{f:?}");
+        assert!(pending.len() < 1000, "covered writes are dropped, not kept: {} bytes of pending writes", pending.len());
+        f.sync_data().unwrap();
+        assert_eq!(std::fs::read(dir.path().join("hint")).unwrap(), want);
+    }
 
     #[test]
     fn writes_reach_the_real_file_only_at_sync_and_read_back_before() {
