@@ -36,6 +36,12 @@ pub struct NodeConfig {
     /// (`node/disk_space.rs`); 0 turns the check off. It must exceed what can be in
     /// flight when the line is crossed (about 64 MiB per partition led at most).
     pub min_free_bytes: u64,
+    /// Keep synced segment bytes in the OS page cache (default false: they are dropped
+    /// after each sync — `keel_storage::LogConfig::drop_synced_pages` — since recent
+    /// entries are served from the tail cache). Keeping them makes reads past the tail
+    /// cache (replays, far-behind consumers) come from memory while it lasts, at the cost
+    /// of appends growing the page cache.
+    pub keep_synced_pages: bool,
 }
 
 /// Default `node.min_free_bytes`.
@@ -46,7 +52,7 @@ pub const WORKER_THREADS_MAX: usize = 1024;
 
 impl Default for NodeConfig {
     fn default() -> Self {
-        NodeConfig { id: 1, data_dir: PathBuf::from("keel-data/node1"), worker_threads: 0, min_free_bytes: MIN_FREE_BYTES_DEFAULT }
+        NodeConfig { id: 1, data_dir: PathBuf::from("keel-data/node1"), worker_threads: 0, min_free_bytes: MIN_FREE_BYTES_DEFAULT, keep_synced_pages: false }
     }
 }
 
@@ -228,6 +234,13 @@ impl Config {
                     })?
                 }
                 "KEEL_DATA_DIR" => self.node.data_dir = PathBuf::from(value),
+                "KEEL_KEEP_SYNCED_PAGES" => {
+                    self.node.keep_synced_pages = match value.as_str() {
+                        "true" | "1" => true,
+                        "false" | "0" => false,
+                        _ => return Err(ConfigError::Env { var: "KEEL_KEEP_SYNCED_PAGES", value: value.clone(), reason: "use true or false".into() }),
+                    }
+                }
                 "KEEL_MIN_FREE_BYTES" => {
                     self.node.min_free_bytes = value.parse().map_err(|e: std::num::ParseIntError| ConfigError::Env {
                         var: "KEEL_MIN_FREE_BYTES",
@@ -412,6 +425,11 @@ mod tests {
         assert_eq!((c.node.id, c.node.data_dir.to_str()), (2, Some("/tmp/x")));
         let err = c.apply_env([("KEEL_NODE_ID".to_string(), "two".to_string())]).unwrap_err();
         assert!(err.to_string().contains("KEEL_NODE_ID"), "{err}");
+        assert!(!c.node.keep_synced_pages, "synced pages are dropped by default");
+        c.apply_env([("KEEL_KEEP_SYNCED_PAGES".to_string(), "true".to_string())]).unwrap();
+        assert!(c.node.keep_synced_pages);
+        let err = c.apply_env([("KEEL_KEEP_SYNCED_PAGES".to_string(), "yes".to_string())]).unwrap_err();
+        assert!(err.to_string().contains("KEEL_KEEP_SYNCED_PAGES"), "{err}");
     }
 
     #[test]

@@ -128,7 +128,12 @@ impl Node {
             flusher: flusher.clone(),
             ledger,
             raft_config: Arc::new(raft_config),
-            log_config: LogConfig { fsync, tail_cache_share: Some(TailCacheShare::new(limits::TAIL_CACHE_NODE_BYTES)), ..LogConfig::default() },
+            log_config: LogConfig {
+                fsync,
+                tail_cache_share: Some(TailCacheShare::new(limits::TAIL_CACHE_NODE_BYTES)),
+                drop_synced_pages: !config.node.keep_synced_pages,
+                ..LogConfig::default()
+            },
             disk_space: disk_space::DiskSpace::new(config.node.data_dir.clone(), config.node.min_free_bytes),
         });
         // A node with no metadata state asks its peers whether the cluster already
