@@ -72,23 +72,10 @@ pub fn exists(disk: &dyn Disk, dir: &Path, name: &str) -> bool {
 /// `durable`). See the module's rules.
 pub fn write(disk: &dyn Disk, dir: &Path, name: &str, contents: &[u8], durable: bool) -> Result<(), StorageError> {
     assert!(contents.len() <= SLOT_CONTENTS_MAX, "slot file {name}: a record of {} bytes is above SLOT_CONTENTS_MAX", contents.len());
-    let path = dir.join(name);
-    let f = match disk.open(&path, OpenMode::ReadWrite) {
-        Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return create(disk, dir, name, contents, durable),
-        Err(e) => return Err(StorageError::io("open", &path, e)),
-    };
-    let slots = read_slots(&*f).map_err(|e| StorageError::io("read", &path, e))?;
-    let (slot, seq) = match newest(&slots) {
-        Some((slot, r)) => (1 - slot, r.seq + 1),
-        // Damaged (see `read`): rewriting it whole loses nothing more.
-        None => (0, 1),
-    };
-    f.write_all_at(slot as u64 * SLOT_STRIDE, &[&encode(seq, contents)]).map_err(|e| StorageError::io("write", &path, e))?;
-    if durable {
-        f.sync_data().map_err(|e| StorageError::io("fdatasync", &path, e))?;
+    match SlotWriter::open(disk, dir, name)? {
+        Some(mut w) => w.write(contents, durable),
+        None => create(disk, dir, name, contents, durable),
     }
-    Ok(())
 }
 
 /// A slot file held open for a stream of writes to it (a hint rewritten at every

@@ -155,7 +155,9 @@ impl Log {
             if let Some(s) = st.segments.iter_mut().find(|s| s.first_index == first) {
                 let before = s.synced_len;
                 s.synced_len = s.synced_len.max(len.min(s.written_len));
-                synced.push((file, before, s.synced_len));
+                if self.config.drop_synced_pages {
+                    synced.push((file, before, s.synced_len));
+                }
             }
         }
         st.unsynced = false;
@@ -166,14 +168,12 @@ impl Log {
     }
 
     /// Advises the OS to drop the page-cache pages of bytes that just became synced
-    /// (`(file, synced before, synced now)` per segment), if the config asks for it. The
+    /// (`(file, synced before, synced now)` per segment; collected only when the config
+    /// asks for it). The
     /// page holding a segment's synced end is kept when the end is not on a page
     /// boundary: the next append extends it, and a dropped partial page would have to be
     /// read back from the disk first.
     fn drop_synced_pages(&self, synced: &[(Arc<dyn DiskFile>, u64, u64)]) {
-        if !self.config.drop_synced_pages {
-            return;
-        }
         for (file, before, now) in synced {
             let from = before - before % SYNCED_PAGE_BYTES;
             // Rounded down here: Linux drops a partial page at the end of the file too.
@@ -250,7 +250,7 @@ impl Log {
             atomic_file::sync_dir(&*self.disk, &self.dir).inspect_err(|e| self.poison(e))?;
         }
         let mut to_persist = Vec::new();
-        let mut newly_synced = Vec::with_capacity(group_count);
+        let mut newly_synced = Vec::new();
         {
             let mut st = self.lock_state();
             if !sync_due && dir_dirty {
@@ -262,7 +262,9 @@ impl Log {
                     if *did_sync {
                         let before = seg.synced_len;
                         seg.synced_len = seg.synced_len.max(g.end);
-                        newly_synced.push((g.file.clone(), before, seg.synced_len));
+                        if self.config.drop_synced_pages {
+                            newly_synced.push((g.file.clone(), before, seg.synced_len));
+                        }
                     }
                     debug_assert!(seg.synced_len <= seg.written_len, "invariant 2: synced within written");
                     debug_assert!(seg.written_len <= seg.len, "invariant 2: written within assigned");
