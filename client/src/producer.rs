@@ -7,7 +7,10 @@
 //! topic's *sticky* partition, which moves on each time that partition's batch closes
 //! (as Kafka's default partitioner since KIP-480). The task groups records per
 //! partition into batches and closes a batch when it reaches `batch_bytes` or has
-//! waited `linger`; each partition's batches then go through that partition's
+//! waited `linger` — or at once when the application's window of unanswered sends is
+//! full (the records awaiting an answer are back at their learned peak: nothing more can
+//! arrive before an answer, so lingering would only add latency;
+//! `close_when_window_full`); each partition's batches then go through that partition's
 //! *sender*, which keeps at most `max_in_flight_per_partition` of them outstanding (and
 //! the producer at most `max_in_flight`) and delivers their results in order.
 //!
@@ -32,6 +35,7 @@
 //! sequence number.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -58,6 +62,14 @@ pub struct ProducerConfig {
     pub batch_bytes: usize,
     /// Close a batch after it has waited this long for more records.
     pub linger: Duration,
+    /// Close open batches before their `linger` when the producer's records awaiting an
+    /// answer are back at their recent peak: an application that bounds what it has
+    /// unacknowledged (a window of sends) has then filled that window, so no record can
+    /// arrive until an answer does, and lingering would only add latency. The peak is
+    /// learned (raised by a new high, lowered when a batch waited out its linger while
+    /// the application had stopped sending), so a steady closed loop sends one full
+    /// batch per round trip. Off: batches close only at `linger` or `batch_bytes`.
+    pub close_when_window_full: bool,
     /// Batches outstanding across all partitions.
     pub max_in_flight: usize,
     /// Batches outstanding per partition: at most `PRODUCER_BATCHES_IN_FLIGHT_MAX` (5)
@@ -84,6 +96,7 @@ impl Default for ProducerConfig {
         ProducerConfig {
             batch_bytes: 256 * 1024,
             linger: Duration::from_millis(5),
+            close_when_window_full: true,
             max_in_flight: 64,
             max_in_flight_per_partition: PRODUCER_BATCHES_IN_FLIGHT_MAX,
             queue_records_max: 16 * 1024,
@@ -398,6 +411,15 @@ struct Runner {
     all: Arc<Semaphore>,
     senders: HashMap<(String, u32), mpsc::Sender<Sealed>>,
     sender_tasks: tokio::task::JoinSet<()>,
+    /// Records in batches not answered yet: counted here as a record joins a batch,
+    /// uncounted by its partition sender just *before* it answers the batch, so an
+    /// application woken by an answer never finds its next send counted on top.
+    unresolved: Arc<AtomicUsize>,
+    /// The recent peak of `unresolved`: the application's window, as far as it shows
+    /// (`ProducerConfig::close_when_window_full`).
+    window_peak: usize,
+    /// When the last record joined a batch.
+    last_add: Instant,
 }
 
 async fn run(cluster: Cluster, config: ProducerConfig, mut rx: mpsc::Receiver<Command>) {
@@ -419,6 +441,9 @@ async fn run(cluster: Cluster, config: ProducerConfig, mut rx: mpsc::Receiver<Co
         sticky: HashMap::new(),
         senders: HashMap::new(),
         sender_tasks: tokio::task::JoinSet::new(),
+        unresolved: Arc::new(AtomicUsize::new(0)),
+        window_peak: 0,
+        last_add: Instant::now(),
     };
     let mut tick = tokio::time::interval(linger.max(Duration::from_millis(1)));
     loop {
@@ -436,10 +461,7 @@ async fn run(cluster: Cluster, config: ProducerConfig, mut rx: mpsc::Receiver<Co
                     return;
                 }
             },
-            _ = tick.tick() => {
-                let linger = r.config.linger;
-                r.seal_all(|b| b.opened.elapsed() >= linger).await;
-            }
+            _ = tick.tick() => r.seal_lingered().await,
         }
     }
 }
@@ -507,7 +529,11 @@ impl Runner {
                     if let Some(id) = &record.message_id {
                         batch.ids.push(id.clone());
                     }
-                    if batch.builder.len() >= self.config.batch_bytes {
+                    let batch_full = batch.builder.len() >= self.config.batch_bytes;
+                    let window_full = self.note_added();
+                    if window_full {
+                        self.seal_all(|_| true).await;
+                    } else if batch_full {
                         self.seal(&key).await;
                     }
                     return;
@@ -520,6 +546,33 @@ impl Runner {
             }
         }
         let _ = done.send(Err(ClientError::Invalid("the record does not fit an empty batch".into())));
+    }
+
+    /// Counts a record that joined a batch; true if the application's window is full
+    /// now — the records awaiting an answer are back at their peak (reached from below:
+    /// a new high only raises the peak), so nothing more can arrive before an answer.
+    fn note_added(&mut self) -> bool {
+        self.last_add = Instant::now();
+        let n = self.unresolved.fetch_add(1, Ordering::AcqRel) + 1;
+        if n > self.window_peak {
+            self.window_peak = n;
+            return false;
+        }
+        self.config.close_when_window_full && n == self.window_peak
+    }
+
+    /// Closes the batches that have waited out their linger. If one did while the
+    /// application had stopped sending (for half a linger at least), its window is
+    /// smaller than the peak learned: the peak comes down to what is outstanding now.
+    async fn seal_lingered(&mut self) {
+        let linger = self.config.linger;
+        if !self.open.values().any(|b| b.opened.elapsed() >= linger) {
+            return;
+        }
+        if self.last_add.elapsed() >= linger / 2 {
+            self.window_peak = self.unresolved.load(Ordering::Acquire);
+        }
+        self.seal_all(|b| b.opened.elapsed() >= linger).await;
     }
 
     async fn seal_all(&mut self, due: impl Fn(&OpenBatch) -> bool) {
@@ -560,6 +613,7 @@ impl Runner {
                     topic: key.0.clone(),
                     partition: key.1,
                     window: self.config.max_in_flight_per_partition,
+                    unresolved: self.unresolved.clone(),
                     request_timeout: self.config.request_timeout,
                     identity: self.identity.clone(),
                     epoch_in_use: None,
@@ -574,6 +628,7 @@ impl Runner {
             }
         };
         if let Err(mpsc::error::SendError(sealed)) = tx.send(sealed).await {
+            self.unresolved.fetch_sub(sealed.waiters.len(), Ordering::AcqRel);
             for w in sealed.waiters {
                 let _ = w.tx.send(Err(ClientError::Closed("partition sender")));
             }
@@ -614,6 +669,8 @@ struct PartitionSender {
     topic: String,
     partition: u32,
     window: usize,
+    /// The producer's count of records not answered yet (`Runner::unresolved`).
+    unresolved: Arc<AtomicUsize>,
     request_timeout: Duration,
     identity: Option<Arc<Identity>>,
     /// The identity this partition's sequence numbers belong to.
@@ -683,6 +740,7 @@ impl PartitionSender {
                     stamp = Some((id, sequence));
                 }
                 Err(e) => {
+                    self.unresolved.fetch_sub(waiters.len(), Ordering::AcqRel);
                     for w in waiters {
                         let _ = w.tx.send(Err(e.clone()));
                     }
@@ -783,6 +841,7 @@ impl PartitionSender {
     async fn progress(&mut self, attempts: &mut FuturesUnordered<AttemptFuture>) {
         loop {
             // Deliver from the front, in order.
+            let mut answered = Vec::new();
             while let Some(front) = self.slots.front() {
                 match &front.state {
                     SlotState::Done(_) | SlotState::Failed(_) => {
@@ -792,9 +851,17 @@ impl PartitionSender {
                             // follows can only be stored under a new epoch.
                             self.needs_new_epoch = true;
                         }
-                        self.deliver(slot);
+                        answered.push(slot);
                     }
                     _ => break,
+                }
+            }
+            if !answered.is_empty() {
+                // Uncounted all at once before any answer goes out: an application
+                // refilling its window as answers arrive must not find it full halfway.
+                self.unresolved.fetch_sub(answered.iter().map(|s| s.waiters.len()).sum(), Ordering::AcqRel);
+                for slot in answered {
+                    self.deliver(slot);
                 }
             }
             let Some(front) = self.slots.front() else {

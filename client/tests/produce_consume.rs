@@ -1,7 +1,8 @@
 //! The client against three in-process brokers: Admin creates a topic; the Producer
 //! sends keyed records (batching, ordering per partition); the Consumer reads them back
 //! from earliest, from latest and from a time; a leader dies mid-stream and every
-//! acknowledged record is still read back.
+//! acknowledged record is still read back; a closed loop of sends is not held back by
+//! the linger once its window is full.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -154,4 +155,74 @@ async fn when_a_leader_dies_mid_stream_every_acknowledged_record_is_read_back() 
     for n in nodes {
         n.shutdown().await;
     }
+}
+
+/// Sends `n` records and waits (at most `limit`) until every one is answered; the time
+/// that took, or `None` if the limit passed first.
+async fn round(producer: &Producer, n: usize, limit: Duration) -> Option<Duration> {
+    let started = Instant::now();
+    let mut acks = Vec::new();
+    for i in 0..n {
+        acks.push(producer.send("window", Record::new(i.to_string())).await.unwrap());
+    }
+    let all = async {
+        for ack in acks {
+            ack.wait().await.unwrap();
+        }
+    };
+    tokio::time::timeout(limit, all).await.ok().map(|()| started.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_window_of_sends_closes_the_batch_without_waiting_out_the_linger() {
+    let dir = tempfile::tempdir().unwrap();
+    let (nodes, cluster) = start(dir.path()).await;
+    Admin::new(cluster.clone()).create_topic("window", 1, 3).await.unwrap();
+    let linger = Duration::from_secs(3);
+    let config = |close_when_window_full| ProducerConfig { linger, close_when_window_full, ..ProducerConfig::default() };
+
+    let producer = Producer::new(cluster.clone(), config(true)).unwrap();
+    // The first window of 16 teaches the producer the window (each send a new high, so
+    // nothing closes early); a flush sends it.
+    let acks: Vec<_> = send_window(&producer, 16).await;
+    producer.flush().await.unwrap();
+    for ack in acks {
+        ack.wait().await.unwrap();
+    }
+    // From then on a window of 16 is answered well inside the linger, round after round.
+    for r in 0..3 {
+        let took = round(&producer, 16, linger - Duration::from_millis(500)).await;
+        assert!(took.is_some(), "round {r}: a full window waited for the {linger:?} linger");
+    }
+    // The application's window shrinks to 8: the first such round waits out the linger
+    // (8 never reaches the learned peak of 16), after which the peak comes down.
+    let took = round(&producer, 8, Duration::from_secs(30)).await.expect("the linger closes the batch");
+    assert!(took >= linger - Duration::from_millis(100), "a window below the peak closed early ({took:?})");
+    for r in 0..3 {
+        let took = round(&producer, 8, linger - Duration::from_millis(500)).await;
+        assert!(took.is_some(), "round {r} of 8: the peak did not come down to the smaller window");
+    }
+    producer.close().await;
+
+    // The control: with the option off, the same full window waits for the linger.
+    let fixed = Producer::new(cluster.clone(), config(false)).unwrap();
+    let acks: Vec<_> = send_window(&fixed, 16).await;
+    fixed.flush().await.unwrap();
+    for ack in acks {
+        ack.wait().await.unwrap();
+    }
+    assert!(round(&fixed, 16, Duration::from_secs(1)).await.is_none(), "without the option a batch closes only at its linger");
+    fixed.close().await;
+    for n in nodes {
+        n.shutdown().await;
+    }
+}
+
+/// Sends `n` records to "window" and returns their acknowledgement futures.
+async fn send_window(producer: &Producer, n: usize) -> Vec<keel_client::producer::DeliveryFuture> {
+    let mut acks = Vec::new();
+    for i in 0..n {
+        acks.push(producer.send("window", Record::new(format!("first-{i}"))).await.unwrap());
+    }
+    acks
 }

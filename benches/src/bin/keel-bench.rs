@@ -79,6 +79,10 @@ struct Args {
     /// Producer linger.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "2ms")]
     linger: Duration,
+    /// Batches close only at the linger or the size limit, not also when the in-flight
+    /// window is full (`ProducerConfig::close_when_window_full` off).
+    #[arg(long)]
+    fixed_linger: bool,
     /// Producer batch size limit in bytes (default: the client's `ProducerConfig`).
     #[arg(long)]
     batch_bytes: Option<usize>,
@@ -279,6 +283,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     for pid in 0..args.producers {
         let cfg = ProducerConfig {
             linger: args.linger,
+            close_when_window_full: !args.fixed_linger,
             max_in_flight_per_partition: args.batches_in_flight_per_partition,
             max_in_flight: 64,
             batch_bytes: args.batch_bytes.unwrap_or(ProducerConfig::default().batch_bytes),
@@ -439,6 +444,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mb = (acked as f64 * args.message_size as f64) / 1e6;
     let mut summary = serde_json::json!({
         "producers": args.producers, "message_size": args.message_size, "in_flight": args.in_flight,
+        "linger_ms": args.linger.as_secs_f64() * 1000.0, "close_when_window_full": !args.fixed_linger,
         "sent": sent, "acknowledged": acked, "failed": s.failed, "seconds": elapsed.as_secs_f64(),
         "produce_msgs_per_s": acked as f64 / elapsed.as_secs_f64(), "produce_mb_per_s": mb / elapsed.as_secs_f64(),
         "ack_latency_ms": {"p50": h.value_at_quantile(0.5) as f64 / 1000.0, "p90": h.value_at_quantile(0.9) as f64 / 1000.0,
