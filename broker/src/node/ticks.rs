@@ -20,8 +20,12 @@
 //!   the timeout is at its minimum of `3 × heartbeat`);
 //! - anything else (a candidate, a follower without a leader) ticks.
 //!
-//! The awake groups are listed from all hosted ones every `TICKS_LIST_INTERVAL`: a
-//! group woken meanwhile ticks on its own until then, as it did before this existed.
+//! The awake groups are listed from all hosted ones every `TICKS_LIST_INTERVAL`, and at
+//! the next scan after any group woke (`quiescence::wakes_so_far` moved): a woken group
+//! ticks on its own (as it did before this existed) for at most one heartbeat. Listed
+//! only every `TICKS_LIST_INTERVAL` before, a group written every few seconds — a
+//! partition of a wide topic, woken by each batch and quiesced 300 ms later — ticked
+//! every 10 ms for its whole time awake (7 % of a node's CPU on a 1,000-partition topic).
 //! Quiesced groups are the quiesce driver's (`super::quiesce`); the metadata group is
 //! not a partition and ticks on its own.
 //!
@@ -63,11 +67,14 @@ pub async fn run(hosted: HostedPartitions, heartbeat: Duration) {
     // of thousands are quiesced; one woken meanwhile ticks on its own until listed).
     let mut awake: Vec<Arc<Partition>> = Vec::new();
     let mut listed: Option<Instant> = None;
+    let mut wakes_listed = 0;
     loop {
         every.tick().await;
-        if listed.is_none_or(|t| t.elapsed() >= TICKS_LIST_INTERVAL) {
+        let wakes = crate::peer::quiescence::wakes_so_far();
+        if wakes != wakes_listed || listed.is_none_or(|t| t.elapsed() >= TICKS_LIST_INTERVAL) {
             awake = hosted.read().expect("hosted lock poisoned").values().filter(|p| !p.group.sleep.is_quiet()).cloned().collect();
             listed = Some(Instant::now());
+            wakes_listed = wakes;
         }
         let mut leaders = Vec::new();
         let mut tickless = 0;

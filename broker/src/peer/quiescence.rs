@@ -102,6 +102,21 @@ pub struct Sleep {
     contact_us: AtomicU64,
 }
 
+/// Wakes on this node so far, of every group: the tick driver (`crate::node::ticks`)
+/// lists the awake groups again when this moved, so a woken group's own ticker runs for
+/// at most one heartbeat before the node drives it.
+static WAKES: AtomicU64 = AtomicU64::new(0);
+
+/// How many groups woke on this node so far.
+pub fn wakes_so_far() -> u64 {
+    WAKES.load(Ordering::Acquire)
+}
+
+fn woke(reason: WakeReason) {
+    WAKES.fetch_add(1, Ordering::AcqRel);
+    crate::metrics::group_woke(reason);
+}
+
 /// The base of [`Sleep::contact`]'s clock.
 fn clock_base() -> Instant {
     static BASE: OnceLock<Instant> = OnceLock::new();
@@ -223,7 +238,7 @@ impl Sleep {
             self.set_quiet(&mut i, None);
             i.confirm_after = Some(Instant::now());
             start_ticking(raft, true);
-            crate::metrics::group_woke(WakeReason::Use);
+            woke(WakeReason::Use);
         }
         i.confirm_after
     }
@@ -247,7 +262,7 @@ impl Sleep {
             i.confirm_after = Some(Instant::now());
         }
         start_ticking(raft, leads);
-        crate::metrics::group_woke(reason);
+        woke(reason);
         true
     }
 
