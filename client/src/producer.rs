@@ -418,8 +418,10 @@ struct Runner {
     /// The recent peak of `unresolved`: the application's window, as far as it shows
     /// (`ProducerConfig::close_when_window_full`).
     window_peak: usize,
-    /// When the last record joined a batch.
-    last_add: Instant,
+    /// Records that joined a batch so far, and that count at the last linger tick: equal
+    /// means the application sent nothing for a whole tick (no clock read per record).
+    adds: u64,
+    adds_at_tick: u64,
 }
 
 async fn run(cluster: Cluster, config: ProducerConfig, mut rx: mpsc::Receiver<Command>) {
@@ -443,7 +445,8 @@ async fn run(cluster: Cluster, config: ProducerConfig, mut rx: mpsc::Receiver<Co
         sender_tasks: tokio::task::JoinSet::new(),
         unresolved: Arc::new(AtomicUsize::new(0)),
         window_peak: 0,
-        last_add: Instant::now(),
+        adds: 0,
+        adds_at_tick: 0,
     };
     let mut tick = tokio::time::interval(linger.max(Duration::from_millis(1)));
     loop {
@@ -552,7 +555,7 @@ impl Runner {
     /// now — the records awaiting an answer are back at their peak (reached from below:
     /// a new high only raises the peak), so nothing more can arrive before an answer.
     fn note_added(&mut self) -> bool {
-        self.last_add = Instant::now();
+        self.adds += 1;
         let n = self.unresolved.fetch_add(1, Ordering::AcqRel) + 1;
         if n > self.window_peak {
             self.window_peak = n;
@@ -562,14 +565,17 @@ impl Runner {
     }
 
     /// Closes the batches that have waited out their linger. If one did while the
-    /// application had stopped sending (for half a linger at least), its window is
-    /// smaller than the peak learned: the peak comes down to what is outstanding now.
+    /// application had stopped sending (nothing added for a whole tick, which is at
+    /// least a linger), its window is smaller than the peak learned: the peak comes
+    /// down to what is outstanding now.
     async fn seal_lingered(&mut self) {
         let linger = self.config.linger;
+        let stalled = self.adds == self.adds_at_tick;
+        self.adds_at_tick = self.adds;
         if !self.open.values().any(|b| b.opened.elapsed() >= linger) {
             return;
         }
-        if self.last_add.elapsed() >= linger / 2 {
+        if stalled {
             self.window_peak = self.unresolved.load(Ordering::Acquire);
         }
         self.seal_all(|b| b.opened.elapsed() >= linger).await;

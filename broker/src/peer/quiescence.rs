@@ -102,12 +102,13 @@ pub struct Sleep {
     contact_us: AtomicU64,
 }
 
-/// Wakes on this node so far, of every group: the tick driver (`crate::node::ticks`)
+/// Wakes so far, of every group in this process (every node of it, in a multi-node
+/// test: one node's wake then only makes another list early): the tick driver (`crate::node::ticks`)
 /// lists the awake groups again when this moved, so a woken group's own ticker runs for
 /// at most one heartbeat before the node drives it.
 static WAKES: AtomicU64 = AtomicU64::new(0);
 
-/// How many groups woke on this node so far.
+/// How many groups woke in this process so far.
 pub fn wakes_so_far() -> u64 {
     WAKES.load(Ordering::Acquire)
 }
