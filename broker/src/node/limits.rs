@@ -173,11 +173,11 @@ pub const TICKS_LIST_INTERVAL: Duration = Duration::from_millis(500);
 
 /// How often the quiesce driver checks peers' liveness and deferred wakes
 /// (`super::quiesce`): a lost leader's groups wake within this of `PEER_DEAD_AFTER`.
-pub const QUIESCE_SCAN_INTERVAL: Duration = Duration::from_millis(100);
+pub const QUIESCE_SCAN_INTERVAL: Duration = Duration::from_millis(50);
 
 /// How often the quiesce driver looks for idle groups to quiesce: a group asks to park
 /// within this of being idle for `quiesce_after_ms`.
-pub const QUIESCE_ROUND_INTERVAL: Duration = Duration::from_millis(100);
+pub const QUIESCE_ROUND_INTERVAL: Duration = Duration::from_millis(50);
 
 /// How often the quiesce driver lists the hosted groups anew (between lists a round
 /// looks only at the listed ones: a group created since waits for the next list), tells

@@ -60,7 +60,7 @@ pub async fn run(
             let task = open_partition(ctx.clone(), cluster.clone(), topic.clone(), p.clone(), probe, metadata.clone(), hosted.clone(), opening.clone());
             tokio::spawn(task);
         }
-        let wanted_groups: Vec<u64> = wanted.iter().map(|(_, p)| p.group).collect();
+        let wanted_groups: HashSet<u64> = wanted.iter().map(|(_, p)| p.group).collect();
         let removed: Vec<Arc<Partition>> = {
             let mut hosted = hosted.write().expect("hosted lock poisoned");
             let gone: Vec<u64> = hosted.keys().copied().filter(|g| !wanted_groups.contains(g)).collect();

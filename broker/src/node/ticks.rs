@@ -21,8 +21,11 @@
 //! - anything else (a candidate, a follower without a leader) ticks.
 //!
 //! The awake groups are listed from all hosted ones every `TICKS_LIST_INTERVAL`, and at
-//! the next scan after any group woke (`quiescence::wakes_so_far` moved): a woken group
-//! ticks on its own (as it did before this existed) for at most one heartbeat. Listed
+//! the next scan after any group woke (`quiescence::wakes_so_far` moved). A group woken
+//! by a write starts no ticker (its leader is heartbeated by its wake's ReadIndex round,
+//! its followers listen from the AppendEntries that woke them: `Sleep::use_now`,
+//! `Sleep::wake_by_entries`); one woken otherwise ticks on its own for at most one
+//! heartbeat. Listed
 //! only every `TICKS_LIST_INTERVAL` before, a group written every few seconds — a
 //! partition of a wide topic, woken by each batch and quiesced 300 ms later — ticked
 //! every 10 ms for its whole time awake (7 % of a node's CPU on a 1,000-partition topic).

@@ -238,10 +238,31 @@ impl Sleep {
         if i.quiet.is_some_and(|q| q.leader == raft_id(raft)) {
             self.set_quiet(&mut i, None);
             i.confirm_after = Some(Instant::now());
-            start_ticking(raft, true);
+            // Its ticker stays off: the caller heartbeats at once (`GroupHandle::awake`'s
+            // ReadIndex round) and the node's tick driver from its next scan on, as it
+            // does every awake leader (`crate::node::ticks`). Started here, the ticker
+            // ran until that scan — five ticks, and one more heartbeat — for every
+            // batch written to a quiesced partition.
+            self.set_listening(&mut i, true);
             woke(WakeReason::Use);
         }
         i.confirm_after
+    }
+
+    /// A follower's AppendEntries from its leader woke the group (`peer::server`): it
+    /// listens at once rather than ticking until the node's next tick scan (it has
+    /// just heard its leader; the scan starts its ticker once that contact grows stale,
+    /// as for any listening follower). Returns whether the group was quiesced.
+    pub fn wake_by_entries(&self) -> bool {
+        self.contact();
+        let mut i = self.lock();
+        if i.quiet.is_none() {
+            return false;
+        }
+        self.set_quiet(&mut i, None);
+        self.set_listening(&mut i, true);
+        woke(WakeReason::Entries);
+        true
     }
 
     /// A quorum acknowledged this leader after `after`: nothing more to wait for.
@@ -310,6 +331,21 @@ mod tests {
     fn set(s: &Sleep, quiet: Option<Quiet>) {
         let mut i = s.lock();
         s.set_quiet(&mut i, quiet);
+    }
+
+    #[test]
+    fn a_follower_woken_by_its_leaders_entries_listens_without_ticking() {
+        let s = Sleep::default();
+        assert!(!s.wake_by_entries(), "an awake replica is not woken again");
+        let q = Quiet { term: 1, leader: 2, last: Some((1, 5)) };
+        set(&s, Some(q));
+        assert!(s.is_quiet());
+        assert!(s.wake_by_entries(), "a parked replica wakes");
+        assert!(!s.is_quiet(), "awake after the wake");
+        // Listening: its ticker stays off, and the tick scan starts it once the contact
+        // recorded here grows stale.
+        assert!(s.is_listening(), "woken into listening, not ticking");
+        assert!(s.contact_age().is_some_and(|a| a < Duration::from_secs(1)), "the wake counts as contact with the leader");
     }
 
     #[test]

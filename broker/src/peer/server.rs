@@ -182,10 +182,14 @@ async fn handle_append(service: &PeerService, caller: Option<u64>, payload: &Byt
             let still_hosted = |g| service.groups.read().expect("group registry lock poisoned").contains_key(&g);
             let wakes = append_wakes(&hosted, &rpc);
             let answer = service.streams.append(&hosted.raft, (head.group, from), (head.stream, head.seq), rpc, still_hosted).await;
-            if wakes && answer.is_ok() {
+            // Heard from the leader of its term (entries accepted, or a log to repair).
+            let heard = matches!(answer, Ok(Ok(_) | Err(openraft::raft::StreamAppendError::Conflict(_))));
+            if wakes && heard {
+                hosted.sleep.wake_by_entries();
+            } else if wakes && answer.is_ok() {
                 hosted.sleep.wake(&hosted.raft, WakeReason::Entries);
             }
-            if matches!(answer, Ok(Ok(_) | Err(openraft::raft::StreamAppendError::Conflict(_)))) {
+            if heard {
                 hosted.sleep.contact();
             }
             RaftReply::AppendPipelined(answer)
@@ -213,10 +217,14 @@ async fn handle_raft(service: &PeerService, payload: &[u8]) -> Result<Bytes, Str
                 RaftRpc::Append(rpc) => {
                     let wakes = append_wakes(&hosted, &rpc);
                     let reply = serve_raft(hosted.raft.clone(), RaftRpc::Append(rpc)).await;
-                    if wakes && matches!(reply, RaftReply::Append(_)) {
+                    // Heard from the leader of its term (not a stale leader's request).
+                    let heard = matches!(&reply, RaftReply::Append(r) if !matches!(r, openraft::raft::AppendEntriesResponse::HigherVote(_)));
+                    if wakes && heard {
+                        hosted.sleep.wake_by_entries();
+                    } else if wakes && matches!(reply, RaftReply::Append(_)) {
                         hosted.sleep.wake(&hosted.raft, WakeReason::Entries);
                     }
-                    if matches!(&reply, RaftReply::Append(r) if !matches!(r, openraft::raft::AppendEntriesResponse::HigherVote(_))) {
+                    if heard {
                         hosted.sleep.contact();
                     }
                     reply
