@@ -135,6 +135,10 @@ pub const RETENTION_CHECK_INTERVAL: Duration = Duration::from_millis(50);
 /// How often a partition whose log did not grow has its retention judged (messages age
 /// out of idle partitions too).
 pub const RETENTION_IDLE_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+/// How often retention lists the awake groups among all hosted ones anew (between
+/// lists, and between idle sweeps, it looks only at those: `super::awake`); a wake
+/// lists them again at once.
+pub const RETENTION_LIST_INTERVAL: Duration = Duration::from_millis(500);
 
 /// How long a producer throttled by a partition at its byte retention bound waits
 /// before retrying (retention frees a segment within a few check intervals).

@@ -16,6 +16,7 @@
 
 pub mod admin;
 pub mod api;
+pub mod awake;
 pub mod coordinator;
 pub mod damage;
 pub mod dead_letters;

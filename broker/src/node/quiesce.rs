@@ -39,6 +39,7 @@ use bytes::Bytes;
 use keel_protocol::api;
 use openraft::async_runtime::watch::WatchReceiver;
 
+use super::awake::AwakeList;
 use super::limits::{
     CAMPAIGN_ATTEMPTS_MAX, CAMPAIGN_RETRY_INTERVAL, QUIESCE_LIST_INTERVAL, QUIESCE_ROUND_INTERVAL, QUIESCE_SCAN_INTERVAL, STOPPED_GROUP_WAKE_EVERY,
     STOPPED_SCAN_INTERVAL,
@@ -95,6 +96,7 @@ pub async fn run(driver: Driver) {
     // peer was lost or came back), and when.
     let mut partitions: Vec<Arc<Partition>> = Vec::new();
     let mut listed_at: Option<Instant> = None;
+    let mut awake = AwakeList::new(QUIESCE_LIST_INTERVAL);
     let mut every = tokio::time::interval(QUIESCE_SCAN_INTERVAL);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -137,7 +139,8 @@ pub async fn run(driver: Driver) {
         }
         if let Some(after) = driver.quiesce_after {
             not_before.retain(|_, t| *t > last_round);
-            let candidates: Vec<Candidate> = partitions.iter().filter_map(|p| candidate(&driver, p, after, &not_before)).collect();
+            // Only awake groups can be candidates: the quiesced ones are not walked.
+            let candidates: Vec<Candidate> = awake.refresh(&driver.hosted).iter().filter_map(|p| candidate(&driver, p, after, &not_before)).collect();
             if !candidates.is_empty() {
                 quiesce(&driver, candidates, after, &mut not_before).await;
             }

@@ -47,8 +47,13 @@ pub async fn run(
         stop_failed_groups(&ctx, &hosted, &mut reopened).await;
         let state = metadata.borrow_and_update().clone();
         let wanted = state.groups_of(ctx.node_id);
-        for (topic, p) in &wanted {
-            if hosted.read().expect("hosted lock poisoned").contains_key(&p.group) || !opening.lock().expect("opening lock poisoned").insert(p.group) {
+        // Thousands of wanted groups are hosted already: one look under one lock.
+        let missing: Vec<&(String, _)> = {
+            let hosted = hosted.read().expect("hosted lock poisoned");
+            wanted.iter().filter(|(_, p)| !hosted.contains_key(&p.group)).collect()
+        };
+        for (topic, p) in missing {
+            if !opening.lock().expect("opening lock poisoned").insert(p.group) {
                 continue;
             }
             let created_at = state.topics.get(topic).map_or(u64::MAX, |t| t.created_at_offset);

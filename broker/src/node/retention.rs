@@ -33,8 +33,9 @@ use std::time::Duration;
 use keel_storage::SegmentExtent;
 use openraft::async_runtime::watch::WatchReceiver;
 
+use super::awake::AwakeList;
 use super::group::GroupHandle;
-use super::limits::{RETENTION_CHECK_INTERVAL, RETENTION_IDLE_CHECK_INTERVAL};
+use super::limits::{RETENTION_CHECK_INTERVAL, RETENTION_IDLE_CHECK_INTERVAL, RETENTION_LIST_INTERVAL};
 use super::partition::Partition;
 use super::reconcile::HostedPartitions;
 use crate::config::MetadataLogConfig;
@@ -103,6 +104,7 @@ pub async fn run(hosted: HostedPartitions, metadata: GroupHandle, metadata_log: 
     let mut metadata_seen = None;
     // Quiesced groups are looked at only in a sweep every `RETENTION_IDLE_CHECK_INTERVAL`.
     let mut idle_sweep: Option<tokio::time::Instant> = None;
+    let mut awake = AwakeList::new(RETENTION_LIST_INTERVAL);
     loop {
         tick.tick().await;
         let sweep = idle_sweep.is_none_or(|t| t.elapsed() >= RETENTION_IDLE_CHECK_INTERVAL);
@@ -119,23 +121,15 @@ pub async fn run(hosted: HostedPartitions, metadata: GroupHandle, metadata_log: 
         }
         // Judged under the read lock, without cloning every partition each round (a
         // node may host thousands, mostly quiesced): only the due ones are taken out.
-        let due: Vec<Arc<Partition>> = {
+        let due: Vec<Arc<Partition>> = if sweep {
             let hosted = hosted.read().expect("hosted lock poisoned");
             if seen.len() > hosted.len() {
                 seen.retain(|g, _| hosted.contains_key(g));
             }
-            hosted
-                .values()
-                .filter(|p| sweep || !p.group.sleep.is_quiet())
-                .filter(|p| match seen.get(&p.group.id) {
-                    None => true,
-                    // A quiesced group takes no writes and applies nothing (a cut applied
-                    // before it quiesced was seen then): only age retention can be due.
-                    Some((_, at)) if p.group.sleep.is_quiet() => at.elapsed() >= RETENTION_IDLE_CHECK_INTERVAL,
-                    Some((n, at)) => *n != p.group.log.state().next_index || purge_pending(&p.group) || at.elapsed() >= RETENTION_IDLE_CHECK_INTERVAL,
-                })
-                .cloned()
-                .collect()
+            hosted.values().filter(|p| is_due(p, &seen)).cloned().collect()
+        } else {
+            // Between sweeps only awake groups can be due: not walked one by one.
+            awake.refresh(&hosted).iter().filter(|p| is_due(p, &seen)).cloned().collect()
         };
         for p in due {
             let next_index = p.group.log.state().next_index;
@@ -144,6 +138,17 @@ pub async fn run(hosted: HostedPartitions, metadata: GroupHandle, metadata_log: 
                 tracing::debug!(partition = %p.name(), error = %e, "retention step did not complete; retrying next round");
             }
         }
+    }
+}
+
+/// Whether `p` is due for a retention step, given when it was last looked at (`seen`).
+fn is_due(p: &Partition, seen: &std::collections::HashMap<u64, (u64, tokio::time::Instant)>) -> bool {
+    match seen.get(&p.group.id) {
+        None => true,
+        // A quiesced group takes no writes and applies nothing (a cut applied
+        // before it quiesced was seen then): only age retention can be due.
+        Some((_, at)) if p.group.sleep.is_quiet() => at.elapsed() >= RETENTION_IDLE_CHECK_INTERVAL,
+        Some((n, at)) => *n != p.group.log.state().next_index || purge_pending(&p.group) || at.elapsed() >= RETENTION_IDLE_CHECK_INTERVAL,
     }
 }
 

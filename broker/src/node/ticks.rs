@@ -36,11 +36,11 @@
 //! only when a follower's election timer runs and when a leader heartbeats is decided
 //! here, both as openraft's ticker would.
 
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use openraft::async_runtime::watch::WatchReceiver;
 
+use super::awake::AwakeList;
 use super::limits::{LISTEN_FRESH_HEARTBEATS, LISTEN_STALE_HEARTBEATS, TICKS_LIST_INTERVAL};
 use super::partition::Partition;
 use super::reconcile::HostedPartitions;
@@ -66,19 +66,12 @@ pub async fn run(hosted: HostedPartitions, heartbeat: Duration) {
     let (fresh, stale) = (heartbeat * LISTEN_FRESH_HEARTBEATS, heartbeat * LISTEN_STALE_HEARTBEATS);
     let mut every = tokio::time::interval(heartbeat);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // The awake groups, listed from all hosted ones every `TICKS_LIST_INTERVAL` (most
-    // of thousands are quiesced; one woken meanwhile ticks on its own until listed).
-    let mut awake: Vec<Arc<Partition>> = Vec::new();
-    let mut listed: Option<Instant> = None;
-    let mut wakes_listed = 0;
+    // The awake groups (most of thousands are quiesced; one woken otherwise than by a
+    // write ticks on its own until listed).
+    let mut awake = AwakeList::new(TICKS_LIST_INTERVAL);
     loop {
         every.tick().await;
-        let wakes = crate::peer::quiescence::wakes_so_far();
-        if wakes != wakes_listed || listed.is_none_or(|t| t.elapsed() >= TICKS_LIST_INTERVAL) {
-            awake = hosted.read().expect("hosted lock poisoned").values().filter(|p| !p.group.sleep.is_quiet()).cloned().collect();
-            listed = Some(Instant::now());
-            wakes_listed = wakes;
-        }
+        let awake = awake.refresh(&hosted);
         let mut leaders = Vec::new();
         let mut tickless = 0;
         let mut replicating = 0;
