@@ -183,9 +183,10 @@ pub const QUIESCE_SCAN_INTERVAL: Duration = Duration::from_millis(50);
 /// within this of being idle for `quiesce_after_ms`.
 pub const QUIESCE_ROUND_INTERVAL: Duration = Duration::from_millis(50);
 
-/// How often the quiesce driver lists the hosted groups anew (between lists a round
-/// looks only at the listed ones: a group created since waits for the next list), tells
-/// other replicas about groups stopped here, and sets the quiesced/awake gauges.
+/// How often the quiesce driver lists the hosted groups anew (for peer loss and return:
+/// a group created since waits for the next list) and its awake candidates at the
+/// latest (`super::awake`: also at once after a wake or a change in the hosted count),
+/// tells other replicas about groups stopped here, and sets the quiesced/awake gauges.
 pub const QUIESCE_LIST_INTERVAL: Duration = Duration::from_millis(500);
 
 /// How often, at most, a node asks the other replicas of a group whose Raft stopped

@@ -184,13 +184,13 @@ async fn handle_append(service: &PeerService, caller: Option<u64>, payload: &Byt
             let answer = service.streams.append(&hosted.raft, (head.group, from), (head.stream, head.seq), rpc, still_hosted).await;
             // Heard from the leader of its term (entries accepted, or a log to repair).
             let heard = matches!(answer, Ok(Ok(_) | Err(openraft::raft::StreamAppendError::Conflict(_))));
+            if heard {
+                hosted.sleep.contact();
+            }
             if wakes && heard {
                 hosted.sleep.wake_by_entries();
             } else if wakes && answer.is_ok() {
                 hosted.sleep.wake(&hosted.raft, WakeReason::Entries);
-            }
-            if heard {
-                hosted.sleep.contact();
             }
             RaftReply::AppendPipelined(answer)
         }
@@ -219,13 +219,13 @@ async fn handle_raft(service: &PeerService, payload: &[u8]) -> Result<Bytes, Str
                     let reply = serve_raft(hosted.raft.clone(), RaftRpc::Append(rpc)).await;
                     // Heard from the leader of its term (not a stale leader's request).
                     let heard = matches!(&reply, RaftReply::Append(r) if !matches!(r, openraft::raft::AppendEntriesResponse::HigherVote(_)));
+                    if heard {
+                        hosted.sleep.contact();
+                    }
                     if wakes && heard {
                         hosted.sleep.wake_by_entries();
                     } else if wakes && matches!(reply, RaftReply::Append(_)) {
                         hosted.sleep.wake(&hosted.raft, WakeReason::Entries);
-                    }
-                    if heard {
-                        hosted.sleep.contact();
                     }
                     reply
                 }
