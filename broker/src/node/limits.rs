@@ -183,6 +183,18 @@ pub const QUIESCE_SCAN_INTERVAL: Duration = Duration::from_millis(50);
 /// within this of being idle for `quiesce_after_ms`.
 pub const QUIESCE_ROUND_INTERVAL: Duration = Duration::from_millis(50);
 
+/// A group used *sporadically* — its latest write or read came at least this many
+/// `quiesce_after_ms` after the one before it (a partition of a wide topic, written
+/// every second or so) — quiesces once idle for `QUIESCE_SPORADIC_IDLE` rather than
+/// `quiesce_after_ms` (`super::quiesce::candidate`): waiting out the full time cost
+/// each such write one or two heartbeat rounds that nothing needed (it will most
+/// likely not be written again before then). A group written in a stream keeps the
+/// full time, so it is not parked and woken between batches.
+pub const QUIESCE_SPORADIC_GAP_FACTOR: u32 = 5;
+/// How long a sporadically used group stays idle before it quiesces (at most
+/// `quiesce_after_ms`): under a heartbeat, so that it parks before its first one.
+pub const QUIESCE_SPORADIC_IDLE: Duration = Duration::from_millis(10);
+
 /// How often the quiesce driver lists the hosted groups anew (for peer loss and return:
 /// a group created since waits for the next list) and its awake candidates at the
 /// latest (`super::awake`: also at once after a wake or a change in the hosted count),

@@ -2,7 +2,9 @@
 //! decides when they must wake (the design is `shared/notes/multiraft-scale.md` §5).
 //!
 //! **Quiescing (leader-driven).** A partition group this node leads quiesces once it has
-//! had no write or read here for `cluster.raft.quiesce_after_ms` and its log is fully
+//! had no write or read here for `cluster.raft.quiesce_after_ms` — or only
+//! `QUIESCE_SPORADIC_IDLE` when it is used sporadically (its latest use came
+//! `QUIESCE_SPORADIC_GAP_FACTOR` times that long after the one before) — and its log is fully
 //! committed, applied, and matched by every voter whose node it hears from (a voter on
 //! a dead node is caught up when it is heard again). The leader asks each follower whose
 //! node it hears from (one request per peer for all such groups); a follower parks its
@@ -41,14 +43,14 @@ use openraft::async_runtime::watch::WatchReceiver;
 
 use super::awake::AwakeList;
 use super::limits::{
-    CAMPAIGN_ATTEMPTS_MAX, CAMPAIGN_RETRY_INTERVAL, QUIESCE_LIST_INTERVAL, QUIESCE_ROUND_INTERVAL, QUIESCE_SCAN_INTERVAL, STOPPED_GROUP_WAKE_EVERY,
-    STOPPED_SCAN_INTERVAL,
+    CAMPAIGN_ATTEMPTS_MAX, CAMPAIGN_RETRY_INTERVAL, QUIESCE_LIST_INTERVAL, QUIESCE_ROUND_INTERVAL, QUIESCE_SCAN_INTERVAL, QUIESCE_SPORADIC_GAP_FACTOR,
+    QUIESCE_SPORADIC_IDLE, STOPPED_GROUP_WAKE_EVERY, STOPPED_SCAN_INTERVAL,
 };
 use super::partition::Partition;
 use super::reconcile::HostedPartitions;
 use crate::peer::limits::{QUIESCE_GROUPS_PER_REQUEST_MAX, QUIESCE_REQUEST_TIMEOUT};
 use crate::peer::liveness::{Liveness, CAMPAIGN_FALLBACK_AFTER};
-use crate::peer::quiescence::{Quiet, WakeReason};
+use crate::peer::quiescence::{Idle, Quiet, WakeReason};
 use crate::peer::wire::{QuiesceAsk, QuiesceRequest, WakeRequest};
 use crate::peer::PeerPool;
 
@@ -282,10 +284,11 @@ fn candidate(driver: &Driver, p: &Arc<Partition>, after: Duration, not_before: &
     if sleep.is_quiet() || not_before.contains_key(&p.group.id) {
         return None;
     }
-    let (idle, uses) = sleep.idle();
-    if idle < after {
+    let idle = sleep.idle();
+    if idle.since_use < idle_needed(&idle, after) {
         return None;
     }
+    let uses = idle.uses;
     let m = p.group.raft.metrics();
     let m = m.borrow_watched();
     let me = driver.node_id;
@@ -312,6 +315,16 @@ fn candidate(driver: &Driver, p: &Arc<Partition>, after: Duration, not_before: &
         return None;
     }
     Some(Candidate { partition: p.clone(), quiet: Quiet { term: m.current_term, leader: me, last: committed }, uses, asked })
+}
+
+/// How long a group must go unused before it quiesces: `after`, or only
+/// `QUIESCE_SPORADIC_IDLE` if its latest use came long after the one before.
+fn idle_needed(idle: &Idle, after: Duration) -> Duration {
+    if idle.use_gap >= after * QUIESCE_SPORADIC_GAP_FACTOR {
+        QUIESCE_SPORADIC_IDLE.min(after)
+    } else {
+        after
+    }
 }
 
 /// Asks the followers of `candidates` (one request per peer) and parks the leader of
@@ -367,5 +380,32 @@ async fn quiesce(driver: &Driver, candidates: Vec<Candidate>, after: Duration, n
         } else {
             not_before.insert(c.partition.group.id, Instant::now() + after);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::{idle_needed, Idle, QUIESCE_SPORADIC_GAP_FACTOR, QUIESCE_SPORADIC_IDLE};
+
+    #[test]
+    fn a_sporadically_written_group_quiesces_sooner_than_one_written_in_a_stream() {
+        let after = Duration::from_millis(100);
+        let idle = |gap_ms: u64| Idle { since_use: Duration::ZERO, use_gap: Duration::from_millis(gap_ms), uses: 2 };
+        // Written every few milliseconds: the full quiesce time, so it is not parked
+        // and woken between batches.
+        assert_eq!(idle_needed(&idle(3), after), after);
+        // Just short of sporadic.
+        assert_eq!(idle_needed(&idle(100 * u64::from(QUIESCE_SPORADIC_GAP_FACTOR) - 1), after), after);
+        // Written once after a long gap (a wide topic's partition): parks before its
+        // first heartbeat.
+        assert_eq!(idle_needed(&idle(100 * u64::from(QUIESCE_SPORADIC_GAP_FACTOR)), after), QUIESCE_SPORADIC_IDLE);
+        assert_eq!(idle_needed(&idle(60_000), after), QUIESCE_SPORADIC_IDLE);
+        // Never longer than the configured time.
+        let short = Duration::from_millis(5);
+        assert_eq!(idle_needed(&idle(60_000), short), short);
+        // Never used: the configured time.
+        assert_eq!(idle_needed(&Idle { since_use: Duration::ZERO, use_gap: Duration::ZERO, uses: 0 }, after), after);
     }
 }

@@ -77,12 +77,26 @@ struct Inner {
     /// Incremented by every use (write or read on this node).
     uses: u64,
     last_use: Instant,
+    /// Time between the latest use and the one before it (zero before the first).
+    use_gap: Duration,
     /// Set when a quiesced leader woke: reads and writes wait for a quorum
     /// acknowledgement sent after this instant.
     confirm_after: Option<Instant>,
     /// Whether the ticker is off because this awake replica is driven by the node
     /// (a leader heartbeated from there, a follower that hears its leader).
     listening: bool,
+}
+
+/// How idle a group is here ([`Sleep::idle`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Idle {
+    /// Time since the last write or read here.
+    pub since_use: Duration,
+    /// Time between that use and the one before it: long for a partition written now
+    /// and then (one of a wide topic's), short for one written in a stream.
+    pub use_gap: Duration,
+    /// Uses so far.
+    pub uses: u64,
 }
 
 /// One group's quiescence state on this node.
@@ -127,7 +141,7 @@ fn clock_base() -> Instant {
 impl Default for Sleep {
     fn default() -> Self {
         Sleep {
-            inner: Mutex::new(Inner { quiet: None, uses: 0, last_use: Instant::now(), confirm_after: None, listening: false }),
+            inner: Mutex::new(Inner { quiet: None, uses: 0, last_use: Instant::now(), use_gap: Duration::ZERO, confirm_after: None, listening: false }),
             parked: AtomicBool::new(false),
             listening: AtomicBool::new(false),
             parks: AtomicU64::new(0),
@@ -219,11 +233,12 @@ impl Sleep {
         }
     }
 
-    /// How long since the last use here, and the use count (a quiesce decision passes
-    /// it back to [`Sleep::park_leader`], which refuses if a use came in between).
-    pub fn idle(&self) -> (Duration, u64) {
+    /// How long since the last use here, the time between that use and the one before
+    /// it, and the use count (a quiesce decision passes it back to
+    /// [`Sleep::park_leader`], which refuses if a use came in between).
+    pub fn idle(&self) -> Idle {
         let i = self.lock();
-        (i.last_use.elapsed(), i.uses)
+        Idle { since_use: i.last_use.elapsed(), use_gap: i.use_gap, uses: i.uses }
     }
 
     /// Records a write or read on this node; wakes the group if it is quiesced with this
@@ -233,8 +248,10 @@ impl Sleep {
     /// serving, while one is outstanding.
     pub fn use_now(&self, raft: &GroupRaft) -> Option<Instant> {
         let mut i = self.lock();
+        let now = Instant::now();
         i.uses += 1;
-        i.last_use = Instant::now();
+        i.use_gap = now.saturating_duration_since(i.last_use);
+        i.last_use = now;
         if i.quiet.is_some_and(|q| q.leader == raft_id(raft)) {
             self.set_quiet(&mut i, None);
             i.confirm_after = Some(Instant::now());
