@@ -112,7 +112,8 @@ pub struct RaftTiming {
     pub election_timeout_min_ms: u64,
     pub election_timeout_max_ms: u64,
     /// A partition group idle this long (no write or read) stops ticking and
-    /// heartbeating (`node/quiesce.rs`); 0: never.
+    /// heartbeating (`node/quiesce.rs`; a sporadically used one sooner:
+    /// `node::limits::QUIESCE_SPORADIC_IDLE`); 0: never.
     pub quiesce_after_ms: u64,
 }
 
