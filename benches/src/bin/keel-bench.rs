@@ -613,8 +613,30 @@ fn process_cpu_ticks(pid: &str) -> Option<u64> {
     Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
 }
 
+/// CPU ticks at one instant: per `keel dev` node (by id) and the bench's own (as node
+/// 0), and the whole machine's from /proc/stat.
+struct CpuTicks {
+    processes: Vec<(u64, u64)>,
+    /// (ticks stolen by the hypervisor, all ticks) summed over the CPUs.
+    machine: Option<(u64, u64)>,
+}
+
+/// The first line of /proc/stat: (steal, total) ticks over all CPUs.
+fn machine_cpu_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().next()?.strip_prefix("cpu ")?;
+    let fields: Vec<u64> = line.split_whitespace().map(|f| f.parse().unwrap_or(0)).collect();
+    // user nice system idle iowait irq softirq steal (guest time is within user).
+    let total = fields.iter().take(8).sum();
+    Some((*fields.get(7)?, total))
+}
+
+fn node_cpu_ticks(data_dir: &std::path::Path) -> CpuTicks {
+    CpuTicks { processes: process_ticks(data_dir), machine: machine_cpu_ticks() }
+}
+
 /// Per `keel dev` node (by id), its CPU ticks now; and the bench's own, as node 0.
-fn node_cpu_ticks(data_dir: &std::path::Path) -> Vec<(u64, u64)> {
+fn process_ticks(data_dir: &std::path::Path) -> Vec<(u64, u64)> {
     let mut out = Vec::new();
     for id in 1..=9u64 {
         let Ok(pid) = std::fs::read_to_string(data_dir.join(format!("node{id}/keel.pid"))) else { continue };
@@ -629,8 +651,14 @@ fn node_cpu_ticks(data_dir: &std::path::Path) -> Vec<(u64, u64)> {
 }
 
 /// The nodes' CPU over the produce phase, in µs per acknowledged message (all nodes
-/// summed), and each node's share of a core.
-fn cpu_report(before: &[(u64, u64)], after: &[(u64, u64)], acked: u64, elapsed: Duration) -> serde_json::Value {
+/// summed), and each node's share of a core; and the share of the machine's CPU time
+/// the hypervisor stole meanwhile (a disturbed run on a shared host shows here).
+fn cpu_report(before: &CpuTicks, after: &CpuTicks, acked: u64, elapsed: Duration) -> serde_json::Value {
+    let steal_pct = match (before.machine, after.machine) {
+        (Some((s0, t0)), Some((s1, t1))) if t1 > t0 => Some(s1.saturating_sub(s0) as f64 * 100.0 / (t1 - t0) as f64),
+        _ => None,
+    };
+    let (before, after) = (&before.processes, &after.processes);
     let hz = clock_ticks_per_s();
     let spent = |id: u64| -> Option<f64> {
         let b = before.iter().find(|(i, _)| *i == id)?.1;
@@ -648,12 +676,13 @@ fn cpu_report(before: &[(u64, u64)], after: &[(u64, u64)], acked: u64, elapsed: 
     let per_msg_us = total * 1e6 / acked.max(1) as f64;
     let bench = spent(0).unwrap_or(0.0);
     println!(
-        "cpu: nodes {total:.2} s over {:.1} s = {per_msg_us:.2} µs per acknowledged message ({}); load generator {bench:.2} s = {:.2} µs per message",
+        "cpu: nodes {total:.2} s over {:.1} s = {per_msg_us:.2} µs per acknowledged message ({}); load generator {bench:.2} s = {:.2} µs per message; stolen by the hypervisor {}",
         elapsed.as_secs_f64(),
         nodes.iter().map(|(id, v)| format!("node {id} {:.2} cores", v["cores"].as_f64().unwrap_or(0.0))).collect::<Vec<_>>().join(", "),
-        bench * 1e6 / acked.max(1) as f64
+        bench * 1e6 / acked.max(1) as f64,
+        steal_pct.map_or("unknown".to_string(), |p| format!("{p:.1} % of the machine's CPU time"))
     );
-    serde_json::json!({"node_seconds": total, "us_per_message": per_msg_us, "nodes": nodes, "bench_seconds": bench, "bench_us_per_message": bench * 1e6 / acked.max(1) as f64})
+    serde_json::json!({"node_seconds": total, "us_per_message": per_msg_us, "nodes": nodes, "bench_seconds": bench, "bench_us_per_message": bench * 1e6 / acked.max(1) as f64, "steal_pct": steal_pct})
 }
 
 /// The priority phase: a fresh queue group of `--queue-members` drains the topic's
