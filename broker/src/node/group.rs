@@ -138,8 +138,7 @@ const REFILL_MARKER: &str = "refill.target";
 /// How a group's log cuts its segments: its topic's `segment_bytes`, and — when the
 /// topic has age retention — a segment age of its `retention_ms`, so that retention by
 /// age can delete whole segments. Applied when the log is opened (before any entry can
-/// reach it), and again at each retention look at the partition (so a changed topic
-/// config takes effect); the metadata log's comes from `cluster.metadata_log` at open.
+/// reach it) and again by retention when the topic's config changes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SegmentPolicy {
     pub bytes: u64,

@@ -102,6 +102,7 @@ pub async fn run(hosted: HostedPartitions, metadata: GroupHandle, metadata_log: 
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Per group: the log's next index when last looked at, and when.
     let mut seen: std::collections::HashMap<u64, (u64, tokio::time::Instant)> = std::collections::HashMap::new();
+    metadata.log.set_segment_bytes(metadata_log.segment_bytes);
     let mut metadata_seen = None;
     // Quiesced groups are looked at only in a sweep every `RETENTION_IDLE_CHECK_INTERVAL`.
     let mut idle_sweep: Option<tokio::time::Instant> = None;
