@@ -8,8 +8,11 @@
 //! briefly for the missing batch (requests on one connection are served concurrently
 //! and may arrive out of order), then is refused; a batch whose message ids are all
 //! stored already is answered with their offsets; one where only some are is refused
-//! (the producer resends the rest). Applying repeats the producer and id checks, so
-//! replicas agree even if a duplicate slips through. Control entries (the partition
+//! (the producer resends the rest). A refusal judged on the producer table (out of
+//! order, fenced) is answered only after a ReadIndex round confirms that this node
+//! still leads with a current table (`confirm_current`): a replaced leader that has
+//! not heard so would judge on a stale one. Applying repeats the producer and id
+//! checks, so replicas agree even if a duplicate slips through. Control entries (the partition
 //! clock, the topic's settings) are proposed ahead of the batch that needs them.
 //!
 //! The overlay belongs to one term: a new term starts with an empty one, and the leader
@@ -31,8 +34,9 @@ use bytes::Bytes;
 use keel_protocol::message::Duplicate;
 use keel_protocol::BatchView;
 use openraft::async_runtime::watch::WatchReceiver;
-use openraft::error::ClientWriteError;
+use openraft::error::{ClientWriteError, LinearizableReadError, RaftError};
 use openraft::impls::ProgressResponder;
+use openraft::raft::ReadPolicy;
 use tokio::sync::{oneshot, watch, Notify};
 use tokio::time::Instant;
 
@@ -376,6 +380,9 @@ impl Partition {
         // stamps its offset in place (`log_store::stamp`).
         let mut view = Some(view);
         let mut gap_deadline: Option<Instant> = None;
+        // Whether this call confirmed, with a quorum, that this node leads with a
+        // current table (`confirm_current`): done once, before any refusal judged on it.
+        let mut confirmed = false;
         loop {
             let term = self.ready_term(deadline).await?;
             let mut w = self.writer.lock().await;
@@ -400,7 +407,15 @@ impl Partition {
                 tokio::time::timeout_at(deadline, notified).await.map_err(|_| PartitionError::TimedOut)?;
                 continue;
             }
-            let decision = self.decide(&w, stamp, &ids, h.record_count)?;
+            let decision = match self.decide(&w, stamp, &ids, h.record_count) {
+                Err(PartitionError::OutOfOrderSequence { .. } | PartitionError::ProducerFenced { .. }) if !confirmed => {
+                    drop(w);
+                    self.confirm_current(deadline).await?;
+                    confirmed = true;
+                    continue;
+                }
+                other => other?,
+            };
             let proposal = match decision {
                 Decision::Answer(a) => return Ok(a),
                 Decision::Wait => {
@@ -411,6 +426,12 @@ impl Partition {
                 Decision::WaitGap(expected) => {
                     let gap_until = *gap_deadline.get_or_insert_with(|| Instant::now() + SEQUENCE_GAP_WAIT);
                     if Instant::now() >= gap_until {
+                        if !confirmed {
+                            drop(w);
+                            self.confirm_current(deadline).await?;
+                            confirmed = true;
+                            continue;
+                        }
                         return Err(PartitionError::OutOfOrderSequence { expected, got: h.base_sequence });
                     }
                     drop(w);
@@ -476,6 +497,25 @@ impl Partition {
                 ApplyReply::Batch(outcome) => batch_result(outcome, stamp),
                 other => Err(PartitionError::Storage(format!("a batch was applied as {other:?}"))),
             };
+        }
+    }
+
+    /// Confirms that this node still leads and that its applied state holds everything
+    /// committed (a ReadIndex round: a quorum acknowledges this leader in its term, and
+    /// the state machine applies up to the commit index of that moment). Asked before
+    /// a refusal judged on the producer table is answered: a leader replaced without
+    /// knowing it (paused, cut off) still passes `ready_term`, and its table misses
+    /// whatever its successors stored — an "out of order" from it would make the
+    /// producer give up the sequence and store the batch again under a new epoch.
+    async fn confirm_current(&self, deadline: Instant) -> Result<(), PartitionError> {
+        let until = deadline.min(Instant::now() + LEADER_GATE_WAIT);
+        self.group.awake(until).await;
+        match tokio::time::timeout_at(until, self.group.raft.ensure_linearizable(ReadPolicy::ReadIndex)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f)))) => {
+                Err(PartitionError::NotLeader { leader: f.leader_id.filter(|l| *l != self.node_id) })
+            }
+            Ok(Err(_)) | Err(_) => Err(PartitionError::LeaderNotReady),
         }
     }
 
