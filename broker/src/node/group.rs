@@ -135,9 +135,34 @@ pub struct Peers {
 /// so a crash during a refill restarts the gate instead of voting with a partial log.
 const REFILL_MARKER: &str = "refill.target";
 
-/// Opens (creating if new) group `group` and registers it with the peer server.
+/// How a group's log cuts its segments: its topic's `segment_bytes`, and — when the
+/// topic has age retention — a segment age of its `retention_ms`, so that retention by
+/// age can delete whole segments. Applied when the log is opened (before any entry can
+/// reach it), and again at each retention look at the partition (so a changed topic
+/// config takes effect); the metadata log's comes from `cluster.metadata_log` at open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SegmentPolicy {
+    pub bytes: u64,
+    pub age: Option<std::time::Duration>,
+}
+
+impl SegmentPolicy {
+    pub fn of_topic(config: &keel_protocol::TopicConfig) -> SegmentPolicy {
+        SegmentPolicy { bytes: config.segment_bytes, age: (config.retention_ms > 0).then(|| std::time::Duration::from_millis(config.retention_ms)) }
+    }
+
+    pub fn apply(&self, log: &Log) {
+        log.set_segment_bytes(self.bytes);
+        if let Some(age) = self.age {
+            log.set_segment_age(age);
+        }
+    }
+}
+
+/// Opens (creating if new) group `group` and registers it with the peer server; its log
+/// cuts segments by `segments` from the start (the node's log config if `None`).
 /// Returns the recovery it went through, if it found its state lost.
-pub async fn open_group(ctx: &GroupContext, group: u64, peers: Peers) -> Result<(GroupHandle, Option<Recovery>), String> {
+pub async fn open_group(ctx: &GroupContext, group: u64, peers: Peers, segments: Option<SegmentPolicy>) -> Result<(GroupHandle, Option<Recovery>), String> {
     let dir = group_dir(&ctx.data_dir, group);
     let log_config = ctx.log_config.clone();
     let (open_dir, disk) = (dir.clone(), ctx.disk.clone());
@@ -145,6 +170,9 @@ pub async fn open_group(ctx: &GroupContext, group: u64, peers: Peers) -> Result<
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| format!("opening the log of group {group}: {e}"))?;
+    if let Some(policy) = segments {
+        policy.apply(&log);
+    }
     let log = Arc::new(log);
     for d in log.damage_found_at_open() {
         tracing::error!(group, path = %d.path.display(), position = d.position, reason = %d.reason, "damaged segment bytes were cut off and set aside");
@@ -241,5 +269,30 @@ pub async fn initialize_if_new(handle: &GroupHandle, members: std::collections::
         Ok(()) => Ok(()),
         Err(openraft::error::RaftError::APIError(openraft::error::InitializeError::NotAllowed(_))) => Ok(()),
         Err(e) => Err(format!("initializing group {}: {e}", handle.id)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use keel_protocol::TopicConfig;
+    use keel_storage::{Log, LogConfig};
+
+    use super::SegmentPolicy;
+
+    #[test]
+    fn a_topics_segment_policy_is_its_segment_size_and_retention_age_and_sets_them_on_a_log() {
+        let config = TopicConfig { segment_bytes: 64 * 1024, retention_ms: 0, ..TopicConfig::default() };
+        let policy = SegmentPolicy::of_topic(&config);
+        assert_eq!(policy, SegmentPolicy { bytes: 64 * 1024, age: None }, "no age retention: segments roll by size only");
+        let aged = SegmentPolicy::of_topic(&TopicConfig { retention_ms: 60_000, ..config.clone() });
+        assert_eq!(aged.age, Some(Duration::from_secs(60)), "age retention: segments roll by that age too");
+
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::open(dir.path(), LogConfig::default()).unwrap();
+        assert_ne!(log.segment_bytes(), 64 * 1024, "the node's default differs from the topic's");
+        policy.apply(&log);
+        assert_eq!(log.segment_bytes(), 64 * 1024);
     }
 }

@@ -49,7 +49,7 @@ use crate::config::Config;
 use crate::metadata::{MetadataState, METADATA_GROUP};
 use crate::peer::{GroupRegistry, PeerPool, PeerServer};
 use crate::replication::config::raft_config_with_timing;
-use group::{initialize_if_new, open_group, GroupContext, GroupHandle, Peers};
+use group::{initialize_if_new, open_group, GroupContext, GroupHandle, Peers, SegmentPolicy};
 use limits::{CLIENT_CONCURRENCY_MAX, CLIENT_CONNECTIONS_MAX, CLIENT_SEND_QUEUE_CAPACITY};
 use reconcile::HostedPartitions;
 
@@ -141,7 +141,14 @@ impl Node {
         // exists (its data may have been wiped) before it starts the metadata group.
         let peers = rejoin::other_peers(&config.cluster.members, None, me.id);
         faults::metadata_open_delay().await;
-        let (metadata_group, recovery) = open_group(&ctx, METADATA_GROUP, Peers { replicas: peers, probe_if_empty: true }).await.map_err(NodeError::Start)?;
+        let (metadata_group, recovery) = open_group(
+            &ctx,
+            METADATA_GROUP,
+            Peers { replicas: peers, probe_if_empty: true },
+            Some(SegmentPolicy { bytes: config.cluster.metadata_log.segment_bytes, age: None }),
+        )
+        .await
+        .map_err(NodeError::Start)?;
         let refill_horizon = rejoin::read_horizon(&*disk, &config.node.data_dir).map_err(NodeError::Start)?;
         let lowest = config.cluster.members.iter().map(|m| m.id).min().expect("validate checks members is non-empty");
         if me.id == lowest && recovery.is_none() {

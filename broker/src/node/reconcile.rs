@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use openraft::BasicNode;
 use tokio::sync::watch;
 
-use super::group::{initialize_if_new, open_group, GroupContext, Peers};
+use super::group::{initialize_if_new, open_group, GroupContext, Peers, SegmentPolicy};
 use super::limits::{GROUP_HEALTH_CHECK_INTERVAL, GROUP_REOPEN_BACKOFF, GROUP_REOPEN_FREE_BYTES_MIN};
 use super::partition::Partition;
 use super::rejoin;
@@ -132,7 +132,10 @@ async fn open_partition(
     hosted: HostedPartitions,
     opening: Arc<Mutex<HashSet<u64>>>,
 ) {
-    match open_group(&ctx, p.group, probe).await {
+    // The topic's segment size from the first entry on (retention would set it only at
+    // its first look, and a segment begun larger could not be cut to it).
+    let segments = metadata.borrow().topics.get(&topic).map(|t| SegmentPolicy::of_topic(&t.config));
+    match open_group(&ctx, p.group, probe, segments).await {
         Ok((group, recovery)) => {
             if recovery.is_none() && p.replicas.first() == Some(&ctx.node_id) {
                 let members: BTreeMap<u64, BasicNode> =

@@ -3,7 +3,9 @@
 //!
 //! Every `RETENTION_CHECK_INTERVAL`, for every partition this node hosts:
 //! 1. the active segment size follows the topic's `segment_bytes`, and its age at most
-//!    the topic's `retention_ms` (a segment rolls at the first append past either);
+//!    the topic's `retention_ms` (a segment rolls at the first append past either; set
+//!    when the log was opened, `group::SegmentPolicy`, and again here for a changed
+//!    config);
 //! 2. **as leader**, [`cut`] judges the whole sealed segments after the current cut by
 //!    the topic's `retention_bytes` (oldest first while the partition holds more) and
 //!    `retention_ms` (segments whose messages the partition clock says were all stored
@@ -34,7 +36,7 @@ use keel_storage::SegmentExtent;
 use openraft::async_runtime::watch::WatchReceiver;
 
 use super::awake::AwakeList;
-use super::group::GroupHandle;
+use super::group::{GroupHandle, SegmentPolicy};
 use super::limits::{RETENTION_CHECK_INTERVAL, RETENTION_IDLE_CHECK_INTERVAL, RETENTION_LIST_INTERVAL};
 use super::partition::Partition;
 use super::reconcile::HostedPartitions;
@@ -100,7 +102,6 @@ pub async fn run(hosted: HostedPartitions, metadata: GroupHandle, metadata_log: 
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Per group: the log's next index when last looked at, and when.
     let mut seen: std::collections::HashMap<u64, (u64, tokio::time::Instant)> = std::collections::HashMap::new();
-    metadata.log.set_segment_bytes(metadata_log.segment_bytes);
     let mut metadata_seen = None;
     // Quiesced groups are looked at only in a sweep every `RETENTION_IDLE_CHECK_INTERVAL`.
     let mut idle_sweep: Option<tokio::time::Instant> = None;
@@ -183,11 +184,8 @@ async fn metadata_step(group: &GroupHandle, policy: MetadataLogConfig) -> Result
 /// One round of retention for one partition (see the module docs).
 async fn step(p: &Partition) -> Result<(), String> {
     let Some(config) = p.topic_config() else { return Ok(()) };
-    p.group.log.set_segment_bytes(config.segment_bytes);
-    if config.retention_ms > 0 {
-        // Segments roll by age too, so that retention by age can delete them.
-        p.group.log.set_segment_age(Duration::from_millis(config.retention_ms));
-    }
+    // Set when the log was opened; applied again for a topic whose config changed.
+    SegmentPolicy::of_topic(&config).apply(&p.group.log);
     if (config.retention_ms > 0 || config.retention_bytes > 0) && p.serving_now() {
         p.propose_retention(&config).await.map_err(|e| e.to_string())?;
     }
