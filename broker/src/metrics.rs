@@ -16,6 +16,7 @@
 //! | `keel_produce_requests_total` | counter | topic, outcome | produce requests answered: `stored`, `duplicate`, `refused`, `throttled`, `not_leader`, `storage_full` (the node is below `node.min_free_bytes`), `unknown` (outcome unknown: timed out or leadership lost), `failed` |
 //! | `keel_produce_duplicates_total` | counter | reason | records not stored again: `sequence` (a retried batch), `message_id` (an id in the dedupe window) |
 //! | `keel_produce_throttled_total` | counter | reason | produces answered `Throttled`: `pending` (the partition's append bounds), `message_ids` (the id budget), `producer_window` (a producer's 5 pending batches), `producers` (the partition's producer table is full) |
+//! | `keel_produce_refusal_checks_total` | counter | outcome | ReadIndex rounds a leader ran before refusing a batch on its producer table (`OutOfOrderSequence`, `ProducerFenced`): `confirmed` (it leads with a current table and judges again), `not_leading` (replaced or cut off: answered `NotLeader` / `LeaderNotAvailable` instead of a stale refusal) |
 //! | `keel_produce_ack_seconds` | histogram | — | from a produce request's arrival to its answer, for stored batches |
 //! | `keel_fsync_seconds` | histogram | — | each segment `fdatasync` |
 //! | `keel_raft_term` | gauge | group | the group's current term on this node |
@@ -84,6 +85,7 @@ pub const PRODUCE_BYTES: &str = "keel_produce_bytes_total";
 pub const PRODUCE_REQUESTS: &str = "keel_produce_requests_total";
 pub const PRODUCE_DUPLICATES: &str = "keel_produce_duplicates_total";
 pub const PRODUCE_THROTTLED: &str = "keel_produce_throttled_total";
+pub const PRODUCE_REFUSAL_CHECKS: &str = "keel_produce_refusal_checks_total";
 pub const PRODUCE_ACK_SECONDS: &str = "keel_produce_ack_seconds";
 pub const FSYNC_SECONDS: &str = "keel_fsync_seconds";
 pub const RAFT_TERM: &str = "keel_raft_term";
@@ -149,6 +151,11 @@ fn describe() {
     describe_counter!(PRODUCE_REQUESTS, Unit::Count, "Produce requests answered, by outcome.");
     describe_counter!(PRODUCE_DUPLICATES, Unit::Count, "Records not stored again because they were stored before, by reason.");
     describe_counter!(PRODUCE_THROTTLED, Unit::Count, "Produce requests answered Throttled, by reason.");
+    describe_counter!(
+        PRODUCE_REFUSAL_CHECKS,
+        Unit::Count,
+        "ReadIndex rounds run before refusing a batch on the producer table, by outcome (confirmed, not_leading)."
+    );
     describe_histogram!(PRODUCE_ACK_SECONDS, Unit::Seconds, "Time from a produce request's arrival to its answer, for stored batches.");
     describe_histogram!(FSYNC_SECONDS, Unit::Seconds, "Duration of each segment fdatasync.");
     describe_gauge!(RAFT_TERM, Unit::Count, "The Raft group's current term on this node.");
@@ -252,6 +259,12 @@ pub fn quiesce_requests(agreed: u64, refused: u64, unanswered: u64) {
     counter!(QUIESCE_REQUESTS, "outcome" => "agreed").increment(agreed);
     counter!(QUIESCE_REQUESTS, "outcome" => "refused").increment(refused);
     counter!(QUIESCE_REQUESTS, "outcome" => "unanswered").increment(unanswered);
+}
+
+/// A leader's check before refusing a batch on its producer table: `confirmed` or
+/// `not_leading`.
+pub fn produce_refusal_check(outcome: &'static str) {
+    counter!(PRODUCE_REFUSAL_CHECKS, "outcome" => outcome).increment(1);
 }
 
 pub fn pre_vote_vetoed() {

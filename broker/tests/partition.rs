@@ -289,6 +289,16 @@ async fn a_cut_off_leader_never_refuses_a_producers_retry_as_out_of_order_from_i
     let code = retry_at_cut_off_leader(&t, old_leader, producer, next - 1).await;
     eprintln!("a retry of sequence {} beyond the window: the cut-off leader answered {code:?}", next - 1);
 
+    // Each of the two stale refusals was caught by the check (the counter is the
+    // process's: the three nodes share it).
+    let metrics = keel_broker::metrics::install().render();
+    let not_leading = metrics
+        .lines()
+        .find(|l| l.starts_with("keel_produce_refusal_checks_total{outcome=\"not_leading\"}"))
+        .and_then(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(not_leading >= 2.0, "keel_produce_refusal_checks_total{{outcome=\"not_leading\"}} is {not_leading}, expected at least 2");
+
     // Healed, the same retry is recognised with its original offset.
     t.heal();
     let r = produce_one(&t.everyone, stamped(producer, next - 1, &format!("seq-{}", next - 1))).await;

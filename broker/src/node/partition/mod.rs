@@ -510,13 +510,18 @@ impl Partition {
     async fn confirm_current(&self, deadline: Instant) -> Result<(), PartitionError> {
         let until = deadline.min(Instant::now() + LEADER_GATE_WAIT);
         self.group.awake(until).await;
-        match tokio::time::timeout_at(until, self.group.raft.ensure_linearizable(ReadPolicy::ReadIndex)).await {
+        let result = match tokio::time::timeout_at(until, self.group.raft.ensure_linearizable(ReadPolicy::ReadIndex)).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f)))) => {
                 Err(PartitionError::NotLeader { leader: f.leader_id.filter(|l| *l != self.node_id) })
             }
             Ok(Err(_)) | Err(_) => Err(PartitionError::LeaderNotReady),
+        };
+        crate::metrics::produce_refusal_check(if result.is_ok() { "confirmed" } else { "not_leading" });
+        if let Err(e) = &result {
+            tracing::info!(partition = %self.name(), error = %e, "a refusal judged on the producer table was not confirmed: this node no longer leads with a current table");
         }
+        result
     }
 
     fn decide(&self, w: &Writer, stamp: Option<ProducerStamp>, ids: &[(u32, IdDigest)], record_count: u32) -> Result<Decision, PartitionError> {
