@@ -73,6 +73,35 @@ async fn a_committed_hint_torn_by_a_power_cut_reads_as_no_hint() {
     }
 }
 
+/// Regression (found by `keel-jepsen`, seed 105): a clean stop records the committed
+/// index durably, but a group whose commit had not moved since it opened (a restarted
+/// node's idle metadata group) recorded "nothing committed" over the hint on disk; the
+/// stopped node's `keel dump` then found no topics, and its next start applied nothing
+/// until a leader spoke. A stop with nothing newer keeps the hint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_stop_with_no_new_commit_keeps_the_committed_hint() {
+    use keel_broker::replication::log_store::saved_committed;
+    use keel_broker::replication::types::RaftLogId;
+    use keel_storage::disk::{Disk, MemoryDisk};
+    use openraft::storage::RaftLogStorage;
+
+    let disk = Arc::new(MemoryDisk::new());
+    let dir = std::path::Path::new("/node/groups/0");
+    disk.create_dir_all(dir).unwrap();
+    let mut store = store_on(&disk, dir);
+    store.save_committed(Some(RaftLogId::new_term_index(2, 6))).await.unwrap();
+    drop(store);
+    assert_eq!(saved_committed(&*disk, dir).unwrap(), Some(6), "a clean stop records the committed index");
+    // Restarted, nothing new committed, stopped cleanly again.
+    drop(store_on(&disk, dir));
+    assert_eq!(saved_committed(&*disk, dir).unwrap(), Some(6), "the stop erased the committed hint");
+    // And a later commit still replaces it.
+    let mut store = store_on(&disk, dir);
+    store.save_committed(Some(RaftLogId::new_term_index(3, 9))).await.unwrap();
+    drop(store);
+    assert_eq!(saved_committed(&*disk, dir).unwrap(), Some(9));
+}
+
 type Vote = openraft::impls::Vote<openraft::impls::leader_id_std::LeaderId<u64, u64>>;
 
 /// A store on `disk` over the group directory `dir` (opened as a restarted node would).

@@ -116,6 +116,8 @@ pub struct PartitionLogStore {
 
 #[derive(Debug, Default)]
 struct CommittedState {
+    /// The latest committed id openraft saved since the store opened (`None` if it
+    /// saved none: the hint on disk is then still the one to keep).
     value: Option<RaftLogId>,
     written_at: Option<tokio::time::Instant>,
     written_value: Option<RaftLogId>,
@@ -320,8 +322,14 @@ impl Drop for PartitionLogStore {
         // A clean stop persists the latest committed index durably (one fsync per group,
         // only here): the running writes are unsynced hints a power cut may lose, and
         // `keel dump` of a stopped node reads its committed records up to this index.
-        // An error only costs re-applying entries.
+        // An error only costs re-applying entries. A group whose commit did not move
+        // since it opened (idle, quiesced) has nothing newer to record: writing its
+        // empty value would erase the hint on disk (found by `keel-jepsen`: a restarted
+        // node's metadata hint erased at the clean stop, so `keel dump` saw no topics).
         let st = self.committed.lock().expect("committed lock poisoned");
+        if st.value.is_none() {
+            return;
+        }
         if let Ok(bytes) = postcard::to_allocvec(&st.value) {
             let mut file = self.committed_file.lock().unwrap_or_else(|p| p.into_inner());
             let _ = write_committed(&mut file, &**self.log.disk(), &self.dir, &bytes, true);
