@@ -509,6 +509,8 @@ impl Partition {
     /// producer give up the sequence and store the batch again under a new epoch.
     async fn confirm_current(&self, deadline: Instant) -> Result<(), PartitionError> {
         let until = deadline.min(Instant::now() + LEADER_GATE_WAIT);
+        // A sporadically used group may have quiesced during a sequence-gap wait (it
+        // parks 10 ms after a use): woken first, so the round below is heard.
         self.group.awake(until).await;
         let result = match tokio::time::timeout_at(until, self.group.raft.ensure_linearizable(ReadPolicy::ReadIndex)).await {
             Ok(Ok(_)) => Ok(()),
